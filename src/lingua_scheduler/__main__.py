@@ -1,0 +1,3 @@
+from lingua_scheduler.cli import main
+
+main()

@@ -1,0 +1,271 @@
+"""Configuration: typed sections with documented defaults, a TOML file, and ``LINGUA_*`` overrides.
+
+Precedence: built-in defaults < TOML file (``--config``) < environment < command-line flags.
+An environment variable ``LINGUA_<SECTION>__<KEY>`` (double underscore between section and key, e.g.
+``LINGUA_NODE_HEALTH__HEARTBEAT_TIMEOUT_SECONDS=30``) overrides one key; its value is read as a TOML
+value (``30``, ``true``, ``"text"``, ``[1, 2]``), falling back to a plain string.
+Bad configuration raises ``ConfigError`` naming the key and the reason; the CLI prints it and exits.
+``docs/configuration.md`` and ``lingua-scheduler.example.toml`` list every key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from lingua_scheduler.errors import ConfigError
+
+ENV_PREFIX = "LINGUA_"
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of config sections: unknown keys are errors, not silently ignored."""
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 5010
+    #: largest WebSocket frame accepted from nodes and sessions; bigger frames are refused
+    max_frame_bytes: int = 1_048_576
+    #: per-connection outbound queue bound; a peer that falls this far behind is disconnected
+    outbound_queue: int = 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: per-module log levels, e.g. {"lingua_scheduler.server.node_endpoint" = "debug"}
+    log_levels: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        _positive("max_frame_bytes", self.max_frame_bytes)
+        _positive("outbound_queue", self.outbound_queue)
+
+
+class NodeHealthConfig(Section):
+    #: heartbeat interval told to nodes while the fleet is small
+    heartbeat_interval_seconds: float = 15.0
+    #: total heartbeats per second the scheduler wants to absorb; the interval told to nodes grows
+    #: with the fleet so that nodes / interval stays under this budget
+    heartbeat_budget_per_second: float = 2000.0
+    #: silence after which a node is offline; never less than 3 current intervals
+    heartbeat_timeout_seconds: float = 45.0
+    #: healthy heartbeats needed to go registering -> ready
+    health_check_count: int = 1
+    #: registering longer than this -> degraded
+    warmup_timeout_seconds: float = 60.0
+    #: consecutive unhealthy heartbeats that take a ready node to degraded
+    consecutive_failure_count: int = 3
+    #: how often silent nodes are looked for
+    status_scan_interval_seconds: float = 1.0
+    #: while the event loop lags more than this, timeouts are not applied (our stall, not theirs)
+    offline_suppress_loop_lag_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval_seconds", "heartbeat_budget_per_second", "heartbeat_timeout_seconds",
+                     "warmup_timeout_seconds", "status_scan_interval_seconds",
+                     "offline_suppress_loop_lag_seconds"):
+            _positive(name, getattr(self, name))
+        if self.health_check_count < 1:
+            raise ValueError("health_check_count must be >= 1")
+        if self.consecutive_failure_count < 1:
+            raise ValueError("consecutive_failure_count must be >= 1")
+
+
+class SchedulerConfig(Section):
+    max_concurrent_jobs_per_node: int = 4
+    #: cpu/gpu/memory percentage at or above which a node takes no new job
+    resource_threshold: float = 85.0
+    #: the fleet view is republished at most this often when something changed
+    fleet_view_interval_ms: int = 50
+
+    def __post_init__(self) -> None:
+        _positive("max_concurrent_jobs_per_node", self.max_concurrent_jobs_per_node)
+        if not 0 < self.resource_threshold <= 100:
+            raise ValueError("resource_threshold must be in (0, 100]")
+        _positive("fleet_view_interval_ms", self.fleet_view_interval_ms)
+
+
+class CapabilityPoolConfig(Section):
+    """One configured pool of capability mode (reference section 5.1 ``Phase3PoolConfig``)."""
+
+    pool_id: str
+    name: str = ""
+    #: service types ("asr", "nmt", "tts", "tone", "semantic"); empty = wildcard pool
+    required_services: list[str] = []
+
+
+class TenantOverride(Section):
+    tenant_id: str
+    pool_id: str
+
+
+class PoolsConfig(Section):
+    #: "language_pair" (default), "capability" or "hash"
+    mode: Literal["language_pair", "capability", "hash"] = "language_pair"
+    #: language-pair pools are split into shards of at most this many nodes
+    max_pool_size: int = 100
+    #: hash mode: number of buckets
+    pool_count: int = 16
+    #: mixed into every FNV-1a hash (reference section 5.3)
+    hash_seed: int = 0
+    #: capability mode: the configured pools
+    pools: list[CapabilityPoolConfig] = []
+    pool_match_scope: Literal["core_only", "all_required"] = "core_only"
+    pool_match_mode: Literal["contains", "exact"] = "contains"
+    #: capability mode: no eligible pool -> fail instead of trying every pool
+    strict_pool_eligibility: bool = False
+    #: try the other eligible pools when the preferred one yields no node
+    fallback: bool = True
+    tenant_overrides: list[TenantOverride] = []
+    #: preferred pool by stable hash of the routing key (else random)
+    session_affinity: bool = False
+    #: power-of-d choices inside a pool
+    choices: int = 2
+    #: how long a (node, service) stays unusable after a MODEL_NOT_AVAILABLE job error
+    unavailable_ttl_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive("max_pool_size", self.max_pool_size)
+        _positive("pool_count", self.pool_count)
+        _positive("choices", self.choices)
+        _positive("unavailable_ttl_seconds", self.unavailable_ttl_seconds)
+        if not 0 <= self.hash_seed < 2**64:
+            raise ValueError("hash_seed must be in 0..2^64-1")
+        if self.mode == "capability" and not self.pools:
+            raise ValueError("pools must list at least one pool when mode is 'capability'")
+
+
+class SessionConfig(Section):
+    #: silence longer than this finalizes the current utterance
+    pause_ms: int = 800
+    #: an utterance is cut when its estimated audio reaches this length
+    max_duration_ms: int = 20_000
+    #: an utterance is cut when its buffered audio reaches this many bytes
+    max_utterance_bytes: int = 512 * 1024
+    #: all audio buffered for one session (utterances not yet dispatched); over it -> error
+    max_session_buffer_bytes: int = 4 * 1024 * 1024
+    #: results held back waiting for an earlier utterance
+    max_pending_results: int = 64
+    #: an utterance index still missing after this long is released as missing_result(gap_timeout)
+    result_gap_timeout_ms: int = 10_000
+    default_audio_format: str = "pcm16"
+    default_sample_rate: int = 16_000
+
+    def __post_init__(self) -> None:
+        for name in ("pause_ms", "max_duration_ms", "max_utterance_bytes", "max_session_buffer_bytes",
+                     "max_pending_results", "result_gap_timeout_ms", "default_sample_rate"):
+            _positive(name, getattr(self, name))
+
+
+class JobConfig(Section):
+    #: a dispatched job not acknowledged by its node within this time fails over
+    ack_timeout_ms: int = 5_000
+    #: execution timeout = base + per_audio_second x audio seconds, clamped to [min, max]
+    exec_timeout_base_ms: int = 10_000
+    exec_timeout_per_audio_second_ms: int = 2_000
+    exec_timeout_min_ms: int = 15_000
+    exec_timeout_max_ms: int = 60_000
+    #: attempts per job in total (first dispatch included)
+    max_attempts: int = 3
+    #: a job with no node fitting waits this long for capacity before NO_AVAILABLE_NODE
+    pending_timeout_ms: int = 3_000
+    #: bound of the wait queue of jobs waiting for capacity (per instance); full -> fail at once
+    max_pending_jobs: int = 1_000
+    #: terminal jobs are kept this long (for /api/v1/jobs and duplicate detection), then evicted
+    retention_seconds: float = 60.0
+    #: bound on jobs known to this instance; over it new jobs are refused
+    max_jobs: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            _positive(name, getattr(self, name))
+        if self.exec_timeout_min_ms > self.exec_timeout_max_ms:
+            raise ValueError("exec_timeout_min_ms must be <= exec_timeout_max_ms")
+
+
+class Config(Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    node_health: NodeHealthConfig = msgspec.field(default_factory=NodeHealthConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    pools: PoolsConfig = msgspec.field(default_factory=PoolsConfig)
+    session: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    jobs: JobConfig = msgspec.field(default_factory=JobConfig)
+
+
+_PATH = re.compile(r"`\$\.?([^`]*)`")
+
+
+def _key_from_error(exc: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(exc)
+    m = _PATH.search(text)
+    path = m.group(1) if m else ""
+    reason = text.split(" - at ")[0]
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+    if unknown:
+        return (f"{path}.{unknown.group(1)}" if path else unknown.group(1)), "unknown key"
+    # __post_init__ checks name their field first: "port must be ..." -> key "server.port"
+    own = re.match(r"([a-z_]+) must ", reason)
+    if own and path:
+        return f"{path}.{own.group(1)}", reason
+    return path or "<root>", reason
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        out.setdefault(section, {})[key] = _parse_env_value(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the configuration; raises ``ConfigError`` naming the offending key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(str(path), "config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    data = _merge(data, _env_overrides(os.environ if env is None else env))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        key, reason = _key_from_error(exc)
+        raise ConfigError(key, reason) from None

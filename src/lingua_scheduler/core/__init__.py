@@ -1,0 +1,1 @@
+"""The pure core: synchronous bookkeeping with an injected clock. No asyncio, sockets or Redis here."""

@@ -1,0 +1,63 @@
+"""A node's live load: the one mutable cell that heartbeats and dispatches write in O(1).
+
+Load is not capability: it never enters the published fleet view's versioning, so a heartbeat whose
+load changed costs no publication. Selection reads this cell directly (single event loop, synchronous
+code, so it never observes a half-written update).
+
+Effective load = max(reported running jobs + jobs dispatched since that report arrived, jobs this
+scheduler has in flight on the node). A heartbeat therefore never erases the scheduler's own recent
+assignments (ARCHITECTURE.md section 2.5): it only resets the "dispatched since report" count.
+"""
+
+from __future__ import annotations
+
+
+class NodeLoad:
+    __slots__ = (
+        "cpu",
+        "dispatched_since_report",
+        "gpu",
+        "gpu_mem",
+        "inflight",
+        "mem",
+        "reported_at",
+        "reported_running",
+    )
+
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.gpu: float | None = None
+        self.gpu_mem: float | None = None
+        self.mem = 0.0
+        self.reported_running = 0
+        self.reported_at = 0.0
+        self.dispatched_since_report = 0
+        self.inflight = 0
+
+    def report(self, cpu: float, gpu: float | None, gpu_mem: float | None, mem: float, running: int,
+               now: float) -> None:
+        self.cpu = cpu
+        self.gpu = gpu
+        self.gpu_mem = gpu_mem
+        self.mem = mem
+        self.reported_running = running
+        self.reported_at = now
+        self.dispatched_since_report = 0
+
+    def dispatched(self) -> None:
+        self.dispatched_since_report += 1
+        self.inflight += 1
+
+    def finished(self) -> None:
+        if self.inflight > 0:
+            self.inflight -= 1
+
+    @property
+    def effective(self) -> int:
+        return max(self.reported_running + self.dispatched_since_report, self.inflight)
+
+    def over_threshold(self, threshold: float) -> bool:
+        """Resource exclusion: cpu, gpu or memory at or above ``threshold`` percent."""
+        if self.cpu >= threshold or self.mem >= threshold:
+            return True
+        return self.gpu is not None and self.gpu >= threshold

@@ -1,0 +1,382 @@
+"""The node registry: one live record per node, registration, heartbeats, status and liveness.
+
+Owns: ``NodeEntry`` records, the binding of a node id to the connection that registered it, the status
+machine's application, the set of nodes whose capabilities or status changed ("dirty", drained by the
+fleet-view publisher), and per-status counts.
+
+Must never: await, lock, do I/O, or do work proportional to the fleet size on the heartbeat path.
+A heartbeat is O(1): validate the binding, store load, compare capability fields by value, maybe step
+the status machine, mark dirty only on a real change. Time comes from the injected ``Clock``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import NodeHealthConfig
+from lingua_scheduler.core.capabilities import Capabilities, derive
+from lingua_scheduler.core.load import NodeLoad
+from lingua_scheduler.core.status import NodeStatus, check_transition, healthy
+from lingua_scheduler.errors import ErrorCode, NotRegisteredError, RegistrationError
+from lingua_scheduler.protocol.node import (
+    CapabilityByType,
+    HardwareInfo,
+    InstalledModel,
+    InstalledService,
+    NodeHeartbeat,
+    NodeLanguageCapabilities,
+    NodeRegister,
+)
+
+REQUIRED_SCHEMA = "2.0"
+HISTORY_LEN = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One status change, for the shell to tell the node (``node_status``) and to log."""
+
+    node_id: str
+    old: NodeStatus
+    new: NodeStatus
+    reason: str
+    at: float
+
+
+@dataclass(slots=True)
+class NodeEntry:
+    node_id: str
+    name: str
+    version: str
+    platform: str
+    hardware: HardwareInfo
+    accept_public_jobs: bool
+    features: frozenset[str]
+    registered_at: float
+    registered_wall_ms: int
+    # what the node last reported, kept to detect change by value
+    services: list[InstalledService]
+    by_type: list[CapabilityByType]
+    models: list[InstalledModel]
+    languages: NodeLanguageCapabilities | None
+    caps: Capabilities
+    status: NodeStatus = NodeStatus.REGISTERING
+    #: bumped on every change of capability or status; the fleet view copies only changed versions
+    version_no: int = 1
+    conn: object | None = None
+    last_heartbeat: float = 0.0
+    heartbeats: int = 0
+    healthy_streak: int = 0
+    unhealthy_streak: int = 0
+    drain_requested: bool = False
+    load: NodeLoad = field(default_factory=NodeLoad)
+    history: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.hardware.gpus)
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOutcome:
+    capability_changed: bool
+    transitions: tuple[Transition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScanOutcome:
+    transitions: tuple[Transition, ...]
+    #: nodes that had timed out but were kept because our own event loop was lagging
+    suppressed: int
+
+
+def new_node_id() -> str:
+    return "node-" + secrets.token_hex(4).upper()
+
+
+class Registry:
+    def __init__(self, config: NodeHealthConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.nodes: dict[str, NodeEntry] = {}
+        #: node id -> monotonic time it first became dirty since the last drain
+        self._dirty: dict[str, float] = {}
+        self._counts: dict[NodeStatus, int] = dict.fromkeys(NodeStatus, 0)
+        self.capability_changes = 0
+        self.suppressed_offline = 0
+
+    # --- registration ---------------------------------------------------------------------------
+
+    def register(self, msg: NodeRegister, conn: object) -> tuple[NodeEntry, tuple[Transition, ...]]:
+        """Accept or refuse a ``node_register`` arriving on connection ``conn``.
+
+        A known id whose old connection is gone gets its record back (reconnect); a known id that is
+        connected right now is a conflict. Raises ``RegistrationError`` with the wire code.
+        """
+        if msg.capability_schema_version != REQUIRED_SCHEMA:
+            got = msg.capability_schema_version
+            raise RegistrationError(
+                f"capability_schema_version {'is missing' if got is None else repr(got) + ' is unsupported'}"
+                f" (required: {REQUIRED_SCHEMA}); update the node client",
+                code=ErrorCode.INVALID_CAPABILITY_SCHEMA,
+            )
+        if not msg.hardware.gpus:
+            raise RegistrationError("hardware.gpus is empty: a node needs at least one GPU",
+                                    code=ErrorCode.NO_GPU_AVAILABLE)
+        now = self.clock.monotonic()
+        node_id = msg.node_id or new_node_id()
+        entry = self.nodes.get(node_id)
+        features = msg.features_supported.enabled()
+        caps = derive(msg.installed_services, msg.capability_by_type, msg.installed_models,
+                      msg.language_capabilities, features)
+        transitions: list[Transition] = []
+        if entry is not None:
+            if entry.conn is not None and entry.conn is not conn:
+                raise RegistrationError(
+                    f"node id {node_id} is connected on another connection; clear the local node_id "
+                    "or close the other connection", code=ErrorCode.NODE_ID_CONFLICT)
+            # Reconnect (or re-register on the same socket): same id, same record, fresh report.
+            entry.version, entry.platform, entry.hardware = msg.version, msg.platform, msg.hardware
+            entry.accept_public_jobs = msg.accept_public_jobs
+            entry.features = features
+            entry.services, entry.by_type = msg.installed_services, msg.capability_by_type
+            entry.models, entry.languages = msg.installed_models, msg.language_capabilities
+            if caps != entry.caps:
+                entry.caps = caps
+                self.capability_changes += 1
+            entry.conn = conn
+            entry.registered_at = now
+            entry.registered_wall_ms = self.clock.wall_ms()
+            entry.healthy_streak = entry.unhealthy_streak = 0
+            entry.load = NodeLoad()
+            if entry.status is not NodeStatus.REGISTERING:
+                if entry.status is not NodeStatus.OFFLINE:
+                    transitions.append(self._set_status(entry, NodeStatus.OFFLINE, "re-registered", now))
+                transitions.append(self._set_status(entry, NodeStatus.REGISTERING, "reconnected", now))
+            entry.history.append((now, "re-registered"))
+        else:
+            entry = NodeEntry(
+                node_id=node_id,
+                name="Node-" + secrets.token_hex(4).upper(),
+                version=msg.version,
+                platform=msg.platform,
+                hardware=msg.hardware,
+                accept_public_jobs=msg.accept_public_jobs,
+                features=features,
+                registered_at=now,
+                registered_wall_ms=self.clock.wall_ms(),
+                services=msg.installed_services,
+                by_type=msg.capability_by_type,
+                models=msg.installed_models,
+                languages=msg.language_capabilities,
+                caps=caps,
+                conn=conn,
+            )
+            self.nodes[node_id] = entry
+            self._counts[NodeStatus.REGISTERING] += 1
+            entry.history.append((now, "registered"))
+        entry.last_heartbeat = now
+        self._mark(entry, now)
+        return entry, tuple(transitions)
+
+    # --- heartbeat (hot path) -------------------------------------------------------------------
+
+    def heartbeat(self, conn: object, msg: NodeHeartbeat) -> HeartbeatOutcome:
+        """Apply one heartbeat in O(1). Raises ``NotRegisteredError`` if ``conn`` does not own the id."""
+        entry = self.entry_for(conn, msg.node_id)
+        now = self.clock.monotonic()
+        entry.last_heartbeat = now
+        entry.heartbeats += 1
+        ru = msg.resource_usage
+        entry.load.report(ru.cpu_percent, ru.gpu_percent, ru.gpu_mem_percent, ru.mem_percent,
+                          ru.running_jobs, now)
+        changed = self._update_capabilities(entry, msg)
+        resumed: tuple[Transition, ...] = ()
+        if entry.status is NodeStatus.OFFLINE:
+            # Timed out while the socket stayed open: it is alive after all, start over.
+            resumed = (self._set_status(entry, NodeStatus.REGISTERING, "heartbeat resumed", now),)
+        transitions = resumed + self._health_step(entry, healthy(entry.status, entry.has_gpu, msg.installed_services),
+                                        now)
+        if changed:
+            self._mark(entry, now)
+        return HeartbeatOutcome(changed, transitions)
+
+    def entry_for(self, conn: object, node_id: str) -> NodeEntry:
+        """The record of ``node_id`` if ``conn`` is the connection that registered it; else refuse."""
+        entry = self.nodes.get(node_id)
+        if entry is None or entry.conn is not conn:
+            raise NotRegisteredError(
+                f"node_id {node_id!r} is not registered on this connection",
+                code=ErrorCode.NODE_ID_MISMATCH if entry is not None else ErrorCode.NOT_REGISTERED)
+        return entry
+
+    def _update_capabilities(self, entry: NodeEntry, msg: NodeHeartbeat) -> bool:
+        # Fast path: the reported fields equal the previous report (C-level struct comparison).
+        models = msg.installed_models if msg.installed_models is not None else entry.models
+        languages = msg.language_capabilities if msg.language_capabilities is not None else entry.languages
+        if (msg.installed_services == entry.services and msg.capability_by_type == entry.by_type
+                and models == entry.models and languages == entry.languages):
+            return False
+        entry.services, entry.by_type, entry.models, entry.languages = (
+            msg.installed_services, msg.capability_by_type, models, languages)
+        caps = derive(entry.services, entry.by_type, entry.models, entry.languages, entry.features)
+        if caps == entry.caps:  # reordered or cosmetic difference: nothing a scheduler cares about
+            return False
+        entry.caps = caps
+        entry.version_no += 1
+        self.capability_changes += 1
+        entry.history.append((self.clock.monotonic(), "capabilities changed"))
+        return True
+
+    def _health_step(self, entry: NodeEntry, ok: bool, now: float) -> tuple[Transition, ...]:
+        st = entry.status
+        if st is NodeStatus.OFFLINE:
+            return ()
+        if ok:
+            entry.healthy_streak += 1
+            entry.unhealthy_streak = 0
+            if st is NodeStatus.REGISTERING and entry.healthy_streak >= self.config.health_check_count:
+                return (self._promote(entry, "healthy heartbeats", now),)
+            if st is NodeStatus.DEGRADED:
+                return (self._promote(entry, "healthy again", now),)
+            return ()
+        entry.healthy_streak = 0
+        entry.unhealthy_streak += 1
+        if st is NodeStatus.READY and entry.unhealthy_streak >= self.config.consecutive_failure_count:
+            return (self._set_status(entry, NodeStatus.DEGRADED, "unhealthy heartbeats", now),)
+        return ()
+
+    def _promote(self, entry: NodeEntry, reason: str, now: float) -> Transition:
+        target = NodeStatus.DRAINING if entry.drain_requested else NodeStatus.READY
+        return self._set_status(entry, target, reason, now)
+
+    # --- liveness -------------------------------------------------------------------------------
+
+    def disconnect(self, node_id: str, conn: object) -> tuple[Transition, ...]:
+        """The socket ``conn`` closed. Offline at once -- unless a newer connection owns the id now."""
+        entry = self.nodes.get(node_id)
+        if entry is None or entry.conn is not conn:
+            return ()
+        entry.conn = None
+        now = self.clock.monotonic()
+        entry.history.append((now, "disconnected"))
+        if entry.status is NodeStatus.OFFLINE:
+            return ()
+        return (self._set_status(entry, NodeStatus.OFFLINE, "connection closed", now),)
+
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats the scheduler asks for, scaled so the fleet stays in budget."""
+        live = len(self.nodes) - self._counts[NodeStatus.OFFLINE]
+        return max(self.config.heartbeat_interval_seconds, live / self.config.heartbeat_budget_per_second)
+
+    def heartbeat_timeout(self) -> float:
+        return max(self.config.heartbeat_timeout_seconds, 3.0 * self.heartbeat_interval())
+
+    def scan(self, loop_lag: float) -> ScanOutcome:
+        """Periodic check: silent nodes go offline, registering too long goes degraded.
+
+        When our own event loop lags more than the configured limit, silence may be our fault
+        (frames waiting in socket buffers), so timeouts are not applied this round.
+        """
+        now = self.clock.monotonic()
+        timeout = self.heartbeat_timeout()
+        warmup = self.config.warmup_timeout_seconds
+        out: list[Transition] = []
+        silent: list[NodeEntry] = []
+        for entry in self.nodes.values():
+            if entry.status is NodeStatus.OFFLINE:
+                continue
+            if now - entry.last_heartbeat > timeout:
+                silent.append(entry)
+            elif entry.status is NodeStatus.REGISTERING and now - entry.registered_at > warmup:
+                out.append(self._set_status(entry, NodeStatus.DEGRADED, "warm-up timeout", now))
+        suppressed = 0
+        if silent and loop_lag > self.config.offline_suppress_loop_lag_seconds:
+            suppressed = len(silent)
+            self.suppressed_offline += suppressed
+        else:
+            for entry in silent:
+                out.append(self._set_status(entry, NodeStatus.OFFLINE, "heartbeat timeout", now))
+        return ScanOutcome(tuple(out), suppressed)
+
+    # --- operator actions -----------------------------------------------------------------------
+
+    def drain(self, node_id: str) -> tuple[Transition, ...]:
+        entry = self._get(node_id)
+        entry.drain_requested = True
+        if entry.status in (NodeStatus.READY, NodeStatus.DEGRADED, NodeStatus.REGISTERING):
+            return (self._set_status(entry, NodeStatus.DRAINING, "drained by operator",
+                                     self.clock.monotonic()),)
+        return ()
+
+    def undrain(self, node_id: str) -> tuple[Transition, ...]:
+        entry = self._get(node_id)
+        entry.drain_requested = False
+        if entry.status is NodeStatus.DRAINING:
+            return (self._set_status(entry, NodeStatus.READY, "undrained by operator",
+                                     self.clock.monotonic()),)
+        return ()
+
+    def _get(self, node_id: str) -> NodeEntry:
+        entry = self.nodes.get(node_id)
+        if entry is None:
+            raise KeyError(node_id)
+        return entry
+
+    # --- status bookkeeping ---------------------------------------------------------------------
+
+    def _set_status(self, entry: NodeEntry, new: NodeStatus, reason: str, now: float) -> Transition:
+        """The one place a node's status changes: checks the table, counts, records history, dirties."""
+        old = entry.status
+        check_transition(entry.node_id, old, new)
+        entry.status = new
+        self._counts[old] -= 1
+        self._counts[new] += 1
+        entry.version_no += 1
+        entry.history.append((now, f"{old} -> {new}: {reason}"))
+        self._mark(entry, now)
+        return Transition(entry.node_id, old, new, reason, now)
+
+    def _mark(self, entry: NodeEntry, now: float) -> None:
+        self._dirty.setdefault(entry.node_id, now)
+
+    def take_dirty(self) -> dict[str, float]:
+        """Hand the changed node ids (with the time each first changed) to the publisher; clears them."""
+        dirty, self._dirty = self._dirty, {}
+        return dirty
+
+    def oldest_dirty(self) -> float | None:
+        """When the oldest change not yet taken by the publisher happened (dicts keep insertion order)."""
+        return next(iter(self._dirty.values()), None)
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def counts(self) -> dict[NodeStatus, int]:
+        return dict(self._counts)
+
+    def __iter__(self) -> Iterator[NodeEntry]:
+        return iter(self.nodes.values())
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def validate(self) -> None:
+        """Check the registry's invariants (tests call this after each scenario)."""
+        counts = dict.fromkeys(NodeStatus, 0)
+        for nid, e in self.nodes.items():
+            assert nid == e.node_id, f"{nid} stored under the wrong key"
+            counts[e.status] += 1
+            assert e.load.inflight >= 0
+            if e.status is not NodeStatus.OFFLINE and e.conn is None:
+                raise AssertionError(f"{nid} is {e.status} without a connection")
+        assert counts == self._counts, f"status counts drifted: {counts} != {self._counts}"

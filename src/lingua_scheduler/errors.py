@@ -1,0 +1,97 @@
+"""Every error the scheduler raises, under one root.
+
+::
+
+    SchedulerError                 (wire code, message, details; ``peer_fault`` says who caused it)
+    ├── ProtocolError              a peer sent something we cannot accept (INVALID_MESSAGE, ...)
+    ├── RegistrationError          a node_register was refused (NODE_ID_CONFLICT, NO_GPU_AVAILABLE, ...)
+    ├── NotRegisteredError         a node message before registration or for a foreign node id
+    ├── SessionError               a session message that is not acceptable (INVALID_SESSION, ...)
+    ├── NoAvailableNodeError       selection found nothing (carries the breakdown)
+    └── ConfigError                bad configuration at start (names the key)
+
+Transports turn these into ``error`` frames or HTTP responses in one place each; the core raises them
+and never formats wire messages itself.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    INVALID_SESSION = "INVALID_SESSION"
+    SESSION_CLOSED = "SESSION_CLOSED"
+    NODE_UNAVAILABLE = "NODE_UNAVAILABLE"
+    NODE_OVERLOADED = "NODE_OVERLOADED"
+    MODEL_NOT_AVAILABLE = "MODEL_NOT_AVAILABLE"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    UNSUPPORTED_FEATURE = "UNSUPPORTED_FEATURE"
+    INVALID_PAIRING_CODE = "INVALID_PAIRING_CODE"
+    NO_AVAILABLE_NODE = "NO_AVAILABLE_NODE"
+    WS_DISCONNECTED = "WS_DISCONNECTED"
+    NMT_TIMEOUT = "NMT_TIMEOUT"
+    TTS_TIMEOUT = "TTS_TIMEOUT"
+    JOB_TIMEOUT = "JOB_TIMEOUT"
+    MODEL_VERIFY_FAILED = "MODEL_VERIFY_FAILED"
+    MODEL_CORRUPTED = "MODEL_CORRUPTED"
+    NO_GPU_AVAILABLE = "NO_GPU_AVAILABLE"
+    NODE_ID_CONFLICT = "NODE_ID_CONFLICT"
+    INVALID_CAPABILITY_SCHEMA = "INVALID_CAPABILITY_SCHEMA"
+    SCHEDULER_DEPENDENCY_DOWN = "SCHEDULER_DEPENDENCY_DOWN"
+    NOT_REGISTERED = "NOT_REGISTERED"
+    NODE_ID_MISMATCH = "NODE_ID_MISMATCH"
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    CONFIG_INVALID = "CONFIG_INVALID"
+    NOT_FOUND = "NOT_FOUND"
+    UNAUTHORIZED = "UNAUTHORIZED"
+
+
+class SchedulerError(Exception):
+    """Root of every scheduler error. ``code`` is the wire code; ``peer_fault`` is False when we failed."""
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+    peer_fault: bool = False
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+
+class ProtocolError(SchedulerError):
+    code = ErrorCode.INVALID_MESSAGE
+    peer_fault = True
+
+
+class RegistrationError(SchedulerError):
+    peer_fault = True
+
+
+class NotRegisteredError(SchedulerError):
+    code = ErrorCode.NOT_REGISTERED
+    peer_fault = True
+
+
+class SessionError(SchedulerError):
+    code = ErrorCode.INVALID_SESSION
+    peer_fault = True
+
+
+class NoAvailableNodeError(SchedulerError):
+    code = ErrorCode.NO_AVAILABLE_NODE
+
+
+class ConfigError(SchedulerError):
+    code = ErrorCode.CONFIG_INVALID
+    peer_fault = True
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config key {key!r}: {reason}")
+        self.key = key
+        self.reason = reason

@@ -1,0 +1,1 @@
+"""Wire messages: typed msgspec Structs for every frame, and their decoders/encoders."""

@@ -1,0 +1,83 @@
+"""Value types shared by the node and session protocols (reference-node-side.md section 2.1-2.2)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+
+class ServiceType(StrEnum):
+    ASR = "asr"
+    NMT = "nmt"
+    TTS = "tts"
+    TONE = "tone"
+    SEMANTIC = "semantic"
+
+
+CORE_SERVICE_TYPES: frozenset[ServiceType] = frozenset({ServiceType.ASR, ServiceType.NMT, ServiceType.TTS})
+
+
+class DeviceType(StrEnum):
+    GPU = "gpu"
+    CPU = "cpu"
+
+
+class ServiceStatus(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class Struct(msgspec.Struct, omit_defaults=True):
+    """Base of every wire struct: optional fields left at their default are not serialised."""
+
+
+class FeatureFlags(Struct, frozen=True):
+    emotion_detection: bool | None = None
+    voice_style_detection: bool | None = None
+    speech_rate_detection: bool | None = None
+    speech_rate_control: bool | None = None
+    speaker_identification: bool | None = None
+    persona_adaptation: bool | None = None
+
+    def enabled(self) -> frozenset[str]:
+        return frozenset(f for f in self.__struct_fields__ if getattr(self, f) is True)
+
+
+class ServiceTimings(Struct, frozen=True):
+    asr_ms: int | None = None
+    nmt_ms: int | None = None
+    tts_ms: int | None = None
+    total_ms: int | None = None
+
+
+class ExtraResult(Struct, frozen=True):
+    emotion: str | None = None
+    speech_rate: float | None = None
+    voice_style: str | None = None
+    service_timings: ServiceTimings | None = None
+    language_probability: float | None = None
+    language_probabilities: dict[str, float] | None = None
+    reason: str | None = None
+
+
+class SegmentsMeta(Struct, frozen=True):
+    count: int | None = None
+    max_gap: float | None = None
+    avg_duration: float | None = None
+
+
+class JobError(Struct, frozen=True):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorMessage(Struct, tag="error", tag_field="type"):
+    """``error`` frame sent to nodes and sessions: a code and a message naming what was wrong."""
+
+    code: str
+    message: str
+    details: Any = None

@@ -1,0 +1,281 @@
+"""Node <-> scheduler messages on ``/ws/node`` (reference-node-side.md section 2).
+
+Wire-compatible with the reference node client. Deliberate differences: ``memory_gb`` accepts floats,
+``job_assign`` booleans default to false (reference Flaw-5), heartbeats are acknowledged with
+``node_heartbeat_ack``. Unknown fields are ignored; a frame that fails validation is answered with
+``error{INVALID_MESSAGE}`` by the endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from lingua_scheduler.protocol.common import (
+    DeviceType,
+    ErrorMessage,
+    ExtraResult,
+    FeatureFlags,
+    JobError,
+    SegmentsMeta,
+    ServiceStatus,
+    ServiceType,
+    Struct,
+)
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
+Lang = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+
+
+class GpuInfo(Struct, frozen=True):
+    name: ShortStr
+    memory_gb: Annotated[float, msgspec.Meta(ge=0)]
+
+
+class HardwareInfo(Struct, frozen=True):
+    cpu_cores: NonNegInt
+    memory_gb: Annotated[float, msgspec.Meta(ge=0)]
+    gpus: list[GpuInfo] | None = None
+
+
+class InstalledModel(Struct, frozen=True):
+    model_id: ShortStr
+    kind: ShortStr
+    version: ShortStr
+    src_lang: Lang | None = None
+    tgt_lang: Lang | None = None
+    dialect: ShortStr | None = None
+    enabled: bool | None = None
+
+
+class InstalledService(Struct, frozen=True):
+    service_id: ShortStr
+    type: ServiceType
+    device: DeviceType
+    status: ServiceStatus
+    version: ShortStr | None = None
+    model_id: ShortStr | None = None
+    engine: ShortStr | None = None
+    mem_mb: NonNegInt | None = None
+    warmup_ms: NonNegInt | None = None
+    last_error: str | None = None
+
+
+class CapabilityByType(Struct, frozen=True):
+    type: ServiceType
+    ready: bool
+    reason: str | None = None
+    ready_impl_ids: list[ShortStr] | None = None
+
+
+class LanguagePair(Struct, frozen=True):
+    src: Lang
+    tgt: Lang
+
+
+class NmtCapability(Struct, frozen=True):
+    model_id: ShortStr
+    languages: list[Lang]
+    rule: ShortStr
+    blocked_pairs: list[LanguagePair] | None = None
+    supported_pairs: list[LanguagePair] | None = None
+
+
+class NodeLanguageCapabilities(Struct, frozen=True):
+    asr_languages: list[Lang] | None = None
+    tts_languages: list[Lang] | None = None
+    nmt_capabilities: list[NmtCapability] | None = None
+    semantic_languages: list[Lang] | None = None
+    supported_language_pairs: list[LanguagePair] | None = None
+
+
+class ResourceUsage(Struct, frozen=True):
+    cpu_percent: Percent
+    mem_percent: Percent
+    running_jobs: NonNegInt
+    gpu_percent: Percent | None = None
+    gpu_mem_percent: Percent | None = None
+
+
+class ProcessingMetrics(Struct, frozen=True):
+    serviceEfficiencies: dict[str, float]  # noqa: N815 - reference wire name
+
+
+class RerunMetrics(Struct, frozen=True):
+    totalReruns: NonNegInt  # noqa: N815
+    successfulReruns: NonNegInt  # noqa: N815
+    failedReruns: NonNegInt  # noqa: N815
+    timeoutReruns: NonNegInt  # noqa: N815
+    qualityImprovements: NonNegInt  # noqa: N815
+
+
+class ASRMetrics(Struct, frozen=True):
+    processingEfficiency: float | None = None  # noqa: N815
+
+
+class PipelineConfig(Struct, frozen=True):
+    use_asr: bool = True
+    use_nmt: bool = True
+    use_tts: bool = True
+    use_semantic: bool = False
+
+
+# --- node -> scheduler -------------------------------------------------------------------------------
+
+
+class NodeRegister(Struct, tag="node_register", tag_field="type"):
+    version: ShortStr
+    platform: ShortStr
+    hardware: HardwareInfo
+    installed_models: list[InstalledModel]
+    capability_by_type: list[CapabilityByType]
+    features_supported: FeatureFlags
+    accept_public_jobs: bool
+    node_id: NodeId | None = None
+    capability_schema_version: ShortStr | None = None
+    installed_services: list[InstalledService] = []
+    advanced_features: list[ShortStr] | None = None
+    language_capabilities: NodeLanguageCapabilities | None = None
+
+
+class NodeHeartbeat(Struct, tag="node_heartbeat", tag_field="type"):
+    node_id: NodeId
+    timestamp: int
+    resource_usage: ResourceUsage
+    installed_services: list[InstalledService]
+    capability_by_type: list[CapabilityByType]
+    installed_models: list[InstalledModel] | None = None
+    rerun_metrics: RerunMetrics | None = None
+    asr_metrics: ASRMetrics | None = None
+    processing_metrics: ProcessingMetrics | None = None
+    language_capabilities: NodeLanguageCapabilities | None = None
+
+
+class NodeErrorReport(Struct, tag="node_error", tag_field="type"):
+    node_id: NodeId
+    code: ShortStr
+    message: str
+    details: Any = None
+
+
+class JobAck(Struct, tag="job_ack", tag_field="type"):
+    job_id: ShortStr
+    attempt_id: NonNegInt
+    node_id: NodeId
+    session_id: ShortStr
+    trace_id: ShortStr
+
+
+class JobStarted(Struct, tag="job_started", tag_field="type"):
+    job_id: ShortStr
+    attempt_id: NonNegInt
+    node_id: NodeId
+    session_id: ShortStr
+    trace_id: ShortStr
+
+
+class JobResult(Struct, tag="job_result", tag_field="type"):
+    job_id: ShortStr
+    attempt_id: NonNegInt
+    node_id: NodeId
+    session_id: ShortStr
+    utterance_index: NonNegInt
+    success: bool
+    trace_id: ShortStr
+    text_asr: str | None = None
+    text_translated: str | None = None
+    tts_audio: str | None = None
+    tts_format: ShortStr | None = None
+    extra: ExtraResult | None = None
+    processing_time_ms: NonNegInt | None = None
+    error: JobError | None = None
+    group_id: ShortStr | None = None
+    part_index: NonNegInt | None = None
+    node_completed_at_ms: int | None = None
+    asr_quality_level: ShortStr | None = None
+    reason_codes: list[ShortStr] | None = None
+    quality_score: float | None = None
+    rerun_count: NonNegInt | None = None
+    segments_meta: SegmentsMeta | None = None
+
+
+class NodeAsrPartial(Struct, tag="asr_partial", tag_field="type"):
+    job_id: ShortStr
+    node_id: NodeId
+    session_id: ShortStr
+    utterance_index: NonNegInt
+    text: str
+    is_final: bool
+    trace_id: ShortStr
+    attempt_id: NonNegInt | None = None
+
+
+NodeInbound = (
+    NodeRegister | NodeHeartbeat | NodeErrorReport | JobAck | JobStarted | JobResult | NodeAsrPartial
+)
+NODE_JOB_MESSAGES = (JobAck, JobStarted, JobResult, NodeAsrPartial)
+
+# --- scheduler -> node -------------------------------------------------------------------------------
+
+
+class NodeRegisterAck(Struct, tag="node_register_ack", tag_field="type"):
+    node_id: str
+    message: str
+    status: str
+    heartbeat_interval_ms: int | None = None
+
+
+class NodeHeartbeatAck(Struct, tag="node_heartbeat_ack", tag_field="type"):
+    node_id: str
+    timestamp: int
+    server_ts_ms: int
+    next_heartbeat_ms: int
+
+
+class NodeStatusMessage(Struct, tag="node_status", tag_field="type"):
+    node_id: str
+    status: str
+    reason: str | None
+    timestamp: int
+
+
+class JobAssign(Struct, tag="job_assign", tag_field="type"):
+    job_id: str
+    attempt_id: int
+    session_id: str
+    utterance_index: int
+    src_lang: str
+    tgt_lang: str
+    pipeline: PipelineConfig
+    audio: str
+    audio_format: str
+    sample_rate: int
+    trace_id: str
+    dialect: str | None = None
+    features: FeatureFlags | None = None
+    mode: str | None = None
+    lang_a: str | None = None
+    lang_b: str | None = None
+    auto_langs: list[str] | None = None
+    enable_streaming_asr: bool | None = None
+    partial_update_interval_ms: int | None = None
+    group_id: str | None = None
+    part_index: int | None = None
+    context_text: str | None = None
+    padding_ms: int | None = None
+    is_manual_cut: bool = False
+    is_pause_triggered: bool = False
+    is_timeout_triggered: bool = False
+
+
+class JobCancel(Struct, tag="job_cancel", tag_field="type"):
+    job_id: str
+    trace_id: str | None = None
+    reason: str | None = None
+
+
+NodeOutbound = NodeRegisterAck | NodeHeartbeatAck | NodeStatusMessage | JobAssign | JobCancel | ErrorMessage
