@@ -71,9 +71,14 @@ class NodeHealthConfig(Section):
     offline_suppress_loop_lag_seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval_seconds", "heartbeat_budget_per_second", "heartbeat_timeout_seconds",
-                     "warmup_timeout_seconds", "status_scan_interval_seconds",
-                     "offline_suppress_loop_lag_seconds"):
+        for name in (
+            "heartbeat_interval_seconds",
+            "heartbeat_budget_per_second",
+            "heartbeat_timeout_seconds",
+            "warmup_timeout_seconds",
+            "status_scan_interval_seconds",
+            "offline_suppress_loop_lag_seconds",
+        ):
             _positive(name, getattr(self, name))
         if self.health_check_count < 1:
             raise ValueError("health_check_count must be >= 1")
@@ -162,8 +167,15 @@ class SessionConfig(Section):
     default_sample_rate: int = 16_000
 
     def __post_init__(self) -> None:
-        for name in ("pause_ms", "max_duration_ms", "max_utterance_bytes", "max_session_buffer_bytes",
-                     "max_pending_results", "result_gap_timeout_ms", "default_sample_rate"):
+        for name in (
+            "pause_ms",
+            "max_duration_ms",
+            "max_utterance_bytes",
+            "max_session_buffer_bytes",
+            "max_pending_results",
+            "result_gap_timeout_ms",
+            "default_sample_rate",
+        ):
             _positive(name, getattr(self, name))
 
 
@@ -232,7 +244,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         out.setdefault(section, {})[key] = _parse_env_value(raw)
     return out
 

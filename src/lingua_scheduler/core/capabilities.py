@@ -144,4 +144,4 @@ def derive(
 
 
 def core_ready(caps: Capabilities) -> bool:
-    return CORE_SERVICE_TYPES <= caps.ready_types
+    return caps.ready_types >= CORE_SERVICE_TYPES

@@ -34,8 +34,9 @@ class NodeLoad:
         self.dispatched_since_report = 0
         self.inflight = 0
 
-    def report(self, cpu: float, gpu: float | None, gpu_mem: float | None, mem: float, running: int,
-               now: float) -> None:
+    def report(
+        self, cpu: float, gpu: float | None, gpu_mem: float | None, mem: float, running: int, now: float
+    ) -> None:
         self.cpu = cpu
         self.gpu = gpu
         self.gpu_mem = gpu_mem

@@ -129,20 +129,28 @@ class Registry:
                 code=ErrorCode.INVALID_CAPABILITY_SCHEMA,
             )
         if not msg.hardware.gpus:
-            raise RegistrationError("hardware.gpus is empty: a node needs at least one GPU",
-                                    code=ErrorCode.NO_GPU_AVAILABLE)
+            raise RegistrationError(
+                "hardware.gpus is empty: a node needs at least one GPU", code=ErrorCode.NO_GPU_AVAILABLE
+            )
         now = self.clock.monotonic()
         node_id = msg.node_id or new_node_id()
         entry = self.nodes.get(node_id)
         features = msg.features_supported.enabled()
-        caps = derive(msg.installed_services, msg.capability_by_type, msg.installed_models,
-                      msg.language_capabilities, features)
+        caps = derive(
+            msg.installed_services,
+            msg.capability_by_type,
+            msg.installed_models,
+            msg.language_capabilities,
+            features,
+        )
         transitions: list[Transition] = []
         if entry is not None:
             if entry.conn is not None and entry.conn is not conn:
                 raise RegistrationError(
                     f"node id {node_id} is connected on another connection; clear the local node_id "
-                    "or close the other connection", code=ErrorCode.NODE_ID_CONFLICT)
+                    "or close the other connection",
+                    code=ErrorCode.NODE_ID_CONFLICT,
+                )
             # Reconnect (or re-register on the same socket): same id, same record, fresh report.
             entry.version, entry.platform, entry.hardware = msg.version, msg.platform, msg.hardware
             entry.accept_public_jobs = msg.accept_public_jobs
@@ -196,15 +204,17 @@ class Registry:
         entry.last_heartbeat = now
         entry.heartbeats += 1
         ru = msg.resource_usage
-        entry.load.report(ru.cpu_percent, ru.gpu_percent, ru.gpu_mem_percent, ru.mem_percent,
-                          ru.running_jobs, now)
+        entry.load.report(
+            ru.cpu_percent, ru.gpu_percent, ru.gpu_mem_percent, ru.mem_percent, ru.running_jobs, now
+        )
         changed = self._update_capabilities(entry, msg)
         resumed: tuple[Transition, ...] = ()
         if entry.status is NodeStatus.OFFLINE:
             # Timed out while the socket stayed open: it is alive after all, start over.
             resumed = (self._set_status(entry, NodeStatus.REGISTERING, "heartbeat resumed", now),)
-        transitions = resumed + self._health_step(entry, healthy(entry.status, entry.has_gpu, msg.installed_services),
-                                        now)
+        transitions = resumed + self._health_step(
+            entry, healthy(entry.status, entry.has_gpu, msg.installed_services), now
+        )
         if changed:
             self._mark(entry, now)
         return HeartbeatOutcome(changed, transitions)
@@ -215,18 +225,27 @@ class Registry:
         if entry is None or entry.conn is not conn:
             raise NotRegisteredError(
                 f"node_id {node_id!r} is not registered on this connection",
-                code=ErrorCode.NODE_ID_MISMATCH if entry is not None else ErrorCode.NOT_REGISTERED)
+                code=ErrorCode.NODE_ID_MISMATCH if entry is not None else ErrorCode.NOT_REGISTERED,
+            )
         return entry
 
     def _update_capabilities(self, entry: NodeEntry, msg: NodeHeartbeat) -> bool:
         # Fast path: the reported fields equal the previous report (C-level struct comparison).
         models = msg.installed_models if msg.installed_models is not None else entry.models
         languages = msg.language_capabilities if msg.language_capabilities is not None else entry.languages
-        if (msg.installed_services == entry.services and msg.capability_by_type == entry.by_type
-                and models == entry.models and languages == entry.languages):
+        if (
+            msg.installed_services == entry.services
+            and msg.capability_by_type == entry.by_type
+            and models == entry.models
+            and languages == entry.languages
+        ):
             return False
         entry.services, entry.by_type, entry.models, entry.languages = (
-            msg.installed_services, msg.capability_by_type, models, languages)
+            msg.installed_services,
+            msg.capability_by_type,
+            models,
+            languages,
+        )
         caps = derive(entry.services, entry.by_type, entry.models, entry.languages, entry.features)
         if caps == entry.caps:  # reordered or cosmetic difference: nothing a scheduler cares about
             return False
@@ -313,16 +332,18 @@ class Registry:
         entry = self._get(node_id)
         entry.drain_requested = True
         if entry.status in (NodeStatus.READY, NodeStatus.DEGRADED, NodeStatus.REGISTERING):
-            return (self._set_status(entry, NodeStatus.DRAINING, "drained by operator",
-                                     self.clock.monotonic()),)
+            return (
+                self._set_status(entry, NodeStatus.DRAINING, "drained by operator", self.clock.monotonic()),
+            )
         return ()
 
     def undrain(self, node_id: str) -> tuple[Transition, ...]:
         entry = self._get(node_id)
         entry.drain_requested = False
         if entry.status is NodeStatus.DRAINING:
-            return (self._set_status(entry, NodeStatus.READY, "undrained by operator",
-                                     self.clock.monotonic()),)
+            return (
+                self._set_status(entry, NodeStatus.READY, "undrained by operator", self.clock.monotonic()),
+            )
         return ()
 
     def _get(self, node_id: str) -> NodeEntry:

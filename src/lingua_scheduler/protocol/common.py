@@ -31,10 +31,14 @@ class ServiceStatus(StrEnum):
 
 
 class Struct(msgspec.Struct, omit_defaults=True):
-    """Base of every wire struct: optional fields left at their default are not serialised."""
+    """Base of every wire message: optional fields left at their default are not serialised."""
 
 
-class FeatureFlags(Struct, frozen=True):
+class FrozenStruct(msgspec.Struct, omit_defaults=True, frozen=True):
+    """Base of immutable wire values (compared by value, hashable)."""
+
+
+class FeatureFlags(FrozenStruct, frozen=True):
     emotion_detection: bool | None = None
     voice_style_detection: bool | None = None
     speech_rate_detection: bool | None = None
@@ -46,14 +50,14 @@ class FeatureFlags(Struct, frozen=True):
         return frozenset(f for f in self.__struct_fields__ if getattr(self, f) is True)
 
 
-class ServiceTimings(Struct, frozen=True):
+class ServiceTimings(FrozenStruct, frozen=True):
     asr_ms: int | None = None
     nmt_ms: int | None = None
     tts_ms: int | None = None
     total_ms: int | None = None
 
 
-class ExtraResult(Struct, frozen=True):
+class ExtraResult(FrozenStruct, frozen=True):
     emotion: str | None = None
     speech_rate: float | None = None
     voice_style: str | None = None
@@ -63,13 +67,13 @@ class ExtraResult(Struct, frozen=True):
     reason: str | None = None
 
 
-class SegmentsMeta(Struct, frozen=True):
+class SegmentsMeta(FrozenStruct, frozen=True):
     count: int | None = None
     max_gap: float | None = None
     avg_duration: float | None = None
 
 
-class JobError(Struct, frozen=True):
+class JobError(FrozenStruct, frozen=True):
     code: str
     message: str
     details: Any = None

@@ -17,6 +17,7 @@ from lingua_scheduler.protocol.common import (
     ErrorMessage,
     ExtraResult,
     FeatureFlags,
+    FrozenStruct,
     JobError,
     SegmentsMeta,
     ServiceStatus,
@@ -31,18 +32,18 @@ Lang = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
 
-class GpuInfo(Struct, frozen=True):
+class GpuInfo(FrozenStruct, frozen=True):
     name: ShortStr
     memory_gb: Annotated[float, msgspec.Meta(ge=0)]
 
 
-class HardwareInfo(Struct, frozen=True):
+class HardwareInfo(FrozenStruct, frozen=True):
     cpu_cores: NonNegInt
     memory_gb: Annotated[float, msgspec.Meta(ge=0)]
     gpus: list[GpuInfo] | None = None
 
 
-class InstalledModel(Struct, frozen=True):
+class InstalledModel(FrozenStruct, frozen=True):
     model_id: ShortStr
     kind: ShortStr
     version: ShortStr
@@ -52,7 +53,7 @@ class InstalledModel(Struct, frozen=True):
     enabled: bool | None = None
 
 
-class InstalledService(Struct, frozen=True):
+class InstalledService(FrozenStruct, frozen=True):
     service_id: ShortStr
     type: ServiceType
     device: DeviceType
@@ -65,19 +66,19 @@ class InstalledService(Struct, frozen=True):
     last_error: str | None = None
 
 
-class CapabilityByType(Struct, frozen=True):
+class CapabilityByType(FrozenStruct, frozen=True):
     type: ServiceType
     ready: bool
     reason: str | None = None
     ready_impl_ids: list[ShortStr] | None = None
 
 
-class LanguagePair(Struct, frozen=True):
+class LanguagePair(FrozenStruct, frozen=True):
     src: Lang
     tgt: Lang
 
 
-class NmtCapability(Struct, frozen=True):
+class NmtCapability(FrozenStruct, frozen=True):
     model_id: ShortStr
     languages: list[Lang]
     rule: ShortStr
@@ -85,7 +86,7 @@ class NmtCapability(Struct, frozen=True):
     supported_pairs: list[LanguagePair] | None = None
 
 
-class NodeLanguageCapabilities(Struct, frozen=True):
+class NodeLanguageCapabilities(FrozenStruct, frozen=True):
     asr_languages: list[Lang] | None = None
     tts_languages: list[Lang] | None = None
     nmt_capabilities: list[NmtCapability] | None = None
@@ -93,7 +94,7 @@ class NodeLanguageCapabilities(Struct, frozen=True):
     supported_language_pairs: list[LanguagePair] | None = None
 
 
-class ResourceUsage(Struct, frozen=True):
+class ResourceUsage(FrozenStruct, frozen=True):
     cpu_percent: Percent
     mem_percent: Percent
     running_jobs: NonNegInt
@@ -101,23 +102,23 @@ class ResourceUsage(Struct, frozen=True):
     gpu_mem_percent: Percent | None = None
 
 
-class ProcessingMetrics(Struct, frozen=True):
-    serviceEfficiencies: dict[str, float]  # noqa: N815 - reference wire name
+class ProcessingMetrics(FrozenStruct, frozen=True):
+    serviceEfficiencies: dict[str, float]
 
 
-class RerunMetrics(Struct, frozen=True):
-    totalReruns: NonNegInt  # noqa: N815
-    successfulReruns: NonNegInt  # noqa: N815
-    failedReruns: NonNegInt  # noqa: N815
-    timeoutReruns: NonNegInt  # noqa: N815
-    qualityImprovements: NonNegInt  # noqa: N815
+class RerunMetrics(FrozenStruct, frozen=True):
+    totalReruns: NonNegInt
+    successfulReruns: NonNegInt
+    failedReruns: NonNegInt
+    timeoutReruns: NonNegInt
+    qualityImprovements: NonNegInt
 
 
-class ASRMetrics(Struct, frozen=True):
-    processingEfficiency: float | None = None  # noqa: N815
+class ASRMetrics(FrozenStruct, frozen=True):
+    processingEfficiency: float | None = None
 
 
-class PipelineConfig(Struct, frozen=True):
+class PipelineConfig(FrozenStruct, frozen=True):
     use_asr: bool = True
     use_nmt: bool = True
     use_tts: bool = True

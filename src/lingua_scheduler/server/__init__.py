@@ -1,0 +1,1 @@
+"""The I/O shell: aiohttp endpoints, background tasks and metrics around the pure core."""

@@ -1,0 +1,60 @@
+"""Builds the aiohttp application of one scheduler instance and starts/stops its background tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import Config
+from lingua_scheduler.server import http_api, tasks
+from lingua_scheduler.server.node_endpoint import node_ws
+from lingua_scheduler.server.state import STATE, SchedulerState
+
+log = logging.getLogger(__name__)
+
+
+def build_app(config: Config, clock: Clock | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_frame_bytes)
+    state = SchedulerState(config, clock)
+    app[STATE] = state
+    app.router.add_get("/ws/node", node_ws)
+    http_api.add_routes(app)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    state: SchedulerState = app[STATE]
+    running = [
+        asyncio.create_task(state.loop_lag.run(), name="loop-lag"),
+        asyncio.create_task(tasks.reconciler(state), name="reconciler"),
+        asyncio.create_task(tasks.liveness_scan(state), name="liveness-scan"),
+    ]
+    yield
+    for t in running:
+        t.cancel()
+    for t in running:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
+def run(config: Config) -> None:
+    """Serve until interrupted (``make run``)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
+        pass
+    app = build_app(config)
+    host, port = config.server.host, config.server.port
+    log.info(
+        "lingua-scheduler listening",
+        extra={"host": host, "port": port, "node_ws": f"ws://{host}:{port}/ws/node"},
+    )
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -1,0 +1,143 @@
+"""``/ws/node``: the node WebSocket endpoint.
+
+Turns frames into calls on the registry and answers. The heartbeat branch comes first and does only
+O(1) work: decode, registry.heartbeat(), queue the ack. Errors become ``error`` frames and the
+connection stays open; a connection's node id is fixed by its successful registration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from lingua_scheduler.errors import ErrorCode, RegistrationError, SchedulerError
+from lingua_scheduler.protocol.codec import FrameDecoder
+from lingua_scheduler.protocol.common import ErrorMessage
+from lingua_scheduler.protocol.node import (
+    NodeErrorReport,
+    NodeHeartbeat,
+    NodeHeartbeatAck,
+    NodeInbound,
+    NodeRegister,
+    NodeRegisterAck,
+)
+from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.state import STATE, SchedulerState
+
+log = logging.getLogger(__name__)
+
+
+class NodeConnection:
+    """Per-socket handler state: the outbox and the node id this socket registered (if any)."""
+
+    __slots__ = ("decoder", "node_id", "outbox", "state")
+
+    def __init__(self, state: SchedulerState, outbox: Outbox) -> None:
+        self.state = state
+        self.outbox = outbox
+        self.node_id: str | None = None
+        self.decoder: FrameDecoder[Any] = FrameDecoder(NodeInbound, state.config.server.max_frame_bytes)
+
+    def on_frame(self, data: bytes | str, t0: float) -> None:
+        state = self.state
+        try:
+            msg = self.decoder.decode(data)
+            if type(msg) is NodeHeartbeat:
+                self._heartbeat(msg, t0)
+            elif type(msg) is NodeRegister:
+                self._register(msg)
+            elif type(msg) is NodeErrorReport:
+                state.registry.entry_for(self.outbox, msg.node_id)
+                log.warning(
+                    "node reported an error",
+                    extra={"node_id": msg.node_id, "code": msg.code, "node_message": msg.message},
+                )
+            else:
+                self.on_job_message(msg)
+        except SchedulerError as exc:
+            state.metrics.invalid_frames.labels("node", exc.code.value).inc()
+            self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+
+    def _heartbeat(self, msg: NodeHeartbeat, t0: float) -> None:
+        state = self.state
+        outcome = state.registry.heartbeat(self.outbox, msg)
+        self.outbox.send(
+            NodeHeartbeatAck(
+                node_id=msg.node_id,
+                timestamp=msg.timestamp,
+                server_ts_ms=state.clock.wall_ms(),
+                next_heartbeat_ms=int(state.registry.heartbeat_interval() * 1000),
+            )
+        )
+        if outcome.transitions:
+            state.apply_transitions(outcome.transitions)
+        elapsed = time.perf_counter() - t0
+        state.metrics.heartbeats.inc()
+        state.metrics.heartbeat_handle.observe(elapsed)
+        state.heartbeat_window.record(elapsed)
+
+    def _register(self, msg: NodeRegister) -> None:
+        state = self.state
+        if self.node_id is not None and msg.node_id not in (None, self.node_id):
+            raise RegistrationError(
+                f"this connection is already registered as {self.node_id}", code=ErrorCode.NODE_ID_CONFLICT
+            )
+        if self.node_id is not None and msg.node_id is None:
+            msg.node_id = self.node_id
+        entry, transitions = state.registry.register(msg, self.outbox)
+        self.node_id = entry.node_id
+        self.outbox.send(
+            NodeRegisterAck(
+                node_id=entry.node_id,
+                message="registered",
+                status=entry.status.value,
+                heartbeat_interval_ms=int(state.registry.heartbeat_interval() * 1000),
+            )
+        )
+        state.apply_transitions(transitions)
+        log.info(
+            "node registered",
+            extra={"node_id": entry.node_id, "platform": msg.platform, "node_version": msg.version},
+        )
+
+    def on_job_message(self, msg: object) -> None:
+        """Job messages (ack, started, partial, result) are handled by the job dispatcher."""
+        handler = self.state.job_handler
+        node_id = getattr(msg, "node_id", "")
+        self.state.registry.entry_for(self.outbox, node_id)
+        if handler is not None:
+            handler(node_id, msg)
+
+    def closed(self) -> None:
+        if self.node_id is not None:
+            transitions = self.state.registry.disconnect(self.node_id, self.outbox)
+            self.state.apply_transitions(transitions)
+            if transitions:
+                log.info("node disconnected", extra={"node_id": self.node_id})
+
+
+async def node_ws(request: web.Request) -> web.WebSocketResponse:
+    state: SchedulerState = request.app[STATE]
+    max_frame = state.config.server.max_frame_bytes
+    # aiohttp itself only closes frames far over our limit; up to 4x we answer with an error frame.
+    ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
+    await ws.prepare(request)
+    outbox = Outbox(ws, state.config.server.outbound_queue, f"node@{request.remote}")
+    conn = NodeConnection(state, outbox)
+    try:
+        async for frame in ws:
+            if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
+                conn.on_frame(frame.data, time.perf_counter())
+            elif frame.type is WSMsgType.ERROR:
+                break
+    except Exception:  # one catch-all per connection task: log, close, clean up below
+        log.exception("node connection failed", extra={"node_id": conn.node_id})
+    finally:
+        conn.closed()
+        await outbox.close()
+        if not ws.closed:
+            await ws.close()
+    return ws

@@ -1,0 +1,114 @@
+"""The running scheduler's state: the core objects one instance holds, wired together.
+
+``SchedulerState`` is created by ``app.build_app`` and shared by the endpoints and background tasks. It
+holds no I/O itself beyond the per-connection outboxes the endpoints attach to nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from lingua_scheduler import __version__
+from lingua_scheduler.clock import Clock, SystemClock
+from lingua_scheduler.config import Config
+from lingua_scheduler.core.fleet_view import FleetViewPublisher
+from lingua_scheduler.core.registry import Registry, Transition
+from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.protocol.node import NodeStatusMessage
+from lingua_scheduler.server.latency import LatencyWindow
+from lingua_scheduler.server.loop_lag import LoopLagMonitor
+from lingua_scheduler.server.metrics import Metrics, counter, gauge
+from lingua_scheduler.server.outbox import Outbox
+
+
+class SchedulerState:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.started_at = time.time()
+        self.registry = Registry(config.node_health, self.clock)
+        self.publisher = FleetViewPublisher(
+            self.registry, self.clock, max_concurrent_jobs=config.scheduler.max_concurrent_jobs_per_node
+        )
+        self.metrics = Metrics()
+        self.loop_lag = LoopLagMonitor()
+        self.heartbeat_window = LatencyWindow()
+        self.metrics.add_live(self._live_metrics)
+        #: set by the job dispatcher: handles job messages from a node (node_id, message)
+        self.job_handler: Callable[[str, object], None] | None = None
+
+    # --- node notifications ---------------------------------------------------------------------
+
+    def apply_transitions(self, transitions: Iterable[Transition]) -> None:
+        """Tell each node about its status change (``node_status``) and count it."""
+        for t in transitions:
+            self.metrics.status_transitions.labels(t.new.value).inc()
+            entry = self.registry.nodes.get(t.node_id)
+            conn = entry.conn if entry is not None else None
+            if isinstance(conn, Outbox):
+                conn.send(
+                    NodeStatusMessage(
+                        node_id=t.node_id,
+                        status=t.new.value,
+                        reason=t.reason,
+                        timestamp=self.clock.wall_ms() // 1000,
+                    )
+                )
+
+    # --- observability --------------------------------------------------------------------------
+
+    def view_age(self) -> float:
+        """Staleness of the fleet view: age of the oldest change not yet published (0 when current)."""
+        oldest = self.registry.oldest_dirty()
+        return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
+
+    def health(self) -> dict[str, object]:
+        counts = self.registry.counts()
+        return {
+            "status": "ok",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "nodes": {s.value: counts[s] for s in NodeStatus},
+            "nodes_total": len(self.registry),
+            "fleet_view_version": self.publisher.view.version,
+        }
+
+    def _live_metrics(self) -> Iterable[Metric]:
+        counts = self.registry.counts()
+        nodes = GaugeMetricFamily("lingua_nodes", "Nodes by status", labels=["status"])
+        for s in NodeStatus:
+            nodes.add_metric([s.value], counts[s])
+        yield nodes
+        yield counter(
+            "lingua_capability_changes",
+            "Capability changes detected by value",
+            self.registry.capability_changes,
+        )
+        yield counter(
+            "lingua_fleet_view_publishes", "Fleet view versions published", self.publisher.publishes
+        )
+        yield gauge(
+            "lingua_fleet_view_age_seconds",
+            "Age of the oldest change not yet in the published fleet view",
+            self.view_age(),
+        )
+        yield gauge(
+            "lingua_fleet_view_version", "Version of the published fleet view", self.publisher.view.version
+        )
+        yield gauge(
+            "lingua_event_loop_lag_seconds",
+            "Event loop lag (worst of the last 2 s)",
+            self.loop_lag.recent_max,
+        )
+        yield gauge(
+            "lingua_heartbeat_interval_seconds",
+            "Heartbeat interval asked of nodes",
+            self.registry.heartbeat_interval(),
+        )
+
+
+STATE: web.AppKey[SchedulerState] = web.AppKey("state", SchedulerState)

@@ -1,0 +1,242 @@
+"""The registry core without sockets: registration, heartbeats, status machine, liveness, fleet view."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from lingua_scheduler.clock import ManualClock
+from lingua_scheduler.config import NodeHealthConfig
+from lingua_scheduler.core.fleet_view import FleetViewPublisher
+from lingua_scheduler.core.registry import Registry
+from lingua_scheduler.core.status import TRANSITIONS, IllegalTransition, NodeStatus, check_transition
+from lingua_scheduler.errors import NotRegisteredError, RegistrationError
+from lingua_scheduler.protocol.common import ServiceStatus
+from lingua_scheduler.protocol.node import NodeHeartbeat, NodeLanguageCapabilities, ResourceUsage
+from lingua_scheduler.sim.profiles import NodeProfile
+
+S = NodeStatus
+
+
+def profile(langs: list[str] | None = None) -> NodeProfile:
+    langs = langs or ["en", "zh"]
+    return NodeProfile(asr_languages=langs, tts_languages=langs, nmt_languages=langs)
+
+
+def heartbeat(
+    node_id: str, p: NodeProfile, running: int = 0, cpu: float = 10.0, **changes: object
+) -> NodeHeartbeat:
+    hb = NodeHeartbeat(
+        node_id=node_id,
+        timestamp=1,
+        resource_usage=ResourceUsage(
+            cpu_percent=cpu, mem_percent=30.0, running_jobs=running, gpu_percent=20.0
+        ),
+        installed_services=p.services(),
+        capability_by_type=p.capability_by_type(),
+        language_capabilities=p.languages(),
+    )
+    return msgspec.structs.replace(hb, **changes) if changes else hb
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def registry(clock: ManualClock) -> Registry:
+    return Registry(
+        NodeHealthConfig(
+            heartbeat_interval_seconds=5, heartbeat_timeout_seconds=15, warmup_timeout_seconds=60
+        ),
+        clock,
+    )
+
+
+def register(registry: Registry, p: NodeProfile, conn: object, node_id: str | None = None) -> str:
+    entry, _ = registry.register(p.register_message(node_id), conn)
+    return entry.node_id
+
+
+def test_register_then_ready_after_healthy_heartbeat(registry: Registry) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    assert registry.nodes[nid].status is S.REGISTERING
+    out = registry.heartbeat(conn, heartbeat(nid, p))
+    assert [t.new for t in out.transitions] == [S.READY]
+    registry.validate()
+
+
+def test_health_check_count(clock: ManualClock) -> None:
+    reg = Registry(NodeHealthConfig(health_check_count=3), clock)
+    p, conn = profile(), object()
+    nid = register(reg, p, conn)
+    assert reg.heartbeat(conn, heartbeat(nid, p)).transitions == ()
+    assert reg.heartbeat(conn, heartbeat(nid, p)).transitions == ()
+    assert reg.heartbeat(conn, heartbeat(nid, p)).transitions[0].new is S.READY
+
+
+def test_unhealthy_heartbeats_degrade_and_recover(registry: Registry) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    registry.heartbeat(conn, heartbeat(nid, p))
+    sick = NodeProfile(
+        asr_languages=["en"], tts_languages=["en"], nmt_languages=["en"], services_running=False
+    )
+    bad = heartbeat(nid, p, installed_services=sick.services())
+    assert registry.heartbeat(conn, bad).transitions == ()
+    assert registry.heartbeat(conn, bad).transitions == ()
+    assert registry.heartbeat(conn, bad).transitions[0].new is S.DEGRADED
+    assert registry.heartbeat(conn, heartbeat(nid, p)).transitions[0].new is S.READY
+    registry.validate()
+
+
+def test_load_is_not_capability(registry: Registry) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    registry.heartbeat(conn, heartbeat(nid, p))
+    registry.take_dirty()
+    version = registry.nodes[nid].version_no
+    for i in range(100):
+        out = registry.heartbeat(conn, heartbeat(nid, p, running=i % 5, cpu=float(i % 90)))
+        assert not out.capability_changed
+    assert registry.dirty_count == 0
+    assert registry.nodes[nid].version_no == version
+    assert registry.nodes[nid].load.reported_running == 99 % 5
+
+
+def test_capability_change_by_value(registry: Registry) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    registry.heartbeat(conn, heartbeat(nid, p))
+    registry.take_dirty()
+    changes = registry.capability_changes
+    # same content, different order: not a change
+    reordered = NodeLanguageCapabilities(
+        asr_languages=["zh", "en"],
+        tts_languages=["zh", "en"],
+        nmt_capabilities=p.languages().nmt_capabilities,
+    )
+    assert not registry.heartbeat(conn, heartbeat(nid, p, language_capabilities=reordered)).capability_changed
+    # a service stopping is a change (readiness differs)
+    stopped = [
+        msgspec.structs.replace(s, status=ServiceStatus.STOPPED) if s.service_id == "piper-tts" else s
+        for s in p.services()
+    ]
+    assert registry.heartbeat(conn, heartbeat(nid, p, installed_services=stopped)).capability_changed
+    assert registry.capability_changes == changes + 1
+    assert nid in registry.take_dirty()
+
+
+def test_binding_refuses_foreign_and_unregistered(registry: Registry) -> None:
+    p, a, b = profile(), object(), object()
+    nid = register(registry, p, a)
+    with pytest.raises(NotRegisteredError) as e:
+        registry.heartbeat(b, heartbeat(nid, p))
+    assert e.value.code == "NODE_ID_MISMATCH"
+    with pytest.raises(NotRegisteredError) as e:
+        registry.heartbeat(b, heartbeat("node-UNKNOWN", p))
+    assert e.value.code == "NOT_REGISTERED"
+    assert registry.nodes[nid].heartbeats == 0
+
+
+def test_conflict_reconnect_and_stale_cleanup(registry: Registry) -> None:
+    p, old, new = profile(), object(), object()
+    nid = register(registry, p, old)
+    with pytest.raises(RegistrationError) as e:
+        register(registry, p, new, nid)
+    assert e.value.code == "NODE_ID_CONFLICT"
+    assert registry.disconnect(nid, old)[0].new is S.OFFLINE
+    assert register(registry, p, new, nid) == nid  # same id, same record
+    assert len(registry) == 1
+    # the old connection's late cleanup must not touch the new one
+    assert registry.disconnect(nid, old) == ()
+    assert registry.nodes[nid].conn is new
+    registry.validate()
+
+
+def test_heartbeat_timeout_and_loop_lag_suppression(registry: Registry, clock: ManualClock) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    registry.heartbeat(conn, heartbeat(nid, p))
+    clock.advance(16)
+    out = registry.scan(loop_lag=5.0)  # we were stalled: do not blame the node
+    assert out.transitions == () and out.suppressed == 1
+    out = registry.scan(loop_lag=0.0)
+    assert [t.new for t in out.transitions] == [S.OFFLINE]
+    # heartbeats resume on the open socket: registering, then ready
+    out2 = registry.heartbeat(conn, heartbeat(nid, p))
+    assert [t.new for t in out2.transitions] == [S.REGISTERING, S.READY]
+
+
+def test_warmup_timeout(registry: Registry, clock: ManualClock) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    for _ in range(7):
+        clock.advance(10)
+        registry.heartbeat(conn, heartbeat(nid, p, installed_services=[]))  # unhealthy: nothing installed
+    out = registry.scan(loop_lag=0.0)
+    assert [t.new for t in out.transitions] == [S.DEGRADED]
+
+
+def test_drain_and_undrain(registry: Registry) -> None:
+    p, conn = profile(), object()
+    nid = register(registry, p, conn)
+    registry.heartbeat(conn, heartbeat(nid, p))
+    assert registry.drain(nid)[0].new is S.DRAINING
+    assert registry.heartbeat(conn, heartbeat(nid, p)).transitions == ()
+    assert registry.nodes[nid].status is S.DRAINING
+    assert registry.undrain(nid)[0].new is S.READY
+
+
+def test_heartbeat_interval_scales_with_fleet(clock: ManualClock) -> None:
+    reg = Registry(
+        NodeHealthConfig(
+            heartbeat_interval_seconds=5, heartbeat_budget_per_second=100, heartbeat_timeout_seconds=15
+        ),
+        clock,
+    )
+    p = profile()
+    for _ in range(400):
+        register(reg, p, object())
+    assert reg.heartbeat_interval() == pytest.approx(5.0)  # 400 nodes / 5 s = 80/s: within budget
+    for _ in range(600):
+        register(reg, p, object())
+    assert reg.heartbeat_interval() == pytest.approx(10.0)
+    assert reg.heartbeat_timeout() == pytest.approx(30.0)
+
+
+def test_transition_table_rejects_illegal() -> None:
+    with pytest.raises(IllegalTransition):
+        check_transition("n", S.OFFLINE, S.READY)
+    for src, dsts in TRANSITIONS.items():
+        for dst in NodeStatus:
+            if dst in dsts:
+                check_transition("n", src, dst)
+            else:
+                with pytest.raises(IllegalTransition):
+                    check_transition("n", src, dst)
+
+
+def test_fleet_view_incremental_and_immutable(registry: Registry, clock: ManualClock) -> None:
+    pub = FleetViewPublisher(registry, clock, max_concurrent_jobs=4)
+    p = profile()
+    conns = [object() for _ in range(3)]
+    ids = [register(registry, p, c) for c in conns]
+    assert pub.publish() is not None
+    v1 = pub.view
+    assert set(v1.nodes) == set(ids)
+    clock.advance(0.1)
+    registry.heartbeat(conns[0], heartbeat(ids[0], p))  # status change of one node
+    stats = pub.publish()
+    assert stats is not None and stats.changed == 1 and stats.lag == pytest.approx(0.0)
+    v2 = pub.view
+    assert v2.version == v1.version + 1
+    assert v1.nodes[ids[0]].status is S.REGISTERING  # the old view did not change under its reader
+    assert v2.nodes[ids[0]].status is S.READY
+    assert v2.nodes[ids[1]] is v1.nodes[ids[1]]  # unchanged nodes are shared, not copied
+    # load-only heartbeat: nothing to publish, yet the view's live load is current
+    registry.heartbeat(conns[0], heartbeat(ids[0], p, running=3))
+    assert pub.publish() is None
+    assert pub.view.nodes[ids[0]].load.reported_running == 3
