@@ -47,6 +47,14 @@ def serve(host: str | None, port: int | None, config_file: str | None) -> None:
     run(config)
 
 
+@main.command("config-defaults")
+def config_defaults() -> None:
+    """Print every configuration key with its default, as commented TOML."""
+    from lingua_scheduler.config import render_defaults
+
+    click.echo(render_defaults(), nl=False)
+
+
 @main.command("simulate-nodes")
 @click.option("--count", type=int, default=10, show_default=True)
 @click.option("--url", default="ws://127.0.0.1:5010/ws/node", show_default=True)

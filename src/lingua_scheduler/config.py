@@ -34,12 +34,17 @@ def _positive(name: str, value: float) -> None:
 
 
 class ServerConfig(Section):
+    """Listener, frame limits and logging."""
+
+    #: address to listen on
     host: str = "127.0.0.1"
+    #: port for WebSockets (/ws/node, /ws/session) and HTTP
     port: int = 5010
     #: largest WebSocket frame accepted from nodes and sessions; bigger frames are refused
     max_frame_bytes: int = 1_048_576
     #: per-connection outbound queue bound; a peer that falls this far behind is disconnected
     outbound_queue: int = 1024
+    #: root log level (logs are JSON lines on stderr)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: per-module log levels, e.g. {"lingua_scheduler.server.node_endpoint" = "debug"}
     log_levels: dict[str, str] = {}
@@ -52,6 +57,8 @@ class ServerConfig(Section):
 
 
 class NodeHealthConfig(Section):
+    """Heartbeats, liveness and the node status machine."""
+
     #: heartbeat interval told to nodes while the fleet is small
     heartbeat_interval_seconds: float = 15.0
     #: total heartbeats per second the scheduler wants to absorb; the interval told to nodes grows
@@ -87,6 +94,9 @@ class NodeHealthConfig(Section):
 
 
 class SchedulerConfig(Section):
+    """Capacity and the fleet view."""
+
+    #: jobs a node runs at once; selection excludes a node whose effective load reaches it
     max_concurrent_jobs_per_node: int = 4
     #: cpu/gpu/memory percentage at or above which a node takes no new job
     resource_threshold: float = 85.0
@@ -115,6 +125,8 @@ class TenantOverride(Section):
 
 
 class PoolsConfig(Section):
+    """Pools and two-level selection."""
+
     #: "language_pair" (default), "capability" or "hash"
     mode: Literal["language_pair", "capability", "hash"] = "language_pair"
     #: language-pair pools are split into shards of at most this many nodes
@@ -151,6 +163,8 @@ class PoolsConfig(Section):
 
 
 class SessionConfig(Section):
+    """Client sessions: segmentation and result ordering."""
+
     #: silence longer than this finalizes the current utterance
     pause_ms: int = 800
     #: an utterance is cut when its estimated audio reaches this length
@@ -180,6 +194,8 @@ class SessionConfig(Section):
 
 
 class JobConfig(Section):
+    """Jobs: timeouts, failover, waiting for capacity, retention."""
+
     #: a dispatched job not acknowledged by its node within this time fails over
     ack_timeout_ms: int = 5_000
     #: execution timeout = base + per_audio_second x audio seconds, clamped to [min, max]
@@ -206,6 +222,8 @@ class JobConfig(Section):
 
 
 class Config(Section):
+    """The whole configuration."""
+
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     node_health: NodeHealthConfig = msgspec.field(default_factory=NodeHealthConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
@@ -281,3 +299,54 @@ def load_config(
     except msgspec.ValidationError as exc:
         key, reason = _key_from_error(exc)
         raise ConfigError(key, reason) from None
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """``#:`` comments above each field of a section, read from its source."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        m = re.match(r"(\w+)\s*:", stripped)
+        if m and pending:
+            docs[m.group(1)] = " ".join(pending)
+        pending = []
+    return docs
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render_defaults() -> str:
+    """The full default configuration as commented TOML (``lingua-scheduler config-defaults``)."""
+    config = Config()
+    out = ["# lingua-scheduler configuration: every key with its default.",
+           "# Environment variables LINGUA_<SECTION>__<KEY> override this file.", ""]
+    for section in config.__struct_fields__:
+        value = getattr(config, section)
+        doc = (type(value).__doc__ or "").strip().splitlines()
+        out.append(f"[{section}]" + (f"  # {doc[0]}" if doc else ""))
+        docs = _field_docs(type(value))
+        for key in value.__struct_fields__:
+            if key in docs:
+                out.append(f"# {docs[key]}")
+            v = getattr(value, key)
+            if isinstance(v, list) and v and isinstance(v[0], msgspec.Struct):
+                continue  # tables of tables are documented in docs/configuration.md
+            out.append(f"{key} = {_toml_value(v)}")
+        out.append("")
+    return "\n".join(out)

@@ -36,7 +36,7 @@ class SchedulerState:
         )
         self.metrics = Metrics()
         self.loop_lag = LoopLagMonitor()
-        self.heartbeat_window = LatencyWindow()
+        self.heartbeat_window = LatencyWindow(65536)
         self.metrics.add_live(self._live_metrics)
         #: set by the job dispatcher: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import random
 import time
 from collections import deque
@@ -48,6 +49,7 @@ class SimulatedNode:
         self.rtts: list[float] = []
         self.running_jobs = 0
         self._sent_at: dict[int, float] = {}
+        self._cached: tuple[NodeProfile, NodeProfile, tuple[Any, Any, Any]] | None = None
         self._last_ts = 0
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -109,7 +111,7 @@ class SimulatedNode:
         ts = max(int(time.time() * 1000), self._last_ts + 1)
         self._last_ts = ts
         self._sent_at[ts] = time.perf_counter()
-        p = self.profile
+        services, by_type, languages = self._reported()
         hb = NodeHeartbeat(
             node_id=self.node_id or "",
             timestamp=ts,
@@ -119,12 +121,19 @@ class SimulatedNode:
                 gpu_percent=round(self.rng.uniform(0, 70), 1),
                 running_jobs=self.running_jobs,
             ),
-            installed_services=p.services(),
-            capability_by_type=p.capability_by_type(),
+            installed_services=services,
+            capability_by_type=by_type,
             installed_models=[],
-            language_capabilities=p.languages(),
+            language_capabilities=languages,
         )
         return msgspec.structs.replace(hb, **changes) if changes else hb
+
+    def _reported(self) -> tuple[Any, Any, Any]:
+        """The capability part of a heartbeat, built once per profile (it rarely changes)."""
+        p = self.profile
+        if self._cached is None or self._cached[0] is not p or self._cached[1] != p:
+            self._cached = (p, copy.copy(p), (p.services(), p.capability_by_type(), p.languages()))
+        return self._cached[2]
 
     async def heartbeat(self, **changes: Any) -> None:
         await self.send(self.heartbeat_message(**changes))
