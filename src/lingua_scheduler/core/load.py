@@ -4,9 +4,12 @@ Load is not capability: it never enters the published fleet view's versioning, s
 load changed costs no publication. Selection reads this cell directly (single event loop, synchronous
 code, so it never observes a half-written update).
 
-Effective load = max(reported running jobs + jobs dispatched since that report arrived, jobs this
-scheduler has in flight on the node). A heartbeat therefore never erases the scheduler's own recent
-assignments (ARCHITECTURE.md section 2.5): it only resets the "dispatched since report" count.
+Effective load = max(reported running jobs + jobs dispatched since that report arrived and still
+running, jobs this scheduler has in flight on the node). A heartbeat therefore never erases the
+scheduler's own recent assignments (ARCHITECTURE.md section 2.5): it only resets the "dispatched since
+report" count. Each dispatch is tagged with the report epoch it happened in; when the job ends, it is
+taken off the count it was added to (dispatched since the current report) or, if a report came in
+between, off the reported figure, which included it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ class NodeLoad:
     __slots__ = (
         "cpu",
         "dispatched_since_report",
+        "epoch",
         "gpu",
         "gpu_mem",
         "inflight",
@@ -33,6 +37,8 @@ class NodeLoad:
         self.reported_at = 0.0
         self.dispatched_since_report = 0
         self.inflight = 0
+        #: bumped by every report; dispatch tokens name the epoch they were counted in
+        self.epoch = 0
 
     def report(
         self, cpu: float, gpu: float | None, gpu_mem: float | None, mem: float, running: int, now: float
@@ -44,14 +50,22 @@ class NodeLoad:
         self.reported_running = running
         self.reported_at = now
         self.dispatched_since_report = 0
+        self.epoch += 1
 
-    def dispatched(self) -> None:
+    def dispatched(self) -> int:
+        """Count one job placed here; returns the token to hand back to ``finished``."""
         self.dispatched_since_report += 1
         self.inflight += 1
+        return self.epoch
 
-    def finished(self) -> None:
+    def finished(self, token: int | None = None) -> None:
+        """One job placed here ended (``token`` from ``dispatched``; None: epoch unknown)."""
         if self.inflight > 0:
             self.inflight -= 1
+        if token == self.epoch and self.dispatched_since_report > 0:
+            self.dispatched_since_report -= 1
+        elif self.reported_running > 0:
+            self.reported_running -= 1
 
     @property
     def effective(self) -> int:
