@@ -1,0 +1,307 @@
+"""Audio segmentation: one state machine per session that cuts a stream of chunks into utterances.
+
+Owns: the session's open utterance buffer, the utterance index counter, the pause deadline and the cut
+rules. Everything that decides where an utterance ends lives in this file:
+
+- ``is_final`` on a chunk cuts after that chunk (manual cut);
+- silence of ``pause_ms`` since the last audio cuts (``tick()`` at ``next_deadline()``). When the shell
+  is late and the next chunk arrives after the deadline, the *previous* audio is cut first and the new
+  chunk starts the next utterance: a chunk after a pause is never cut off on its own, never lost;
+- the utterance reaches its size limit: ``max_duration_ms`` of estimated audio or
+  ``max_utterance_bytes``, whichever is fewer bytes (reason says which). A chunk that would overflow the
+  buffer cuts the audio before it; a single chunk larger than the limit is split at the limit;
+- ``close()`` finalizes whatever is buffered.
+
+Indices are given when an utterance is finalized: contiguous from ``start_index``; an empty buffer never
+produces an utterance nor consumes an index. Whole utterances (the ``utterance`` message) take the
+next index too. The buffer never holds more than ``limit_bytes`` (which is also capped by
+``max_session_buffer_bytes``), so the per-session bound on buffered audio is a cut, never a drop.
+
+Must never: sleep, start timers, do I/O, create or dispatch jobs, or log audio. It returns finalized
+``Utterance`` objects; the shell turns them into jobs. A silent session stays open indefinitely: there
+is no idle self-termination here. Time comes from the injected ``Clock`` (or an explicit ``now``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import SessionConfig
+from lingua_scheduler.core.audio import AudioSpec, bytes_for_ms, duration_ms, frame_bytes
+from lingua_scheduler.errors import ErrorCode, ProtocolError, SchedulerError, SessionError
+
+
+class SegState(StrEnum):
+    IDLE = "idle"  # nothing buffered
+    COLLECTING = "collecting"  # audio buffered for the next utterance; a pause deadline is armed
+    CLOSED = "closed"  # terminal: close() flushed the buffer
+
+
+#: from-state -> states it may move to (finalizing is instantaneous: COLLECTING -> IDLE)
+TRANSITIONS: dict[SegState, frozenset[SegState]] = {
+    SegState.IDLE: frozenset({SegState.COLLECTING, SegState.CLOSED}),
+    SegState.COLLECTING: frozenset({SegState.IDLE, SegState.CLOSED}),
+    SegState.CLOSED: frozenset(),
+}
+
+
+class CutReason(StrEnum):
+    MANUAL_CUT = "manual_cut"
+    PAUSE = "pause"
+    MAX_DURATION = "max_duration"
+    MAX_BYTES = "max_bytes"
+    CLOSE = "close"
+    #: a whole utterance sent by the client in one ``utterance`` message
+    COMPLETE = "complete"
+
+    # The three job_assign trigger flags, derived in one place.
+    @property
+    def is_manual_cut(self) -> bool:
+        return self is CutReason.MANUAL_CUT
+
+    @property
+    def is_pause_triggered(self) -> bool:
+        return self is CutReason.PAUSE
+
+    @property
+    def is_timeout_triggered(self) -> bool:
+        return self is CutReason.MAX_DURATION
+
+
+class IllegalSegmentTransition(SchedulerError):
+    """A bug in this module, never a peer's fault: a transition not in ``TRANSITIONS``."""
+
+    def __init__(self, src: SegState, dst: SegState) -> None:
+        super().__init__(f"illegal segmentation transition {src} -> {dst}", code=ErrorCode.INTERNAL_ERROR)
+        self.src = src
+        self.dst = dst
+
+
+def check_transition(src: SegState, dst: SegState) -> None:
+    if dst not in TRANSITIONS[src]:
+        raise IllegalSegmentTransition(src, dst)
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    """A finalized utterance. ``audio`` is left out of the repr so it cannot end up in a log line."""
+
+    index: int
+    audio: bytes = field(repr=False)
+    reason: CutReason
+    audio_format: str
+    sample_rate: int
+    duration_ms: int
+    #: monotonic time of the first audio of this utterance
+    started_at: float
+    #: monotonic time it was finalized
+    finalized_at: float
+    #: wall-clock time it was finalized (for peers and operators)
+    created_wall_ms: int
+    #: client timestamp of this utterance's first chunk (reset per utterance, unlike the reference)
+    first_client_ts_ms: int | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.audio)
+
+
+class Segmenter:
+    """Per-session segmentation. Feed ``chunk``/``utterance``/``tick``/``close``; each returns the
+    utterances finalized by that call, in index order. Call ``tick()`` at ``next_deadline()``."""
+
+    def __init__(
+        self, config: SessionConfig, clock: Clock, audio: AudioSpec, *, start_index: int = 0
+    ) -> None:
+        self._clock = clock
+        self._spec = audio
+        self._pause = config.pause_ms / 1000.0
+        fmt, rate = audio.audio_format, audio.sample_rate
+        frame = frame_bytes(fmt)
+        by_size = min(config.max_utterance_bytes, config.max_session_buffer_bytes)
+        by_size -= by_size % frame
+        by_duration = bytes_for_ms(config.max_duration_ms, fmt, rate)
+        if by_duration <= by_size:
+            limit, self._limit_reason = by_duration, CutReason.MAX_DURATION
+        else:
+            limit, self._limit_reason = by_size, CutReason.MAX_BYTES
+        self._limit = max(limit, frame)
+        self._max_complete = min(config.max_utterance_bytes, config.max_session_buffer_bytes)
+        self._state = SegState.IDLE
+        self._next_index = start_index
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._started_at = 0.0
+        self._last_audio_at = 0.0
+        self._client_ts: int | None = None
+        #: is_final (or an empty utterance) that found nothing to finalize; the index did not move
+        self.empty_cuts = 0
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SegState:
+        return self._state
+
+    @property
+    def next_index(self) -> int:
+        return self._next_index
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._size
+
+    @property
+    def limit_bytes(self) -> int:
+        return self._limit
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time at which ``tick()`` will cut the open utterance for silence; None if idle."""
+        if self._state is not SegState.COLLECTING:
+            return None
+        return self._last_audio_at + self._pause
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def chunk(
+        self, data: bytes, is_final: bool, now: float | None = None, *, client_ts_ms: int | None = None
+    ) -> list[Utterance]:
+        """One ``audio_chunk`` (decoded). An empty non-final chunk changes nothing, not even the pause
+        deadline: it carries no audio. Raises ``SessionError(SESSION_CLOSED)`` after ``close()``."""
+        now = self._now(now)
+        self._require_open()
+        out: list[Utterance] = []
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            out.append(self._cut(CutReason.PAUSE, now))
+        if data:
+            if self._size and self._size + len(data) > self._limit:
+                out.append(self._cut(self._limit_reason, now))
+            while len(data) > self._limit:
+                self._append(data[: self._limit], now, client_ts_ms)
+                out.append(self._cut(self._limit_reason, now))
+                data = data[self._limit :]
+            self._append(data, now, client_ts_ms)
+        if is_final:
+            if self._size:
+                out.append(self._cut(CutReason.MANUAL_CUT, now))
+            else:
+                self.empty_cuts += 1
+        elif self._size >= self._limit:
+            out.append(self._cut(self._limit_reason, now))
+        return out
+
+    def utterance(
+        self,
+        audio: bytes,
+        audio_format: str,
+        sample_rate: int,
+        now: float | None = None,
+        *,
+        client_ts_ms: int | None = None,
+    ) -> list[Utterance]:
+        """A whole utterance (the ``utterance`` message): it takes the next index; the open streaming
+        buffer, if any, is untouched and gets its index when it is cut. Empty audio gives nothing.
+        Audio over ``max_utterance_bytes`` is refused (``MESSAGE_TOO_LARGE``), not split."""
+        now = self._now(now)
+        self._require_open()
+        if not audio:
+            self.empty_cuts += 1
+            return []
+        if len(audio) > self._max_complete:
+            raise ProtocolError(
+                f"utterance audio of {len(audio)} bytes exceeds the limit of {self._max_complete} bytes",
+                code=ErrorCode.MESSAGE_TOO_LARGE,
+            )
+        return [self._emit(audio, CutReason.COMPLETE, audio_format, sample_rate, now, now, client_ts_ms)]
+
+    def tick(self, now: float | None = None) -> list[Utterance]:
+        """Timer check: cuts the open utterance once ``next_deadline()`` has passed. Safe to call any
+        time, also after ``close()``."""
+        now = self._now(now)
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            return [self._cut(CutReason.PAUSE, now)]
+        return []
+
+    def close(self, now: float | None = None) -> list[Utterance]:
+        """Finalize what is buffered (reason ``close``) and refuse further audio. Idempotent."""
+        if self._state is SegState.CLOSED:
+            return []
+        now = self._now(now)
+        out = [self._cut(CutReason.CLOSE, now)] if self._size else []
+        self._move(SegState.CLOSED)
+        return out
+
+    def validate(self) -> None:
+        """Raise ``AssertionError`` if an invariant does not hold (tests call it after each step)."""
+        problems: list[str] = []
+        if self._size != sum(len(p) for p in self._parts):
+            problems.append("buffered size differs from the sum of parts")
+        if (self._state is SegState.COLLECTING) != (self._size > 0):
+            problems.append(f"state {self._state} with {self._size} bytes buffered")
+        if self._size > self._limit:
+            problems.append(f"{self._size} bytes buffered over the limit {self._limit}")
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _now(self, now: float | None) -> float:
+        return self._clock.monotonic() if now is None else now
+
+    def _require_open(self) -> None:
+        if self._state is SegState.CLOSED:
+            raise SessionError(
+                "the session is closed; no more audio is accepted", code=ErrorCode.SESSION_CLOSED
+            )
+
+    def _move(self, dst: SegState) -> None:
+        check_transition(self._state, dst)
+        self._state = dst
+
+    def _append(self, data: bytes, now: float, client_ts_ms: int | None) -> None:
+        if self._state is SegState.IDLE:
+            self._move(SegState.COLLECTING)
+            self._started_at = now
+            self._client_ts = client_ts_ms
+        self._parts.append(data)
+        self._size += len(data)
+        self._last_audio_at = now
+
+    def _cut(self, reason: CutReason, now: float) -> Utterance:
+        audio = b"".join(self._parts)
+        started_at, client_ts = self._started_at, self._client_ts
+        self._parts.clear()
+        self._size = 0
+        self._client_ts = None
+        self._move(SegState.IDLE)
+        spec = self._spec
+        return self._emit(audio, reason, spec.audio_format, spec.sample_rate, started_at, now, client_ts)
+
+    def _emit(
+        self,
+        audio: bytes,
+        reason: CutReason,
+        audio_format: str,
+        sample_rate: int,
+        started_at: float,
+        now: float,
+        client_ts: int | None,
+    ) -> Utterance:
+        utt = Utterance(
+            index=self._next_index,
+            audio=audio,
+            reason=reason,
+            audio_format=audio_format,
+            sample_rate=sample_rate,
+            duration_ms=duration_ms(len(audio), audio_format, sample_rate),
+            started_at=started_at,
+            finalized_at=now,
+            created_wall_ms=self._clock.wall_ms(),
+            first_client_ts_ms=client_ts,
+        )
+        self._next_index += 1
+        return utt

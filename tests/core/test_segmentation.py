@@ -1,0 +1,317 @@
+"""Segmentation state machine and audio estimates: fed by hand with a ManualClock, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lingua_scheduler.clock import ManualClock
+from lingua_scheduler.config import SessionConfig
+from lingua_scheduler.core.audio import (
+    AudioFormat,
+    AudioSpec,
+    bytes_for_ms,
+    duration_ms,
+    negotiate,
+)
+from lingua_scheduler.core.segmentation import (
+    TRANSITIONS,
+    CutReason,
+    IllegalSegmentTransition,
+    Segmenter,
+    SegState,
+    Utterance,
+    check_transition,
+)
+from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError, SessionError
+
+PCM16 = AudioSpec(AudioFormat.PCM16, 16000)
+OPUS = AudioSpec(AudioFormat.OPUS, 16000)
+
+
+def make(
+    clock: ManualClock | None = None, spec: AudioSpec = PCM16, **overrides: int
+) -> tuple[Segmenter, ManualClock]:
+    clock = clock or ManualClock()
+    cfg = SessionConfig(**{"pause_ms": 800, **overrides})
+    return Segmenter(cfg, clock, spec), clock
+
+
+def audio(n: int, fill: int = 1) -> bytes:
+    return bytes([fill % 256]) * n
+
+
+# --- audio estimates --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "ms"), [(32000, 1000), (16000, 500), (12800, 400), (0, 0)])
+def test_pcm16_duration(n: int, ms: int) -> None:
+    assert duration_ms(n, "pcm16", 16000) == ms
+
+
+def test_opus_duration_estimate_is_about_one_second_for_3000_bytes() -> None:
+    assert 800 <= duration_ms(3000, "opus", 16000) <= 1200
+
+
+def test_bytes_for_ms_inverts_duration() -> None:
+    assert bytes_for_ms(20_000, "pcm16", 16000) == 640_000
+    assert duration_ms(bytes_for_ms(1234, "pcm16", 16000), "pcm16", 16000) == 1234
+    assert bytes_for_ms(3, "pcm16", 16000) % 2 == 0  # whole samples only
+
+
+def test_negotiation_grants_supported_and_falls_back() -> None:
+    cfg = SessionConfig()
+    assert negotiate("opus", 48000, cfg) == AudioSpec(AudioFormat.OPUS, 48000)
+    assert negotiate(None, None, cfg) == AudioSpec(AudioFormat.PCM16, 16000)
+    assert negotiate("mp3", 44100, cfg) == AudioSpec(AudioFormat.PCM16, 44100)
+    assert negotiate("opus", 44100, cfg) == AudioSpec(AudioFormat.OPUS, 16000)  # opus has no 44.1k
+    with pytest.raises(ConfigError):
+        negotiate(None, None, SessionConfig(default_audio_format="mp3"))
+
+
+# --- the state table ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src", list(SegState))
+@pytest.mark.parametrize("dst", list(SegState))
+def test_transition_table(src: SegState, dst: SegState) -> None:
+    if dst in TRANSITIONS[src]:
+        check_transition(src, dst)
+    else:
+        with pytest.raises(IllegalSegmentTransition):
+            check_transition(src, dst)
+
+
+# --- cut rules ------------------------------------------------------------------------------------
+
+
+def test_is_final_cuts_and_includes_the_chunk() -> None:
+    seg, _ = make()
+    assert seg.chunk(audio(100, 1), False) == []
+    assert seg.state is SegState.COLLECTING
+    [utt] = seg.chunk(audio(50, 2), True)
+    assert (utt.index, utt.reason, utt.audio) == (0, CutReason.MANUAL_CUT, audio(100, 1) + audio(50, 2))
+    assert utt.reason.is_manual_cut and not utt.reason.is_pause_triggered
+    assert seg.state is SegState.IDLE and seg.next_index == 1 and seg.next_deadline() is None
+    seg.validate()
+
+
+def test_empty_finalize_does_not_advance_the_index() -> None:
+    seg, _ = make()
+    assert seg.chunk(b"", True) == []
+    assert seg.next_index == 0 and seg.empty_cuts == 1
+    [utt] = seg.chunk(audio(10), True)
+    assert utt.index == 0
+    assert seg.chunk(b"", True) == []
+    assert seg.next_index == 1
+
+
+def test_pause_is_detected_by_tick() -> None:
+    seg, clock = make()
+    seg.chunk(audio(100), False)
+    deadline = seg.next_deadline()
+    assert deadline == pytest.approx(clock.monotonic() + 0.8)
+    clock.advance(0.5)
+    assert seg.tick() == []
+    clock.advance(0.3)
+    [utt] = seg.tick()
+    assert utt.reason is CutReason.PAUSE and utt.reason.is_pause_triggered
+    assert seg.tick() == [] and seg.next_deadline() is None
+
+
+def test_each_chunk_pushes_the_pause_deadline_but_an_empty_one_does_not() -> None:
+    seg, clock = make()
+    seg.chunk(audio(10), False)
+    clock.advance(0.6)
+    seg.chunk(audio(10), False)
+    clock.advance(0.6)
+    assert seg.tick() == []  # 1.2 s since the first chunk, 0.6 s since the last
+    seg.chunk(b"", False)
+    clock.advance(0.2)
+    [utt] = seg.tick()
+    assert utt.size == 20
+
+
+def test_late_chunk_after_a_pause_starts_the_next_utterance() -> None:
+    seg, clock = make()
+    seg.chunk(audio(100, 1), False)
+    clock.advance(2.0)  # the shell's timer was late: no tick happened
+    [first] = seg.chunk(audio(30, 2), False)
+    assert (first.index, first.reason, first.audio) == (0, CutReason.PAUSE, audio(100, 1))
+    assert seg.buffered_bytes == 30  # the late chunk is not cut off on its own
+    [second] = seg.chunk(audio(20, 3), True)
+    assert (second.index, second.audio) == (1, audio(30, 2) + audio(20, 3))
+
+
+def test_late_final_chunk_after_a_pause_gives_two_utterances() -> None:
+    seg, clock = make()
+    seg.chunk(audio(100, 1), False)
+    clock.advance(1.0)
+    first, second = seg.chunk(audio(30, 2), True)
+    assert (first.reason, second.reason) == (CutReason.PAUSE, CutReason.MANUAL_CUT)
+    assert second.audio == audio(30, 2)
+
+
+def test_max_duration_cuts_when_reached() -> None:
+    seg, _ = make(max_duration_ms=1000)  # pcm16 16 kHz: 32000 bytes
+    assert seg.limit_bytes == 32000
+    assert seg.chunk(audio(16000), False) == []
+    [utt] = seg.chunk(audio(16000), False)
+    assert utt.reason is CutReason.MAX_DURATION and utt.duration_ms == 1000
+    assert utt.reason.is_timeout_triggered
+    assert seg.buffered_bytes == 0
+
+
+def test_max_duration_with_opus_estimate() -> None:
+    seg, _ = make(spec=OPUS, max_duration_ms=2000)
+    assert seg.limit_bytes == 6000
+    assert seg.chunk(audio(4000), False) == []
+    [utt] = seg.chunk(audio(4000), False)  # would overflow: the earlier audio is cut first
+    assert utt.size == 4000 and utt.reason is CutReason.MAX_DURATION
+    assert seg.buffered_bytes == 4000
+
+
+def test_max_bytes_cuts_before_overflowing() -> None:
+    seg, _ = make(max_utterance_bytes=1000)
+    seg.chunk(audio(600, 1), False)
+    [utt] = seg.chunk(audio(600, 2), False)
+    assert (utt.reason, utt.audio) == (CutReason.MAX_BYTES, audio(600, 1))
+    assert seg.buffered_bytes == 600
+
+
+def test_a_chunk_larger_than_the_limit_is_split_not_lost() -> None:
+    seg, _ = make(max_utterance_bytes=1000)
+    data = bytes(range(256)) * 10  # 2560 bytes
+    out = seg.chunk(data, False)
+    assert [u.size for u in out] == [1000, 1000]
+    assert seg.buffered_bytes == 560
+    out += seg.close()
+    assert b"".join(u.audio for u in out) == data
+    assert [u.index for u in out] == [0, 1, 2]
+    assert out[-1].reason is CutReason.CLOSE
+
+
+def test_session_buffer_bound_caps_the_utterance() -> None:
+    seg, _ = make(max_utterance_bytes=5000, max_session_buffer_bytes=2001)
+    assert seg.limit_bytes == 2000  # whole pcm16 samples
+
+
+def test_close_flushes_and_refuses_more_audio() -> None:
+    seg, _ = make()
+    seg.chunk(audio(10), False)
+    [utt] = seg.close()
+    assert utt.reason is CutReason.CLOSE and utt.index == 0
+    assert seg.state is SegState.CLOSED
+    assert seg.close() == [] and seg.tick() == []
+    with pytest.raises(SessionError) as exc:
+        seg.chunk(audio(10), False)
+    assert exc.value.code is ErrorCode.SESSION_CLOSED
+
+
+def test_close_with_nothing_buffered_yields_nothing() -> None:
+    seg, _ = make()
+    assert seg.close() == []
+    assert seg.next_index == 0
+
+
+def test_a_silent_session_stays_open() -> None:
+    seg, clock = make()
+    clock.advance(3600)
+    assert seg.tick() == []
+    assert seg.state is SegState.IDLE
+    [utt] = seg.chunk(audio(10), True)
+    assert utt.index == 0
+
+
+def test_complete_utterances_take_the_next_index() -> None:
+    seg, _ = make(max_utterance_bytes=1000)
+    seg.chunk(audio(10, 1), False)
+    [whole] = seg.utterance(audio(500, 2), "opus", 48000)
+    assert (whole.index, whole.reason, whole.audio_format, whole.sample_rate) == (
+        0,
+        CutReason.COMPLETE,
+        "opus",
+        48000,
+    )
+    assert seg.buffered_bytes == 10  # the stream in progress is untouched
+    [streamed] = seg.chunk(b"", True)
+    assert streamed.index == 1 and streamed.audio == audio(10, 1)
+    assert seg.utterance(b"", "pcm16", 16000) == []
+    assert seg.next_index == 2
+    with pytest.raises(ProtocolError) as exc:
+        seg.utterance(audio(1001), "pcm16", 16000)
+    assert exc.value.code is ErrorCode.MESSAGE_TOO_LARGE
+
+
+def test_client_timestamp_is_per_utterance() -> None:
+    seg, _ = make()
+    seg.chunk(audio(10), False, client_ts_ms=100)
+    [a] = seg.chunk(audio(10), True, client_ts_ms=200)
+    [b] = seg.chunk(audio(10), True, client_ts_ms=300)
+    assert (a.first_client_ts_ms, b.first_client_ts_ms) == (100, 300)
+
+
+def test_utterance_times_and_repr_without_audio() -> None:
+    clock = ManualClock(start=50.0)
+    seg, _ = make(clock)
+    seg.chunk(b"\xab" * 64, False)
+    clock.advance(0.25)
+    [utt] = seg.chunk(b"\xab" * 64, True)
+    assert (utt.started_at, utt.finalized_at) == (50.0, 50.25)
+    assert utt.created_wall_ms == clock.wall_ms()
+    assert "audio=" not in repr(utt) and "\\xab" not in repr(utt)
+
+
+def test_explicit_now_overrides_the_clock() -> None:
+    seg, clock = make()
+    t0 = clock.monotonic()
+    seg.chunk(audio(10), False, t0)
+    assert seg.tick(t0 + 0.79) == []
+    assert len(seg.tick(t0 + 0.8)) == 1
+
+
+# --- property: every byte in exactly one utterance, in order ---------------------------------------
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("chunk"), st.integers(0, 2500), st.booleans(), st.floats(0, 1.5)),
+        st.tuples(st.just("tick"), st.just(0), st.just(False), st.floats(0, 1.5)),
+        st.tuples(st.just("whole"), st.integers(0, 1200), st.just(False), st.floats(0, 0.5)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops, fmt=st.sampled_from([PCM16, OPUS]), max_bytes=st.integers(1, 3000))
+def test_every_byte_lands_in_exactly_one_utterance(
+    ops: list[tuple[str, int, bool, float]], fmt: AudioSpec, max_bytes: int
+) -> None:
+    seg, clock = make(spec=fmt, max_utterance_bytes=max_bytes, max_duration_ms=700)
+    streamed: list[bytes] = []
+    wholes: list[bytes] = []
+    out: list[Utterance] = []
+    for i, (op, n, final, dt) in enumerate(ops):
+        clock.advance(dt)
+        if op == "chunk":
+            data = audio(n, i)
+            streamed.append(data)
+            out += seg.chunk(data, final)
+        elif op == "tick":
+            out += seg.tick()
+        elif n <= max_bytes:
+            data = audio(n, 1000 + i)
+            if n:
+                wholes.append(data)
+            out += seg.utterance(data, "pcm16", 16000)
+        seg.validate()
+        deadline = seg.next_deadline()
+        assert (deadline is None) == (seg.state is SegState.IDLE)
+    out += seg.close()
+    assert [u.index for u in out] == list(range(len(out)))
+    assert all(u.size > 0 for u in out)
+    assert all(u.size <= seg.limit_bytes for u in out if u.reason is not CutReason.COMPLETE)
+    assert b"".join(u.audio for u in out if u.reason is not CutReason.COMPLETE) == b"".join(streamed)
+    assert [u.audio for u in out if u.reason is CutReason.COMPLETE] == wholes
+    assert seg.state is SegState.CLOSED and seg.buffered_bytes == 0
