@@ -28,8 +28,12 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def percentiles(samples: Sequence[float], scale: float = 1.0) -> dict[str, float | None]:
@@ -40,8 +44,13 @@ def percentiles(samples: Sequence[float], scale: float = 1.0) -> dict[str, float
     def q(p: float) -> float:
         return round(data[min(len(data) - 1, int(p * len(data)))] * scale, 3)
 
-    return {"p50": q(0.50), "p99": q(0.99), "p999": q(0.999), "max": round(data[-1] * scale, 3),
-            "count": len(data)}
+    return {
+        "p50": q(0.50),
+        "p99": q(0.99),
+        "p999": q(0.999),
+        "max": round(data[-1] * scale, 3),
+        "count": len(data),
+    }
 
 
 def get_json(url: str) -> Any:
@@ -60,8 +69,12 @@ def scheduler_process(env: dict[str, str] | None = None) -> Iterator[tuple[int, 
     """Run ``lingua-scheduler serve`` in a separate process on a free port until the block ends."""
     port = free_port()
     full_env = dict(os.environ, LINGUA_SERVER__LOG_LEVEL='"warning"', **(env or {}))
-    proc = subprocess.Popen([sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(port)],
-                            env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(port)],
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 20
         while True:

@@ -24,18 +24,19 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, get_json, machine, percentiles, scheduler_process  # noqa: E402
-
-from lingua_scheduler.sim.nodes import SimulatedNode  # noqa: E402
-from lingua_scheduler.sim.profiles import random_profile  # noqa: E402
+from _common import cpu_seconds, get_json, machine, percentiles, scheduler_process
+from lingua_scheduler.sim.nodes import SimulatedNode
+from lingua_scheduler.sim.profiles import random_profile
 
 
 async def drive(port: int, count: int, warmup: float, seconds: float, seed: int = 1) -> dict[str, object]:
     url = f"ws://127.0.0.1:{port}/ws/node"
     rng = random.Random(seed)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        nodes = [SimulatedNode(http, url, random_profile(rng), interval=1.0, seed=seed * 1_000_003 + i)
-                 for i in range(count)]
+        nodes = [
+            SimulatedNode(http, url, random_profile(rng), interval=1.0, seed=seed * 1_000_003 + i)
+            for i in range(count)
+        ]
         gate = asyncio.Semaphore(50)
 
         async def start(n: SimulatedNode) -> None:
@@ -55,8 +56,14 @@ async def drive(port: int, count: int, warmup: float, seconds: float, seed: int 
     return {"registered_in_s": round(registered_in, 2), "rtts": rtts}
 
 
-def _worker(port: int, count: int, warmup: float, seconds: float, seed: int,
-            out: multiprocessing.queues.Queue[list[float]]) -> None:
+def _worker(
+    port: int,
+    count: int,
+    warmup: float,
+    seconds: float,
+    seed: int,
+    out: multiprocessing.queues.Queue[list[float]],
+) -> None:
     _use_uvloop()
     result = asyncio.run(drive(port, count, warmup, seconds, seed))
     rtts = result["rtts"]
@@ -80,14 +87,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--procs", type=int, default=2, help="load-generator processes")
     args = ap.parse_args()
-    env = {"LINGUA_NODE_HEALTH__HEARTBEAT_INTERVAL_SECONDS": "1",
-           "LINGUA_NODE_HEALTH__HEARTBEAT_BUDGET_PER_SECOND": "100000"}
+    env = {
+        "LINGUA_NODE_HEALTH__HEARTBEAT_INTERVAL_SECONDS": "1",
+        "LINGUA_NODE_HEALTH__HEARTBEAT_BUDGET_PER_SECOND": "100000",
+    }
     with scheduler_process(env) as (port, proc):
         cpu0, wall0 = cpu_seconds(proc.pid), time.perf_counter()
         queue: multiprocessing.queues.Queue[list[float]] = multiprocessing.Queue()
         share = args.nodes // args.procs
-        workers = [multiprocessing.Process(target=_worker, args=(port, share, args.warmup, args.seconds, i + 1,
-                                                                 queue)) for i in range(args.procs)]
+        workers = [
+            multiprocessing.Process(
+                target=_worker, args=(port, share, args.warmup, args.seconds, i + 1, queue)
+            )
+            for i in range(args.procs)
+        ]
         for w in workers:
             w.start()
         rtts = [r for _ in workers for r in queue.get()]

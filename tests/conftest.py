@@ -24,6 +24,7 @@ from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.sim.nodes import SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
+from lingua_scheduler.sim.sessions import SimulatedSession
 
 MS = 0.001 * float(os.environ.get("LINGUA_TEST_TIME_FACTOR", "1"))
 
@@ -91,6 +92,21 @@ async def scheduler_factory() -> AsyncIterator[Callable[..., Any]]:
 async def scheduler(scheduler_factory: Callable[..., Any]) -> RunningScheduler:
     rs: RunningScheduler = await scheduler_factory(scheduler={"fleet_view_interval_ms": 10})
     return rs
+
+
+@pytest_asyncio.fixture
+async def session_factory(scheduler: RunningScheduler) -> AsyncIterator[Callable[..., Any]]:
+    sessions: list[SimulatedSession] = []
+    http = aiohttp.ClientSession()
+
+    def make(url: str | None = None, **kw: Any) -> SimulatedSession:
+        s = SimulatedSession(http, url or scheduler.session_url, **kw)
+        sessions.append(s)
+        return s
+
+    yield make
+    await asyncio.gather(*(s.disconnect() for s in sessions), return_exceptions=True)
+    await http.close()
 
 
 @pytest_asyncio.fixture

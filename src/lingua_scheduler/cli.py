@@ -71,3 +71,18 @@ def simulate_nodes(count: int, url: str, duration: float | None, interval: float
     from lingua_scheduler.sim.nodes import run_fleet
 
     asyncio.run(run_fleet(url, count, duration=duration, interval=interval, seed=seed, report=click.echo))
+
+
+@main.command("simulate-sessions")
+@click.option("--count", type=int, default=5, show_default=True)
+@click.option("--utterances", type=int, default=5, show_default=True)
+@click.option("--url", default="ws://127.0.0.1:5010/ws/session", show_default=True)
+@click.option("--src-lang", default="en", show_default=True)
+@click.option("--tgt-lang", default="zh", show_default=True)
+def simulate_sessions(count: int, utterances: int, url: str, src_lang: str, tgt_lang: str) -> None:
+    """Stream synthetic audio from COUNT sessions and check every utterance gets an answer."""
+    from lingua_scheduler.sim.sessions import run_sessions
+
+    summary = asyncio.run(run_sessions(url, count, utterances, src_lang=src_lang, tgt_lang=tgt_lang))
+    click.echo(summary)
+    sys.exit(0 if summary["unanswered"] == 0 and summary["duplicates"] == 0 else 1)

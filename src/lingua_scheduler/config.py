@@ -334,8 +334,11 @@ def _toml_value(value: Any) -> str:
 def render_defaults() -> str:
     """The full default configuration as commented TOML (``lingua-scheduler config-defaults``)."""
     config = Config()
-    out = ["# lingua-scheduler configuration: every key with its default.",
-           "# Environment variables LINGUA_<SECTION>__<KEY> override this file.", ""]
+    out = [
+        "# lingua-scheduler configuration: every key with its default.",
+        "# Environment variables LINGUA_<SECTION>__<KEY> override this file.",
+        "",
+    ]
     for section in config.__struct_fields__:
         value = getattr(config, section)
         doc = (type(value).__doc__ or "").strip().splitlines()

@@ -12,7 +12,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "lingua-scheduler.example.toml"
 def test_example_file_is_current() -> None:
     assert EXAMPLE.read_text() == render_defaults(), (
         "lingua-scheduler.example.toml is stale: run `lingua-scheduler config-defaults > "
-        "lingua-scheduler.example.toml`")
+        "lingua-scheduler.example.toml`"
+    )
 
 
 def test_example_loads_to_defaults() -> None:

@@ -13,6 +13,7 @@ from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
 from lingua_scheduler.server import http_api, tasks
 from lingua_scheduler.server.node_endpoint import node_ws
+from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     state = SchedulerState(config, clock)
     app[STATE] = state
     app.router.add_get("/ws/node", node_ws)
+    app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
     app.cleanup_ctx.append(_background)
     return app
@@ -34,6 +36,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(state.loop_lag.run(), name="loop-lag"),
         asyncio.create_task(tasks.reconciler(state), name="reconciler"),
         asyncio.create_task(tasks.liveness_scan(state), name="liveness-scan"),
+        asyncio.create_task(state.dispatcher.run(), name="job-deadlines"),
     ]
     yield
     for t in running:

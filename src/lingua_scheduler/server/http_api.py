@@ -1,15 +1,72 @@
-"""HTTP routes: health, Prometheus metrics and the read API (JSON)."""
+"""HTTP routes: health, Prometheus metrics and the read API (JSON).
+
+Every error is JSON ``{"code": ..., "message": ...}`` with a 4xx status. Handlers read the published
+fleet view or the core's counters; none of them blocks on anything.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
+from lingua_scheduler.core.selection import SelectionRequest
+from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceType
 from lingua_scheduler.server.state import STATE, SchedulerState
+
+MAX_PAGE = 500
 
 
 def _state(request: web.Request) -> SchedulerState:
-    state: SchedulerState = request.app[STATE]
-    return state
+    return request.app[STATE]
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name!r} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"query parameter {name!r} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _list_param(request: web.Request, name: str) -> list[str]:
+    return [v.strip() for raw in request.query.getall(name, []) for v in raw.split(",") if v.strip()]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except BadRequest as exc:
+        return error(400, "INVALID_REQUEST", exc.message)
+    except web.HTTPNotFound:
+        if request.path.startswith("/api/"):
+            return error(404, "NOT_FOUND", f"no route {request.path}")
+        raise
+    except web.HTTPMethodNotAllowed as exc:
+        return error(
+            405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here ({exc.allowed_methods})"
+        )
+
+
+# --- health and metrics ----------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
@@ -28,11 +85,20 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "nodes": state.health()["nodes"],
-            "latency": {"heartbeat_handle_seconds": state.heartbeat_window.percentiles(50, 99, 99.9)},
+            "sessions": len(state.sessions),
+            "jobs": {"inflight": state.dispatcher.store.inflight, "waiting": state.dispatcher.store.waiting},
+            "latency": {
+                "heartbeat_handle_seconds": state.heartbeat_window.percentiles(50, 99, 99.9),
+                "job_dispatch_seconds": state.dispatch_window.percentiles(50, 99, 99.9),
+            },
             "heartbeats_total": state.heartbeat_window.count,
+            "jobs_dispatched_total": state.dispatch_window.count,
             "event_loop_lag_seconds": state.loop_lag.recent_max,
         }
     )
+
+
+# --- nodes -------------------------------------------------------------------------------------------
 
 
 def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
@@ -77,12 +143,176 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
 async def node_detail(request: web.Request) -> web.Response:
     body = node_json(_state(request), request.match_info["node_id"])
     if body is None:
-        return web.json_response({"code": "NOT_FOUND", "message": "no such node"}, status=404)
+        return error(404, "NOT_FOUND", f"no node {request.match_info['node_id']!r}")
     return web.json_response(body)
 
 
+async def node_list(request: web.Request) -> web.Response:
+    """Nodes, filtered by ``status``, ``pool`` and ``language`` (any role), in id order, paginated."""
+    state = _state(request)
+    statuses = _list_param(request, "status")
+    for s in statuses:
+        if s not in NodeStatus.__members__.values():
+            raise BadRequest(f"unknown status {s!r} (one of {', '.join(NodeStatus)})")
+    pool = request.query.get("pool")
+    language = request.query.get("language")
+    limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    view = state.publisher.view
+    matched: list[str] = []
+    for node_id in sorted(state.registry.nodes):
+        entry = state.registry.nodes[node_id]
+        if statuses and entry.status.value not in statuses:
+            continue
+        if pool is not None:
+            nv = view.get(node_id)
+            if nv is None or not any(p == pool or p.split("#")[0] == pool for p in nv.pools):
+                continue
+        if language is not None:
+            c = entry.caps
+            if language not in c.asr_languages | c.tts_languages | c.semantic_languages:
+                continue
+        matched.append(node_id)
+    page = matched[offset : offset + limit]
+    return web.json_response(
+        {
+            "total": len(matched),
+            "offset": offset,
+            "limit": limit,
+            "next_offset": offset + limit if offset + limit < len(matched) else None,
+            "nodes": [node_json(state, n) for n in page],
+        }
+    )
+
+
+# --- pools ---------------------------------------------------------------------------------------------
+
+
+async def pools(request: web.Request) -> web.Response:
+    return web.json_response(_state(request).publisher.view.pool_listing())
+
+
+def _services(names: list[str]) -> frozenset[ServiceType]:
+    out = set()
+    for n in names:
+        try:
+            out.add(ServiceType(n.lower()))
+        except ValueError:
+            raise BadRequest(f"unknown service type {n!r} (one of {', '.join(ServiceType)})") from None
+    return frozenset(out) if out else CORE_SERVICE_TYPES
+
+
+async def simulate(request: web.Request) -> web.Response:
+    """Dry run of a selection: nothing is dispatched and no load is counted."""
+    state = _state(request)
+    q = request.query
+    src, tgt = q.get("src_lang"), q.get("tgt_lang")
+    if not src or not tgt:
+        raise BadRequest("src_lang and tgt_lang are required")
+    routing_key = q.get("routing_key") or q.get("tenant_id") or q.get("session_id") or "default"
+    accept_public = q.get("accept_public", "true").lower()
+    if accept_public not in ("true", "false"):
+        raise BadRequest("accept_public must be true or false")
+    req = SelectionRequest(
+        src_lang=src,
+        tgt_lang=tgt,
+        required=_services(_list_param(request, "required")),
+        features=frozenset(_list_param(request, "features")),
+        routing_key=routing_key,
+        tenant_id=q.get("tenant_id"),
+        preferred_node=q.get("preferred_node"),
+        exclude=frozenset(_list_param(request, "exclude_node_id")),
+        accept_public=accept_public == "true",
+    )
+    result = state.dispatcher.selector.select(state.publisher.view, req)
+    body = result.to_json()
+    body["request"] = {
+        "src_lang": src,
+        "tgt_lang": tgt,
+        "required": sorted(req.required),
+        "routing_key": routing_key,
+        "tenant_id": req.tenant_id,
+    }
+    body["fleet_view_version"] = state.publisher.view.version
+    return web.json_response(body)
+
+
+# --- jobs and sessions ---------------------------------------------------------------------------------
+
+
+async def job_detail(request: web.Request) -> web.Response:
+    state = _state(request)
+    job = state.dispatcher.store.get(request.match_info["job_id"])
+    if job is None:
+        return error(
+            404,
+            "NOT_FOUND",
+            f"no job {request.match_info['job_id']!r} (ended jobs are kept "
+            f"{state.config.jobs.retention_seconds:g} s)",
+        )
+    now = state.clock.monotonic()
+
+    def age(t: float | None) -> float | None:
+        return None if t is None else round(now - t, 4)
+
+    return web.json_response(
+        {
+            "job_id": job.job_id,
+            "session_id": job.session_id,
+            "utterance_index": job.utterance_index,
+            "src_lang": job.spec.src_lang,
+            "tgt_lang": job.tgt_lang,
+            "state": job.state.value,
+            "attempt": job.attempt,
+            "node_id": job.node_id,
+            "tried_nodes": list(job.tried_nodes),
+            "error_code": job.error_code,
+            "audio_ms": job.spec.audio_ms,
+            "age_seconds": {
+                "created": age(job.created_at),
+                "dispatched": age(job.dispatched_at),
+                "accepted": age(job.accepted_at),
+                "started": age(job.started_at),
+                "finished": age(job.finished_at),
+            },
+            "history": [
+                {
+                    "age_seconds": age(h.at),
+                    "from": h.src.value if h.src else None,
+                    "to": h.dst.value,
+                    "reason": h.reason,
+                    "attempt": h.attempt,
+                    "node_id": h.node_id,
+                }
+                for h in job.history
+            ],
+        }
+    )
+
+
+async def sessions(request: web.Request) -> web.Response:
+    """Session counts only: no audio, no text, no ids of other tenants' sessions."""
+    state = _state(request)
+    by_phase: dict[str, int] = {}
+    by_pair: dict[str, int] = {}
+    for s in state.sessions.values():
+        by_phase[s.phase.value] = by_phase.get(s.phase.value, 0) + 1
+        for t in s.targets:
+            key = f"{s.src_lang}->{t}"
+            by_pair[key] = by_pair.get(key, 0) + 1
+    return web.json_response(
+        {"total": len(state.sessions), "by_phase": by_phase, "by_language_pair": by_pair}
+    )
+
+
 def add_routes(app: web.Application) -> None:
+    app.middlewares.append(json_errors)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/stats", stats)
+    app.router.add_get("/api/v1/nodes", node_list)
     app.router.add_get("/api/v1/nodes/{node_id}", node_detail)
+    app.router.add_get("/api/v1/pools", pools)
+    app.router.add_get("/api/v1/pools/simulate", simulate)
+    app.router.add_get("/api/v1/jobs/{job_id}", job_detail)
+    app.router.add_get("/api/v1/sessions", sessions)

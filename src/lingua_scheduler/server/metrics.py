@@ -77,6 +77,30 @@ class Metrics:
             registry=r,
         )
 
+        self.selection_seconds = Histogram(
+            "lingua_selection_seconds", "One node selection", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.selections = Counter("lingua_selections", "Node selections", ["result"], registry=r)
+        self.job_dispatch = Histogram(
+            "lingua_job_dispatch_seconds",
+            "Utterance finalized -> job_assign written",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.job_end_to_end = Histogram(
+            "lingua_job_end_to_end_seconds",
+            "Job created -> result delivered to the session",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.jobs = Counter("lingua_jobs", "Jobs ended, by outcome", ["outcome"], registry=r)
+        self.failovers = Counter(
+            "lingua_failovers", "Attempts abandoned for another node", ["reason"], registry=r
+        )
+        self.stale_messages = Counter(
+            "lingua_stale_job_messages", "Job messages of an old attempt or another node, dropped", registry=r
+        )
+
     def add_live(self, read: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Live(read))
 

@@ -117,6 +117,7 @@ class NodeConnection:
             self.state.apply_transitions(transitions)
             if transitions:
                 log.info("node disconnected", extra={"node_id": self.node_id})
+                self.state.dispatcher.node_lost(self.node_id)
 
 
 async def node_ws(request: web.Request) -> web.WebSocketResponse:

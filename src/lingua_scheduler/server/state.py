@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -19,10 +20,14 @@ from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import Registry, Transition
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.node import NodeStatusMessage
+from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
 from lingua_scheduler.server.outbox import Outbox
+
+if TYPE_CHECKING:
+    from lingua_scheduler.server.sessions import Session
 
 
 class SchedulerState:
@@ -37,9 +42,12 @@ class SchedulerState:
         self.metrics = Metrics()
         self.loop_lag = LoopLagMonitor()
         self.heartbeat_window = LatencyWindow(65536)
+        self.dispatch_window = LatencyWindow(65536)
         self.metrics.add_live(self._live_metrics)
-        #: set by the job dispatcher: handles job messages from a node (node_id, message)
-        self.job_handler: Callable[[str, object], None] | None = None
+        self.sessions: dict[str, Session] = {}
+        self.dispatcher = Dispatcher(self)
+        #: handles job messages from a node (node_id, message)
+        self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
 
     # --- node notifications ---------------------------------------------------------------------
 

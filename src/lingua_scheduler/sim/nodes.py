@@ -14,6 +14,8 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import aiohttp
@@ -26,6 +28,33 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
 
+class Behavior(StrEnum):
+    """How a simulated node answers ``job_assign`` (for tests of failover)."""
+
+    NORMAL = "normal"
+    #: never acknowledges nor answers (optionally answers late: ``late_result_after``)
+    NEVER_ACK = "never_ack"
+    #: acknowledges, then its connection dies mid-job
+    CRASH_MID_JOB = "crash_mid_job"
+    #: answers every job with MODEL_NOT_AVAILABLE for its ASR service
+    MODEL_NOT_AVAILABLE = "model_not_available"
+
+
+@dataclass(slots=True)
+class Executor:
+    """Job execution of a simulated node: latency, random failures, streaming partials, behaviours."""
+
+    latency: float = 0.05
+    #: jitter added uniformly in [0, jitter]
+    jitter: float = 0.0
+    failure_rate: float = 0.0
+    partials: int = 1
+    #: send job_started before working (the reference client does; a minimal node may not)
+    send_started: bool = True
+    behavior: Behavior = Behavior.NORMAL
+    late_result_after: float | None = None
+
+
 class SimulatedNode:
     def __init__(
         self,
@@ -36,6 +65,7 @@ class SimulatedNode:
         node_id: str | None = None,
         interval: float | None = None,
         seed: int = 0,
+        executor: Executor | None = None,
     ) -> None:
         self.http = http
         self.url = url
@@ -53,8 +83,12 @@ class SimulatedNode:
         self._last_ts = 0
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        #: called for every message that is not a heartbeat ack (job executors hook in here)
+        #: called for every message that is not a heartbeat ack
         self.on_message: Callable[[dict[str, Any]], None] | None = None
+        self.executor = executor or Executor()
+        self.jobs_received = 0
+        self.jobs_done = 0
+        self._jobs: dict[str, asyncio.Task[None]] = {}
 
     # --- connection -----------------------------------------------------------------------------
 
@@ -160,12 +194,115 @@ class SimulatedNode:
                     self.interval = msg["next_heartbeat_ms"] / 1000.0
             else:
                 self.received.append(msg)
+                kind = msg.get("type")
+                if kind == "job_assign":
+                    self.jobs_received += 1
+                    self._jobs[msg["job_id"]] = asyncio.create_task(self._execute(msg))
+                elif kind == "job_cancel":
+                    task = self._jobs.pop(msg.get("job_id", ""), None)
+                    if task is not None and self.executor.behavior is not Behavior.NEVER_ACK:
+                        task.cancel()
                 if self.on_message is not None:
                     self.on_message(msg)
             for pred, fut in list(self._waiters):
                 if not fut.done() and pred(msg):
                     fut.set_result(msg)
                     self._waiters.remove((pred, fut))
+
+    async def _execute(self, job: dict[str, Any]) -> None:
+        ex = self.executor
+        ids = {
+            "job_id": job["job_id"],
+            "attempt_id": job["attempt_id"],
+            "node_id": self.node_id,
+            "session_id": job["session_id"],
+            "trace_id": job["trace_id"],
+        }
+        try:
+            if ex.behavior is Behavior.NEVER_ACK:
+                if ex.late_result_after is None:
+                    return
+                await asyncio.sleep(ex.late_result_after)
+                await self.send(self._result(job, ids, success=True))
+                return
+            self.running_jobs += 1
+            await self.send({"type": "job_ack", **ids})
+            if ex.behavior is Behavior.CRASH_MID_JOB:
+                await asyncio.sleep(ex.latency / 2)
+                await self.kill()
+                return
+            if ex.behavior is Behavior.MODEL_NOT_AVAILABLE:
+                await self.send(
+                    self._result(
+                        job,
+                        ids,
+                        success=False,
+                        error={
+                            "code": "MODEL_NOT_AVAILABLE",
+                            "message": "asr model missing",
+                            "details": {"service_id": "faster-whisper-vad"},
+                        },
+                    )
+                )
+                return
+            if ex.send_started:
+                await self.send({"type": "job_started", **ids})
+            for i in range(ex.partials):
+                await self.send(
+                    {
+                        "type": "asr_partial",
+                        "job_id": job["job_id"],
+                        "node_id": self.node_id,
+                        "session_id": job["session_id"],
+                        "utterance_index": job["utterance_index"],
+                        "text": f"partial {i}",
+                        "is_final": False,
+                        "trace_id": job["trace_id"],
+                        "attempt_id": job["attempt_id"],
+                    }
+                )
+            if ex.latency or ex.jitter:
+                await asyncio.sleep(ex.latency + self.rng.uniform(0, ex.jitter))
+            if self.rng.random() < ex.failure_rate:
+                await self.send(
+                    self._result(
+                        job,
+                        ids,
+                        success=False,
+                        error={"code": "NODE_OVERLOADED", "message": "simulated failure"},
+                    )
+                )
+            else:
+                await self.send(self._result(job, ids, success=True))
+            self.jobs_done += 1
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self._jobs.pop(job["job_id"], None)
+            if ex.behavior is not Behavior.NEVER_ACK:
+                self.running_jobs = max(0, self.running_jobs - 1)
+
+    @staticmethod
+    def _result(
+        job: dict[str, Any], ids: dict[str, Any], *, success: bool, error: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": "job_result",
+            **ids,
+            "utterance_index": job["utterance_index"],
+            "success": success,
+            "processing_time_ms": 5,
+        }
+        if success:
+            out.update(
+                text_asr=f"asr {job['utterance_index']}",
+                text_translated=f"{job['tgt_lang']} {job['utterance_index']}",
+                tts_audio="AAAA",
+                tts_format="pcm16",
+            )
+        else:
+            out["error"] = error
+        return out
 
     def wait_for(
         self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0

@@ -1,0 +1,501 @@
+"""Job dispatch: turns finalized utterances into jobs, places them on nodes and follows each to its end.
+
+Owns the instance's ``JobStore``, the selector and the unavailable-service marks, the deadline timer
+task, and the translation of node job messages into session output. Every job ends in a result or an
+explicit failure the session sees (``error`` + ``ui_event ERROR`` + ``missing_result(job_failed)``).
+
+Must never: await inside a placement or a node message (all of it is synchronous; the only await is
+the timer task's sleep), hold state about a session beyond what ``Session`` exposes, or log text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from lingua_scheduler.core.jobs import Job, JobSpec, JobState, JobStore, Outcome, Verdict
+from lingua_scheduler.core.results import Release
+from lingua_scheduler.core.segmentation import Utterance
+from lingua_scheduler.core.selection import SelectionRequest, Selector
+from lingua_scheduler.core.unavailable import UnavailableMarks
+from lingua_scheduler.errors import ErrorCode, NoAvailableNodeError
+from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ErrorMessage, ServiceType
+from lingua_scheduler.protocol.node import (
+    JobAck,
+    JobAssign,
+    JobCancel,
+    JobResult,
+    JobStarted,
+    NodeAsrPartial,
+    PipelineConfig,
+)
+from lingua_scheduler.protocol.session import (
+    AsrPartial,
+    MissingReason,
+    MissingResult,
+    TranslationResult,
+    UiEvent,
+    UiEventStatus,
+    UiEventType,
+    error_ui_event,
+)
+from lingua_scheduler.server.outbox import Outbox
+
+if TYPE_CHECKING:
+    from lingua_scheduler.server.sessions import Session
+    from lingua_scheduler.server.state import SchedulerState
+
+log = logging.getLogger(__name__)
+
+EVICT_EVERY = 1.0
+#: most nodes one selection may examine before giving up (a full pair at 50k nodes is ~45k)
+SCAN_BUDGET = 2000
+
+
+def required_services(pipeline: PipelineConfig | None) -> frozenset[ServiceType]:
+    if pipeline is None:
+        return CORE_SERVICE_TYPES
+    out = set()
+    if pipeline.use_asr:
+        out.add(ServiceType.ASR)
+    if pipeline.use_nmt:
+        out.add(ServiceType.NMT)
+    if pipeline.use_tts:
+        out.add(ServiceType.TTS)
+    if pipeline.use_semantic:
+        out.add(ServiceType.SEMANTIC)
+    return frozenset(out)
+
+
+class Dispatcher:
+    def __init__(self, state: SchedulerState) -> None:
+        self.state = state
+        cfg = state.config
+        self.store = JobStore(cfg.jobs, state.clock, session_audio_limit=cfg.session.max_session_buffer_bytes)
+        self.marks = UnavailableMarks(state.clock, cfg.pools.unavailable_ttl_seconds)
+        # The scan budget bounds a failing selection at saturation (every shard of a pair full).
+        self.selector = Selector(
+            marks=self.marks, resource_threshold=cfg.scheduler.resource_threshold, scan_budget=SCAN_BUDGET
+        )
+        #: job id -> perf_counter when its utterance was finalized (dispatch latency); bounded by live jobs
+        self._finalized_at: dict[str, float] = {}
+        #: job id -> the last selection's dominant exclusion reason (explains NO_AVAILABLE_NODE)
+        self._last_reason: dict[str, str] = {}
+        #: job id -> (node, load epoch token) of its current attempt, to take it off the node's load
+        self._load_tokens: dict[str, tuple[str, int]] = {}
+        self._wake = asyncio.Event()
+        self._last_evict = 0.0
+
+    # --- sessions -> jobs -----------------------------------------------------------------------
+
+    def submit(
+        self,
+        session: Session,
+        utterances: list[Utterance],
+        *,
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
+        pipeline: PipelineConfig | None = None,
+        received_at: float | None = None,
+    ) -> None:
+        """Create the jobs of finalized utterances (one per target language) and try to place them.
+
+        ``received_at`` (perf_counter) is when the frame that finalized them arrived: the dispatch
+        latency runs from there to the ``job_assign`` being written."""
+        if not utterances:
+            return
+        now = received_at if received_at is not None else time.perf_counter()
+        for utt in utterances:
+            job_ids: list[str] = []
+            failed: list[Job] = []
+            for tgt in [tgt_lang] if tgt_lang else session.targets:
+                spec = JobSpec.from_utterance(
+                    utt,
+                    session_id=session.session_id,
+                    src_lang=src_lang or session.src_lang,
+                    tgt_lang=tgt,
+                    trace_id=session.trace_id,
+                )
+                spec = dataclasses.replace(
+                    spec,
+                    tenant_id=session.tenant_id,
+                    dialect=session.init.dialect,
+                    features=session.init.features,
+                    pipeline=pipeline,
+                    mode=session.init.mode,
+                    lang_a=session.init.lang_a,
+                    lang_b=session.init.lang_b,
+                )
+                try:
+                    out = self.store.create(spec, utt.audio)
+                except NoAvailableNodeError as exc:
+                    log.warning(
+                        "job refused", extra={"session_id": session.session_id, "reason": exc.message}
+                    )
+                    continue
+                if out.verdict is Verdict.DUPLICATE or out.job is None:
+                    continue
+                job_ids.append(out.job.job_id)
+                self._finalized_at[out.job.job_id] = now
+                if out.job.state is JobState.FAILED:
+                    failed.append(out.job)
+            session.results.expect(utt.index, job_ids)
+            if not job_ids:
+                self.deliver(session, session.results.fail(utt.index))
+                session.send(
+                    ErrorMessage(
+                        code=ErrorCode.NO_AVAILABLE_NODE.value,
+                        message="the scheduler cannot take more jobs right now",
+                    )
+                )
+            for job in failed:
+                self._report_failure(job)
+        self.pump()
+
+    # --- placement ------------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Place every waiting job that has a node now. Jobs with none keep waiting (bounded)."""
+        if not self.store.waiting:
+            return
+        state = self.state
+        view = state.publisher.view
+        m = state.metrics
+        #: requests that found nothing in this pass: nothing frees capacity mid-pass, so do not repeat
+        hopeless: set[tuple[object, ...]] = set()
+        for job in self.store.dispatchable():
+            spec = job.spec
+            key = (
+                spec.src_lang,
+                spec.tgt_lang,
+                spec.pipeline,
+                spec.features,
+                spec.tenant_id,
+                tuple(job.tried_nodes),
+            )
+            if key in hopeless:
+                continue
+            req = SelectionRequest(
+                src_lang=spec.src_lang,
+                tgt_lang=spec.tgt_lang,
+                required=required_services(spec.pipeline),
+                features=spec.features.enabled() if spec.features else frozenset(),
+                routing_key=spec.tenant_id or spec.session_id,
+                tenant_id=spec.tenant_id,
+                exclude=frozenset(job.tried_nodes),
+            )
+            t0 = time.perf_counter()
+            result = self.selector.select(view, req)
+            m.selection_seconds.observe(time.perf_counter() - t0)
+            node_id = result.node_id
+            entry = state.registry.nodes.get(node_id) if node_id is not None else None
+            outbox = entry.conn if entry is not None else None
+            if node_id is None or entry is None or not isinstance(outbox, Outbox):
+                m.selections.labels("no_node").inc()
+                self._last_reason[job.job_id] = result.best_reason
+                hopeless.add(key)
+                continue
+            m.selections.labels("ok").inc()
+            self.store.dispatch(job.job_id, node_id)
+            self._load_tokens[job.job_id] = (node_id, entry.load.dispatched())
+            if not outbox.send(self._assign(job)):
+                self._apply(self.store.failover(job.job_id, "send failed", cancel=False), "send_failed")
+                continue
+            started = self._finalized_at.pop(job.job_id, None)
+            if started is not None:
+                elapsed = time.perf_counter() - started
+                m.job_dispatch.observe(elapsed)
+                state.dispatch_window.record(elapsed)
+            session = state.sessions.get(spec.session_id)
+            if session is not None:
+                session.send(self._ui(job, UiEventType.DISPATCHED))
+        self._wake.set()
+
+    def _assign(self, job: Job) -> JobAssign:
+        spec = job.spec
+        reason = spec.cut_reason
+        return JobAssign(
+            job_id=job.job_id,
+            attempt_id=job.attempt,
+            session_id=spec.session_id,
+            utterance_index=spec.utterance_index,
+            src_lang=spec.src_lang,
+            tgt_lang=spec.tgt_lang,
+            pipeline=spec.pipeline or PipelineConfig(),
+            audio=_b64(job.audio or b""),
+            audio_format=spec.audio_format,
+            sample_rate=spec.sample_rate,
+            trace_id=spec.trace_id,
+            dialect=spec.dialect,
+            features=spec.features,
+            mode=spec.mode,
+            lang_a=spec.lang_a,
+            lang_b=spec.lang_b,
+            is_manual_cut=reason.is_manual_cut,
+            is_pause_triggered=reason.is_pause_triggered,
+            is_timeout_triggered=reason.is_timeout_triggered,
+        )
+
+    # --- node messages --------------------------------------------------------------------------
+
+    def on_node_message(self, node_id: str, msg: object) -> None:
+        """A job message from a node whose binding the endpoint already checked."""
+        store = self.store
+        if isinstance(msg, JobAck):
+            out = store.on_ack(msg.job_id, msg.attempt_id, node_id)
+            if out.verdict is Verdict.APPLIED and out.job is not None:
+                self._to_session(out.job, self._ui(out.job, UiEventType.NODE_ACCEPTED))
+        elif isinstance(msg, JobStarted):
+            out = store.on_started(msg.job_id, msg.attempt_id, node_id)
+        elif isinstance(msg, NodeAsrPartial):
+            out = store.on_partial(msg.job_id, msg.attempt_id, node_id)
+            if out.verdict is Verdict.APPLIED and out.job is not None:
+                job = out.job
+                self._to_session(
+                    job,
+                    AsrPartial(
+                        session_id=job.session_id,
+                        utterance_index=job.utterance_index,
+                        job_id=job.job_id,
+                        text=msg.text,
+                        is_final=msg.is_final,
+                        trace_id=job.spec.trace_id,
+                    ),
+                )
+                self._to_session(job, self._ui(job, UiEventType.ASR_PARTIAL))
+        elif isinstance(msg, JobResult):
+            out = self._on_result(node_id, msg)
+        else:
+            return
+        if out.verdict is Verdict.STALE:
+            self.state.metrics.stale_messages.inc()
+            log.info(
+                "stale job message dropped", extra={"node_id": node_id, "job_id": getattr(msg, "job_id", "")}
+            )
+
+    def _on_result(self, node_id: str, msg: JobResult) -> Outcome:
+        error = msg.error
+        if (
+            error is not None
+            and error.code == ErrorCode.MODEL_NOT_AVAILABLE
+            and isinstance(error.details, dict)
+        ):
+            service = error.details.get("service_id") or error.details.get("model_id")
+            if isinstance(service, str):
+                self.marks.mark(node_id, service)
+        out = self.store.on_result(
+            msg.job_id,
+            msg.attempt_id,
+            node_id,
+            success=msg.success,
+            error_code=error.code if error else None,
+            error_message=error.message if error else None,
+        )
+        if out.verdict is not Verdict.APPLIED or out.job is None:
+            return out
+        job = out.job
+        if job.state is JobState.COMPLETED:
+            self._release(out)
+            session = self.state.sessions.get(job.session_id)
+            if session is not None:
+                payload = self._translation(job, msg)
+                silent = not (msg.text_asr or msg.text_translated or msg.tts_audio)
+                self.deliver(
+                    session,
+                    session.results.offer(
+                        job.utterance_index, job.job_id, job.attempt, payload, silent=silent
+                    ),
+                )
+            self.state.metrics.jobs.labels("completed").inc()
+        else:
+            self._apply(out, "node_error")
+        return out
+
+    def _translation(self, job: Job, msg: JobResult) -> TranslationResult:
+        return TranslationResult(
+            session_id=job.session_id,
+            utterance_index=job.utterance_index,
+            job_id=job.job_id,
+            text_asr=msg.text_asr or "",
+            text_translated=msg.text_translated or "",
+            tts_audio=msg.tts_audio or "",
+            tts_format=msg.tts_format or "pcm16",
+            audio_lost=False,
+            trace_id=job.spec.trace_id,
+            extra=msg.extra,
+            group_id=msg.group_id,
+            part_index=msg.part_index,
+            service_timings=msg.extra.service_timings if msg.extra else None,
+            scheduler_sent_at_ms=self.state.clock.wall_ms(),
+            asr_quality_level=msg.asr_quality_level,
+            reason_codes=msg.reason_codes,
+            quality_score=msg.quality_score,
+            rerun_count=msg.rerun_count,
+            segments_meta=msg.segments_meta,
+        )
+
+    # --- outcomes ---------------------------------------------------------------------------------
+
+    def _apply(self, out: Outcome, why: str) -> None:
+        """Carry out what an outcome asks: free load, cancel on the old node, report or re-place."""
+        job = out.job
+        if out.verdict is not Verdict.APPLIED or job is None:
+            return
+        self._release(out)
+        if job.state is JobState.CREATED:
+            self.state.metrics.failovers.labels(why).inc()
+            log.info("job failover", extra={"job_id": job.job_id, "attempt": job.attempt, "reason": why})
+        elif job.state in (JobState.FAILED, JobState.TIMED_OUT):
+            self._report_failure(job)
+        elif job.state is JobState.CANCELLED:
+            self.state.metrics.jobs.labels("cancelled").inc()
+            self._forget(job)
+
+    def _release(self, out: Outcome) -> None:
+        nodes = self.state.registry.nodes
+        if out.freed_node is not None and out.job is not None:
+            node_id, token = self._load_tokens.pop(out.job.job_id, (out.freed_node, None))
+            if (entry := nodes.get(out.freed_node)) is not None:
+                entry.load.finished(token if node_id == out.freed_node else None)
+        if out.cancel_node is not None and out.job is not None:
+            entry = nodes.get(out.cancel_node)
+            if entry is not None and isinstance(entry.conn, Outbox):
+                entry.conn.send(
+                    JobCancel(
+                        job_id=out.job.job_id,
+                        trace_id=out.job.spec.trace_id,
+                        reason="failover" if not out.job.terminal else "cancelled",
+                    )
+                )
+
+    def _report_failure(self, job: Job) -> None:
+        m = self.state.metrics
+        m.jobs.labels(job.state.value).inc()
+        code = job.error_code or ErrorCode.INTERNAL_ERROR.value
+        message = job.error_message or "the job failed"
+        if code == ErrorCode.NO_AVAILABLE_NODE and job.job_id in self._last_reason:
+            message = f"{message} (most nodes excluded by: {self._last_reason[job.job_id]})"
+        log.info("job failed", extra={"job_id": job.job_id, "session_id": job.session_id, "code": code})
+        session = self.state.sessions.get(job.session_id)
+        self._forget(job)
+        if session is None:
+            return
+        session.send(
+            ErrorMessage(
+                code=code,
+                message=message,
+                details={"job_id": job.job_id, "utterance_index": job.utterance_index},
+            )
+        )
+        session.send(
+            error_ui_event(
+                code,
+                trace_id=job.spec.trace_id,
+                session_id=job.session_id,
+                job_id=job.job_id,
+                utterance_index=job.utterance_index,
+                elapsed_ms=self._elapsed_ms(job),
+            )
+        )
+        self.deliver(session, session.results.fail(job.utterance_index, job.job_id))
+
+    def _forget(self, job: Job) -> None:
+        self._finalized_at.pop(job.job_id, None)
+        self._load_tokens.pop(job.job_id, None)
+        self._last_reason.pop(job.job_id, None)
+
+    def deliver(self, session: Session, releases: list[Release[TranslationResult]]) -> None:
+        """Send released results in order; report end-to-end latency; let a closing session finish."""
+        m = self.state.metrics
+        for rel in releases:
+            reason, payload = rel.missing_reason, rel.payload
+            if reason is None and payload is not None:
+                job = self.store.get(payload.job_id)
+                if job is not None:
+                    if payload.text_asr:
+                        session.send(self._ui(job, UiEventType.ASR_FINAL))
+                    if payload.text_translated:
+                        session.send(self._ui(job, UiEventType.NMT_DONE))
+                    m.job_end_to_end.observe(max(0.0, self.state.clock.monotonic() - job.created_at))
+                    self._forget(job)
+                session.send(payload)
+            else:
+                session.send(
+                    MissingResult(
+                        session_id=session.session_id,
+                        utterance_index=rel.index,
+                        reason=reason or MissingReason.SILENCE_DETECTED,
+                        created_at_ms=self.state.clock.wall_ms(),
+                        trace_id=session.trace_id,
+                    )
+                )
+        session.maybe_finish_close()
+
+    def _ui(self, job: Job, event: UiEventType) -> UiEvent:
+        return UiEvent(
+            trace_id=job.spec.trace_id,
+            session_id=job.session_id,
+            job_id=job.job_id,
+            utterance_index=job.utterance_index,
+            event=event,
+            status=UiEventStatus.OK,
+            elapsed_ms=self._elapsed_ms(job),
+        )
+
+    def _elapsed_ms(self, job: Job) -> int:
+        return int((self.state.clock.monotonic() - job.created_at) * 1000)
+
+    def _to_session(self, job: Job, msg: object) -> None:
+        session = self.state.sessions.get(job.session_id)
+        if session is not None:
+            session.send(msg)  # type: ignore[arg-type]
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def node_lost(self, node_id: str) -> None:
+        """The node's socket closed: every attempt it held fails over at once."""
+        for out in self.store.node_lost(node_id):
+            self._apply(out, "node_lost")
+        self.pump()
+
+    def cancel_session(self, session_id: str, reason: str) -> None:
+        for out in self.store.cancel_session(session_id, reason):
+            self._apply(out, "session_closed")
+
+    def live_jobs_of(self, session_id: str) -> int:
+        return sum(1 for j in self.store.jobs_of(session_id) if not j.terminal)
+
+    async def run(self) -> None:
+        """Deadline timer: apply expired deadlines, retry waiting jobs, evict old ones."""
+        clock = self.state.clock
+        while True:
+            deadline = self.store.next_deadline()
+            timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - clock.monotonic()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            for out in self.store.expire():
+                job = out.job
+                why = "timeout"
+                if job is not None and job.history:
+                    last = job.history[-1].reason
+                    if "no ack" in last:
+                        why = "ack_timeout"
+                    elif "no result" in last:
+                        why = "exec_timeout"
+                self._apply(out, why)
+            self.pump()
+            now = clock.monotonic()
+            if now - self._last_evict >= EVICT_EVERY:
+                self._last_evict = now
+                self.store.evict()
+                self.marks.purge()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,233 @@
+"""Simulated client sessions speaking the real session protocol over real WebSockets.
+
+``SimulatedSession`` streams synthetic audio (``audio_chunk``) or sends whole ``utterance`` messages and
+records what comes back; ``outcomes()`` tells, per utterance index, whether it got exactly one result or
+one explicit failure. ``run_sessions`` drives many at once (``lingua-scheduler simulate-sessions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+
+_dec = msgspec.json.Decoder()
+_enc = msgspec.json.Encoder()
+
+#: 100 ms of 16 kHz mono pcm16
+CHUNK_BYTES = 3200
+
+
+def pcm_chunk(n: int = CHUNK_BYTES, tone: int = 7) -> str:
+    return base64.b64encode(bytes((i * tone) & 0xFF for i in range(n))).decode()
+
+
+class SimulatedSession:
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        url: str,
+        *,
+        src_lang: str = "en",
+        tgt_lang: str = "zh",
+        tenant_id: str | None = None,
+    ) -> None:
+        self.http = http
+        self.url = url
+        self.src_lang = src_lang
+        self.tgt_lang = tgt_lang
+        self.tenant_id = tenant_id
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.session_id: str | None = None
+        self.messages: list[dict[str, Any]] = []
+        self.sent_at: dict[int, float] = {}
+        self.latencies: list[float] = []
+        self.utterances_sent = 0
+        self._seq = 0
+        self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
+        self._reader_task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self.ws = await self.http.ws_connect(self.url, max_msg_size=64 * 1024 * 1024)
+        self._reader_task = asyncio.create_task(self._reader())
+
+    async def init(self, **extra: Any) -> dict[str, Any]:
+        waiter = self.wait_for(lambda m: m.get("type") in ("session_init_ack", "error"))
+        await self.send(
+            {
+                "type": "session_init",
+                "client_version": "sim-1.0",
+                "platform": "web",
+                "src_lang": self.src_lang,
+                "tgt_lang": self.tgt_lang,
+                "tenant_id": self.tenant_id,
+                **extra,
+            }
+        )
+        ack = await waiter
+        if ack["type"] == "session_init_ack":
+            self.session_id = ack["session_id"]
+        return ack
+
+    async def start(self) -> dict[str, Any]:
+        await self.connect()
+        return await self.init()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        assert self.ws is not None
+        await self.ws.send_str(_enc.encode({k: v for k, v in msg.items() if v is not None}).decode())
+
+    async def chunk(self, payload: str | None = None, is_final: bool = False) -> None:
+        self._seq += 1
+        await self.send(
+            {
+                "type": "audio_chunk",
+                "session_id": self.session_id,
+                "seq": self._seq,
+                "is_final": is_final,
+                "payload": payload if payload is not None else pcm_chunk(),
+                "client_timestamp_ms": int(time.time() * 1000),
+            }
+        )
+
+    async def speak(self, chunks: int = 3, gap: float = 0.0) -> int:
+        """Stream one utterance of ``chunks`` chunks, the last flagged ``is_final``; returns its index."""
+        index = self.utterances_sent
+        for i in range(chunks):
+            if i == chunks - 1:
+                self.sent_at[index] = time.perf_counter()
+            await self.chunk(is_final=i == chunks - 1)
+            if gap:
+                await asyncio.sleep(gap)
+        self.utterances_sent += 1
+        return index
+
+    async def utterance(self, n_bytes: int = CHUNK_BYTES * 5) -> int:
+        """Send one complete ``utterance`` message; returns the index it should get."""
+        index = self.utterances_sent
+        self.sent_at[index] = time.perf_counter()
+        await self.send(
+            {
+                "type": "utterance",
+                "session_id": self.session_id,
+                "utterance_index": index,
+                "manual_cut": True,
+                "src_lang": self.src_lang,
+                "tgt_lang": self.tgt_lang,
+                "audio": pcm_chunk(n_bytes),
+                "audio_format": "pcm16",
+                "sample_rate": 16000,
+            }
+        )
+        self.utterances_sent += 1
+        return index
+
+    async def close(self, reason: str = "done", timeout: float = 30.0) -> dict[str, Any]:
+        waiter = self.wait_for(lambda m: m.get("type") == "session_close_ack", timeout)
+        await self.send({"type": "session_close", "session_id": self.session_id, "reason": reason})
+        return await waiter
+
+    async def disconnect(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def _reader(self) -> None:
+        assert self.ws is not None
+        async for frame in self.ws:
+            if frame.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            msg = _dec.decode(frame.data)
+            self.messages.append(msg)
+            if msg.get("type") == "translation_result":
+                sent = self.sent_at.get(msg["utterance_index"])
+                if sent is not None:
+                    self.latencies.append(time.perf_counter() - sent)
+            for pred, fut in list(self._waiters):
+                if not fut.done() and pred(msg):
+                    fut.set_result(msg)
+                    self._waiters.remove((pred, fut))
+
+    def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> asyncio.Future[dict[str, Any]]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters.append((pred, fut))
+        return asyncio.ensure_future(asyncio.wait_for(fut, timeout))
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("type") == kind]
+
+    def outcomes(self) -> dict[int, list[str]]:
+        """Per utterance index, what ended it: 'result', 'missing:<reason>' (one entry each)."""
+        out: dict[int, list[str]] = defaultdict(list)
+        for m in self.messages:
+            if m.get("type") == "translation_result":
+                out[m["utterance_index"]].append("result")
+            elif m.get("type") == "missing_result":
+                out[m["utterance_index"]].append(f"missing:{m['reason']}")
+        return dict(out)
+
+    def settled(self) -> bool:
+        """Every utterance sent has exactly one outcome."""
+        outcomes = self.outcomes()
+        return all(len(outcomes.get(i, ())) >= 1 for i in range(self.utterances_sent))
+
+
+async def run_sessions(
+    url: str,
+    count: int,
+    utterances: int,
+    *,
+    src_lang: str = "en",
+    tgt_lang: str = "zh",
+    pause: float = 0.2,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Drive ``count`` sessions each speaking ``utterances`` utterances; summarise what came back."""
+    async with aiohttp.ClientSession() as http:
+        sessions = [SimulatedSession(http, url, src_lang=src_lang, tgt_lang=tgt_lang) for _ in range(count)]
+        await asyncio.gather(*(s.start() for s in sessions))
+
+        async def talk(s: SimulatedSession) -> None:
+            for _ in range(utterances):
+                await s.speak()
+                await asyncio.sleep(pause)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await s.close()
+
+        await asyncio.gather(*(talk(s) for s in sessions))
+        summary: dict[str, Any] = {
+            "sessions": count,
+            "utterances": count * utterances,
+            "results": 0,
+            "failures": 0,
+            "unanswered": 0,
+            "duplicates": 0,
+        }
+        for s in sessions:
+            outcomes = s.outcomes()
+            for i in range(s.utterances_sent):
+                got = outcomes.get(i, [])
+                if not got:
+                    summary["unanswered"] += 1
+                elif len(got) > 1:
+                    summary["duplicates"] += 1
+                elif got[0] == "result":
+                    summary["results"] += 1
+                else:
+                    summary["failures"] += 1
+            await s.disconnect()
+        if report:
+            report(str(summary))
+        return summary
