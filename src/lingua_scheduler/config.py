@@ -22,6 +22,8 @@ import msgspec
 from lingua_scheduler.errors import ConfigError
 
 ENV_PREFIX = "LINGUA_"
+#: shortest admin token accepted: a guessable token is worse than none
+MIN_ADMIN_TOKEN = 16
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -54,6 +56,10 @@ class ServerConfig(Section):
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         _positive("max_frame_bytes", self.max_frame_bytes)
         _positive("outbound_queue", self.outbound_queue)
+        levels = ("debug", "info", "warning", "error", "critical")
+        for module, level in self.log_levels.items():
+            if level.lower() not in levels:
+                raise ValueError(f"log_levels must map modules to one of {levels}; {module!r} has {level!r}")
 
 
 class NodeHealthConfig(Section):
@@ -221,6 +227,64 @@ class JobConfig(Section):
             raise ValueError("exec_timeout_min_ms must be <= exec_timeout_max_ms")
 
 
+class ClusterConfig(Section):
+    """Multi-instance mode: shared state in Redis. Empty ``redis_url`` = embedded single instance."""
+
+    #: redis://host:port/db of the shared store; empty runs the embedded in-memory default
+    redis_url: str = ""
+    #: the URL points at a Redis Cluster node
+    redis_cluster: bool = False
+    #: prefix of every key (several deployments can share one Redis)
+    key_prefix: str = "lingua"
+    #: this instance's id; "auto" = hostname-pid-random
+    instance_id: str = "auto"
+    #: liveness refresh and load summary period (one pipeline per tick)
+    tick_interval_seconds: float = 1.0
+    #: an instance (and its nodes) not refreshed for this long is dead
+    presence_ttl_seconds: float = 5.0
+    #: deadline of every Redis call; past it the instance counts Redis as unreachable
+    op_timeout_seconds: float = 0.5
+    #: blocking stream reads wait at most this long (on their own connections)
+    stream_block_ms: int = 1000
+    #: full directory resync period: the safety net under the change feed
+    resync_interval_seconds: float = 60.0
+    #: inbox entries delivered this many times without success go to the dead-letter stream
+    inbox_max_deliveries: int = 5
+    #: changes of owned nodes are published at most this often (coalesced)
+    publish_interval_ms: int = 20
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tick_interval_seconds",
+            "presence_ttl_seconds",
+            "op_timeout_seconds",
+            "stream_block_ms",
+            "resync_interval_seconds",
+            "inbox_max_deliveries",
+            "publish_interval_ms",
+        ):
+            _positive(name, getattr(self, name))
+        if self.presence_ttl_seconds < 2 * self.tick_interval_seconds:
+            raise ValueError("presence_ttl_seconds must be at least 2 x tick_interval_seconds")
+
+
+class AdminConfig(Section):
+    """Operator surface: admin actions (drain, undrain, disconnect, cancel) and the dashboard."""
+
+    #: bearer token the admin actions (/api/v1/admin/...) require; empty = admin API disabled.
+    #: Prefer the environment (LINGUA_ADMIN__TOKEN) to a file; at least 16 characters
+    token: str = ""
+    #: most dashboards (live event streams) served at once; more are refused with 503
+    max_dashboard_clients: int = 32
+
+    def __post_init__(self) -> None:
+        if self.token and len(self.token) < MIN_ADMIN_TOKEN:
+            raise ValueError(f"token must be at least {MIN_ADMIN_TOKEN} characters (or empty to disable)")
+        if self.token != self.token.strip():
+            raise ValueError("token must not start or end with whitespace")
+        _positive("max_dashboard_clients", self.max_dashboard_clients)
+
+
 class Config(Section):
     """The whole configuration."""
 
@@ -230,6 +294,8 @@ class Config(Section):
     pools: PoolsConfig = msgspec.field(default_factory=PoolsConfig)
     session: SessionConfig = msgspec.field(default_factory=SessionConfig)
     jobs: JobConfig = msgspec.field(default_factory=JobConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
 
 _PATH = re.compile(r"`\$\.?([^`]*)`")

@@ -1,4 +1,4 @@
-"""HTTP routes: health, Prometheus metrics and the read API (JSON).
+"""HTTP routes: health, readiness, Prometheus metrics and the read API (JSON).
 
 Every error is JSON ``{"code": ..., "message": ...}`` with a 4xx status. Handlers read the published
 fleet view or the core's counters; none of them blocks on anything.
@@ -6,6 +6,8 @@ fleet view or the core's counters; none of them blocks on anything.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -13,9 +15,15 @@ from aiohttp import web
 from lingua_scheduler.core.selection import SelectionRequest
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceType
+from lingua_scheduler.server.events import KINDS
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.stats import STATS
 
 MAX_PAGE = 500
+#: the fleet view is "stale" for readiness when a change has waited this long to be published
+STALE_VIEW_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 def _state(request: web.Request) -> SchedulerState:
@@ -61,9 +69,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
             return error(404, "NOT_FOUND", f"no route {request.path}")
         raise
     except web.HTTPMethodNotAllowed as exc:
-        return error(
-            405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here ({exc.allowed_methods})"
-        )
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here ({allowed})")
+        response.headers["Allow"] = allowed  # required with a 405 (RFC 9110 15.5.6)
+        return response
 
 
 # --- health and metrics ----------------------------------------------------------------------------
@@ -73,29 +82,73 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(_state(request).health())
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when every check of ``state.readiness_checks`` passes, else 503 naming them."""
+    results: dict[str, bool] = {}
+    for check in _state(request).readiness_checks:
+        try:
+            name, ok = check()
+        except Exception:  # a broken check means "not ready", never a 500
+            name, ok = getattr(check, "__name__", "check"), False
+            log.exception("readiness check failed", extra={"check": name})
+        results[name] = results.get(name, True) and ok
+    ok = all(results.values())
+    return web.json_response(
+        {"status": "ready" if ok else "not_ready", "checks": results}, status=200 if ok else 503
+    )
+
+
+def default_readiness_checks(app: web.Application) -> None:
+    """Checks every instance has: the registry is loaded (in the embedded mode, as soon as the app has
+    started), the fleet view keeps up, and the instance is not shutting down."""
+    state = app[STATE]
+    stopping = False
+
+    def registry() -> tuple[str, bool]:
+        return "registry", True
+
+    def fleet_view() -> tuple[str, bool]:
+        return "fleet_view", state.view_age() < STALE_VIEW_SECONDS
+
+    def accepting() -> tuple[str, bool]:
+        return "accepting", not stopping
+
+    async def on_shutdown(app: web.Application) -> None:
+        nonlocal stopping
+        stopping = True  # a load balancer polling /ready stops sending before the sockets close
+
+    state.readiness_checks.extend((registry, fleet_view, accepting))
+    app.on_shutdown.insert(0, on_shutdown)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    body = _state(request).metrics.render()
+    t0 = time.perf_counter()
+    state = _state(request)
+    body = state.metrics.render()
+    state.metrics.operator_render.labels("metrics").observe(time.perf_counter() - t0)
     return web.Response(
         body=body, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
     )
 
 
 async def stats(request: web.Request) -> web.Response:
-    state = _state(request)
-    return web.json_response(
-        {
-            "nodes": state.health()["nodes"],
-            "sessions": len(state.sessions),
-            "jobs": {"inflight": state.dispatcher.store.inflight, "waiting": state.dispatcher.store.waiting},
-            "latency": {
-                "heartbeat_handle_seconds": state.heartbeat_window.percentiles(50, 99, 99.9),
-                "job_dispatch_seconds": state.dispatch_window.percentiles(50, 99, 99.9),
-            },
-            "heartbeats_total": state.heartbeat_window.count,
-            "jobs_dispatched_total": state.dispatch_window.count,
-            "event_loop_lag_seconds": state.loop_lag.recent_max,
-        }
-    )
+    """Fleet and traffic summary. The aggregate (rates, latencies, language pairs) is rebuilt at most
+    once a second (see stats.py); the O(1) counts on top of it are always current."""
+    t0 = time.perf_counter()
+    response = web.json_response(request.app[STATS].api_body())
+    _state(request).metrics.operator_render.labels("stats").observe(time.perf_counter() - t0)
+    return response
+
+
+async def events(request: web.Request) -> web.Response:
+    """Recent failovers, job failures, node trouble and admin actions, newest first (bounded ring)."""
+    kinds = _list_param(request, "kind")
+    for k in kinds:
+        if k not in KINDS:
+            raise BadRequest(f"unknown event kind {k!r} (one of {', '.join(KINDS)})")
+    limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
+    ring = _state(request).events
+    return web.json_response({"last_seq": ring.last_seq, "events": ring.latest(limit, kinds)})
 
 
 # --- nodes -------------------------------------------------------------------------------------------
@@ -112,6 +165,7 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
         "node_id": entry.node_id,
         "name": entry.name,
         "status": entry.status.value,
+        "drain_requested": entry.drain_requested,
         "connected": entry.connected,
         "version": entry.version,
         "platform": entry.platform,
@@ -307,9 +361,12 @@ async def sessions(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.middlewares.append(json_errors)
+    default_readiness_checks(app)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/stats", stats)
+    app.router.add_get("/api/v1/events", events)
     app.router.add_get("/api/v1/nodes", node_list)
     app.router.add_get("/api/v1/nodes/{node_id}", node_detail)
     app.router.add_get("/api/v1/pools", pools)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -100,6 +107,28 @@ class Metrics:
         self.stale_messages = Counter(
             "lingua_stale_job_messages", "Job messages of an old attempt or another node, dropped", registry=r
         )
+        self.jobs_created = Counter(
+            "lingua_jobs_submitted", "Jobs created (one per utterance and target language)", registry=r
+        )
+
+        # Operator surface. Labels are fixed small sets (actions, results, endpoints), never ids.
+        self.admin_actions = Counter(
+            "lingua_admin_actions",
+            "Admin API requests, by action and result",
+            ["action", "result"],
+            registry=r,
+        )
+        self.operator_render = Histogram(
+            "lingua_operator_render_seconds",
+            "Event-loop time spent building an operator response (metrics, stats, dashboard frame)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # Process metrics (CPU, memory, open fds, start time) and the Python version, on this registry
+        # so that one scrape of /metrics has them; they read /proc at scrape time only.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def add_live(self, read: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Live(read))

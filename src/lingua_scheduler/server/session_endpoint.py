@@ -119,6 +119,7 @@ class SessionConnection:
             "session created",
             extra={
                 "session_id": session.session_id,
+                "trace_id": session.trace_id,
                 "platform": msg.platform,
                 "src_lang": session.src_lang,
                 "tgt_lang": session.targets[0],

@@ -128,4 +128,7 @@ class Session:
             self._timer = None
         self.state.dispatcher.cancel_session(self.session_id, self._close_reason or "session closed")
         self.state.sessions.pop(self.session_id, None)
-        log.info("session closed", extra={"session_id": self.session_id, "reason": self._close_reason})
+        log.info(
+            "session closed",
+            extra={"session_id": self.session_id, "trace_id": self.trace_id, "reason": self._close_reason},
+        )

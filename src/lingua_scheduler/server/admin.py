@@ -1,0 +1,253 @@
+"""Admin actions behind a bearer token: drain, undrain and disconnect a node, cancel a job.
+
+Owns the ``/api/v1/admin/...`` routes, their authentication and their audit trail. The token comes from
+``admin.token`` (config file or ``LINGUA_ADMIN__TOKEN``) and is compared in constant time
+(``hmac.compare_digest`` over bytes). No token configured = the admin API is disabled: every admin
+route answers 403 ``ADMIN_DISABLED`` (there is no default password to forget to change); a missing or
+wrong token is 401 ``UNAUTHORIZED``. Every admin request, refused or done, is logged with who (remote
+address and the optional ``X-Operator`` header) and what, counted in ``lingua_admin_actions_total``,
+and kept in the recent-events ring.
+
+Must never: log or echo the token, act before the token checks out, or change node or job state other
+than through the registry's and the dispatcher's own operations (which tell the node and the session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from lingua_scheduler.core.jobs import Verdict
+from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.server.events import ADMIN
+from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.state import STATE, SchedulerState
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/v1/admin"
+#: how long an action waits for its effect to show (view publication, socket close) before answering
+EFFECT_TIMEOUT = 2.0
+MAX_REASON = 200
+_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+#: result label of a refused action, by HTTP status (a fixed set: it labels a metric)
+_RESULTS = {404: "not_found", 409: "conflict"}
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status, headers=headers or None)
+
+
+def _actor(request: web.Request) -> dict[str, str]:
+    """Who asked: the peer address and what the operator calls themselves (``X-Operator``, cleaned)."""
+    operator = _PRINTABLE.sub("", request.headers.get("X-Operator", ""))[:64] or "anonymous"
+    return {"operator": operator, "remote": request.remote or "unknown"}
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # compare_digest over bytes: the time taken does not depend on where the strings differ
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def admin_action(action: str) -> Callable[[Handler], Handler]:
+    """Wrap a handler: refuse unless the admin API is enabled and the bearer token matches; audit."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.Response:
+            state = request.app[STATE]
+            token = state.config.admin.token
+            who = _actor(request)
+            target = dict(request.match_info)
+            if not token:
+                result, response = (
+                    "disabled",
+                    _error(403, "ADMIN_DISABLED", "the admin API is disabled: no admin.token is configured"),
+                )
+            elif not _authorized(request, token):
+                result, response = (
+                    "unauthorized",
+                    _error(
+                        401,
+                        ErrorCode.UNAUTHORIZED.value,
+                        "missing or invalid admin token (Authorization: Bearer <token>)",
+                        **{"WWW-Authenticate": 'Bearer realm="lingua-scheduler admin"'},
+                    ),
+                )
+            else:
+                response = await handler(request)
+                result = _RESULTS.get(response.status, "ok" if response.status < 400 else "error")
+            state.metrics.admin_actions.labels(action, result).inc()
+            level = logging.WARNING if result in ("disabled", "unauthorized") else logging.INFO
+            log.log(level, "admin action", extra={"action": action, "result": result, **who, **target})
+            if result not in ("disabled", "unauthorized") and action != "check":
+                state.events.add(ADMIN, action=action, result=result, operator=who["operator"], **target)
+            return response
+
+        guarded.__name__ = handler.__name__
+        guarded.__doc__ = handler.__doc__
+        return guarded
+
+    return wrap
+
+
+async def _reason(request: web.Request, default: str) -> str:
+    """The optional ``{"reason": "..."}`` body, cleaned and bounded; the default when absent."""
+    if not request.can_read_body:
+        return default
+    try:
+        body: Any = await request.json()
+    except ValueError:
+        return default
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        return default
+    return _PRINTABLE.sub("", reason)[:MAX_REASON]
+
+
+# --- nodes ---------------------------------------------------------------------------------------
+
+
+async def _published(state: SchedulerState, node_id: str) -> bool:
+    """Wait (bounded) until the fleet view carries the node's latest version, so that once the action
+    answers, selection no longer sees the old status. The reconciler stays the view's only writer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EFFECT_TIMEOUT
+    step = state.config.scheduler.fleet_view_interval_ms / 1000.0
+    while True:
+        entry = state.registry.nodes.get(node_id)
+        nv = state.publisher.view.get(node_id)
+        if entry is None or nv is None or nv.version >= entry.version_no:
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(step)
+
+
+def _node_body(state: SchedulerState, node_id: str, action: str, changed: bool) -> dict[str, Any]:
+    entry = state.registry.nodes[node_id]
+    return {
+        "action": action,
+        "node_id": node_id,
+        "status": entry.status.value,
+        "drain_requested": entry.drain_requested,
+        "connected": entry.connected,
+        "changed": changed,
+    }
+
+
+def _not_here(state: SchedulerState, node_id: str) -> web.Response | None:
+    """404 for an unknown node; 409 for a node another instance owns (multi-instance mode): its
+    status is that instance's to change, a change made here would be overwritten by its next record."""
+    entry = state.registry.nodes.get(node_id)
+    if entry is None:
+        return _error(404, ErrorCode.NOT_FOUND.value, f"no node {node_id!r}")
+    if entry.owner is not None:
+        return _error(
+            409, "REMOTE_NODE", f"node {node_id!r} is connected to instance {entry.owner}: act there"
+        )
+    return None
+
+
+async def _drain_or_undrain(request: web.Request, action: str) -> web.Response:
+    state = request.app[STATE]
+    node_id = request.match_info["node_id"]
+    if (refused := _not_here(state, node_id)) is not None:
+        return refused
+    registry = state.registry
+    before = registry.nodes[node_id].drain_requested
+    transitions = registry.drain(node_id) if action == "drain" else registry.undrain(node_id)
+    # node_status to the node, counted; the event ring and the log get it through apply_transitions
+    state.apply_transitions(transitions)
+    published = await _published(state, node_id)
+    changed = bool(transitions) or before != registry.nodes[node_id].drain_requested
+    body = _node_body(state, node_id, action, changed)
+    body["published"] = published
+    return web.json_response(body)
+
+
+@admin_action("drain")
+async def drain(request: web.Request) -> web.Response:
+    """Drain a node: it takes no new job; its in-flight jobs finish; it hears ``node_status draining``.
+    The request survives a reconnect (the node comes back draining) until undrained."""
+    return await _drain_or_undrain(request, "drain")
+
+
+@admin_action("undrain")
+async def undrain(request: web.Request) -> web.Response:
+    """Undo a drain: the node is schedulable again (``node_status ready``)."""
+    return await _drain_or_undrain(request, "undrain")
+
+
+@admin_action("disconnect")
+async def disconnect(request: web.Request) -> web.Response:
+    """Close the node's WebSocket (1001 going away). It goes offline at once, its in-flight jobs fail
+    over; a node client reconnects with its id and registers again (a drain is kept)."""
+    state = request.app[STATE]
+    node_id = request.match_info["node_id"]
+    if (refused := _not_here(state, node_id)) is not None:
+        return refused
+    entry = state.registry.nodes[node_id]
+    outbox = entry.conn
+    if not isinstance(outbox, Outbox):
+        return _error(409, "NOT_CONNECTED", f"node {node_id!r} is not connected to this instance")
+    reason = await _reason(request, "disconnected by operator")
+    # the close handshake is bounded: a node that does not answer it is cut off by the timeout
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        await asyncio.wait_for(
+            outbox.ws.close(code=WSCloseCode.GOING_AWAY, message=reason.encode()[:120]), EFFECT_TIMEOUT
+        )
+    # The endpoint's reader sees the close and runs the node's cleanup (offline, jobs fail over);
+    # give it a bounded moment so the answer shows the result. No event exists for that cleanup.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EFFECT_TIMEOUT
+    while entry.conn is outbox and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return web.json_response(_node_body(state, node_id, "disconnect", True))
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+
+@admin_action("cancel_job")
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a job: the node gets ``job_cancel``, the session ``error JOB_CANCELLED`` and
+    ``missing_result(job_failed)`` for the utterance. Optional body ``{"reason": "..."}``."""
+    state = request.app[STATE]
+    job_id = request.match_info["job_id"]
+    reason = await _reason(request, "cancelled by operator")
+    out = state.dispatcher.cancel_job(job_id, reason)
+    if out.verdict is Verdict.UNKNOWN or out.job is None:
+        return _error(404, ErrorCode.NOT_FOUND.value, f"no job {job_id!r}")
+    job = out.job
+    if out.verdict is not Verdict.APPLIED:
+        return _error(409, "JOB_ENDED", f"job {job_id!r} already ended ({job.state.value})")
+    return web.json_response(
+        {"action": "cancel_job", "job_id": job_id, "state": job.state.value, "attempt": job.attempt}
+    )
+
+
+@admin_action("check")
+async def check(request: web.Request) -> web.Response:
+    """200 when the token is right: lets a dashboard validate the token before offering actions."""
+    return web.json_response({"ok": True})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get(f"{PREFIX}/check", check)
+    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/drain", drain)
+    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/undrain", undrain)
+    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/disconnect", disconnect)
+    app.router.add_post(f"{PREFIX}/jobs/{{job_id}}/cancel", cancel_job)
