@@ -12,8 +12,10 @@ from lingua_scheduler.config import Config, load_config
 from lingua_scheduler.errors import ConfigError
 
 
-def _load(config_file: str | None, host: str | None, port: int | None) -> Config:
-    overrides: dict[str, dict[str, Any]] = {"server": {}}
+def _load(
+    config_file: str | None, host: str | None, port: int | None, cluster: dict[str, Any] | None = None
+) -> Config:
+    overrides: dict[str, dict[str, Any]] = {"server": {}, "cluster": cluster or {}}
     if host is not None:
         overrides["server"]["host"] = host
     if port is not None:
@@ -37,12 +39,27 @@ def main() -> None:
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), default=None, help="TOML configuration file."
 )
-def serve(host: str | None, port: int | None, config_file: str | None) -> None:
-    """Start the scheduler (embedded in-memory state)."""
+@click.option("--redis-url", default=None, help="Share state through Redis (multi-instance mode).")
+@click.option("--redis-cluster", is_flag=True, default=None, help="The Redis URL is a Redis Cluster node.")
+@click.option("--instance-id", default=None, help="This instance's id (default: hostname-pid-random).")
+def serve(
+    host: str | None,
+    port: int | None,
+    config_file: str | None,
+    redis_url: str | None,
+    redis_cluster: bool | None,
+    instance_id: str | None,
+) -> None:
+    """Start the scheduler (embedded in-memory state unless --redis-url is given)."""
     from lingua_scheduler.server.app import run
     from lingua_scheduler.server.logs import setup_logging
 
-    config = _load(config_file, host, port)
+    cluster = {
+        k: v
+        for k, v in (("redis_url", redis_url), ("redis_cluster", redis_cluster), ("instance_id", instance_id))
+        if v is not None
+    }
+    config = _load(config_file, host, port, cluster)
     setup_logging(config.server.log_level, config.server.log_levels)
     run(config)
 
@@ -86,3 +103,119 @@ def simulate_sessions(count: int, utterances: int, url: str, src_lang: str, tgt_
     summary = asyncio.run(run_sessions(url, count, utterances, src_lang=src_lang, tgt_lang=tgt_lang))
     click.echo(summary)
     sys.exit(0 if summary["unanswered"] == 0 and summary["duplicates"] == 0 else 1)
+
+
+@main.command()
+@click.option("--nodes", type=int, default=100, show_default=True, help="Simulated nodes.")
+@click.option("--sessions", type=int, default=10, show_default=True, help="Simulated client sessions.")
+@click.option("--duration", type=float, default=30.0, show_default=True, help="Measurement window, seconds.")
+@click.option(
+    "--url",
+    default=None,
+    help="Base URL of a running scheduler (http://127.0.0.1:5010). Default: start one in a subprocess.",
+)
+@click.option("--warmup", type=float, default=3.0, show_default=True, help="Seconds before the window.")
+@click.option("--rate", type=float, default=None, help="Offered utterances/s, all sessions.")
+@click.option(
+    "--session-mode",
+    type=click.Choice(["mixed", "stream", "utterance"]),
+    default="mixed",
+    show_default=True,
+    help="Streamed audio chunks, one-shot utterances, or half of each.",
+)
+@click.option("--utterance-ms", type=int, default=1000, show_default=True, help="Audio per utterance.")
+@click.option("--window", type=int, default=0, show_default=True, help="Closed loop: in flight per session.")
+@click.option("--job-latency-ms", type=float, default=200.0, show_default=True, help="Median job latency.")
+@click.option("--job-latency-sigma", type=float, default=0.5, show_default=True, help="Log-normal sigma.")
+@click.option("--failure-rate", type=float, default=0.01, show_default=True, help="Share of jobs that fail.")
+@click.option(
+    "--crash-rate", type=float, default=0.0005, show_default=True, help="Share of jobs that crash their node."
+)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    default=None,
+    help="Base heartbeat interval of the scheduler it starts (nodes always follow what the scheduler tells).",
+)
+@click.option("--fixed-interval", type=float, default=None, help="Force this heartbeat interval.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config of the scheduler it starts.",
+)
+@click.option("--node-procs", type=int, default=None, help="Node generator processes.")
+@click.option("--session-procs", type=int, default=1, show_default=True, help="Session generator processes.")
+@click.option("--server-pid", type=int, default=None, help="Pid of a local --url scheduler.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--report", "report_path", default="loadtest-report.json", show_default=True, help="JSON report path."
+)
+@click.option("--no-progress", is_flag=True, help="No live progress display.")
+def loadtest(
+    nodes: int,
+    sessions: int,
+    duration: float,
+    url: str | None,
+    warmup: float,
+    rate: float | None,
+    session_mode: str,
+    utterance_ms: int,
+    window: int,
+    job_latency_ms: float,
+    job_latency_sigma: float,
+    failure_rate: float,
+    crash_rate: float,
+    heartbeat_interval: float | None,
+    fixed_interval: float | None,
+    config_file: str | None,
+    node_procs: int | None,
+    session_procs: int,
+    server_pid: int | None,
+    seed: int,
+    report_path: str,
+    no_progress: bool,
+) -> None:
+    """Drive a scheduler with NODES simulated nodes and SESSIONS sessions; report what it sustained.
+
+    Load generators run in their own processes. At the end a JSON report is written and a summary
+    table printed: heartbeats/s and round trips, selection, dispatch overhead, end-to-end latency, jobs,
+    failovers, event-loop lag, server CPU and memory, and whether client and server counts agree.
+    """
+    from rich.console import Console
+
+    from lingua_scheduler.loadtest.runner import LoadtestOptions, run_loadtest
+    from lingua_scheduler.loadtest.workers import LoadGeneratorError
+
+    opts = LoadtestOptions(
+        nodes=nodes,
+        sessions=sessions,
+        duration=duration,
+        url=url,
+        warmup=warmup,
+        rate=rate,
+        session_mode=session_mode,
+        utterance_ms=utterance_ms,
+        window=window,
+        job_latency_ms=job_latency_ms,
+        job_latency_sigma=job_latency_sigma,
+        failure_rate=failure_rate,
+        crash_rate=crash_rate,
+        server_heartbeat_interval=heartbeat_interval,
+        fixed_interval=fixed_interval,
+        config_file=config_file,
+        node_procs=node_procs,
+        session_procs=session_procs,
+        server_pid=server_pid,
+        seed=seed,
+        report_path=report_path,
+        progress=not no_progress,
+    )
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    try:
+        run_loadtest(opts, console)
+    except (LoadGeneratorError, RuntimeError, OSError) as exc:
+        click.echo(f"lingua-scheduler loadtest: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"report written to {report_path}")
