@@ -77,7 +77,7 @@ async def scheduler_factory() -> AsyncIterator[Callable[..., Any]]:
         app = build_app(make_config(**sections))
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
-        http = aiohttp.ClientSession()
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         rs = RunningScheduler(server, app, http)
         started.append(rs)
         return rs
@@ -85,7 +85,12 @@ async def scheduler_factory() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for rs in started:
         await rs.http.close()
-        await rs.server.close()
+        # aiohttp waits up to its shutdown timeout for open handlers; a test must not hang on that
+        try:
+            await asyncio.wait_for(rs.server.close(), 15)
+        except TimeoutError:
+            tasks = [t.get_name() for t in asyncio.all_tasks() if not t.done()]
+            raise AssertionError(f"scheduler did not shut down in 15 s; live tasks: {tasks}") from None
 
 
 @pytest_asyncio.fixture
@@ -97,7 +102,7 @@ async def scheduler(scheduler_factory: Callable[..., Any]) -> RunningScheduler:
 @pytest_asyncio.fixture
 async def session_factory(scheduler: RunningScheduler) -> AsyncIterator[Callable[..., Any]]:
     sessions: list[SimulatedSession] = []
-    http = aiohttp.ClientSession()
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     def make(url: str | None = None, **kw: Any) -> SimulatedSession:
         s = SimulatedSession(http, url or scheduler.session_url, **kw)
@@ -112,7 +117,7 @@ async def session_factory(scheduler: RunningScheduler) -> AsyncIterator[Callable
 @pytest_asyncio.fixture
 async def node_factory(scheduler: RunningScheduler) -> AsyncIterator[Callable[..., Any]]:
     nodes: list[SimulatedNode] = []
-    http = aiohttp.ClientSession()
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     def make(profile: NodeProfile | None = None, url: str | None = None, **kw: Any) -> SimulatedNode:
         p = profile or NodeProfile(

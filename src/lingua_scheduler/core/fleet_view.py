@@ -213,6 +213,7 @@ class FleetViewPublisher:
             max_concurrent_jobs=self.max_concurrent_jobs,
             load=entry.load,
             pools=pools,
+            owner=entry.owner,
         )
 
     def publish(self) -> PublishStats | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lingua_scheduler.clock import Clock
@@ -22,6 +22,7 @@ from lingua_scheduler.core.capabilities import Capabilities, derive
 from lingua_scheduler.core.load import NodeLoad
 from lingua_scheduler.core.status import NodeStatus, check_transition, healthy
 from lingua_scheduler.errors import ErrorCode, NotRegisteredError, RegistrationError
+from lingua_scheduler.protocol.cluster import NodeRecord
 from lingua_scheduler.protocol.node import (
     CapabilityByType,
     HardwareInfo,
@@ -68,6 +69,10 @@ class NodeEntry:
     #: bumped on every change of capability or status; the fleet view copies only changed versions
     version_no: int = 1
     conn: object | None = None
+    #: instance that holds the node's socket; None = this instance
+    owner: str | None = None
+    #: order of the last record applied for a remote node: (epoch_ms, version) at its owner
+    remote_order: tuple[int, int] = (0, 0)
     last_heartbeat: float = 0.0
     heartbeats: int = 0
     healthy_streak: int = 0
@@ -112,6 +117,10 @@ class Registry:
         self._counts: dict[NodeStatus, int] = dict.fromkeys(NodeStatus, 0)
         self.capability_changes = 0
         self.suppressed_offline = 0
+        #: owned nodes whose capabilities or status changed since the cluster shell last published
+        self.changed_local: set[str] = set()
+        #: called when ``changed_local`` gains a node (the cluster shell wakes its publisher)
+        self.on_local_change: Callable[[], None] | None = None
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -161,6 +170,7 @@ class Registry:
                 entry.caps = caps
                 self.capability_changes += 1
             entry.conn = conn
+            entry.owner = None  # the node reconnected here: this instance owns it now
             entry.registered_at = now
             entry.registered_wall_ms = self.clock.wall_ms()
             entry.healthy_streak = entry.unhealthy_streak = 0
@@ -311,8 +321,8 @@ class Registry:
         out: list[Transition] = []
         silent: list[NodeEntry] = []
         for entry in self.nodes.values():
-            if entry.status is NodeStatus.OFFLINE:
-                continue
+            if entry.status is NodeStatus.OFFLINE or entry.owner is not None:
+                continue  # remote nodes' liveness is their owner's business
             if now - entry.last_heartbeat > timeout:
                 silent.append(entry)
             elif entry.status is NodeStatus.REGISTERING and now - entry.registered_at > warmup:
@@ -325,6 +335,92 @@ class Registry:
             for entry in silent:
                 out.append(self._set_status(entry, NodeStatus.OFFLINE, "heartbeat timeout", now))
         return ScanOutcome(tuple(out), suppressed)
+
+    # --- remote nodes (owned by other instances) ---------------------------------------------
+
+    def upsert_remote(self, rec: NodeRecord) -> tuple[NodeStatus, NodeStatus] | None:
+        """Apply another instance's record of a node. Stale records (older order) and records of
+        nodes connected here are ignored. Returns (old, new) status when it changed, else None."""
+        entry = self.nodes.get(rec.node_id)
+        if entry is not None and entry.owner is None and entry.conn is not None:
+            return None  # connected here: our own view is authoritative
+        if entry is not None and entry.owner is not None and rec.order <= entry.remote_order:
+            return None
+        features = frozenset(rec.features)
+        caps = derive(rec.services, rec.by_type, rec.models, rec.languages, features)
+        now = self.clock.monotonic()
+        status = NodeStatus(rec.status)
+        if entry is None:
+            entry = NodeEntry(
+                node_id=rec.node_id,
+                name=rec.node_id,
+                version="remote",
+                platform="remote",
+                hardware=rec.hardware,
+                accept_public_jobs=rec.accept_public_jobs,
+                features=features,
+                registered_at=now,
+                registered_wall_ms=rec.epoch_ms,
+                services=rec.services,
+                by_type=rec.by_type,
+                models=rec.models,
+                languages=rec.languages,
+                caps=caps,
+                status=NodeStatus.OFFLINE,
+                owner=rec.owner,
+            )
+            self.nodes[rec.node_id] = entry
+            self._counts[NodeStatus.OFFLINE] += 1
+        old = entry.status
+        entry.owner, entry.remote_order = rec.owner, rec.order
+        entry.hardware, entry.accept_public_jobs, entry.features = (
+            rec.hardware,
+            rec.accept_public_jobs,
+            features,
+        )
+        entry.services, entry.by_type, entry.models, entry.languages = (
+            rec.services,
+            rec.by_type,
+            rec.models,
+            rec.languages,
+        )
+        if caps != entry.caps:
+            entry.caps = caps
+        entry.last_heartbeat = now
+        self._force_status(entry, status, f"record from {rec.owner}", now)
+        return (old, status) if old is not status else None
+
+    def remote_load(self, node_id: str, running: int, cpu: float, gpu: float, mem: float) -> None:
+        entry = self.nodes.get(node_id)
+        if entry is not None and entry.owner is not None:
+            entry.load.report(cpu, gpu if gpu >= 0 else None, None, mem, running, self.clock.monotonic())
+
+    def remove_remote(self, node_id: str) -> NodeStatus | None:
+        """Forget a remote node (its owner removed it, or died). Returns its last status."""
+        entry = self.nodes.get(node_id)
+        if entry is None or entry.owner is None:
+            return None
+        del self.nodes[node_id]
+        self._counts[entry.status] -= 1
+        self._dirty.setdefault(node_id, self.clock.monotonic())
+        return entry.status
+
+    def remote_nodes_of(self, owner: str) -> list[str]:
+        return [e.node_id for e in self.nodes.values() if e.owner == owner]
+
+    def local_nodes(self) -> list[NodeEntry]:
+        return [e for e in self.nodes.values() if e.owner is None]
+
+    def _force_status(self, entry: NodeEntry, new: NodeStatus, reason: str, now: float) -> None:
+        """Status of a remote node, as its owner decided (the owner's table applied there)."""
+        old = entry.status
+        entry.version_no += 1
+        if old is not new:
+            entry.status = new
+            self._counts[old] -= 1
+            self._counts[new] += 1
+            entry.history.append((now, f"{old} -> {new}: {reason}"))
+        self._dirty.setdefault(entry.node_id, now)
 
     # --- operator actions -----------------------------------------------------------------------
 
@@ -368,6 +464,10 @@ class Registry:
 
     def _mark(self, entry: NodeEntry, now: float) -> None:
         self._dirty.setdefault(entry.node_id, now)
+        if entry.owner is None:
+            self.changed_local.add(entry.node_id)
+            if self.on_local_change is not None:
+                self.on_local_change()
 
     def take_dirty(self) -> dict[str, float]:
         """Hand the changed node ids (with the time each first changed) to the publisher; clears them."""
@@ -398,6 +498,6 @@ class Registry:
             assert nid == e.node_id, f"{nid} stored under the wrong key"
             counts[e.status] += 1
             assert e.load.inflight >= 0
-            if e.status is not NodeStatus.OFFLINE and e.conn is None:
+            if e.status is not NodeStatus.OFFLINE and e.conn is None and e.owner is None:
                 raise AssertionError(f"{nid} is {e.status} without a connection")
         assert counts == self._counts, f"status counts drifted: {counts} != {self._counts}"

@@ -154,7 +154,8 @@ class SelectionResult(NamedTuple):
     mode: str
     #: pool the node came from (None when none, or when the paired node was used)
     pool_id: str | None
-    #: first pool tried
+    #: the preferred pool: its first shard tried, or its group id when it has no member (so that
+    #: falling back from an empty preferred pool shows as a fallback); None when no pool is eligible
     preferred_pool: str | None
     #: eligible groups (logical pools) for the request
     pool_count: int
@@ -226,11 +227,12 @@ class Selector:
             preferred_outcome = self._preferred(view, req, src, tgt)
             if preferred_outcome == "used":
                 return SelectionResult(req.preferred_node, mode, None, None, 0, (), bd, "used")
-        groups, pool_count = self._plan(view, req, src, tgt)
+        groups, pool_count, preferred = self._plan(view, req, src, tgt)
         # Pool members serve their pair by construction: the language check only applies elsewhere.
         check_lang = mode != LANGUAGE_PAIR
         attempts: list[Attempt] = []
-        first: str | None = None
+        # ``view.groups`` holds only groups with a shard: an empty preferred group is named as such
+        first: str | None = None if preferred is None or preferred in view.groups else preferred
         d = layout.config.choices
         for sid in self._shards(view, req, groups):
             first = first or sid
@@ -248,25 +250,28 @@ class Selector:
 
     # --- which pools ----------------------------------------------------------------------------
 
-    def _plan(self, view: FleetView, req: SelectionRequest, src: str, tgt: str) -> tuple[Iterable[str], int]:
-        """Groups to try, preferred first, and how many groups are eligible."""
+    def _plan(
+        self, view: FleetView, req: SelectionRequest, src: str, tgt: str
+    ) -> tuple[Iterable[str], int, str | None]:
+        """Groups to try (preferred first), how many groups are eligible, and the preferred group."""
         layout = view.layout
         cfg = layout.config
         override = layout.tenant_overrides.get(req.tenant_id or req.routing_key)
         if layout.mode == LANGUAGE_PAIR:
             g = pair_group(src, tgt)
-            return ((g,) if g in view.groups else ()), int(g in view.groups)
+            return ((g,), 1, g) if g in view.groups else ((), 0, None)
         if layout.mode == CAPABILITY:
             eligible = layout.eligible_capability_groups(req.required)
             if not eligible:
-                return (), 0
+                return (), 0, None
             if override is not None and override in eligible:
                 idx = eligible.index(override)
             elif cfg.session_affinity:
                 idx = pick_index_for_key(len(eligible), cfg.hash_seed, req.routing_key)
             else:
                 idx = int(self.rng.random() * len(eligible))
-            return (iter_ring(eligible, idx) if cfg.fallback else (eligible[idx],)), len(eligible)
+            ring = iter_ring(eligible, idx) if cfg.fallback else (eligible[idx],)
+            return ring, len(eligible), eligible[idx]
         assert layout.mode == HASH
         n = cfg.pool_count
         if override is not None and override in layout.group_ids:
@@ -276,7 +281,7 @@ class Selector:
         else:
             b = int(self.rng.random() * n)
         order = probe_order(n, b) if cfg.fallback else [b]
-        return (hash_group(i) for i in order), n
+        return (hash_group(i) for i in order), n, hash_group(b)
 
     def _shards(self, view: FleetView, req: SelectionRequest, groups: Iterable[str]) -> Iterator[str]:
         cfg = view.layout.config

@@ -11,7 +11,8 @@ from aiohttp import web
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
-from lingua_scheduler.server import http_api, tasks
+from lingua_scheduler.server import admin, dashboard, http_api, openapi, stats, tasks
+from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -26,6 +27,15 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.router.add_get("/ws/node", node_ws)
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
+    stats.setup(app)
+    admin.add_routes(app)
+    dashboard.add_routes(app)
+    openapi.add_routes(app)
+    if config.cluster.redis_url:
+        store = make_store(config.cluster, make_instance_id(config.cluster.instance_id))
+        cluster = Cluster(state, store, config.cluster)
+        state.dispatcher.cluster = cluster
+        state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     app.cleanup_ctx.append(_background)
     return app
 
@@ -38,7 +48,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(tasks.liveness_scan(state), name="liveness-scan"),
         asyncio.create_task(state.dispatcher.run(), name="job-deadlines"),
     ]
+    cluster = state.dispatcher.cluster
+    if cluster is not None:
+        await cluster.start()
     yield
+    if cluster is not None:
+        await cluster.stop()
     for t in running:
         t.cancel()
     for t in running:

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from lingua_scheduler.core.jobs import Job, JobSpec, JobState, JobStore, Outcome, Verdict
@@ -24,6 +25,7 @@ from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.core.selection import SelectionRequest, Selector
 from lingua_scheduler.core.unavailable import UnavailableMarks
 from lingua_scheduler.errors import ErrorCode, NoAvailableNodeError
+from lingua_scheduler.protocol.cluster import CancelOnNode, Dispatch
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ErrorMessage, ServiceType
 from lingua_scheduler.protocol.node import (
     JobAck,
@@ -44,15 +46,26 @@ from lingua_scheduler.protocol.session import (
     UiEventType,
     error_ui_event,
 )
+from lingua_scheduler.server.events import FAILOVER, JOB_FAILED
 from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.store.base import JobRecord, StoreUnavailable
 
 if TYPE_CHECKING:
+    from lingua_scheduler.server.cluster import Cluster
     from lingua_scheduler.server.sessions import Session
     from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
 
 EVICT_EVERY = 1.0
+#: a reservation outlives the ack deadline by this much (the ack commits it for the execution)
+RESERVE_MARGIN_MS = 1000
+#: a node whose reservation was refused is left alone this long by this instance
+RESERVE_RETRY_S = 0.2
+#: distinct language pairs counted in ``created_by_pair``; the rest count under OTHER_PAIR (sessions
+#: choose languages, so an unbounded dict would be theirs to grow)
+MAX_COUNTED_PAIRS = 256
+OTHER_PAIR = "other"
 #: most nodes one selection may examine before giving up (a full pair at 50k nodes is ~45k)
 SCAN_BUDGET = 2000
 
@@ -86,10 +99,18 @@ class Dispatcher:
         self._finalized_at: dict[str, float] = {}
         #: job id -> the last selection's dominant exclusion reason (explains NO_AVAILABLE_NODE)
         self._last_reason: dict[str, str] = {}
-        #: job id -> (node, load epoch token) of its current attempt, to take it off the node's load
-        self._load_tokens: dict[str, tuple[str, int]] = {}
+        #: job id -> (node, load epoch token, reservation member) of its current attempt
+        self._load_tokens: dict[str, tuple[str, int, str | None]] = {}
+        #: jobs whose reservation is in flight (multi-instance mode)
+        self._placing: set[str] = set()
+        #: nodes whose reservation was just refused (full in the shared count)
+        self._reserve_refused: set[str] = set()
+        #: set by the app in multi-instance mode
+        self.cluster: Cluster | None = None
         self._wake = asyncio.Event()
         self._last_evict = 0.0
+        #: jobs created per directed language pair since start (the dashboard's demand per pair)
+        self.created_by_pair: dict[str, int] = {}
 
     # --- sessions -> jobs -----------------------------------------------------------------------
 
@@ -135,13 +156,19 @@ class Dispatcher:
                     out = self.store.create(spec, utt.audio)
                 except NoAvailableNodeError as exc:
                     log.warning(
-                        "job refused", extra={"session_id": session.session_id, "reason": exc.message}
+                        "job refused",
+                        extra={
+                            "session_id": session.session_id,
+                            "trace_id": session.trace_id,
+                            "reason": exc.message,
+                        },
                     )
                     continue
                 if out.verdict is Verdict.DUPLICATE or out.job is None:
                     continue
                 job_ids.append(out.job.job_id)
                 self._finalized_at[out.job.job_id] = now
+                self._count_created(spec.src_lang, spec.tgt_lang)
                 if out.job.state is JobState.FAILED:
                     failed.append(out.job)
             session.results.expect(utt.index, job_ids)
@@ -157,6 +184,14 @@ class Dispatcher:
                 self._report_failure(job)
         self.pump()
 
+    def _count_created(self, src: str, tgt: str) -> None:
+        self.state.metrics.jobs_created.inc()
+        pair = f"{src}->{tgt}"
+        counts = self.created_by_pair
+        if pair not in counts and len(counts) >= MAX_COUNTED_PAIRS:
+            pair = OTHER_PAIR
+        counts[pair] = counts.get(pair, 0) + 1
+
     # --- placement ------------------------------------------------------------------------------
 
     def pump(self) -> None:
@@ -166,16 +201,21 @@ class Dispatcher:
         state = self.state
         view = state.publisher.view
         m = state.metrics
+        shared = self.cluster is not None and not self.cluster.degraded
         #: requests that found nothing in this pass: nothing frees capacity mid-pass, so do not repeat
         hopeless: set[tuple[object, ...]] = set()
         for job in self.store.dispatchable():
+            if job.job_id in self._placing:
+                continue
             spec = job.spec
+            # Without fallback the routing key decides the one pool tried, so it is part of the request.
+            routing = spec.tenant_id if state.config.pools.fallback else (spec.tenant_id or spec.session_id)
             key = (
                 spec.src_lang,
                 spec.tgt_lang,
                 spec.pipeline,
                 spec.features,
-                spec.tenant_id,
+                routing,
                 tuple(job.tried_nodes),
             )
             if key in hopeless:
@@ -187,34 +227,130 @@ class Dispatcher:
                 features=spec.features.enabled() if spec.features else frozenset(),
                 routing_key=spec.tenant_id or spec.session_id,
                 tenant_id=spec.tenant_id,
-                exclude=frozenset(job.tried_nodes),
+                exclude=frozenset(job.tried_nodes) | self._reserve_refused,
             )
             t0 = time.perf_counter()
             result = self.selector.select(view, req)
             m.selection_seconds.observe(time.perf_counter() - t0)
             node_id = result.node_id
             entry = state.registry.nodes.get(node_id) if node_id is not None else None
-            outbox = entry.conn if entry is not None else None
-            if node_id is None or entry is None or not isinstance(outbox, Outbox):
+            if (
+                node_id is None
+                or entry is None
+                or (entry.owner is None and not isinstance(entry.conn, Outbox))
+            ):
                 m.selections.labels("no_node").inc()
                 self._last_reason[job.job_id] = result.best_reason
                 hopeless.add(key)
                 continue
             m.selections.labels("ok").inc()
-            self.store.dispatch(job.job_id, node_id)
-            self._load_tokens[job.job_id] = (node_id, entry.load.dispatched())
-            if not outbox.send(self._assign(job)):
-                self._apply(self.store.failover(job.job_id, "send failed", cancel=False), "send_failed")
-                continue
-            started = self._finalized_at.pop(job.job_id, None)
-            if started is not None:
-                elapsed = time.perf_counter() - started
-                m.job_dispatch.observe(elapsed)
-                state.dispatch_window.record(elapsed)
-            session = state.sessions.get(spec.session_id)
-            if session is not None:
-                session.send(self._ui(job, UiEventType.DISPATCHED))
+            if shared:
+                # Another instance may place work on the same node: take a slot in the shared store first.
+                self._placing.add(job.job_id)
+                asyncio.get_running_loop().create_task(self._place_shared(job.job_id, job.attempt, node_id))
+            else:
+                self._send_assign(job, node_id, None)
         self._wake.set()
+
+    def _send_assign(self, job: Job, node_id: str, member: str | None) -> None:
+        """Record the dispatch and write ``job_assign`` to a local node (or hand it to its owner)."""
+        state = self.state
+        entry = state.registry.nodes[node_id]
+        self.store.dispatch(job.job_id, node_id)
+        self._load_tokens[job.job_id] = (node_id, entry.load.dispatched(), member)
+        self._record(job)
+        assign = self._assign(job)
+        if entry.owner is not None and self.cluster is not None:
+            asyncio.get_running_loop().create_task(
+                self._send_remote(job.job_id, job.attempt, entry.owner, node_id, assign)
+            )
+        elif not (isinstance(entry.conn, Outbox) and entry.conn.send(assign)):
+            self._apply(self.store.failover(job.job_id, "send failed", cancel=False), "send_failed")
+            return
+        started = self._finalized_at.pop(job.job_id, None)
+        if started is not None:
+            elapsed = time.perf_counter() - started
+            state.metrics.job_dispatch.observe(elapsed)
+            state.dispatch_window.record(elapsed)
+        session = state.sessions.get(job.session_id)
+        if session is not None:
+            session.send(self._ui(job, UiEventType.DISPATCHED))
+
+    async def _place_shared(self, job_id: str, attempt: int, node_id: str) -> None:
+        """Reserve a slot on ``node_id`` in the shared store, then dispatch (multi-instance mode)."""
+        assert self.cluster is not None
+        state = self.state
+        member = f"{job_id}:{attempt}"
+        ttl = state.config.jobs.ack_timeout_ms + RESERVE_MARGIN_MS
+        try:
+            res = await self.cluster.store.reserve(
+                node_id,
+                member,
+                state.config.scheduler.max_concurrent_jobs_per_node,
+                ttl,
+                state.clock.wall_ms(),
+            )
+        except StoreUnavailable as exc:
+            await self.cluster.suspect(str(exc))
+            self._placing.discard(job_id)
+            self.pump()  # degraded: local nodes are dispatched without reservations; else try again
+            return
+        self._placing.discard(job_id)
+        job = self.store.get(job_id)
+        entry = state.registry.nodes.get(node_id)
+        if job is None or job.state is not JobState.CREATED or job.attempt != attempt or entry is None:
+            if res.ok:
+                self._release_slot(node_id, member)
+            self.pump()
+            return
+        if not res.ok:
+            # Our view of the node's load was behind the shared count: leave the node alone briefly.
+            log.info(
+                "reservation refused", extra={"job_id": job_id, "node_id": node_id, "reason": res.reason}
+            )
+            self._last_reason[job_id] = f"reservation {res.reason.lower()}"
+            self._reserve_refused.add(node_id)
+            asyncio.get_running_loop().call_later(RESERVE_RETRY_S, self._retry_refused, node_id)
+            self.pump()
+            return
+        self._send_assign(job, node_id, member)
+
+    def _retry_refused(self, node_id: str) -> None:
+        self._reserve_refused.discard(node_id)
+        self.pump()
+
+    async def _send_remote(
+        self, job_id: str, attempt: int, owner: str, node_id: str, assign: JobAssign
+    ) -> None:
+        assert self.cluster is not None
+        try:
+            await self.cluster.store.send(
+                owner, Dispatch(node_id=node_id, reply_to=self.cluster.instance_id, assign=assign)
+            )
+        except StoreUnavailable as exc:
+            self.cluster.suspect_soon(str(exc))
+            self.remote_dispatch_failed(job_id, attempt, node_id, "shared store unreachable")
+
+    def remote_dispatch_failed(self, job_id: str, attempt: int, node_id: str, reason: str) -> None:
+        """The node's instance could not deliver our job_assign: fail over at once."""
+        job = self.store.get(job_id)
+        if (
+            job is None
+            or job.attempt != attempt
+            or job.node_id != node_id
+            or job.state is not JobState.DISPATCHED
+        ):
+            return
+        self._apply(self.store.failover(job_id, reason, cancel=False), "send_failed")
+
+    def deliver_to_local_node(self, node_id: str, message: JobAssign | JobCancel) -> bool:
+        entry = self.state.registry.nodes.get(node_id)
+        if entry is None or entry.owner is not None or not isinstance(entry.conn, Outbox):
+            return False
+        return entry.conn.send(message)
+
+    def cancel_on_local_node(self, node_id: str, job_id: str, reason: str) -> None:
+        self.deliver_to_local_node(node_id, JobCancel(job_id=job_id, reason=reason))
 
     def _assign(self, job: Job) -> JobAssign:
         spec = job.spec
@@ -244,12 +380,17 @@ class Dispatcher:
     # --- node messages --------------------------------------------------------------------------
 
     def on_node_message(self, node_id: str, msg: object) -> None:
-        """A job message from a node whose binding the endpoint already checked."""
+        """A job message from a node whose binding the endpoint already checked (or, forwarded by the
+        node's instance, from a node connected there)."""
         store = self.store
+        job_id = getattr(msg, "job_id", "")
+        if self.cluster is not None and store.get(job_id) is None and self.cluster.forward(node_id, msg):
+            return  # the job belongs to a session on another instance
         if isinstance(msg, JobAck):
             out = store.on_ack(msg.job_id, msg.attempt_id, node_id)
             if out.verdict is Verdict.APPLIED and out.job is not None:
                 self._to_session(out.job, self._ui(out.job, UiEventType.NODE_ACCEPTED))
+                self._commit_slot(out.job)
         elif isinstance(msg, JobStarted):
             out = store.on_started(msg.job_id, msg.attempt_id, node_id)
         elif isinstance(msg, NodeAsrPartial):
@@ -272,6 +413,8 @@ class Dispatcher:
             out = self._on_result(node_id, msg)
         else:
             return
+        if out.verdict is Verdict.APPLIED and out.job is not None:
+            self._record(out.job)
         if out.verdict is Verdict.STALE:
             self.state.metrics.stale_messages.inc()
             log.info(
@@ -349,7 +492,26 @@ class Dispatcher:
         self._release(out)
         if job.state is JobState.CREATED:
             self.state.metrics.failovers.labels(why).inc()
-            log.info("job failover", extra={"job_id": job.job_id, "attempt": job.attempt, "reason": why})
+            old_node = out.freed_node or out.cancel_node
+            log.info(
+                "job failover",
+                extra={
+                    "job_id": job.job_id,
+                    "session_id": job.session_id,
+                    "trace_id": job.spec.trace_id,
+                    "node_id": old_node,
+                    "attempt": job.attempt,
+                    "reason": why,
+                },
+            )
+            self.state.events.add(
+                FAILOVER,
+                job_id=job.job_id,
+                session_id=job.session_id,
+                node_id=old_node,
+                attempt=job.attempt,
+                reason=why,
+            )
         elif job.state in (JobState.FAILED, JobState.TIMED_OUT):
             self._report_failure(job)
         elif job.state is JobState.CANCELLED:
@@ -358,20 +520,63 @@ class Dispatcher:
 
     def _release(self, out: Outcome) -> None:
         nodes = self.state.registry.nodes
+        if out.job is not None:
+            self._record(out.job)
         if out.freed_node is not None and out.job is not None:
-            node_id, token = self._load_tokens.pop(out.job.job_id, (out.freed_node, None))
+            node_id, token, member = self._load_tokens.pop(out.job.job_id, (out.freed_node, None, None))
             if (entry := nodes.get(out.freed_node)) is not None:
                 entry.load.finished(token if node_id == out.freed_node else None)
+            if member is not None:
+                self._release_slot(out.freed_node, member)
         if out.cancel_node is not None and out.job is not None:
+            cancel = JobCancel(
+                job_id=out.job.job_id,
+                trace_id=out.job.spec.trace_id,
+                reason="failover" if not out.job.terminal else "cancelled",
+            )
             entry = nodes.get(out.cancel_node)
-            if entry is not None and isinstance(entry.conn, Outbox):
-                entry.conn.send(
-                    JobCancel(
-                        job_id=out.job.job_id,
-                        trace_id=out.job.spec.trace_id,
-                        reason="failover" if not out.job.terminal else "cancelled",
-                    )
+            if entry is not None and entry.owner is not None and self.cluster is not None:
+                self.cluster.send_soon(entry.owner, CancelOnNode(node_id=out.cancel_node, cancel=cancel))
+            elif entry is not None and isinstance(entry.conn, Outbox):
+                entry.conn.send(cancel)
+
+    # --- shared-store bookkeeping (multi-instance mode; no-ops when embedded) ---------------------------
+
+    def _record(self, job: Job) -> None:
+        if self.cluster is not None:
+            self.cluster.job_changed(
+                JobRecord(
+                    job.job_id,
+                    job.state.value,
+                    job.attempt,
+                    job.node_id,
+                    self.cluster.instance_id,
+                    job.session_id,
+                    job.terminal,
                 )
+            )
+
+    def _release_slot(self, node_id: str, member: str) -> None:
+        if self.cluster is not None:
+            asyncio.get_running_loop().create_task(
+                self._store_call(self.cluster.store.release(node_id, member))
+            )
+
+    def _commit_slot(self, job: Job) -> None:
+        tokens = self._load_tokens.get(job.job_id)
+        if self.cluster is None or tokens is None or tokens[2] is None:
+            return
+        ttl = self.state.config.jobs.exec_timeout_max_ms + RESERVE_MARGIN_MS
+        coro = self.cluster.store.commit(tokens[0], tokens[2], ttl, self.state.clock.wall_ms())
+        asyncio.get_running_loop().create_task(self._store_call(coro))
+
+    async def _store_call(self, coro: Awaitable[object]) -> None:
+        try:
+            await coro
+        except StoreUnavailable as exc:
+            # A lost release or commit heals itself: reservations expire and are reaped by reserve.
+            if self.cluster is not None:
+                self.cluster.suspect_soon(str(exc))
 
     def _report_failure(self, job: Job) -> None:
         m = self.state.metrics
@@ -380,7 +585,24 @@ class Dispatcher:
         message = job.error_message or "the job failed"
         if code == ErrorCode.NO_AVAILABLE_NODE and job.job_id in self._last_reason:
             message = f"{message} (most nodes excluded by: {self._last_reason[job.job_id]})"
-        log.info("job failed", extra={"job_id": job.job_id, "session_id": job.session_id, "code": code})
+        log.info(
+            "job failed",
+            extra={
+                "job_id": job.job_id,
+                "session_id": job.session_id,
+                "trace_id": job.spec.trace_id,
+                "node_id": job.node_id,
+                "code": code,
+            },
+        )
+        self.state.events.add(
+            JOB_FAILED,
+            job_id=job.job_id,
+            session_id=job.session_id,
+            node_id=job.node_id,
+            state=job.state.value,
+            code=code,
+        )
         session = self.state.sessions.get(job.session_id)
         self._forget(job)
         if session is None:
@@ -466,6 +688,28 @@ class Dispatcher:
     def cancel_session(self, session_id: str, reason: str) -> None:
         for out in self.store.cancel_session(session_id, reason):
             self._apply(out, "session_closed")
+
+    def cancel_job(self, job_id: str, reason: str) -> Outcome:
+        """Cancel one job (operator action): the node gets ``job_cancel`` and its load back, the session
+        an ``error`` (JOB_CANCELLED) and ``missing_result(job_failed)`` for the utterance, so its result
+        queue moves on. ``UNKNOWN``/``DUPLICATE`` verdicts (no such job, already ended) change nothing."""
+        out = self.store.cancel(job_id, reason)
+        job = out.job
+        if out.verdict is not Verdict.APPLIED or job is None:
+            return out
+        self._apply(out, "cancelled")
+        session = self.state.sessions.get(job.session_id)
+        if session is not None:
+            session.send(
+                ErrorMessage(
+                    code=ErrorCode.JOB_CANCELLED.value,
+                    message=reason,
+                    details={"job_id": job.job_id, "utterance_index": job.utterance_index},
+                )
+            )
+            self.deliver(session, session.results.fail(job.utterance_index, job.job_id))
+        self.pump()  # the freed slot may take a waiting job
+        return out
 
     def live_jobs_of(self, session_id: str) -> int:
         return sum(1 for j in self.store.jobs_of(session_id) if not j.terminal)

@@ -21,6 +21,7 @@ from lingua_scheduler.core.registry import Registry, Transition
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.node import NodeStatusMessage
 from lingua_scheduler.server.dispatcher import Dispatcher
+from lingua_scheduler.server.events import NODE_STATUS, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
@@ -28,6 +29,11 @@ from lingua_scheduler.server.outbox import Outbox
 
 if TYPE_CHECKING:
     from lingua_scheduler.server.sessions import Session
+
+#: one readiness check for ``GET /ready``: returns (name, ok); must be cheap and must not block
+ReadinessCheck = Callable[[], tuple[str, bool]]
+#: node status changes worth an operator's attention (joins and recoveries to ready are not)
+_NOTABLE = frozenset({NodeStatus.OFFLINE, NodeStatus.DEGRADED, NodeStatus.DRAINING})
 
 
 class SchedulerState:
@@ -37,7 +43,10 @@ class SchedulerState:
         self.started_at = time.time()
         self.registry = Registry(config.node_health, self.clock)
         self.publisher = FleetViewPublisher(
-            self.registry, self.clock, max_concurrent_jobs=config.scheduler.max_concurrent_jobs_per_node
+            self.registry,
+            self.clock,
+            max_concurrent_jobs=config.scheduler.max_concurrent_jobs_per_node,
+            pools_config=config.pools,
         )
         self.metrics = Metrics()
         self.loop_lag = LoopLagMonitor()
@@ -45,6 +54,10 @@ class SchedulerState:
         self.dispatch_window = LatencyWindow(65536)
         self.metrics.add_live(self._live_metrics)
         self.sessions: dict[str, Session] = {}
+        #: recent failovers, job failures, node trouble and admin actions (bounded; dashboard, API)
+        self.events = RecentEvents(self.clock)
+        #: ``GET /ready`` is 200 only when all of these pass (the Redis store adds its own)
+        self.readiness_checks: list[ReadinessCheck] = []
         self.dispatcher = Dispatcher(self)
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
@@ -55,6 +68,10 @@ class SchedulerState:
         """Tell each node about its status change (``node_status``) and count it."""
         for t in transitions:
             self.metrics.status_transitions.labels(t.new.value).inc()
+            if t.new in _NOTABLE or t.old in _NOTABLE - {NodeStatus.OFFLINE}:
+                self.events.add(
+                    NODE_STATUS, node_id=t.node_id, old=t.old.value, new=t.new.value, reason=t.reason
+                )
             entry = self.registry.nodes.get(t.node_id)
             conn = entry.conn if entry is not None else None
             if isinstance(conn, Outbox):
@@ -83,6 +100,18 @@ class SchedulerState:
             "nodes": {s.value: counts[s] for s in NodeStatus},
             "nodes_total": len(self.registry),
             "fleet_view_version": self.publisher.view.version,
+            **self._cluster_health(),
+        }
+
+    def _cluster_health(self) -> dict[str, object]:
+        cluster = self.dispatcher.cluster
+        if cluster is None:
+            return {"mode": "embedded"}
+        return {
+            "mode": "redis",
+            "instance_id": cluster.instance_id,
+            "store": "degraded" if cluster.degraded else "ok",
+            "status": "degraded" if cluster.degraded else "ok",
         }
 
     def _live_metrics(self) -> Iterable[Metric]:
@@ -116,6 +145,20 @@ class SchedulerState:
             "lingua_heartbeat_interval_seconds",
             "Heartbeat interval asked of nodes",
             self.registry.heartbeat_interval(),
+        )
+        yield counter(
+            "lingua_pool_reassignments", "Node pool-membership changes", self.publisher.reassignments
+        )
+        yield gauge("lingua_sessions", "Open client sessions", len(self.sessions))
+        yield gauge(
+            "lingua_jobs_inflight", "Jobs dispatched and not yet ended", self.dispatcher.store.inflight
+        )
+        yield gauge("lingua_jobs_waiting", "Jobs waiting for a node", self.dispatcher.store.waiting)
+        cluster = self.dispatcher.cluster
+        yield gauge(
+            "lingua_store_degraded",
+            "1 while the shared store (Redis) is unreachable",
+            1.0 if cluster is not None and cluster.degraded else 0.0,
         )
 
 

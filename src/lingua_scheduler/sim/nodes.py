@@ -66,9 +66,17 @@ class SimulatedNode:
         interval: float | None = None,
         seed: int = 0,
         executor: Executor | None = None,
+        fallback_urls: tuple[str, ...] = (),
+        reconnect: bool = False,
     ) -> None:
         self.http = http
         self.url = url
+        #: with ``reconnect``, a lost connection is re-established (with backoff) on these in turn
+        self.urls = (url, *fallback_urls)
+        self.reconnect = reconnect
+        self.reconnects = 0
+        self._closing = False
+        self._connected = asyncio.Event()
         self.profile = profile
         self.node_id = node_id
         self.fixed_interval = interval
@@ -89,11 +97,14 @@ class SimulatedNode:
         self.jobs_received = 0
         self.jobs_done = 0
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        #: most jobs this node ran at once (tests of over-commitment)
+        self.max_running = 0
 
     # --- connection -----------------------------------------------------------------------------
 
     async def connect(self) -> None:
         self.ws = await self.http.ws_connect(self.url, autoping=True, max_msg_size=64 * 1024 * 1024)
+        self._connected.set()
         self._tasks.append(asyncio.create_task(self._reader()))
 
     async def register(self, timeout: float = 10.0) -> dict[str, Any]:
@@ -117,6 +128,7 @@ class SimulatedNode:
         return reply
 
     async def close(self) -> None:
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -128,6 +140,7 @@ class SimulatedNode:
 
     async def kill(self) -> None:
         """Drop the TCP connection without a close handshake (a crashed node)."""
+        self._closing = True
         for t in self._tasks:
             t.cancel()
         if self.ws is not None:
@@ -138,6 +151,8 @@ class SimulatedNode:
     # --- messages -------------------------------------------------------------------------------
 
     async def send(self, msg: msgspec.Struct | dict[str, Any]) -> None:
+        if self.reconnect and not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), 15)
         assert self.ws is not None
         await self.ws.send_str(_enc.encode(msg).decode())
 
@@ -182,7 +197,41 @@ class SimulatedNode:
 
     async def _reader(self) -> None:
         assert self.ws is not None
-        async for frame in self.ws:
+        try:
+            await self._read(self.ws)
+        finally:
+            self._connected.clear()
+            if self.reconnect and not self._closing:
+                asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Connect again (next URL each try, backoff up to 1 s), re-register with our id, heartbeat."""
+        delay = 0.05
+        for t in [t for t in self._tasks if not t.done() and t is not asyncio.current_task()]:
+            t.cancel()
+        self._tasks.clear()
+        attempt = 0
+        while not self._closing:
+            self.url = self.urls[attempt % len(self.urls)]
+            attempt += 1
+            try:
+                await self.connect()
+                reply = await self.register()
+                if reply["type"] != "node_register_ack":
+                    raise ConnectionError(reply.get("code", "register refused"))
+            except (TimeoutError, OSError, aiohttp.ClientError, ConnectionError):
+                if self.ws is not None:
+                    await self.ws.close()
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+                continue
+            self.reconnects += 1
+            await self.heartbeat()
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+            return
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for frame in ws:
             if frame.type is not aiohttp.WSMsgType.TEXT:
                 continue
             msg = _dec.decode(frame.data)
@@ -226,6 +275,7 @@ class SimulatedNode:
                 await self.send(self._result(job, ids, success=True))
                 return
             self.running_jobs += 1
+            self.max_running = max(self.max_running, self.running_jobs)
             await self.send({"type": "job_ack", **ids})
             if ex.behavior is Behavior.CRASH_MID_JOB:
                 await asyncio.sleep(ex.latency / 2)

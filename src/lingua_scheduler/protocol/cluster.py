@@ -1,0 +1,94 @@
+"""Messages between scheduler instances, and the node records they share through the state store.
+
+``NodeRecord`` carries what a node reported (the same wire structs the node sent), so every instance
+derives capabilities with the same code; ``(epoch_ms, version)`` orders records of one node across
+reconnects and owners, making the merge idempotent and stale updates harmless. Inbox messages are a
+tagged union; every field has a default or is required explicitly, and booleans are always
+serialised (the reference dropped cross-instance messages whose false booleans were omitted).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from lingua_scheduler.protocol.node import (
+    CapabilityByType,
+    HardwareInfo,
+    InstalledModel,
+    InstalledService,
+    JobAck,
+    JobAssign,
+    JobCancel,
+    JobResult,
+    JobStarted,
+    NodeAsrPartial,
+    NodeLanguageCapabilities,
+)
+
+
+class Record(msgspec.Struct, forbid_unknown_fields=False):
+    """Base of cluster records: always complete on the wire (no omitted defaults)."""
+
+
+class NodeRecord(Record, kw_only=True):
+    node_id: str
+    owner: str
+    #: registration time at the owner (ms); a reconnect elsewhere starts a newer epoch
+    epoch_ms: int
+    #: the owner's change counter for this node within the epoch
+    version: int
+    status: str
+    hardware: HardwareInfo
+    accept_public_jobs: bool
+    features: list[str]
+    services: list[InstalledService]
+    by_type: list[CapabilityByType]
+    models: list[InstalledModel]
+    languages: NodeLanguageCapabilities | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.epoch_ms, self.version)
+
+
+class LoadBatch(Record, kw_only=True):
+    """Load of an instance's nodes whose figures changed since its last batch: id -> figures."""
+
+    owner: str
+    #: node id -> [running jobs, cpu %, gpu % (-1 if none), mem %]
+    loads: dict[str, tuple[int, float, float, float]]
+
+
+# --- inbox messages ---------------------------------------------------------------------------------
+
+
+class Dispatch(Record, tag="dispatch", tag_field="kind", kw_only=True):
+    """Send ``assign`` to ``node_id`` (connected to the receiving instance); answers go to ``reply_to``."""
+
+    node_id: str
+    reply_to: str
+    assign: JobAssign
+
+
+class CancelOnNode(Record, tag="cancel", tag_field="kind", kw_only=True):
+    node_id: str
+    cancel: JobCancel
+
+
+class DispatchFailed(Record, tag="dispatch_failed", tag_field="kind", kw_only=True):
+    """The receiving instance could not deliver a ``Dispatch`` (node not connected there)."""
+
+    job_id: str
+    attempt_id: int
+    node_id: str
+    reason: str
+
+
+class NodeJobMessage(Record, tag="node_job", tag_field="kind", kw_only=True):
+    """A job message from a node, forwarded to the instance that owns the job's session."""
+
+    node_id: str
+    message: JobAck | JobStarted | JobResult | NodeAsrPartial
+
+
+InboxMessage = Dispatch | CancelOnNode | DispatchFailed | NodeJobMessage

@@ -1,0 +1,417 @@
+"""The cluster shell: keeps this instance's view of the fleet in step with the other instances.
+
+Owns the background tasks of multi-instance mode and the degraded state:
+
+- publisher: owned nodes whose capabilities or status changed go to the store in one pipeline,
+  coalesced every ``publish_interval_ms`` (a heartbeat that changes nothing costs no Redis call);
+- ticker: once per ``tick_interval_seconds`` one pipeline refreshes this instance's presence, the
+  presence of all its nodes and a load summary of the nodes whose load moved; it learns which
+  instances died and takes over from them (their nodes leave the view; their jobs fail explicitly);
+- feed: applies other instances' node records and load batches as they arrive (blocking stream read
+  on its own connection), with a full directory resync every ``resync_interval_seconds``;
+- inbox: executes messages addressed to this instance (dispatches to its nodes, cancellations,
+  forwarded job messages) and acknowledges them.
+
+When the store is unreachable the instance is *degraded*: it keeps serving the nodes and sessions
+connected to it with local state only (remote nodes are taken out of the view, dispatch skips
+reservations), reports it on /health and in ``lingua_store_degraded``, and resynchronises
+everything when the store answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from typing import TYPE_CHECKING
+
+from lingua_scheduler.config import ClusterConfig
+from lingua_scheduler.core.registry import NodeEntry
+from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.protocol.cluster import (
+    CancelOnNode,
+    Dispatch,
+    DispatchFailed,
+    InboxMessage,
+    LoadBatch,
+    NodeJobMessage,
+    NodeRecord,
+)
+from lingua_scheduler.store.base import JobRecord, PoolDelta, StateStore, StoreUnavailable
+from lingua_scheduler.store.redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from lingua_scheduler.server.state import SchedulerState
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAY = 0.25
+#: a load figure must move this much (percentage points) to be worth a load-batch entry
+LOAD_EPSILON = 5.0
+
+
+def make_instance_id(configured: str) -> str:
+    if configured and configured != "auto":
+        return configured
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def make_store(cfg: ClusterConfig, instance_id: str) -> RedisStore:
+    return RedisStore(
+        cfg.redis_url,
+        instance_id=instance_id,
+        prefix=cfg.key_prefix,
+        cluster=cfg.redis_cluster,
+        op_timeout=cfg.op_timeout_seconds,
+        max_deliveries=cfg.inbox_max_deliveries,
+    )
+
+
+class Cluster:
+    def __init__(self, state: SchedulerState, store: StateStore, cfg: ClusterConfig) -> None:
+        self.state = state
+        self.store = store
+        self.cfg = cfg
+        self.instance_id = store.instance_id
+        self.degraded = True  # until the first successful sync
+        self.degraded_since: float | None = state.clock.monotonic()
+        self._wake = asyncio.Event()
+        self._feed_id = "$"
+        #: node id -> pools last published for it (to send SADD/SREM deltas only)
+        self._published_pools: dict[str, tuple[str, ...]] = {}
+        #: node id -> load figures last sent in a batch
+        self._sent_loads: dict[str, tuple[int, float, float, float]] = {}
+        #: job records waiting to be written (latest state per job)
+        self._job_writes: dict[str, JobRecord] = {}
+        #: jobs dispatched here on behalf of another instance: job id -> (reply_to, node id, since)
+        self.remote_jobs: dict[str, tuple[str, str, float]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._resynced = asyncio.Event()
+        self.degraded_episodes = 0
+        state.registry.on_local_change = self._wake.set
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._supervise(self._publisher, "publisher")),
+            asyncio.create_task(self._supervise(self._ticker, "ticker")),
+            asyncio.create_task(self._supervise(self._feed, "feed")),
+            asyncio.create_task(self._supervise(self._inbox, "inbox")),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.store.close()
+
+    async def _supervise(self, body: object, name: str) -> None:
+        """Run one loop forever: a failing store makes the instance degraded, never kills the task."""
+        while True:
+            try:
+                await body()  # type: ignore[operator]
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable as exc:
+                await self.suspect(f"{name}: {exc}")
+                await asyncio.sleep(RETRY_DELAY)
+            except Exception:
+                log.exception("cluster task failed", extra={"task": name})
+                await asyncio.sleep(RETRY_DELAY)
+
+    async def suspect(self, why: str) -> None:
+        """A store call failed. Degrade only if the store really is unreachable: after a Redis
+        restart every pooled connection fails once, and that alone is not an outage."""
+        if self.degraded:
+            return
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            self._set_degraded(why)
+        else:
+            log.info("transient store error", extra={"reason": why})
+
+    def suspect_soon(self, why: str) -> None:
+        asyncio.get_running_loop().create_task(self.suspect(why))
+
+    def _set_degraded(self, why: str) -> None:
+        if self.degraded:
+            return
+        self.degraded = True
+        self.degraded_since = self.state.clock.monotonic()
+        self.degraded_episodes += 1
+        self._resynced.clear()
+        log.warning("shared store unreachable: serving local traffic only (%s)", why, extra={"reason": why})
+        # Remote nodes cannot be reached or reserved now: take them out of the view.
+        for node_id in [e.node_id for e in self.state.registry if e.owner is not None]:
+            self._drop_remote(node_id)
+
+    async def _recover(self) -> None:
+        """The store answers (again): register our inbox, republish everything we own, resync."""
+        await self.store.start()
+        registry = self.state.registry
+        registry.changed_local.update(e.node_id for e in registry.local_nodes())
+        self._published_pools.clear()
+        await self._publish_changes()
+        records, last_id = await self.store.directory()
+        self._apply_directory(records)
+        self._feed_id = last_id
+        if self.degraded:
+            log.info("shared store reachable: multi-instance mode", extra={"instance": self.instance_id})
+        self.degraded = False
+        self.degraded_since = None
+        self._resynced.set()
+
+    # --- publisher ----------------------------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        interval = self.cfg.publish_interval_ms / 1000
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self.degraded:
+                await self._publish_changes()
+            await asyncio.sleep(interval)  # coalesce bursts of changes into one pipeline
+
+    def record_of(self, entry: NodeEntry) -> NodeRecord:
+        return NodeRecord(
+            node_id=entry.node_id,
+            owner=self.instance_id,
+            epoch_ms=entry.registered_wall_ms,
+            version=entry.version_no,
+            status=entry.status.value,
+            hardware=entry.hardware,
+            accept_public_jobs=entry.accept_public_jobs,
+            features=sorted(entry.features),
+            services=entry.services,
+            by_type=entry.by_type,
+            models=entry.models,
+            languages=entry.languages,
+        )
+
+    async def _publish_changes(self) -> None:
+        registry = self.state.registry
+        changed, registry.changed_local = registry.changed_local, set()
+        if not changed:
+            return
+        records: list[NodeRecord] = []
+        pools: list[PoolDelta] = []
+        status: dict[str, str] = {}
+        view = self.state.publisher.view
+        for node_id in changed:
+            entry = registry.nodes.get(node_id)
+            if entry is None or entry.owner is not None:
+                continue
+            records.append(self.record_of(entry))
+            status[node_id] = entry.status.value
+            nv = view.get(node_id)
+            now_pools = nv.pools if nv is not None and entry.status is not NodeStatus.OFFLINE else ()
+            before = self._published_pools.get(node_id, ())
+            if now_pools != before:
+                pools.append(
+                    PoolDelta(
+                        node_id,
+                        tuple(p for p in now_pools if p not in before),
+                        tuple(p for p in before if p not in now_pools),
+                    )
+                )
+                self._published_pools[node_id] = now_pools
+        try:
+            await self.store.publish(records, [], pools, status)
+        except StoreUnavailable:
+            registry.changed_local |= changed  # publish again once the store is back
+            raise
+
+    # --- ticker -------------------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        clock = self.state.clock
+        while True:
+            if self.degraded:
+                await self._recover()
+            owned = [
+                e.node_id for e in self.state.registry.local_nodes() if e.status is not NodeStatus.OFFLINE
+            ]
+            ttl_ms = int(self.cfg.presence_ttl_seconds * 1000)
+            dead = await self.store.tick(owned, self._load_batch(), ttl_ms, clock.wall_ms())
+            for instance in dead:
+                await self._take_over(instance)
+            if self._job_writes:
+                writes, self._job_writes = list(self._job_writes.values()), {}
+                await self.store.save_jobs(writes, int(self.state.config.jobs.retention_seconds) + 60)
+            await asyncio.sleep(self.cfg.tick_interval_seconds)
+
+    def _load_batch(self) -> LoadBatch | None:
+        """Load of owned nodes that moved: our own jobs plus those we run for other instances."""
+        loads: dict[str, tuple[int, float, float, float]] = {}
+        for_others: dict[str, int] = {}
+        horizon = self.state.clock.monotonic() - 2 * self.state.config.jobs.exec_timeout_max_ms / 1000
+        for job_id, (_, node_id, since) in list(self.remote_jobs.items()):
+            if since < horizon:
+                del self.remote_jobs[job_id]  # its result never came: the owner has failed it over long ago
+            else:
+                for_others[node_id] = for_others.get(node_id, 0) + 1
+        for entry in self.state.registry.local_nodes():
+            if entry.status is NodeStatus.OFFLINE:
+                continue
+            ld = entry.load
+            fig = (
+                ld.effective + for_others.get(entry.node_id, 0),
+                ld.cpu,
+                ld.gpu if ld.gpu is not None else -1.0,
+                ld.mem,
+            )
+            last = self._sent_loads.get(entry.node_id)
+            if (
+                last is None
+                or last[0] != fig[0]
+                or any(abs(a - b) >= LOAD_EPSILON for a, b in zip(last[1:], fig[1:], strict=True))
+            ):
+                loads[entry.node_id] = fig
+                self._sent_loads[entry.node_id] = fig
+        return LoadBatch(owner=self.instance_id, loads=loads) if loads else None
+
+    async def _take_over(self, instance: str) -> None:
+        """Another instance died: its nodes leave the view, its live jobs end explicitly."""
+        log.warning("instance presence expired: taking over", extra={"instance": instance})
+        for node_id in self.state.registry.remote_nodes_of(instance):
+            self._drop_remote(node_id)
+        await self.store.forget_instance(instance)
+        orphans = await self.store.jobs_of(instance)
+        failed = []
+        for job in orphans:
+            if job.node_id is not None:
+                entry = self.state.registry.nodes.get(job.node_id)
+                if entry is not None and entry.owner is None:
+                    self.state.dispatcher.cancel_on_local_node(job.node_id, job.job_id, "owner instance died")
+            failed.append(
+                JobRecord(job.job_id, "failed", job.attempt, job.node_id, instance, job.session_id, True)
+            )
+        if failed:
+            await self.store.save_jobs(failed, int(self.state.config.jobs.retention_seconds) + 60)
+            log.warning(
+                "jobs of a dead instance failed explicitly", extra={"instance": instance, "jobs": len(failed)}
+            )
+
+    def _drop_remote(self, node_id: str) -> None:
+        if self.state.registry.remove_remote(node_id) is not None:
+            self.state.dispatcher.node_lost(node_id)
+
+    # --- feed ---------------------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        while True:
+            if self.degraded:
+                await self._resynced.wait()
+            loop = asyncio.get_running_loop()
+            next_resync = loop.time() + self.cfg.resync_interval_seconds
+            while loop.time() < next_resync:
+                for change in await self.store.changes(self._feed_id, self.cfg.stream_block_ms):
+                    self._feed_id = change.entry_id
+                    self._apply(change.kind, change.record, change.loads, change.node_id)
+            records, last_id = await self.store.directory()
+            self._apply_directory(records)
+            self._feed_id = last_id
+
+    def _apply(
+        self, kind: str, record: NodeRecord | None, loads: LoadBatch | None, node_id: str | None
+    ) -> None:
+        registry = self.state.registry
+        if kind == "node" and record is not None and record.owner != self.instance_id:
+            change = registry.upsert_remote(record)
+            if change is not None and change[1] is not NodeStatus.READY:
+                self.state.dispatcher.node_lost(record.node_id)
+        elif kind == "load" and loads is not None and loads.owner != self.instance_id:
+            for nid, (running, cpu, gpu, mem) in loads.loads.items():
+                registry.remote_load(nid, running, cpu, gpu, mem)
+            self.state.dispatcher.pump()  # capacity may have freed up for jobs waiting here
+        elif kind == "gone" and node_id is not None:
+            entry = registry.nodes.get(node_id)
+            if entry is not None and entry.owner is None:
+                registry.changed_local.add(node_id)  # still ours: put it back in the directory
+                self._wake.set()
+            else:
+                self._drop_remote(node_id)
+
+    def _apply_directory(self, records: list[NodeRecord]) -> None:
+        seen = set()
+        for rec in records:
+            seen.add(rec.node_id)
+            self._apply("node", rec, None, None)
+        for entry in [e for e in self.state.registry if e.owner is not None and e.node_id not in seen]:
+            self._drop_remote(entry.node_id)
+
+    # --- inbox --------------------------------------------------------------------------------------
+
+    async def _inbox(self) -> None:
+        while True:
+            if self.degraded:
+                await self._resynced.wait()
+            entries = await self.store.receive(self.cfg.stream_block_ms, 256)
+            done = []
+            for entry_id, message in entries:
+                if message is None:
+                    log.warning("undecodable inbox entry dropped", extra={"entry_id": entry_id})
+                else:
+                    self.handle(message)
+                done.append(entry_id)
+            await self.store.ack(done)
+
+    def handle(self, message: InboxMessage) -> None:
+        dispatcher = self.state.dispatcher
+        if isinstance(message, Dispatch):
+            if dispatcher.deliver_to_local_node(message.node_id, message.assign):
+                self.remote_jobs[message.assign.job_id] = (
+                    message.reply_to,
+                    message.node_id,
+                    self.state.clock.monotonic(),
+                )
+            else:
+                self.send_soon(
+                    message.reply_to,
+                    DispatchFailed(
+                        job_id=message.assign.job_id,
+                        attempt_id=message.assign.attempt_id,
+                        node_id=message.node_id,
+                        reason=f"node {message.node_id} is not connected to {self.instance_id}",
+                    ),
+                )
+        elif isinstance(message, CancelOnNode):
+            self.remote_jobs.pop(message.cancel.job_id, None)
+            dispatcher.deliver_to_local_node(message.node_id, message.cancel)
+        elif isinstance(message, DispatchFailed):
+            dispatcher.remote_dispatch_failed(
+                message.job_id, message.attempt_id, message.node_id, message.reason
+            )
+        elif isinstance(message, NodeJobMessage):
+            dispatcher.on_node_message(message.node_id, message.message)
+
+    def forward(self, node_id: str, message: object) -> bool:
+        """A job message from a local node for a job another instance owns: send it there."""
+        target = self.remote_jobs.get(getattr(message, "job_id", ""))
+        if target is None:
+            return False
+        if type(message).__name__ == "JobResult":
+            self.remote_jobs.pop(message.job_id, None)  # type: ignore[attr-defined]
+        self.send_soon(target[0], NodeJobMessage(node_id=node_id, message=message))  # type: ignore[arg-type]
+        return True
+
+    def send_soon(self, instance: str, message: InboxMessage) -> None:
+        """Fire-and-forget send (bounded by the store's deadline); failures are logged."""
+        asyncio.get_running_loop().create_task(self._send(instance, message))
+
+    async def _send(self, instance: str, message: InboxMessage) -> None:
+        try:
+            await self.store.send(instance, message)
+        except StoreUnavailable as exc:
+            self.suspect_soon(str(exc))
+            log.warning("inter-instance message lost", extra={"to": instance, "kind": type(message).__name__})
+
+    def job_changed(self, record: JobRecord) -> None:
+        self._job_writes[record.job_id] = record

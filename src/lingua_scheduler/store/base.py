@@ -1,0 +1,120 @@
+"""The ``StateStore`` interface: everything scheduler instances share.
+
+Callers never wait on the store from a hot path: heartbeats and selection do not touch it; the
+cluster shell (server/cluster.py) batches directory writes per tick; only dispatch awaits a
+reservation, and only in shared mode. Every method of a shared store has a deadline: a store that
+cannot be reached raises ``StoreUnavailable`` promptly instead of blocking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
+
+
+class StoreUnavailable(Exception):
+    """The shared store did not answer in time or refused the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    ok: bool
+    #: OK, FULL, NOT_READY, EXISTS
+    reason: str
+    #: slots in use on the node after the call
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the fleet change feed."""
+
+    entry_id: str
+    #: "node" (a NodeRecord), "load" (a LoadBatch) or "gone" (node id removed from the directory)
+    kind: str
+    record: NodeRecord | None = None
+    loads: LoadBatch | None = None
+    node_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDelta:
+    node_id: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    job_id: str
+    state: str
+    attempt: int
+    node_id: str | None
+    owner: str
+    session_id: str
+    terminal: bool
+
+
+class StateStore(Protocol):
+    instance_id: str
+    #: False for the embedded store: one instance, nothing to share
+    shared: bool
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    # --- node directory, presence, pools ------------------------------------------------------------
+
+    async def publish(
+        self, records: list[NodeRecord], gone: list[str], pools: list[PoolDelta], node_status: dict[str, str]
+    ) -> None:
+        """Owned nodes that changed: one pipelined round trip (directory, change feed, pool sets)."""
+        ...
+
+    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, now_ms: int) -> list[str]:
+        """Per-tick liveness in one pipeline: this instance's presence, its nodes' presence, the load
+        batch. Returns the ids of instances whose presence expired."""
+        ...
+
+    async def changes(self, last_id: str, block_ms: int) -> list[Change]:
+        """Next entries of the fleet change feed after ``last_id`` (blocking read, own connection)."""
+        ...
+
+    async def directory(self) -> tuple[list[NodeRecord], str]:
+        """The whole node directory and the change-feed id it is current to (periodic resync only)."""
+        ...
+
+    async def forget_instance(self, instance_id: str) -> list[str]:
+        """Clean up after a dead instance (presence, inbox); returns the ids of the nodes it owned."""
+        ...
+
+    # --- capacity reservations ----------------------------------------------------------------------
+
+    async def reserve(
+        self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
+    ) -> ReserveResult: ...
+
+    async def commit(self, node_id: str, member: str, ttl_ms: int, now_ms: int) -> bool: ...
+
+    async def release(self, node_id: str, member: str) -> None: ...
+
+    # --- job records --------------------------------------------------------------------------------
+
+    async def save_jobs(self, records: list[JobRecord], ttl_s: int) -> None: ...
+
+    async def jobs_of(self, instance_id: str) -> list[JobRecord]: ...
+
+    # --- messages between instances -----------------------------------------------------------------
+
+    async def send(self, instance_id: str, message: InboxMessage) -> None: ...
+
+    async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
+        """Next inbox entries (blocking, own connection); ``None`` for an entry that failed to decode."""
+        ...
+
+    async def ack(self, entry_ids: list[str]) -> None: ...

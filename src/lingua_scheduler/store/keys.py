@@ -1,0 +1,49 @@
+"""Every Redis key, in one place (docs/redis.md documents each: type, TTL, writer, readers).
+
+Keys used together in one script or transaction share a Redis Cluster hash slot through a ``{...}``
+hash tag: the fleet directory and change stream (``{P:fleet}``), one node's reservations and state
+(``{P:node:<id>}``), one instance's inbox and dead letters (``{P:inst:<id>}``), one job
+(``{P:job:<id>}``).
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, prefix: str = "lingua") -> None:
+        self.prefix = prefix
+        fleet = f"{{{prefix}:fleet}}"
+        #: hash node_id -> NodeRecord JSON (the directory; read in full only by the periodic resync)
+        self.nodes = f"{fleet}:nodes"
+        #: stream of NodeRecord changes and LoadBatch entries (fields: t=node|load|gone, d=JSON)
+        self.changes = f"{fleet}:changes"
+        #: zset node_id -> presence expiry (ms); refreshed for all owned nodes in one ZADD per tick
+        self.presence = f"{fleet}:presence"
+        #: zset instance_id -> presence expiry (ms)
+        self.instances = f"{fleet}:instances"
+
+    def node_resv(self, node_id: str) -> str:
+        """zset reservation member (job:attempt) -> expiry ms: the node's used slots."""
+        return f"{{{self.prefix}:node:{node_id}}}:resv"
+
+    def node_state(self, node_id: str) -> str:
+        """hash: status (ready|...), owner; read by the reservation script."""
+        return f"{{{self.prefix}:node:{node_id}}}:state"
+
+    def pool_members(self, pool_id: str) -> str:
+        """set of node ids: membership of one pool shard (SADD/SREM, never rewritten whole)."""
+        return f"{{{self.prefix}:pool:{pool_id}}}:members"
+
+    def inbox(self, instance_id: str) -> str:
+        return f"{{{self.prefix}:inst:{instance_id}}}:inbox"
+
+    def dead_letters(self, instance_id: str) -> str:
+        return f"{{{self.prefix}:inst:{instance_id}}}:dlq"
+
+    def job(self, job_id: str) -> str:
+        """hash: state, attempt, node_id, owner, session_id, updated_ms; expires after retention."""
+        return f"{{{self.prefix}:job:{job_id}}}"
+
+    def owner_jobs(self, instance_id: str) -> str:
+        """set of live job ids owned by an instance (so survivors can fail them if it dies)."""
+        return f"{{{self.prefix}:inst:{instance_id}}}:jobs"

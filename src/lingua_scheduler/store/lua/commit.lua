@@ -1,0 +1,14 @@
+-- Extend a reservation when its job is acknowledged (running jobs hold the slot until they end).
+-- KEYS[1] = {P:node:<id>}:resv; ARGV[1] = member, ARGV[2] = now ms, ARGV[3] = new ttl ms
+-- Returns 1 if the reservation existed (and was extended), 0 if it had expired or was released.
+local now = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < tonumber(ARGV[3]) * 2 then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+end
+return 1

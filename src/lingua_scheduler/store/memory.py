@@ -1,0 +1,107 @@
+"""The embedded state store: one instance, everything in this process.
+
+It implements the same interface as ``RedisStore`` so the cluster shell and the conformance tests can
+use either; in embedded mode the dispatcher never needs it on the hot path (local load accounting is
+exact when there is one instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
+from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult
+
+
+class MemoryStore:
+    shared = False
+
+    def __init__(self, instance_id: str = "local") -> None:
+        self.instance_id = instance_id
+        self._resv: dict[str, dict[str, int]] = {}
+        self._status: dict[str, str] = {}
+        self._nodes: dict[str, NodeRecord] = {}
+        self._pools: dict[str, set[str]] = {}
+        self._jobs: dict[str, JobRecord] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def publish(
+        self, records: list[NodeRecord], gone: list[str], pools: list[PoolDelta], node_status: dict[str, str]
+    ) -> None:
+        for r in records:
+            self._nodes[r.node_id] = r
+        for node_id in gone:
+            self._nodes.pop(node_id, None)
+        for d in pools:
+            for p in d.added:
+                self._pools.setdefault(p, set()).add(d.node_id)
+            for p in d.removed:
+                self._pools.get(p, set()).discard(d.node_id)
+        self._status.update(node_status)
+
+    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, now_ms: int) -> list[str]:
+        return []
+
+    async def changes(self, last_id: str, block_ms: int) -> list[Change]:
+        await asyncio.sleep(block_ms / 1000)
+        return []
+
+    async def directory(self) -> tuple[list[NodeRecord], str]:
+        return list(self._nodes.values()), "0-0"
+
+    async def forget_instance(self, instance_id: str) -> list[str]:
+        return []
+
+    async def reserve(
+        self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
+    ) -> ReserveResult:
+        slots = self._resv.setdefault(node_id, {})
+        for m in [m for m, exp in slots.items() if exp <= now_ms]:
+            del slots[m]
+        if self._status.get(node_id) != "ready":
+            return ReserveResult(False, "NOT_READY", len(slots))
+        if member in slots:
+            return ReserveResult(False, "EXISTS", len(slots))
+        if len(slots) >= max_slots:
+            return ReserveResult(False, "FULL", len(slots))
+        slots[member] = now_ms + ttl_ms
+        return ReserveResult(True, "OK", len(slots))
+
+    async def commit(self, node_id: str, member: str, ttl_ms: int, now_ms: int) -> bool:
+        slots = self._resv.get(node_id, {})
+        if slots.get(member, 0) <= now_ms:
+            slots.pop(member, None)
+            return False
+        slots[member] = now_ms + ttl_ms
+        return True
+
+    async def release(self, node_id: str, member: str) -> None:
+        self._resv.get(node_id, {}).pop(member, None)
+
+    async def save_jobs(self, records: list[JobRecord], ttl_s: int) -> None:
+        for r in records:
+            self._jobs[r.job_id] = r
+
+    async def jobs_of(self, instance_id: str) -> list[JobRecord]:
+        return [j for j in self._jobs.values() if j.owner == instance_id and not j.terminal]
+
+    async def send(self, instance_id: str, message: InboxMessage) -> None:
+        raise LookupError(f"no instance {instance_id} in embedded mode")
+
+    async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
+        await asyncio.sleep(block_ms / 1000)
+        return []
+
+    async def ack(self, entry_ids: list[str]) -> None:
+        return None
+
+    def pool_members(self, pool_id: str) -> set[str]:
+        return set(self._pools.get(pool_id, ()))

@@ -1,0 +1,361 @@
+"""The Redis state store: shared state for several scheduler instances (single server or Redis Cluster).
+
+Owns every Redis call of the project. Three kinds of connection, so that a blocking read never holds
+up anything else (the reference serialised all traffic behind one connection that its stream reader
+blocked for a second at a time): a pool for commands, one connection for the fleet change feed and
+one for this instance's inbox. Every call has a deadline; a failure raises ``StoreUnavailable``.
+Key names come from ``keys.py``; multi-key atomic operations are Lua scripts in ``lua/``, each given
+all its keys through KEYS (and the keys of one script share a hash slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from importlib import resources
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
+
+from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
+from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult, StoreUnavailable
+from lingua_scheduler.store.keys import Keys
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GROUP = "scheduler"
+_inbox_dec: msgspec.json.Decoder[InboxMessage] = msgspec.json.Decoder(InboxMessage)
+_record_dec = msgspec.json.Decoder(NodeRecord)
+_load_dec = msgspec.json.Decoder(LoadBatch)
+_enc = msgspec.json.Encoder()
+
+
+def _lua(name: str) -> str:
+    return resources.files("lingua_scheduler.store").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RedisStore:
+    shared = True
+
+    def __init__(
+        self,
+        url: str | list[str],
+        *,
+        instance_id: str,
+        prefix: str = "lingua",
+        cluster: bool = False,
+        op_timeout: float = 0.5,
+        stream_maxlen: int = 100_000,
+        max_deliveries: int = 5,
+    ) -> None:
+        self.instance_id = instance_id
+        self.keys = Keys(prefix)
+        self.cluster = cluster
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.op_timeout = op_timeout
+        self.stream_maxlen = stream_maxlen
+        self.max_deliveries = max_deliveries
+        self.r: Any = self._client()
+        self._feed: Any = self._client(single=True)
+        self._inbox: Any = self._client(single=True)
+        self._reserve = self.r.register_script(_lua("reserve.lua"))
+        self._commit = self.r.register_script(_lua("commit.lua"))
+        self._last_claim = 0.0
+        #: commands sent, by kind, for observability and the command-count test
+        self.calls = 0
+
+    def _client(self, single: bool = False) -> Any:
+        opts: dict[str, Any] = {
+            "socket_connect_timeout": self.op_timeout,
+            "retry_on_timeout": False,
+            "health_check_interval": 0,
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self.urls[0], **opts)
+        return aioredis.Redis.from_url(self.urls[0], single_connection_client=single, **opts)
+
+    async def _do(self, aw: Awaitable[T], extra: float = 0.0) -> T:
+        self.calls += 1
+        try:
+            return await asyncio.wait_for(aw, self.op_timeout + extra)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._do(
+                self.r.xgroup_create(self.keys.inbox(self.instance_id), GROUP, id="$", mkstream=True)
+            )
+        except StoreUnavailable as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def close(self) -> None:
+        for c in (self.r, self._feed, self._inbox):
+            try:
+                await asyncio.wait_for(c.aclose(), 1.0)
+            except Exception:  # closing a broken connection may fail; nothing to do about it
+                log.debug("redis client close failed", exc_info=True)
+
+    async def ping(self) -> None:
+        await self._do(self.r.ping())
+
+    # --- node directory, presence, pools ------------------------------------------------------------
+
+    async def publish(
+        self, records: list[NodeRecord], gone: list[str], pools: list[PoolDelta], node_status: dict[str, str]
+    ) -> None:
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        for rec in records:
+            data = _enc.encode(rec)
+            p.hset(k.nodes, rec.node_id, data)
+            p.xadd(k.changes, {"t": "node", "d": data}, maxlen=self.stream_maxlen, approximate=True)
+        for node_id in gone:
+            p.hdel(k.nodes, node_id)
+            p.zrem(k.presence, node_id)
+            p.xadd(k.changes, {"t": "gone", "d": node_id}, maxlen=self.stream_maxlen, approximate=True)
+            p.delete(k.node_state(node_id))
+        for d in pools:
+            for pool in d.added:
+                p.sadd(k.pool_members(pool), d.node_id)
+            for pool in d.removed:
+                p.srem(k.pool_members(pool), d.node_id)
+        for node_id, status in node_status.items():
+            p.hset(k.node_state(node_id), mapping={"status": status, "owner": self.instance_id})
+        if len(p):
+            await self._do(p.execute())
+
+    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, now_ms: int) -> list[str]:
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        p.zadd(k.instances, {self.instance_id: now_ms + ttl_ms})
+        if owned:
+            p.zadd(k.presence, dict.fromkeys(owned, now_ms + ttl_ms))
+        if loads is not None and loads.loads:
+            p.xadd(
+                k.changes, {"t": "load", "d": _enc.encode(loads)}, maxlen=self.stream_maxlen, approximate=True
+            )
+        p.zrangebyscore(k.instances, "-inf", now_ms)
+        out = await self._do(p.execute())
+        return [_s(i) for i in out[-1] if _s(i) != self.instance_id]
+
+    async def changes(self, last_id: str, block_ms: int) -> list[Change]:
+        resp = await self._do(
+            self._feed.xread({self.keys.changes: last_id}, count=1000, block=block_ms), extra=block_ms / 1000
+        )
+        out: list[Change] = []
+        for _stream, entries in resp or ():
+            for entry_id, fields in entries:
+                eid = _s(entry_id)
+                kind = _s(fields.get(b"t", b""))
+                data = fields.get(b"d", b"")
+                try:
+                    if kind == "node":
+                        out.append(Change(eid, kind, record=_record_dec.decode(data)))
+                    elif kind == "load":
+                        out.append(Change(eid, kind, loads=_load_dec.decode(data)))
+                    elif kind == "gone":
+                        out.append(Change(eid, kind, node_id=_s(data)))
+                except msgspec.DecodeError:
+                    log.warning("undecodable fleet change skipped", extra={"entry_id": eid})
+                    out.append(Change(eid, "invalid"))
+        return out
+
+    async def directory(self) -> tuple[list[NodeRecord], str]:
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        p.xrevrange(k.changes, "+", "-", count=1)
+        p.hgetall(k.nodes)
+        last, raw = await self._do(p.execute(), extra=2.0)
+        last_id = _s(last[0][0]) if last else "0-0"
+        records = []
+        for data in raw.values():
+            try:
+                records.append(_record_dec.decode(data))
+            except msgspec.DecodeError:
+                log.warning("undecodable node record skipped")
+        return records, last_id
+
+    async def forget_instance(self, instance_id: str) -> list[str]:
+        """Remove a dead instance's presence, inbox and the directory entries it still owns."""
+        k = self.keys
+        records, _ = await self.directory()
+        owned = [r.node_id for r in records if r.owner == instance_id]
+        p = self.r.pipeline(transaction=False)
+        p.zrem(k.instances, instance_id)
+        p.delete(k.inbox(instance_id), k.dead_letters(instance_id))
+        for node_id in owned:
+            p.hdel(k.nodes, node_id)
+            p.zrem(k.presence, node_id)
+            p.delete(k.node_state(node_id))
+            p.xadd(k.changes, {"t": "gone", "d": node_id}, maxlen=self.stream_maxlen, approximate=True)
+        await self._do(p.execute())
+        return owned
+
+    # --- capacity reservations ----------------------------------------------------------------------
+
+    async def reserve(
+        self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
+    ) -> ReserveResult:
+        k = self.keys
+        ok, reason, used = await self._do(
+            self._reserve(
+                keys=[k.node_resv(node_id), k.node_state(node_id)], args=[member, max_slots, now_ms, ttl_ms]
+            )
+        )
+        return ReserveResult(bool(ok), _s(reason), int(used))
+
+    async def commit(self, node_id: str, member: str, ttl_ms: int, now_ms: int) -> bool:
+        res = await self._do(self._commit(keys=[self.keys.node_resv(node_id)], args=[member, now_ms, ttl_ms]))
+        return bool(res)
+
+    async def release(self, node_id: str, member: str) -> None:
+        await self._do(self.r.zrem(self.keys.node_resv(node_id), member))
+
+    async def slots_used(self, node_id: str, now_ms: int) -> int:
+        return int(await self._do(self.r.zcount(self.keys.node_resv(node_id), now_ms, "+inf")))
+
+    # --- job records --------------------------------------------------------------------------------
+
+    async def save_jobs(self, records: list[JobRecord], ttl_s: int) -> None:
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        for r in records:
+            key = k.job(r.job_id)
+            p.hset(
+                key,
+                mapping={
+                    "state": r.state,
+                    "attempt": r.attempt,
+                    "node_id": r.node_id or "",
+                    "owner": r.owner,
+                    "session_id": r.session_id,
+                },
+            )
+            p.expire(key, ttl_s)
+            if r.terminal:
+                p.srem(k.owner_jobs(r.owner), r.job_id)
+            else:
+                p.sadd(k.owner_jobs(r.owner), r.job_id)
+        if len(p):
+            await self._do(p.execute())
+
+    async def jobs_of(self, instance_id: str) -> list[JobRecord]:
+        ids = [_s(j) for j in await self._do(self.r.smembers(self.keys.owner_jobs(instance_id)))]
+        if not ids:
+            return []
+        p = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            p.hgetall(self.keys.job(job_id))
+        out = []
+        for job_id, h in zip(ids, await self._do(p.execute()), strict=True):
+            if not h:
+                continue
+            f = {_s(a): _s(b) for a, b in h.items()}
+            out.append(
+                JobRecord(
+                    job_id,
+                    f.get("state", ""),
+                    int(f.get("attempt", "0")),
+                    f.get("node_id") or None,
+                    f.get("owner", instance_id),
+                    f.get("session_id", ""),
+                    False,
+                )
+            )
+        return out
+
+    async def job(self, job_id: str) -> dict[str, str]:
+        h = await self._do(self.r.hgetall(self.keys.job(job_id)))
+        return {_s(a): _s(b) for a, b in h.items()}
+
+    # --- messages between instances -----------------------------------------------------------------
+
+    async def send(self, instance_id: str, message: InboxMessage) -> None:
+        await self._do(
+            self.r.xadd(
+                self.keys.inbox(instance_id), {"m": _enc.encode(message)}, maxlen=10_000, approximate=True
+            )
+        )
+
+    async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
+        inbox = self.keys.inbox(self.instance_id)
+        out: list[tuple[str, InboxMessage | None]] = []
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_claim > 5.0:
+            # Entries delivered to us earlier but never acknowledged (we crashed or failed mid-way).
+            self._last_claim = loop.time()
+            out += await self._reclaim(inbox, count)
+        try:
+            resp = await self._do(
+                self._inbox.xreadgroup(GROUP, self.instance_id, {inbox: ">"}, count=count, block=block_ms),
+                extra=block_ms / 1000,
+            )
+        except StoreUnavailable as exc:
+            if "NOGROUP" in str(exc):
+                await self.start()
+                return out
+            raise
+        for _stream, entries in resp or ():
+            out += [(_s(eid), self._decode(fields)) for eid, fields in entries]
+        return out
+
+    async def _reclaim(self, inbox: str, count: int) -> list[tuple[str, InboxMessage | None]]:
+        try:
+            pending = await self._do(
+                self.r.xpending_range(inbox, GROUP, min="-", max="+", count=count, idle=5000)
+            )
+        except StoreUnavailable:
+            return []
+        dead = [p for p in pending if int(p["times_delivered"]) >= self.max_deliveries]
+        if dead:
+            ids = [p["message_id"] for p in dead]
+            entries = await self._do(self.r.xrange(inbox, ids[0], ids[-1]))
+            p = self.r.pipeline(transaction=False)
+            for eid, fields in entries:
+                if eid in ids:
+                    p.xadd(
+                        self.keys.dead_letters(self.instance_id),
+                        {**fields, "from": eid},
+                        maxlen=10_000,
+                        approximate=True,
+                    )
+            p.xack(inbox, GROUP, *ids)
+            p.xdel(inbox, *ids)
+            await self._do(p.execute())
+            log.warning("inbox entries moved to the dead-letter stream", extra={"count": len(ids)})
+        try:
+            _next, claimed, *_ = await self._do(
+                self.r.xautoclaim(inbox, GROUP, self.instance_id, min_idle_time=5000, count=count)
+            )
+        except (StoreUnavailable, ResponseError):
+            return []
+        return [(_s(eid), self._decode(fields)) for eid, fields in claimed if fields]
+
+    @staticmethod
+    def _decode(fields: dict[bytes, bytes]) -> InboxMessage | None:
+        try:
+            return _inbox_dec.decode(fields.get(b"m", b""))
+        except msgspec.DecodeError:
+            return None
+
+    async def ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        inbox = self.keys.inbox(self.instance_id)
+        p = self.r.pipeline(transaction=False)
+        p.xack(inbox, GROUP, *entry_ids)
+        p.xdel(inbox, *entry_ids)
+        await self._do(p.execute())

@@ -1,0 +1,334 @@
+"""Several scheduler instances sharing one Redis: cross-instance dispatch, reservations, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.sim.nodes import Executor
+from tests.conftest import RunningScheduler, eventually
+from tests.redis_support import RedisServer, free_port, has_redis
+
+pytestmark = pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+def cluster_cfg(url: str, prefix: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "cluster": {
+            "redis_url": url,
+            "key_prefix": prefix,
+            "tick_interval_seconds": 0.2,
+            "presence_ttl_seconds": 1.0,
+            "stream_block_ms": 200,
+            **extra,
+        },
+        "jobs": {"ack_timeout_ms": 1500, "pending_timeout_ms": 3000, "retention_seconds": 0.5},
+        "scheduler": {"fleet_view_interval_ms": 10},
+        "session": {"pause_ms": 300},
+    }
+
+
+async def instances(factory: Any, url: str, n: int = 2, **extra: Any) -> list[RunningScheduler]:
+    prefix = "t" + secrets.token_hex(3)
+    out = [await factory(**cluster_cfg(url, prefix, **extra)) for _ in range(n)]
+    for rs in out:
+        await eventually(lambda rs=rs: not rs.state.dispatcher.cluster.degraded, timeout=5)
+    return out
+
+
+def ready_in_view(rs: RunningScheduler, node_id: str | None) -> bool:
+    nv = rs.state.publisher.view.get(node_id or "")
+    return nv is not None and nv.status is NodeStatus.READY
+
+
+async def test_session_on_a_node_on_b(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    a, b = await instances(scheduler_factory, redis_server.url)
+    node = node_factory(url=b.node_url, executor=Executor(latency=0.01))
+    await node.start()
+    await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
+    assert a.state.publisher.view.get(node.node_id).owner == b.state.dispatcher.cluster.instance_id
+    s = session_factory(url=a.session_url)
+    await s.start()
+    for _ in range(3):
+        await s.speak(chunks=1)
+    await eventually(lambda: len(s.of_type("translation_result")) == 3, timeout=10)
+    assert [r["utterance_index"] for r in s.of_type("translation_result")] == [0, 1, 2]
+    assert len([m for m in node.received if m["type"] == "job_assign"]) == 3
+    health = await a.get_json("/health")
+    assert health["mode"] == "redis" and health["store"] == "ok"
+    # reservations were released: no slot left in use on the node
+    store = a.state.dispatcher.cluster.store
+    await eventually(lambda: a.state.dispatcher.store.inflight == 0)
+    assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
+
+
+async def test_two_instances_never_overcommit_a_node(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    a, b = await instances(scheduler_factory, redis_server.url)
+    for rs in (a, b):
+        rs.state.config.scheduler.max_concurrent_jobs_per_node = 2  # type: ignore[misc]
+        rs.state.publisher.max_concurrent_jobs = 2
+    node = node_factory(url=b.node_url, executor=Executor(latency=0.25))
+    await node.start()
+    await eventually(lambda: ready_in_view(a, node.node_id) and ready_in_view(b, node.node_id), timeout=5)
+    sa, sb = session_factory(url=a.session_url), session_factory(url=b.session_url)
+    await sa.start()
+    await sb.start()
+    for _ in range(5):
+        await asyncio.gather(sa.utterance(), sb.utterance())
+    try:
+        await eventually(
+            lambda: len(sa.of_type("translation_result")) == 5 and len(sb.of_type("translation_result")) == 5,
+            timeout=20,
+        )
+    except AssertionError:
+        raise AssertionError(
+            [
+                (m["type"], m.get("code"), m.get("message"))
+                for m in sa.messages + sb.messages
+                if m["type"] in ("error", "missing_result", "translation_result")
+            ]
+        ) from None
+    assert node.max_running <= 2, f"node ran {node.max_running} jobs at once"
+    assert node.max_running == 2  # and it was used to the full
+
+
+async def _store_pair(url: str, prefix: str) -> tuple[Any, Any]:
+    from lingua_scheduler.store.redis_store import RedisStore
+
+    stores = (
+        RedisStore(url, instance_id="i1", prefix=prefix),
+        RedisStore(url, instance_id="i2", prefix=prefix),
+    )
+    for s in stores:
+        await s.start()
+    return stores
+
+
+async def test_concurrent_reservations_property(redis_server: RedisServer) -> None:
+    """Many concurrent reserve/release calls from two stores: never more than max slots in use."""
+    import random
+
+    prefix = "p" + secrets.token_hex(3)
+    s1, s2 = await _store_pair(redis_server.url, prefix)
+    nodes = [f"n{i}" for i in range(4)]
+    await s1.publish([], [], [], dict.fromkeys(nodes, "ready"))
+    for seed in range(5):
+        rng = random.Random(seed)
+        max_slots = rng.randint(1, 4)
+        held: dict[str, set[str]] = {n: set() for n in nodes}
+        peak = dict.fromkeys(nodes, 0)
+
+        async def worker(
+            store: Any,
+            wid: int,
+            rng: random.Random = rng,
+            max_slots: int = max_slots,
+            held: dict[str, set[str]] = held,
+            peak: dict[str, int] = peak,
+        ) -> None:
+            for i in range(40):
+                node = rng.choice(nodes)
+                member = f"j{wid}-{i}:1"
+                res = await store.reserve(node, member, max_slots, 10_000, 1_000)
+                if res.ok:
+                    held[node].add(member)
+                    peak[node] = max(peak[node], len(held[node]))
+                    assert len(held[node]) <= max_slots
+                    await asyncio.sleep(rng.random() * 0.002)
+                    held[node].discard(member)
+                    await store.release(node, member)
+                else:
+                    assert res.reason == "FULL"
+
+        await asyncio.gather(*(worker(s1 if w % 2 else s2, w + 100 * seed) for w in range(16)))
+        assert all(p <= max_slots for p in peak.values()), (max_slots, peak)
+        assert max(peak.values()) == max_slots  # contention really happened
+        for n in nodes:
+            assert await s1.slots_used(n, 1_000) == 0
+    # expired reservations are reaped by the next reserve; a node not ready is refused
+    assert (await s1.reserve("n0", "old:1", 1, 50, 1_000)).ok
+    assert not (await s2.reserve("n0", "new:1", 1, 50, 1_010)).ok
+    assert (await s2.reserve("n0", "new:1", 1, 50, 2_000)).ok
+    assert (await s1.reserve("n0", "new:1", 5, 50, 2_001)).reason == "EXISTS"
+    await s1.publish([], [], [], {"n1": "draining"})
+    assert (await s1.reserve("n1", "x:1", 5, 50, 2_000)).reason == "NOT_READY"
+    for s in (s1, s2):
+        await s.close()
+
+
+async def test_redis_outage_degrades_then_recovers(
+    scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    redis = RedisServer().start()
+    try:
+        a, b = await instances(scheduler_factory, redis.url, op_timeout_seconds=0.2)
+        local = node_factory(url=a.node_url, executor=Executor(latency=0.01))
+        await local.start()
+        await eventually(lambda: ready_in_view(a, local.node_id))
+        s = session_factory(url=a.session_url)
+        await s.start()
+        redis.stop()
+        await eventually(lambda: a.state.dispatcher.cluster.degraded, timeout=5)
+        health = await a.get_json("/health")
+        assert health["status"] == "degraded" and health["store"] == "degraded"
+        assert await a.metric("lingua_store_degraded") == 1
+        async with a.http.get(a.base + "/ready") as r:
+            assert r.status == 503
+        # local traffic goes on
+        await s.speak(chunks=1)
+        await eventually(lambda: len(s.of_type("translation_result")) == 1, timeout=5)
+        redis.start()  # same port, empty: everything is republished
+        await eventually(
+            lambda: not a.state.dispatcher.cluster.degraded and not b.state.dispatcher.cluster.degraded,
+            timeout=10,
+        )
+        assert (await a.get_json("/health"))["status"] == "ok"
+        # cross-instance traffic works again: a node joining B serves a session on A
+        remote = node_factory(url=b.node_url, executor=Executor(latency=0.01))
+        await remote.start()
+        await eventually(lambda: ready_in_view(a, remote.node_id), timeout=5)
+        await eventually(lambda: ready_in_view(b, local.node_id), timeout=5)
+        await local.close()
+        await eventually(lambda: not ready_in_view(a, local.node_id), timeout=5)
+        await s.speak(chunks=1)
+        try:
+            await eventually(lambda: len(s.of_type("translation_result")) == 2, timeout=10)
+        except AssertionError:
+            raise AssertionError(
+                [m for m in s.messages if m["type"] in ("error", "missing_result")]
+            ) from None
+        assert any(m["type"] == "job_assign" for m in remote.received)
+    finally:
+        redis.close()
+
+
+async def test_heartbeats_cost_no_redis_commands(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any
+) -> None:
+    """500 nodes heartbeating: Redis commands are bounded by the per-tick pipeline, not heartbeats."""
+    [a] = await instances(scheduler_factory, redis_server.url, n=1)
+    nodes = [node_factory(url=a.node_url, interval=0.25, seed=i) for i in range(500)]
+    for i in range(0, 500, 50):
+        await asyncio.wait_for(asyncio.gather(*(n.start() for n in nodes[i : i + 50])), 20)
+    await eventually(lambda: a.state.registry.counts()[NodeStatus.READY] == 500, timeout=20)
+    await asyncio.sleep(0.5)  # let the registrations' publications settle
+    client = redis_server.client()
+
+    def commands() -> int:
+        stats = client.info("commandstats")
+        return sum(int(v["calls"]) for v in stats.values())
+
+    hb0, c0 = a.state.heartbeat_window.count, commands()
+    await asyncio.sleep(3.0)
+    hb1, c1 = a.state.heartbeat_window.count, commands()
+    client.close()
+    heartbeats, cmds = hb1 - hb0, c1 - c0 - 2  # minus our own two INFO calls
+    ticks = 3.0 / 0.2
+    assert heartbeats >= 4000, heartbeats
+    # per tick: one pipeline (~4 commands) + the blocking feed and inbox reads; independent of the fleet
+    print(f"redis commands: {cmds} for {heartbeats} heartbeats in 3 s")
+    assert cmds <= ticks * 12, f"{cmds} Redis commands for {heartbeats} heartbeats"
+    assert await a.metric("lingua_capability_changes_total") == 0
+
+
+def _spawn_instance(redis_url: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(
+        os.environ,
+        LINGUA_CLUSTER__REDIS_URL=redis_url,
+        LINGUA_CLUSTER__KEY_PREFIX=prefix,
+        LINGUA_CLUSTER__TICK_INTERVAL_SECONDS="0.2",
+        LINGUA_CLUSTER__PRESENCE_TTL_SECONDS="1.0",
+        LINGUA_CLUSTER__STREAM_BLOCK_MS="200",
+        LINGUA_SERVER__LOG_LEVEL='"warning"',
+        LINGUA_SCHEDULER__FLEET_VIEW_INTERVAL_MS="10",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def test_killed_instance_nodes_move_and_jobs_end(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    prefix = "k" + secrets.token_hex(3)
+    a = await scheduler_factory(**cluster_cfg(redis_server.url, prefix))
+    await eventually(lambda: not a.state.dispatcher.cluster.degraded, timeout=5)
+    proc, b_base = _spawn_instance(redis_server.url, prefix)
+    try:
+
+        async def b_ready() -> bool:
+            try:
+                async with a.http.get(b_base + "/health") as r:
+                    return (await r.json()).get("store") == "ok"
+            except OSError:
+                return False
+
+        for _ in range(200):
+            if await b_ready():
+                break
+            await asyncio.sleep(0.05)
+        b_node_url = b_base.replace("http", "ws", 1) + "/ws/node"
+        nodes = [
+            node_factory(
+                url=b_node_url,
+                executor=Executor(latency=1.0),
+                reconnect=True,
+                fallback_urls=(a.node_url,),
+                seed=i,
+            )
+            for i in range(3)
+        ]
+        for n in nodes:
+            await n.start()
+        await eventually(lambda: all(ready_in_view(a, n.node_id) for n in nodes), timeout=5)
+        s = session_factory(url=a.session_url)
+        await s.start()
+        for _ in range(3):
+            await s.utterance()
+        await eventually(lambda: sum(n.jobs_received for n in nodes) == 3, timeout=5)
+        proc.kill()  # SIGKILL mid-job: no goodbye to anyone
+        proc.wait(5)
+        # the nodes reconnect to A and every job ends, exactly once each
+        await eventually(lambda: all(n.reconnects == 1 for n in nodes), timeout=10)
+        await eventually(lambda: s.settled(), timeout=15)
+        outcomes = s.outcomes()
+        assert sorted(outcomes) == [0, 1, 2] and all(len(v) == 1 for v in outcomes.values()), outcomes
+        assert all(
+            ready_in_view(a, n.node_id) and a.state.registry.nodes[n.node_id].owner is None for n in nodes
+        )
+        # no job of A left in flight, here or in the shared job records
+        assert a.state.dispatcher.store.inflight == 0
+        store = a.state.dispatcher.cluster.store
+        await asyncio.sleep(0.5)  # one tick flushes the job records
+        assert await store.jobs_of(a.state.dispatcher.cluster.instance_id) == []
+        # and later jobs run on the moved nodes
+        await s.utterance()
+        await eventually(lambda: len(s.outcomes()) == 4, timeout=10)
+        assert s.outcomes()[3] == ["result"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
