@@ -35,9 +35,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port < 55_000:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10_000))
+                return port
+            except OSError:
+                continue
+
+
 class RedisServer:
     def __init__(self, port: int | None = None, cluster: bool = False) -> None:
-        self.port = port or free_port()
+        self.port = port or (cluster_port() if cluster else free_port())
         self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="lingua-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -13,9 +13,13 @@ from lingua_scheduler.errors import ConfigError
 
 
 def _load(
-    config_file: str | None, host: str | None, port: int | None, cluster: dict[str, Any] | None = None
+    config_file: str | None,
+    host: str | None,
+    port: int | None,
+    cluster: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Config:
-    overrides: dict[str, dict[str, Any]] = {"server": {}, "cluster": cluster or {}}
+    overrides: dict[str, dict[str, Any]] = {"server": {}, "cluster": cluster or {}, **(extra or {})}
     if host is not None:
         overrides["server"]["host"] = host
     if port is not None:
@@ -42,6 +46,16 @@ def main() -> None:
 @click.option("--redis-url", default=None, help="Share state through Redis (multi-instance mode).")
 @click.option("--redis-cluster", is_flag=True, default=None, help="The Redis URL is a Redis Cluster node.")
 @click.option("--instance-id", default=None, help="This instance's id (default: hostname-pid-random).")
+@click.option(
+    "--tls-cert", type=click.Path(dir_okay=False), default=None, help="PEM certificate: serve wss/https."
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="PEM key of --tls-cert.")
+@click.option(
+    "--insecure-dev",
+    is_flag=True,
+    default=False,
+    help="Accept every node and session even with [auth] configured (local development only).",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -49,6 +63,9 @@ def serve(
     redis_url: str | None,
     redis_cluster: bool | None,
     instance_id: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    insecure_dev: bool,
 ) -> None:
     """Start the scheduler (embedded in-memory state unless --redis-url is given)."""
     from lingua_scheduler.server.app import run
@@ -59,9 +76,18 @@ def serve(
         for k, v in (("redis_url", redis_url), ("redis_cluster", redis_cluster), ("instance_id", instance_id))
         if v is not None
     }
-    config = _load(config_file, host, port, cluster)
+    extra: dict[str, dict[str, Any]] = {}
+    if tls_cert is not None or tls_key is not None:
+        extra["tls"] = {"cert_file": tls_cert or "", "key_file": tls_key or ""}
+    if insecure_dev:
+        extra["auth"] = {"insecure_dev": True}
+    config = _load(config_file, host, port, cluster, extra)
     setup_logging(config.server.log_level, config.server.log_levels)
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:  # raised at start by what only loads then (the TLS certificate)
+        click.echo(f"lingua-scheduler: invalid configuration: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command("config-defaults")
@@ -70,6 +96,27 @@ def config_defaults() -> None:
     from lingua_scheduler.config import render_defaults
 
     click.echo(render_defaults(), nl=False)
+
+
+@main.command("api-key")
+@click.option("--tenant", "tenant_id", required=True, help="Tenant the key belongs to.")
+def api_key(tenant_id: str) -> None:
+    """Print a new random API key for a tenant and the [[auth.tenants]] entry to configure (its hash).
+
+    The key is shown once: give it to the tenant; the configuration keeps only its SHA-256."""
+    import secrets
+
+    from lingua_scheduler.config import _toml_value
+    from lingua_scheduler.core.auth import hash_api_key
+
+    key = secrets.token_urlsafe(32)
+    click.echo(f"# API key for tenant {tenant_id} (give it to the tenant; it is not stored anywhere):")
+    click.echo(f"# {key}")
+    click.echo("[[auth.tenants]]")
+    click.echo(f"tenant_id = {_toml_value(tenant_id)}")
+    click.echo(f'key_sha256 = "{hash_api_key(key)}"')
+    click.echo("max_sessions = 0  # concurrent sessions per instance; 0 = unlimited")
+    click.echo("max_jobs_per_second = 0  # token bucket per instance; 0 = unlimited")
 
 
 @main.command("simulate-nodes")
@@ -83,11 +130,34 @@ def config_defaults() -> None:
     help="Heartbeat interval in seconds (default: what the scheduler asks for).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-def simulate_nodes(count: int, url: str, duration: float | None, interval: float | None, seed: int) -> None:
+@click.option(
+    "--enrollment-secret",
+    envvar="LINGUA_AUTH__NODE_ENROLLMENT_SECRET",
+    default=None,
+    help="Fleet enrollment secret, when the scheduler requires one (default: the scheduler's env var).",
+)
+def simulate_nodes(
+    count: int,
+    url: str,
+    duration: float | None,
+    interval: float | None,
+    seed: int,
+    enrollment_secret: str | None,
+) -> None:
     """Register COUNT simulated nodes with varied capabilities and keep them heartbeating."""
     from lingua_scheduler.sim.nodes import run_fleet
 
-    asyncio.run(run_fleet(url, count, duration=duration, interval=interval, seed=seed, report=click.echo))
+    asyncio.run(
+        run_fleet(
+            url,
+            count,
+            duration=duration,
+            interval=interval,
+            seed=seed,
+            report=click.echo,
+            enrollment_secret=enrollment_secret,
+        )
+    )
 
 
 @main.command("simulate-sessions")
@@ -96,11 +166,16 @@ def simulate_nodes(count: int, url: str, duration: float | None, interval: float
 @click.option("--url", default="ws://127.0.0.1:5010/ws/session", show_default=True)
 @click.option("--src-lang", default="en", show_default=True)
 @click.option("--tgt-lang", default="zh", show_default=True)
-def simulate_sessions(count: int, utterances: int, url: str, src_lang: str, tgt_lang: str) -> None:
+@click.option("--api-key", envvar="LINGUA_API_KEY", default=None, help="Tenant API key (or $LINGUA_API_KEY).")
+def simulate_sessions(
+    count: int, utterances: int, url: str, src_lang: str, tgt_lang: str, api_key: str | None
+) -> None:
     """Stream synthetic audio from COUNT sessions and check every utterance gets an answer."""
     from lingua_scheduler.sim.sessions import run_sessions
 
-    summary = asyncio.run(run_sessions(url, count, utterances, src_lang=src_lang, tgt_lang=tgt_lang))
+    summary = asyncio.run(
+        run_sessions(url, count, utterances, src_lang=src_lang, tgt_lang=tgt_lang, api_key=api_key)
+    )
     click.echo(summary)
     sys.exit(0 if summary["unanswered"] == 0 and summary["duplicates"] == 0 else 1)
 

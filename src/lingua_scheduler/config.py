@@ -46,6 +46,8 @@ class ServerConfig(Section):
     max_frame_bytes: int = 1_048_576
     #: per-connection outbound queue bound; a peer that falls this far behind is disconnected
     outbound_queue: int = 1024
+    #: listen backlog: a fleet reconnecting at once after a restart must not be refused
+    backlog: int = 2048
     #: root log level (logs are JSON lines on stderr)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: per-module log levels, e.g. {"lingua_scheduler.server.node_endpoint" = "debug"}
@@ -285,6 +287,173 @@ class AdminConfig(Section):
         _positive("max_dashboard_clients", self.max_dashboard_clients)
 
 
+#: shortest node enrollment / token-signing secret accepted (docs/security.md)
+MIN_AUTH_SECRET = 16
+#: longest: secrets travel in node_register fields of at most 256 characters
+MAX_AUTH_SECRET = 256
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TenantKeyConfig(Section):
+    """One tenant API key of ``[auth] tenants``: the key itself is never configured, only its hash."""
+
+    tenant_id: str
+    #: lowercase hex SHA-256 of the API key (``lingua-scheduler api-key`` prints a new key and its hash)
+    key_sha256: str
+    #: concurrent sessions of this tenant on one instance; 0 = unlimited
+    max_sessions: int = 0
+    #: jobs per second of this tenant on one instance (token bucket); 0 = unlimited
+    max_jobs_per_second: float = 0.0
+    #: bucket size (jobs accepted at once after a quiet spell); 0 = one second's worth, at least 1
+    jobs_burst: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tenant_id.strip():
+            raise ValueError("tenant_id must not be empty")
+        self.key_sha256 = self.key_sha256.lower()
+        if not _SHA256_HEX.match(self.key_sha256):
+            raise ValueError("key_sha256 must be 64 hex digits (the SHA-256 of the key, not the key)")
+        for name in ("max_sessions", "max_jobs_per_second", "jobs_burst"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+class AuthConfig(Section):
+    """Authentication of nodes and client sessions (docs/security.md). Nothing configured = open."""
+
+    #: accept every node and session even when secrets are configured (local development only;
+    #: ``serve --insecure-dev``); a loud warning is logged at start
+    insecure_dev: bool = False
+    #: fleet enrollment secret a new node presents once to be issued its node token; empty = node
+    #: authentication off unless node_token_secret is set (then no new node can enroll).
+    #: Prefer the environment (LINGUA_AUTH__NODE_ENROLLMENT_SECRET); at least 16 characters
+    node_enrollment_secret: str = ""
+    #: key material of node tokens (HMAC over the node id); empty = derived from the enrollment
+    #: secret. Changing it invalidates every node token. At least 16 characters
+    node_token_secret: str = ""
+    #: earlier signing secrets still accepted during a rotation (tokens are re-issued with the current one)
+    node_token_previous_secrets: list[str] = []
+    #: node ids whose tokens are refused, in addition to the revocation list kept in the state store
+    revoked_node_ids: list[str] = []
+    #: tenant API keys ([[auth.tenants]] tables: tenant_id, key_sha256, max_sessions,
+    #: max_jobs_per_second, jobs_burst); empty = sessions are not authenticated
+    tenants: list[TenantKeyConfig] = []
+    #: also accept the API key as ``?api_key=`` on the /ws/session URL (browsers cannot set headers;
+    #: URLs end up in proxy logs and browser history: prefer session_init.api_key)
+    api_key_query_param: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("node_enrollment_secret", "node_token_secret"):
+            value = getattr(self, name)
+            if value and len(value) < MIN_AUTH_SECRET:
+                raise ValueError(f"{name} must be at least {MIN_AUTH_SECRET} characters (or empty)")
+            if len(value) > MAX_AUTH_SECRET:
+                raise ValueError(f"{name} must be at most {MAX_AUTH_SECRET} characters")
+            if value != value.strip():
+                raise ValueError(f"{name} must not start or end with whitespace")
+        if any(len(s) < MIN_AUTH_SECRET for s in self.node_token_previous_secrets):
+            raise ValueError(
+                f"node_token_previous_secrets must be at least {MIN_AUTH_SECRET} characters each"
+            )
+        # A tenant may have several keys (to rotate one without downtime); they share its limits.
+        limits: dict[str, tuple[int, float, int]] = {}
+        for t in self.tenants:
+            mine = (t.max_sessions, t.max_jobs_per_second, t.jobs_burst)
+            if limits.setdefault(t.tenant_id, mine) != mine:
+                raise ValueError(f"tenants must give every key of tenant {t.tenant_id!r} the same limits")
+        hashes = [t.key_sha256 for t in self.tenants]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("tenants must not list the same key_sha256 twice")
+
+    @property
+    def nodes_required(self) -> bool:
+        """Node credentials are checked."""
+        return not self.insecure_dev and bool(self.node_enrollment_secret or self.node_token_secret)
+
+    @property
+    def sessions_required(self) -> bool:
+        """Session API keys are checked."""
+        return not self.insecure_dev and bool(self.tenants)
+
+
+class TlsConfig(Section):
+    """TLS for every listener route (wss:// and https://); ``serve --tls-cert/--tls-key``."""
+
+    #: PEM certificate chain; empty = plain HTTP/WebSocket (terminate TLS in front of the scheduler)
+    cert_file: str = ""
+    #: PEM private key of the certificate
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cert_file and not self.key_file:
+            raise ValueError("key_file must be set when cert_file is")
+        if self.key_file and not self.cert_file:
+            raise ValueError("cert_file must be set when key_file is")
+
+
+class ShutdownConfig(Section):
+    """Graceful shutdown on SIGTERM (docs/reliability.md, "Faults")."""
+
+    #: after SIGTERM, in-flight jobs get this long to finish; what is still running then is failed
+    #: explicitly to its session (SCHEDULER_SHUTTING_DOWN). Keep it below the orchestrator's grace
+    #: period (Kubernetes: terminationGracePeriodSeconds, 30 s by default)
+    drain_timeout_seconds: float = 20.0
+    #: bound on the last step: flushing queued messages and closing every socket (code 1001)
+    close_timeout_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout_seconds < 0:
+            raise ValueError("drain_timeout_seconds must be >= 0")
+        _positive("close_timeout_seconds", self.close_timeout_seconds)
+
+
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/\s?#]+$")
+
+
+class LimitsConfig(Section):
+    """Limits against misbehaving or hostile peers; each has a defined behaviour (docs/reliability.md)."""
+
+    #: frames per second a node connection may send on average (token bucket refill); a node sends a
+    #: heartbeat every few seconds and a handful of messages per job, so this is far above normal use
+    node_messages_per_second: float = 100.0
+    #: frames a node connection may send at once above that rate (bucket size)
+    node_message_burst: int = 500
+    #: frames per second a session connection may send on average (20 ms audio chunks are 50/s)
+    session_messages_per_second: float = 100.0
+    #: frames a session connection may send at once above that rate (bucket size)
+    session_message_burst: int = 500
+    #: over the rate, frames are dropped and the peer is told (RATE_LIMITED, at most once a second);
+    #: a connection that stays over its rate this long is closed (close code 1008)
+    rate_limit_close_after_seconds: float = 5.0
+    #: most nodes registered on this instance's sockets at once; one more -> NODE_LIMIT_REACHED
+    max_nodes: int = 50_000
+    #: most node records this instance keeps (online and offline, in Redis mode also other instances');
+    #: over it a node id never seen before is refused (NODE_LIMIT_REACHED), known ids still reconnect
+    max_node_records: int = 200_000
+    #: most open sessions on this instance; one more session_init -> SESSION_LIMIT_REACHED
+    max_sessions: int = 20_000
+    #: most open WebSockets (both endpoints) on this instance; more upgrade requests -> HTTP 503
+    max_connections: int = 100_000
+    #: a WebSocket that has not registered a node / opened a session within this time is closed (1008)
+    handshake_timeout_seconds: float = 30.0
+    #: bytes queued for one connection (with server.outbound_queue, the message count) beyond which the
+    #: peer is disconnected as a slow consumer (1008); one larger message is still sent on its own
+    outbound_queue_bytes: int = 16 * 1024 * 1024
+    #: Origin values (scheme://host[:port]) allowed to open /ws/session; empty = any. Browsers always
+    #: send Origin; a request without one (native apps, gateways) is not a browser's and is allowed
+    session_allowed_origins: list[str] = []
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if name != "session_allowed_origins":
+                _positive(name, getattr(self, name))
+        origins = [o.strip().lower().rstrip("/") for o in self.session_allowed_origins]
+        for o in origins:
+            if not _ORIGIN.match(o):
+                raise ValueError(f"session_allowed_origins must hold scheme://host[:port] values, got {o!r}")
+        self.session_allowed_origins = origins
+
+
 class Config(Section):
     """The whole configuration."""
 
@@ -296,6 +465,10 @@ class Config(Section):
     jobs: JobConfig = msgspec.field(default_factory=JobConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
 
 _PATH = re.compile(r"`\$\.?([^`]*)`")

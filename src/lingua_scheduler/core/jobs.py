@@ -464,6 +464,24 @@ class JobStore:
         live = [j for j in self.jobs_of(session_id) if not j.terminal]
         return [self.cancel(j.job_id, reason, now) for j in live]
 
+    def abort(self, job_id: str, code: str, message: str, now: float | None = None) -> Outcome:
+        """The scheduler gives up on a live job (graceful shutdown past its deadline): FAILED with
+        ``code``, no retry. Unlike ``cancel`` the session is owed an explicit failure, so the shell
+        reports it; the node of the current attempt, if any, gets ``job_cancel`` and its slot back."""
+        now = self._now(now)
+        job = self._jobs.get(job_id)
+        if job is None:
+            return Outcome(Verdict.UNKNOWN, None)
+        if job.terminal:
+            return Outcome(Verdict.DUPLICATE, job)
+        node = job.node_id if job.state in ON_NODE else None
+        self._end(job, J.FAILED, code, message, now)
+        return Outcome(Verdict.APPLIED, job, cancel_node=node, freed_node=node)
+
+    def live(self) -> list[Job]:
+        """Jobs not yet ended, oldest first. O(jobs): for shutdown and diagnostics, not a hot path."""
+        return sorted((j for j in self._jobs.values() if not j.terminal), key=lambda j: j.seq)
+
     def expire(self, now: float | None = None) -> list[Outcome]:
         """Apply every deadline that has passed: waiting too long -> FAILED(NO_AVAILABLE_NODE); no ack
         or no result in time -> failover with job_cancel to the old node, or TIMED_OUT(JOB_TIMEOUT)

@@ -67,6 +67,13 @@ class NodeLoad:
         elif self.reported_running > 0:
             self.reported_running -= 1
 
+    def report_ended(self) -> None:
+        """A job the node counted in its last report ended without being one of ours (a stale or
+        unknown result). Messages on one connection keep their order, so a result that arrives after
+        a report was sent after it: the job was running then and is not any more."""
+        if self.reported_running > 0:
+            self.reported_running -= 1
+
     @property
     def effective(self) -> int:
         return max(self.reported_running + self.dispatched_since_report, self.inflight)

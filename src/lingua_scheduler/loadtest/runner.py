@@ -183,6 +183,11 @@ def run_loadtest(opts: LoadtestOptions, console: Console | None = None) -> dict[
         if opts.server_heartbeat_interval is not None:
             env["LINGUA_NODE_HEALTH__HEARTBEAT_INTERVAL_SECONDS"] = str(opts.server_heartbeat_interval)
             env.setdefault("LINGUA_NODE_HEALTH__HEARTBEAT_BUDGET_PER_SECOND", "1000000")
+        # The load generator is a trusted peer measuring throughput: the per-connection rate limits,
+        # meant for abusive peers, must not shape its offered load (one session may send 100+/s).
+        for endpoint in ("NODE", "SESSION"):
+            env.setdefault(f"LINGUA_LIMITS__{endpoint}_MESSAGES_PER_SECOND", "1000000")
+            env.setdefault(f"LINGUA_LIMITS__{endpoint}_MESSAGE_BURST", "1000000")
         log_path = os.path.join(tempfile.gettempdir(), f"lingua-loadtest-server-{os.getpid()}.log")
         with local_scheduler(env, opts.config_file, log_path) as (base, proc):
             report = _run(opts, base, proc.pid, started=True, console=console)

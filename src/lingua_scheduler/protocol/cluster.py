@@ -68,6 +68,8 @@ class Dispatch(Record, tag="dispatch", tag_field="kind", kw_only=True):
     node_id: str
     reply_to: str
     assign: JobAssign
+    #: wall clock (ns) when the sender wrote it: the receiver measures the hop between instances
+    sent_at_ns: int = 0
 
 
 class CancelOnNode(Record, tag="cancel", tag_field="kind", kw_only=True):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+#: an integer a peer may set freely (timestamps, timings, counts): bounded to what a JavaScript client
+#: reads exactly (2^53). Unbounded, msgspec would accept integers of thousands of digits.
+SafeInt = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
 
 
 class ServiceType(StrEnum):
@@ -30,11 +34,14 @@ class ServiceStatus(StrEnum):
     ERROR = "error"
 
 
-class Struct(msgspec.Struct, omit_defaults=True):
-    """Base of every wire message: optional fields left at their default are not serialised."""
+class Struct(msgspec.Struct, omit_defaults=True, gc=False):
+    """Base of every wire message: optional fields left at their default are not serialised.
+
+    ``gc=False``: wire structs never form reference cycles, and the registry keeps many of them alive,
+    so keeping them out of the cyclic garbage collector shortens its full collections."""
 
 
-class FrozenStruct(msgspec.Struct, omit_defaults=True, frozen=True):
+class FrozenStruct(msgspec.Struct, omit_defaults=True, frozen=True, gc=False):
     """Base of immutable wire values (compared by value, hashable)."""
 
 
@@ -51,10 +58,10 @@ class FeatureFlags(FrozenStruct, frozen=True):
 
 
 class ServiceTimings(FrozenStruct, frozen=True):
-    asr_ms: int | None = None
-    nmt_ms: int | None = None
-    tts_ms: int | None = None
-    total_ms: int | None = None
+    asr_ms: SafeInt | None = None
+    nmt_ms: SafeInt | None = None
+    tts_ms: SafeInt | None = None
+    total_ms: SafeInt | None = None
 
 
 class ExtraResult(FrozenStruct, frozen=True):
@@ -68,7 +75,7 @@ class ExtraResult(FrozenStruct, frozen=True):
 
 
 class SegmentsMeta(FrozenStruct, frozen=True):
-    count: int | None = None
+    count: SafeInt | None = None
     max_gap: float | None = None
     avg_duration: float | None = None
 

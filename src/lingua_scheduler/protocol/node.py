@@ -2,8 +2,9 @@
 
 Wire-compatible with the reference node client. Deliberate differences: ``memory_gb`` accepts floats,
 ``job_assign`` booleans default to false (reference Flaw-5), heartbeats are acknowledged with
-``node_heartbeat_ack``. Unknown fields are ignored; a frame that fails validation is answered with
-``error{INVALID_MESSAGE}`` by the endpoint.
+``node_heartbeat_ack``; ``node_register`` may carry credentials (``enrollment_secret`` or ``node_token``,
+docs/security.md) and its ack the node's token, all optional and omitted when unused. Unknown fields are
+ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}`` by the endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lingua_scheduler.protocol.common import (
     FeatureFlags,
     FrozenStruct,
     JobError,
+    SafeInt,
     SegmentsMeta,
     ServiceStatus,
     ServiceType,
@@ -141,11 +143,15 @@ class NodeRegister(Struct, tag="node_register", tag_field="type"):
     installed_services: list[InstalledService] = []
     advanced_features: list[ShortStr] | None = None
     language_capabilities: NodeLanguageCapabilities | None = None
+    #: fleet enrollment secret, presented by a new node (no node_id) when node auth is configured
+    enrollment_secret: ShortStr | None = None
+    #: the token issued in an earlier node_register_ack, presented with its node_id
+    node_token: ShortStr | None = None
 
 
 class NodeHeartbeat(Struct, tag="node_heartbeat", tag_field="type"):
     node_id: NodeId
-    timestamp: int
+    timestamp: SafeInt
     resource_usage: ResourceUsage
     installed_services: list[InstalledService]
     capability_by_type: list[CapabilityByType]
@@ -196,7 +202,7 @@ class JobResult(Struct, tag="job_result", tag_field="type"):
     error: JobError | None = None
     group_id: ShortStr | None = None
     part_index: NonNegInt | None = None
-    node_completed_at_ms: int | None = None
+    node_completed_at_ms: SafeInt | None = None
     asr_quality_level: ShortStr | None = None
     reason_codes: list[ShortStr] | None = None
     quality_score: float | None = None
@@ -228,6 +234,8 @@ class NodeRegisterAck(Struct, tag="node_register_ack", tag_field="type"):
     message: str
     status: str
     heartbeat_interval_ms: int | None = None
+    #: with node auth configured: the node's token, to present with its node_id from now on
+    node_token: str | None = None
 
 
 class NodeHeartbeatAck(Struct, tag="node_heartbeat_ack", tag_field="type"):

@@ -10,6 +10,8 @@ Wire names match the reference client. Deliberate differences:
   ``SessionInbound``: they fail decoding (INVALID_MESSAGE) instead of being silently ignored.
 - The ``session_id`` in a message body is a claim, not an identity: the endpoint compares it with the
   session bound to the connection (the reference did not: session hijack).
+- ``session_init.tenant_id`` is a claim too: with tenant API keys configured the tenant is the key's
+  (``server/auth.py``), and a body naming another tenant is refused.
 
 Unknown fields are ignored. Every boolean is either required or always serialised, so no reader can
 miss a false value (reference flaw: omitted booleans broke cross-instance parsing).
@@ -27,6 +29,7 @@ from lingua_scheduler.protocol.common import (
     ErrorMessage,
     ExtraResult,
     FeatureFlags,
+    SafeInt,
     SegmentsMeta,
     ServiceTimings,
     Struct,
@@ -78,6 +81,7 @@ ERROR_HINTS: dict[str, str] = {
     ErrorCode.NODE_ID_CONFLICT: "Node id conflict, clear the local node_id.",
     ErrorCode.INVALID_CAPABILITY_SCHEMA: "Unsupported capability schema, update the node.",
     ErrorCode.SCHEDULER_DEPENDENCY_DOWN: "A scheduler dependency is unavailable, try later.",
+    ErrorCode.SCHEDULER_SHUTTING_DOWN: "The server is restarting, reconnecting.",
 }
 DEFAULT_HINT = "An error occurred, please try later."
 
@@ -109,6 +113,8 @@ class SessionInit(Struct, tag="session_init", tag_field="type"):
     #: what the client would like to stream; the ack says what was granted
     audio_format: ShortStr | None = None
     sample_rate: SampleRate | None = None
+    #: the tenant API key, for clients that cannot send it at connect (Authorization / X-Api-Key)
+    api_key: ShortStr | None = None
 
 
 class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
@@ -117,7 +123,7 @@ class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
     is_final: bool
     #: standard base64 with padding; absent or "" is an empty chunk; invalid base64 is an error
     payload: str | None = None
-    client_timestamp_ms: int | None = None
+    client_timestamp_ms: SafeInt | None = None
 
 
 class UtteranceMessage(Struct, tag="utterance", tag_field="type"):
@@ -145,7 +151,7 @@ class UtteranceMessage(Struct, tag="utterance", tag_field="type"):
 
 class ClientHeartbeat(Struct, tag="client_heartbeat", tag_field="type"):
     session_id: SessionId
-    timestamp: int
+    timestamp: SafeInt
 
 
 class TtsPlayEnded(Struct, tag="tts_play_ended", tag_field="type"):

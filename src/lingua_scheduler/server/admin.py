@@ -1,4 +1,4 @@
-"""Admin actions behind a bearer token: drain, undrain and disconnect a node, cancel a job.
+"""Admin actions behind a bearer token: drain, undrain, disconnect and revoke a node, cancel a job.
 
 Owns the ``/api/v1/admin/...`` routes, their authentication and their audit trail. The token comes from
 ``admin.token`` (config file or ``LINGUA_ADMIN__TOKEN``) and is compared in constant time
@@ -26,6 +26,7 @@ from aiohttp import WSCloseCode, web
 
 from lingua_scheduler.core.jobs import Verdict
 from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.server.auth import disconnect_revoked
 from lingua_scheduler.server.events import ADMIN
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -218,6 +219,56 @@ async def disconnect(request: web.Request) -> web.Response:
     return web.json_response(_node_body(state, node_id, "disconnect", True))
 
 
+#: what a node id may look like (protocol.node.NodeId)
+_NODE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@admin_action("revoke")
+async def revoke(request: web.Request) -> web.Response:
+    """Revoke a node's token (docs/security.md): its registrations are refused from now on, on every
+    instance, and its socket is closed (here at once; on the instance holding it within one cluster
+    tick). The node must enroll again and gets a new id. 202 when the shared list could not be
+    written yet: this instance enforces it already and writes it when the store answers."""
+    state = request.app[STATE]
+    node_id = request.match_info["node_id"]
+    if not _NODE_ID.match(node_id):
+        return _error(400, ErrorCode.INVALID_MESSAGE.value, "not a node id")
+    if not state.auth.nodes_required:
+        return _error(
+            409,
+            "NODE_AUTH_DISABLED",
+            "node authentication is not configured (auth.node_enrollment_secret): a revocation would "
+            "have no effect",
+        )
+    cluster = state.dispatcher.cluster
+    changed, shared = await state.auth.revoke(node_id, cluster.store if cluster is not None else None)
+    if cluster is None:
+        log.warning(
+            "node token revoked in memory only: add the id to auth.revoked_node_ids to keep it across "
+            "restarts",
+            extra={"node_id": node_id},
+        )
+    entry = state.registry.nodes.get(node_id)
+    outbox = entry.conn if entry is not None else None
+    disconnected = disconnect_revoked(state, node_id)
+    # bounded wait for the endpoint's cleanup, so the answer shows the node offline (as disconnect does)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EFFECT_TIMEOUT
+    while disconnected and entry is not None and entry.conn is outbox:
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.01)
+    body = {
+        "action": "revoke",
+        "node_id": node_id,
+        "changed": changed,
+        "disconnected": disconnected,
+        "shared": shared,
+        "scope": "instance" if cluster is None else "cluster",
+    }
+    return web.json_response(body, status=200 if shared else 202)
+
+
 # --- jobs ------------------------------------------------------------------------------------------
 
 
@@ -250,4 +301,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/drain", drain)
     app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/undrain", undrain)
     app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/disconnect", disconnect)
+    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/revoke", revoke)
     app.router.add_post(f"{PREFIX}/jobs/{{job_id}}/cancel", cancel_job)

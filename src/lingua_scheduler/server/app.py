@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,11 +12,12 @@ from aiohttp import web
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
-from lingua_scheduler.server import admin, dashboard, http_api, openapi, stats, tasks
+from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, shutdown, stats, tasks
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         state.dispatcher.cluster = cluster
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     app.cleanup_ctx.append(_background)
+    shutdown.setup(app)  # SIGTERM: drain, fail the rest explicitly, close with 1001 (last on_shutdown hook)
+    auth.setup(app)  # start-up warning when left open; revocation sync in shared mode
     return app
 
 
@@ -69,10 +73,23 @@ def run(config: Config) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
         pass
+    ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
     app = build_app(config)
+    shutdown.handle_signals(app)  # SIGTERM drains in-flight work before aiohttp's own shutdown
     host, port = config.server.host, config.server.port
+    scheme = "wss" if ssl_context is not None else "ws"
     log.info(
         "lingua-scheduler listening",
-        extra={"host": host, "port": port, "node_ws": f"ws://{host}:{port}/ws/node"},
+        extra={"host": host, "port": port, "node_ws": f"{scheme}://{host}:{port}/ws/node"},
     )
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    # Objects alive at start (modules, config, routes) never become garbage: keep the collector off them.
+    gc.freeze()
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        ssl_context=ssl_context,
+        backlog=config.server.backlog,
+    )

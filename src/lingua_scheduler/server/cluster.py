@@ -21,11 +21,11 @@ everything when the store answers again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from lingua_scheduler.config import ClusterConfig
@@ -104,12 +104,60 @@ class Cluster:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._stop_loops()
         await self.store.close()
+
+    async def _stop_loops(self) -> None:
+        """Cancel the loops and wait until they are gone. A cancellation can be lost: on Python 3.11
+        ``asyncio.wait_for`` returns the inner result when it completes just as the outer task is
+        cancelled (gh-86296), and a store call is a ``wait_for``; the loop then goes on (possibly
+        to wait for a resync that never comes). So cancel again until each loop has ended."""
+        pending = set(self._tasks)
+        self._tasks = []
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+
+    # --- graceful shutdown (server/shutdown.py) ------------------------------------------------------
+
+    async def refuse_new_work(self) -> None:
+        """A graceful shutdown began: mark this instance's nodes not ready in the shared reservation
+        state, so other instances stop placing work on them (their reservations are refused with
+        NOT_READY and they pick another node) while the jobs already running there go on. The node
+        records are not republished: a status change there would make the others fail those jobs
+        over at once. Best effort: with the store unreachable there is nothing to tell."""
+        if self.degraded:
+            return
+        status = {
+            e.node_id: NodeStatus.DRAINING.value
+            for e in self.state.registry.local_nodes()
+            if e.status is not NodeStatus.OFFLINE
+        }
+        try:
+            await self.store.publish([], [], [], status)
+        except StoreUnavailable as exc:
+            log.warning("could not mark nodes draining for shutdown", extra={"reason": str(exc)})
+
+    async def leave(self) -> None:
+        """Last step of a graceful shutdown: stop the loops, write the final node statuses and job
+        records, and remove this instance from the shared state now. The other instances then drop
+        its nodes at once (failing over whatever of theirs still ran there) instead of waiting
+        ``presence_ttl_seconds`` to notice a silent instance."""
+        await self._stop_loops()
+        if self.degraded:
+            log.warning("leaving with the shared store unreachable: other instances take over on expiry")
+            return
+        try:
+            await self._publish_changes()
+            if self._job_writes:
+                writes, self._job_writes = list(self._job_writes.values()), {}
+                await self.store.save_jobs(writes, int(self.state.config.jobs.retention_seconds) + 60)
+            await self.store.forget_instance(self.instance_id)
+        except StoreUnavailable as exc:
+            log.warning("could not leave the shared store cleanly", extra={"reason": str(exc)})
+        else:
+            log.info("instance left the cluster", extra={"instance": self.instance_id})
 
     async def _supervise(self, body: object, name: str) -> None:
         """Run one loop forever: a failing store makes the instance degraded, never kills the task."""
@@ -282,6 +330,13 @@ class Cluster:
         log.warning("instance presence expired: taking over", extra={"instance": instance})
         for node_id in self.state.registry.remote_nodes_of(instance):
             self._drop_remote(node_id)
+        # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would
+        # count as load on our nodes (in the load batches) until the horizon of ``_load_batch``. This
+        # covers jobs too recent to be in its job records (those are written once per tick).
+        for job_id, (reply_to, node_id, _) in list(self.remote_jobs.items()):
+            if reply_to == instance:
+                del self.remote_jobs[job_id]
+                self.state.dispatcher.cancel_on_local_node(node_id, job_id, "owner instance died")
         await self.store.forget_instance(instance)
         orphans = await self.store.jobs_of(instance)
         failed = []
@@ -361,11 +416,24 @@ class Cluster:
                 else:
                     self.handle(message)
                 done.append(entry_id)
-            await self.store.ack(done)
+            if done:
+                # Acknowledge in the background: the next read must not wait a round trip for it.
+                # An ack lost to an outage only means a re-delivery, and handling is idempotent.
+                asyncio.get_running_loop().create_task(self._ack(done))
+
+    async def _ack(self, entry_ids: list[str]) -> None:
+        try:
+            await self.store.ack(entry_ids)
+        except StoreUnavailable as exc:
+            await self.suspect(str(exc))
 
     def handle(self, message: InboxMessage) -> None:
         dispatcher = self.state.dispatcher
         if isinstance(message, Dispatch):
+            if message.sent_at_ns:
+                hop = max(0.0, (time.time_ns() - message.sent_at_ns) / 1e9)
+                self.state.metrics.cross_instance_dispatch.observe(hop)
+                self.state.cross_instance_window.record(hop)
             if dispatcher.deliver_to_local_node(message.node_id, message.assign):
                 self.remote_jobs[message.assign.job_id] = (
                     message.reply_to,

@@ -134,7 +134,10 @@ class Dispatcher:
         for utt in utterances:
             job_ids: list[str] = []
             failed: list[Job] = []
-            for tgt in [tgt_lang] if tgt_lang else session.targets:
+            targets = [tgt_lang] if tgt_lang else session.targets
+            # Per-tenant job rate (server/auth.py): an utterance over it gets no job, only the error below.
+            limited = not self.state.auth.admit_jobs(session.tenant_id, len(targets))
+            for tgt in [] if limited else targets:
                 spec = JobSpec.from_utterance(
                     utt,
                     session_id=session.session_id,
@@ -175,7 +178,9 @@ class Dispatcher:
             if not job_ids:
                 self.deliver(session, session.results.fail(utt.index))
                 session.send(
-                    ErrorMessage(
+                    self.state.auth.rate_limited(session.tenant_id, utt.index)
+                    if limited
+                    else ErrorMessage(
                         code=ErrorCode.NO_AVAILABLE_NODE.value,
                         message="the scheduler cannot take more jobs right now",
                     )
@@ -314,6 +319,7 @@ class Dispatcher:
             self.pump()
             return
         self._send_assign(job, node_id, member)
+        self.pump()  # the next job of the same stream was waiting for this one to leave the queue
 
     def _retry_refused(self, node_id: str) -> None:
         self._reserve_refused.discard(node_id)
@@ -325,7 +331,13 @@ class Dispatcher:
         assert self.cluster is not None
         try:
             await self.cluster.store.send(
-                owner, Dispatch(node_id=node_id, reply_to=self.cluster.instance_id, assign=assign)
+                owner,
+                Dispatch(
+                    node_id=node_id,
+                    reply_to=self.cluster.instance_id,
+                    assign=assign,
+                    sent_at_ns=time.time_ns(),
+                ),
             )
         except StoreUnavailable as exc:
             self.cluster.suspect_soon(str(exc))
@@ -346,6 +358,10 @@ class Dispatcher:
     def deliver_to_local_node(self, node_id: str, message: JobAssign | JobCancel) -> bool:
         entry = self.state.registry.nodes.get(node_id)
         if entry is None or entry.owner is not None or not isinstance(entry.conn, Outbox):
+            return False
+        if self.state.shutting_down and isinstance(message, JobAssign):
+            # Another instance's job would outlive us here: refusing it makes its owner fail over at
+            # once (DispatchFailed) instead of finding out when this instance is gone.
             return False
         return entry.conn.send(message)
 
@@ -420,6 +436,13 @@ class Dispatcher:
             log.info(
                 "stale job message dropped", extra={"node_id": node_id, "job_id": getattr(msg, "job_id", "")}
             )
+        if isinstance(msg, JobResult) and out.verdict in (Verdict.STALE, Verdict.UNKNOWN):
+            # The node finished a job we no longer follow (an attempt abandoned when its connection
+            # dropped): its last report counted it as running, so that figure is one too high until the
+            # next heartbeat -- up to an interval of phantom load after every reconnect otherwise.
+            entry = self.state.registry.nodes.get(node_id)
+            if entry is not None and entry.owner is None:
+                entry.load.report_ended()
 
     def _on_result(self, node_id: str, msg: JobResult) -> Outcome:
         error = msg.error
@@ -688,6 +711,18 @@ class Dispatcher:
     def cancel_session(self, session_id: str, reason: str) -> None:
         for out in self.store.cancel_session(session_id, reason):
             self._apply(out, "session_closed")
+
+    def fail_all(self, code: ErrorCode, message: str) -> int:
+        """End every live job of this instance as FAILED with ``code`` (graceful shutdown past its
+        deadline): each node gets ``job_cancel`` and its slot back, each session ``error`` +
+        ``ui_event ERROR`` + ``missing_result(job_failed)``, in utterance order. Returns how many."""
+        n = 0
+        for job in self.store.live():
+            out = self.store.abort(job.job_id, code.value, message)
+            if out.verdict is Verdict.APPLIED:
+                self._apply(out, "shutdown")
+                n += 1
+        return n
 
     def cancel_job(self, job_id: str, reason: str) -> Outcome:
         """Cancel one job (operator action): the node gets ``job_cancel`` and its load back, the session

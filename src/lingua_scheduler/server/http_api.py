@@ -111,7 +111,8 @@ def default_readiness_checks(app: web.Application) -> None:
         return "fleet_view", state.view_age() < STALE_VIEW_SECONDS
 
     def accepting() -> tuple[str, bool]:
-        return "accepting", not stopping
+        # false from SIGTERM on: the graceful drain (server/shutdown.py) runs before aiohttp's shutdown
+        return "accepting", not stopping and not state.shutting_down
 
     async def on_shutdown(app: web.Application) -> None:
         nonlocal stopping

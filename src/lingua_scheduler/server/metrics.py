@@ -20,8 +20,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: 10 µs .. 30 s: resolves the heartbeat path and the end-to-end latency alike
+#: 2 µs .. 30 s: resolves the heartbeat path and the end-to-end latency alike
 LATENCY_BUCKETS = (
+    0.000002,
+    0.000005,
     0.00001,
     0.00002,
     0.00005,
@@ -103,6 +105,12 @@ class Metrics:
         self.jobs = Counter("lingua_jobs", "Jobs ended, by outcome", ["outcome"], registry=r)
         self.failovers = Counter(
             "lingua_failovers", "Attempts abandoned for another node", ["reason"], registry=r
+        )
+        self.cross_instance_dispatch = Histogram(
+            "lingua_cross_instance_dispatch_seconds",
+            "job_assign written by the session's instance -> delivered by the node's instance",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.stale_messages = Counter(
             "lingua_stale_job_messages", "Job messages of an old attempt or another node, dropped", registry=r

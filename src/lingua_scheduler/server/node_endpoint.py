@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from lingua_scheduler.errors import ErrorCode, RegistrationError, SchedulerError
+from lingua_scheduler.errors import AuthenticationError, ErrorCode, RegistrationError, SchedulerError
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import (
@@ -24,6 +24,7 @@ from lingua_scheduler.protocol.node import (
     NodeRegister,
     NodeRegisterAck,
 )
+from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
 
@@ -53,13 +54,15 @@ class NodeConnection:
                 state.registry.entry_for(self.outbox, msg.node_id)
                 log.warning(
                     "node reported an error",
-                    extra={"node_id": msg.node_id, "code": msg.code, "node_message": msg.message},
+                    extra={"node_id": msg.node_id, "code": msg.code, "node_message": msg.message[:256]},
                 )
             else:
                 self.on_job_message(msg)
         except SchedulerError as exc:
             state.metrics.invalid_frames.labels("node", exc.code.value).inc()
             self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+            if isinstance(exc, AuthenticationError):
+                close_refused(self.outbox, "unauthorized")  # after the error frame is flushed
 
     def _heartbeat(self, msg: NodeHeartbeat, t0: float) -> None:
         state = self.state
@@ -85,9 +88,18 @@ class NodeConnection:
             raise RegistrationError(
                 f"this connection is already registered as {self.node_id}", code=ErrorCode.NODE_ID_CONFLICT
             )
+        # Credentials once per connection (server/auth.py): afterwards the bound connection is the credential.
+        admitted = state.auth.check_node(msg, bound=self.node_id is not None)
         if self.node_id is not None and msg.node_id is None:
             msg.node_id = self.node_id
+        first = self.node_id is None
+        if first:  # a socket takes node capacity once, at its first registration (server/limits.py)
+            state.limits.check_node_register(
+                state.registry.nodes.__contains__, len(state.registry.nodes), msg.node_id
+            )
         entry, transitions = state.registry.register(msg, self.outbox)
+        if first:
+            state.limits.node_registered()
         self.node_id = entry.node_id
         self.outbox.send(
             NodeRegisterAck(
@@ -95,12 +107,18 @@ class NodeConnection:
                 message="registered",
                 status=entry.status.value,
                 heartbeat_interval_ms=int(state.registry.heartbeat_interval() * 1000),
+                node_token=state.auth.token_for(entry.node_id),
             )
         )
         state.apply_transitions(transitions)
         log.info(
             "node registered",
-            extra={"node_id": entry.node_id, "platform": msg.platform, "node_version": msg.version},
+            extra={
+                "node_id": entry.node_id,
+                "platform": msg.platform,
+                "node_version": msg.version,
+                "auth": admitted,  # enrolled | token | connection | open: the audit trail of enrollments
+            },
         )
 
     def on_job_message(self, msg: object) -> None:
@@ -113,6 +131,7 @@ class NodeConnection:
 
     def closed(self) -> None:
         if self.node_id is not None:
+            self.state.limits.node_gone()
             transitions = self.state.registry.disconnect(self.node_id, self.outbox)
             self.state.apply_transitions(transitions)
             if transitions:
@@ -120,23 +139,39 @@ class NodeConnection:
                 self.state.dispatcher.node_lost(self.node_id)
 
 
-async def node_ws(request: web.Request) -> web.WebSocketResponse:
+async def node_ws(request: web.Request) -> web.StreamResponse:
     state: SchedulerState = request.app[STATE]
+    refused = state.limits.refuse_upgrade(request, "node")  # before any WebSocket state exists
+    if refused is not None:
+        return refused
     max_frame = state.config.server.max_frame_bytes
     # aiohttp itself only closes frames far over our limit; up to 4x we answer with an error frame.
     ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
     await ws.prepare(request)
-    outbox = Outbox(ws, state.config.server.outbound_queue, f"node@{request.remote}")
+    outbox = Outbox(
+        ws,
+        state.config.server.outbound_queue,
+        f"node@{request.remote}",
+        max_bytes=state.config.limits.outbound_queue_bytes,
+    )
     conn = NodeConnection(state, outbox)
+    state.limits.opened("node")
+    gate = state.limits.gate("node", outbox, ws, lambda: conn.node_id is not None)
     try:
         async for frame in ws:
             if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
-                conn.on_frame(frame.data, time.perf_counter())
+                if gate.admit():  # per-connection rate limit: over it the frame is dropped
+                    conn.on_frame(frame.data, time.perf_counter())
+                elif gate.must_close:
+                    await gate.close()
+                    break
             elif frame.type is WSMsgType.ERROR:
                 break
     except Exception:  # one catch-all per connection task: log, close, clean up below
         log.exception("node connection failed", extra={"node_id": conn.node_id})
     finally:
+        gate.stop()
+        state.limits.closed("node")
         conn.closed()
         await outbox.close()
         if not ws.closed:

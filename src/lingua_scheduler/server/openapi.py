@@ -80,6 +80,13 @@ def list_param(name: str, items: Schema, description: str) -> Schema:
 
 
 NODE_ID = param("node_id", "path", {"type": "string", "minLength": 1}, "Node id (``node-XXXXXXXX``)")
+#: a node id as nodes may present it (protocol.node.NodeId); revoke accepts ids no instance knows
+NODE_ID_STRICT = param(
+    "node_id",
+    "path",
+    {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{1,128}$"},
+    "Node id (``node-XXXXXXXX``)",
+)
 JOB_ID = param("job_id", "path", {"type": "string", "minLength": 1}, "Job id (``job-...``)")
 LIMIT = param(
     "limit", "query", {"type": "integer", "minimum": 1, "maximum": 500, "default": 100}, "Page size"
@@ -308,6 +315,14 @@ def _schemas() -> dict[str, Schema]:
                 "description": "drain/undrain: the fleet view selection reads already has the change",
             },
         ),
+        "NodeRevoked": obj(
+            action={"type": "string", "enum": ["revoke"]},
+            node_id=STR,
+            changed={**BOOL, "description": "False when the id was revoked already"},
+            disconnected={**BOOL, "description": "The node was connected here and its socket is closed"},
+            shared={**BOOL, "description": "Written to the shared revocation list (false: 202, pending)"},
+            scope={"type": "string", "enum": ["instance", "cluster"]},
+        ),
         "JobCancelled": obj(
             action={"type": "string", "enum": ["cancel_job"]},
             job_id=STR,
@@ -511,6 +526,25 @@ def _paths() -> dict[str, Schema]:
         "/api/v1/admin/nodes/{node_id}/disconnect": _admin_node(
             "disconnect", "Close the node's WebSocket: offline at once, its jobs fail over"
         ),
+        "/api/v1/admin/nodes/{node_id}/revoke": {
+            "post": {
+                "tags": ["admin"],
+                "summary": "Revoke a node's token: refused on every instance from now on, socket closed",
+                "operationId": "admin_revoke_node",
+                "security": [{"bearerAuth": []}],
+                "parameters": [NODE_ID_STRICT],
+                "responses": {
+                    "200": json_response("Revoked", ref("NodeRevoked")),
+                    "202": json_response(
+                        "Revoked on this instance; the shared list is written when the store answers",
+                        ref("NodeRevoked"),
+                    ),
+                    "400": error("Not a node id"),
+                    **ADMIN_ERRORS,
+                    "409": error("Node authentication is not configured (``NODE_AUTH_DISABLED``)"),
+                },
+            }
+        },
         "/api/v1/admin/jobs/{job_id}/cancel": {
             "post": {
                 "tags": ["admin"],

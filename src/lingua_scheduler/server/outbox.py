@@ -2,7 +2,9 @@
 
 ``send()`` never blocks and never awaits: it encodes and enqueues. A peer that stops reading fills its
 queue; when the bound is reached the connection is closed as a slow consumer instead of buffering
-without limit (ARCHITECTURE.md section 2.8).
+without limit (ARCHITECTURE.md section 2.8). The bound is in messages (``limit``) and, optionally, in
+bytes (``max_bytes``): a thousand results carrying synthesized audio would otherwise be a gigabyte. A
+single message larger than ``max_bytes`` is still accepted into an empty queue.
 """
 
 from __future__ import annotations
@@ -21,13 +23,30 @@ log = logging.getLogger(__name__)
 
 
 class Outbox:
-    __slots__ = ("_closed", "_flushed", "_queue", "_task", "_wakeup", "limit", "name", "slow_consumer", "ws")
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_flushed",
+        "_queue",
+        "_task",
+        "_wakeup",
+        "limit",
+        "max_bytes",
+        "name",
+        "slow_consumer",
+        "ws",
+    )
 
-    def __init__(self, ws: web.WebSocketResponse, limit: int, name: str) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, limit: int, name: str, *, max_bytes: int | None = None
+    ) -> None:
         self.ws = ws
         self.limit = limit
+        self.max_bytes = max_bytes
         self.name = name
         self._queue: deque[bytes] = deque()
+        #: bytes in ``_queue`` (not yet handed to the socket)
+        self._bytes = 0
         self._wakeup = asyncio.Event()
         self._flushed = asyncio.Event()
         self._closed = False
@@ -41,15 +60,20 @@ class Outbox:
     def send_raw(self, data: bytes) -> bool:
         if self._closed:
             return False
-        if len(self._queue) >= self.limit:
+        over_bytes = self.max_bytes is not None and self._queue and self._bytes + len(data) > self.max_bytes
+        if len(self._queue) >= self.limit or over_bytes:
             self.slow_consumer = True
-            log.warning("slow consumer disconnected", extra={"conn": self.name, "queued": len(self._queue)})
+            log.warning(
+                "slow consumer disconnected",
+                extra={"conn": self.name, "queued": len(self._queue), "queued_bytes": self._bytes},
+            )
             self._closed = True
             asyncio.get_running_loop().create_task(
                 self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"slow consumer")
             )
             return False
         self._queue.append(data)
+        self._bytes += len(data)
         self._flushed.clear()
         self._wakeup.set()
         return True
@@ -58,6 +82,10 @@ class Outbox:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
     async def _writer(self) -> None:
         queue, ws = self._queue, self.ws
         try:
@@ -65,14 +93,28 @@ class Outbox:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 while queue:
-                    await ws.send_frame(queue.popleft(), WSMsgType.TEXT)
+                    data = queue.popleft()
+                    self._bytes -= len(data)
+                    await ws.send_frame(data, WSMsgType.TEXT)
                 self._flushed.set()
         except (ConnectionError, RuntimeError):
             pass  # the socket went away; the reader sees the close and cleans up
         finally:
             self._closed = True
             queue.clear()
+            self._bytes = 0
             self._flushed.set()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait (at most ``timeout``) until everything queued has been written; True if it was.
+        Used before a server-initiated close so the last messages (failures, acks) are not lost."""
+        if not self._queue or self._task.done():
+            return not self._queue
+        try:
+            await asyncio.wait_for(self._flushed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         """Stop the writer after flushing what is queued (bounded: the queue is bounded)."""

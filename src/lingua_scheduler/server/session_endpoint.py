@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 
 from lingua_scheduler.core.audio import decode_base64, negotiate
 from lingua_scheduler.core.languages import normalize
-from lingua_scheduler.errors import ErrorCode, SchedulerError, SessionError
+from lingua_scheduler.errors import AuthenticationError, ErrorCode, SchedulerError, SessionError
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import (
@@ -31,6 +31,7 @@ from lingua_scheduler.protocol.session import (
     TtsPlayEnded,
     UtteranceMessage,
 )
+from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -39,11 +40,13 @@ log = logging.getLogger(__name__)
 
 
 class SessionConnection:
-    __slots__ = ("decoder", "outbox", "session", "state")
+    __slots__ = ("credential", "decoder", "outbox", "session", "state")
 
-    def __init__(self, state: SchedulerState, outbox: Outbox) -> None:
+    def __init__(self, state: SchedulerState, outbox: Outbox, credential: str | None = None) -> None:
         self.state = state
         self.outbox = outbox
+        #: the API key presented at connect (header or query), checked at session_init
+        self.credential = credential
         self.session: Session | None = None
         self.decoder: FrameDecoder[Any] = FrameDecoder(SessionInbound, state.config.server.max_frame_bytes)
 
@@ -83,6 +86,8 @@ class SessionConnection:
         except SchedulerError as exc:
             self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
             self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+            if isinstance(exc, AuthenticationError):
+                close_refused(self.outbox, "unauthorized")  # after the error frame is flushed
 
     def _own(self, session_id: str) -> Session:
         session = self.session
@@ -96,6 +101,17 @@ class SessionConnection:
 
     def _init(self, msg: SessionInit) -> None:
         state = self.state
+        if state.shutting_down:
+            # Refused before anything else: a replaced session would lose its in-flight results.
+            raise SessionError(
+                "the scheduler is shutting down: reconnect to open a session",
+                code=ErrorCode.SCHEDULER_SHUTTING_DOWN,
+            )
+        # The tenant comes from the API key, never from the body (server/auth.py); refused -> closed.
+        msg.tenant_id = state.auth.session_tenant(self.credential, msg)
+        # Instance capacity (server/limits.py); the session this init replaces does not count.
+        replacing = self.session is not None and self.session.session_id in state.sessions
+        state.limits.check_session_init(len(state.sessions) - replacing)
         if self.session is not None:
             # One session per connection: the previous one ends cleanly before the new one starts.
             old = self.session
@@ -103,6 +119,11 @@ class SessionConnection:
             self.outbox.send(SessionCloseAck(session_id=old.session_id))
         spec = negotiate(msg.audio_format, msg.sample_rate, state.config.session)
         session = Session(state, self.outbox, msg, spec)
+        try:
+            state.auth.admit_session(session.tenant_id, session.session_id, state.sessions.__contains__)
+        except SessionError:
+            self.session = None  # the replaced session (if any) is closed; nothing new was registered
+            raise
         state.sessions[session.session_id] = session
         self.session = session
         self.outbox.send(
@@ -121,6 +142,7 @@ class SessionConnection:
                 "session_id": session.session_id,
                 "trace_id": session.trace_id,
                 "platform": msg.platform,
+                "tenant_id": session.tenant_id,
                 "src_lang": session.src_lang,
                 "tgt_lang": session.targets[0],
             },
@@ -131,22 +153,39 @@ class SessionConnection:
             self.session.close("connection closed", connection_gone=True)
 
 
-async def session_ws(request: web.Request) -> web.WebSocketResponse:
+async def session_ws(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    # Origin allow-list and connection cap, before any WebSocket state exists (server/limits.py)
+    refused = state.limits.refuse_upgrade(request, "session")
+    if refused is not None:
+        return refused
     max_frame = state.config.server.max_frame_bytes
     ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
     await ws.prepare(request)
-    outbox = Outbox(ws, state.config.server.outbound_queue, f"session@{request.remote}")
-    conn = SessionConnection(state, outbox)
+    outbox = Outbox(
+        ws,
+        state.config.server.outbound_queue,
+        f"session@{request.remote}",
+        max_bytes=state.config.limits.outbound_queue_bytes,
+    )
+    conn = SessionConnection(state, outbox, state.auth.credential(request))
+    state.limits.opened("session")
+    gate = state.limits.gate("session", outbox, ws, lambda: conn.session is not None)
     try:
         async for frame in ws:
             if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
-                conn.on_frame(frame.data, time.perf_counter())
+                if gate.admit():  # per-connection rate limit: over it the frame is dropped
+                    conn.on_frame(frame.data, time.perf_counter())
+                elif gate.must_close:
+                    await gate.close()
+                    break
             elif frame.type is WSMsgType.ERROR:
                 break
     except Exception:  # one catch-all per connection task: log, close, clean up below
         log.exception("session connection failed")
     finally:
+        gate.stop()
+        state.limits.closed("session")
         conn.closed()
         await outbox.close()
         if not ws.closed:

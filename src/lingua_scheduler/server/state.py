@@ -20,9 +20,11 @@ from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import Registry, Transition
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.node import NodeStatusMessage
+from lingua_scheduler.server.auth import AuthService
 from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.events import NODE_STATUS, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
+from lingua_scheduler.server.limits import InstanceLimits
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
 from lingua_scheduler.server.outbox import Outbox
@@ -52,12 +54,21 @@ class SchedulerState:
         self.loop_lag = LoopLagMonitor()
         self.heartbeat_window = LatencyWindow(65536)
         self.dispatch_window = LatencyWindow(65536)
+        self.cross_instance_window = LatencyWindow(65536)
         self.metrics.add_live(self._live_metrics)
         self.sessions: dict[str, Session] = {}
+        #: credentials of nodes and sessions, revocation, per-tenant limits (server/auth.py)
+        self.auth = AuthService(config.auth, self.clock)
+        #: per-instance limits: open sockets, node and session capacity, rate limits (server/limits.py)
+        self.limits = InstanceLimits(config.limits, self.clock, self.metrics.registry)
+        self.metrics.add_live(self.limits.live_metrics)
         #: recent failovers, job failures, node trouble and admin actions (bounded; dashboard, API)
         self.events = RecentEvents(self.clock)
         #: ``GET /ready`` is 200 only when all of these pass (the Redis store adds its own)
         self.readiness_checks: list[ReadinessCheck] = []
+        #: set when a graceful shutdown begins (server/shutdown.py): no new session, no job taken
+        #: from another instance; in-flight work is allowed to finish
+        self.shutting_down = False
         self.dispatcher = Dispatcher(self)
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message

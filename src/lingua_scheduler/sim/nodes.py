@@ -68,8 +68,14 @@ class SimulatedNode:
         executor: Executor | None = None,
         fallback_urls: tuple[str, ...] = (),
         reconnect: bool = False,
+        enrollment_secret: str | None = None,
+        node_token: str | None = None,
     ) -> None:
         self.http = http
+        #: credentials (docs/security.md): the enrollment secret is sent while the node has no id, the
+        #: token from then on; the token of every node_register_ack is kept
+        self.enrollment_secret = enrollment_secret
+        self.node_token = node_token
         self.url = url
         #: with ``reconnect``, a lost connection is re-established (with backoff) on these in turn
         self.urls = (url, *fallback_urls)
@@ -110,10 +116,16 @@ class SimulatedNode:
     async def register(self, timeout: float = 10.0) -> dict[str, Any]:
         """Send node_register and wait for the ack (or an error, which is returned as is)."""
         waiter = self.wait_for(lambda m: m.get("type") in ("node_register_ack", "error"), timeout)
-        await self.send(self.profile.register_message(self.node_id))
+        msg = self.profile.register_message(self.node_id)
+        if self.node_id is None and self.enrollment_secret is not None:
+            msg.enrollment_secret = self.enrollment_secret
+        if self.node_id is not None and self.node_token is not None:
+            msg.node_token = self.node_token
+        await self.send(msg)
         reply = await waiter
         if reply["type"] == "node_register_ack":
             self.node_id = reply["node_id"]
+            self.node_token = reply.get("node_token") or self.node_token
             if self.fixed_interval is None and reply.get("heartbeat_interval_ms"):
                 self.interval = reply["heartbeat_interval_ms"] / 1000.0
         return reply
@@ -138,11 +150,14 @@ class SimulatedNode:
         if self.ws is not None:
             await self.ws.close()
 
-    async def kill(self) -> None:
-        """Drop the TCP connection without a close handshake (a crashed node)."""
-        self._closing = True
-        for t in self._tasks:
-            t.cancel()
+    async def kill(self, *, restart: bool = False) -> None:
+        """Drop the TCP connection without a close handshake (a crashed node). With ``restart`` (and
+        ``reconnect``) the node comes back like a supervised process: its reader sees the connection
+        die and reconnects with the same id; jobs it was running may still answer, late (fault tests)."""
+        if not restart:
+            self._closing = True
+            for t in self._tasks:
+                t.cancel()
         if self.ws is not None:
             transport = self.ws._response.connection.transport if self.ws._response.connection else None
             if transport is not None:
@@ -375,13 +390,21 @@ async def run_fleet(
     interval: float | None = None,
     seed: int = 0,
     report: Callable[[str], None] | None = None,
+    enrollment_secret: str | None = None,
 ) -> list[SimulatedNode]:
     """Start ``count`` nodes (20 registrations in flight at a time) and keep them alive."""
     rng = random.Random(seed)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         nodes = [
-            SimulatedNode(http, url, random_profile(rng), interval=interval, seed=seed * 100003 + i)
+            SimulatedNode(
+                http,
+                url,
+                random_profile(rng),
+                interval=interval,
+                seed=seed * 100003 + i,
+                enrollment_secret=enrollment_secret,
+            )
             for i in range(count)
         ]
         gate = asyncio.Semaphore(20)

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import yarl
 
 _dec = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
@@ -38,8 +39,14 @@ class SimulatedSession:
         src_lang: str = "en",
         tgt_lang: str = "zh",
         tenant_id: str | None = None,
+        api_key: str | None = None,
+        api_key_via: str = "header",
     ) -> None:
         self.http = http
+        #: tenant API key (docs/security.md), sent as ``api_key_via``: "header" (Authorization: Bearer),
+        #: "x-api-key", "query" (?api_key=) or "init" (session_init.api_key)
+        self.api_key = api_key
+        self.api_key_via = api_key_via
         self.url = url
         self.src_lang = src_lang
         self.tgt_lang = tgt_lang
@@ -55,7 +62,14 @@ class SimulatedSession:
         self._reader_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
-        self.ws = await self.http.ws_connect(self.url, max_msg_size=64 * 1024 * 1024)
+        url, headers = self.url, {}
+        if self.api_key is not None and self.api_key_via == "header":
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self.api_key is not None and self.api_key_via == "x-api-key":
+            headers["X-Api-Key"] = self.api_key
+        elif self.api_key is not None and self.api_key_via == "query":
+            url = str(yarl.URL(url).update_query(api_key=self.api_key))
+        self.ws = await self.http.ws_connect(url, headers=headers, max_msg_size=64 * 1024 * 1024)
         self._reader_task = asyncio.create_task(self._reader())
 
     async def init(self, **extra: Any) -> dict[str, Any]:
@@ -68,6 +82,7 @@ class SimulatedSession:
                 "src_lang": self.src_lang,
                 "tgt_lang": self.tgt_lang,
                 "tenant_id": self.tenant_id,
+                "api_key": self.api_key if self.api_key_via == "init" else None,
                 **extra,
             }
         )
@@ -193,10 +208,14 @@ async def run_sessions(
     tgt_lang: str = "zh",
     pause: float = 0.2,
     report: Callable[[str], None] | None = None,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """Drive ``count`` sessions each speaking ``utterances`` utterances; summarise what came back."""
     async with aiohttp.ClientSession() as http:
-        sessions = [SimulatedSession(http, url, src_lang=src_lang, tgt_lang=tgt_lang) for _ in range(count)]
+        sessions = [
+            SimulatedSession(http, url, src_lang=src_lang, tgt_lang=tgt_lang, api_key=api_key)
+            for _ in range(count)
+        ]
         await asyncio.gather(*(s.start() for s in sessions))
 
         async def talk(s: SimulatedSession) -> None:

@@ -118,3 +118,13 @@ class StateStore(Protocol):
         ...
 
     async def ack(self, entry_ids: list[str]) -> None: ...
+
+    # --- node token revocation (docs/security.md) ---------------------------------------------------
+
+    async def revoke_node(self, node_id: str) -> bool:
+        """Add a node id to the shared revocation list; False if it was there already."""
+        ...
+
+    async def revoked_nodes(self) -> set[str]:
+        """The whole revocation list (small: one id per revoked node; read once per tick)."""
+        ...

@@ -2,8 +2,7 @@
 
 Keys used together in one script or transaction share a Redis Cluster hash slot through a ``{...}``
 hash tag: the fleet directory and change stream (``{P:fleet}``), one node's reservations and state
-(``{P:node:<id>}``), one instance's inbox and dead letters (``{P:inst:<id>}``), one job
-(``{P:job:<id>}``).
+(``{P:node:<id>}``), one instance's inbox, dead letters and job records (``{P:inst:<id>}``).
 """
 
 from __future__ import annotations
@@ -21,6 +20,9 @@ class Keys:
         self.presence = f"{fleet}:presence"
         #: zset instance_id -> presence expiry (ms)
         self.instances = f"{fleet}:instances"
+        #: set of node ids whose node tokens are revoked (SADD by the admin API, SMEMBERS by every
+        #: instance's revocation sync; never expires: ids are not reused)
+        self.revoked_nodes = f"{{{prefix}:auth}}:revoked"
 
     def node_resv(self, node_id: str) -> str:
         """zset reservation member (job:attempt) -> expiry ms: the node's used slots."""
@@ -40,10 +42,11 @@ class Keys:
     def dead_letters(self, instance_id: str) -> str:
         return f"{{{self.prefix}:inst:{instance_id}}}:dlq"
 
-    def job(self, job_id: str) -> str:
-        """hash: state, attempt, node_id, owner, session_id, updated_ms; expires after retention."""
-        return f"{{{self.prefix}:job:{job_id}}}"
-
-    def owner_jobs(self, instance_id: str) -> str:
-        """set of live job ids owned by an instance (so survivors can fail them if it dies)."""
+    def instance_jobs(self, instance_id: str) -> str:
+        """hash job_id -> "state|attempt|node_id|session_id": the live jobs an instance owns (written
+        once per tick for all changed jobs; survivors fail these explicitly when the instance dies)."""
         return f"{{{self.prefix}:inst:{instance_id}}}:jobs"
+
+    def instance_ended(self, instance_id: str) -> str:
+        """stream of ended jobs (field d = JSON list of records), trimmed to the retention time."""
+        return f"{{{self.prefix}:inst:{instance_id}}}:ended"

@@ -23,6 +23,7 @@ class MemoryStore:
         self._nodes: dict[str, NodeRecord] = {}
         self._pools: dict[str, set[str]] = {}
         self._jobs: dict[str, JobRecord] = {}
+        self._revoked: set[str] = set()
 
     async def start(self) -> None:
         return None
@@ -102,6 +103,15 @@ class MemoryStore:
 
     async def ack(self, entry_ids: list[str]) -> None:
         return None
+
+    async def revoke_node(self, node_id: str) -> bool:
+        if node_id in self._revoked:
+            return False
+        self._revoked.add(node_id)
+        return True
+
+    async def revoked_nodes(self) -> set[str]:
+        return set(self._revoked)
 
     def pool_members(self, pool_id: str) -> set[str]:
         return set(self._pools.get(pool_id, ()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from importlib import resources
 from typing import Any, TypeVar
@@ -74,13 +75,13 @@ class RedisStore:
         self.calls = 0
 
     def _client(self, single: bool = False) -> Any:
+        if self.cluster:
+            return RedisCluster.from_url(self.urls[0], socket_connect_timeout=self.op_timeout)
         opts: dict[str, Any] = {
             "socket_connect_timeout": self.op_timeout,
             "retry_on_timeout": False,
             "health_check_interval": 0,
         }
-        if self.cluster:
-            return RedisCluster.from_url(self.urls[0], **opts)
         return aioredis.Redis.from_url(self.urls[0], single_connection_client=single, **opts)
 
     async def _do(self, aw: Awaitable[T], extra: float = 0.0) -> T:
@@ -230,56 +231,51 @@ class RedisStore:
     # --- job records --------------------------------------------------------------------------------
 
     async def save_jobs(self, records: list[JobRecord], ttl_s: int) -> None:
+        """All job changes of a tick in a few commands per owner (not per job): live jobs in one HSET,
+        ended ones out of the live hash and into a time-trimmed stream."""
         k = self.keys
         p = self.r.pipeline(transaction=False)
+        by_owner: dict[str, list[JobRecord]] = {}
         for r in records:
-            key = k.job(r.job_id)
-            p.hset(
-                key,
-                mapping={
-                    "state": r.state,
-                    "attempt": r.attempt,
-                    "node_id": r.node_id or "",
-                    "owner": r.owner,
-                    "session_id": r.session_id,
-                },
-            )
-            p.expire(key, ttl_s)
-            if r.terminal:
-                p.srem(k.owner_jobs(r.owner), r.job_id)
-            else:
-                p.sadd(k.owner_jobs(r.owner), r.job_id)
+            by_owner.setdefault(r.owner, []).append(r)
+        now_ms = int(time.time() * 1000)
+        for owner, recs in by_owner.items():
+            live = {
+                r.job_id: f"{r.state}|{r.attempt}|{r.node_id or ''}|{r.session_id}"
+                for r in recs
+                if not r.terminal
+            }
+            ended = [r for r in recs if r.terminal]
+            if live:
+                p.hset(k.instance_jobs(owner), mapping=live)
+                p.expire(k.instance_jobs(owner), ttl_s * 10)
+            if ended:
+                p.hdel(k.instance_jobs(owner), *[r.job_id for r in ended])
+                data = _enc.encode([[r.job_id, r.state, r.attempt, r.node_id, r.session_id] for r in ended])
+                p.xadd(
+                    k.instance_ended(owner), {"d": data}, minid=f"{now_ms - ttl_s * 1000}-0", approximate=True
+                )
+                p.expire(k.instance_ended(owner), ttl_s * 2)
         if len(p):
             await self._do(p.execute())
 
     async def jobs_of(self, instance_id: str) -> list[JobRecord]:
-        ids = [_s(j) for j in await self._do(self.r.smembers(self.keys.owner_jobs(instance_id)))]
-        if not ids:
-            return []
-        p = self.r.pipeline(transaction=False)
-        for job_id in ids:
-            p.hgetall(self.keys.job(job_id))
+        raw = await self._do(self.r.hgetall(self.keys.instance_jobs(instance_id)))
         out = []
-        for job_id, h in zip(ids, await self._do(p.execute()), strict=True):
-            if not h:
-                continue
-            f = {_s(a): _s(b) for a, b in h.items()}
+        for job_id, value in raw.items():
+            state, attempt, node_id, session_id = _s(value).split("|", 3)
             out.append(
-                JobRecord(
-                    job_id,
-                    f.get("state", ""),
-                    int(f.get("attempt", "0")),
-                    f.get("node_id") or None,
-                    f.get("owner", instance_id),
-                    f.get("session_id", ""),
-                    False,
-                )
+                JobRecord(_s(job_id), state, int(attempt), node_id or None, instance_id, session_id, False)
             )
         return out
 
-    async def job(self, job_id: str) -> dict[str, str]:
-        h = await self._do(self.r.hgetall(self.keys.job(job_id)))
-        return {_s(a): _s(b) for a, b in h.items()}
+    # --- node token revocation (docs/security.md) ---------------------------------------------------
+
+    async def revoke_node(self, node_id: str) -> bool:
+        return bool(await self._do(self.r.sadd(self.keys.revoked_nodes, node_id)))
+
+    async def revoked_nodes(self) -> set[str]:
+        return {_s(m) for m in await self._do(self.r.smembers(self.keys.revoked_nodes))}
 
     # --- messages between instances -----------------------------------------------------------------
 
