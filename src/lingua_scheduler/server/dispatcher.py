@@ -467,6 +467,9 @@ class Dispatcher:
         job = out.job
         if job.state is JobState.COMPLETED:
             self._release(out)
+            # Only a failure explains itself with it; a result held back for ordering may never be
+            # delivered (its session may go first), so it is dropped here, not on delivery.
+            self._last_reason.pop(job.job_id, None)
             session = self.state.sessions.get(job.session_id)
             if session is not None:
                 payload = self._translation(job, msg)

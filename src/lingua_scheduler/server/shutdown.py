@@ -72,8 +72,7 @@ class GracefulShutdown:
         self.state = state
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.started = False
-        #: what the last run did (logged; read by tests)
-        self.completed_in_drain = 0
+        #: what the run did (logged)
         self.failed_at_deadline = 0
         self.nodes_released_early = 0
         self._released: set[str] = set()
@@ -185,7 +184,6 @@ class GracefulShutdown:
         self.failed_at_deadline = state.dispatcher.fail_all(
             ErrorCode.SCHEDULER_SHUTTING_DOWN, "the scheduler shut down before this job finished"
         )
-        self.completed_in_drain = max(0, live_at_start - self.failed_at_deadline)
         for session in list(state.sessions.values()):
             # Results held back behind an unresolved index go out now (the index as gap_timeout); a
             # session still open after that has nothing left to wait for.
@@ -203,7 +201,7 @@ class GracefulShutdown:
             "graceful shutdown: done",
             extra={
                 "seconds": round(loop.time() - t0, 3),
-                "jobs_finished": self.completed_in_drain,
+                "jobs_at_start": live_at_start,
                 "jobs_failed": self.failed_at_deadline,
                 "nodes_released_early": self.nodes_released_early,
             },
