@@ -132,16 +132,19 @@ async def test_killed_instance_sessions_reconnect_and_its_jobs_end(
         await eventually(lambda: all(n.running_jobs == 0 for n in nodes), timeout=5)
         await eventually(lambda: not cluster.degraded, timeout=5)
         assert await cluster.store.jobs_of(b_id) == []
-        # the clients carry on on A
-        await asyncio.gather(*(c.talk(3, 0.05) for c in clients))
+        # the clients carry on on A (later jobs are quick)
         for n in nodes:
-            n.executor.latency = 0.05  # later jobs are quick
+            n.executor.latency = 0.05
+        await asyncio.gather(*(c.talk(3, 0.05) for c in clients))
         await eventually(lambda: all(c.incarnations[-1].settled() for c in clients), timeout=15)
         for c in clients:
             assert len(c.incarnations) == 2
             check_sessions(c.incarnations[:1], lost_ok=True)
             check_sessions(c.incarnations[1:])
-            assert all(v == ["result"] for v in c.incarnations[1].outcomes().values())
+            assert all(v == ["result"] for v in c.incarnations[1].outcomes().values()), (
+                c.incarnations[1].outcomes(),
+                [(m["code"], m["message"]) for m in c.incarnations[1].of_type("error")],
+            )
         await eventually(lambda: a.state.dispatcher.store.inflight == 0, timeout=5)
         assert_nothing_stuck(a.state)
     finally:

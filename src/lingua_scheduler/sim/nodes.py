@@ -241,7 +241,9 @@ class SimulatedNode:
                 delay = min(1.0, delay * 2)
                 continue
             self.reconnects += 1
-            await self.heartbeat()
+            # the new connection may die at once too (fault tests): its reader reconnects again
+            with contextlib.suppress(ConnectionError):
+                await self.heartbeat()
             self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
             return
 
