@@ -3,8 +3,9 @@
 For each layout (1 instance; 2 instances with every node on B and every session on A, so every
 dispatch crosses instances), in separate server processes with a load generator in this one:
 
+- dispatch jobs/s: 20 sessions send complete utterances, evenly spread, at ``--rate``/s in all to
+  200 instant-answering nodes (measured first, on a settled fleet);
 - heartbeats/s absorbed: ``--hb-nodes`` light nodes heartbeating every 0.5 s, split across instances;
-- dispatch jobs/s: sessions send complete utterances at ``--rate``/s to 200 instant-answering nodes;
 - dispatch latency: utterance sent -> job_assign received by the node (client clock, one process),
   p50/p99, in both layouts;
 - the cross-instance hop, measured by the servers themselves: job_assign handed to Redis by the
@@ -37,6 +38,7 @@ from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession
 
 LANGS = ["en", "zh", "de", "fr"]
+PROFILE = NodeProfile(asr_languages=LANGS, tts_languages=LANGS, nmt_languages=LANGS)
 
 
 @contextlib.contextmanager
@@ -59,89 +61,102 @@ def instances(redis_url: str, count: int, prefix: str) -> Iterator[list[int]]:
 
 
 async def run_layout(ports: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    """Drive one layout; the node side is on the last instance, the session side on the first."""
-    node_port, session_port = ports[-1], ports[0]
-    profile = NodeProfile(asr_languages=LANGS, tts_languages=LANGS, nmt_languages=LANGS)
+    """Drive one layout: dispatch first (on a settled fleet), then the heartbeat phase."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        # heartbeats absorbed
-        hb_nodes = [
-            SimulatedNode(
-                http, f"ws://127.0.0.1:{ports[i % len(ports)]}/ws/node", profile, interval=0.5, seed=i
-            )
-            for i in range(args.hb_nodes)
-        ]
-        for i in range(0, len(hb_nodes), 100):
-            await asyncio.gather(*(n.start() for n in hb_nodes[i : i + 100]))
-        await asyncio.sleep(1.0)
-        for n in hb_nodes:
-            n.rtts.clear()
-        await asyncio.sleep(args.hb_seconds)
-        acked = sum(len(n.rtts) for n in hb_nodes)
-        hb_rtt = [r for n in hb_nodes for r in n.rtts]
-        await asyncio.gather(*(n.close() for n in hb_nodes))
+        out = await dispatch_phase(http, ports, args)
+        out.update(await heartbeat_phase(http, ports, args))
+    return out
 
-        # dispatch
-        assign_at: dict[tuple[str, int], float] = {}
-        ex = Executor(latency=0.0, partials=0, send_started=False)
-        nodes = [
-            SimulatedNode(
-                http, f"ws://127.0.0.1:{node_port}/ws/node", profile, interval=5.0, seed=1000 + i, executor=ex
-            )
-            for i in range(200)
-        ]
 
-        def on_message(msg: dict[str, Any]) -> None:
-            if msg.get("type") == "job_assign":
-                assign_at[(msg["session_id"], msg["utterance_index"])] = time.perf_counter()
+async def dispatch_phase(
+    http: aiohttp.ClientSession, ports: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Sessions on the first instance, 200 instant nodes on the last one."""
+    node_port, session_port = ports[-1], ports[0]
+    assign_at: dict[tuple[str, int], float] = {}
+    ex = Executor(latency=0.0, partials=0, send_started=False)
+    nodes = [
+        SimulatedNode(
+            http, f"ws://127.0.0.1:{node_port}/ws/node", PROFILE, interval=5.0, seed=1000 + i, executor=ex
+        )
+        for i in range(200)
+    ]
 
-        for n in nodes:
-            n.on_message = on_message
-        for i in range(0, 200, 50):
-            await asyncio.gather(*(n.start() for n in nodes[i : i + 50]))
-        await asyncio.sleep(1.0)  # let every instance see every node
-        sessions = [
-            SimulatedSession(
-                http,
-                f"ws://127.0.0.1:{session_port}/ws/session",
-                src_lang=LANGS[i % 4],
-                tgt_lang=LANGS[(i + 1) % 4],
-            )
-            for i in range(20)
-        ]
-        await asyncio.gather(*(s.start() for s in sessions))
-        gc.freeze()
-        per_session = args.rate / len(sessions)
-        t_end = time.perf_counter() + args.seconds
+    def on_message(msg: dict[str, Any]) -> None:
+        if msg.get("type") == "job_assign":
+            assign_at[(msg["session_id"], msg["utterance_index"])] = time.perf_counter()
 
-        async def talk(s: SimulatedSession) -> None:
-            nxt = time.perf_counter()
-            while nxt < t_end:
-                await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-                await s.utterance(n_bytes=3200)
-                nxt += 1 / per_session
+    for n in nodes:
+        n.on_message = on_message
+    for i in range(0, 200, 50):
+        await asyncio.gather(*(n.start() for n in nodes[i : i + 50]))
+    await asyncio.sleep(1.0)  # let every instance see every node
+    sessions = [
+        SimulatedSession(
+            http,
+            f"ws://127.0.0.1:{session_port}/ws/session",
+            src_lang=LANGS[i % 4],
+            tgt_lang=LANGS[(i + 1) % 4],
+        )
+        for i in range(20)
+    ]
+    await asyncio.gather(*(s.start() for s in sessions))
+    gc.freeze()
+    per_session = args.rate / len(sessions)
+    t_end = time.perf_counter() + args.seconds
 
-        await asyncio.gather(*(talk(s) for s in sessions))
-        await asyncio.sleep(1.0)
-        latencies, done = [], 0
-        for s in sessions:
-            done += len(s.of_type("translation_result"))
-            for index, sent in s.sent_at.items():
-                got = assign_at.get((s.session_id or "", index))
-                if got is not None:
-                    latencies.append(got - sent)
-        failures = sum(len(s.of_type("missing_result")) for s in sessions)
-        await asyncio.gather(*(s.disconnect() for s in sessions))
-        await asyncio.gather(*(n.close() for n in nodes))
-        gc.unfreeze()
+    async def talk(i: int, s: SimulatedSession) -> None:
+        # Sessions are phase-shifted so that utterances arrive evenly at ``--rate``, not in bursts
+        # of one per session at the same instant (which would measure the burst's queueing).
+        nxt = time.perf_counter() + i / args.rate
+        while nxt < t_end:
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+            await s.utterance(n_bytes=3200)
+            nxt += 1 / per_session
+
+    await asyncio.gather(*(talk(i, s) for i, s in enumerate(sessions)))
+    await asyncio.sleep(1.0)
+    latencies, done = [], 0
+    for s in sessions:
+        done += len(s.of_type("translation_result"))
+        for index, sent in s.sent_at.items():
+            got = assign_at.get((s.session_id or "", index))
+            if got is not None:
+                latencies.append(got - sent)
+    failures = sum(len(s.of_type("missing_result")) for s in sessions)
+    await asyncio.gather(*(s.disconnect() for s in sessions))
+    await asyncio.gather(*(n.close() for n in nodes))
+    gc.unfreeze()
     stats = get_json(f"http://127.0.0.1:{node_port}/api/v1/stats")["latency"]
     hop = stats.get("cross_instance_dispatch_seconds") or {}
     return {
         "cross_instance_hop_ms": {k: round(v * 1e3, 3) for k, v in hop.items() if v is not None},
-        "heartbeats_per_s": round(acked / args.hb_seconds, 1),
-        "heartbeat_rtt_ms": percentiles(hb_rtt, 1e3),
         "jobs_completed_per_s": round(done / args.seconds, 1),
         "failures": failures,
         "utterance_to_assign_ms": percentiles(latencies, 1e3),
+    }
+
+
+async def heartbeat_phase(
+    http: aiohttp.ClientSession, ports: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``--hb-nodes`` light nodes heartbeating every 0.5 s, split across the instances."""
+    hb_nodes = [
+        SimulatedNode(http, f"ws://127.0.0.1:{ports[i % len(ports)]}/ws/node", PROFILE, interval=0.5, seed=i)
+        for i in range(args.hb_nodes)
+    ]
+    for i in range(0, len(hb_nodes), 100):
+        await asyncio.gather(*(n.start() for n in hb_nodes[i : i + 100]))
+    await asyncio.sleep(1.0)
+    for n in hb_nodes:
+        n.rtts.clear()
+    await asyncio.sleep(args.hb_seconds)
+    acked = sum(len(n.rtts) for n in hb_nodes)
+    hb_rtt = [r for n in hb_nodes for r in n.rtts]
+    await asyncio.gather(*(n.close() for n in hb_nodes))
+    return {
+        "heartbeats_per_s": round(acked / args.hb_seconds, 1),
+        "heartbeat_rtt_ms": percentiles(hb_rtt, 1e3),
     }
 
 
