@@ -489,7 +489,7 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
     ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",
-    ("server/dispatcher.py", "Dispatcher._commit_slot"): "reservation expiry in Redis (shared)",
+    ("server/store_writer.py", "StoreWriter._flush"): "reservation expiry in Redis (shared, commit)",
     ("server/cluster.py", "Cluster._ticker"): "instance and node presence expiry in Redis (shared)",
     ("store/redis_store.py", "RedisStore.save_jobs"): "trim of ended job records (retention only)",
     ("core/jobs.py", "JobStore.create"): "job created_wall_ms (API)",

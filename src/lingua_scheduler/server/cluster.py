@@ -10,7 +10,9 @@ Owns the background tasks of multi-instance mode and the degraded state:
 - feed: applies other instances' node records and load batches as they arrive (blocking stream read
   on its own connection), with a full directory resync every ``resync_interval_seconds``;
 - inbox: executes messages addressed to this instance (dispatches to its nodes, cancellations,
-  forwarded job messages) and acknowledges them.
+  forwarded job messages) and acknowledges them;
+- writer (server/store_writer.py): the small writes nobody waits for (messages to other instances,
+  reservation commits and releases, inbox acks) leave in one pipeline per event-loop turn.
 
 When the store is unreachable the instance is *degraded*: it keeps serving the nodes and sessions
 connected to it with local state only (remote nodes are taken out of the view, dispatch skips
@@ -40,6 +42,7 @@ from lingua_scheduler.protocol.cluster import (
     NodeJobMessage,
     NodeRecord,
 )
+from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, PoolDelta, StateStore, StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 
@@ -91,6 +94,7 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._resynced = asyncio.Event()
         self.degraded_episodes = 0
+        self.writer = StoreWriter(store, state.clock, self.suspect_soon)
         state.registry.on_local_change = self._wake.set
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -105,6 +109,7 @@ class Cluster:
 
     async def stop(self) -> None:
         await self._stop_loops()
+        await self.writer.drain(self.cfg.op_timeout_seconds)
         await self.store.close()
 
     async def _stop_loops(self) -> None:
@@ -148,6 +153,8 @@ class Cluster:
         if self.degraded:
             log.warning("leaving with the shared store unreachable: other instances take over on expiry")
             return
+        # Results on their way to other instances and the last releases go out first.
+        await self.writer.drain(self.cfg.op_timeout_seconds)
         try:
             await self._publish_changes()
             if self._job_writes:
@@ -416,16 +423,7 @@ class Cluster:
                 else:
                     self.handle(message)
                 done.append(entry_id)
-            if done:
-                # Acknowledge in the background: the next read must not wait a round trip for it.
-                # An ack lost to an outage only means a re-delivery, and handling is idempotent.
-                asyncio.get_running_loop().create_task(self._ack(done))
-
-    async def _ack(self, entry_ids: list[str]) -> None:
-        try:
-            await self.store.ack(entry_ids)
-        except StoreUnavailable as exc:
-            await self.suspect(str(exc))
+            self.writer.ack(done)
 
     def handle(self, message: InboxMessage) -> None:
         dispatcher = self.state.dispatcher
@@ -471,15 +469,8 @@ class Cluster:
         return True
 
     def send_soon(self, instance: str, message: InboxMessage) -> None:
-        """Fire-and-forget send (bounded by the store's deadline); failures are logged."""
-        asyncio.get_running_loop().create_task(self._send(instance, message))
-
-    async def _send(self, instance: str, message: InboxMessage) -> None:
-        try:
-            await self.store.send(instance, message)
-        except StoreUnavailable as exc:
-            self.suspect_soon(str(exc))
-            log.warning("inter-instance message lost", extra={"to": instance, "kind": type(message).__name__})
+        """Fire-and-forget send, in the next pipeline of the writer; a loss is logged there."""
+        self.writer.send(instance, message)
 
     def job_changed(self, record: JobRecord) -> None:
         self._job_writes[record.job_id] = record

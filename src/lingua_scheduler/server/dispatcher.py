@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from lingua_scheduler.core.jobs import Job, JobSpec, JobState, JobStore, Outcome, Verdict
@@ -266,9 +265,7 @@ class Dispatcher:
         self._record(job)
         assign = self._assign(job)
         if entry.owner is not None and self.cluster is not None:
-            asyncio.get_running_loop().create_task(
-                self._send_remote(job.job_id, job.attempt, entry.owner, node_id, assign)
-            )
+            self._send_remote(job.job_id, job.attempt, entry.owner, node_id, assign)
         elif not (isinstance(entry.conn, Outbox) and entry.conn.send(assign)):
             self._apply(self.store.failover(job.job_id, "send failed", cancel=False), "send_failed")
             return
@@ -325,23 +322,19 @@ class Dispatcher:
         self._reserve_refused.discard(node_id)
         self.pump()
 
-    async def _send_remote(
-        self, job_id: str, attempt: int, owner: str, node_id: str, assign: JobAssign
-    ) -> None:
+    def _send_remote(self, job_id: str, attempt: int, owner: str, node_id: str, assign: JobAssign) -> None:
+        """Hand ``job_assign`` to the node's instance (its inbox, in the writer's next pipeline)."""
         assert self.cluster is not None
-        try:
-            await self.cluster.store.send(
-                owner,
-                Dispatch(
-                    node_id=node_id,
-                    reply_to=self.cluster.instance_id,
-                    assign=assign,
-                    sent_at_ns=time.time_ns(),
-                ),
-            )
-        except StoreUnavailable as exc:
-            self.cluster.suspect_soon(str(exc))
-            self.remote_dispatch_failed(job_id, attempt, node_id, "shared store unreachable")
+        self.cluster.writer.send(
+            owner,
+            Dispatch(
+                node_id=node_id,
+                reply_to=self.cluster.instance_id,
+                assign=assign,
+                sent_at_ns=time.time_ns(),
+            ),
+            on_fail=lambda: self.remote_dispatch_failed(job_id, attempt, node_id, "shared store unreachable"),
+        )
 
     def remote_dispatch_failed(self, job_id: str, attempt: int, node_id: str, reason: str) -> None:
         """The node's instance could not deliver our job_assign: fail over at once."""
@@ -584,25 +577,15 @@ class Dispatcher:
 
     def _release_slot(self, node_id: str, member: str) -> None:
         if self.cluster is not None:
-            asyncio.get_running_loop().create_task(
-                self._store_call(self.cluster.store.release(node_id, member))
-            )
+            self.cluster.writer.release(node_id, member)
 
     def _commit_slot(self, job: Job) -> None:
         tokens = self._load_tokens.get(job.job_id)
         if self.cluster is None or tokens is None or tokens[2] is None:
             return
-        ttl = self.state.config.jobs.exec_timeout_max_ms + RESERVE_MARGIN_MS
-        coro = self.cluster.store.commit(tokens[0], tokens[2], ttl, self.state.clock.wall_ms())
-        asyncio.get_running_loop().create_task(self._store_call(coro))
-
-    async def _store_call(self, coro: Awaitable[object]) -> None:
-        try:
-            await coro
-        except StoreUnavailable as exc:
-            # A lost release or commit heals itself: reservations expire and are reaped by reserve.
-            if self.cluster is not None:
-                self.cluster.suspect_soon(str(exc))
+        self.cluster.writer.commit(
+            tokens[0], tokens[2], self.state.config.jobs.exec_timeout_max_ms + RESERVE_MARGIN_MS
+        )
 
     def _report_failure(self, job: Job) -> None:
         m = self.state.metrics

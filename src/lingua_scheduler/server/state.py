@@ -171,6 +171,19 @@ class SchedulerState:
             "1 while the shared store (Redis) is unreachable",
             1.0 if cluster is not None and cluster.degraded else 0.0,
         )
+        if cluster is not None:
+            w = cluster.writer
+            yield counter(
+                "lingua_store_write_batches",
+                "Pipelines of small shared-store writes (messages, commits, releases, acks)",
+                w.flushes,
+            )
+            yield counter("lingua_store_writes", "Small shared-store writes sent in those pipelines", w.writes)
+            yield counter(
+                "lingua_store_writes_lost",
+                "Small shared-store writes lost (store unreachable or write queue full)",
+                w.lost,
+            )
 
 
 STATE: web.AppKey[SchedulerState] = web.AppKey("state", SchedulerState)

@@ -8,7 +8,7 @@ cannot be reached raises ``StoreUnavailable`` promptly instead of blocking.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
@@ -57,6 +57,24 @@ class JobRecord:
     terminal: bool
 
 
+@dataclass(slots=True)
+class WriteBatch:
+    """Small writes gathered over one event-loop turn and sent in one round trip: messages to other
+    instances' inboxes, reservation commits and releases, acknowledgements of our inbox entries."""
+
+    #: (instance id, message), in the order they must arrive
+    sends: list[tuple[str, InboxMessage]] = field(default_factory=list)
+    #: (node id, reservation member, new ttl ms): extend a reservation whose job was acknowledged
+    commits: list[tuple[str, str, int]] = field(default_factory=list)
+    #: (node id, reservation member): give the slot back
+    releases: list[tuple[str, str]] = field(default_factory=list)
+    #: ids of entries of this instance's inbox that were handled
+    acks: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sends) + len(self.commits) + len(self.releases) + len(self.acks)
+
+
 class StateStore(Protocol):
     instance_id: str
     #: False for the embedded store: one instance, nothing to share
@@ -99,8 +117,6 @@ class StateStore(Protocol):
         self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
     ) -> ReserveResult: ...
 
-    async def commit(self, node_id: str, member: str, ttl_ms: int, now_ms: int) -> bool: ...
-
     async def release(self, node_id: str, member: str) -> None: ...
 
     # --- job records --------------------------------------------------------------------------------
@@ -111,13 +127,14 @@ class StateStore(Protocol):
 
     # --- messages between instances -----------------------------------------------------------------
 
-    async def send(self, instance_id: str, message: InboxMessage) -> None: ...
+    async def write(self, batch: WriteBatch, now_ms: int) -> None:
+        """Apply a batch of small writes in one round trip, sends in order. A commit whose
+        reservation expired meanwhile is not revived."""
+        ...
 
     async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
         """Next inbox entries (blocking, own connection); ``None`` for an entry that failed to decode."""
         ...
-
-    async def ack(self, entry_ids: list[str]) -> None: ...
 
     # --- node token revocation (docs/security.md) ---------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
-from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult
+from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult, WriteBatch
 
 
 class MemoryStore:
@@ -76,16 +76,20 @@ class MemoryStore:
         slots[member] = now_ms + ttl_ms
         return ReserveResult(True, "OK", len(slots))
 
-    async def commit(self, node_id: str, member: str, ttl_ms: int, now_ms: int) -> bool:
-        slots = self._resv.get(node_id, {})
-        if slots.get(member, 0) <= now_ms:
-            slots.pop(member, None)
-            return False
-        slots[member] = now_ms + ttl_ms
-        return True
-
     async def release(self, node_id: str, member: str) -> None:
-        self._resv.get(node_id, {}).pop(member, None)
+        await self.write(WriteBatch(releases=[(node_id, member)]), 0)
+
+    async def write(self, batch: WriteBatch, now_ms: int) -> None:
+        if batch.sends:
+            raise LookupError(f"no instance {batch.sends[0][0]} in embedded mode")
+        for node_id, member, ttl_ms in batch.commits:
+            slots = self._resv.get(node_id, {})
+            if slots.get(member, 0) <= now_ms:
+                slots.pop(member, None)
+            else:
+                slots[member] = now_ms + ttl_ms
+        for node_id, member in batch.releases:
+            self._resv.get(node_id, {}).pop(member, None)
 
     async def save_jobs(self, records: list[JobRecord], ttl_s: int) -> None:
         for r in records:
@@ -94,15 +98,9 @@ class MemoryStore:
     async def jobs_of(self, instance_id: str) -> list[JobRecord]:
         return [j for j in self._jobs.values() if j.owner == instance_id and not j.terminal]
 
-    async def send(self, instance_id: str, message: InboxMessage) -> None:
-        raise LookupError(f"no instance {instance_id} in embedded mode")
-
     async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
         await asyncio.sleep(block_ms / 1000)
         return []
-
-    async def ack(self, entry_ids: list[str]) -> None:
-        return None
 
     async def revoke_node(self, node_id: str) -> bool:
         if node_id in self._revoked:

@@ -20,10 +20,17 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
-from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult, StoreUnavailable
+from lingua_scheduler.store.base import (
+    Change,
+    JobRecord,
+    PoolDelta,
+    ReserveResult,
+    StoreUnavailable,
+    WriteBatch,
+)
 from lingua_scheduler.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -218,12 +225,8 @@ class RedisStore:
         )
         return ReserveResult(bool(ok), _s(reason), int(used))
 
-    async def commit(self, node_id: str, member: str, ttl_ms: int, now_ms: int) -> bool:
-        res = await self._do(self._commit(keys=[self.keys.node_resv(node_id)], args=[member, now_ms, ttl_ms]))
-        return bool(res)
-
     async def release(self, node_id: str, member: str) -> None:
-        await self._do(self.r.zrem(self.keys.node_resv(node_id), member))
+        await self.write(WriteBatch(releases=[(node_id, member)]), 0)
 
     async def slots_used(self, node_id: str, now_ms: int) -> int:
         return int(await self._do(self.r.zcount(self.keys.node_resv(node_id), now_ms, "+inf")))
@@ -279,12 +282,36 @@ class RedisStore:
 
     # --- messages between instances -----------------------------------------------------------------
 
-    async def send(self, instance_id: str, message: InboxMessage) -> None:
-        await self._do(
-            self.r.xadd(
-                self.keys.inbox(instance_id), {"m": _enc.encode(message)}, maxlen=10_000, approximate=True
-            )
-        )
+    async def write(self, batch: WriteBatch, now_ms: int) -> None:
+        """One pipeline for the batch. Commits use EVALSHA directly: a script handed to a redis-py
+        pipeline costs a SCRIPT EXISTS round trip on every execute; the rare NOSCRIPT (a restarted
+        or new Redis) is answered by loading the script and committing again."""
+        if not batch:
+            return
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        for instance_id, message in batch.sends:
+            p.xadd(k.inbox(instance_id), {"m": _enc.encode(message)}, maxlen=10_000, approximate=True)
+        for node_id, member, ttl_ms in batch.commits:
+            p.evalsha(self._commit.sha, 1, k.node_resv(node_id), member, now_ms, ttl_ms)
+        for node_id, member in batch.releases:
+            p.zrem(k.node_resv(node_id), member)
+        if batch.acks:
+            inbox = k.inbox(self.instance_id)
+            p.xack(inbox, GROUP, *batch.acks)
+            p.xdel(inbox, *batch.acks)
+        results = await self._do(p.execute(raise_on_error=False))
+        first = len(batch.sends)
+        again = [
+            c
+            for c, res in zip(batch.commits, results[first : first + len(batch.commits)], strict=True)
+            if isinstance(res, NoScriptError)
+        ]
+        for node_id, member, ttl_ms in again:
+            await self._do(self._commit(keys=[k.node_resv(node_id)], args=[member, now_ms, ttl_ms]))
+        failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
+        if failed:
+            raise StoreUnavailable(f"redis: {len(failed)} of {len(results)} writes failed: {failed[0]}")
 
     async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
         inbox = self.keys.inbox(self.instance_id)
@@ -346,12 +373,3 @@ class RedisStore:
             return _inbox_dec.decode(fields.get(b"m", b""))
         except msgspec.DecodeError:
             return None
-
-    async def ack(self, entry_ids: list[str]) -> None:
-        if not entry_ids:
-            return
-        inbox = self.keys.inbox(self.instance_id)
-        p = self.r.pipeline(transaction=False)
-        p.xack(inbox, GROUP, *entry_ids)
-        p.xdel(inbox, *entry_ids)
-        await self._do(p.execute())
