@@ -178,7 +178,7 @@ class SchedulerState:
                 "Pipelines of small shared-store writes (messages, commits, releases, acks)",
                 w.flushes,
             )
-            yield counter("lingua_store_writes", "Small shared-store writes sent in those pipelines", w.writes)
+            yield counter("lingua_store_writes", "Small shared-store writes in those pipelines", w.writes)
             yield counter(
                 "lingua_store_writes_lost",
                 "Small shared-store writes lost (store unreachable or write queue full)",
