@@ -255,6 +255,7 @@ def test_ack_timeout_fails_over_until_the_budget_is_spent(clock: ManualClock) ->
         assert store.expired() == [job]
         [out] = store.expire()
         assert out.cancel_node == node and out.job is job
+        assert out.expired is DeadlineKind.ACK
         store.validate()
     assert job.state is S.TIMED_OUT and job.error_code == ErrorCode.JOB_TIMEOUT
     assert store.failovers == 2
@@ -274,6 +275,7 @@ def test_exec_timeout_scales_with_audio(clock: ManualClock) -> None:
     clock.advance(0.2)
     [out] = store.expire()
     assert job.state is S.TIMED_OUT and out.cancel_node == "n1"
+    assert out.expired is DeadlineKind.EXEC
 
 
 def test_retryable_node_failure_goes_to_another_node(store: JobStore) -> None:
@@ -347,6 +349,7 @@ def test_waiting_too_long_fails_with_no_available_node(clock: ManualClock) -> No
     clock.advance(0.2)
     [out] = store.expire()
     assert out.job is job and job.state is S.FAILED and job.error_code == ErrorCode.NO_AVAILABLE_NODE
+    assert out.expired is DeadlineKind.WAIT
     assert_empty(store)
 
 

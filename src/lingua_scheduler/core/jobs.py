@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import secrets
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from lingua_scheduler.clock import Clock
@@ -250,6 +250,8 @@ class Outcome:
     #: this input ended the attempt on that node: release one in-flight slot of its load (exactly once
     #: per ``dispatch``, which took the slot)
     freed_node: str | None = None
+    #: ``expire()`` only: the deadline that passed
+    expired: DeadlineKind | None = None
 
 
 def new_job_id() -> str:
@@ -493,18 +495,18 @@ class JobStore:
             job = self._jobs.get(job_id)
             if job is None or job.deadline_token != token:
                 continue
-            if job.deadline_kind is DeadlineKind.WAIT:
+            kind = job.deadline_kind
+            if kind is DeadlineKind.WAIT:
                 waited = f"no node within {self.config.pending_timeout_ms} ms"
                 self._end(job, J.FAILED, ErrorCode.NO_AVAILABLE_NODE, waited, now)
-                out.append(Outcome(Verdict.APPLIED, job))
+                outcome = Outcome(Verdict.APPLIED, job)
             else:
-                what = "ack" if job.deadline_kind is DeadlineKind.ACK else "result"
+                what = "ack" if kind is DeadlineKind.ACK else "result"
                 reason = f"no {what} from {job.node_id} in time"
-                out.append(
-                    self._retry_or_end(
-                        job, reason, now, J.TIMED_OUT, ErrorCode.JOB_TIMEOUT, reason, cancel=True
-                    )
+                outcome = self._retry_or_end(
+                    job, reason, now, J.TIMED_OUT, ErrorCode.JOB_TIMEOUT, reason, cancel=True
                 )
+            out.append(replace(outcome, expired=kind))
         return out
 
     def expired(self, now: float | None = None) -> list[Job]:

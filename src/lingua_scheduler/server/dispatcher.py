@@ -18,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from lingua_scheduler.core.jobs import Job, JobSpec, JobState, JobStore, Outcome, Verdict
+from lingua_scheduler.core.jobs import DeadlineKind, Job, JobSpec, JobState, JobStore, Outcome, Verdict
 from lingua_scheduler.core.results import Release
 from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.core.selection import SelectionRequest, Selector
@@ -67,6 +67,11 @@ MAX_COUNTED_PAIRS = 256
 OTHER_PAIR = "other"
 #: most nodes one selection may examine before giving up (a full pair at 50k nodes is ~45k)
 SCAN_BUDGET = 2000
+#: the failover reason (``lingua_failovers_total{reason}``) for each deadline a job can miss
+EXPIRY_REASONS: dict[DeadlineKind | None, str] = {
+    DeadlineKind.ACK: "ack_timeout",
+    DeadlineKind.EXEC: "exec_timeout",
+}
 
 
 def required_services(pipeline: PipelineConfig | None) -> frozenset[ServiceType]:
@@ -745,15 +750,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
             for out in self.store.expire():
-                job = out.job
-                why = "timeout"
-                if job is not None and job.history:
-                    last = job.history[-1].reason
-                    if "no ack" in last:
-                        why = "ack_timeout"
-                    elif "no result" in last:
-                        why = "exec_timeout"
-                self._apply(out, why)
+                self._apply(out, EXPIRY_REASONS.get(out.expired, "timeout"))
             self.pump()
             now = clock.monotonic()
             if now - self._last_evict >= EVICT_EVERY:
