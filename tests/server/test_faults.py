@@ -473,6 +473,7 @@ async def test_wall_clock_jumps_neither_fire_nor_suppress_timeouts(
 #: timeouts and ages must use ``clock.monotonic()`` (or the event loop's time), which never jumps.
 WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("clock.py", "SystemClock.wall_ms"): "the wall clock itself",
+    ("clock.py", "OffsetClock.wall_ms"): "the shared clock of multi-instance mode (wall + offset)",
     ("server/state.py", "SchedulerState.__init__"): "start time, shown as uptime",
     ("server/state.py", "SchedulerState.health"): "uptime shown on /health",
     ("server/state.py", "SchedulerState.apply_transitions"): "node_status.timestamp",
@@ -489,9 +490,11 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
     ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",
-    ("server/store_writer.py", "StoreWriter._flush"): "reservation expiry in Redis (shared, commit)",
-    ("server/cluster.py", "Cluster._ticker"): "instance and node presence expiry in Redis (shared)",
-    ("store/redis_store.py", "RedisStore.save_jobs"): "trim of ended job records (retention only)",
+    ("store/memory.py", "MemoryStore.now_ms"): "the shared clock of one instance: its own",
+    ("store/redis_store.py", "RedisStore.now_ms"): "the shared clock (wall + offset to Redis TIME)",
+    ("store/redis_store.py", "RedisStore.start"): "measures the offset to Redis TIME",
+    ("store/redis_store.py", "RedisStore.tick"): "measures the offset to Redis TIME",
+    ("store/redis_store.py", "RedisStore._set_offset"): "measures the offset to Redis TIME",
     ("core/jobs.py", "JobStore.create"): "job created_wall_ms (API)",
     ("core/registry.py", "Registry.register"): "registered_wall_ms: epoch of a node's records",
     ("core/segmentation.py", "Segmenter._emit"): "utterance created_wall_ms",

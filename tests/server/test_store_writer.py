@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from lingua_scheduler.clock import SystemClock
 from lingua_scheduler.protocol.cluster import DispatchFailed
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.redis_store import RedisStore
@@ -58,7 +57,7 @@ async def test_one_loop_turn_is_one_pipeline_and_order_is_kept(
 ) -> None:
     a, b = stores
     errors: list[str] = []
-    w = StoreWriter(a, SystemClock(), errors.append)
+    w = StoreWriter(a, errors.append)
     await a.ping()  # the pool's connection is open (its handshake is not counted below)
     r = redis_server.client()
     r.config_resetstat()
@@ -85,10 +84,10 @@ async def test_commit_release_and_ack_in_the_same_batch(
 ) -> None:
     a, b = stores
     await a.publish([], [], [], {"n1": "ready"})
-    now = SystemClock().wall_ms()
+    now = a.now_ms()
     assert (await a.reserve("n1", "j1:1", 4, 1_000, now)).ok
     assert (await a.reserve("n1", "j2:1", 4, 1_000, now)).ok
-    w = StoreWriter(a, SystemClock(), lambda _: None)
+    w = StoreWriter(a, lambda _: None)
     # a fresh Redis without the script (NOSCRIPT) must still commit
     redis_server.client().script_flush()
     w.commit("n1", "j1:1", 60_000)
@@ -99,12 +98,12 @@ async def test_commit_release_and_ack_in_the_same_batch(
     assert [m for m, _ in resv] == [b"j1:1"]
     assert resv[0][1] >= now + 59_000
     # b acknowledges what it handled through its own writer: the entries leave the inbox
-    a_writer = StoreWriter(a, SystemClock(), lambda _: None)
+    a_writer = StoreWriter(a, lambda _: None)
     a_writer.send("b", message(1))
     assert await a_writer.drain(2.0)
     entries = await b.receive(500, 10)
     assert len(entries) == 1
-    bw = StoreWriter(b, SystemClock(), lambda _: None)
+    bw = StoreWriter(b, lambda _: None)
     bw.ack([entries[0][0]])
     assert await bw.drain(2.0)
     r = redis_server.client()
@@ -116,7 +115,7 @@ async def test_unreachable_store_reports_every_lost_send() -> None:
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", instance_id="a", prefix="x", op_timeout=0.2)
     errors: list[str] = []
     failed: list[int] = []
-    w = StoreWriter(store, SystemClock(), errors.append)
+    w = StoreWriter(store, errors.append)
     for i in range(5):
         w.send("b", message(i), on_fail=lambda i=i: failed.append(i))
     w.release("n1", "j:1")
@@ -130,7 +129,7 @@ async def test_unreachable_store_reports_every_lost_send() -> None:
 async def test_the_queue_is_bounded(stores: tuple[RedisStore, RedisStore]) -> None:
     a, b = stores
     failed: list[int] = []
-    w = StoreWriter(a, SystemClock(), lambda _: None, limit=5)
+    w = StoreWriter(a, lambda _: None, limit=5)
     for i in range(8):
         w.send("b", message(i), on_fail=lambda i=i: failed.append(i))
     assert failed == [5, 6, 7]  # refused at once, not queued

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from lingua_scheduler.clock import Clock
+from lingua_scheduler.clock import Clock, OffsetClock
 from lingua_scheduler.config import Config
 from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, shutdown, stats, tasks
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
@@ -18,12 +18,18 @@ from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.server.tls import server_ssl_context
+from lingua_scheduler.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
 
 def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app = web.Application(client_max_size=config.server.max_frame_bytes)
+    store: RedisStore | None = None
+    if config.cluster.redis_url:
+        shared = store = make_store(config.cluster, make_instance_id(config.cluster.instance_id), clock)
+        # One clock for every instance: wall times corrected to the store's (see OffsetClock).
+        clock = OffsetClock(shared.clock, lambda: shared.clock_offset_ms)
     state = SchedulerState(config, clock)
     app[STATE] = state
     app.router.add_get("/ws/node", node_ws)
@@ -33,8 +39,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     admin.add_routes(app)
     dashboard.add_routes(app)
     openapi.add_routes(app)
-    if config.cluster.redis_url:
-        store = make_store(config.cluster, make_instance_id(config.cluster.instance_id))
+    if store is not None:
         cluster = Cluster(state, store, config.cluster)
         state.dispatcher.cluster = cluster
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))

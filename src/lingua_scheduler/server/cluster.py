@@ -30,6 +30,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import ClusterConfig
 from lingua_scheduler.core.registry import NodeEntry
 from lingua_scheduler.core.status import NodeStatus
@@ -62,7 +63,7 @@ def make_instance_id(configured: str) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def make_store(cfg: ClusterConfig, instance_id: str) -> RedisStore:
+def make_store(cfg: ClusterConfig, instance_id: str, clock: Clock | None = None) -> RedisStore:
     return RedisStore(
         cfg.redis_url,
         instance_id=instance_id,
@@ -70,6 +71,7 @@ def make_store(cfg: ClusterConfig, instance_id: str) -> RedisStore:
         cluster=cfg.redis_cluster,
         op_timeout=cfg.op_timeout_seconds,
         max_deliveries=cfg.inbox_max_deliveries,
+        clock=clock,
     )
 
 
@@ -94,7 +96,7 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._resynced = asyncio.Event()
         self.degraded_episodes = 0
-        self.writer = StoreWriter(store, state.clock, self.suspect_soon)
+        self.writer = StoreWriter(store, self.suspect_soon)
         state.registry.on_local_change = self._wake.set
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -286,7 +288,6 @@ class Cluster:
     # --- ticker -------------------------------------------------------------------------------------
 
     async def _ticker(self) -> None:
-        clock = self.state.clock
         while True:
             if self.degraded:
                 await self._recover()
@@ -294,7 +295,7 @@ class Cluster:
                 e.node_id for e in self.state.registry.local_nodes() if e.status is not NodeStatus.OFFLINE
             ]
             ttl_ms = int(self.cfg.presence_ttl_seconds * 1000)
-            dead = await self.store.tick(owned, self._load_batch(), ttl_ms, clock.wall_ms())
+            dead = await self.store.tick(owned, self._load_batch(), ttl_ms)
             for instance in dead:
                 await self._take_over(instance)
             if self._job_writes:

@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from lingua_scheduler.clock import Clock
 from lingua_scheduler.protocol.cluster import InboxMessage
 from lingua_scheduler.store.base import StateStore, StoreUnavailable, WriteBatch
 
@@ -30,14 +29,9 @@ DEFAULT_LIMIT = 10_000
 
 class StoreWriter:
     def __init__(
-        self,
-        store: StateStore,
-        clock: Clock,
-        on_error: Callable[[str], None],
-        limit: int = DEFAULT_LIMIT,
+        self, store: StateStore, on_error: Callable[[str], None], limit: int = DEFAULT_LIMIT
     ) -> None:
         self.store = store
-        self.clock = clock
         #: called with the reason when a flush fails (the cluster checks whether the store is down)
         self.on_error = on_error
         self.limit = limit
@@ -127,7 +121,7 @@ class StoreWriter:
 
     async def _flush(self, batch: WriteBatch, on_fail: list[Callable[[], None]]) -> None:
         try:
-            await self.store.write(batch, self.clock.wall_ms())
+            await self.store.write(batch, self.store.now_ms())
             self.flushes += 1
             self.writes += len(batch)
         except Exception as exc:  # the writes are lost either way: say so, and tell the senders

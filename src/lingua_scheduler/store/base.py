@@ -94,9 +94,16 @@ class StateStore(Protocol):
         """Owned nodes that changed: one pipelined round trip (directory, change feed, pool sets)."""
         ...
 
-    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, now_ms: int) -> list[str]:
+    def now_ms(self) -> int:
+        """The shared clock, in ms since the epoch: every shared expiry (presence, reservations, job
+        retention) is computed with it, so that instances whose own clocks disagree still agree on
+        what has expired. For Redis it is the server's ``TIME`` as estimated at the last tick."""
+        ...
+
+    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
         """Per-tick liveness in one pipeline: this instance's presence, its nodes' presence, the load
-        batch. Returns the ids of instances whose presence expired."""
+        batch (and a new reading of the shared clock). Returns the ids of instances whose presence
+        expired."""
         ...
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:

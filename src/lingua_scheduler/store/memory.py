@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from lingua_scheduler.clock import Clock, SystemClock
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
 from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult, WriteBatch
 
@@ -16,8 +17,9 @@ from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveRes
 class MemoryStore:
     shared = False
 
-    def __init__(self, instance_id: str = "local") -> None:
+    def __init__(self, instance_id: str = "local", clock: Clock | None = None) -> None:
         self.instance_id = instance_id
+        self.clock: Clock = clock or SystemClock()
         self._resv: dict[str, dict[str, int]] = {}
         self._status: dict[str, str] = {}
         self._nodes: dict[str, NodeRecord] = {}
@@ -48,7 +50,10 @@ class MemoryStore:
                 self._pools.get(p, set()).discard(d.node_id)
         self._status.update(node_status)
 
-    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, now_ms: int) -> list[str]:
+    def now_ms(self) -> int:
+        return self.clock.wall_ms()  # one instance: its own clock is the shared one
+
+    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
         return []
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable
 from importlib import resources
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from lingua_scheduler.clock import Clock, SystemClock
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
 from lingua_scheduler.store.base import (
     Change,
@@ -64,8 +64,12 @@ class RedisStore:
         op_timeout: float = 0.5,
         stream_maxlen: int = 100_000,
         max_deliveries: int = 5,
+        clock: Clock | None = None,
     ) -> None:
         self.instance_id = instance_id
+        self.clock: Clock = clock or SystemClock()
+        #: Redis ``TIME`` minus our wall clock (ms), measured at start and at every tick
+        self.clock_offset_ms = 0
         self.keys = Keys(prefix)
         self.cluster = cluster
         self.urls = [url] if isinstance(url, str) else list(url)
@@ -101,6 +105,9 @@ class RedisStore:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        t0 = self.clock.wall_ms()
+        server = await self._do(self.r.time())
+        self._set_offset(server, t0)
         try:
             await self._do(
                 self.r.xgroup_create(self.keys.inbox(self.instance_id), GROUP, id="$", mkstream=True)
@@ -118,6 +125,18 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._do(self.r.ping())
+
+    # --- the shared clock ---------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        return self.clock.wall_ms() + self.clock_offset_ms
+
+    def _set_offset(self, server: tuple[int, int], sent_ms: int) -> None:
+        """``server`` is ``TIME`` (seconds, microseconds) read in a round trip that began at
+        ``sent_ms``: it was taken about half-way, which bounds the error by half a round trip."""
+        received_ms = self.clock.wall_ms()
+        server_ms = int(server[0]) * 1000 + int(server[1]) // 1000
+        self.clock_offset_ms = server_ms - (sent_ms + received_ms) // 2
 
     # --- node directory, presence, pools ------------------------------------------------------------
 
@@ -145,9 +164,11 @@ class RedisStore:
         if len(p):
             await self._do(p.execute())
 
-    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, now_ms: int) -> list[str]:
+    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
         k = self.keys
+        now_ms = self.now_ms()
         p = self.r.pipeline(transaction=False)
+        p.time()
         p.zadd(k.instances, {self.instance_id: now_ms + ttl_ms})
         if owned:
             p.zadd(k.presence, dict.fromkeys(owned, now_ms + ttl_ms))
@@ -156,7 +177,9 @@ class RedisStore:
                 k.changes, {"t": "load", "d": _enc.encode(loads)}, maxlen=self.stream_maxlen, approximate=True
             )
         p.zrangebyscore(k.instances, "-inf", now_ms)
+        sent_ms = self.clock.wall_ms()
         out = await self._do(p.execute())
+        self._set_offset(out[0], sent_ms)
         return [_s(i) for i in out[-1] if _s(i) != self.instance_id]
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:
@@ -241,7 +264,7 @@ class RedisStore:
         by_owner: dict[str, list[JobRecord]] = {}
         for r in records:
             by_owner.setdefault(r.owner, []).append(r)
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         for owner, recs in by_owner.items():
             live = {
                 r.job_id: f"{r.state}|{r.attempt}|{r.node_id or ''}|{r.session_id}"
