@@ -94,15 +94,15 @@ def hint_for(code: str) -> str:
 # --- client -> scheduler -------------------------------------------------------------------------
 
 
-class SessionInit(Struct, tag="session_init", tag_field="type"):
-    client_version: ShortStr
-    platform: ShortStr  # "android" | "ios" | "web" | "api-gateway"; free string
-    src_lang: Lang  # a code or "auto"
-    tgt_lang: Lang
+class SpeechOptions(Struct, kw_only=True):
+    """The optional fields ``session_init`` and ``utterance`` share (not a message of its own).
+
+    ``kw_only``: these fields have defaults, and the subclasses' required fields must still come first in
+    ``__init__``. Only the order of the struct's fields changes with it; the wire stays the same, since a
+    JSON object's keys are unordered and the required fields keep their order among themselves."""
+
     dialect: ShortStr | None = None
     features: FeatureFlags | None = None
-    pairing_code: ShortStr | None = None
-    tenant_id: ShortStr | None = None
     mode: Mode | None = None
     lang_a: Lang | None = None
     lang_b: Lang | None = None
@@ -110,6 +110,15 @@ class SessionInit(Struct, tag="session_init", tag_field="type"):
     enable_streaming_asr: bool | None = None
     partial_update_interval_ms: NonNegInt | None = None
     trace_id: ShortStr | None = None
+
+
+class SessionInit(SpeechOptions, tag="session_init", tag_field="type"):
+    client_version: ShortStr
+    platform: ShortStr  # "android" | "ios" | "web" | "api-gateway"; free string
+    src_lang: Lang  # a code or "auto"
+    tgt_lang: Lang
+    pairing_code: ShortStr | None = None
+    tenant_id: ShortStr | None = None
     #: what the client would like to stream; the ack says what was granted
     audio_format: ShortStr | None = None
     sample_rate: SampleRate | None = None
@@ -126,7 +135,7 @@ class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
     client_timestamp_ms: SafeInt | None = None
 
 
-class UtteranceMessage(Struct, tag="utterance", tag_field="type"):
+class UtteranceMessage(SpeechOptions, tag="utterance", tag_field="type"):
     """A whole utterance in one message; it takes the session's next utterance index."""
 
     session_id: SessionId
@@ -137,15 +146,6 @@ class UtteranceMessage(Struct, tag="utterance", tag_field="type"):
     audio: str
     audio_format: ShortStr
     sample_rate: SampleRate
-    dialect: ShortStr | None = None
-    features: FeatureFlags | None = None
-    mode: Mode | None = None
-    lang_a: Lang | None = None
-    lang_b: Lang | None = None
-    auto_langs: list[Lang] | None = None
-    enable_streaming_asr: bool | None = None
-    partial_update_interval_ms: NonNegInt | None = None
-    trace_id: ShortStr | None = None
     pipeline: PipelineConfig | None = None
 
 

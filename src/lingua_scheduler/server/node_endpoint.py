@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from lingua_scheduler.errors import AuthenticationError, ErrorCode, RegistrationError, SchedulerError
 from lingua_scheduler.protocol.codec import FrameDecoder
@@ -26,7 +26,8 @@ from lingua_scheduler.protocol.node import (
 )
 from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
-from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.state import SchedulerState
+from lingua_scheduler.server.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,9 @@ class NodeConnection:
         if handler is not None:
             handler(node_id, msg)
 
+    def ready(self) -> bool:
+        return self.node_id is not None
+
     def closed(self) -> None:
         if self.node_id is not None:
             self.state.limits.node_gone()
@@ -140,40 +144,6 @@ class NodeConnection:
 
 
 async def node_ws(request: web.Request) -> web.StreamResponse:
-    state: SchedulerState = request.app[STATE]
-    refused = state.limits.refuse_upgrade(request, "node")  # before any WebSocket state exists
-    if refused is not None:
-        return refused
-    max_frame = state.config.server.max_frame_bytes
-    # aiohttp itself only closes frames far over our limit; up to 4x we answer with an error frame.
-    ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
-    await ws.prepare(request)
-    outbox = Outbox(
-        ws,
-        state.config.server.outbound_queue,
-        f"node@{request.remote}",
-        max_bytes=state.config.limits.outbound_queue_bytes,
+    return await serve_websocket(
+        request, "node", NodeConnection, log, failure_extra=lambda conn: {"node_id": conn.node_id}
     )
-    conn = NodeConnection(state, outbox)
-    state.limits.opened("node")
-    gate = state.limits.gate("node", outbox, ws, lambda: conn.node_id is not None)
-    try:
-        async for frame in ws:
-            if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
-                if gate.admit():  # per-connection rate limit: over it the frame is dropped
-                    conn.on_frame(frame.data, time.perf_counter())
-                elif gate.must_close:
-                    await gate.close()
-                    break
-            elif frame.type is WSMsgType.ERROR:
-                break
-    except Exception:  # one catch-all per connection task: log, close, clean up below
-        log.exception("node connection failed", extra={"node_id": conn.node_id})
-    finally:
-        gate.stop()
-        state.limits.closed("node")
-        conn.closed()
-        await outbox.close()
-        if not ws.closed:
-            await ws.close()
-    return ws

@@ -9,10 +9,9 @@ nothing (the reference let any client inject audio into another session). Invali
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from lingua_scheduler.core.audio import decode_base64, negotiate
 from lingua_scheduler.core.languages import normalize
@@ -34,7 +33,8 @@ from lingua_scheduler.protocol.session import (
 from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
-from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.state import SchedulerState
+from lingua_scheduler.server.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 
@@ -148,46 +148,18 @@ class SessionConnection:
             },
         )
 
+    def ready(self) -> bool:
+        return self.session is not None
+
     def closed(self) -> None:
         if self.session is not None:
             self.session.close("connection closed", connection_gone=True)
 
 
 async def session_ws(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    # Origin allow-list and connection cap, before any WebSocket state exists (server/limits.py)
-    refused = state.limits.refuse_upgrade(request, "session")
-    if refused is not None:
-        return refused
-    max_frame = state.config.server.max_frame_bytes
-    ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
-    await ws.prepare(request)
-    outbox = Outbox(
-        ws,
-        state.config.server.outbound_queue,
-        f"session@{request.remote}",
-        max_bytes=state.config.limits.outbound_queue_bytes,
+    return await serve_websocket(
+        request,
+        "session",
+        lambda state, outbox: SessionConnection(state, outbox, state.auth.credential(request)),
+        log,
     )
-    conn = SessionConnection(state, outbox, state.auth.credential(request))
-    state.limits.opened("session")
-    gate = state.limits.gate("session", outbox, ws, lambda: conn.session is not None)
-    try:
-        async for frame in ws:
-            if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
-                if gate.admit():  # per-connection rate limit: over it the frame is dropped
-                    conn.on_frame(frame.data, time.perf_counter())
-                elif gate.must_close:
-                    await gate.close()
-                    break
-            elif frame.type is WSMsgType.ERROR:
-                break
-    except Exception:  # one catch-all per connection task: log, close, clean up below
-        log.exception("session connection failed")
-    finally:
-        gate.stop()
-        state.limits.closed("session")
-        conn.closed()
-        await outbox.close()
-        if not ws.closed:
-            await ws.close()
-    return ws

@@ -1,0 +1,88 @@
+"""The WebSocket receive loop shared by ``/ws/node`` and ``/ws/session``.
+
+Owns one connection's life around its frames: the refusals made before the upgrade, the socket and its
+outbox, the frame gate (rate limit, handshake deadline) in front of every text or binary frame, the
+catch-all of the connection task and the cleanup after the loop, in this order: gate, connection count,
+the connection's own state, outbox, socket. What a frame means belongs to the endpoint
+(``server/node_endpoint.py``, ``server/session_endpoint.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
+
+from aiohttp import WSMsgType, web
+
+from lingua_scheduler.server.limits import Endpoint
+from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.state import STATE, SchedulerState
+
+
+class Connection(Protocol):
+    """An endpoint's per-socket handler, as the receive loop drives it."""
+
+    def on_frame(self, data: bytes | str, t0: float) -> None:
+        """Handle one admitted frame; ``t0`` is ``time.perf_counter()`` when it was received."""
+
+    def ready(self) -> bool:
+        """Whether the socket did its handshake (registered a node, opened a session)."""
+
+    def closed(self) -> None:
+        """The socket is gone: release what the connection holds."""
+
+
+C = TypeVar("C", bound=Connection)
+
+
+async def serve_websocket(
+    request: web.Request,
+    endpoint: Endpoint,
+    connect: Callable[[SchedulerState, Outbox], C],
+    log: logging.Logger,
+    failure_extra: Callable[[C], Mapping[str, object]] | None = None,
+) -> web.StreamResponse:
+    """Run one ``endpoint`` socket until it ends. ``connect`` builds the connection once the socket is
+    upgraded; ``log`` is the endpoint's logger (its records keep the endpoint's name, and its level);
+    ``failure_extra`` gives the fields logged with a connection that failed."""
+    state = request.app[STATE]
+    # Origin allow-list and connection cap, before any WebSocket state exists (server/limits.py)
+    refused = state.limits.refuse_upgrade(request, endpoint)
+    if refused is not None:
+        return refused
+    max_frame = state.config.server.max_frame_bytes
+    # aiohttp itself only closes frames far over our limit; up to 4x we answer with an error frame.
+    ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
+    await ws.prepare(request)
+    outbox = Outbox(
+        ws,
+        state.config.server.outbound_queue,
+        f"{endpoint}@{request.remote}",
+        max_bytes=state.config.limits.outbound_queue_bytes,
+    )
+    conn = connect(state, outbox)
+    state.limits.opened(endpoint)
+    gate = state.limits.gate(endpoint, outbox, ws, conn.ready)
+    try:
+        async for frame in ws:
+            if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
+                if gate.admit():  # per-connection rate limit: over it the frame is dropped
+                    conn.on_frame(frame.data, time.perf_counter())
+                elif gate.must_close:
+                    await gate.close()
+                    break
+            elif frame.type is WSMsgType.ERROR:
+                break
+    except Exception:  # one catch-all per connection task: log, close, clean up below
+        failed = f"{endpoint} connection failed"
+        log.exception(failed, extra=failure_extra(conn) if failure_extra is not None else None)
+    finally:
+        gate.stop()
+        state.limits.closed(endpoint)
+        conn.closed()
+        await outbox.close()
+        if not ws.closed:
+            await ws.close()
+    return ws
