@@ -6,19 +6,14 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# free_port is re-exported: the benchmarks take it from here
+from lingua_scheduler.loadtest.runner import free_port as free_port
+from lingua_scheduler.loadtest.runner import local_scheduler
 
 
 def machine() -> dict[str, Any]:
@@ -67,28 +62,6 @@ def cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def scheduler_process(env: dict[str, str] | None = None) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """Run ``lingua-scheduler serve`` in a separate process on a free port until the block ends."""
-    port = free_port()
-    full_env = dict(os.environ, LINGUA_SERVER__LOG_LEVEL='"warning"', **(env or {}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(port)],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                get_json(f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("scheduler did not start") from None
-                time.sleep(0.1)
-        yield port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    # the load test's own starter: one place that knows how to start a scheduler and wait until it answers
+    with local_scheduler(env or {}) as (base, proc):
+        yield int(base.rsplit(":", 1)[1]), proc

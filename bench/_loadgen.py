@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, get_json
+from _common import free_port
 from lingua_scheduler.loadtest.crowd import SessionPlan
 from lingua_scheduler.loadtest.fleet import JobBehaviour
+from lingua_scheduler.loadtest.runner import server_process
 from lingua_scheduler.loadtest.workers import (
     LoadGenerator,
     NodeWorkerSpec,
@@ -69,39 +70,20 @@ def baseline_process(
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """The pre-fix baseline server (bench/baseline/server.py) in its own process."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(BENCH / "baseline" / "server.py"),
-            "--port",
-            str(port),
-            "--redis-url",
-            redis_url,
-            "--round-trips",
-            str(round_trips),
-            "--heartbeat-interval",
-            str(interval),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                get_json(f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("baseline server did not start") from None
-                time.sleep(0.1)
+    args = [
+        sys.executable,
+        str(BENCH / "baseline" / "server.py"),
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+        "--round-trips",
+        str(round_trips),
+        "--heartbeat-interval",
+        str(interval),
+    ]
+    with server_process(args, port, start_timeout=20, failure="baseline server did not start") as proc:
         yield port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def drive(

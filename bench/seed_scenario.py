@@ -27,6 +27,7 @@ import json
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,24 @@ def _ms(d: dict[str, Any] | None, key: str) -> float | None:
     return None if v is None else round(v * 1e3, 3)
 
 
+def _drive(
+    port: int, args: argparse.Namespace, window_start: Callable[[], Any], window_end: Callable[[], Any]
+) -> dict[str, Any]:
+    """The scenario's load against the server on ``port``: the same for the product and the baseline, so
+    that only the hooks reading each server's own figures at the window's start and end differ."""
+    return drive(
+        port,
+        nodes=args.nodes,
+        sessions=args.sessions,
+        rate=args.jobs_per_second,
+        warmup=args.warmup,
+        seconds=args.seconds,
+        node_procs=args.node_procs,
+        window_start=window_start,
+        window_end=window_end,
+    )
+
+
 def run_product(args: argparse.Namespace) -> dict[str, Any]:
     env = {
         "LINGUA_NODE_HEALTH__HEARTBEAT_INTERVAL_SECONDS": "1",
@@ -52,17 +71,7 @@ def run_product(args: argparse.Namespace) -> dict[str, Any]:
         def mark() -> tuple[Scrape, float, float]:
             return Scrape.fetch(base), cpu_seconds(proc.pid), time.monotonic()
 
-        r = drive(
-            port,
-            nodes=args.nodes,
-            sessions=args.sessions,
-            rate=args.jobs_per_second,
-            warmup=args.warmup,
-            seconds=args.seconds,
-            node_procs=args.node_procs,
-            window_start=mark,
-            window_end=mark,
-        )
+        r = _drive(port, args, mark, mark)
     (m1, c1, t1), (m2, c2, t2) = r["start"], r["end"]
     sel = histogram_quantiles(m2, m1, "lingua_selection_seconds", (0.5, 0.99, 0.999))
     handle = histogram_quantiles(m2, m1, "lingua_heartbeat_handle_seconds", (0.5, 0.99))
@@ -86,17 +95,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         def end() -> tuple[dict[str, Any], float, float]:
             return get_json(base + "/stats"), cpu_seconds(proc.pid), time.monotonic()
 
-        r = drive(
-            port,
-            nodes=args.nodes,
-            sessions=args.sessions,
-            rate=args.jobs_per_second,
-            warmup=args.warmup,
-            seconds=args.seconds,
-            node_procs=args.node_procs,
-            window_start=start,
-            window_end=end,
-        )
+        r = _drive(port, args, start, end)
     (c1, t1), (st, c2, t2) = r["start"], r["end"]
 
     def q(name: str) -> dict[str, float | None]:

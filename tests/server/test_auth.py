@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from lingua_scheduler.server.auth import AuthService
 from lingua_scheduler.sim.nodes import Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually
-from tests.redis_support import RedisServer, free_port, has_redis
+from tests.redis_support import RedisServer, cluster_section, free_port, has_redis, start_instances
 
 SECRET = "fleet-enrollment-secret-0123"
 ADMIN = "admin-token-0123456789abcdef"
@@ -237,35 +236,12 @@ async def test_revoke_without_node_auth_is_refused(scheduler_factory: Any, node_
 # --- revocation across instances -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    if not has_redis():
-        pytest.skip("no redis-server binary")
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
 def shared(url: str, prefix: str) -> dict[str, Any]:
-    return {
-        **NODE_AUTH,
-        "cluster": {
-            "redis_url": url,
-            "key_prefix": prefix,
-            "tick_interval_seconds": 0.2,
-            "presence_ttl_seconds": 1.0,
-            "stream_block_ms": 200,
-            "op_timeout_seconds": 0.2,
-        },
-    }
+    return {**NODE_AUTH, "cluster": cluster_section(url, prefix, op_timeout_seconds=0.2)}
 
 
-async def two_instances(factory: Any, url: str) -> tuple[RunningScheduler, RunningScheduler]:
-    prefix = "auth" + secrets.token_hex(3)
-    a, b = await factory(**shared(url, prefix)), await factory(**shared(url, prefix))
-    for rs in (a, b):
-        await eventually(lambda rs=rs: not rs.state.dispatcher.cluster.degraded, timeout=5)
-    return a, b
+async def two_instances(factory: Any, url: str) -> list[RunningScheduler]:
+    return await start_instances(factory, 2, shared(url, "auth" + secrets.token_hex(3)))
 
 
 async def test_revocation_is_shared_by_instances(

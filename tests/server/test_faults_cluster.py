@@ -15,59 +15,34 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.sim.nodes import Executor, SimulatedNode
 from lingua_scheduler.sim.sessions import SimulatedSession
 from tests.conftest import RunningScheduler, eventually
-from tests.redis_support import RedisServer, has_redis
+from tests.redis_support import RedisServer, cluster_cfg, has_redis, ready_in_view, start_instances
 from tests.scheduler_process import SchedulerProcess
 from tests.server.test_faults import Client, assert_nothing_stuck, check_sessions, profile
 
 pytestmark = pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
 
 
+#: the jobs section of this module's instances: longer pending timeout and retention than cluster_cfg's
+JOBS = {"ack_timeout_ms": 1500, "pending_timeout_ms": 4000, "retention_seconds": 2.0}
+
+
 def cluster_sections(url: str, prefix: str, **cluster: Any) -> dict[str, dict[str, Any]]:
-    return {
-        "cluster": {
-            "redis_url": url,
-            "key_prefix": prefix,
-            "tick_interval_seconds": 0.2,
-            "presence_ttl_seconds": 1.0,
-            "stream_block_ms": 200,
-            **cluster,
-        },
-        "jobs": {"ack_timeout_ms": 1500, "pending_timeout_ms": 4000, "retention_seconds": 2.0},
-        "scheduler": {"fleet_view_interval_ms": 10},
-        "session": {"pause_ms": 300},
-    }
+    return cluster_cfg(url, prefix, jobs=JOBS, **cluster)
 
 
 async def instances(
     factory: Callable[..., Any], url: str, n: int = 2, **cluster: Any
 ) -> list[RunningScheduler]:
-    prefix = "f" + secrets.token_hex(3)
-    out = [await factory(**cluster_sections(url, prefix, **cluster)) for _ in range(n)]
-    for rs in out:
-        await eventually(lambda rs=rs: not rs.state.dispatcher.cluster.degraded, timeout=5)
-    return out
-
-
-def ready_in_view(rs: RunningScheduler, node_id: str | None) -> bool:
-    nv = rs.state.publisher.view.get(node_id or "")
-    return nv is not None and nv.status is NodeStatus.READY
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
+    return await start_instances(factory, n, cluster_sections(url, "f" + secrets.token_hex(3), **cluster))
 
 
 @pytest.fixture

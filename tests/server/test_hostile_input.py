@@ -335,38 +335,28 @@ async def run_frames(client: FuzzClient, frames: Callable[[str | None], list[Fra
     await client.probe()
 
 
+# the endpoint is a parameter, not drawn by hypothesis: each endpoint keeps a full run of examples of its own
+@pytest.mark.parametrize("endpoint", ["node", "session"])
 @HYPOTHESIS
 @given(rnd=st.randoms(use_true_random=False), n=st.integers(1, 12), bind=st.booleans())
-async def test_fuzz_node_frames(
+async def test_fuzz_frames(
     fuzz_rs: RunningScheduler,
     clients: dict[Endpoint, FuzzClient],
     crashes: ConnectionCrashes,
+    endpoint: Endpoint,
     rnd: Any,
     n: int,
     bind: bool,
 ) -> None:
     def frames(bound: str | None) -> list[Frame]:
-        fuzzer = FrameFuzzer("node", rnd, MAX_FRAME, node_id=bound or "node-FUZZ0001")
+        fuzzer = (
+            FrameFuzzer("node", rnd, MAX_FRAME, node_id=bound or "node-FUZZ0001")
+            if endpoint == "node"
+            else FrameFuzzer("session", rnd, MAX_FRAME, session_id=bound or "s-FUZZ0001")
+        )
         return [fuzzer.next() for _ in range(n)]
 
-    await run_frames(clients["node"], frames, bind)
-
-
-@HYPOTHESIS
-@given(rnd=st.randoms(use_true_random=False), n=st.integers(1, 12), bind=st.booleans())
-async def test_fuzz_session_frames(
-    fuzz_rs: RunningScheduler,
-    clients: dict[Endpoint, FuzzClient],
-    crashes: ConnectionCrashes,
-    rnd: Any,
-    n: int,
-    bind: bool,
-) -> None:
-    def frames(bound: str | None) -> list[Frame]:
-        fuzzer = FrameFuzzer("session", rnd, MAX_FRAME, session_id=bound or "s-FUZZ0001")
-        return [fuzzer.next() for _ in range(n)]
-
-    await run_frames(clients["session"], frames, bind)
+    await run_frames(clients[endpoint], frames, bind)
 
 
 JSON = st.recursive(

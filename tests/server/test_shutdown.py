@@ -28,7 +28,7 @@ from lingua_scheduler.sim.nodes import Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession
 from tests.conftest import eventually
-from tests.redis_support import RedisServer, has_redis
+from tests.redis_support import RedisServer, cluster_section, has_redis
 from tests.scheduler_process import SchedulerProcess
 
 FAST = {
@@ -196,25 +196,10 @@ async def test_sigterm_without_traffic_exits_at_once(
 redis_only = pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    if not has_redis():
-        pytest.skip("no redis-server binary")
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
 def cluster_sections(url: str, prefix: str) -> dict[str, dict[str, Any]]:
     return {
-        "cluster": {
-            "redis_url": url,
-            "key_prefix": prefix,
-            "tick_interval_seconds": 0.2,
-            # long: the hand-back must come from the leaving instance, not from its presence expiring
-            "presence_ttl_seconds": 30.0,
-            "stream_block_ms": 200,
-        },
+        # long presence TTL: the hand-back must come from the leaving instance, not from its presence expiring
+        "cluster": cluster_section(url, prefix, presence_ttl_seconds=30.0),
         "jobs": {"ack_timeout_ms": 1500, "pending_timeout_ms": 5000, "exec_timeout_min_ms": 30_000},
     }
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -100,6 +100,40 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def server_process(
+    args: list[str],
+    port: int,
+    *,
+    env: dict[str, str] | None = None,
+    output: IO[bytes] | int = subprocess.DEVNULL,
+    start_timeout: float = 30.0,
+    failure: str = "the server did not start",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``args`` (an HTTP server listening on 127.0.0.1:``port``) in its own process until the block
+    ends; the block is entered once its ``/health`` answers. Raises ``RuntimeError(failure)`` when the
+    process exits first or does not answer within ``start_timeout`` seconds."""
+    proc = subprocess.Popen(args, env=env, stdout=output, stderr=output)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                get_json(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(failure) from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
 def local_scheduler(
     env: dict[str, str], config_file: str | None = None, log_path: str | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
@@ -109,29 +143,12 @@ def local_scheduler(
     if config_file:
         args += ["--config", config_file]
     full_env = dict(os.environ, LINGUA_SERVER__LOG_LEVEL='"warning"', **env)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                get_json(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"the scheduler did not start (log: {log_path})") from None
-                time.sleep(0.1)
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        if log is not subprocess.DEVNULL:
-            log.close()  # type: ignore[union-attr]
+    failure = "the scheduler did not start" + (f" (log: {log_path})" if log_path else "")
+    with contextlib.ExitStack() as stack:
+        # the log is closed after the process has stopped, not before (it writes until it exits)
+        log: IO[bytes] | int = stack.enter_context(open(log_path, "ab")) if log_path else subprocess.DEVNULL
+        with server_process(args, port, env=full_env, output=log, failure=failure) as proc:
+            yield f"http://127.0.0.1:{port}", proc
 
 
 def _base_url(url: str) -> tuple[str, str, int]:
