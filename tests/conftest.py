@@ -19,6 +19,7 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config, load_config
 from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -73,8 +74,8 @@ def make_config(**sections: dict[str, Any]) -> Config:
 async def scheduler_factory() -> AsyncIterator[Callable[..., Any]]:
     started: list[RunningScheduler] = []
 
-    async def start(**sections: dict[str, Any]) -> RunningScheduler:
-        app = build_app(make_config(**sections))
+    async def start(clock: Clock | None = None, **sections: dict[str, Any]) -> RunningScheduler:
+        app = build_app(make_config(**sections), clock)
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))

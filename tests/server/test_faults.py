@@ -491,6 +491,8 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
     ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",
     ("store/memory.py", "MemoryStore.now_ms"): "the shared clock of one instance: its own",
+    ("store/memory.py", "MemoryStore.reserve"): "reservation expiry (the embedded store's clock)",
+    ("store/memory.py", "MemoryStore.write"): "reservation expiry (the embedded store's clock)",
     ("store/redis_store.py", "RedisStore.now_ms"): "the shared clock (wall + offset to Redis TIME)",
     ("store/redis_store.py", "RedisStore.start"): "measures the offset to Redis TIME",
     ("store/redis_store.py", "RedisStore.tick"): "measures the offset to Redis TIME",

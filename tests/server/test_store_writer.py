@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -15,13 +15,6 @@ from lingua_scheduler.store.redis_store import RedisStore
 from tests.redis_support import RedisServer, free_port, has_redis
 
 pytestmark = pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 @pytest_asyncio.fixture
@@ -85,8 +78,8 @@ async def test_commit_release_and_ack_in_the_same_batch(
     a, b = stores
     await a.publish([], [], [], {"n1": "ready"})
     now = a.now_ms()
-    assert (await a.reserve("n1", "j1:1", 4, 1_000, now)).ok
-    assert (await a.reserve("n1", "j2:1", 4, 1_000, now)).ok
+    assert (await a.reserve("n1", "j1:1", 4, 1_000)).ok
+    assert (await a.reserve("n1", "j2:1", 4, 1_000)).ok
     w = StoreWriter(a, lambda _: None)
     # a fresh Redis without the script (NOSCRIPT) must still commit
     redis_server.client().script_flush()

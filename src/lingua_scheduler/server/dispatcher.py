@@ -291,11 +291,7 @@ class Dispatcher:
         ttl = state.config.jobs.ack_timeout_ms + RESERVE_MARGIN_MS
         try:
             res = await self.cluster.store.reserve(
-                node_id,
-                member,
-                state.config.scheduler.max_concurrent_jobs_per_node,
-                ttl,
-                state.clock.wall_ms(),
+                node_id, member, state.config.scheduler.max_concurrent_jobs_per_node, ttl
             )
         except StoreUnavailable as exc:
             await self.cluster.suspect(str(exc))

@@ -121,7 +121,7 @@ class StoreWriter:
 
     async def _flush(self, batch: WriteBatch, on_fail: list[Callable[[], None]]) -> None:
         try:
-            await self.store.write(batch, self.store.now_ms())
+            await self.store.write(batch)
             self.flushes += 1
             self.writes += len(batch)
         except Exception as exc:  # the writes are lost either way: say so, and tell the senders

@@ -95,9 +95,10 @@ class StateStore(Protocol):
         ...
 
     def now_ms(self) -> int:
-        """The shared clock, in ms since the epoch: every shared expiry (presence, reservations, job
-        retention) is computed with it, so that instances whose own clocks disagree still agree on
-        what has expired. For Redis it is the server's ``TIME`` as estimated at the last tick."""
+        """The shared clock, in ms since the epoch, as this instance estimates it. Shared expiries
+        (presence, reservations) are stamped and compared by the store on its own clock (Redis
+        ``TIME`` inside the scripts); this estimate, corrected at every tick, is for the wall times the
+        instance takes itself (node epochs, job-record retention)."""
         ...
 
     async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
@@ -120,9 +121,10 @@ class StateStore(Protocol):
 
     # --- capacity reservations ----------------------------------------------------------------------
 
-    async def reserve(
-        self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
-    ) -> ReserveResult: ...
+    async def reserve(self, node_id: str, member: str, max_slots: int, ttl_ms: int) -> ReserveResult:
+        """Take a slot on ``node_id`` for ``ttl_ms`` (on the shared clock): refused when the node is
+        not ready, full, or ``member`` holds one already. Reaps expired slots in the same step."""
+        ...
 
     async def release(self, node_id: str, member: str) -> None: ...
 
@@ -134,7 +136,7 @@ class StateStore(Protocol):
 
     # --- messages between instances -----------------------------------------------------------------
 
-    async def write(self, batch: WriteBatch, now_ms: int) -> None:
+    async def write(self, batch: WriteBatch) -> None:
         """Apply a batch of small writes in one round trip, sends in order. A commit whose
         reservation expired meanwhile is not revived."""
         ...

@@ -66,9 +66,8 @@ class MemoryStore:
     async def forget_instance(self, instance_id: str) -> list[str]:
         return []
 
-    async def reserve(
-        self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
-    ) -> ReserveResult:
+    async def reserve(self, node_id: str, member: str, max_slots: int, ttl_ms: int) -> ReserveResult:
+        now_ms = self.clock.wall_ms()
         slots = self._resv.setdefault(node_id, {})
         for m in [m for m, exp in slots.items() if exp <= now_ms]:
             del slots[m]
@@ -82,9 +81,10 @@ class MemoryStore:
         return ReserveResult(True, "OK", len(slots))
 
     async def release(self, node_id: str, member: str) -> None:
-        await self.write(WriteBatch(releases=[(node_id, member)]), 0)
+        await self.write(WriteBatch(releases=[(node_id, member)]))
 
-    async def write(self, batch: WriteBatch, now_ms: int) -> None:
+    async def write(self, batch: WriteBatch) -> None:
+        now_ms = self.clock.wall_ms()
         if batch.sends:
             raise LookupError(f"no instance {batch.sends[0][0]} in embedded mode")
         for node_id, member, ttl_ms in batch.commits:

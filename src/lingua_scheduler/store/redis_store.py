@@ -81,6 +81,7 @@ class RedisStore:
         self._inbox: Any = self._client(single=True)
         self._reserve = self.r.register_script(_lua("reserve.lua"))
         self._commit = self.r.register_script(_lua("commit.lua"))
+        self._tick = self.r.register_script(_lua("tick.lua"))
         self._last_claim = 0.0
         #: commands sent, by kind, for observability and the command-count test
         self.calls = 0
@@ -105,9 +106,9 @@ class RedisStore:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        t0 = self.clock.wall_ms()
-        server = await self._do(self.r.time())
-        self._set_offset(server, t0)
+        sent_ms = self.clock.wall_ms()
+        sec, usec = await self._do(self.r.time())
+        self._set_offset(int(sec) * 1000 + int(usec) // 1000, sent_ms)
         try:
             await self._do(
                 self.r.xgroup_create(self.keys.inbox(self.instance_id), GROUP, id="$", mkstream=True)
@@ -131,12 +132,10 @@ class RedisStore:
     def now_ms(self) -> int:
         return self.clock.wall_ms() + self.clock_offset_ms
 
-    def _set_offset(self, server: tuple[int, int], sent_ms: int) -> None:
-        """``server`` is ``TIME`` (seconds, microseconds) read in a round trip that began at
-        ``sent_ms``: it was taken about half-way, which bounds the error by half a round trip."""
-        received_ms = self.clock.wall_ms()
-        server_ms = int(server[0]) * 1000 + int(server[1]) // 1000
-        self.clock_offset_ms = server_ms - (sent_ms + received_ms) // 2
+    def _set_offset(self, server_ms: int, sent_ms: int) -> None:
+        """``server_ms`` is Redis ``TIME`` read in a round trip that began at ``sent_ms``: it was taken
+        about half-way, which bounds the error by half a round trip."""
+        self.clock_offset_ms = server_ms - (sent_ms + self.clock.wall_ms()) // 2
 
     # --- node directory, presence, pools ------------------------------------------------------------
 
@@ -165,22 +164,19 @@ class RedisStore:
             await self._do(p.execute())
 
     async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
+        """``tick.lua``: presence of this instance and its nodes, the load batch and the list of
+        expired instances, all on Redis's clock, in one call that also re-reads the offset."""
         k = self.keys
-        now_ms = self.now_ms()
-        p = self.r.pipeline(transaction=False)
-        p.time()
-        p.zadd(k.instances, {self.instance_id: now_ms + ttl_ms})
-        if owned:
-            p.zadd(k.presence, dict.fromkeys(owned, now_ms + ttl_ms))
-        if loads is not None and loads.loads:
-            p.xadd(
-                k.changes, {"t": "load", "d": _enc.encode(loads)}, maxlen=self.stream_maxlen, approximate=True
-            )
-        p.zrangebyscore(k.instances, "-inf", now_ms)
+        load = _enc.encode(loads) if loads is not None and loads.loads else b""
         sent_ms = self.clock.wall_ms()
-        out = await self._do(p.execute())
-        self._set_offset(out[0], sent_ms)
-        return [_s(i) for i in out[-1] if _s(i) != self.instance_id]
+        out = await self._do(
+            self._tick(
+                keys=[k.instances, k.presence, k.changes],
+                args=[self.instance_id, ttl_ms, load, self.stream_maxlen, *owned],
+            )
+        )
+        self._set_offset(int(out[0]), sent_ms)
+        return [_s(i) for i in out[1:]]
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:
         resp = await self._do(
@@ -237,19 +233,17 @@ class RedisStore:
 
     # --- capacity reservations ----------------------------------------------------------------------
 
-    async def reserve(
-        self, node_id: str, member: str, max_slots: int, ttl_ms: int, now_ms: int
-    ) -> ReserveResult:
+    async def reserve(self, node_id: str, member: str, max_slots: int, ttl_ms: int) -> ReserveResult:
         k = self.keys
         ok, reason, used = await self._do(
             self._reserve(
-                keys=[k.node_resv(node_id), k.node_state(node_id)], args=[member, max_slots, now_ms, ttl_ms]
+                keys=[k.node_resv(node_id), k.node_state(node_id)], args=[member, max_slots, ttl_ms]
             )
         )
         return ReserveResult(bool(ok), _s(reason), int(used))
 
     async def release(self, node_id: str, member: str) -> None:
-        await self.write(WriteBatch(releases=[(node_id, member)]), 0)
+        await self.write(WriteBatch(releases=[(node_id, member)]))
 
     async def slots_used(self, node_id: str, now_ms: int) -> int:
         return int(await self._do(self.r.zcount(self.keys.node_resv(node_id), now_ms, "+inf")))
@@ -305,7 +299,7 @@ class RedisStore:
 
     # --- messages between instances -----------------------------------------------------------------
 
-    async def write(self, batch: WriteBatch, now_ms: int) -> None:
+    async def write(self, batch: WriteBatch) -> None:
         """One pipeline for the batch. Commits use EVALSHA directly: a script handed to a redis-py
         pipeline costs a SCRIPT EXISTS round trip on every execute; the rare NOSCRIPT (a restarted
         or new Redis) is answered by loading the script and committing again."""
@@ -316,7 +310,7 @@ class RedisStore:
         for instance_id, message in batch.sends:
             p.xadd(k.inbox(instance_id), {"m": _enc.encode(message)}, maxlen=10_000, approximate=True)
         for node_id, member, ttl_ms in batch.commits:
-            p.evalsha(self._commit.sha, 1, k.node_resv(node_id), member, now_ms, ttl_ms)
+            p.evalsha(self._commit.sha, 1, k.node_resv(node_id), member, ttl_ms)
         for node_id, member in batch.releases:
             p.zrem(k.node_resv(node_id), member)
         if batch.acks:
@@ -331,7 +325,7 @@ class RedisStore:
             if isinstance(res, NoScriptError)
         ]
         for node_id, member, ttl_ms in again:
-            await self._do(self._commit(keys=[k.node_resv(node_id)], args=[member, now_ms, ttl_ms]))
+            await self._do(self._commit(keys=[k.node_resv(node_id)], args=[member, ttl_ms]))
         failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
         if failed:
             raise StoreUnavailable(f"redis: {len(failed)} of {len(results)} writes failed: {failed[0]}")
