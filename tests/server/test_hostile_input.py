@@ -152,6 +152,24 @@ NODE_CASES: list[tuple[str, bytes, str, str]] = [
         "INVALID_MESSAGE",
         "`$.attempt_id`",
     ),
+    (
+        "TTS audio that is not base64",
+        msgspec.json.encode(
+            {
+                "type": "job_result",
+                "job_id": "j",
+                "attempt_id": 1,
+                "node_id": "n",
+                "session_id": "s",
+                "utterance_index": 0,
+                "success": True,
+                "trace_id": "t",
+                "tts_audio": "not base64 at all!",
+            }
+        ),
+        "INVALID_MESSAGE",
+        "not valid base64 - at `$.tts_audio`",
+    ),
     ("node id with slashes", hb(node_id="../etc"), "INVALID_MESSAGE", "`$.node_id`"),
     ("nested 7000 deep", deep(7000), "INVALID_MESSAGE", "JSON nested too deeply"),
     (

@@ -68,10 +68,11 @@ def frame_bytes(audio_format: str) -> int:
     return 2 * CHANNELS if audio_format == AudioFormat.PCM16 else 1
 
 
-def decode_base64(text: str | None) -> bytes:
+def decode_base64(text: str | None, at: str | None = None) -> bytes:
     """Strict standard base64 (with padding). Absent or empty means no audio.
 
-    Raises ``ProtocolError(INVALID_MESSAGE)`` on anything else that is not valid base64.
+    Raises ``ProtocolError(INVALID_MESSAGE)`` on anything else that is not valid base64; ``at`` names
+    the field (``$.tts_audio``) in the message, as the decoder names the fields it refuses.
     """
     if not text:
         return b""
@@ -79,8 +80,10 @@ def decode_base64(text: str | None) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         # the text itself is never echoed: it is (corrupt) audio
+        where = f" - at `{at}`" if at else ""
         raise ProtocolError(
-            f"audio payload of {len(text)} characters is not valid base64", code=ErrorCode.INVALID_MESSAGE
+            f"audio payload of {len(text)} characters is not valid base64{where}",
+            code=ErrorCode.INVALID_MESSAGE,
         ) from None
 
 

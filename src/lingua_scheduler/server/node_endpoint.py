@@ -13,10 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
+from lingua_scheduler.core.audio import decode_base64
 from lingua_scheduler.errors import AuthenticationError, ErrorCode, RegistrationError, SchedulerError
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import (
+    JobResult,
     NodeErrorReport,
     NodeHeartbeat,
     NodeHeartbeatAck,
@@ -58,6 +60,9 @@ class NodeConnection:
                     extra={"node_id": msg.node_id, "code": msg.code, "node_message": msg.message[:256]},
                 )
             else:
+                if type(msg) is JobResult and msg.tts_audio:
+                    # Checked here, not passed on: a client must never receive audio it cannot decode.
+                    decode_base64(msg.tts_audio, at="$.tts_audio")
                 self.on_job_message(msg)
         except SchedulerError as exc:
             state.metrics.invalid_frames.labels("node", exc.code.value).inc()
