@@ -202,6 +202,47 @@ async def test_session_flood_is_dropped_then_closed(scheduler_factory: Any) -> N
     await eventually(lambda: rs.state.sessions == {} and rs.state.limits.open_connections == 0)
 
 
+async def test_pings_are_answered_and_count_against_the_rate(scheduler_factory: Any) -> None:
+    """WebSocket pings are answered, but after the frame gate: a ping flood is dropped, told and
+    closed with 1008 like a flood of messages (aiohttp's own autoping would answer every one)."""
+    rs = await scheduler_factory(
+        limits={
+            "session_messages_per_second": 50,
+            "session_message_burst": 10,
+            "rate_limit_close_after_seconds": 0.5,
+        }
+    )
+    async with rs.http.ws_connect(rs.session_url, autoping=False) as ws:
+        await ws.ping(b"are you there")
+        pong = await ws.receive(5)
+        assert pong.type is aiohttp.WSMsgType.PONG and pong.data == b"are you there"
+
+        async def flood() -> None:  # twice the rate, never slowing down
+            with contextlib.suppress(ConnectionError, RuntimeError):  # the close may race a send
+                while not ws.closed:
+                    await ws.ping(b"x")
+                    await asyncio.sleep(10 * MS)
+
+        flooding = asyncio.create_task(flood())
+        errors: list[str] = []
+        pongs = 0
+        async with asyncio.timeout(5):
+            while True:
+                msg = await ws.receive()
+                if msg.type is aiohttp.WSMsgType.PONG:
+                    pongs += 1
+                elif msg.type is aiohttp.WSMsgType.TEXT:
+                    errors.append(msgspec.json.decode(msg.data)["code"])
+                else:
+                    break
+        await flooding
+        assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+        assert errors and set(errors) == {"RATE_LIMITED"}
+        assert pongs < 60  # ~0.5 s of excess at 100 pings/s: many were not answered
+    assert await rs.metric("lingua_rate_limited_frames_total", '{endpoint="session"}') > 10
+    await eventually(lambda: rs.state.limits.open_connections == 0)
+
+
 # --- audio per utterance and per session ------------------------------------------------------------
 
 

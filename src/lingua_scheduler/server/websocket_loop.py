@@ -9,6 +9,7 @@ the connection's own state, outbox, socket. What a frame means belongs to the en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +20,9 @@ from aiohttp import WSMsgType, web
 from lingua_scheduler.server.limits import Endpoint
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
+
+#: frames that count against the connection's message rate: data, and control frames a peer could flood
+METERED = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG})
 
 
 class Connection(Protocol):
@@ -54,7 +58,11 @@ async def serve_websocket(
         return refused
     max_frame = state.config.server.max_frame_bytes
     # aiohttp itself only closes frames far over our limit; up to 4x we answer with an error frame.
-    ws = web.WebSocketResponse(compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None)
+    # autoping off: pings are answered here, after the frame gate, so that a ping flood costs the peer
+    # its message rate like any other frame (aiohttp would answer every one of them unmetered).
+    ws = web.WebSocketResponse(
+        compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None, autoping=False
+    )
     await ws.prepare(request)
     outbox = Outbox(
         ws,
@@ -67,13 +75,18 @@ async def serve_websocket(
     gate = state.limits.gate(endpoint, outbox, ws, conn.ready)
     try:
         async for frame in ws:
-            if frame.type is WSMsgType.TEXT or frame.type is WSMsgType.BINARY:
+            kind = frame.type
+            if kind in METERED:
                 if gate.admit():  # per-connection rate limit: over it the frame is dropped
-                    conn.on_frame(frame.data, time.perf_counter())
+                    if kind is WSMsgType.PING:
+                        with contextlib.suppress(ConnectionError):  # the peer went away meanwhile
+                            await ws.pong(frame.data)
+                    elif kind is not WSMsgType.PONG:  # an unsolicited pong (we send no pings): nothing to do
+                        conn.on_frame(frame.data, time.perf_counter())
                 elif gate.must_close:
                     await gate.close()
                     break
-            elif frame.type is WSMsgType.ERROR:
+            elif kind is WSMsgType.ERROR:
                 break
     except Exception:  # one catch-all per connection task: log, close, clean up below
         failed = f"{endpoint} connection failed"
