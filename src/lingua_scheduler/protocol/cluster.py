@@ -93,4 +93,25 @@ class NodeJobMessage(Record, tag="node_job", tag_field="kind", kw_only=True):
     message: JobAck | JobStarted | JobResult | NodeAsrPartial
 
 
-InboxMessage = Dispatch | CancelOnNode | DispatchFailed | NodeJobMessage
+class NodeAdminRequest(Record, tag="node_admin", tag_field="kind", kw_only=True):
+    """An operator's drain / undrain / disconnect of a node connected to the receiving instance,
+    asked through another instance's admin API (which authenticated and audited it)."""
+
+    request_id: str
+    reply_to: str
+    node_id: str
+    #: drain, undrain or disconnect
+    action: str
+    reason: str
+    operator: str
+
+
+class NodeAdminReply(Record, tag="node_admin_reply", tag_field="kind", kw_only=True):
+    """The answer to a ``NodeAdminRequest``: the HTTP status and body the owner would have answered."""
+
+    request_id: str
+    status: int
+    body: dict[str, object]
+
+
+InboxMessage = Dispatch | CancelOnNode | DispatchFailed | NodeJobMessage | NodeAdminRequest | NodeAdminReply

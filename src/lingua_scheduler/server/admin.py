@@ -30,16 +30,19 @@ from lingua_scheduler.server.auth import disconnect_revoked
 from lingua_scheduler.server.events import ADMIN
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1/admin"
 #: how long an action waits for its effect to show (view publication, socket close) before answering
 EFFECT_TIMEOUT = 2.0
+#: how long a node action forwarded to the node's instance may take (its own effect wait, plus two hops)
+FORWARD_TIMEOUT = EFFECT_TIMEOUT + 1.0
 MAX_REASON = 200
 _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 #: result label of a refused action, by HTTP status (a fixed set: it labels a metric)
-_RESULTS = {404: "not_found", 409: "conflict"}
+_RESULTS = {404: "not_found", 409: "conflict", 503: "unavailable", 504: "timeout"}
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -149,26 +152,26 @@ def _node_body(state: SchedulerState, node_id: str, action: str, changed: bool) 
     }
 
 
-def _not_here(state: SchedulerState, node_id: str) -> web.Response | None:
-    """404 for an unknown node; 409 for a node another instance owns (multi-instance mode): its
-    status is that instance's to change, a change made here would be overwritten by its next record."""
+NODE_ACTIONS = ("drain", "undrain", "disconnect")
+
+
+async def node_action(
+    state: SchedulerState, node_id: str, action: str, reason: str
+) -> tuple[int, dict[str, Any]]:
+    """Drain, undrain or disconnect a node connected to this instance: (HTTP status, body). Called by
+    this instance's admin routes and, for a request another instance's admin API forwarded, by the
+    cluster shell (server/cluster.py)."""
     entry = state.registry.nodes.get(node_id)
     if entry is None:
-        return _error(404, ErrorCode.NOT_FOUND.value, f"no node {node_id!r}")
+        return 404, {"code": ErrorCode.NOT_FOUND.value, "message": f"no node {node_id!r}"}
     if entry.owner is not None:
-        return _error(
-            409, "REMOTE_NODE", f"node {node_id!r} is connected to instance {entry.owner}: act there"
-        )
-    return None
-
-
-async def _drain_or_undrain(request: web.Request, action: str) -> web.Response:
-    state = request.app[STATE]
-    node_id = request.match_info["node_id"]
-    if (refused := _not_here(state, node_id)) is not None:
-        return refused
+        # Its status is the owner's to change: a change made here would be overwritten by its next record.
+        message = f"node {node_id!r} is connected to instance {entry.owner}: act there"
+        return 409, {"code": "REMOTE_NODE", "message": message}
+    if action == "disconnect":
+        return await _disconnect(state, node_id, reason)
     registry = state.registry
-    before = registry.nodes[node_id].drain_requested
+    before = entry.drain_requested
     transitions = registry.drain(node_id) if action == "drain" else registry.undrain(node_id)
     # node_status to the node, counted; the event ring and the log get it through apply_transitions
     state.apply_transitions(transitions)
@@ -176,35 +179,17 @@ async def _drain_or_undrain(request: web.Request, action: str) -> web.Response:
     changed = bool(transitions) or before != registry.nodes[node_id].drain_requested
     body = _node_body(state, node_id, action, changed)
     body["published"] = published
-    return web.json_response(body)
+    return 200, body
 
 
-@admin_action("drain")
-async def drain(request: web.Request) -> web.Response:
-    """Drain a node: it takes no new job; its in-flight jobs finish; it hears ``node_status draining``.
-    The request survives a reconnect (the node comes back draining) until undrained."""
-    return await _drain_or_undrain(request, "drain")
-
-
-@admin_action("undrain")
-async def undrain(request: web.Request) -> web.Response:
-    """Undo a drain: the node is schedulable again (``node_status ready``)."""
-    return await _drain_or_undrain(request, "undrain")
-
-
-@admin_action("disconnect")
-async def disconnect(request: web.Request) -> web.Response:
-    """Close the node's WebSocket (1001 going away). It goes offline at once, its in-flight jobs fail
-    over; a node client reconnects with its id and registers again (a drain is kept)."""
-    state = request.app[STATE]
-    node_id = request.match_info["node_id"]
-    if (refused := _not_here(state, node_id)) is not None:
-        return refused
+async def _disconnect(state: SchedulerState, node_id: str, reason: str) -> tuple[int, dict[str, Any]]:
     entry = state.registry.nodes[node_id]
     outbox = entry.conn
     if not isinstance(outbox, Outbox):
-        return _error(409, "NOT_CONNECTED", f"node {node_id!r} is not connected to this instance")
-    reason = await _reason(request, "disconnected by operator")
+        return 409, {
+            "code": "NOT_CONNECTED",
+            "message": f"node {node_id!r} is not connected to this instance",
+        }
     # the close handshake is bounded: a node that does not answer it is cut off by the timeout
     with contextlib.suppress(TimeoutError, ConnectionError):
         await asyncio.wait_for(
@@ -216,7 +201,56 @@ async def disconnect(request: web.Request) -> web.Response:
     deadline = loop.time() + EFFECT_TIMEOUT
     while entry.conn is outbox and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
-    return web.json_response(_node_body(state, node_id, "disconnect", True))
+    return 200, _node_body(state, node_id, "disconnect", True)
+
+
+async def _node_route(request: web.Request, action: str, default_reason: str) -> web.Response:
+    """A node action here, or, for a node connected to another instance, forwarded to that instance
+    (multi-instance mode): the answer is the owner's, with ``instance`` naming it."""
+    state = request.app[STATE]
+    node_id = request.match_info["node_id"]
+    reason = await _reason(request, default_reason)
+    entry = state.registry.nodes.get(node_id)
+    cluster = state.dispatcher.cluster
+    if entry is not None and entry.owner is not None and cluster is not None:
+        owner = entry.owner
+        try:
+            status, body = await cluster.node_action_at(
+                owner, node_id, action, reason, _actor(request)["operator"], timeout=FORWARD_TIMEOUT
+            )
+        except TimeoutError:
+            message = (
+                f"instance {owner}, which holds node {node_id!r}, did not answer within "
+                f"{FORWARD_TIMEOUT:g} s; the action may still take effect there"
+            )
+            return _error(504, "OWNER_TIMEOUT", message)
+        except StoreUnavailable:
+            return _error(503, "STORE_UNAVAILABLE", f"could not reach instance {owner} through the store")
+        return web.json_response({**body, "instance": owner}, status=status)
+    status, body = await node_action(state, node_id, action, reason)
+    return web.json_response(body, status=status)
+
+
+@admin_action("drain")
+async def drain(request: web.Request) -> web.Response:
+    """Drain a node: it takes no new job; its in-flight jobs finish; it hears ``node_status draining``.
+    The request survives a reconnect (the node comes back draining) until undrained. A node connected
+    to another instance is drained there (the request is forwarded; ``instance`` names it)."""
+    return await _node_route(request, "drain", "")
+
+
+@admin_action("undrain")
+async def undrain(request: web.Request) -> web.Response:
+    """Undo a drain: the node is schedulable again (``node_status ready``). Forwarded like drain."""
+    return await _node_route(request, "undrain", "")
+
+
+@admin_action("disconnect")
+async def disconnect(request: web.Request) -> web.Response:
+    """Close the node's WebSocket (1001 going away). It goes offline at once, its in-flight jobs fail
+    over; a node client reconnects with its id and registers again (a drain is kept). Forwarded like
+    drain."""
+    return await _node_route(request, "disconnect", "disconnected by operator")
 
 
 #: what a node id may look like (protocol.node.NodeId)

@@ -28,7 +28,8 @@ import os
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import ClusterConfig
@@ -40,6 +41,8 @@ from lingua_scheduler.protocol.cluster import (
     DispatchFailed,
     InboxMessage,
     LoadBatch,
+    NodeAdminReply,
+    NodeAdminRequest,
     NodeJobMessage,
     NodeRecord,
 )
@@ -53,6 +56,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 0.25
+#: node actions this instance may be waiting for at once (operators, not traffic: a small bound)
+ADMIN_WAITING = 64
+#: request ids of forwarded node actions remembered to ignore a re-delivered inbox entry
+ADMIN_SEEN = 1024
 #: a load figure must move this much (percentage points) to be worth a load-batch entry
 LOAD_EPSILON = 5.0
 
@@ -97,6 +104,11 @@ class Cluster:
         self._resynced = asyncio.Event()
         self.degraded_episodes = 0
         self.writer = StoreWriter(store, self.suspect_soon)
+        #: node actions forwarded to other instances and not answered yet: request id -> answer
+        self._admin_waiting: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
+        #: ids of node actions other instances asked of us lately (an inbox entry can come twice)
+        self._admin_seen: OrderedDict[str, None] = OrderedDict()
+        self._admin_tasks: set[asyncio.Task[None]] = set()
         state.registry.on_local_change = self._wake.set
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -458,6 +470,75 @@ class Cluster:
             )
         elif isinstance(message, NodeJobMessage):
             dispatcher.on_node_message(message.node_id, message.message)
+        elif isinstance(message, NodeAdminRequest):
+            if message.request_id not in self._admin_seen:
+                self._admin_seen[message.request_id] = None
+                if len(self._admin_seen) > ADMIN_SEEN:
+                    self._admin_seen.popitem(last=False)
+                task = asyncio.get_running_loop().create_task(self._node_admin(message))
+                self._admin_tasks.add(task)
+                task.add_done_callback(self._admin_tasks.discard)
+        elif isinstance(message, NodeAdminReply):
+            waiting = self._admin_waiting.get(message.request_id)
+            if waiting is not None and not waiting.done():
+                waiting.set_result((message.status, dict(message.body)))
+
+    # --- node actions of operators, across instances (server/admin.py) ------------------------------
+
+    async def node_action_at(
+        self, owner: str, node_id: str, action: str, reason: str, operator: str, timeout: float
+    ) -> tuple[int, dict[str, Any]]:
+        """Ask instance ``owner`` to drain / undrain / disconnect its node ``node_id``; its answer.
+        Raises ``TimeoutError`` when it does not answer in time, ``StoreUnavailable`` when the request
+        could not be sent."""
+        if len(self._admin_waiting) >= ADMIN_WAITING:
+            raise StoreUnavailable("too many node actions waiting for other instances")
+        request_id = secrets.token_hex(8)
+        answer: asyncio.Future[tuple[int, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+
+        def lost() -> None:
+            if not answer.done():
+                answer.set_exception(StoreUnavailable("the request could not be written"))
+
+        self._admin_waiting[request_id] = answer
+        try:
+            request = NodeAdminRequest(
+                request_id=request_id,
+                reply_to=self.instance_id,
+                node_id=node_id,
+                action=action,
+                reason=reason,
+                operator=operator,
+            )
+            self.writer.send(owner, request, on_fail=lost)
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            del self._admin_waiting[request_id]
+
+    async def _node_admin(self, message: NodeAdminRequest) -> None:
+        from lingua_scheduler.server.admin import NODE_ACTIONS, node_action  # admin imports this module
+
+        if message.action in NODE_ACTIONS:
+            log.info(
+                "node action asked by another instance",
+                extra={
+                    "action": message.action,
+                    "node_id": message.node_id,
+                    "from": message.reply_to,
+                    "operator": message.operator,
+                },
+            )
+            status, body = await node_action(
+                self.state, message.node_id, message.action, message.reason or "disconnected by operator"
+            )
+        else:
+            status, body = (
+                400,
+                {"code": "INVALID_ACTION", "message": f"unknown node action {message.action!r}"},
+            )
+        self.writer.send(
+            message.reply_to, NodeAdminReply(request_id=message.request_id, status=status, body=body)
+        )
 
     def forward(self, node_id: str, message: object) -> bool:
         """A job message from a local node for a job another instance owns: send it there."""

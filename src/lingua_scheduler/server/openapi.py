@@ -314,6 +314,10 @@ def _schemas() -> dict[str, Schema]:
                 **BOOL,
                 "description": "drain/undrain: the fleet view selection reads already has the change",
             },
+            instance={
+                **STR,
+                "description": "Multi-instance mode: the instance holding the node, which did the action",
+            },
         ),
         "NodeRevoked": obj(
             action={"type": "string", "enum": ["revoke"]},
@@ -350,8 +354,16 @@ def _admin_node(action: str, summary: str) -> Schema:
                 **ADMIN_ERRORS,
                 "404": error("No such node"),
                 "409": error(
-                    "Another instance owns the node (``REMOTE_NODE``); disconnect: the node is not "
-                    "connected (``NOT_CONNECTED``)"
+                    "Embedded mode: the node is marked as another instance's (``REMOTE_NODE``); "
+                    "disconnect: the node is not connected (``NOT_CONNECTED``)"
+                ),
+                "503": error(
+                    "Multi-instance mode: the request could not be sent to the node's instance "
+                    "(``STORE_UNAVAILABLE``)"
+                ),
+                "504": error(
+                    "Multi-instance mode: the node's instance did not answer in time (``OWNER_TIMEOUT``); "
+                    "the action may still take effect"
                 ),
             },
             **(
