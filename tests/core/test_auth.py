@@ -168,6 +168,34 @@ def test_job_rate_is_a_token_bucket_per_tenant() -> None:
     assert limits.admit_jobs(Tenant("free"), 1000)
 
 
+def test_limits_are_shared_with_the_other_instances() -> None:
+    """Multi-instance mode: sessions on other instances count against the cap here, and the job rate is
+    split by where the tenant's sessions are."""
+    clock = ManualClock()
+    limits = TenantLimits(clock)
+    tenant = Tenant("t", max_sessions=3, max_jobs_per_second=10.0, jobs_burst=10)
+    live = {"s1"}
+    assert limits.admit_session(tenant, "s1", live.__contains__)
+    limits.share([tenant], {"t": 1}, {"t": 2})  # two more on other instances
+    assert not limits.admit_session(tenant, "s2", live.__contains__)
+    # the rate follows the sessions: 1 of 3 here
+    assert limits.rate_share["t"] == pytest.approx(1 / 3)
+    admitted = sum(limits.admit_jobs(tenant) for _ in range(20))
+    assert admitted == 3  # burst 10 x 1/3, floored
+    clock.advance(1.0)
+    assert sum(limits.admit_jobs(tenant) for _ in range(20)) == 3  # ~3.3 jobs/s here
+    # the others closed theirs: the whole cap and rate are this instance's again
+    limits.share([tenant], {"t": 1}, {})
+    assert limits.admit_session(tenant, "s2", live.__contains__)
+    assert limits.rate_share["t"] == 1.0
+    clock.advance(1.0)
+    assert sum(limits.admit_jobs(tenant) for _ in range(20)) == 10
+    # a tenant with no session here keeps a floor of one job per second (its first session's jobs)
+    limits.share([tenant], {"t": 0}, {"t": 3})
+    clock.advance(1.0)
+    assert sum(limits.admit_jobs(tenant) for _ in range(20)) == 1
+
+
 # --- configuration -------------------------------------------------------------------------------------
 
 

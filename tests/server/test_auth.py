@@ -344,6 +344,39 @@ async def test_tenant_comes_from_the_key_not_the_body(scheduler_factory: Any, se
     assert rs.state.sessions[ack["session_id"]].tenant_id == "tenant-b"
 
 
+async def test_tenant_limits_hold_across_instances(
+    redis_server: RedisServer, scheduler_factory: Any, session_factory: Any
+) -> None:
+    """Two instances share tenant-a's cap of 3 sessions (not 3 each) and split its 10 jobs/s by where
+    its sessions are."""
+    sections = {
+        **tenants(max_sessions=3, max_jobs_per_second=10.0),
+        "cluster": cluster_section(redis_server.url, "ten" + secrets.token_hex(3)),
+    }
+    a, b = await start_instances(scheduler_factory, 2, sections)
+    on_a = [session_factory(url=a.session_url, api_key=KEY_A) for _ in range(2)]
+    for s in on_a:
+        assert (await s.start())["type"] == "session_init_ack"
+    await eventually(lambda: b.state.auth.limits.elsewhere.get("tenant-a") == 2, timeout=5)
+    first_b = session_factory(url=b.session_url, api_key=KEY_A)
+    assert (await first_b.start())["type"] == "session_init_ack"
+    refused = await session_factory(url=b.session_url, api_key=KEY_A).start()
+    assert refused["code"] == "TENANT_LIMIT" and "across the instances" in refused["message"], refused
+    assert (await session_factory(url=b.session_url, api_key=KEY_B).start())["type"] == "session_init_ack"
+    # the job rate follows the sessions: 2 of 3 on A, 1 of 3 on B
+    await eventually(
+        lambda: a.state.auth.limits.rate_share.get("tenant-a") == pytest.approx(2 / 3), timeout=5
+    )
+    await eventually(
+        lambda: b.state.auth.limits.rate_share.get("tenant-a") == pytest.approx(1 / 3), timeout=5
+    )
+    # A's sessions end: B gets the whole cap and rate back within a tick or two
+    for s in on_a:
+        await s.close()
+    await eventually(lambda: b.state.auth.limits.rate_share.get("tenant-a") == 1.0, timeout=5)
+    assert (await session_factory(url=b.session_url, api_key=KEY_A).start())["type"] == "session_init_ack"
+
+
 async def test_query_parameter_can_be_turned_off(scheduler_factory: Any, session_factory: Any) -> None:
     rs = await scheduler_factory(**tenants(query_param=False))
     s = session_factory(url=rs.session_url, api_key=KEY_A, api_key_via="query")

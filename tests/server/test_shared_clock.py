@@ -48,9 +48,9 @@ async def test_skewed_instances_agree_on_presence_and_reservations(redis_server:
         assert abs(ahead.now_ms() - redis_ms(redis_server)) < 100
         assert abs(behind.now_ms() - redis_ms(redis_server)) < 100
         # presence: with its own clock, "ahead" would find "behind" expired two minutes ago
-        assert await behind.tick(["n-behind"], None, 1_000) == []
-        assert await ahead.tick(["n-ahead"], None, 1_000) == []
-        assert await behind.tick(["n-behind"], None, 1_000) == []
+        assert (await behind.tick(["n-behind"], None, 1_000, {})).dead == []
+        assert (await ahead.tick(["n-ahead"], None, 1_000, {})).dead == []
+        assert (await behind.tick(["n-behind"], None, 1_000, {})).dead == []
         # a reservation taken by "behind" is not reaped by "ahead" (which would over-commit the node)
         await behind.publish([], [], [], {"n1": "ready"})
         assert (await behind.reserve("n1", "j1:1", 1, 5_000)).ok
@@ -59,7 +59,7 @@ async def test_skewed_instances_agree_on_presence_and_reservations(redis_server:
         # a step of the local clock is absorbed at the next tick
         ahead_clock.skew_ms += 60_000
         assert ahead.now_ms() - redis_ms(redis_server) > 50_000
-        assert await ahead.tick(["n-ahead"], None, 1_000) == []
+        assert (await ahead.tick(["n-ahead"], None, 1_000, {})).dead == []
         assert abs(ahead.now_ms() - redis_ms(redis_server)) < 100
     finally:
         await ahead.close()

@@ -176,17 +176,28 @@ class _TenantState:
 
 
 class TenantLimits:
-    """Concurrent sessions and job rate per tenant, on this instance.
+    """Concurrent sessions and job rate per tenant, across the instances sharing a store.
 
     Sessions are not counted down by a hook on close: ``admit_session`` prunes the tenant's set with
     ``is_live`` (the shell passes "is this session still in the session table"), so a session that
     ended by any path stops counting and nothing has to remember to release it. The set of a tenant
     never holds more than ``max_sessions`` ids.
+
+    Several instances (multi-instance mode) share each tenant's limits: ``share()`` is told, once per
+    cluster tick, how many sessions of each tenant the other instances hold. A session is admitted
+    while this instance's live sessions plus those stay under the cap (instances learn of each other's
+    sessions one tick late, so simultaneous openings on several instances can pass the cap by what
+    the others admitted within that tick), and this instance's job bucket gets the part of the
+    tenant's rate that its sessions are of the tenant's sessions.
     """
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._tenants: dict[str, _TenantState] = {}
+        #: tenant id -> its sessions on the other instances, as of the last tick
+        self.elsewhere: dict[str, int] = {}
+        #: tenant id -> the part of its job rate this instance holds (1.0 when alone)
+        self.rate_share: dict[str, float] = {}
 
     def _state(self, tenant: Tenant) -> _TenantState:
         st = self._tenants.get(tenant.tenant_id)
@@ -202,10 +213,31 @@ class TenantLimits:
             return True
         st = self._state(tenant)
         st.sessions = {s for s in st.sessions if is_live(s)}
-        if len(st.sessions) >= tenant.max_sessions:
+        if len(st.sessions) + self.elsewhere.get(tenant.tenant_id, 0) >= tenant.max_sessions:
             return False
         st.sessions.add(session_id)
         return True
+
+    def share(self, tenants: Iterable[Tenant], local: dict[str, int], elsewhere: dict[str, int]) -> None:
+        """Sessions of each tenant here (``local``) and on the other instances (``elsewhere``): the
+        session caps count both, and each job bucket gets this instance's part of its tenant's rate
+        (by sessions: a tenant's jobs come from its sessions), never below one job per second (or the
+        whole rate, if lower) so that a tenant's first session here is not starved until the next
+        tick."""
+        self.elsewhere = {t: n for t, n in elsewhere.items() if n > 0}
+        for tenant in tenants:
+            if tenant.max_jobs_per_second <= 0:
+                continue
+            here, there = local.get(tenant.tenant_id, 0), self.elsewhere.get(tenant.tenant_id, 0)
+            part = 1.0 if there == 0 else here / (here + there)
+            self.rate_share[tenant.tenant_id] = part
+            bucket = self._state(tenant).bucket
+            assert bucket is not None
+            full_burst = tenant.jobs_burst or max(1.0, tenant.max_jobs_per_second)
+            bucket.reshape(
+                max(min(1.0, tenant.max_jobs_per_second), tenant.max_jobs_per_second * part),
+                max(1.0, full_burst * part),
+            )
 
     def sessions_of(self, tenant_id: str, is_live: Callable[[str], bool]) -> int:
         st = self._tenants.get(tenant_id)

@@ -57,6 +57,14 @@ class TokenBucket:
             return True
         return False
 
+    def reshape(self, rate: float, burst: float) -> None:
+        """New rate and capacity from now on; tokens above the new capacity are dropped."""
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1, got {rate}, {burst}")
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = min(self._tokens, self.burst)
+
     def retry_after(self, n: float = 1.0) -> float:
         """Seconds until ``n`` tokens are available (0 when they already are), as of the last call."""
         return max(0.0, (n - self._tokens) / self.rate)

@@ -195,11 +195,26 @@ class AuthService:
         if tenant is None or self.limits.admit_session(tenant, session_id, is_live):
             return
         self._refused("session", "tenant_limit", tenant.tenant_id)
+        where = "across the instances" if self.limits.elsewhere.get(tenant.tenant_id) else "on this instance"
         raise SessionError(
-            f"tenant {tenant.tenant_id} already has {tenant.max_sessions} sessions open on this "
-            "instance: close one or try later",
+            f"tenant {tenant.tenant_id} already has {tenant.max_sessions} sessions open {where}: "
+            "close one or try later",
             code=ErrorCode.TENANT_LIMIT,
         )
+
+    def tenant_sessions(self, tenant_ids: Iterable[str | None]) -> dict[str, int]:
+        """Live sessions per tenant with limits (every such tenant, zeros included), from the tenant
+        ids of this instance's sessions."""
+        counts = dict.fromkeys(self._tenant_by_id, 0)
+        for tenant_id in tenant_ids:
+            if tenant_id is not None and tenant_id in counts:
+                counts[tenant_id] += 1
+        return counts
+
+    def share_limits(self, here: dict[str, int], elsewhere: dict[str, int]) -> None:
+        """Multi-instance mode, once a tick: the tenants' sessions on the other instances count against
+        their caps here, and this instance takes its part of their job rates (``TenantLimits.share``)."""
+        self.limits.share(self._tenant_by_id.values(), here, elsewhere)
 
     def admit_jobs(self, tenant_id: str | None, n: int) -> bool:
         """Take ``n`` jobs from the tenant's bucket; False = over its rate (the caller refuses them)."""

@@ -4,9 +4,11 @@ Owns the background tasks of multi-instance mode and the degraded state:
 
 - publisher: owned nodes whose capabilities or status changed go to the store in one pipeline,
   coalesced every ``publish_interval_ms`` (a heartbeat that changes nothing costs no Redis call);
-- ticker: once per ``tick_interval_seconds`` one pipeline refreshes this instance's presence, the
-  presence of all its nodes and a load summary of the nodes whose load moved; it learns which
-  instances died and takes over from them (their nodes leave the view; their jobs fail explicitly);
+- ticker: once per ``tick_interval_seconds`` one call refreshes this instance's presence, the
+  presence of all its nodes, a load summary of the nodes whose load moved and its sessions per
+  limited tenant; it learns which instances died and takes over from them (their nodes leave the
+  view; their jobs fail explicitly), and how many sessions each tenant holds elsewhere (the tenant
+  limits count them);
 - feed: applies other instances' node records and load batches as they arrive (blocking stream read
   on its own connection), with a full directory resync every ``resync_interval_seconds``;
 - inbox: executes messages addressed to this instance (dispatches to its nodes, cancellations,
@@ -307,8 +309,11 @@ class Cluster:
                 e.node_id for e in self.state.registry.local_nodes() if e.status is not NodeStatus.OFFLINE
             ]
             ttl_ms = int(self.cfg.presence_ttl_seconds * 1000)
-            dead = await self.store.tick(owned, self._load_batch(), ttl_ms)
-            for instance in dead:
+            auth = self.state.auth
+            here = auth.tenant_sessions(s.tenant_id for s in self.state.sessions.values())
+            tick = await self.store.tick(owned, self._load_batch(), ttl_ms, here)
+            auth.share_limits(here, tick.tenant_sessions)
+            for instance in tick.dead:
                 await self._take_over(instance)
             if self._job_writes:
                 writes, self._job_writes = list(self._job_writes.values()), {}

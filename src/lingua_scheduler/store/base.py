@@ -57,6 +57,14 @@ class JobRecord:
     terminal: bool
 
 
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    #: instances whose presence expired
+    dead: list[str]
+    #: tenant id -> its live sessions on the other live instances (tenants with limits only)
+    tenant_sessions: dict[str, int]
+
+
 @dataclass(slots=True)
 class WriteBatch:
     """Small writes gathered over one event-loop turn and sent in one round trip: messages to other
@@ -101,10 +109,12 @@ class StateStore(Protocol):
         instance takes itself (node epochs, job-record retention)."""
         ...
 
-    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
-        """Per-tick liveness in one pipeline: this instance's presence, its nodes' presence, the load
-        batch (and a new reading of the shared clock). Returns the ids of instances whose presence
-        expired."""
+    async def tick(
+        self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, tenant_sessions: dict[str, int]
+    ) -> TickResult:
+        """Per-tick liveness in one round trip: this instance's presence, its nodes' presence, the load
+        batch, its sessions per limited tenant (and a new reading of the shared clock). Returns the
+        instances whose presence expired and the sessions the others hold per tenant."""
         ...
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:

@@ -20,6 +20,9 @@ class Keys:
         self.presence = f"{fleet}:presence"
         #: zset instance_id -> presence expiry (ms)
         self.instances = f"{fleet}:instances"
+        #: hash "<instance>\t<tenant>" -> that instance's live sessions of a tenant with limits
+        #: (written each tick by tick.lua, which sums the live instances' fields and drops dead ones)
+        self.tenant_sessions = f"{fleet}:tenant_sessions"
         #: set of node ids whose node tokens are revoked (SADD by the admin API, SMEMBERS by every
         #: instance's revocation sync; never expires: ids are not reused)
         self.revoked_nodes = f"{{{prefix}:auth}}:revoked"

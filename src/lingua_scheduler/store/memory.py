@@ -11,7 +11,14 @@ import asyncio
 
 from lingua_scheduler.clock import Clock, SystemClock
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
-from lingua_scheduler.store.base import Change, JobRecord, PoolDelta, ReserveResult, WriteBatch
+from lingua_scheduler.store.base import (
+    Change,
+    JobRecord,
+    PoolDelta,
+    ReserveResult,
+    TickResult,
+    WriteBatch,
+)
 
 
 class MemoryStore:
@@ -53,8 +60,10 @@ class MemoryStore:
     def now_ms(self) -> int:
         return self.clock.wall_ms()  # one instance: its own clock is the shared one
 
-    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
-        return []
+    async def tick(
+        self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, tenant_sessions: dict[str, int]
+    ) -> TickResult:
+        return TickResult([], {})  # one instance: nobody else to die or to hold sessions
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:
         await asyncio.sleep(block_ms / 1000)

@@ -29,6 +29,7 @@ from lingua_scheduler.store.base import (
     PoolDelta,
     ReserveResult,
     StoreUnavailable,
+    TickResult,
     WriteBatch,
 )
 from lingua_scheduler.store.keys import Keys
@@ -163,20 +164,31 @@ class RedisStore:
         if len(p):
             await self._do(p.execute())
 
-    async def tick(self, owned: list[str], loads: LoadBatch | None, ttl_ms: int) -> list[str]:
-        """``tick.lua``: presence of this instance and its nodes, the load batch and the list of
-        expired instances, all on Redis's clock, in one call that also re-reads the offset."""
+    async def tick(
+        self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, tenant_sessions: dict[str, int]
+    ) -> TickResult:
+        """``tick.lua``: presence of this instance and its nodes, the load batch, this instance's
+        sessions per limited tenant; back: expired instances and the other live instances' sessions
+        per tenant. All on Redis's clock, in one call that also re-reads the offset."""
         k = self.keys
         load = _enc.encode(loads) if loads is not None and loads.loads else b""
         sent_ms = self.clock.wall_ms()
-        out = await self._do(
+        now, dead, totals = await self._do(
             self._tick(
-                keys=[k.instances, k.presence, k.changes],
-                args=[self.instance_id, ttl_ms, load, self.stream_maxlen, *owned],
+                keys=[k.instances, k.presence, k.changes, k.tenant_sessions],
+                args=[
+                    self.instance_id,
+                    ttl_ms,
+                    load,
+                    self.stream_maxlen,
+                    _enc.encode(tenant_sessions),
+                    *owned,
+                ],
             )
         )
-        self._set_offset(int(out[0]), sent_ms)
-        return [_s(i) for i in out[1:]]
+        self._set_offset(int(now), sent_ms)
+        elsewhere = {_s(totals[i]): int(totals[i + 1]) for i in range(0, len(totals), 2)}
+        return TickResult([_s(i) for i in dead], elsewhere)
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:
         resp = await self._do(
@@ -302,14 +314,17 @@ class RedisStore:
     async def write(self, batch: WriteBatch) -> None:
         """One pipeline for the batch. Commits use EVALSHA directly: a script handed to a redis-py
         pipeline costs a SCRIPT EXISTS round trip on every execute; the rare NOSCRIPT (a restarted
-        or new Redis) is answered by loading the script and committing again."""
+        or new Redis) is answered by loading the script and committing again. redis-py refuses
+        EVALSHA in a Redis Cluster pipeline (and the refusal would fail the whole batch): there the
+        commits are script calls of their own, after the pipeline."""
         if not batch:
             return
         k = self.keys
         p = self.r.pipeline(transaction=False)
         for instance_id, message in batch.sends:
             p.xadd(k.inbox(instance_id), {"m": _enc.encode(message)}, maxlen=10_000, approximate=True)
-        for node_id, member, ttl_ms in batch.commits:
+        pipelined = [] if self.cluster else batch.commits
+        for node_id, member, ttl_ms in pipelined:
             p.evalsha(self._commit.sha, 1, k.node_resv(node_id), member, ttl_ms)
         for node_id, member in batch.releases:
             p.zrem(k.node_resv(node_id), member)
@@ -317,13 +332,15 @@ class RedisStore:
             inbox = k.inbox(self.instance_id)
             p.xack(inbox, GROUP, *batch.acks)
             p.xdel(inbox, *batch.acks)
-        results = await self._do(p.execute(raise_on_error=False))
+        results = await self._do(p.execute(raise_on_error=False)) if len(p) else []
         first = len(batch.sends)
         again = [
             c
-            for c, res in zip(batch.commits, results[first : first + len(batch.commits)], strict=True)
+            for c, res in zip(pipelined, results[first : first + len(pipelined)], strict=True)
             if isinstance(res, NoScriptError)
         ]
+        if self.cluster:
+            again = list(batch.commits)
         for node_id, member, ttl_ms in again:
             await self._do(self._commit(keys=[k.node_resv(node_id)], args=[member, ttl_ms]))
         failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
