@@ -209,9 +209,10 @@ async def test_heartbeats_cost_no_redis_commands(
     heartbeats, cmds = hb1 - hb0, c1 - c0 - 2  # minus our own two INFO calls
     ticks = 3.0 / 0.2
     assert heartbeats >= 4000, heartbeats
-    # per tick: one pipeline (~4 commands) + the blocking feed and inbox reads; independent of the fleet
+    # per tick: one tick.lua call (commandstats also counts the ~7 commands it runs inside Redis) + the
+    # blocking feed and inbox reads; independent of the fleet
     print(f"redis commands: {cmds} for {heartbeats} heartbeats in 3 s")
-    assert cmds <= ticks * 12, f"{cmds} Redis commands for {heartbeats} heartbeats"
+    assert cmds <= ticks * 16, f"{cmds} Redis commands for {heartbeats} heartbeats"
     assert await a.metric("lingua_capability_changes_total") == 0
 
 
