@@ -326,3 +326,45 @@ async def test_cross_instance_on_redis_cluster(
     store = a.state.dispatcher.cluster.store
     await eventually(lambda: a.state.dispatcher.store.inflight == 0)
     assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
+
+
+async def test_store_write_batch_on_redis_cluster(redis_cluster: Any) -> None:
+    """One write batch holding a send, reservation commits, a release and an inbox ack, against Redis
+    Cluster (where redis-py refuses EVALSHA inside a pipeline): every write of the batch is done. A
+    commit used to fail the whole batch there, losing the release (a slot held until it expired) and
+    the sends (forwarded job messages) that happened to share its pipeline."""
+    from lingua_scheduler.protocol.cluster import DispatchFailed
+    from lingua_scheduler.store.base import WriteBatch
+    from lingua_scheduler.store.redis_store import GROUP, RedisStore
+
+    def message(i: int) -> DispatchFailed:
+        return DispatchFailed(job_id=f"job-{i}", attempt_id=1, node_id="n1", reason=f"r{i}")
+
+    prefix = "c" + secrets.token_hex(3)
+    a, b = (RedisStore(redis_cluster.urls[0], instance_id=i, prefix=prefix, cluster=True) for i in ("a", "b"))
+    try:
+        for st in (a, b):
+            await st.start()
+        await a.publish([], [], [], {"n1": "ready"})
+        assert (await a.reserve("n1", "j1:1", 4, 1_000)).ok
+        assert (await a.reserve("n1", "j2:1", 4, 1_000)).ok
+        await b.write(WriteBatch(sends=[("a", message(1))]))
+        [(entry_id, _)] = await a.receive(500, 10)
+        await a.r.script_flush()  # a fresh cluster without the script (NOSCRIPT) must still commit
+        now = a.now_ms()
+        await a.write(
+            WriteBatch(
+                sends=[("b", message(2))],
+                commits=[("n1", "j1:1", 60_000), ("n1", "gone:1", 60_000)],  # gone: not revived
+                releases=[("n1", "j2:1")],
+                acks=[entry_id],
+            )
+        )
+        # j1 extended to a minute, j2 given back, the unknown member not added
+        assert await a.slots_used("n1", now) == 1
+        assert await a.slots_used("n1", now + 30_000) == 1
+        assert [m.job_id for _, m in await b.receive(500, 10)] == ["job-2"]  # type: ignore[union-attr]
+        assert (await a.r.xpending(a.keys.inbox("a"), GROUP))["pending"] == 0
+    finally:
+        for st in (a, b):
+            await st.close()

@@ -204,15 +204,26 @@ class Dispatcher:
     # --- placement ------------------------------------------------------------------------------
 
     def pump(self) -> None:
-        """Place every waiting job that has a node now. Jobs with none keep waiting (bounded)."""
+        """Place every waiting job that has a node now. Jobs with none keep waiting (bounded).
+
+        A pass places at most the oldest waiting job of each stream; once it has left the queue the
+        stream's next job is the one to place, so passes repeat while they place jobs (a backlog of
+        one session drains in one call, not one job per call)."""
         if not self.store.waiting:
             return
+        #: requests that found nothing: nothing frees capacity during the call, so do not repeat them
+        hopeless: set[tuple[object, ...]] = set()
+        while self._place_pass(hopeless) and self.store.waiting:
+            pass
+        self._wake.set()
+
+    def _place_pass(self, hopeless: set[tuple[object, ...]]) -> bool:
+        """One pass of ``pump`` over the heads of the streams; True if it dispatched a job here."""
         state = self.state
         view = state.publisher.view
         m = state.metrics
         shared = self.cluster is not None and not self.cluster.degraded
-        #: requests that found nothing in this pass: nothing frees capacity mid-pass, so do not repeat
-        hopeless: set[tuple[object, ...]] = set()
+        placed = False
         for job in self.store.dispatchable():
             if job.job_id in self._placing:
                 continue
@@ -259,7 +270,8 @@ class Dispatcher:
                 asyncio.get_running_loop().create_task(self._place_shared(job.job_id, job.attempt, node_id))
             else:
                 self._send_assign(job, node_id, None)
-        self._wake.set()
+                placed = True
+        return placed
 
     def _send_assign(self, job: Job, node_id: str, member: str | None) -> None:
         """Record the dispatch and write ``job_assign`` to a local node (or hand it to its owner)."""
@@ -437,6 +449,7 @@ class Dispatcher:
             entry = self.state.registry.nodes.get(node_id)
             if entry is not None and entry.owner is None:
                 entry.load.report_ended()
+                self._slot_freed()
 
     def _on_result(self, node_id: str, msg: JobResult) -> Outcome:
         error = msg.error
@@ -548,6 +561,7 @@ class Dispatcher:
                 entry.load.finished(token if node_id == out.freed_node else None)
             if member is not None:
                 self._release_slot(out.freed_node, member)
+            self._slot_freed()
         if out.cancel_node is not None and out.job is not None:
             cancel = JobCancel(
                 job_id=out.job.job_id,
@@ -575,6 +589,12 @@ class Dispatcher:
                     job.terminal,
                 )
             )
+
+    def _slot_freed(self) -> None:
+        """A node has a slot free again: waiting jobs get it at the timer task's next turn (one pump
+        for all the slots freed in one loop turn), not at its next deadline or 1 s tick."""
+        if self.store.waiting:
+            self._wake.set()
 
     def _release_slot(self, node_id: str, member: str) -> None:
         if self.cluster is not None:
