@@ -284,8 +284,7 @@ def close_refused(outbox: Outbox, reason: str) -> None:
 
     async def run() -> None:
         await outbox.close()
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await asyncio.wait_for(outbox.ws.close(code=AUTH_CLOSE_CODE, message=reason.encode()[:120]), 2.0)
+        await outbox.close_socket(AUTH_CLOSE_CODE, reason.encode()[:120])
 
     task = asyncio.get_running_loop().create_task(run())
     _closing.add(task)

@@ -199,7 +199,7 @@ class FrameGate:
         self.ready = ready
         #: the connection stayed over its rate: the endpoint must close it (``close()``)
         self.must_close = False
-        self._closing: asyncio.Task[bool] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             limits.config.handshake_timeout_seconds, self._handshake_deadline
         )
@@ -240,7 +240,7 @@ class FrameGate:
 
     async def close(self) -> None:
         """Close the socket for staying over its rate (1008 policy violation)."""
-        await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=RATE_CLOSE_REASON)
+        await self.outbox.close_socket(WSCloseCode.POLICY_VIOLATION, RATE_CLOSE_REASON)
 
     def stop(self) -> None:
         """The connection ended: disarm the handshake deadline."""
@@ -256,7 +256,7 @@ class FrameGate:
         log.info("connection closed: no registration in time", extra={"conn": self.outbox.name})
         # Closing from outside the handler's receive loop: aiohttp wakes the loop with a close message.
         self._closing = asyncio.get_running_loop().create_task(
-            self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=HANDSHAKE_CLOSE_REASON)
+            self.outbox.close_socket(WSCloseCode.POLICY_VIOLATION, HANDSHAKE_CLOSE_REASON)
         )
 
 

@@ -21,6 +21,11 @@ from lingua_scheduler.protocol.codec import encode
 
 log = logging.getLogger(__name__)
 
+#: longest a close handshake may take before the TCP connection is dropped
+CLOSE_TIMEOUT = 2.0
+#: close tasks in flight (asyncio keeps only weak references to tasks)
+_closing: set[asyncio.Task[None]] = set()
+
 
 class Outbox:
     __slots__ = (
@@ -34,13 +39,22 @@ class Outbox:
         "max_bytes",
         "name",
         "slow_consumer",
+        "transport",
         "ws",
     )
 
     def __init__(
-        self, ws: web.WebSocketResponse, limit: int, name: str, *, max_bytes: int | None = None
+        self,
+        ws: web.WebSocketResponse,
+        limit: int,
+        name: str,
+        *,
+        max_bytes: int | None = None,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self.ws = ws
+        #: the TCP connection under ``ws``, dropped when a close handshake cannot complete
+        self.transport = transport
         self.limit = limit
         self.max_bytes = max_bytes
         self.name = name
@@ -68,9 +82,11 @@ class Outbox:
                 extra={"conn": self.name, "queued": len(self._queue), "queued_bytes": self._bytes},
             )
             self._closed = True
-            asyncio.get_running_loop().create_task(
-                self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"slow consumer")
+            task = asyncio.get_running_loop().create_task(
+                self.close_socket(WSCloseCode.POLICY_VIOLATION, b"slow consumer")
             )
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
             return False
         self._queue.append(data)
         self._bytes += len(data)
@@ -115,6 +131,17 @@ class Outbox:
         except TimeoutError:
             return False
         return True
+
+    async def close_socket(self, code: int = WSCloseCode.OK, message: bytes = b"") -> None:
+        """Close the WebSocket: the close handshake for at most ``CLOSE_TIMEOUT``, then the TCP
+        connection is dropped. Writing a close frame to a peer that no longer reads waits for buffer
+        space that never comes; unbounded, it would keep the connection, and its session or node,
+        alive for ever."""
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=message), CLOSE_TIMEOUT)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            if self.transport is not None:
+                self.transport.abort()
 
     async def close(self) -> None:
         """Stop the writer after flushing what is queued (bounded: the queue is bounded)."""

@@ -69,6 +69,7 @@ async def serve_websocket(
         state.config.server.outbound_queue,
         f"{endpoint}@{request.remote}",
         max_bytes=state.config.limits.outbound_queue_bytes,
+        transport=request.transport,
     )
     conn = connect(state, outbox)
     state.limits.opened(endpoint)
@@ -97,5 +98,5 @@ async def serve_websocket(
         conn.closed()
         await outbox.close()
         if not ws.closed:
-            await ws.close()
+            await outbox.close_socket()
     return ws
