@@ -450,15 +450,7 @@ class JobStore:
         ]
 
     def cancel(self, job_id: str, reason: str, now: float | None = None) -> Outcome:
-        now = self._now(now)
-        job = self._jobs.get(job_id)
-        if job is None:
-            return Outcome(Verdict.UNKNOWN, None)
-        if job.terminal:
-            return Outcome(Verdict.DUPLICATE, job)
-        node = job.node_id if job.state in ON_NODE else None
-        self._end(job, J.CANCELLED, None, reason, now)
-        return Outcome(Verdict.APPLIED, job, cancel_node=node, freed_node=node)
+        return self._stop(job_id, J.CANCELLED, None, reason, now)
 
     def cancel_session(self, session_id: str, reason: str, now: float | None = None) -> list[Outcome]:
         """Cancel every live job of a session (it closed or disconnected)."""
@@ -470,6 +462,13 @@ class JobStore:
         """The scheduler gives up on a live job (graceful shutdown past its deadline): FAILED with
         ``code``, no retry. Unlike ``cancel`` the session is owed an explicit failure, so the shell
         reports it; the node of the current attempt, if any, gets ``job_cancel`` and its slot back."""
+        return self._stop(job_id, J.FAILED, code, message, now)
+
+    def _stop(
+        self, job_id: str, state: JobState, code: str | None, reason: str, now: float | None
+    ) -> Outcome:
+        """End a live job from outside (cancel, abort): the node of its current attempt, if any, is
+        told and gets its slot back."""
         now = self._now(now)
         job = self._jobs.get(job_id)
         if job is None:
@@ -477,7 +476,7 @@ class JobStore:
         if job.terminal:
             return Outcome(Verdict.DUPLICATE, job)
         node = job.node_id if job.state in ON_NODE else None
-        self._end(job, J.FAILED, code, message, now)
+        self._end(job, state, code, reason, now)
         return Outcome(Verdict.APPLIED, job, cancel_node=node, freed_node=node)
 
     def live(self) -> list[Job]:
