@@ -490,7 +490,6 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
     ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",
-    ("store/memory.py", "MemoryStore.now_ms"): "the shared clock of one instance: its own",
     ("store/memory.py", "MemoryStore.reserve"): "reservation expiry (the embedded store's clock)",
     ("store/memory.py", "MemoryStore.write"): "reservation expiry (the embedded store's clock)",
     ("store/redis_store.py", "RedisStore.now_ms"): "the shared clock (wall + offset to Redis TIME)",

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from lingua_scheduler.clock import Clock, OffsetClock
+from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
 from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, shutdown, stats, tasks
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
@@ -27,9 +27,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app = web.Application(client_max_size=config.server.max_frame_bytes)
     store: RedisStore | None = None
     if config.cluster.redis_url:
-        shared = store = make_store(config.cluster, make_instance_id(config.cluster.instance_id), clock)
-        # One clock for every instance: wall times corrected to the store's (see OffsetClock).
-        clock = OffsetClock(shared.clock, lambda: shared.clock_offset_ms)
+        store = make_store(config.cluster, make_instance_id(config.cluster.instance_id), clock)
+        clock = store.shared_clock  # one clock for every instance: wall times on Redis's (OffsetClock)
     state = SchedulerState(config, clock)
     app[STATE] = state
     app.router.add_get("/ws/node", node_ws)

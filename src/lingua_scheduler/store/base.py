@@ -102,13 +102,6 @@ class StateStore(Protocol):
         """Owned nodes that changed: one pipelined round trip (directory, change feed, pool sets)."""
         ...
 
-    def now_ms(self) -> int:
-        """The shared clock, in ms since the epoch, as this instance estimates it. Shared expiries
-        (presence, reservations) are stamped and compared by the store on its own clock (Redis
-        ``TIME`` inside the scripts); this estimate, corrected at every tick, is for the wall times the
-        instance takes itself (node epochs, job-record retention)."""
-        ...
-
     async def tick(
         self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, tenant_sessions: dict[str, int]
     ) -> TickResult:

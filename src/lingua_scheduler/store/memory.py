@@ -57,9 +57,6 @@ class MemoryStore:
                 self._pools.get(p, set()).discard(d.node_id)
         self._status.update(node_status)
 
-    def now_ms(self) -> int:
-        return self.clock.wall_ms()  # one instance: its own clock is the shared one
-
     async def tick(
         self, owned: list[str], loads: LoadBatch | None, ttl_ms: int, tenant_sessions: dict[str, int]
     ) -> TickResult:

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from lingua_scheduler.clock import Clock, SystemClock
+from lingua_scheduler.clock import Clock, OffsetClock, SystemClock
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
 from lingua_scheduler.store.base import (
     Change,
@@ -71,6 +71,9 @@ class RedisStore:
         self.clock: Clock = clock or SystemClock()
         #: Redis ``TIME`` minus our wall clock (ms), measured at start and at every tick
         self.clock_offset_ms = 0
+        #: wall time on Redis's clock, as this instance estimates it (the scheduler's clock in Redis
+        #: mode: node epochs, job retention; presence and reservations use TIME inside the scripts)
+        self.shared_clock = OffsetClock(self.clock, lambda: self.clock_offset_ms)
         self.keys = Keys(prefix)
         self.cluster = cluster
         self.urls = [url] if isinstance(url, str) else list(url)
@@ -131,7 +134,7 @@ class RedisStore:
     # --- the shared clock ---------------------------------------------------------------------------
 
     def now_ms(self) -> int:
-        return self.clock.wall_ms() + self.clock_offset_ms
+        return self.shared_clock.wall_ms()
 
     def _set_offset(self, server_ms: int, sent_ms: int) -> None:
         """``server_ms`` is Redis ``TIME`` read in a round trip that began at ``sent_ms``: it was taken
@@ -323,7 +326,8 @@ class RedisStore:
         p = self.r.pipeline(transaction=False)
         for instance_id, message in batch.sends:
             p.xadd(k.inbox(instance_id), {"m": _enc.encode(message)}, maxlen=10_000, approximate=True)
-        pipelined = [] if self.cluster else batch.commits
+        # commits made by script call after the pipeline: all in cluster mode, else those that met NOSCRIPT
+        pipelined, apart = ([], list(batch.commits)) if self.cluster else (batch.commits, [])
         for node_id, member, ttl_ms in pipelined:
             p.evalsha(self._commit.sha, 1, k.node_resv(node_id), member, ttl_ms)
         for node_id, member in batch.releases:
@@ -334,14 +338,12 @@ class RedisStore:
             p.xdel(inbox, *batch.acks)
         results = await self._do(p.execute(raise_on_error=False)) if len(p) else []
         first = len(batch.sends)
-        again = [
+        apart += [
             c
             for c, res in zip(pipelined, results[first : first + len(pipelined)], strict=True)
             if isinstance(res, NoScriptError)
         ]
-        if self.cluster:
-            again = list(batch.commits)
-        for node_id, member, ttl_ms in again:
+        for node_id, member, ttl_ms in apart:
             await self._do(self._commit(keys=[k.node_resv(node_id)], args=[member, ttl_ms]))
         failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
         if failed:
