@@ -457,7 +457,7 @@ class Cluster:
                     self.state.clock.monotonic(),
                 )
             else:
-                self.send_soon(
+                self.writer.send(
                     message.reply_to,
                     DispatchFailed(
                         job_id=message.assign.job_id,
@@ -552,12 +552,8 @@ class Cluster:
             return False
         if type(message).__name__ == "JobResult":
             self.remote_jobs.pop(message.job_id, None)  # type: ignore[attr-defined]
-        self.send_soon(target[0], NodeJobMessage(node_id=node_id, message=message))  # type: ignore[arg-type]
+        self.writer.send(target[0], NodeJobMessage(node_id=node_id, message=message))  # type: ignore[arg-type]
         return True
-
-    def send_soon(self, instance: str, message: InboxMessage) -> None:
-        """Fire-and-forget send, in the next pipeline of the writer; a loss is logged there."""
-        self.writer.send(instance, message)
 
     def job_changed(self, record: JobRecord) -> None:
         self._job_writes[record.job_id] = record

@@ -570,7 +570,7 @@ class Dispatcher:
             )
             entry = nodes.get(out.cancel_node)
             if entry is not None and entry.owner is not None and self.cluster is not None:
-                self.cluster.send_soon(entry.owner, CancelOnNode(node_id=out.cancel_node, cancel=cancel))
+                self.cluster.writer.send(entry.owner, CancelOnNode(node_id=out.cancel_node, cancel=cancel))
             elif entry is not None and isinstance(entry.conn, Outbox):
                 entry.conn.send(cancel)
 
