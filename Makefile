@@ -53,9 +53,11 @@ test-latest: $(UV)
 	$(UV) pip install --quiet --python .venv-latest --upgrade -e . --group test
 	.venv-latest/bin/python -m pytest -q -m "not long" -p no:cacheprovider
 
-# sdist + wheel into dist/
+# sdist + wheel into dist/ (the wheel is built from the sdist). A stale src/*.egg-info is removed first:
+# setuptools would otherwise take its file list into the sdist, and so into the wheel, even where the
+# package data no longer names a file. tests/test_wheel.py builds, installs and runs the same way.
 dist: $(UV)
-	rm -rf dist
+	rm -rf dist build src/*.egg-info
 	$(UV) build --quiet --out-dir dist
 
 # Extra packages of the benchmarks only (not of the product): Celery for bench/peer_celery.py,
