@@ -3,6 +3,8 @@
 SIGKILL and SIGTERM have to reach a real process: an in-process test server cannot be killed without
 killing the test. Configuration goes through ``LINGUA_<SECTION>__<KEY>`` environment variables (the
 same path an operator uses); stderr (JSON log lines) is kept in a file and shown when a test fails.
+By default the process runs the package this test run imports; ``program`` runs another installation
+(an installed wheel's ``lingua-scheduler`` entry point), with ``args`` added after ``serve --port``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,19 @@ def env_for(sections: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 class SchedulerProcess:
-    def __init__(self, port: int | None = None, **sections: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        program: Sequence[str] = (sys.executable, "-m", "lingua_scheduler"),
+        args: Sequence[str] = (),
+        cwd: Path | None = None,
+        **sections: dict[str, Any],
+    ) -> None:
         self.port = port or free_port()
+        self.program = list(program)
+        self.args = list(args)
+        self.cwd = cwd
         self.sections = sections
         self.proc: subprocess.Popen[bytes] | None = None
         fd, name = tempfile.mkstemp(prefix="lingua-sched-", suffix=".log")
@@ -63,8 +77,9 @@ class SchedulerProcess:
         env.update(env_for({"server": {"log_level": "info"}, **self.sections}))
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(self.port)],
+                [*self.program, "serve", "--port", str(self.port), *self.args],
                 env=env,
+                cwd=self.cwd,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
