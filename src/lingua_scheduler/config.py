@@ -119,7 +119,7 @@ class SchedulerConfig(Section):
 
 
 class CapabilityPoolConfig(Section):
-    """One configured pool of capability mode (reference section 5.1 ``Phase3PoolConfig``)."""
+    """One configured pool of capability mode (the same fields as the reference's capability pools)."""
 
     pool_id: str
     name: str = ""
@@ -141,7 +141,7 @@ class PoolsConfig(Section):
     max_pool_size: int = 100
     #: hash mode: number of buckets
     pool_count: int = 16
-    #: mixed into every FNV-1a hash (reference section 5.3)
+    #: mixed into every FNV-1a hash of pools (appended to the key as 8 bytes little-endian)
     hash_seed: int = 0
     #: capability mode: the configured pools
     pools: list[CapabilityPoolConfig] = []
