@@ -1,5 +1,8 @@
 """Benchmark: the seed document's scenario -- heartbeats and job creation at the same time.
 
+The seed document is the write-up of the reference scheduler's heartbeat fix that this project started
+from (docs/design.md, "The reference system and what we do differently").
+
 2,000 nodes heartbeat once a second while sessions create 200 jobs a second (one-shot utterances,
 nodes answer at once). The same load, from the same load generator (own processes), runs against
 

@@ -1,7 +1,8 @@
 """BASELINE for bench/seed_scenario.py: the scheduler's heartbeat path as it was BEFORE the seed fix.
 
 This is a benchmark fixture, never part of the product. It reproduces the design the seed document
-describes (``handle_node_heartbeat`` before the fix), on the product's own parsing, registry, fleet
+(the write-up of the reference scheduler's heartbeat fix this project started from; docs/design.md)
+describes: ``handle_node_heartbeat`` before the fix, on the product's own parsing, registry, fleet
 view and selector so that the comparison differs in the design only:
 
     handle_node_heartbeat
@@ -9,7 +10,7 @@ view and selector so that the comparison differs in the design only:
     ├─> update_node_heartbeat()                 Registry.heartbeat, O(1)
     ├─> update_node_snapshot()                  O(N) copy of the fleet snapshot, every heartbeat
     ├─> phase3_core_cache_upsert_node()         publish the fleet view
-    └─> phase3_upsert_node_to_pool_index()      runs on every heartbeat (the is_some() defect):
+    └─> phase3_upsert_node_to_pool_index()      every heartbeat (``is_some()`` taken for a change):
         ├─> pool re-assignment                  PoolLayout.groups_for over the node's capabilities
         └─> --round-trips sequential Redis round trips, awaited while the lock is held
 

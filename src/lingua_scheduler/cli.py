@@ -115,8 +115,8 @@ def api_key(tenant_id: str) -> None:
     click.echo("[[auth.tenants]]")
     click.echo(f"tenant_id = {_toml_value(tenant_id)}")
     click.echo(f'key_sha256 = "{hash_api_key(key)}"')
-    click.echo("max_sessions = 0  # concurrent sessions per instance; 0 = unlimited")
-    click.echo("max_jobs_per_second = 0  # token bucket per instance; 0 = unlimited")
+    click.echo("max_sessions = 0  # concurrent sessions, across all instances; 0 = unlimited")
+    click.echo("max_jobs_per_second = 0  # token bucket, across all instances; 0 = unlimited")
 
 
 @main.command("simulate-nodes")

@@ -119,7 +119,7 @@ class SchedulerConfig(Section):
 
 
 class CapabilityPoolConfig(Section):
-    """One configured pool of capability mode (reference section 5.1 ``Phase3PoolConfig``)."""
+    """One configured pool of capability mode (the same fields as the reference's capability pools)."""
 
     pool_id: str
     name: str = ""
@@ -141,7 +141,7 @@ class PoolsConfig(Section):
     max_pool_size: int = 100
     #: hash mode: number of buckets
     pool_count: int = 16
-    #: mixed into every FNV-1a hash (reference section 5.3)
+    #: mixed into every FNV-1a hash of pools (appended to the key as 8 bytes little-endian)
     hash_seed: int = 0
     #: capability mode: the configured pools
     pools: list[CapabilityPoolConfig] = []
@@ -300,11 +300,12 @@ class TenantKeyConfig(Section):
     tenant_id: str
     #: lowercase hex SHA-256 of the API key (``lingua-scheduler api-key`` prints a new key and its hash)
     key_sha256: str
-    #: concurrent sessions of this tenant on one instance; 0 = unlimited
+    #: concurrent sessions of this tenant, across all instances (docs/security.md); 0 = unlimited
     max_sessions: int = 0
-    #: jobs per second of this tenant on one instance (token bucket); 0 = unlimited
+    #: jobs per second of this tenant, across all instances (token bucket); 0 = unlimited
     max_jobs_per_second: float = 0.0
-    #: bucket size (jobs accepted at once after a quiet spell); 0 = one second's worth, at least 1
+    #: bucket size (jobs accepted at once after a quiet spell), split among instances like the rate;
+    #: 0 = one second's worth, at least 1
     jobs_burst: int = 0
 
     def __post_init__(self) -> None:

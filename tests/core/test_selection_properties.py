@@ -154,7 +154,7 @@ def apply(f: Fleet, nid: str, p: NodePlan, new: bool) -> None:
 
 
 def passes(f: Fleet, nv: NodeView, req: SelectionRequest) -> bool:
-    """The oracle: every filter, written from the specification rather than from selection.py."""
+    """The oracle: every filter, written from the documented rules rather than from selection.py."""
     caps, load = nv.caps, nv.load
     marked = {sid for nid, sid in f.marked if nid == nv.node_id}
     fully_marked = {

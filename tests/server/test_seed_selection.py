@@ -1,12 +1,16 @@
 """The seed document's requirement, proved directly: node selection never waits for heartbeats.
 
+(The seed document: the write-up of the reference scheduler's heartbeat fix this project started from;
+docs/design.md.)
+
 2,000 nodes register through the real ``/ws/node`` endpoint (raw WebSockets, 100 registrations in
 flight), then heartbeat as fast as the test can drive them: each node sends its next heartbeat as soon
 as the previous one is acknowledged; the reported load varies, the capabilities do not. Meanwhile
 selections run concurrently, in-process on the published fleet view (exactly as the dispatcher runs
 them) and through ``GET /api/v1/pools/simulate``.
 
-What must hold (the seed document's requested tests 2-4):
+What must hold (the seed document's tests: selection completes while heartbeats and jobs run at once,
+the post-heartbeat work happens when it should, and nothing waits for a lock):
 
 - every selection completes and finds a node;
 - no selection waits for heartbeat processing: the view a selection reads is never republished for a

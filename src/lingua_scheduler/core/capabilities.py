@@ -23,7 +23,7 @@ NMT_RULES = frozenset({"any_to_any", "any_to_en", "en_to_any", "specific_pairs"}
 
 @dataclass(frozen=True, slots=True)
 class NmtEntry:
-    """One translation model: which directed pairs it covers (section 4.3 rules)."""
+    """One translation model: which directed pairs its rule covers; a blocked pair never."""
 
     model_id: str
     rule: str

@@ -1,7 +1,8 @@
-"""Stable hashing for pools: FNV-1a 64 exactly as reference-node-side.md section 5.3.
+"""Stable hashing for pools: FNV-1a 64 of the key's UTF-8 bytes followed by the seed, as the reference does.
 
 Owns: ``fnv1a64`` and the helpers built on it (bucket of a key, index of a key, probe and ring orders).
-Bit-for-bit compatible with the reference so instances and tools agree on buckets.
+Bit-for-bit compatible with the reference scheduler (docs/design.md) so instances and tools agree on
+buckets.
 
 Must never: use Python's ``hash()`` (salted per process) or anything else that differs between runs.
 """

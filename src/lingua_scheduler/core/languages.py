@@ -1,4 +1,4 @@
-"""Language-code normalisation (reference-node-side.md section 4.3).
+"""Language-code normalisation, with the aliases the reference scheduler and its nodes use.
 
 Codes are lower-cased and trimmed; regional variants fold onto their base language so that a node
 reporting ``zh-CN`` serves a session asking for ``zh``. ``auto`` means "detect the source language".

@@ -6,10 +6,10 @@ code, so it never observes a half-written update).
 
 Effective load = max(reported running jobs + jobs dispatched since that report arrived and still
 running, jobs this scheduler has in flight on the node). A heartbeat therefore never erases the
-scheduler's own recent assignments (ARCHITECTURE.md section 2.5): it only resets the "dispatched since
-report" count. Each dispatch is tagged with the report epoch it happened in; when the job ends, it is
-taken off the count it was added to (dispatched since the current report) or, if a report came in
-between, off the reported figure, which included it.
+scheduler's own recent assignments (otherwise a node just given jobs would look idle and draw more):
+it only resets the "dispatched since report" count. Each dispatch is tagged with the report epoch it
+happened in; when the job ends, it is taken off the count it was added to (dispatched since the current
+report) or, if a report came in between, off the reported figure, which included it.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def contribution(status: NodeStatus, caps: Capabilities) -> Contribution:
 
 
 def parse_service_types(names: Iterable[str]) -> frozenset[ServiceType]:
-    """Configured type names, case-insensitive; unknown names are ignored (reference 5.1)."""
+    """Configured type names, case-insensitive; unknown names are ignored (as by the reference)."""
     known = {t.value for t in ServiceType}
     return frozenset(ServiceType(n.strip().lower()) for n in names if n.strip().lower() in known)
 
@@ -148,7 +148,8 @@ class PoolLayout:
         return frozenset(pair_group(s, t) for s, t in caps.served_pairs())
 
     def capability_match(self, node_id: str, installed: frozenset[ServiceType]) -> str | None:
-        """Reference 5.4.2: most specific pool whose required types are installed; ties by stable hash."""
+        """The most specific pool whose required types are all installed (any status), as the reference
+        matches; ties by stable hash of the node id."""
         best: list[str] = []
         best_spec = -1
         for p in self.capability_pools:  # sorted by id, so ``best`` stays sorted
@@ -169,7 +170,8 @@ class PoolLayout:
     # --- request -> groups (capability mode) ----------------------------------------------------
 
     def eligible_capability_groups(self, required: frozenset[ServiceType]) -> tuple[str, ...]:
-        """Reference 6.5 capability eligibility; sorted ids. Empty only with strict eligibility."""
+        """Pools eligible for the required types (``pool_match_scope`` / ``pool_match_mode``, as in the
+        reference); sorted ids. Empty only with strict eligibility."""
         scope = required if self.config.pool_match_scope == "all_required" else required & CORE_SERVICE_TYPES
         cached = self._eligible.get(scope)
         if cached is not None:

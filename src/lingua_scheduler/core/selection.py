@@ -5,7 +5,7 @@ Owns: ``SelectionRequest``, the filters and their order, ``Breakdown`` (why node
 and ``commit`` (the only place a choice touches load).
 
 Flow: the paired node if it passes every filter; else the eligible groups (the request's language pair;
-capability pools by reference 6.5 eligibility; hash buckets), the preferred one first (tenant override,
+capability pools eligible for the required types; hash buckets), the preferred one first (tenant override,
 else stable hash of the routing key with ``session_affinity``, else random), the others after it when
 ``fallback`` is on. The shards of one group are one logical pool and are always all tried, starting at a
 random (or, with affinity, hashed) shard.
@@ -43,7 +43,7 @@ from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.core.unavailable import UnavailableMarks
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceType
 
-#: exclusion reasons; this order breaks ties for the dominant reason (reference 6.9, plus
+#: exclusion reasons; this order breaks ties for the dominant reason (the reference's order, plus
 #: service_unavailable next to its sibling model_not_available)
 REASONS = (
     "offline",
@@ -125,7 +125,7 @@ class Breakdown:
         self.excluded += other.excluded
 
     def best_reason(self) -> str:
-        """Reference 6.9: ``no_nodes`` if nothing was examined, else the largest count, earliest on ties."""
+        """As the reference: ``no_nodes`` if none was examined, else the largest count, earliest on ties."""
         if self.total_nodes == 0:
             return "excluded" if self.excluded else "no_nodes"
         best = max(self.counts)
@@ -175,7 +175,7 @@ class SelectionResult(NamedTuple):
         return self.pool_id is not None and self.pool_id != self.preferred_pool
 
     def to_json(self) -> dict[str, object]:
-        """The dry-run endpoint's body (reference 6.1/6.9 shapes, plus the paired-node outcome)."""
+        """The dry-run endpoint's body (the reference's breakdown and debug shapes, plus the paired node)."""
         return {
             "selected_node_id": self.node_id,
             "best_reason": self.best_reason,

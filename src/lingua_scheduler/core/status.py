@@ -46,7 +46,7 @@ def check_transition(node_id: str, src: NodeStatus, dst: NodeStatus) -> None:
 
 
 def healthy(status: NodeStatus, has_gpu: bool, services: list[InstalledService]) -> bool:
-    """The reference health rule (section 3.6).
+    """The health rule of the reference scheduler, which nodes are built against.
 
     While registering, every installed core service type must have a running service; afterwards one
     running service is enough to stay healthy.

@@ -1,4 +1,4 @@
-"""Value types shared by the node and session protocols (reference-node-side.md section 2.1-2.2)."""
+"""Value types shared by the node and session protocols: the wire's enumerations and nested types."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Node <-> scheduler messages on ``/ws/node`` (reference-node-side.md section 2).
+"""Node <-> scheduler messages on ``/ws/node``.
 
 Wire-compatible with the reference node client. Deliberate differences: ``memory_gb`` accepts floats,
-``job_assign`` booleans default to false (reference Flaw-5), heartbeats are acknowledged with
+``job_assign`` booleans default to false (the reference required them yet omitted false ones, so its
+cross-instance assignments were dropped), heartbeats are acknowledged with
 ``node_heartbeat_ack``; ``node_register`` may carry credentials (``enrollment_secret`` or ``node_token``,
 docs/security.md) and its ack the node's token, all optional and omitted when unused. Unknown fields are
 ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}`` by the endpoint.

@@ -1,4 +1,4 @@
-"""Client <-> scheduler messages on ``/ws/session`` (reference-session-job-side.md section 2).
+"""Client <-> scheduler messages on ``/ws/session``.
 
 Wire names match the reference client. Deliberate differences:
 - ``session_init`` may declare ``audio_format`` / ``sample_rate``; the ack reports what was granted
@@ -14,7 +14,8 @@ Wire names match the reference client. Deliberate differences:
   (``server/auth.py``), and a body naming another tenant is refused.
 
 Unknown fields are ignored. Every boolean is either required or always serialised, so no reader can
-miss a false value (reference flaw: omitted booleans broke cross-instance parsing).
+miss a false value (the reference omitted false booleans yet required them when parsing, so messages
+between its instances were dropped).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class MissingReason(StrEnum):
     SILENCE_DETECTED = "silence_detected"
 
 
-#: user-facing hint per error code, attached to ``ui_event.hint`` (reference section 2.2, in English)
+#: user-facing hint per error code, attached to ``ui_event.hint`` (the reference's hints, in English)
 ERROR_HINTS: dict[str, str] = {
     ErrorCode.NO_AVAILABLE_NODE: "No node is available right now, please try later.",
     ErrorCode.MODEL_NOT_AVAILABLE: "The node lacks a required model; rescheduling or waiting for the model.",

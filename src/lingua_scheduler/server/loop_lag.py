@@ -1,7 +1,7 @@
 """Measures the event loop's own lag: how late a short sleep wakes up.
 
 The registry consults it before declaring nodes dead: silence during our own stall is not the nodes'
-fault (ARCHITECTURE.md section 2.6).
+fault, and a stall of ours must not declare a healthy fleet offline.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 ``send()`` never blocks and never awaits: it encodes and enqueues. A peer that stops reading fills its
 queue; when the bound is reached the connection is closed as a slow consumer instead of buffering
-without limit (ARCHITECTURE.md section 2.8). The bound is in messages (``limit``) and, optionally, in
-bytes (``max_bytes``): a thousand results carrying synthesized audio would otherwise be a gigabyte. A
-single message larger than ``max_bytes`` is still accepted into an empty queue.
+without limit (no queue of the scheduler is unbounded). The bound is in messages (``limit``) and,
+optionally, in bytes (``max_bytes``): a thousand results carrying synthesized audio would otherwise be a
+gigabyte. A single message larger than ``max_bytes`` is still accepted into an empty queue.
 """
 
 from __future__ import annotations
