@@ -87,7 +87,7 @@ def describe(url: str, exc: BaseException, timeout: float) -> str:
     if isinstance(exc, (aiohttp.ServerDisconnectedError, ConnectionResetError)):
         return (
             f"{where}: the server closed the connection during the handshake "
-            "(a ws:// URL for a TLS listener?)"
+            "(a plain ws:// or http:// URL for a TLS listener?)"
         )
     if isinstance(exc, OSError) and exc.errno and not isinstance(exc, aiohttp.ClientError):
         return f"{where}: cannot connect ({os.strerror(exc.errno)}); is the scheduler running there?"
