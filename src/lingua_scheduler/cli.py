@@ -119,6 +119,22 @@ def api_key(tenant_id: str) -> None:
     click.echo("max_jobs_per_second = 0  # token bucket, across all instances; 0 = unlimited")
 
 
+def _client_tls_options(f: Any) -> Any:
+    """--ca-file and --insecure, for the client commands (simulators and load test)."""
+    f = click.option(
+        "--insecure",
+        is_flag=True,
+        default=False,
+        help="Do not verify the scheduler's TLS certificate (self-signed test certificates only).",
+    )(f)
+    return click.option(
+        "--ca-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="PEM file of the CA (or the self-signed certificate) to trust for wss:// and https://.",
+    )(f)
+
+
 @main.command("simulate-nodes")
 @click.option("--count", type=int, default=10, show_default=True)
 @click.option("--url", default="ws://127.0.0.1:5010/ws/node", show_default=True)
@@ -136,6 +152,10 @@ def api_key(tenant_id: str) -> None:
     default=None,
     help="Fleet enrollment secret, when the scheduler requires one (default: the scheduler's env var).",
 )
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="Seconds to connect and register."
+)
+@_client_tls_options
 def simulate_nodes(
     count: int,
     url: str,
@@ -143,21 +163,38 @@ def simulate_nodes(
     interval: float | None,
     seed: int,
     enrollment_secret: str | None,
+    timeout: float,
+    ca_file: str | None,
+    insecure: bool,
 ) -> None:
-    """Register COUNT simulated nodes with varied capabilities and keep them heartbeating."""
-    from lingua_scheduler.sim.nodes import run_fleet
+    """Register COUNT simulated nodes with varied capabilities and keep them heartbeating.
 
-    asyncio.run(
-        run_fleet(
-            url,
-            count,
-            duration=duration,
-            interval=interval,
-            seed=seed,
-            report=click.echo,
-            enrollment_secret=enrollment_secret,
+    Prints one JSON line when registration is over (registered, refused with the scheduler's error
+    code and message, unreachable) and one when it stops. Exit status: 0 when at least one node
+    registered, 1 when none did, 3 when the scheduler cannot be reached (one line on stderr)."""
+    from lingua_scheduler.sim.nodes import run_fleet
+    from lingua_scheduler.sim.reach import Unreachable, client_ssl_context
+
+    try:
+        summary = asyncio.run(
+            run_fleet(
+                url,
+                count,
+                duration=duration,
+                interval=interval,
+                seed=seed,
+                report=click.echo,
+                enrollment_secret=enrollment_secret,
+                ssl_context=client_ssl_context(ca_file, insecure),
+                timeout=timeout,
+            )
         )
-    )
+    except Unreachable as exc:
+        click.echo(f"lingua-scheduler simulate-nodes: {exc}", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0 if summary["registered"] else 1)
 
 
 @main.command("simulate-sessions")
@@ -167,17 +204,54 @@ def simulate_nodes(
 @click.option("--src-lang", default="en", show_default=True)
 @click.option("--tgt-lang", default="zh", show_default=True)
 @click.option("--api-key", envvar="LINGUA_API_KEY", default=None, help="Tenant API key (or $LINGUA_API_KEY).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to open a session, and to wait for its close ack.",
+)
+@_client_tls_options
 def simulate_sessions(
-    count: int, utterances: int, url: str, src_lang: str, tgt_lang: str, api_key: str | None
+    count: int,
+    utterances: int,
+    url: str,
+    src_lang: str,
+    tgt_lang: str,
+    api_key: str | None,
+    timeout: float,
+    ca_file: str | None,
+    insecure: bool,
 ) -> None:
-    """Stream synthetic audio from COUNT sessions and check every utterance gets an answer."""
+    """Stream synthetic audio from COUNT sessions and check every utterance gets an answer.
+
+    Prints the summary as one JSON line. Exit status: 0 when at least one session opened and every
+    utterance got exactly one answer, 1 otherwise, 3 when the scheduler cannot be reached (one line
+    on stderr)."""
+    from lingua_scheduler.sim.reach import Unreachable, client_ssl_context
     from lingua_scheduler.sim.sessions import run_sessions
 
-    summary = asyncio.run(
-        run_sessions(url, count, utterances, src_lang=src_lang, tgt_lang=tgt_lang, api_key=api_key)
-    )
-    click.echo(summary)
-    sys.exit(0 if summary["unanswered"] == 0 and summary["duplicates"] == 0 else 1)
+    try:
+        summary = asyncio.run(
+            run_sessions(
+                url,
+                count,
+                utterances,
+                src_lang=src_lang,
+                tgt_lang=tgt_lang,
+                api_key=api_key,
+                report=click.echo,
+                ssl_context=client_ssl_context(ca_file, insecure),
+                timeout=timeout,
+            )
+        )
+    except Unreachable as exc:
+        click.echo(f"lingua-scheduler simulate-sessions: {exc}", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    ok = summary["opened"] > 0 and summary["unanswered"] == 0 and summary["duplicates"] == 0
+    sys.exit(0 if ok else 1)
 
 
 @main.command()
@@ -228,6 +302,28 @@ def simulate_sessions(
     "--report", "report_path", default="loadtest-report.json", show_default=True, help="JSON report path."
 )
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
+@click.option(
+    "--enrollment-secret",
+    envvar="LINGUA_AUTH__NODE_ENROLLMENT_SECRET",
+    default=None,
+    help="Fleet enrollment secret: nodes enrol and use the ids and tokens issued "
+    "(default: $LINGUA_AUTH__NODE_ENROLLMENT_SECRET, or the started scheduler's --config).",
+)
+@click.option(
+    "--api-key",
+    envvar="LINGUA_API_KEY",
+    default=None,
+    help="Tenant API key of every session (or $LINGUA_API_KEY).",
+)
+@click.option(
+    "--credentials",
+    "credentials_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML file of enrollment_secret, api_key, ca_file, insecure (keeps secrets off the command "
+    "line; flags override it).",
+)
+@_client_tls_options
 def loadtest(
     nodes: int,
     sessions: int,
@@ -251,17 +347,38 @@ def loadtest(
     seed: int,
     report_path: str,
     no_progress: bool,
+    enrollment_secret: str | None,
+    api_key: str | None,
+    credentials_file: str | None,
+    ca_file: str | None,
+    insecure: bool,
 ) -> None:
     """Drive a scheduler with NODES simulated nodes and SESSIONS sessions; report what it sustained.
 
     Load generators run in their own processes. At the end a JSON report is written and a summary
     table printed: heartbeats/s and round trips, selection, dispatch overhead, end-to-end latency, jobs,
     failovers, event-loop lag, server CPU and memory, and whether client and server counts agree.
+
+    A scheduler configured for production (docs/security.md) is driven with its credentials: nodes
+    enrol with the enrollment secret, sessions present the tenant API key, an https:// URL is verified
+    against --ca-file (or not at all with --insecure).
     """
     from rich.console import Console
 
-    from lingua_scheduler.loadtest.runner import LoadtestOptions, run_loadtest
+    from lingua_scheduler.loadtest.runner import LoadtestOptions, read_credentials, run_loadtest
     from lingua_scheduler.loadtest.workers import LoadGeneratorError
+
+    given: dict[str, Any] = {}
+    if credentials_file is not None:
+        try:
+            given = read_credentials(credentials_file)
+        except ValueError as exc:
+            click.echo(f"lingua-scheduler loadtest: --credentials {exc}", err=True)
+            sys.exit(2)
+    flags = {"enrollment_secret": enrollment_secret, "api_key": api_key, "ca_file": ca_file}
+    given.update({k: v for k, v in flags.items() if v is not None})
+    if insecure:
+        given["insecure"] = True
 
     opts = LoadtestOptions(
         nodes=nodes,
@@ -286,6 +403,7 @@ def loadtest(
         seed=seed,
         report_path=report_path,
         progress=not no_progress,
+        **given,
     )
     console = Console() if sys.stdout.isatty() else Console(width=120)
     try:

@@ -22,12 +22,13 @@ import asyncio
 import base64
 import contextlib
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 
 import msgspec
 
-from lingua_scheduler.loadtest.wsclient import WebSocketClient, connect
+from lingua_scheduler.loadtest.wsclient import Refused, WebSocketClient, connect
 
 _enc = msgspec.json.Encoder()
 
@@ -43,6 +44,7 @@ class SessionInbound(msgspec.Struct):
     utterance_index: int | None = None
     reason: str | None = None
     code: str | None = None
+    message: str | None = None
 
 
 _dec = msgspec.json.Decoder(SessionInbound)
@@ -119,7 +121,17 @@ class LightSession:
         self.busy = False
 
     async def start(self) -> None:
-        self.ws = await connect(self.crowd.host, self.crowd.port, "/ws/session", self.on_message)
+        crowd = self.crowd
+        # the tenant API key goes on the upgrade request, where gateways and native apps put it
+        headers = {"Authorization": f"Bearer {crowd.api_key}"} if crowd.api_key else None
+        self.ws = await connect(
+            crowd.host,
+            crowd.port,
+            "/ws/session",
+            self.on_message,
+            headers=headers,
+            ssl_context=crowd.ssl_context,
+        )
         self._init = asyncio.get_running_loop().create_future()
         self.ws.send(
             _enc.encode(
@@ -135,7 +147,8 @@ class LightSession:
         ack = await asyncio.wait_for(self._init, 30.0)
         if ack.type != "session_init_ack" or not ack.session_id:
             self.crowd.counters.init_errors += 1
-            raise ConnectionError(f"session_init refused: {ack.code}")
+            hint = "" if self.crowd.api_key else " (does the scheduler require --api-key?)"
+            raise Refused(f"session_init refused: {ack.code}: {ack.message}{hint}")
         self.session_id = ack.session_id
         self.crowd.counters.sessions += 1
 
@@ -282,9 +295,15 @@ class Crowd:
         chunk_ms: int = 100,
         record_sends: bool = False,
         seed: int = 0,
+        api_key: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        #: tenant API key presented by every session (docs/security.md)
+        self.api_key = api_key
+        #: TLS (wss://) when set
+        self.ssl_context = ssl_context
         self.window = window
         self.chunk_ms = chunk_ms
         self.counters = CrowdCounters()

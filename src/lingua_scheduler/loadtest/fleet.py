@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import math
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from lingua_scheduler.loadtest.wsclient import WebSocketClient, connect
+from lingua_scheduler.loadtest.wsclient import Refused, WebSocketClient, connect
 from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
 from lingua_scheduler.sim.profiles import NodeProfile
 
@@ -51,6 +52,8 @@ class Inbound(msgspec.Struct):
     trace_id: str | None = None
     tgt_lang: str | None = None
     code: str | None = None
+    message: str | None = None
+    node_token: str | None = None
 
 
 _dec = msgspec.json.Decoder(Inbound)
@@ -122,6 +125,7 @@ class LightNode:
         "fleet",
         "interval",
         "node_id",
+        "node_token",
         "pending",
         "profile",
         "registered",
@@ -133,7 +137,10 @@ class LightNode:
 
     def __init__(self, fleet: Fleet, node_id: str, profile: NodeProfile, seed: int) -> None:
         self.fleet = fleet
+        #: with an enrollment secret, the planned id is replaced by the one the scheduler issues
         self.node_id = node_id
+        #: the token of the latest node_register_ack (docs/security.md): presented on reconnect
+        self.node_token: str | None = None
         self.profile = profile
         self.rng = random.Random(seed)
         self.ws: WebSocketClient | None = None
@@ -158,13 +165,26 @@ class LightNode:
         """Connect, register, send the first heartbeat (it makes the node ready), start the timer."""
         fleet = self.fleet
         loop = asyncio.get_running_loop()
-        self.ws = await connect(fleet.host, fleet.port, "/ws/node", self.on_message, self.on_close)
+        self.ws = await connect(
+            fleet.host, fleet.port, "/ws/node", self.on_message, self.on_close, ssl_context=fleet.ssl_context
+        )
         self.registered = loop.create_future()
-        self.send(self.profile.register_message(self.node_id))
+        if fleet.enrollment_secret is not None and self.node_token is None:
+            # enrol: no id, the fleet secret; the scheduler issues the id and its token
+            msg = self.profile.register_message(None)
+            msg.enrollment_secret = fleet.enrollment_secret
+        else:
+            msg = self.profile.register_message(self.node_id)
+            msg.node_token = self.node_token
+        self.send(msg)
         reply = await asyncio.wait_for(self.registered, 30.0)
         if reply.type != "node_register_ack":
             fleet.counters.register_errors += 1
-            raise ConnectionError(f"registration refused: {reply.code}")
+            hint = "" if fleet.enrollment_secret else " (does the scheduler require --enrollment-secret?)"
+            raise Refused(f"registration refused: {reply.code}: {reply.message}{hint}")
+        if reply.node_id:
+            self.node_id = reply.node_id
+        self.node_token = reply.node_token or self.node_token
         if fleet.fixed_interval is None and reply.heartbeat_interval_ms:
             self.interval = reply.heartbeat_interval_ms / 1000.0
         self.heartbeat()
@@ -363,9 +383,16 @@ class Fleet:
         *,
         fixed_interval: float | None = None,
         seed: int = 0,
+        enrollment_secret: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        #: fleet enrollment secret: nodes enrol (the scheduler issues ids and tokens) instead of
+        #: registering under their planned ids
+        self.enrollment_secret = enrollment_secret
+        #: TLS (wss://) when set
+        self.ssl_context = ssl_context
         self.behaviour = behaviour or JobBehaviour()
         self.fixed_interval = fixed_interval
         self.counters = FleetCounters()

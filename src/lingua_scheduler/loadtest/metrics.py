@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import ssl
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,14 +22,15 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def http_get(url: str, timeout: float = 10.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def http_get(url: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> bytes:
+    """GET ``url`` (https:// verified with ``ssl_context``, else the system's store)."""
+    with urllib.request.urlopen(url, timeout=timeout, context=ssl_context) as r:
         body: bytes = r.read()
         return body
 
 
-def get_json(url: str, timeout: float = 10.0) -> Any:
-    return json.loads(http_get(url, timeout))
+def get_json(url: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> Any:
+    return json.loads(http_get(url, timeout, ssl_context))
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class Scrape:
         return cls(samples)
 
     @classmethod
-    def fetch(cls, base_url: str) -> Scrape:
-        return cls.parse(http_get(base_url.rstrip("/") + "/metrics").decode())
+    def fetch(cls, base_url: str, ssl_context: ssl.SSLContext | None = None) -> Scrape:
+        return cls.parse(http_get(base_url.rstrip("/") + "/metrics", ssl_context=ssl_context).decode())
 
     def has(self, name: str) -> bool:
         return name in self.samples

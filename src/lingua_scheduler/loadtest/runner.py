@@ -15,14 +15,17 @@ Must never: start its scheduler on anything but 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
@@ -47,6 +50,7 @@ from lingua_scheduler.loadtest.metrics import (
     scaled,
 )
 from lingua_scheduler.loadtest.workers import (
+    Access,
     LoadGenerator,
     NodeWorkerSpec,
     SessionWorkerSpec,
@@ -54,6 +58,7 @@ from lingua_scheduler.loadtest.workers import (
     session_plans,
     split,
 )
+from lingua_scheduler.sim.reach import describe
 
 
 @dataclass
@@ -91,6 +96,48 @@ class LoadtestOptions:
     seed: int = 1
     report_path: str | None = "loadtest-report.json"
     progress: bool = True
+    #: fleet enrollment secret of a scheduler with node authentication (docs/security.md)
+    enrollment_secret: str | None = None
+    #: tenant API key of a scheduler with session authentication
+    api_key: str | None = None
+    #: CA (or self-signed certificate) to trust for an https:// URL
+    ca_file: str | None = None
+    #: do not verify the scheduler's certificate (self-signed test certificates)
+    insecure: bool = False
+
+
+#: the options that are secrets: the report says whether they were set, never what they are
+SECRET_OPTIONS = ("enrollment_secret", "api_key")
+
+#: the keys a ``--credentials`` file may hold
+CREDENTIAL_KEYS = ("enrollment_secret", "api_key", "ca_file", "insecure")
+
+
+def read_credentials(path: str) -> dict[str, Any]:
+    """The credentials of a TOML file of ``CREDENTIAL_KEYS`` (top level or under ``[loadtest]``).
+
+    Raises ``ValueError`` naming the file and the key that is unknown or of the wrong type."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    table = data.get("loadtest", data)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: 'loadtest' must be a table")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in CREDENTIAL_KEYS:
+            raise ValueError(f"{path}: unknown key '{key}' (expected one of {', '.join(CREDENTIAL_KEYS)})")
+        want = bool if key == "insecure" else str
+        if not isinstance(value, want):
+            raise ValueError(f"{path}: key '{key}' must be a {want.__name__}")
+        out[key] = value
+    return out
 
 
 def free_port() -> int:
@@ -108,16 +155,19 @@ def server_process(
     output: IO[bytes] | int = subprocess.DEVNULL,
     start_timeout: float = 30.0,
     failure: str = "the server did not start",
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``args`` (an HTTP server listening on 127.0.0.1:``port``) in its own process until the block
-    ends; the block is entered once its ``/health`` answers. Raises ``RuntimeError(failure)`` when the
-    process exits first or does not answer within ``start_timeout`` seconds."""
+    """Run ``args`` (an HTTP server listening on 127.0.0.1:``port``; HTTPS verified with
+    ``ssl_context`` when given) in its own process until the block ends; the block is entered once its
+    ``/health`` answers. Raises ``RuntimeError(failure)`` when the process exits first or does not
+    answer within ``start_timeout`` seconds."""
     proc = subprocess.Popen(args, env=env, stdout=output, stderr=output)
+    scheme = "https" if ssl_context is not None else "http"
     try:
         deadline = time.monotonic() + start_timeout
         while True:
             try:
-                get_json(f"http://127.0.0.1:{port}/health", timeout=2)
+                get_json(f"{scheme}://127.0.0.1:{port}/health", timeout=2, ssl_context=ssl_context)
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
@@ -135,9 +185,13 @@ def server_process(
 
 @contextlib.contextmanager
 def local_scheduler(
-    env: dict[str, str], config_file: str | None = None, log_path: str | None = None
+    env: dict[str, str],
+    config_file: str | None = None,
+    log_path: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``lingua-scheduler serve`` in its own process on a free 127.0.0.1 port, until the block ends."""
+    """``lingua-scheduler serve`` in its own process on a free 127.0.0.1 port, until the block ends.
+    With ``ssl_context`` the configuration serves TLS and the base URL is https://."""
     port = free_port()
     args = [sys.executable, "-m", "lingua_scheduler", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if config_file:
@@ -147,8 +201,10 @@ def local_scheduler(
     with contextlib.ExitStack() as stack:
         # the log is closed after the process has stopped, not before (it writes until it exits)
         log: IO[bytes] | int = stack.enter_context(open(log_path, "ab")) if log_path else subprocess.DEVNULL
-        with server_process(args, port, env=full_env, output=log, failure=failure) as proc:
-            yield f"http://127.0.0.1:{port}", proc
+        with server_process(
+            args, port, env=full_env, output=log, failure=failure, ssl_context=ssl_context
+        ) as proc:
+            yield f"{'https' if ssl_context is not None else 'http'}://127.0.0.1:{port}", proc
 
 
 def _base_url(url: str) -> tuple[str, str, int]:
@@ -196,6 +252,7 @@ def run_loadtest(opts: LoadtestOptions, console: Console | None = None) -> dict[
         base, _, _ = _base_url(opts.url)
         report = _run(opts, base, opts.server_pid, started=False, console=console)
     else:
+        opts, serves_tls = _for_started_scheduler(opts)
         env = dict(opts.server_env)
         if opts.server_heartbeat_interval is not None:
             env["LINGUA_NODE_HEALTH__HEARTBEAT_INTERVAL_SECONDS"] = str(opts.server_heartbeat_interval)
@@ -206,7 +263,8 @@ def run_loadtest(opts: LoadtestOptions, console: Console | None = None) -> dict[
             env.setdefault(f"LINGUA_LIMITS__{endpoint}_MESSAGES_PER_SECOND", "1000000")
             env.setdefault(f"LINGUA_LIMITS__{endpoint}_MESSAGE_BURST", "1000000")
         log_path = os.path.join(tempfile.gettempdir(), f"lingua-loadtest-server-{os.getpid()}.log")
-        with local_scheduler(env, opts.config_file, log_path) as (base, proc):
+        tls = _access(opts, tls=serves_tls).ssl_context()
+        with local_scheduler(env, opts.config_file, log_path, tls) as (base, proc):
             report = _run(opts, base, proc.pid, started=True, console=console)
             report["server"]["log"] = log_path
     if opts.report_path:
@@ -218,10 +276,59 @@ def run_loadtest(opts: LoadtestOptions, console: Console | None = None) -> dict[
     return report
 
 
+def _for_started_scheduler(opts: LoadtestOptions) -> tuple[LoadtestOptions, bool]:
+    """The options for a scheduler this run starts from ``opts.config_file`` (and the environment):
+    its enrollment secret unless one was given, and its own certificate as the CA to trust when it
+    serves TLS (a self-signed test certificate; give --ca-file when it is signed by a CA); and whether
+    it serves TLS."""
+    from lingua_scheduler.config import load_config
+    from lingua_scheduler.errors import ConfigError
+
+    try:
+        cfg = load_config(opts.config_file, env={**os.environ, **opts.server_env})
+    except ConfigError as exc:
+        raise RuntimeError(f"invalid configuration of the scheduler to start: {exc}") from None
+    changes: dict[str, Any] = {}
+    if opts.enrollment_secret is None and cfg.auth.node_enrollment_secret:
+        changes["enrollment_secret"] = cfg.auth.node_enrollment_secret
+    if cfg.tls.cert_file and opts.ca_file is None and not opts.insecure:
+        changes["ca_file"] = cfg.tls.cert_file
+    if cfg.auth.tenants and opts.api_key is None:
+        raise RuntimeError(
+            "the scheduler to start requires tenant API keys ([[auth.tenants]]): pass --api-key"
+        )
+    return dataclasses.replace(opts, **changes), bool(cfg.tls.cert_file)
+
+
+def _access(opts: LoadtestOptions, *, tls: bool) -> Access:
+    return Access(
+        tls=tls,
+        ca_file=opts.ca_file,
+        insecure=opts.insecure,
+        enrollment_secret=opts.enrollment_secret,
+        api_key=opts.api_key,
+    )
+
+
+def _first_scrape(base: str, ssl_context: ssl.SSLContext | None) -> Scrape:
+    """The first ``/metrics`` scrape, failing with one line when the scheduler cannot be reached."""
+    try:
+        return Scrape.fetch(base, ssl_context)
+    except OSError as exc:
+        cause = (
+            exc.reason
+            if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException)
+            else exc
+        )
+        raise RuntimeError(describe(base + "/metrics", cause, 10.0)) from None
+
+
 def _run(
     opts: LoadtestOptions, base: str, pid: int | None, *, started: bool, console: Console
 ) -> dict[str, Any]:
     _, host, port = _base_url(base)
+    access = _access(opts, tls=base.startswith("https://"))
+    tls = access.ssl_context()
     run_id = secrets.token_hex(3)
     plan = fleet_plan(opts.nodes, opts.seed, f"lt{run_id}")
     rate = opts.rate if opts.rate is not None else 0.5 * opts.sessions
@@ -247,7 +354,9 @@ def _run(
     )
     node_procs = opts.node_procs or (1 if opts.nodes <= 3000 else 2)
     node_specs = [
-        NodeWorkerSpec(host, port, part, behaviour, opts.fixed_interval, seed=opts.seed * 7919 + i)
+        NodeWorkerSpec(
+            host, port, part, behaviour, opts.fixed_interval, seed=opts.seed * 7919 + i, access=access
+        )
         for i, part in enumerate(split(plan, node_procs))
         if part
     ]
@@ -259,6 +368,7 @@ def _run(
             window=opts.window,
             seed=opts.seed * 104729 + i,
             drain_seconds=opts.drain_seconds,
+            access=access,
         )
         for i, part in enumerate(split(plans, opts.session_procs))
         if part
@@ -272,7 +382,7 @@ def _run(
             if live is not None:
                 live.update(gen, base, probe)
 
-        m0 = Scrape.fetch(base)
+        m0 = _first_scrape(base, tls)
         t_reg = time.monotonic()
         if live:
             live.phase = "registering nodes"
@@ -287,9 +397,9 @@ def _run(
             live.phase = "warming up"
         _sleep_ticking(opts.warmup, gen, tick)
         # --- measurement window ---
-        m1 = Scrape.fetch(base)
+        m1 = Scrape.fetch(base, tls)
         cpu1, t1 = probe.cpu(m1), time.monotonic()
-        stats1 = _stats(base)
+        stats1 = _stats(base, tls)
         gen.go()
         if live:
             live.phase = "measuring"
@@ -299,16 +409,16 @@ def _run(
         while time.monotonic() < end_at:
             gen.poll(min(1.0, max(0.01, end_at - time.monotonic())))
             with contextlib.suppress(OSError):
-                scrape = Scrape.fetch(base)
+                scrape = Scrape.fetch(base, tls)
                 lags.append(scrape.value("lingua_event_loop_lag_seconds"))
                 if live:
                     live.last_scrape = scrape
             tick()
         gen.end()
-        m2 = Scrape.fetch(base)
+        m2 = Scrape.fetch(base, tls)
         cpu2, t2 = probe.cpu(m2), time.monotonic()
         memory = probe.memory(m2)
-        stats2 = _stats(base)
+        stats2 = _stats(base, tls)
         # --- drain ---
         if live:
             live.phase = "draining sessions"
@@ -317,7 +427,7 @@ def _run(
             live.phase = "stopping nodes"
         gen.stop_nodes(60, tick)
         time.sleep(0.3)  # let the server see the closes before the final scrape
-        m3 = Scrape.fetch(base)
+        m3 = Scrape.fetch(base, tls)
     window = t2 - t1
     nodes_r = gen.role_results("nodes")
     sess_r = gen.role_results("sessions")
@@ -350,9 +460,9 @@ def _sleep_ticking(seconds: float, gen: LoadGenerator, tick: Any) -> None:
         tick()
 
 
-def _stats(base: str) -> dict[str, Any] | None:
+def _stats(base: str, ssl_context: ssl.SSLContext | None) -> dict[str, Any] | None:
     try:
-        body = get_json(base + "/api/v1/stats")
+        body = get_json(base + "/api/v1/stats", ssl_context=ssl_context)
         return body if isinstance(body, dict) else None
     except (OSError, ValueError):
         return None
@@ -419,7 +529,12 @@ def _report(
         "version": __version__,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
-        "config": {**asdict(opts), "offered_rate_per_s": rate, "node_processes": node_procs},
+        "config": {
+            **asdict(opts),
+            **{k: "(set)" if getattr(opts, k) else None for k in SECRET_OPTIONS},
+            "offered_rate_per_s": rate,
+            "node_processes": node_procs,
+        },
         "server": {"url": base, "started_by_loadtest": started, "pid": pid},
         "window_seconds": round(window, 3),
         "registration": {

@@ -20,6 +20,7 @@ import gc
 import multiprocessing
 import queue
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from typing import Any, TypeVar
 
 from lingua_scheduler.loadtest.crowd import Crowd, SessionPlan
 from lingua_scheduler.loadtest.fleet import Fleet, JobBehaviour
+from lingua_scheduler.loadtest.wsclient import HandshakeError, Refused
 from lingua_scheduler.sim.profiles import NodeProfile, random_profile
+from lingua_scheduler.sim.reach import client_ssl_context, describe
 
 T = TypeVar("T")
 _ctx = multiprocessing.get_context("spawn")
@@ -101,6 +104,27 @@ def split(items: Sequence[T], parts: int) -> list[list[T]]:
 
 
 @dataclass(frozen=True)
+class Access:
+    """How the load generator reaches the scheduler and proves who it is (docs/security.md).
+
+    Plain data, so it crosses into the spawned workers; each builds its own TLS context from it."""
+
+    #: wss:// and https:// instead of ws:// and http://
+    tls: bool = False
+    #: PEM file of the CA (or self-signed certificate) to trust; None: the system's store
+    ca_file: str | None = None
+    #: do not verify the certificate (self-signed test certificates)
+    insecure: bool = False
+    #: fleet enrollment secret: nodes enrol and use the ids and tokens the scheduler issues
+    enrollment_secret: str | None = None
+    #: tenant API key every session presents
+    api_key: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return client_ssl_context(self.ca_file, self.insecure) if self.tls else None
+
+
+@dataclass(frozen=True)
 class NodeWorkerSpec:
     host: str
     port: int
@@ -109,6 +133,7 @@ class NodeWorkerSpec:
     fixed_interval: float | None = None
     seed: int = 0
     concurrency: int = 100
+    access: Access = field(default_factory=Access)
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,7 @@ class SessionWorkerSpec:
     record_sends: bool = False
     seed: int = 0
     drain_seconds: float = 10.0
+    access: Access = field(default_factory=Access)
 
 
 @dataclass
@@ -162,6 +188,16 @@ async def _report_progress(out: Any, kind: str, wid: int, read: Callable[[], dic
         out.put(("progress", kind, wid, read()))
 
 
+def _reason(exc: BaseException, spec: NodeWorkerSpec | SessionWorkerSpec, path: str) -> str:
+    """One line saying why a worker's start failed: the scheduler's refusal, or why it was unreachable."""
+    if isinstance(exc, Refused):
+        return str(exc)
+    if isinstance(exc, HandshakeError):
+        return f"{path}: not a WebSocket endpoint ({exc})"
+    scheme = "wss" if spec.access.tls else "ws"
+    return describe(f"{scheme}://{spec.host}:{spec.port}{path}", exc, 30.0)
+
+
 def node_worker(spec: NodeWorkerSpec, wid: int, ctl: Control, out: Any) -> None:
     """Process entry point: one fleet through the phases of a run."""
     _uvloop()
@@ -170,14 +206,21 @@ def node_worker(spec: NodeWorkerSpec, wid: int, ctl: Control, out: Any) -> None:
 
 async def _node_main(spec: NodeWorkerSpec, wid: int, ctl: Control, out: Any) -> None:
     fleet = Fleet(
-        spec.host, spec.port, spec.nodes, spec.behaviour, fixed_interval=spec.fixed_interval, seed=spec.seed
+        spec.host,
+        spec.port,
+        spec.nodes,
+        spec.behaviour,
+        fixed_interval=spec.fixed_interval,
+        seed=spec.seed,
+        enrollment_secret=spec.access.enrollment_secret,
+        ssl_context=spec.access.ssl_context(),
     )
     lag = _LagProbe()
     lag_task = asyncio.ensure_future(lag.run())
     try:
         seconds = await fleet.start(spec.concurrency)
     except Exception as exc:  # report, the orchestrator stops the run
-        out.put(("failed", "nodes", wid, f"registration failed: {exc!r}"))
+        out.put(("failed", "nodes", wid, f"registration failed: {_reason(exc, spec, '/ws/node')}"))
         return
     gc.collect()
     gc.freeze()  # the fleet is long-lived: keep the collector from rescanning it mid-measurement
@@ -231,13 +274,15 @@ async def _session_main(spec: SessionWorkerSpec, wid: int, ctl: Control, out: An
         chunk_ms=spec.chunk_ms,
         record_sends=spec.record_sends,
         seed=spec.seed,
+        api_key=spec.access.api_key,
+        ssl_context=spec.access.ssl_context(),
     )
     lag = _LagProbe()
     lag_task = asyncio.ensure_future(lag.run())
     try:
         seconds = await crowd.start()
     except Exception as exc:
-        out.put(("failed", "sessions", wid, f"session start failed: {exc!r}"))
+        out.put(("failed", "sessions", wid, f"session start failed: {_reason(exc, spec, '/ws/session')}"))
         return
     gc.collect()
     gc.freeze()

@@ -5,12 +5,16 @@ generator that must keep ten thousand simulated nodes heartbeating from one or t
 afford that without its own cost polluting the figures it measures. This client does the handshake,
 sends text frames and calls back with every complete text or binary message it receives.
 
-Deliberate shortcuts, acceptable for a load generator on the loopback interface only: the masking key
+Deliberate shortcuts, acceptable for a load generator driving a scheduler directly: the masking key
 of client frames is all zeros (the framing is legal -- the mask bit is set and a key is sent -- but the
 payload is left as is instead of XOR-ing every byte), the handshake's ``Sec-WebSocket-Accept`` is not
 verified, and no extensions or subprotocols are negotiated.
 
-Must never: be used to talk to anything but a local test server.
+TLS (wss://) is the event loop's own transport; the client is then as cheap as before but for the
+encryption. The zero masking key is harmless to the scheduler, but masking exists to protect proxies
+that cache: drive a scheduler directly, not through such a proxy.
+
+Must never: be used as a general-purpose client (it exists to measure the scheduler).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import cast
 
 _MASK = b"\x00\x00\x00\x00"
@@ -42,6 +47,10 @@ class HandshakeError(ConnectionError):
     """The server did not switch protocols."""
 
 
+class Refused(ConnectionError):
+    """The scheduler answered a node's or session's first request with an error frame."""
+
+
 class WebSocketClient(asyncio.Protocol):
     """One client connection. ``on_message(payload)`` runs for each complete data message;
     ``on_close()`` once when the connection is gone (either side)."""
@@ -53,11 +62,13 @@ class WebSocketClient(asyncio.Protocol):
         path: str,
         on_message: Callable[[bytes], None],
         on_close: Callable[[], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
         ).encode()
         self.on_message = on_message
         self.on_close = on_close
@@ -192,11 +203,21 @@ async def connect(
     on_message: Callable[[bytes], None],
     on_close: Callable[[], None] | None = None,
     timeout: float = 30.0,
+    *,
+    headers: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> WebSocketClient:
-    """Open a connection and complete the handshake."""
+    """Open a connection (TLS with ``ssl_context``: wss://) and complete the handshake, sending
+    ``headers`` with the upgrade request (``Authorization`` for a tenant API key)."""
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: WebSocketClient(host, port, path, on_message, on_close), host, port),
+        loop.create_connection(
+            lambda: WebSocketClient(host, port, path, on_message, on_close, headers),
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=host if ssl_context is not None else None,
+        ),
         timeout,
     )
     await asyncio.wait_for(proto.wait_open(), timeout)

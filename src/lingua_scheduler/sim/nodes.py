@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import msgspec
 
 from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
 from lingua_scheduler.sim.profiles import NodeProfile, random_profile
+from lingua_scheduler.sim.reach import Tally, safe_url, start_bounded
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
@@ -384,6 +387,13 @@ class SimulatedNode:
         return self.ws is None or self.ws.closed
 
 
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 async def run_fleet(
     url: str,
     count: int,
@@ -393,10 +403,19 @@ async def run_fleet(
     seed: int = 0,
     report: Callable[[str], None] | None = None,
     enrollment_secret: str | None = None,
-) -> list[SimulatedNode]:
-    """Start ``count`` nodes (20 registrations in flight at a time) and keep them alive."""
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Start ``count`` nodes (20 registrations in flight at a time) and keep the registered ones
+    heartbeating for ``duration`` seconds (forever without).
+
+    ``report`` gets one JSON line once registration is over (how many registered, how many were
+    refused and why, how many could not reach it) and one when the fleet stops; the first summary is
+    returned (``registered`` 0: nothing to keep alive, it returns at once). Each registration is
+    bounded by ``timeout``; the first node is started alone, and if it cannot reach the scheduler at
+    all ``Unreachable`` is raised with the reason."""
     rng = random.Random(seed)
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context if ssl_context is not None else True)
     async with aiohttp.ClientSession(connector=connector) as http:
         nodes = [
             SimulatedNode(
@@ -409,17 +428,45 @@ async def run_fleet(
             )
             for i in range(count)
         ]
+        tally = Tally()
         gate = asyncio.Semaphore(20)
+        t0 = time.monotonic()
 
-        async def start(n: SimulatedNode) -> None:
+        async def start(n: SimulatedNode, probe: bool = False) -> None:
             async with gate:
-                await n.start()
+                if not await start_bounded(url, timeout, tally, n.start, probe=probe):
+                    await n.close()
 
-        await asyncio.gather(*(start(n) for n in nodes))
-        if report:
-            report(f"{count} nodes registered")
         try:
-            await asyncio.sleep(duration if duration is not None else float("inf"))
+            if nodes:
+                await start(nodes[0], probe=True)
+            await asyncio.gather(*(start(n) for n in nodes[1:]))
+            summary = {
+                "event": "registered",
+                "url": safe_url(url),
+                "nodes": count,
+                **tally.as_dict("registered"),
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+            if report:
+                report(json.dumps(summary))
+            if tally.ok:
+                live = [n for n in nodes if n.node_id is not None and not n.closed]
+                try:
+                    await asyncio.sleep(duration if duration is not None else float("inf"))
+                finally:
+                    rtts = [r for n in live for r in n.rtts]
+                    p50 = _percentile(rtts, 0.5)
+                    stopped = {
+                        "event": "stopped",
+                        "registered": tally.ok,
+                        "still_connected": sum(1 for n in live if not n.closed),
+                        "heartbeats_acked": len(rtts),
+                        "heartbeat_rtt_ms_p50": round(p50 * 1e3, 2) if p50 is not None else None,
+                        "jobs_received": sum(n.jobs_received for n in live),
+                    }
+                    if report:
+                        report(json.dumps(stopped))
+            return summary
         finally:
             await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
-        return nodes

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from typing import Any
 import aiohttp
 import msgspec
 import yarl
+
+from lingua_scheduler.sim.reach import Tally, safe_url, start_bounded
 
 _dec = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
@@ -209,44 +213,82 @@ async def run_sessions(
     pause: float = 0.2,
     report: Callable[[str], None] | None = None,
     api_key: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
 ) -> dict[str, Any]:
-    """Drive ``count`` sessions each speaking ``utterances`` utterances; summarise what came back."""
-    async with aiohttp.ClientSession() as http:
+    """Drive ``count`` sessions each speaking ``utterances`` utterances; summarise what came back.
+
+    Each ``session_init`` is bounded by ``timeout``, and so is the wait for each session's close ack;
+    the first session is opened alone, and if it cannot reach the scheduler at all ``Unreachable`` is
+    raised with the reason. Refused sessions (their error code and message are counted) do not talk.
+    The summary (also given to ``report`` as one JSON line) counts, per utterance sent, exactly one
+    outcome: a result, a failure (``missing_result``, by reason), or nothing (unanswered)."""
+    connector = aiohttp.TCPConnector(ssl=ssl_context if ssl_context is not None else True)
+    async with aiohttp.ClientSession(connector=connector) as http:
         sessions = [
             SimulatedSession(http, url, src_lang=src_lang, tgt_lang=tgt_lang, api_key=api_key)
             for _ in range(count)
         ]
-        await asyncio.gather(*(s.start() for s in sessions))
+        tally = Tally()
+        opened: list[SimulatedSession] = []
+        lost = 0
+        try:
 
-        async def talk(s: SimulatedSession) -> None:
-            for _ in range(utterances):
-                await s.speak()
-                await asyncio.sleep(pause)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await s.close()
-
-        await asyncio.gather(*(talk(s) for s in sessions))
-        summary: dict[str, Any] = {
-            "sessions": count,
-            "utterances": count * utterances,
-            "results": 0,
-            "failures": 0,
-            "unanswered": 0,
-            "duplicates": 0,
-        }
-        for s in sessions:
-            outcomes = s.outcomes()
-            for i in range(s.utterances_sent):
-                got = outcomes.get(i, [])
-                if not got:
-                    summary["unanswered"] += 1
-                elif len(got) > 1:
-                    summary["duplicates"] += 1
-                elif got[0] == "result":
-                    summary["results"] += 1
+            async def start(s: SimulatedSession, probe: bool = False) -> None:
+                if await start_bounded(url, timeout, tally, s.start, probe=probe):
+                    opened.append(s)
                 else:
-                    summary["failures"] += 1
-            await s.disconnect()
-        if report:
-            report(str(summary))
-        return summary
+                    await s.disconnect()
+
+            if sessions:
+                await start(sessions[0], probe=True)
+            await asyncio.gather(*(start(s) for s in sessions[1:]))
+
+            async def talk(s: SimulatedSession) -> None:
+                nonlocal lost
+                try:
+                    for _ in range(utterances):
+                        await s.speak()
+                        await asyncio.sleep(pause)
+                    await s.close(timeout=timeout)
+                except TimeoutError:
+                    pass  # no close ack in time: what is missing shows as unanswered
+                except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                    lost += 1  # the scheduler closed the connection mid-session
+
+            await asyncio.gather(*(talk(s) for s in opened))
+            summary: dict[str, Any] = {
+                "url": safe_url(url),
+                "sessions": count,
+                **tally.as_dict("opened"),
+                "connections_lost": lost,
+                "utterances": sum(s.utterances_sent for s in opened),
+                "results": 0,
+                "failures": 0,
+                "failure_reasons": {},
+                "unanswered": 0,
+                "duplicates": 0,
+                "error_codes": {},
+            }
+            for s in opened:
+                outcomes = s.outcomes()
+                for i in range(s.utterances_sent):
+                    got = outcomes.get(i, [])
+                    if not got:
+                        summary["unanswered"] += 1
+                    elif len(got) > 1:
+                        summary["duplicates"] += 1
+                    elif got[0] == "result":
+                        summary["results"] += 1
+                    else:
+                        summary["failures"] += 1
+                        reason = got[0].removeprefix("missing:")
+                        summary["failure_reasons"][reason] = summary["failure_reasons"].get(reason, 0) + 1
+                for m in s.of_type("error"):
+                    code = str(m.get("code"))
+                    summary["error_codes"][code] = summary["error_codes"].get(code, 0) + 1
+            if report:
+                report(json.dumps(summary))
+            return summary
+        finally:
+            await asyncio.gather(*(s.disconnect() for s in sessions), return_exceptions=True)
