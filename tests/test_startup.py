@@ -359,3 +359,13 @@ def test_terminal_gets_text_by_default() -> None:
         os.close(leader)
     first = out.decode().splitlines()[0]
     assert TEXT_LINE.match(first) and "lingua-scheduler listening" in first and not first.startswith("{")
+
+
+def test_configuration_doc_lists_every_serve_flag() -> None:
+    from lingua_scheduler.cli import serve
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    flags = [opt for param in serve.params for opt in param.opts if opt.startswith("--")]
+    assert "--log-format" in flags
+    missing = [f for f in flags if f"`{f}`" not in doc and f"`{f} " not in doc]
+    assert missing == [], "serve flags missing from docs/configuration.md"
