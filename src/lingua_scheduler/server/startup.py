@@ -261,13 +261,15 @@ async def _check_store(cluster: Cluster, config: Config) -> None:
     only its own nodes and sessions until Redis answers (the cluster logs when it does)."""
     try:
         await cluster.store.ping()
-    except StoreUnavailable as exc:
+    except Exception as exc:  # any failure means "does not answer": StoreUnavailable, and in Redis
+        # Cluster mode the client's "cannot be connected" error, which is not one of its RedisErrors
+        reason = str(exc) if isinstance(exc, StoreUnavailable) else f"redis: {type(exc).__name__}: {exc}"
         log.warning(
             "Redis unreachable at start: serving degraded (only the nodes and sessions connected to "
             "this instance) until it answers",
             extra={
                 "redis_url": redacted(config.cluster.redis_url),
-                "reason": str(exc),
+                "reason": reason,
                 "instance": cluster.instance_id,
                 "degraded": True,
             },
