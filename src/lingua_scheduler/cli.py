@@ -18,8 +18,13 @@ def _load(
     port: int | None,
     cluster: dict[str, Any] | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
+    server: dict[str, Any] | None = None,
 ) -> Config:
-    overrides: dict[str, dict[str, Any]] = {"server": {}, "cluster": cluster or {}, **(extra or {})}
+    overrides: dict[str, dict[str, Any]] = {
+        "server": dict(server or {}),
+        "cluster": cluster or {},
+        **(extra or {}),
+    }
     if host is not None:
         overrides["server"]["host"] = host
     if port is not None:
@@ -56,6 +61,19 @@ def main() -> None:
     default=False,
     help="Accept every node and session even with [auth] configured (local development only).",
 )
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Root log level (default info; server.log_level).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "text", "json"]),
+    default=None,
+    help="Log lines: readable text or JSON objects (default auto: text on a terminal, JSON otherwise).",
+)
+@click.option("--debug", is_flag=True, default=False, help="Show the Python traceback when the start fails.")
 def serve(
     host: str | None,
     port: int | None,
@@ -66,10 +84,17 @@ def serve(
     tls_cert: str | None,
     tls_key: str | None,
     insecure_dev: bool,
+    log_level: str | None,
+    log_format: str | None,
+    debug: bool,
 ) -> None:
-    """Start the scheduler (embedded in-memory state unless --redis-url is given)."""
-    from lingua_scheduler.server.app import run
+    """Start the scheduler (embedded in-memory state unless --redis-url is given).
+
+    A start that cannot go on prints one line saying why and exits with status 2 (configuration:
+    flags, file, environment variables) or 1 (this machine: a port taken, no permission)."""
     from lingua_scheduler.server.logs import setup_logging
+    from lingua_scheduler.server.startup import StartupError, exit_code, explain
+    from lingua_scheduler.server.startup import serve as run_server
 
     cluster = {
         k: v
@@ -81,13 +106,17 @@ def serve(
         extra["tls"] = {"cert_file": tls_cert or "", "key_file": tls_key or ""}
     if insecure_dev:
         extra["auth"] = {"insecure_dev": True}
-    config = _load(config_file, host, port, cluster, extra)
-    setup_logging(config.server.log_level, config.server.log_levels)
+    logging_flags = {k: v for k, v in (("log_level", log_level), ("log_format", log_format)) if v is not None}
+    config = _load(config_file, host, port, cluster, extra, logging_flags)
+    server = config.server
+    setup_logging(server.log_level, server.log_levels, server.log_format)
     try:
-        run(config)
-    except ConfigError as exc:  # raised at start by what only loads then (the TLS certificate)
-        click.echo(f"lingua-scheduler: invalid configuration: {exc}", err=True)
-        sys.exit(2)
+        run_server(config)
+    except (StartupError, ConfigError) as exc:  # ConfigError: what only loads at start (TLS, Redis URL)
+        if debug:
+            raise
+        click.echo(explain(exc), err=True)
+        sys.exit(exit_code(exc))
 
 
 @main.command("config-defaults")

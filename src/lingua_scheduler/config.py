@@ -48,8 +48,10 @@ class ServerConfig(Section):
     outbound_queue: int = 1024
     #: listen backlog: a fleet reconnecting at once after a restart must not be refused
     backlog: int = 2048
-    #: root log level (logs are JSON lines on stderr)
+    #: root log level of the lines on stderr
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: log lines: "text" (readable) on a terminal and "json" (one object each) otherwise, or forced
+    log_format: Literal["auto", "text", "json"] = "auto"
     #: per-module log levels, e.g. {"lingua_scheduler.server.node_endpoint" = "debug"}
     log_levels: dict[str, str] = {}
 

@@ -1,11 +1,12 @@
-"""Builds the aiohttp application of one scheduler instance and starts/stops its background tasks."""
+"""Builds the aiohttp application of one scheduler instance and starts/stops its background tasks.
+
+Binding, the "listening" line and start-up failures are server/startup.py's (``serve``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -17,10 +18,7 @@ from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_stor
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
-from lingua_scheduler.server.tls import server_ssl_context
 from lingua_scheduler.store.redis_store import RedisStore
-
-log = logging.getLogger(__name__)
 
 
 def build_app(config: Config, clock: Clock | None = None) -> web.Application:
@@ -31,6 +29,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         clock = store.shared_clock  # one clock for every instance: wall times on Redis's (OffsetClock)
     state = SchedulerState(config, clock)
     app[STATE] = state
+    app.router.add_get("/", root)
     app.router.add_get("/ws/node", node_ws)
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
@@ -46,6 +45,11 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     shutdown.setup(app)  # SIGTERM: drain, fail the rest explicitly, close with 1001 (last on_shutdown hook)
     auth.setup(app)  # start-up warning when left open; revocation sync in shared mode
     return app
+
+
+async def root(request: web.Request) -> web.StreamResponse:
+    """``GET /``: a browser pointed at the scheduler lands on the dashboard."""
+    raise web.HTTPFound("/dashboard")
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -67,33 +71,3 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for t in running:
         with contextlib.suppress(asyncio.CancelledError):
             await t
-
-
-def run(config: Config) -> None:
-    """Serve until interrupted (``make run``)."""
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
-        pass
-    ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
-    app = build_app(config)
-    shutdown.handle_signals(app)  # SIGTERM drains in-flight work before aiohttp's own shutdown
-    host, port = config.server.host, config.server.port
-    scheme = "wss" if ssl_context is not None else "ws"
-    log.info(
-        "lingua-scheduler listening",
-        extra={"host": host, "port": port, "node_ws": f"{scheme}://{host}:{port}/ws/node"},
-    )
-    # Objects alive at start (modules, config, routes) never become garbage: keep the collector off them.
-    gc.freeze()
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        ssl_context=ssl_context,
-        backlog=config.server.backlog,
-    )

@@ -503,6 +503,17 @@ def _paths() -> dict[str, Schema]:
                 "503": error("Too many dashboards connected (``TOO_MANY_CLIENTS``)"),
             },
         ),
+        "/": _get(
+            "dashboard",
+            "root",
+            "Redirects to the dashboard",
+            {
+                "302": {
+                    "description": "To ``/dashboard``",
+                    "headers": {"Location": {"schema": {"type": "string", "const": "/dashboard"}}},
+                }
+            },
+        ),
         "/dashboard": _get(
             "dashboard",
             "dashboard",
