@@ -330,7 +330,7 @@ def test_every_byte_lands_in_exactly_one_utterance(
     assert all(u.size > 0 for u in out)
     # a single Opus packet is the smallest unit and may exceed a tiny byte limit on its own
     assert all(
-        u.size <= seg.limit_bytes or fmt is OPUS and u.size <= 62
+        u.size <= seg.limit_bytes or (fmt is OPUS and u.size <= 62)
         for u in out
         if u.reason is not CutReason.COMPLETE
     )
