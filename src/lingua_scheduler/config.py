@@ -175,7 +175,8 @@ class PoolsConfig(Section):
 class SessionConfig(Section):
     """Client sessions: segmentation and result ordering."""
 
-    #: silence longer than this finalizes the current utterance
+    #: silence longer than this, beyond the end of the audio received (timed as if played from its
+    #: arrival), finalizes the current utterance; a client's chunk cadence never counts as silence
     pause_ms: int = 800
     #: an utterance is cut when its estimated audio reaches this length
     max_duration_ms: int = 20_000
@@ -187,8 +188,20 @@ class SessionConfig(Section):
     max_pending_results: int = 64
     #: an utterance index still missing after this long is released as missing_result(gap_timeout)
     result_gap_timeout_ms: int = 10_000
-    default_audio_format: str = "pcm16"
+    #: what a session that declares no audio_format streams; "opus" is length-prefixed Opus (a 2-byte
+    #: little-endian length before each packet), what the reference web client always sends. Such audio
+    #: is recognised whatever this says; undeclared audio in no recognised format is refused
+    default_audio_format: str = "opus"
     default_sample_rate: int = 16_000
+    #: while the client plays synthesized speech (tts_started .. tts_play_ended) no pause cut happens,
+    #: for at most this long after tts_started (a client that never reports the end)
+    tts_guard_max_ms: int = 30_000
+    #: a session whose connection drops stays resumable this long (session_init.resume_token): its
+    #: jobs keep running and its results wait for the reconnect; 0 ends it at the disconnect
+    resume_window_ms: int = 0
+    #: messages kept for a detached session until it resumes (results, missing_result, errors); past
+    #: it the oldest are dropped, and the client learns of their utterances by missing_result on resume
+    max_detached_messages: int = 256
 
     def __post_init__(self) -> None:
         for name in (
@@ -199,8 +212,12 @@ class SessionConfig(Section):
             "max_pending_results",
             "result_gap_timeout_ms",
             "default_sample_rate",
+            "tts_guard_max_ms",
+            "max_detached_messages",
         ):
             _positive(name, getattr(self, name))
+        if self.resume_window_ms < 0:
+            raise ValueError("resume_window_ms must be >= 0 (0 disables resuming)")
 
 
 class JobConfig(Section):

@@ -15,6 +15,7 @@ from lingua_scheduler.core.audio import (
     duration_ms,
     negotiate,
 )
+from lingua_scheduler.core.opus import frame
 from lingua_scheduler.core.segmentation import (
     TRANSITIONS,
     CutReason,
@@ -26,8 +27,8 @@ from lingua_scheduler.core.segmentation import (
 )
 from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError, SessionError
 
-PCM16 = AudioSpec(AudioFormat.PCM16, 16000)
-OPUS = AudioSpec(AudioFormat.OPUS, 16000)
+PCM16 = AudioSpec(AudioFormat.PCM16, 16000, declared=True)
+OPUS = AudioSpec(AudioFormat.OPUS, 16000, declared=True)
 
 
 def make(
@@ -40,6 +41,11 @@ def make(
 
 def audio(n: int, fill: int = 1) -> bytes:
     return bytes([fill % 256]) * n
+
+
+def opus20(packets: int, size: int = 40, fill: int = 1) -> bytes:
+    """``packets`` length-prefixed Opus packets of 20 ms (TOC 0x48), ``size`` + 2 bytes each."""
+    return frame([bytes([0x48]) + bytes([fill % 256]) * (size - 1)] * packets)
 
 
 # --- audio estimates --------------------------------------------------------------------------------
@@ -62,10 +68,14 @@ def test_bytes_for_ms_inverts_duration() -> None:
 
 def test_negotiation_grants_supported_and_falls_back() -> None:
     cfg = SessionConfig()
-    assert negotiate("opus", 48000, cfg) == AudioSpec(AudioFormat.OPUS, 48000)
-    assert negotiate(None, None, cfg) == AudioSpec(AudioFormat.PCM16, 16000)
-    assert negotiate("mp3", 44100, cfg) == AudioSpec(AudioFormat.PCM16, 44100)
-    assert negotiate("opus", 44100, cfg) == AudioSpec(AudioFormat.OPUS, 16000)  # opus has no 44.1k
+    assert negotiate("opus", 48000, cfg) == AudioSpec(AudioFormat.OPUS, 48000, declared=True)
+    # the default is what the reference web client sends without declaring it
+    assert negotiate(None, None, cfg) == AudioSpec(AudioFormat.OPUS, 16000)
+    assert negotiate("mp3", 44100, cfg) == AudioSpec(AudioFormat.OPUS, 16000)  # opus has no 44.1k
+    assert negotiate("pcm16", 44100, cfg) == AudioSpec(AudioFormat.PCM16, 44100, declared=True)
+    assert negotiate("opus", 44100, cfg) == AudioSpec(AudioFormat.OPUS, 16000, declared=True)
+    pcm_default = SessionConfig(default_audio_format="pcm16")
+    assert negotiate("mp3", 44100, pcm_default) == AudioSpec(AudioFormat.PCM16, 44100)
     with pytest.raises(ConfigError):
         negotiate(None, None, SessionConfig(default_audio_format="mp3"))
 
@@ -109,9 +119,10 @@ def test_empty_finalize_does_not_advance_the_index() -> None:
 
 def test_pause_is_detected_by_tick() -> None:
     seg, clock = make()
-    seg.chunk(audio(100), False)
+    seg.chunk(audio(3200), False)  # 100 ms: the silence starts when it would have finished playing
     deadline = seg.next_deadline()
-    assert deadline == pytest.approx(clock.monotonic() + 0.8)
+    assert deadline == pytest.approx(clock.monotonic() + 0.1 + 0.8)
+    clock.advance(0.1)
     clock.advance(0.5)
     assert seg.tick() == []
     clock.advance(0.3)
@@ -128,7 +139,7 @@ def test_each_chunk_pushes_the_pause_deadline_but_an_empty_one_does_not() -> Non
     clock.advance(0.6)
     assert seg.tick() == []  # 1.2 s since the first chunk, 0.6 s since the last
     seg.chunk(b"", False)
-    clock.advance(0.2)
+    clock.advance(0.2 + 0.001)  # and the last chunk's 0.3 ms of audio
     [utt] = seg.tick()
     assert utt.size == 20
 
@@ -163,13 +174,19 @@ def test_max_duration_cuts_when_reached() -> None:
     assert seg.buffered_bytes == 0
 
 
-def test_max_duration_with_opus_estimate() -> None:
+def test_max_duration_with_opus_is_read_from_the_packets() -> None:
     seg, _ = make(spec=OPUS, max_duration_ms=2000)
-    assert seg.limit_bytes == 6000
-    assert seg.chunk(audio(4000), False) == []
-    [utt] = seg.chunk(audio(4000), False)  # would overflow: the earlier audio is cut first
-    assert utt.size == 4000 and utt.reason is CutReason.MAX_DURATION
-    assert seg.buffered_bytes == 4000
+    assert seg.chunk(opus20(60), False) == []  # 1.2 s, whatever its size
+    [utt] = seg.chunk(opus20(60), False)  # would overflow: the earlier audio is cut first
+    assert utt.duration_ms == 1200 and utt.reason is CutReason.MAX_DURATION
+    assert utt.audio_format == "opus"
+    assert seg.buffered_bytes == len(opus20(60))
+    # 3 s in one chunk: the 1.2 s buffered is cut, then the chunk is split between packets at 2 s
+    first, second = seg.chunk(opus20(150, size=10), False)
+    assert (first.duration_ms, second.duration_ms) == (1200, 2000)
+    assert second.reason is CutReason.MAX_DURATION and second.size == 100 * 12
+    assert seg.buffered_bytes == 50 * 12
+    seg.validate()
 
 
 def test_max_bytes_cuts_before_overflowing() -> None:
@@ -227,7 +244,7 @@ def test_a_silent_session_stays_open() -> None:
 def test_complete_utterances_take_the_next_index() -> None:
     seg, _ = make(max_utterance_bytes=1000)
     seg.chunk(audio(10, 1), False)
-    [whole] = seg.utterance(audio(500, 2), "opus", 48000)
+    [whole] = seg.utterance(opus20(10, size=48), "opus", 48000)
     assert (whole.index, whole.reason, whole.audio_format, whole.sample_rate) == (
         0,
         CutReason.COMPLETE,
@@ -268,7 +285,7 @@ def test_explicit_now_overrides_the_clock() -> None:
     t0 = clock.monotonic()
     seg.chunk(audio(10), False, t0)
     assert seg.tick(t0 + 0.79) == []
-    assert len(seg.tick(t0 + 0.8)) == 1
+    assert len(seg.tick(t0 + 0.801)) == 1  # 0.8 s of silence after its 0.3 ms of audio
 
 
 # --- property: every byte in exactly one utterance, in order ---------------------------------------
@@ -295,14 +312,14 @@ def test_every_byte_lands_in_exactly_one_utterance(
     for i, (op, n, final, dt) in enumerate(ops):
         clock.advance(dt)
         if op == "chunk":
-            data = audio(n, i)
+            data = audio(n - n % 2, i) if fmt is PCM16 else opus20(n // 40, size=1 + i % 60, fill=i)
             streamed.append(data)
             out += seg.chunk(data, final)
         elif op == "tick":
             out += seg.tick()
         elif n <= max_bytes:
-            data = audio(n, 1000 + i)
-            if n:
+            data = audio(n - n % 2, 1000 + i)
+            if data:
                 wholes.append(data)
             out += seg.utterance(data, "pcm16", 16000)
         seg.validate()
@@ -311,7 +328,12 @@ def test_every_byte_lands_in_exactly_one_utterance(
     out += seg.close()
     assert [u.index for u in out] == list(range(len(out)))
     assert all(u.size > 0 for u in out)
-    assert all(u.size <= seg.limit_bytes for u in out if u.reason is not CutReason.COMPLETE)
+    # a single Opus packet is the smallest unit and may exceed a tiny byte limit on its own
+    assert all(
+        u.size <= seg.limit_bytes or (fmt is OPUS and u.size <= 62)
+        for u in out
+        if u.reason is not CutReason.COMPLETE
+    )
     assert b"".join(u.audio for u in out if u.reason is not CutReason.COMPLETE) == b"".join(streamed)
     assert [u.audio for u in out if u.reason is CutReason.COMPLETE] == wholes
     assert seg.state is SegState.CLOSED and seg.buffered_bytes == 0

@@ -152,7 +152,7 @@ async def test_session_streaming_at_50_per_second_is_never_limited(
     """Default limits: a client streaming 20 ms chunks (50/s) with heartbeats is never limited."""
     rs = await scheduler_factory(jobs=FAST_JOBS, scheduler={"fleet_view_interval_ms": 10})
     await ready_nodes(rs, node_factory, 1)
-    s = session_factory(url=rs.session_url)
+    s = session_factory(url=rs.session_url, audio_format="pcm16")
     await s.start()
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -185,9 +185,14 @@ async def test_session_flood_is_dropped_then_closed(scheduler_factory: Any) -> N
             await ws.send_str(hb)
         replies = await drain(ws)
         kinds = [r["type"] for r in replies]
-        # the burst is served (9 tokens left after the init), then one error tells of the drops
+        # the burst is served (9 tokens left after the init); the client is told to slow down before
+        # anything is dropped, then to pause (backpressure, not an error it would show its user)
         assert 9 <= kinds.count("server_heartbeat") <= 12, kinds
-        assert [r["code"] for r in replies if r["type"] == "error"] == ["RATE_LIMITED"]
+        assert [r for r in replies if r["type"] == "error"] == []
+        actions = [r["action"] for r in replies if r["type"] == "backpressure"]
+        assert actions[0] == "SLOW_DOWN" and actions[-1] == "PAUSE", actions
+        assert kinds.index("backpressure") < len(kinds) - 1
+        assert all(r["resume_after_ms"] > 0 for r in replies if r["type"] == "backpressure")
 
         # keep flooding: closed with 1008 once the excess has lasted 0.5 s
         async def flood() -> None:  # twice the rate, never slowing down
@@ -232,12 +237,14 @@ async def test_pings_are_answered_and_count_against_the_rate(scheduler_factory: 
                 if msg.type is aiohttp.WSMsgType.PONG:
                     pongs += 1
                 elif msg.type is aiohttp.WSMsgType.TEXT:
-                    errors.append(msgspec.json.decode(msg.data)["code"])
+                    told = msgspec.json.decode(msg.data)
+                    errors.append(told.get("code") or f"{told['type']}:{told['action']}")
                 else:
                     break
         await flooding
         assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
-        assert errors and set(errors) == {"RATE_LIMITED"}
+        assert errors and set(errors) <= {"backpressure:SLOW_DOWN", "backpressure:PAUSE"}
+        assert "backpressure:PAUSE" in errors
         assert pongs < 60  # ~0.5 s of excess at 100 pings/s: many were not answered
     assert await rs.metric("lingua_rate_limited_frames_total", '{endpoint="session"}') > 10
     await eventually(lambda: rs.state.limits.open_connections == 0)
@@ -257,7 +264,7 @@ async def test_audio_per_utterance_is_cut_or_refused(
         scheduler={"fleet_view_interval_ms": 10},
     )
     [node] = await ready_nodes(rs, node_factory, 1)
-    s = session_factory(url=rs.session_url)
+    s = session_factory(url=rs.session_url, audio_format="pcm16")
     await s.start()
     for i in range(6):  # 6 x 6400 B = 38400 B streamed as one "utterance" of the client's
         await s.chunk(payload=base64.b64encode(bytes([i]) * 6400).decode(), is_final=i == 5)
@@ -283,7 +290,7 @@ async def test_audio_backlog_per_session_is_bounded(
         session={"max_utterance_bytes": 16_000, "max_session_buffer_bytes": 40_000},
         scheduler={"fleet_view_interval_ms": 10},
     )
-    s = session_factory(url=rs.session_url)
+    s = session_factory(url=rs.session_url, audio_format="pcm16")
     await s.start()
     err = s.wait_for(is_type("error"))
     for _ in range(3):  # no node yet: the jobs wait, holding their audio

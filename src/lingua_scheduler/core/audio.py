@@ -1,7 +1,9 @@
-"""Audio facts the core needs: formats, duration estimates, strict base64, format negotiation.
+"""Audio facts the core needs: formats, durations, format detection, strict base64, negotiation.
 
-Owns: the supported session audio formats and sample rates, the byte <-> duration estimate used for
-segmentation limits and job timeouts, and the base64 codec for audio carried in JSON frames.
+Owns: the supported session audio formats and sample rates, the duration of audio (exact for pcm16 and
+for length-prefixed Opus, read from the packets' TOC bytes; an estimate for anything else) used for
+segmentation limits, pause timing and job timeouts, which format a chunk of audio is in
+(``detect_format``), and the base64 codec for audio carried in JSON frames.
 
 Must never: log or echo audio bytes (error messages name sizes, never content), decode audio, or
 silently turn bad input into empty audio (the reference did that with invalid base64).
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from lingua_scheduler.config import SessionConfig
+from lingua_scheduler.core import opus
 from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError
 
 
@@ -52,9 +55,59 @@ def bytes_per_second(audio_format: str, sample_rate: int) -> int:
 def duration_ms(n_bytes: int, audio_format: str, sample_rate: int) -> int:
     """Estimated duration of ``n_bytes`` of audio, in whole milliseconds (rounded down).
 
-    pcm16 at 16000 Hz: 32000 B = 1000 ms. opus: 3000 B = 1000 ms.
+    pcm16 at 16000 Hz: 32000 B = 1000 ms. opus: 3000 B = 1000 ms (``audio_tenths`` reads the real
+    duration of length-prefixed Opus from its packets).
     """
     return n_bytes * 1000 // bytes_per_second(audio_format, sample_rate)
+
+
+def audio_tenths(data: bytes, audio_format: str, sample_rate: int) -> int:
+    """Duration of ``data`` in tenths of a millisecond: from the packets' TOC bytes for length-prefixed
+    Opus, from the sample count for pcm16, else the byte-rate estimate of ``duration_ms``."""
+    if audio_format == AudioFormat.OPUS:
+        tenths = opus.duration_tenths(data)
+        if tenths is not None:
+            return tenths
+    return len(data) * 10_000 // bytes_per_second(audio_format, sample_rate)
+
+
+def audio_duration_ms(data: bytes, audio_format: str, sample_rate: int) -> int:
+    """``audio_tenths`` in whole milliseconds (rounded down)."""
+    return audio_tenths(data, audio_format, sample_rate) // 10
+
+
+def detect_format(data: bytes, expected: AudioFormat | None, default: AudioFormat) -> AudioFormat:
+    """The format of a non-empty chunk of session audio.
+
+    ``expected`` is what the session's audio must be (the format the client declared, or the one its
+    first audio was in); None lets the bytes decide: length-prefixed Opus (what the reference web
+    client always sends, whatever it was told) is Opus, anything else is pcm16 only when that is the
+    configured default. Audio in no acceptable format raises ``ProtocolError(INVALID_MESSAGE)``: guessing
+    would have a node decode it as the wrong thing and hear noise.
+    """
+    if expected is AudioFormat.PCM16 or (expected is None and not opus.is_framed_opus(data)):
+        if expected is None and default is not AudioFormat.PCM16:
+            raise ProtocolError(
+                f"audio chunk of {len(data)} bytes is not Opus in 2-byte length framing, and the session "
+                'declared no audio_format: declare audio_format "pcm16" in session_init to stream pcm16',
+                code=ErrorCode.INVALID_MESSAGE,
+                details={"field": "$.payload", "expected": AudioFormat.OPUS.value},
+            )
+        if len(data) % frame_bytes(AudioFormat.PCM16):
+            raise ProtocolError(
+                f"pcm16 audio chunk of {len(data)} bytes is not a whole number of 16-bit samples",
+                code=ErrorCode.INVALID_MESSAGE,
+                details={"field": "$.payload", "expected": AudioFormat.PCM16.value},
+            )
+        return AudioFormat.PCM16
+    if not opus.is_framed_opus(data):
+        raise ProtocolError(
+            f"audio chunk of {len(data)} bytes is not Opus in 2-byte length framing (a little-endian "
+            "length before each packet), which this session streams",
+            code=ErrorCode.INVALID_MESSAGE,
+            details={"field": "$.payload", "expected": AudioFormat.OPUS.value},
+        )
+    return AudioFormat.OPUS
 
 
 def bytes_for_ms(ms: int, audio_format: str, sample_rate: int) -> int:
@@ -98,6 +151,8 @@ class AudioSpec:
     audio_format: AudioFormat
     sample_rate: int
     channels: int = CHANNELS
+    #: the client named this format in session_init (else it is the default, and the audio decides)
+    declared: bool = False
 
     @property
     def codec(self) -> str:
@@ -117,7 +172,8 @@ def negotiate(requested_format: str | None, requested_rate: int | None, config: 
             f"{config.default_audio_format!r} is not one of {[f.value for f in AudioFormat]}",
         ) from None
     fmt = default_format
-    if requested_format in _FORMAT_NAMES:
+    declared = requested_format is not None and requested_format in _FORMAT_NAMES
+    if requested_format is not None and declared:
         fmt = AudioFormat(requested_format)
     rates = SUPPORTED_RATES[fmt]
     if requested_rate is not None and requested_rate in rates:
@@ -126,4 +182,4 @@ def negotiate(requested_format: str | None, requested_rate: int | None, config: 
         rate = config.default_sample_rate
     else:
         rate = 16000
-    return AudioSpec(fmt, rate)
+    return AudioSpec(fmt, rate, declared=declared)

@@ -4,13 +4,25 @@ Owns: the session's open utterance buffer, the utterance index counter, the paus
 rules. Everything that decides where an utterance ends lives in this file:
 
 - ``is_final`` on a chunk cuts after that chunk (manual cut);
-- silence of ``pause_ms`` since the last audio cuts (``tick()`` at ``next_deadline()``). When the shell
-  is late and the next chunk arrives after the deadline, the *previous* audio is cut first and the new
-  chunk starts the next utterance: a chunk after a pause is never cut off on its own, never lost;
-- the utterance reaches its size limit: ``max_duration_ms`` of estimated audio or
-  ``max_utterance_bytes``, whichever is fewer bytes (reason says which). A chunk that would overflow the
-  buffer cuts the audio before it; a single chunk larger than the limit is split at the limit;
+- silence of ``pause_ms`` beyond the audio already received cuts (``tick()`` at ``next_deadline()``).
+  Audio is timed as if it played from the moment it arrived: a chunk arriving while earlier audio
+  would still be playing extends that playback, one arriving after it starts a new one. The silence
+  starts where that playback ends, so a client that sends one chunk per 2.56 s of audio (or per
+  256 ms) is never cut between chunks, and one that sends faster than real time is not cut either.
+  While the client plays synthesized speech (``tts_started`` .. ``tts_ended``, at most
+  ``tts_guard_max_ms``) no pause cut happens; after it, the silence counts from its end. When the
+  shell is late and the next chunk arrives after the deadline, the *previous* audio is cut first and
+  the new chunk starts the next utterance: a chunk after a pause is never cut off on its own, never
+  lost;
+- the utterance reaches its size limit: ``max_duration_ms`` of audio or ``max_utterance_bytes``,
+  whichever comes first (reason says which). A chunk that would overflow the buffer cuts the audio
+  before it; a single chunk larger than the limit is split at the limit (between Opus packets);
 - ``close()`` finalizes whatever is buffered.
+
+The audio format: a session that declared one streams that; one that did not is locked to the format
+of its first audio (``core.audio.detect_format``), and every later chunk must be in it. A chunk in no
+acceptable format is refused (``ProtocolError``) and changes nothing. Durations are exact for pcm16
+and for length-prefixed Opus (from the packets' TOC bytes).
 
 Indices are given when an utterance is finalized: contiguous from ``start_index``; an empty buffer never
 produces an utterance nor consumes an index. Whole utterances (the ``utterance`` message) take the
@@ -29,7 +41,16 @@ from enum import StrEnum
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import SessionConfig
-from lingua_scheduler.core.audio import AudioSpec, bytes_for_ms, duration_ms, frame_bytes
+from lingua_scheduler.core import opus
+from lingua_scheduler.core.audio import (
+    AudioFormat,
+    AudioSpec,
+    audio_duration_ms,
+    audio_tenths,
+    bytes_for_ms,
+    detect_format,
+    frame_bytes,
+)
 from lingua_scheduler.errors import ErrorCode, ProtocolError, SchedulerError, SessionError
 
 
@@ -102,6 +123,8 @@ class Utterance:
     created_wall_ms: int
     #: client timestamp of this utterance's first chunk (reset per utterance, unlike the reference)
     first_client_ts_ms: int | None = None
+    #: the index the client gave a whole utterance (``utterance.utterance_index``); None when streamed
+    client_index: int | None = None
 
     @property
     def size(self) -> int:
@@ -116,28 +139,51 @@ class Segmenter:
         self, config: SessionConfig, clock: Clock, audio: AudioSpec, *, start_index: int = 0
     ) -> None:
         self._clock = clock
+        self._config = config
         self._spec = audio
         self._pause = config.pause_ms / 1000.0
-        fmt, rate = audio.audio_format, audio.sample_rate
-        frame = frame_bytes(fmt)
-        by_size = min(config.max_utterance_bytes, config.max_session_buffer_bytes)
-        by_size -= by_size % frame
-        by_duration = bytes_for_ms(config.max_duration_ms, fmt, rate)
-        if by_duration <= by_size:
-            limit, self._limit_reason = by_duration, CutReason.MAX_DURATION
-        else:
-            limit, self._limit_reason = by_size, CutReason.MAX_BYTES
-        self._limit = max(limit, frame)
+        self._tts_guard = config.tts_guard_max_ms / 1000.0
+        #: the format streamed audio must be in: the declared one, else the first audio's (None: not yet)
+        self._format: AudioFormat | None = audio.audio_format if audio.declared else None
+        self._limit = 0
+        self._limit_tenths: int | None = None
+        self._limit_reason = CutReason.MAX_BYTES
+        self._set_limits(audio.audio_format)
         self._max_complete = min(config.max_utterance_bytes, config.max_session_buffer_bytes)
         self._state = SegState.IDLE
         self._next_index = start_index
         self._parts: list[bytes] = []
         self._size = 0
+        self._tenths = 0
         self._started_at = 0.0
-        self._last_audio_at = 0.0
+        #: when the audio received so far would end if played from its arrival
+        self._covered_until = float("-inf")
+        #: when the client said it started playing synthesized speech (None: not playing)
+        self._tts_since: float | None = None
+        self._tts_ended_at = float("-inf")
         self._client_ts: int | None = None
         #: is_final (or an empty utterance) that found nothing to finalize; the index did not move
         self.empty_cuts = 0
+
+    def _set_limits(self, fmt: AudioFormat) -> None:
+        """Size limits of the open utterance for audio in ``fmt``: pcm16 in bytes (its duration is its
+        size), Opus in bytes and in duration read from the packets."""
+        config = self._config
+        by_size = min(config.max_utterance_bytes, config.max_session_buffer_bytes)
+        if fmt is AudioFormat.PCM16:
+            frame = frame_bytes(fmt)
+            by_size -= by_size % frame
+            by_duration = bytes_for_ms(config.max_duration_ms, fmt, self._spec.sample_rate)
+            if by_duration <= by_size:
+                limit, self._limit_reason = by_duration, CutReason.MAX_DURATION
+            else:
+                limit, self._limit_reason = by_size, CutReason.MAX_BYTES
+            self._limit = max(limit, frame)
+            self._limit_tenths = None
+        else:
+            self._limit = max(by_size, 1)
+            self._limit_reason = CutReason.MAX_BYTES
+            self._limit_tenths = config.max_duration_ms * 10
 
     # --- inspection -----------------------------------------------------------------------------
 
@@ -157,11 +203,25 @@ class Segmenter:
     def limit_bytes(self) -> int:
         return self._limit
 
+    @property
+    def audio_format(self) -> AudioFormat | None:
+        """The format streamed audio is in (declared, or detected from the first audio); None before."""
+        return self._format
+
+    @property
+    def tts_playing(self) -> bool:
+        return self._tts_since is not None
+
     def next_deadline(self) -> float | None:
         """Monotonic time at which ``tick()`` will cut the open utterance for silence; None if idle."""
         if self._state is not SegState.COLLECTING:
             return None
-        return self._last_audio_at + self._pause
+        silence_from = self._covered_until
+        if self._tts_since is not None:
+            silence_from = max(silence_from, self._tts_since + self._tts_guard)
+        else:
+            silence_from = max(silence_from, self._tts_ended_at)
+        return silence_from + self._pause
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -172,26 +232,46 @@ class Segmenter:
         deadline: it carries no audio. Raises ``SessionError(SESSION_CLOSED)`` after ``close()``."""
         now = self._now(now)
         self._require_open()
+        if data:
+            # Refused before anything changes: a chunk in the wrong format is not audio of this session.
+            fmt = detect_format(data, self._format, self._spec.audio_format)
+            if self._format is None:
+                self._format = fmt
+                self._set_limits(fmt)
         out: list[Utterance] = []
         deadline = self.next_deadline()
         if deadline is not None and now >= deadline:
             out.append(self._cut(CutReason.PAUSE, now))
         if data:
-            if self._size and self._size + len(data) > self._limit:
-                out.append(self._cut(self._limit_reason, now))
-            while len(data) > self._limit:
-                self._append(data[: self._limit], now, client_ts_ms)
-                out.append(self._cut(self._limit_reason, now))
-                data = data[self._limit :]
-            self._append(data, now, client_ts_ms)
+            tenths = self._measure(data)
+            if self._size and (reason := self._over(self._size + len(data), self._tenths + tenths)):
+                out.append(self._cut(reason, now))
+            while reason := self._over(len(data), tenths):
+                head, rest = self._split(data)
+                if not rest:
+                    break  # one Opus packet over the limit: it is the smallest unit, kept whole
+                self._append(head, self._measure(head), now, client_ts_ms)
+                out.append(self._cut(reason, now))
+                data, tenths = rest, self._measure(rest)
+            self._append(data, tenths, now, client_ts_ms)
         if is_final:
             if self._size:
                 out.append(self._cut(CutReason.MANUAL_CUT, now))
             else:
                 self.empty_cuts += 1
-        elif self._size >= self._limit:
-            out.append(self._cut(self._limit_reason, now))
+        elif self._size and (reason := self._full(self._size, self._tenths)):
+            out.append(self._cut(reason, now))
         return out
+
+    def tts_started(self, now: float | None = None) -> None:
+        """The client started playing synthesized speech: no pause cut until ``tts_ended`` (or until
+        ``tts_guard_max_ms`` have passed, for a client that never says it ended)."""
+        self._tts_since = self._now(now)
+
+    def tts_ended(self, now: float | None = None) -> None:
+        """The client's playback ended: silence counts from now."""
+        self._tts_since = None
+        self._tts_ended_at = self._now(now)
 
     def utterance(
         self,
@@ -201,10 +281,12 @@ class Segmenter:
         now: float | None = None,
         *,
         client_ts_ms: int | None = None,
+        client_index: int | None = None,
     ) -> list[Utterance]:
         """A whole utterance (the ``utterance`` message): it takes the next index; the open streaming
         buffer, if any, is untouched and gets its index when it is cut. Empty audio gives nothing.
-        Audio over ``max_utterance_bytes`` is refused (``MESSAGE_TOO_LARGE``), not split."""
+        Audio over ``max_utterance_bytes`` is refused (``MESSAGE_TOO_LARGE``), not split; pcm16 or Opus
+        audio not in its named format is refused (``INVALID_MESSAGE``)."""
         now = self._now(now)
         self._require_open()
         if not audio:
@@ -215,7 +297,13 @@ class Segmenter:
                 f"utterance audio of {len(audio)} bytes exceeds the limit of {self._max_complete} bytes",
                 code=ErrorCode.MESSAGE_TOO_LARGE,
             )
-        return [self._emit(audio, CutReason.COMPLETE, audio_format, sample_rate, now, now, client_ts_ms)]
+        if audio_format in (AudioFormat.PCM16, AudioFormat.OPUS):
+            detect_format(audio, AudioFormat(audio_format), self._spec.audio_format)
+        return [
+            self._emit(
+                audio, CutReason.COMPLETE, audio_format, sample_rate, now, now, client_ts_ms, client_index
+            )
+        ]
 
     def tick(self, now: float | None = None) -> list[Utterance]:
         """Timer check: cuts the open utterance once ``next_deadline()`` has passed. Safe to call any
@@ -242,8 +330,11 @@ class Segmenter:
             problems.append("buffered size differs from the sum of parts")
         if (self._state is SegState.COLLECTING) != (self._size > 0):
             problems.append(f"state {self._state} with {self._size} bytes buffered")
-        if self._size > self._limit:
+        # one Opus packet is the smallest unit: a single one may exceed a (tiny) byte limit
+        if self._size > self._limit and not (self._limit_tenths is not None and len(self._parts) == 1):
             problems.append(f"{self._size} bytes buffered over the limit {self._limit}")
+        if self._limit_tenths is not None and self._tenths > self._limit_tenths and len(self._parts) > 1:
+            problems.append(f"{self._tenths / 10} ms buffered over the limit {self._limit_tenths / 10}")
         if problems:
             raise AssertionError("; ".join(problems))
 
@@ -262,24 +353,49 @@ class Segmenter:
         check_transition(self._state, dst)
         self._state = dst
 
-    def _append(self, data: bytes, now: float, client_ts_ms: int | None) -> None:
+    def _measure(self, data: bytes) -> int:
+        return audio_tenths(data, self._format or self._spec.audio_format, self._spec.sample_rate)
+
+    def _over(self, size: int, tenths: int) -> CutReason | None:
+        """The limit that ``size`` bytes / ``tenths`` of audio would exceed, if any."""
+        if self._limit_tenths is not None and tenths > self._limit_tenths:
+            return CutReason.MAX_DURATION
+        return self._limit_reason if size > self._limit else None
+
+    def _full(self, size: int, tenths: int) -> CutReason | None:
+        """The limit that ``size`` bytes / ``tenths`` of audio reach, if any."""
+        if self._limit_tenths is not None and tenths >= self._limit_tenths:
+            return CutReason.MAX_DURATION
+        return self._limit_reason if size >= self._limit else None
+
+    def _split(self, data: bytes) -> tuple[bytes, bytes]:
+        """The largest first piece of ``data`` that fits an empty utterance, and the rest."""
+        if self._limit_tenths is not None and opus.is_framed_opus(data):
+            return opus.split(data, self._limit, self._limit_tenths)
+        return data[: self._limit], data[self._limit :]
+
+    def _append(self, data: bytes, tenths: int, now: float, client_ts_ms: int | None) -> None:
         if self._state is SegState.IDLE:
             self._move(SegState.COLLECTING)
             self._started_at = now
             self._client_ts = client_ts_ms
         self._parts.append(data)
         self._size += len(data)
-        self._last_audio_at = now
+        self._tenths += tenths
+        # Played from its arrival, or right after the audio still playing when it arrived.
+        self._covered_until = max(self._covered_until, now) + tenths / 10_000
 
     def _cut(self, reason: CutReason, now: float) -> Utterance:
         audio = b"".join(self._parts)
         started_at, client_ts = self._started_at, self._client_ts
         self._parts.clear()
         self._size = 0
+        self._tenths = 0
         self._client_ts = None
         self._move(SegState.IDLE)
         spec = self._spec
-        return self._emit(audio, reason, spec.audio_format, spec.sample_rate, started_at, now, client_ts)
+        fmt = self._format or spec.audio_format
+        return self._emit(audio, reason, fmt, spec.sample_rate, started_at, now, client_ts)
 
     def _emit(
         self,
@@ -290,6 +406,7 @@ class Segmenter:
         started_at: float,
         now: float,
         client_ts: int | None,
+        client_index: int | None = None,
     ) -> Utterance:
         utt = Utterance(
             index=self._next_index,
@@ -297,11 +414,12 @@ class Segmenter:
             reason=reason,
             audio_format=audio_format,
             sample_rate=sample_rate,
-            duration_ms=duration_ms(len(audio), audio_format, sample_rate),
+            duration_ms=audio_duration_ms(audio, audio_format, sample_rate),
             started_at=started_at,
             finalized_at=now,
             created_wall_ms=self._clock.wall_ms(),
             first_client_ts_ms=client_ts,
+            client_index=client_index,
         )
         self._next_index += 1
         return utt

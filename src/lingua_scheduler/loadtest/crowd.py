@@ -141,6 +141,8 @@ class LightSession:
                     "platform": "web",
                     "src_lang": self.plan.src_lang,
                     "tgt_lang": self.plan.tgt_lang,
+                    "audio_format": "pcm16",  # it streams pcm16 (the default is Opus)
+                    "sample_rate": 16000,
                 }
             )
         )

@@ -6,6 +6,9 @@ Wire names match the reference client. Deliberate differences:
 - ``asr_partial`` carries the real ``job_id`` (the reference always sent "").
 - ``translation_result.audio_lost`` flags text whose audio is missing; the text is never rewritten.
 - ``missing_result.reason`` is one of gap_timeout, job_failed, silence_detected, and all are produced.
+- ``session_init`` may carry ``resume_token`` (from an earlier ack) to resume a session whose
+  connection dropped; ``tts_started`` is accepted (the reference only planned it); ``backpressure``
+  tells the client to slow down before its frames would be refused.
 - Scheduler-to-client types and room/WebRTC messages sent by a client are not part of
   ``SessionInbound``: they fail decoding (INVALID_MESSAGE) instead of being silently ignored.
 - The ``session_id`` in a message body is a claim, not an identity: the endpoint compares it with the
@@ -125,6 +128,10 @@ class SessionInit(SpeechOptions, tag="session_init", tag_field="type"):
     sample_rate: SampleRate | None = None
     #: the tenant API key, for clients that cannot send it at connect (Authorization / X-Api-Key)
     api_key: ShortStr | None = None
+    #: ``session_init_ack.resume_token`` of a session whose connection dropped: resume it
+    resume_token: ShortStr | None = None
+    #: the client can send the binary audio frames (``protocol/binary_frames.py``)
+    use_binary_frame: bool | None = None
 
 
 class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
@@ -155,6 +162,15 @@ class ClientHeartbeat(Struct, tag="client_heartbeat", tag_field="type"):
     timestamp: SafeInt
 
 
+class TtsStarted(Struct, tag="tts_started", tag_field="type"):
+    """The client started playing a result's synthesized speech (no pause cut while it plays)."""
+
+    session_id: SessionId
+    trace_id: ShortStr
+    group_id: ShortStr
+    ts_start_ms: NonNegInt
+
+
 class TtsPlayEnded(Struct, tag="tts_play_ended", tag_field="type"):
     session_id: SessionId
     trace_id: ShortStr
@@ -167,7 +183,9 @@ class SessionClose(Struct, tag="session_close", tag_field="type"):
     reason: ShortStr
 
 
-SessionInbound = SessionInit | AudioChunk | UtteranceMessage | ClientHeartbeat | TtsPlayEnded | SessionClose
+SessionInbound = (
+    SessionInit | AudioChunk | UtteranceMessage | ClientHeartbeat | TtsStarted | TtsPlayEnded | SessionClose
+)
 
 # --- scheduler -> client -------------------------------------------------------------------------
 
@@ -192,6 +210,24 @@ class SessionInitAck(Struct, tag="session_init_ack", tag_field="type", kw_only=T
     negotiated_audio_format: str
     negotiated_sample_rate: int
     negotiated_channel_count: int = 1
+    #: present the client to resume this session after a dropped connection; None when resuming is off
+    resume_token: str | None = None
+    #: true when this session_init resumed an earlier session (same session_id, results kept)
+    resumed: bool = False
+
+
+class BackpressureAction(StrEnum):
+    BUSY = "BUSY"
+    PAUSE = "PAUSE"
+    SLOW_DOWN = "SLOW_DOWN"
+
+
+class Backpressure(Struct, tag="backpressure", tag_field="type", kw_only=True):
+    """Sent before the connection's frames would be refused: send slower, or pause, for a while."""
+
+    action: BackpressureAction
+    resume_after_ms: int
+    session_id: str | None = None
 
 
 class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_only=True):
@@ -290,5 +326,6 @@ SessionOutbound = (
     | SessionCloseAck
     | MissingResult
     | UiEvent
+    | Backpressure
     | ErrorMessage
 )

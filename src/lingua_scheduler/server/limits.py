@@ -30,6 +30,7 @@ from lingua_scheduler.config import LimitsConfig
 from lingua_scheduler.core.rate_limit import Decision, RateGuard
 from lingua_scheduler.errors import ErrorCode, RegistrationError, SessionError
 from lingua_scheduler.protocol.common import ErrorMessage
+from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
 from lingua_scheduler.server.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ Endpoint = Literal["node", "session"]
 
 #: WebSocket close reasons (at most 123 bytes by RFC 6455)
 RATE_CLOSE_REASON = b"rate limit exceeded"
+#: a session whose rate bucket falls below this share of its burst is told to slow down (backpressure)
+SLOW_DOWN_BELOW = 0.5
+#: at most one backpressure message per connection this often (the reference client debounces 500 ms)
+BACKPRESSURE_EVERY = 1.0
 HANDSHAKE_CLOSE_REASON = b"no registration in time"
 
 
@@ -180,7 +185,18 @@ class InstanceLimits:
 class FrameGate:
     """One connection's admission of inbound frames (rate limit) and its handshake deadline."""
 
-    __slots__ = ("_closing", "_timer", "endpoint", "guard", "limits", "must_close", "outbox", "ready", "ws")
+    __slots__ = (
+        "_closing",
+        "_last_backpressure",
+        "_timer",
+        "endpoint",
+        "guard",
+        "limits",
+        "must_close",
+        "outbox",
+        "ready",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -199,6 +215,7 @@ class FrameGate:
         self.ready = ready
         #: the connection stayed over its rate: the endpoint must close it (``close()``)
         self.must_close = False
+        self._last_backpressure = float("-inf")
         self._closing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             limits.config.handshake_timeout_seconds, self._handshake_deadline
@@ -208,11 +225,17 @@ class FrameGate:
         """Whether to handle the frame that just arrived. False: it is dropped (and the peer told, at
         most once a second); check ``must_close`` then."""
         decision = self.guard.check()
+        bucket = self.guard.bucket
         if decision is Decision.PASS:
+            if self.endpoint == "session" and bucket.tokens < bucket.burst * SLOW_DOWN_BELOW:
+                # Before anything is refused: the reference client sends slower when told to.
+                self._backpressure(BackpressureAction.SLOW_DOWN, bucket.burst * SLOW_DOWN_BELOW)
             return True
         self.limits.rate_limited.labels(self.endpoint).inc()
-        if decision is Decision.DROP_AND_TELL:
-            bucket = self.guard.bucket
+        if decision is Decision.DROP_AND_TELL and self.endpoint == "session":
+            # A client is told by backpressure (it pauses), not by an error it would show the user.
+            self._backpressure(BackpressureAction.PAUSE, bucket.burst * SLOW_DOWN_BELOW, force=True)
+        elif decision is Decision.DROP_AND_TELL:
             self.outbox.send(
                 ErrorMessage(
                     code=ErrorCode.RATE_LIMITED.value,
@@ -237,6 +260,15 @@ class FrameGate:
                 extra={"conn": self.outbox.name, "dropped": self.guard.dropped},
             )
         return False
+
+    def _backpressure(self, action: BackpressureAction, tokens: float, *, force: bool = False) -> None:
+        """Tell the client to slow down or pause until the bucket holds ``tokens`` again."""
+        now = self.limits.clock.monotonic()
+        if not force and now - self._last_backpressure < BACKPRESSURE_EVERY:
+            return
+        self._last_backpressure = now
+        resume_ms = int(self.guard.bucket.retry_after(tokens) * 1000) + 1
+        self.outbox.send(Backpressure(action=action, resume_after_ms=resume_ms))
 
     async def close(self) -> None:
         """Close the socket for staying over its rate (1008 policy violation)."""

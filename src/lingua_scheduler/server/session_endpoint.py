@@ -4,6 +4,10 @@ A connection owns at most one session: the one its last ``session_init`` created
 names a session must name that one; anything else is refused with ``INVALID_SESSION`` and changes
 nothing (the reference let any client inject audio into another session). Invalid frames get
 ``INVALID_MESSAGE`` and the connection stays open.
+
+Binary WebSocket frames are the binary audio protocol (``protocol/binary_frames.py``) when the session
+negotiated it; JSON never starts with their type bytes, so the two cannot be confused. A
+``session_init`` with a valid resume token re-attaches its detached session (``server/sessions.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from aiohttp import web
 from lingua_scheduler.core.audio import decode_base64, negotiate
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.errors import AuthenticationError, ErrorCode, SchedulerError, SessionError
+from lingua_scheduler.protocol.binary_frames import decode_binary_frame, is_binary_frame
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import (
@@ -28,6 +33,7 @@ from lingua_scheduler.protocol.session import (
     SessionInit,
     SessionInitAck,
     TtsPlayEnded,
+    TtsStarted,
     UtteranceMessage,
 )
 from lingua_scheduler.server.auth import close_refused
@@ -52,6 +58,9 @@ class SessionConnection:
 
     def on_frame(self, data: bytes | str, t0: float) -> None:
         try:
+            if isinstance(data, bytes) and is_binary_frame(data):
+                self._binary(data, t0)
+                return
             msg = self.decoder.decode(data)
             if isinstance(msg, SessionInit):
                 self._init(msg)
@@ -65,7 +74,13 @@ class SessionConnection:
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
                 audio = decode_base64(msg.audio)
-                utts = session.segmenter.utterance(audio, msg.audio_format, msg.sample_rate)
+                utts = session.segmenter.utterance(
+                    audio, msg.audio_format, msg.sample_rate, client_index=msg.utterance_index
+                )
+                for utt in utts:
+                    session.client_index[utt.index] = msg.utterance_index
+                    if msg.pipeline is not None and not msg.pipeline.use_tts:
+                        session.no_tts.add(utt.index)
                 self.state.dispatcher.submit(
                     session,
                     utts,
@@ -81,13 +96,31 @@ class SessionConnection:
                 )
             elif isinstance(msg, SessionClose):
                 session.close(msg.reason or "client closed", connection_gone=False)
+            elif isinstance(msg, TtsStarted):
+                session.segmenter.tts_started()  # no pause cut while the client plays speech
+                session.rearm()
             elif isinstance(msg, TtsPlayEnded):
-                pass  # playback telemetry: nothing to schedule
+                session.segmenter.tts_ended()
+                session.groups.playback_ended(msg.group_id, self.state.clock.wall_ms())
+                session.rearm()
         except SchedulerError as exc:
             self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
             self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
             if isinstance(exc, AuthenticationError):
                 close_refused(self.outbox, "unauthorized")  # after the error frame is flushed
+
+    def _binary(self, data: bytes, t0: float) -> None:
+        """One binary audio frame: the same as an ``audio_chunk``, for a session that negotiated it."""
+        frame = decode_binary_frame(data)
+        session = self._own(frame.session_id)
+        if not session.binary_frames:
+            raise SessionError(
+                "binary audio frames were not negotiated: send session_init with use_binary_frame true",
+                code=ErrorCode.INVALID_MESSAGE,
+            )
+        utts = session.segmenter.chunk(frame.audio, frame.is_final)
+        self.state.dispatcher.submit(session, utts, received_at=t0)
+        session.rearm()
 
     def _own(self, session_id: str) -> Session:
         session = self.session
@@ -97,6 +130,8 @@ class SessionConnection:
             raise SessionError(f"session_id {session_id!r} is not this connection's session")
         if session.phase is not Phase.OPEN:
             raise SessionError(f"session {session_id} is closing", code=ErrorCode.SESSION_CLOSED)
+        if session.outbox is not self.outbox:
+            raise SessionError(f"session {session_id} was resumed on another connection")
         return session
 
     def _init(self, msg: SessionInit) -> None:
@@ -109,14 +144,19 @@ class SessionConnection:
             )
         # The tenant comes from the API key, never from the body (server/auth.py); refused -> closed.
         msg.tenant_id = state.auth.session_tenant(self.credential, msg)
-        # Instance capacity (server/limits.py); the session this init replaces does not count.
-        replacing = self.session is not None and self.session.session_id in state.sessions
-        state.limits.check_session_init(len(state.sessions) - replacing)
-        if self.session is not None:
+        resumable = self._resumable(msg)
+        if resumable is None:
+            # Instance capacity (server/limits.py); the session this init replaces does not count.
+            replacing = self.session is not None and self.session.session_id in state.sessions
+            state.limits.check_session_init(len(state.sessions) - replacing)
+        if self.session is not None and self.session is not resumable:
             # One session per connection: the previous one ends cleanly before the new one starts.
             old = self.session
             old.close("replaced by a new session_init", connection_gone=True)
             self.outbox.send(SessionCloseAck(session_id=old.session_id))
+        if resumable is not None:
+            self._resume(resumable)
+            return
         spec = negotiate(msg.audio_format, msg.sample_rate, state.config.session)
         session = Session(state, self.outbox, msg, spec)
         try:
@@ -124,18 +164,10 @@ class SessionConnection:
         except SessionError:
             self.session = None  # the replaced session (if any) is closed; nothing new was registered
             raise
+        session.binary_frames = bool(msg.use_binary_frame)
         state.sessions[session.session_id] = session
         self.session = session
-        self.outbox.send(
-            SessionInitAck(
-                session_id=session.session_id,
-                trace_id=session.trace_id,
-                negotiated_codec=spec.codec,
-                negotiated_audio_format=spec.audio_format,
-                negotiated_sample_rate=spec.sample_rate,
-                negotiated_channel_count=spec.channels,
-            )
-        )
+        self.outbox.send(self._ack(session, resumed=False))
         log.info(
             "session created",
             extra={
@@ -148,12 +180,51 @@ class SessionConnection:
             },
         )
 
+    def _ack(self, session: Session, *, resumed: bool) -> SessionInitAck:
+        spec = session.spec
+        return SessionInitAck(
+            session_id=session.session_id,
+            trace_id=session.trace_id,
+            use_binary_frame=session.binary_frames,
+            negotiated_codec=spec.codec,
+            negotiated_audio_format=spec.audio_format,
+            negotiated_sample_rate=spec.sample_rate,
+            negotiated_channel_count=spec.channels,
+            resume_token=session.resume_token,
+            resumed=resumed,
+        )
+
+    def _resumable(self, msg: SessionInit) -> Session | None:
+        """The session ``msg.resume_token`` names, if it can be resumed by this client; else None (an
+        unknown or expired token opens a new session, as a reconnect without one does)."""
+        token = msg.resume_token
+        if not token or self.state.config.session.resume_window_ms <= 0:
+            return None
+        session = self.state.sessions.get(token.split(".", 1)[0])
+        if session is None or not session.token_matches(token) or session.tenant_id != msg.tenant_id:
+            return None
+        if session.phase not in (Phase.OPEN, Phase.DETACHED):
+            return None
+        return session
+
+    def _resume(self, session: Session) -> None:
+        held = session.attach(self.outbox)
+        self.session = session
+        self.outbox.send(self._ack(session, resumed=True))
+        for message in held:  # already in the client's view (``Session.send`` shaped them)
+            self.outbox.send(message)
+        if session.dropped_while_detached:
+            log.warning(
+                "resumed session lost messages kept while detached",
+                extra={"session_id": session.session_id, "dropped": session.dropped_while_detached},
+            )
+
     def ready(self) -> bool:
         return self.session is not None
 
     def closed(self) -> None:
         if self.session is not None:
-            self.session.close("connection closed", connection_gone=True)
+            self.session.detach(self.outbox)
 
 
 async def session_ws(request: web.Request) -> web.StreamResponse:

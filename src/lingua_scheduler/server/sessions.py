@@ -4,22 +4,33 @@ Owns the per-session objects and the single ``close()`` used for an explicit ``s
 disconnect and a replacing ``session_init`` alike. A graceful close dispatches the last audio, waits
 for the session's outstanding results (bounded by the job deadlines), then acknowledges and frees
 everything; a close without a connection cancels the session's in-flight jobs and frees at once.
+
+With ``session.resume_window_ms``, a dropped connection *detaches* the session instead: its jobs run
+on, what it would have sent is kept (bounded), and a ``session_init`` carrying its resume token within
+the window attaches a new connection and receives it; past the window it closes as a disconnect does.
+
+Everything the session sends passes ``send``, which puts the client's view on it: the client's own
+``utterance_index`` for whole utterances it numbered, utterance groups on results, ``audio_lost``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
+from collections import deque
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from lingua_scheduler.core.audio import AudioSpec
+from lingua_scheduler.core.groups import GroupTracker
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.results import ResultQueue
 from lingua_scheduler.core.segmentation import Segmenter
+from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, TranslationResult
 from lingua_scheduler.server.outbox import Outbox
 
@@ -31,6 +42,8 @@ log = logging.getLogger(__name__)
 
 class Phase(StrEnum):
     OPEN = "open"
+    #: the connection dropped; resumable until the window ends (its jobs run on, output is kept)
+    DETACHED = "detached"
     #: last audio dispatched, waiting for its results before the ack
     CLOSING = "closing"
     CLOSED = "closed"
@@ -56,13 +69,111 @@ class Session:
         self.targets = [normalize(init.tgt_lang)]
         self.segmenter = Segmenter(state.config.session, state.clock, spec)
         self.results: ResultQueue[TranslationResult] = ResultQueue(state.config.session, state.clock)
+        self.groups = GroupTracker(self.session_id)
+        #: the client sends binary audio frames (negotiated in session_init)
+        self.binary_frames = False
+        #: internal utterance index -> the index the client gave it (whole utterances it numbered)
+        self.client_index: dict[int, int] = {}
+        #: internal indices of utterances whose pipeline asked for no speech (no audio to lose)
+        self.no_tts: set[int] = set()
         self.phase = Phase.OPEN
         self._timer: asyncio.TimerHandle | None = None
+        self._detach_timer: asyncio.TimerHandle | None = None
         self._close_reason = ""
+        self._resume_secret = secrets.token_urlsafe(18)
+        #: what the session would have sent while detached, oldest first (bounded)
+        self._held: deque[msgspec.Struct] = deque(maxlen=state.config.session.max_detached_messages)
+        #: messages dropped from ``_held`` because it was full
+        self.dropped_while_detached = 0
+
+    # --- output ---------------------------------------------------------------------------------
 
     def send(self, msg: msgspec.Struct) -> None:
+        msg = self._for_client(msg)
         if self.outbox is not None:
             self.outbox.send(msg)
+        elif self.phase is Phase.DETACHED:
+            if len(self._held) == self._held.maxlen:
+                self.dropped_while_detached += 1
+            self._held.append(msg)
+
+    def _for_client(self, msg: msgspec.Struct) -> msgspec.Struct:
+        """The message as this client sees it: its own utterance numbers, groups, ``audio_lost``."""
+        index: Any = getattr(msg, "utterance_index", None)
+        if isinstance(msg, TranslationResult):
+            changes: dict[str, Any] = {}
+            if msg.text_asr and msg.group_id is None:
+                changes["group_id"], changes["part_index"] = self.groups.part(self.state.clock.wall_ms())
+            if msg.text_translated and not msg.tts_audio and msg.utterance_index not in self.no_tts:
+                changes["audio_lost"] = True
+            if changes:
+                msg = msgspec.structs.replace(msg, **changes)
+        if isinstance(msg, ErrorMessage) and isinstance(msg.details, dict):
+            index = msg.details.get("utterance_index")
+            if isinstance(index, int) and index in self.client_index:
+                details = {**msg.details, "utterance_index": self.client_index[index]}
+                return msgspec.structs.replace(msg, details=details)
+            return msg
+        if isinstance(index, int) and index in self.client_index:
+            msg = msgspec.structs.replace(msg, utterance_index=self.client_index[index])
+        if self.client_index or self.no_tts:
+            self._forget_released()
+        return msg
+
+    def _forget_released(self) -> None:
+        """Drop the per-index facts of utterances whose results are all out (bounds both maps)."""
+        cursor = self.results.cursor
+        for index in [i for i in self.client_index if i < cursor - 1]:
+            del self.client_index[index]
+        for index in [i for i in self.no_tts if i < cursor - 1]:
+            self.no_tts.discard(index)
+
+    # --- resume ---------------------------------------------------------------------------------
+
+    @property
+    def resume_token(self) -> str | None:
+        """What the client presents to resume this session; None when resuming is off."""
+        if self.state.config.session.resume_window_ms <= 0:
+            return None
+        return f"{self.session_id}.{self._resume_secret}"
+
+    def token_matches(self, token: str) -> bool:
+        own = self.resume_token
+        return own is not None and hmac.compare_digest(own.encode(), token.encode())
+
+    def detach(self, outbox: Outbox) -> None:
+        """``outbox``'s connection dropped. With a resume window the session waits for a reconnect;
+        without, or if ``outbox`` is no longer this session's, it closes as a disconnect (or stays)."""
+        if self.outbox is not outbox:
+            return  # another connection took the session over (resumed): nothing of ours to end
+        window = self.state.config.session.resume_window_ms
+        if window <= 0 or self.phase is not Phase.OPEN:
+            self.close("connection closed", connection_gone=True)
+            return
+        self.outbox = None
+        self.phase = Phase.DETACHED
+        self._detach_timer = asyncio.get_running_loop().call_later(window / 1000.0, self._detach_expired)
+        log.info("session detached", extra={"session_id": self.session_id, "trace_id": self.trace_id})
+
+    def attach(self, outbox: Outbox) -> list[msgspec.Struct]:
+        """A reconnect presented the token: ``outbox`` is the session's connection from now on. Returns
+        the messages kept while detached, for the caller to send after its ack (in order)."""
+        if self._detach_timer is not None:
+            self._detach_timer.cancel()
+            self._detach_timer = None
+        self.outbox = outbox
+        self.phase = Phase.OPEN
+        held = list(self._held)
+        self._held.clear()
+        self.rearm()
+        log.info("session resumed", extra={"session_id": self.session_id, "trace_id": self.trace_id})
+        return held
+
+    def _detach_expired(self) -> None:
+        self._detach_timer = None
+        if self.phase is Phase.DETACHED:
+            self.phase = Phase.OPEN  # closes below as any disconnect does
+            self.close("resume window expired", connection_gone=True)
 
     # --- timers ---------------------------------------------------------------------------------
 
@@ -86,7 +197,7 @@ class Session:
         if self.phase is Phase.CLOSED:
             return
         dispatcher = self.state.dispatcher
-        if self.phase is Phase.OPEN:
+        if self.phase in (Phase.OPEN, Phase.DETACHED):
             dispatcher.submit(self, self.segmenter.tick())
         dispatcher.deliver(self, self.results.tick())
         self.rearm()
@@ -98,6 +209,9 @@ class Session:
         results delivered before ``session_close_ack``; without, in-flight jobs are cancelled."""
         if self.phase is Phase.CLOSED:
             return
+        if self.phase is Phase.DETACHED:
+            self.phase = Phase.OPEN  # a replaced or expired detached session ends like a disconnect
+            connection_gone = True
         dispatcher = self.state.dispatcher
         if connection_gone:
             self.outbox = None
@@ -123,6 +237,10 @@ class Session:
 
     def _finish(self) -> None:
         self.phase = Phase.CLOSED
+        self._held.clear()
+        if self._detach_timer is not None:
+            self._detach_timer.cancel()
+            self._detach_timer = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -1,7 +1,9 @@
 """Simulated client sessions speaking the real session protocol over real WebSockets.
 
 ``SimulatedSession`` streams synthetic audio (``audio_chunk``) or sends whole ``utterance`` messages and
-records what comes back; ``outcomes()`` tells, per utterance index, whether it got exactly one result or
+records what comes back. Like the reference web client it sends Opus in 2-byte length framing and
+declares no format (``audio_format="opus"``, the default); ``audio_format="pcm16"`` declares and sends
+pcm16 instead; ``outcomes()`` tells, per utterance index, whether it got exactly one result or
 one explicit failure. ``run_sessions`` drives many at once (``lingua-scheduler simulate-sessions``).
 """
 
@@ -21,6 +23,7 @@ import aiohttp
 import msgspec
 import yarl
 
+from lingua_scheduler.core import opus
 from lingua_scheduler.sim.reach import Tally, safe_url, start_bounded
 
 _dec = msgspec.json.Decoder()
@@ -30,8 +33,23 @@ _enc = msgspec.json.Encoder()
 CHUNK_BYTES = 3200
 
 
+#: TOC byte of the reference client's packets: SILK wideband, 20 ms, one frame
+OPUS_TOC_20MS = 0x48
+
+
 def pcm_chunk(n: int = CHUNK_BYTES, tone: int = 7) -> str:
     return base64.b64encode(bytes((i * tone) & 0xFF for i in range(n))).decode()
+
+
+def opus_audio(ms: int = 100, packet_bytes: int = 60) -> bytes:
+    """``ms`` (a multiple of 20) of synthetic Opus in 2-byte length framing: 20 ms packets of
+    ``packet_bytes`` (a TOC byte, then filler; never decoded by the scheduler)."""
+    body = bytes([OPUS_TOC_20MS]) + bytes((i * 13) & 0xFF for i in range(packet_bytes - 1))
+    return opus.frame([body] * max(1, ms // 20))
+
+
+def opus_chunk(ms: int = 100) -> str:
+    return base64.b64encode(opus_audio(ms)).decode()
 
 
 class SimulatedSession:
@@ -45,8 +63,11 @@ class SimulatedSession:
         tenant_id: str | None = None,
         api_key: str | None = None,
         api_key_via: str = "header",
+        audio_format: str = "opus",
     ) -> None:
         self.http = http
+        #: "opus": undeclared length-prefixed Opus (the reference client); "pcm16": declared pcm16
+        self.audio_format = audio_format
         #: tenant API key (docs/security.md), sent as ``api_key_via``: "header" (Authorization: Bearer),
         #: "x-api-key", "query" (?api_key=) or "init" (session_init.api_key)
         self.api_key = api_key
@@ -87,6 +108,7 @@ class SimulatedSession:
                 "tgt_lang": self.tgt_lang,
                 "tenant_id": self.tenant_id,
                 "api_key": self.api_key if self.api_key_via == "init" else None,
+                "audio_format": "pcm16" if self.audio_format == "pcm16" else None,
                 **extra,
             }
         )
@@ -111,10 +133,14 @@ class SimulatedSession:
                 "session_id": self.session_id,
                 "seq": self._seq,
                 "is_final": is_final,
-                "payload": payload if payload is not None else pcm_chunk(),
+                "payload": payload if payload is not None else self.default_chunk(),
                 "client_timestamp_ms": int(time.time() * 1000),
             }
         )
+
+    def default_chunk(self) -> str:
+        """100 ms of audio in the session's format."""
+        return pcm_chunk() if self.audio_format == "pcm16" else opus_chunk(100)
 
     async def speak(self, chunks: int = 3, gap: float = 0.0) -> int:
         """Stream one utterance of ``chunks`` chunks, the last flagged ``is_final``; returns its index."""
@@ -129,7 +155,8 @@ class SimulatedSession:
         return index
 
     async def utterance(self, n_bytes: int = CHUNK_BYTES * 5) -> int:
-        """Send one complete ``utterance`` message; returns the index it should get."""
+        """Send one complete ``utterance`` message (``n_bytes`` of pcm16, or as many 20 ms Opus
+        packets of 60 bytes); returns the index it should get."""
         index = self.utterances_sent
         self.sent_at[index] = time.perf_counter()
         await self.send(
@@ -140,8 +167,10 @@ class SimulatedSession:
                 "manual_cut": True,
                 "src_lang": self.src_lang,
                 "tgt_lang": self.tgt_lang,
-                "audio": pcm_chunk(n_bytes),
-                "audio_format": "pcm16",
+                "audio": pcm_chunk(n_bytes)
+                if self.audio_format == "pcm16"
+                else base64.b64encode(opus_audio(max(20, n_bytes // 62 * 20))).decode(),
+                "audio_format": self.audio_format,
                 "sample_rate": 16000,
             }
         )
