@@ -41,6 +41,8 @@ class SchedulerProcess:
     def __init__(self, port: int | None = None, **sections: dict[str, Any]) -> None:
         self.port = port or free_port()
         self.sections = sections
+        #: raw ``LINGUA_*`` variables, as an operator would export them (applied after ``sections``)
+        self.extra_env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         fd, name = tempfile.mkstemp(prefix="lingua-sched-", suffix=".log")
         os.close(fd)
@@ -61,6 +63,7 @@ class SchedulerProcess:
     def start(self) -> SchedulerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINGUA_")}
         env.update(env_for({"server": {"log_level": "info"}, **self.sections}))
+        env.update(self.extra_env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(self.port)],
