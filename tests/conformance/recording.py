@@ -25,7 +25,7 @@ RECORDINGS = Path(__file__).parent / "recordings"
 # played is read off the recording: the node's ASR text where it answered, else the audio's size and
 # first packet (sentence A: about 21 KB over three 74-client chunks, head 38/3b 00 48 ..; B: about 14 KB,
 # head 39/40/43 00 48 ..; C: 8 KB starting with a quiet 17-byte packet).
-A = "你好，今天天气很好，我们去公园散步吧。"
+A = "你好，今天天气很好，我们去公园散步吧。"  # noqa: RUF001 (Chinese punctuation, as spoken)
 B = "把这份文件翻译成英文。"
 C = "This is a test of the translation system."
 
@@ -148,10 +148,7 @@ def _rebuild_audio(events: list[dict[str, Any]]) -> tuple[dict[int, str], list[i
         shape = parse_elision(msg[key])
         if shape is None:
             continue
-        if shape.is_speech and writers:
-            raw = writers[-1].chunk(shape)
-        else:
-            raw = silence(shape.size)
+        raw = writers[-1].chunk(shape) if shape.is_speech and writers else silence(shape.size)
         assert len(raw) == shape.size, (i, len(raw), shape.size)
         payloads[i] = base64.b64encode(raw).decode()
     return payloads, [w.packets for w in writers]
@@ -174,7 +171,7 @@ def _template_from(results: list[dict[str, Any]]) -> AnswerTemplate | None:
     shape = parse_elision(s.get("tts_audio") or "")
     if shape is None:
         return None
-    more = {k: s[k] for k in ("rerun_count", "segments_meta") if k in s}
+    more: dict[str, Any] = {k: s[k] for k in ("rerun_count", "segments_meta") if k in s}
     return AnswerTemplate(
         tts_shape=shape,
         tts_format=str(s.get("tts_format") or "opus"),

@@ -69,15 +69,21 @@ class Transcript:
     spoken: list[tuple[int, str, int]] = field(default_factory=list)
     error: str | None = None
     scheduler_log: str = ""
+    #: set whenever a translation_result arrives
+    translated: asyncio.Event = field(default_factory=asyncio.Event)
 
     def received(self, who: str, type_: str | None = None) -> list[Frame]:
         return [
-            f for f in self.frames if f.who == who and f.dir == "recv" and (type_ is None or f.msg.get("type") == type_)
+            f
+            for f in self.frames
+            if f.who == who and f.dir == "recv" and (type_ is None or f.msg.get("type") == type_)
         ]
 
     def sent(self, who: str, type_: str | None = None) -> list[Frame]:
         return [
-            f for f in self.frames if f.who == who and f.dir == "send" and (type_ is None or f.msg.get("type") == type_)
+            f
+            for f in self.frames
+            if f.who == who and f.dir == "send" and (type_ is None or f.msg.get("type") == type_)
         ]
 
 
@@ -169,6 +175,8 @@ class Actor:
             if not isinstance(msg, dict):
                 msg = {"type": "<not an object>"}
             self.transcript.frames.append(Frame(self.clock.ms(), self.who, "recv", msg))
+            if msg.get("type") == "translation_result":
+                self.transcript.translated.set()
             await self.on_message(msg)
         if not self.closed_by_client:
             self.note(f"connection closed by the scheduler (code {ws.close_code})")
@@ -204,7 +212,11 @@ class Actor:
         caps = out.get("capability_by_type")
         if self.version == "head" and isinstance(caps, list):
             listed = {c.get("type") for c in caps if isinstance(c, dict)}
-            caps += [{"type": t, "ready": False, "reason": "no_impl"} for t in HEAD_SERVICE_TYPES if t not in listed]
+            caps += [
+                {"type": t, "ready": False, "reason": "no_impl"}
+                for t in HEAD_SERVICE_TYPES
+                if t not in listed
+            ]
         await self.send(out)
 
     async def close(self) -> None:
@@ -228,7 +240,11 @@ class WebClient(Actor):
             if not group or not f.msg.get("tts_audio") or f.msg.get("_played"):
                 continue
             f.msg["_played"] = True
-            base = {"session_id": f.msg.get("session_id"), "trace_id": f.msg.get("trace_id"), "group_id": group}
+            base = {
+                "session_id": f.msg.get("session_id"),
+                "trace_id": f.msg.get("trace_id"),
+                "group_id": group,
+            }
             await self.send({"type": "tts_started", **base, "ts_start_ms": now_ms()})
             await asyncio.sleep(1.0)
             await self.send({"type": "tts_play_ended", **base, "ts_end_ms": now_ms()})
@@ -280,7 +296,9 @@ class RecordedNode(Actor):
         }
 
     def _error(self, job: dict[str, Any], started: float, message: str) -> dict[str, Any]:
-        return self._result(job, started, success=False, error={"code": "PROCESSING_ERROR", "message": message})
+        return self._result(
+            job, started, success=False, error={"code": "PROCESSING_ERROR", "message": message}
+        )
 
     def hear(self, audio_b64: str) -> str:
         """The "ASR": the part of each spoken sentence whose packets the job's audio holds."""
@@ -442,8 +460,10 @@ async def replay(sc: Scenario, *, ready_timeout: float = 60.0) -> Transcript:
                     continue
                 await actor.replay(i, msg)
         deadline = time.monotonic() + DRAIN_S
-        while not _all_translated(sc, tr) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        while not _all_translated(sc, tr) and (remaining := deadline - time.monotonic()) > 0:
+            tr.translated.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tr.translated.wait(), remaining)
     except Exception as exc:
         tr.error = f"harness: {exc!r}"
     finally:

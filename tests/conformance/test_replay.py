@@ -36,7 +36,8 @@ def test_scenario(name: str, request: pytest.FixtureRequest) -> None:
     if not verdict.ok:
         context = "\n".join(tr.notes[-20:])
         pytest.fail(
-            "\n".join(verdict.failures) + f"\n--- replay notes ---\n{context}\n--- scheduler log ---\n"
-            + tr.scheduler_log[-4000:],
+            "\n".join(verdict.failures)
+            + f"\n--- replay notes ---\n{context}\n--- scheduler log ---\n"
+            + tr.scheduler_log[-2000:],
             pytrace=False,
         )
