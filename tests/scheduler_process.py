@@ -55,6 +55,8 @@ class SchedulerProcess:
         self.args = list(args)
         self.cwd = cwd
         self.sections = sections
+        #: raw ``LINGUA_*`` variables, as an operator would export them (applied after ``sections``)
+        self.extra_env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         fd, name = tempfile.mkstemp(prefix="lingua-sched-", suffix=".log")
         os.close(fd)
@@ -75,6 +77,7 @@ class SchedulerProcess:
     def start(self) -> SchedulerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINGUA_")}
         env.update(env_for({"server": {"log_level": "info"}, **self.sections}))
+        env.update(self.extra_env)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*self.program, "serve", "--port", str(self.port), *self.args],
