@@ -293,7 +293,9 @@ class SimulatedNode:
                 return
             self.running_jobs += 1
             self.max_running = max(self.max_running, self.running_jobs)
-            await self.send({"type": "job_ack", **ids})
+            acks = self.profile.sends_acks
+            if acks:
+                await self.send({"type": "job_ack", **ids})
             if ex.behavior is Behavior.CRASH_MID_JOB:
                 await asyncio.sleep(ex.latency / 2)
                 await self.kill()
@@ -312,9 +314,10 @@ class SimulatedNode:
                     )
                 )
                 return
-            if ex.send_started:
+            if ex.send_started and acks:
                 await self.send({"type": "job_started", **ids})
-            for i in range(ex.partials):
+            # A node without acks streams partials only when the job asks for them, as the real ones do.
+            for i in range(ex.partials if acks or job.get("enable_streaming_asr") else 0):
                 await self.send(
                     {
                         "type": "asr_partial",
