@@ -92,6 +92,10 @@ class Capabilities:
         if tgt not in self.tts_languages:
             return False
         if src == AUTO:
+            if self.declared_pairs is not None:  # only the pairs it states, not "speech already in tgt"
+                return self.language_id and any(
+                    s in self.asr_languages and t == tgt for s, t in self.declared_pairs
+                )
             return self.language_id and any(self.translates(s, tgt) for s in self.asr_languages)
         return src in self.asr_languages and self.translates(src, tgt)
 

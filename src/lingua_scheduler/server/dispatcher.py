@@ -100,6 +100,13 @@ class SessionRoute:
     continued: bool = False
 
 
+def trigger_flags(reason: CutReason, *, turn_dialect: bool) -> tuple[bool, bool, bool]:
+    """(is_pause_triggered, is_timeout_triggered, is_max_duration_triggered) of a cut, per dialect."""
+    if turn_dialect:
+        return False, reason is CutReason.PAUSE, reason in CONTINUED_CUTS
+    return reason.is_pause_triggered, reason.is_timeout_triggered, False
+
+
 def required_services(pipeline: PipelineConfig | None) -> frozenset[ServiceType]:
     if pipeline is None:
         return CORE_SERVICE_TYPES
@@ -456,12 +463,7 @@ class Dispatcher:
         cut as ``is_timeout_triggered``."""
         spec = job.spec
         reason = spec.cut_reason
-        if turn_dialect:
-            pause, timeout = False, reason is CutReason.PAUSE
-            max_duration, turn_id = reason in CONTINUED_CUTS, spec.turn_id
-        else:
-            pause, timeout = reason.is_pause_triggered, reason.is_timeout_triggered
-            max_duration, turn_id = False, None
+        pause, timeout, max_duration = trigger_flags(reason, turn_dialect=turn_dialect)
         return JobAssign(
             job_id=job.job_id,
             attempt_id=job.attempt,
@@ -482,7 +484,7 @@ class Dispatcher:
             auto_langs=list(spec.auto_langs) if spec.auto_langs else None,
             enable_streaming_asr=spec.enable_streaming_asr,
             partial_update_interval_ms=spec.partial_update_interval_ms,
-            turn_id=turn_id,
+            turn_id=spec.turn_id if turn_dialect else None,
             is_manual_cut=reason.is_manual_cut,
             is_pause_triggered=pause,
             is_timeout_triggered=timeout,

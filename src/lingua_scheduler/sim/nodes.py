@@ -53,6 +53,8 @@ class Executor:
     send_started: bool = True
     behavior: Behavior = Behavior.NORMAL
     late_result_after: float | None = None
+    #: stop a job on job_cancel; the published node clients finish it and send the result anyway
+    honours_cancel: bool = True
 
 
 class SimulatedNode:
@@ -266,7 +268,8 @@ class SimulatedNode:
                     self._jobs[msg["job_id"]] = asyncio.create_task(self._execute(msg))
                 elif kind == "job_cancel":
                     task = self._jobs.pop(msg.get("job_id", ""), None)
-                    if task is not None and self.executor.behavior is not Behavior.NEVER_ACK:
+                    ex = self.executor
+                    if task is not None and ex.behavior is not Behavior.NEVER_ACK and ex.honours_cancel:
                         task.cancel()
                 if self.on_message is not None:
                     self.on_message(msg)
