@@ -87,16 +87,19 @@ class Capabilities:
             return True
         return any(e.translates(src, tgt) for e in self.nmt)
 
+    def translates_into(self, tgt: str) -> bool:
+        """Speech in some ASR language can end up in ``tgt`` (for ``src_lang = auto``). With declared
+        pairs only the pairs stated count, not speech that is already in ``tgt``."""
+        if self.declared_pairs is not None:
+            return any(s in self.asr_languages and t == tgt for s, t in self.declared_pairs)
+        return any(self.translates(s, tgt) for s in self.asr_languages)
+
     def serves_pair(self, src: str, tgt: str) -> bool:
         """End to end: ASR in ``src`` (or language identification for ``auto``), src->tgt, TTS in tgt."""
         if tgt not in self.tts_languages:
             return False
         if src == AUTO:
-            if self.declared_pairs is not None:  # only the pairs it states, not "speech already in tgt"
-                return self.language_id and any(
-                    s in self.asr_languages and t == tgt for s, t in self.declared_pairs
-                )
-            return self.language_id and any(self.translates(s, tgt) for s in self.asr_languages)
+            return self.language_id and self.translates_into(tgt)
         return src in self.asr_languages and self.translates(src, tgt)
 
     def served_pairs(self) -> frozenset[tuple[str, str]]:

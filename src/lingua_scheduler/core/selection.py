@@ -430,7 +430,7 @@ def _language_reason(nv: NodeView, required: frozenset[ServiceType], src: str, t
         elif src not in caps.asr_languages:
             return ASR_LANG_UNSUPPORTED
     if ServiceType.NMT in required:
-        ok = any(caps.translates(s, tgt) for s in caps.asr_languages) if auto else caps.translates(src, tgt)
+        ok = caps.translates_into(tgt) if auto else caps.translates(src, tgt)
         if not ok:
             return LANG_PAIR_UNSUPPORTED
     if ServiceType.TTS in required and tgt not in caps.tts_languages:
