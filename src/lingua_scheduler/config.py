@@ -240,10 +240,16 @@ class JobConfig(Section):
     retention_seconds: float = 60.0
     #: bound on jobs known to this instance; over it new jobs are refused
     max_jobs: int = 100_000
+    #: ask nodes for live ASR partials (job_assign.enable_streaming_asr) when the session does not say
+    streaming_asr_default: bool = True
+    #: partial update interval asked of nodes when the session does not give one
+    partial_update_interval_ms: int = 1_000
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
-            _positive(name, getattr(self, name))
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                _positive(name, value)
         if self.exec_timeout_min_ms > self.exec_timeout_max_ms:
             raise ValueError("exec_timeout_min_ms must be <= exec_timeout_max_ms")
 

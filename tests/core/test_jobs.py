@@ -199,19 +199,78 @@ def test_messages_from_other_nodes_or_attempts_are_stale(store: JobStore) -> Non
     assert store.on_result("job-nope", 1, "n1", success=True).verdict is Verdict.UNKNOWN
 
 
-def test_stale_attempt_result_after_failover_is_rejected(store: JobStore, clock: ManualClock) -> None:
+def test_messages_of_an_abandoned_attempt_are_stale_except_its_success(
+    store: JobStore, clock: ManualClock
+) -> None:
     job = new(store)
     store.dispatch(job.job_id, "n1")
     store.on_ack(job.job_id, 1, "n1")
     out = store.failover(job.job_id, "test")
     assert out.cancel_node == "n1" and job.state is S.CREATED and job.attempt == 2
     store.dispatch(job.job_id, "n2")
-    # the old node finishes anyway: its result must not be delivered
-    assert store.on_result(job.job_id, 1, "n1", success=True).verdict is Verdict.STALE
+    # the old attempt's partials, acks and failures change nothing
     assert store.on_partial(job.job_id, 1, "n1").verdict is Verdict.STALE
+    assert store.on_ack(job.job_id, 1, "n1").verdict is Verdict.STALE
+    assert store.on_result(job.job_id, 1, "n1", success=False, error_code="X").verdict is Verdict.STALE
+    # a node that never had the job, or another attempt's number, is stale too
+    assert store.on_result(job.job_id, 1, "n3", success=True).verdict is Verdict.STALE
+    assert store.on_result(job.job_id, 1, "n2", success=True).verdict is Verdict.STALE
     assert job.state is S.DISPATCHED
     assert store.on_result(job.job_id, 2, "n2", success=True).verdict is Verdict.APPLIED
-    assert job.tried_nodes == ["n1", "n2"]
+    assert job.tried_nodes == ["n1", "n2"] and job.won_attempt == 2
+    # answered: the old node's late success is now only a stale message
+    assert store.on_result(job.job_id, 1, "n1", success=True).verdict is Verdict.STALE
+    store.validate()
+
+
+def test_success_of_an_earlier_attempt_wins_while_unanswered(store: JobStore, clock: ManualClock) -> None:
+    job = new(store)
+    store.dispatch(job.job_id, "n1")
+    store.failover(job.job_id, "ack timeout")
+    store.dispatch(job.job_id, "n2")
+    out = store.on_result(job.job_id, 1, "n1", success=True)
+    assert out.verdict is Verdict.APPLIED and job.state is S.COMPLETED
+    # the current attempt is cancelled on n2 and its slot freed; n1's slot went at the failover
+    assert (out.cancel_node, out.freed_node, out.early_node) == ("n2", "n2", "n1")
+    assert job.won_attempt == 1 and job.node_id == "n1"
+    assert store.inflight_on("n2") == 0
+    assert store.on_result(job.job_id, 2, "n2", success=True).verdict is Verdict.STALE
+    store.validate()
+
+
+def test_earlier_attempt_result_completes_a_job_waiting_for_a_node(store: JobStore) -> None:
+    job = new(store)
+    store.dispatch(job.job_id, "n1")
+    store.failover(job.job_id, "exec timeout")
+    assert job.state is S.CREATED and store.waiting == 1
+    out = store.on_result(job.job_id, 1, "n1", success=True)
+    assert out.verdict is Verdict.APPLIED and job.state is S.COMPLETED
+    assert (out.cancel_node, out.freed_node, out.early_node) == (None, None, "n1")
+    assert store.waiting == 0 and store.dispatchable() == []
+    store.validate()
+
+
+def test_without_acks_the_execution_deadline_runs_from_dispatch(store: JobStore, clock: ManualClock) -> None:
+    job = new(store)
+    store.dispatch(job.job_id, "n1", acks=False)
+    assert job.deadline_kind is DeadlineKind.EXEC
+    # well past the ack timeout: nothing expires
+    clock.advance(store.config.ack_timeout_ms / 1000 + 1)
+    assert store.expire() == [] and job.state is S.DISPATCHED
+    # a partial is the implicit ack: the job runs, and the deadline does not move
+    deadline = job.deadline
+    store.on_partial(job.job_id, 1, "n1")
+    assert job.state is S.RUNNING and job.deadline == deadline
+    assert store.on_result(job.job_id, 1, "n1", success=True).verdict is Verdict.APPLIED
+
+
+def test_with_acks_a_missing_ack_still_fails_over(store: JobStore, clock: ManualClock) -> None:
+    job = new(store)
+    store.dispatch(job.job_id, "n1")
+    assert job.deadline_kind is DeadlineKind.ACK
+    clock.advance(store.config.ack_timeout_ms / 1000 + 0.01)
+    (out,) = store.expire()
+    assert out.expired is DeadlineKind.ACK and job.state is S.CREATED and out.cancel_node == "n1"
 
 
 # --- timeouts and failover ------------------------------------------------------------------------

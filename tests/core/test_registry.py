@@ -12,7 +12,13 @@ from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.status import TRANSITIONS, IllegalTransition, NodeStatus, check_transition
 from lingua_scheduler.errors import NotRegisteredError, RegistrationError
 from lingua_scheduler.protocol.common import ServiceStatus
-from lingua_scheduler.protocol.node import NodeHeartbeat, NodeLanguageCapabilities, ResourceUsage
+from lingua_scheduler.protocol.node import (
+    CapabilityByType,
+    InstalledService,
+    NodeHeartbeat,
+    NodeLanguageCapabilities,
+    ResourceUsage,
+)
 from lingua_scheduler.sim.profiles import NodeProfile
 
 S = NodeStatus
@@ -240,3 +246,57 @@ def test_fleet_view_incremental_and_immutable(registry: Registry, clock: ManualC
     registry.heartbeat(conns[0], heartbeat(ids[0], p, running=3))
     assert pub.publish() is None
     assert pub.view.nodes[ids[0]].load.reported_running == 3
+
+
+def test_protocol_generation_from_features_and_shape(registry: Registry) -> None:
+    p = profile()
+    acking = registry.nodes[register(registry, p, object(), "n-ack")]
+    assert (acking.sends_acks, acking.turn_dialect) == (True, False)
+    quiet = NodeProfile(asr_languages=["en"], tts_languages=["en"], nmt_languages=["en"], sends_acks=False)
+    entry = registry.nodes[register(registry, quiet, object(), "n-quiet")]
+    assert (entry.sends_acks, entry.turn_dialect) == (False, False)
+    # the newer client's capability_by_type shape (devices per type) means the turn dialect
+    msg = quiet.register_message("n-head")
+    msg.capability_by_type = [
+        CapabilityByType(type=c.type, ready=c.ready, devices=["gpu"]) for c in msg.capability_by_type
+    ]
+    head, _ = registry.register(msg, object())
+    assert (head.sends_acks, head.turn_dialect) == (False, True)
+
+
+def test_unknown_service_kinds_are_kept_not_routed_and_counted_once(registry: Registry) -> None:
+    p = profile()
+    msg = p.register_message("n1")
+    extra = [
+        InstalledService(service_id="lex", type="lexicon", device="npu", status=ServiceStatus.RUNNING),
+        InstalledService(service_id="pho", type="phonetic", device="cpu", status=ServiceStatus.RUNNING),
+    ]
+    msg.installed_services = [*msg.installed_services, *extra]
+    msg.capability_by_type = [*msg.capability_by_type, CapabilityByType(type="punctuation", ready=True)]
+    conn = object()
+    entry, _ = registry.register(msg, conn)
+    caps = entry.caps
+    assert caps.unknown_types == {"lexicon", "phonetic", "punctuation"}
+    assert caps.unknown_devices == {"npu"}
+    assert caps.installed_types == {"asr", "nmt", "tts"} and caps.service_type("lex") is None
+    assert registry.take_unknown_seen() == {"service_type": 3, "device": 1}
+    # the same report again counts nothing; a new kind counts once
+    registry.heartbeat(conn, heartbeat("n1", p, installed_services=msg.installed_services))
+    assert registry.take_unknown_seen() == {}
+    more = InstalledService(service_id="x", type="diarization", device="gpu", status=ServiceStatus.RUNNING)
+    registry.heartbeat(conn, heartbeat("n1", p, installed_services=[*msg.installed_services, more]))
+    assert registry.take_unknown_seen() == {"service_type": 1}
+
+
+def test_declared_language_pairs_restrict_served_pairs(registry: Registry) -> None:
+    langs = ["zh", "en", "ja"]
+    free = NodeProfile(asr_languages=langs, tts_languages=langs, nmt_languages=langs)
+    declared = NodeProfile(
+        asr_languages=langs, tts_languages=langs, nmt_languages=langs, supported_pairs=[("zh", "en")]
+    )
+    caps_free = registry.nodes[register(registry, free, object(), "free")].caps
+    caps = registry.nodes[register(registry, declared, object(), "declared")].caps
+    assert len(caps_free.served_pairs()) == 6 + 3
+    assert caps.served_pairs() == {("zh", "en"), ("auto", "en")}
+    assert not caps.serves_pair("auto", "ja") and not caps.translates_into("zh")
+    assert caps.declared_pairs == {("zh", "en")}

@@ -228,3 +228,28 @@ def test_resource_threshold_is_the_selectors(make_fleet: FleetFactory) -> None:
     assert Selector().select(f.view, req).node_id == "a"
     r = Selector(rng=random.Random(1), resource_threshold=5.0).select(f.view, req)
     assert r.best_reason == "resource_threshold_exceeded"
+
+
+def test_bound_preferred_node_keeps_a_chain_even_at_capacity(make_fleet: FleetFactory) -> None:
+    f = make_fleet()
+    f.add("a")
+    f.add("b")
+    f.heartbeat("b", running=4)
+    assert f.select("zh", "en", preferred_node="b").node_id == "a"  # soft affinity gives way
+    r = f.select("zh", "en", preferred_node="b", bind_preferred=True)
+    assert r.node_id == "b" and r.preferred_node == "used"
+    # bound or not, a node that cannot serve the pair is not used
+    r = f.select("fr", "en", preferred_node="b", bind_preferred=True)
+    assert r.node_id is None and r.preferred_node == "asr_lang_unsupported"
+
+
+def test_also_serves_needs_both_directions(make_fleet: FleetFactory) -> None:
+    f = make_fleet(mode="hash", pool_count=1)
+    f.add("en-tts-only", spec(asr=("zh", "en"), tts=("en",)))
+    f.add("both", spec())
+    for _ in range(10):
+        r = f.select("zh", "en", also_serves=(("en", "zh"),))
+        assert r.node_id == "both"
+    assert f.select("zh", "en", exclude=frozenset({"both"})).node_id == "en-tts-only"
+    r = f.select("zh", "en", also_serves=(("en", "zh"),), exclude=frozenset({"both"}))
+    assert r.node_id is None and r.breakdown.count("tts_lang_unsupported") == 1

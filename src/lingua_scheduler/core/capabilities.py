@@ -3,6 +3,11 @@
 ``Capabilities`` is immutable and compared with ``==``: the registry rebuilds it only when the reported
 capability fields differ from the previous report, and counts a capability change only when the derived
 value differs too. Load figures are not part of it. Pools and selection read nothing else.
+
+Service types and device kinds are open on the wire: the ones this scheduler does not know are kept in
+``unknown_types`` / ``unknown_devices`` (shown by the API, counted by a metric) and never take part in
+routing. ``supported_language_pairs``, when a node reports it, is the node's own statement of which
+directed pairs it translates: it replaces what would be inferred from its translation models.
 """
 
 from __future__ import annotations
@@ -10,15 +15,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lingua_scheduler.core.languages import AUTO, normalize, normalize_set
-from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceStatus, ServiceType
+from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, DeviceType, ServiceStatus, ServiceType
 from lingua_scheduler.protocol.node import (
     CapabilityByType,
     InstalledModel,
     InstalledService,
+    LanguagePair,
     NodeLanguageCapabilities,
 )
 
 NMT_RULES = frozenset({"any_to_any", "any_to_en", "en_to_any", "specific_pairs"})
+_SERVICE_TYPES: dict[str, ServiceType] = {t.value: t for t in ServiceType}
+_DEVICE_KINDS = frozenset(d.value for d in DeviceType)
+
+
+def service_type(kind: str) -> ServiceType | None:
+    """The known service type named ``kind``, or None for a kind this scheduler does not route on."""
+    return _SERVICE_TYPES.get(kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,20 +72,34 @@ class Capabilities:
     service_types: tuple[tuple[str, ServiceType], ...] = ()
     models: frozenset[str] = frozenset()
     features: frozenset[str] = field(default_factory=frozenset)
+    #: the node's ``supported_language_pairs``; None when it did not report any
+    declared_pairs: frozenset[tuple[str, str]] | None = None
+    #: reported service types / device kinds this scheduler does not know (kept, not routed on)
+    unknown_types: frozenset[str] = frozenset()
+    unknown_devices: frozenset[str] = frozenset()
 
     def translates(self, src: str, tgt: str) -> bool:
         if src == tgt:
             return True
+        if self.declared_pairs is not None:
+            return (src, tgt) in self.declared_pairs
         if src in self.semantic_languages and tgt in self.semantic_languages:
             return True
         return any(e.translates(src, tgt) for e in self.nmt)
+
+    def translates_into(self, tgt: str) -> bool:
+        """Speech in some ASR language can end up in ``tgt`` (for ``src_lang = auto``). With declared
+        pairs only the pairs stated count, not speech that is already in ``tgt``."""
+        if self.declared_pairs is not None:
+            return any(s in self.asr_languages and t == tgt for s, t in self.declared_pairs)
+        return any(self.translates(s, tgt) for s in self.asr_languages)
 
     def serves_pair(self, src: str, tgt: str) -> bool:
         """End to end: ASR in ``src`` (or language identification for ``auto``), src->tgt, TTS in tgt."""
         if tgt not in self.tts_languages:
             return False
         if src == AUTO:
-            return self.language_id and any(self.translates(s, tgt) for s in self.asr_languages)
+            return self.language_id and self.translates_into(tgt)
         return src in self.asr_languages and self.translates(src, tgt)
 
     def served_pairs(self) -> frozenset[tuple[str, str]]:
@@ -94,11 +121,8 @@ class Capabilities:
         return None
 
 
-def _pairs(pairs: list[object] | None) -> frozenset[tuple[str, str]]:
-    out: set[tuple[str, str]] = set()
-    for p in pairs or ():
-        out.add((normalize(p.src), normalize(p.tgt)))  # type: ignore[attr-defined]
-    return frozenset(out)
+def _pairs(pairs: list[LanguagePair] | None) -> frozenset[tuple[str, str]]:
+    return frozenset((normalize(p.src), normalize(p.tgt)) for p in pairs or ())
 
 
 def derive(
@@ -109,9 +133,16 @@ def derive(
     features: frozenset[str],
 ) -> Capabilities:
     """Build the capability value from the reported fields. Pure; called only when a report differs."""
-    installed = frozenset(s.type for s in services)
-    running = {s.type for s in services if s.status is ServiceStatus.RUNNING}
+    known = [(s, t) for s in services if (t := service_type(s.type)) is not None]
+    installed = frozenset(t for _, t in known)
+    running = {t for s, t in known if s.status is ServiceStatus.RUNNING}
     reported_ready = {c.type: c.ready for c in by_type}
+    unknown_types = frozenset(s.type for s in services if s.type not in _SERVICE_TYPES) | frozenset(
+        c.type for c in by_type if c.type not in _SERVICE_TYPES
+    )
+    unknown_devices = frozenset(s.device for s in services if s.device not in _DEVICE_KINDS) | frozenset(
+        d for c in by_type for d in (c.devices or ()) if d not in _DEVICE_KINDS
+    )
     # A type is ready when a service of it runs and the node does not say otherwise.
     ready = frozenset(t for t in running if reported_ready.get(t, True))
     lang = languages or NodeLanguageCapabilities()
@@ -121,8 +152,8 @@ def derive(
             model_id=c.model_id,
             rule=c.rule,
             languages=normalize_set(c.languages),
-            supported=_pairs(c.supported_pairs),  # type: ignore[arg-type]
-            blocked=_pairs(c.blocked_pairs),  # type: ignore[arg-type]
+            supported=_pairs(c.supported_pairs),
+            blocked=_pairs(c.blocked_pairs),
         )
         for c in (lang.nmt_capabilities or [])
         if c.rule in NMT_RULES
@@ -137,9 +168,13 @@ def derive(
         language_id=AUTO in asr_raw or len(asr_langs) >= 2,
         installed_types=installed,
         ready_types=ready,
-        service_types=tuple(sorted((s.service_id, s.type) for s in services)),
+        service_types=tuple(sorted((s.service_id, t) for s, t in known)),
         models=frozenset(m.model_id for m in (models or ()) if m.enabled is not False),
         features=features,
+        # an empty list says nothing (older clients send one before their models are known)
+        declared_pairs=_pairs(lang.supported_language_pairs) if lang.supported_language_pairs else None,
+        unknown_types=unknown_types,
+        unknown_devices=unknown_devices,
     )
 
 

@@ -13,7 +13,13 @@ Rules:
   place from ``dispatchable()``. A full queue fails the job at once with NO_AVAILABLE_NODE; a job
   waiting longer than ``pending_timeout_ms`` fails the same way.
 - Messages from nodes are fenced: an attempt_id or node_id other than the current attempt's changes
-  nothing and is reported ``STALE``; the shell must not deliver it.
+  nothing and is reported ``STALE``; the shell must not deliver it. One exception: a successful
+  ``job_result`` of an earlier attempt, from the node that attempt was given to, while the job is still
+  unanswered, completes the job (first valid result wins; the current attempt, if on a node, is
+  cancelled). A node's slow answer is never thrown away for a retry that may fare no better.
+- The ack deadline applies only to nodes that acknowledge jobs (``dispatch(acks=True)``); for the
+  others the execution deadline runs from the dispatch. A first ``asr_partial`` or ``job_started``
+  counts as the ack.
 
 Must never: await, do I/O, select nodes (the shell does, excluding ``Job.tried_nodes``), build wire
 messages, log audio or transcripts, or scan every job on a timer (deadlines live in a heap).
@@ -55,7 +61,8 @@ ON_NODE: frozenset[JobState] = frozenset({J.DISPATCHED, J.ACCEPTED, J.RUNNING})
 
 #: from-state -> states it may move to. ``-> CREATED`` is failover (a new attempt), nothing else.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    J.CREATED: frozenset({J.DISPATCHED, J.FAILED, J.CANCELLED}),
+    # -> COMPLETED: an abandoned attempt's result arrived while the retry was waiting for a node
+    J.CREATED: frozenset({J.DISPATCHED, J.COMPLETED, J.FAILED, J.CANCELLED}),
     # a node may skip job_ack or job_started; a result is accepted from any running-ish state
     J.DISPATCHED: frozenset({J.ACCEPTED, J.RUNNING, J.CREATED}) | TERMINAL,
     J.ACCEPTED: frozenset({J.RUNNING, J.CREATED}) | TERMINAL,
@@ -155,6 +162,14 @@ class JobSpec:
     lang_b: str | None = None
     auto_langs: tuple[str, ...] | None = None
     first_client_ts_ms: int | None = None
+    enable_streaming_asr: bool | None = None
+    partial_update_interval_ms: int | None = None
+    #: the spoken turn (turn dialect): utterances up to and including the first cut that is not a
+    #: max-duration cut
+    turn_id: str | None = None
+    #: the previous utterance of the session was cut at its maximum duration: this one continues it
+    #: on the node that has the rest of the turn
+    continues_turn: bool = False
 
     @property
     def key(self) -> JobKey:
@@ -206,6 +221,10 @@ class Job:
     #: node of the current attempt (kept after the end, for duplicate detection); None while waiting
     node_id: str | None = None
     tried_nodes: list[str] = field(default_factory=list)
+    #: attempt -> the node it was given to (the fence for results of earlier attempts)
+    attempt_nodes: dict[int, str] = field(default_factory=dict)
+    #: the attempt whose result completed the job (None until then; may be earlier than ``attempt``)
+    won_attempt: int | None = None
     dispatched_at: float | None = None
     accepted_at: float | None = None
     started_at: float | None = None
@@ -252,6 +271,8 @@ class Outcome:
     freed_node: str | None = None
     #: ``expire()`` only: the deadline that passed
     expired: DeadlineKind | None = None
+    #: the result came from an abandoned attempt on this node (its slot was released at the failover)
+    early_node: str | None = None
 
 
 def new_job_id() -> str:
@@ -329,18 +350,23 @@ class JobStore:
                 heads[stream] = job
         return list(heads.values())
 
-    def dispatch(self, job_id: str, node_id: str, now: float | None = None) -> Outcome:
+    def dispatch(self, job_id: str, node_id: str, now: float | None = None, *, acks: bool = True) -> Outcome:
         """Record that attempt ``job.attempt`` goes to ``node_id``. Call it before sending
         ``job_assign`` (a fast ack then finds the job DISPATCHED); if the send fails call
-        ``failover(job_id, "send failed", cancel=False)``."""
+        ``failover(job_id, "send failed", cancel=False)``. ``acks``: the node acknowledges jobs, so
+        the ack deadline applies; otherwise the execution deadline runs from now."""
         now = self._now(now)
         job = self._get(job_id)
         check_transition(job_id, job.state, J.DISPATCHED)
         job.node_id = node_id
         job.tried_nodes.append(node_id)
+        job.attempt_nodes[job.attempt] = node_id
         job.dispatched_at = now
         self._transition(job, J.DISPATCHED, f"dispatched to {node_id}", now)
-        self._arm(job, DeadlineKind.ACK, ack_deadline(now, self.config))
+        if acks:
+            self._arm(job, DeadlineKind.ACK, ack_deadline(now, self.config))
+        else:
+            self._arm(job, DeadlineKind.EXEC, exec_deadline(now, job.spec.audio_ms, self.config))
         return Outcome(Verdict.APPLIED, job)
 
     # --- node messages (fenced) -----------------------------------------------------------------
@@ -394,14 +420,19 @@ class JobStore:
         now: float | None = None,
     ) -> Outcome:
         """A ``job_result``. APPLIED with state COMPLETED: deliver; FAILED: report; CREATED: the
-        failure was retryable (``RETRYABLE_CODES``) and the job waits for another node."""
+        failure was retryable (``RETRYABLE_CODES``) and the job waits for another node. A success of
+        an earlier attempt of this node completes a job still unanswered (``early_node`` set; the
+        current attempt's node, if any, is in ``cancel_node``)."""
         now = self._now(now)
+        if success and (early := self._early_result(job_id, attempt_id, node_id, now)) is not None:
+            return early
         job, verdict = self._fence(job_id, attempt_id, node_id)
         if job is None or verdict is not None:
             return Outcome(verdict or Verdict.UNKNOWN, job)
         if job.terminal:
             return Outcome(Verdict.DUPLICATE, job)
         if success:
+            job.won_attempt = job.attempt
             self._transition(job, J.COMPLETED, "job_result ok", now)
             return Outcome(Verdict.APPLIED, job, freed_node=node_id)
         code = error_code or ErrorCode.INTERNAL_ERROR
@@ -412,6 +443,22 @@ class JobStore:
             )
         self._end(job, J.FAILED, code, message, now)
         return Outcome(Verdict.APPLIED, job, freed_node=node_id)
+
+    def _early_result(self, job_id: str, attempt_id: int, node_id: str, now: float) -> Outcome | None:
+        """Complete a live job with the result of an earlier attempt given to ``node_id``; None when
+        the result is not such a one (the normal fence then judges it)."""
+        job = self._jobs.get(job_id)
+        if (
+            job is None
+            or job.terminal
+            or attempt_id >= job.attempt
+            or job.attempt_nodes.get(attempt_id) != node_id
+        ):
+            return None
+        current = job.node_id if job.state in ON_NODE else None
+        self._transition(job, J.COMPLETED, f"job_result of earlier attempt {attempt_id} from {node_id}", now)
+        job.node_id, job.won_attempt = node_id, attempt_id
+        return Outcome(Verdict.APPLIED, job, cancel_node=current, freed_node=current, early_node=node_id)
 
     # --- failover, cancellation, timeouts -------------------------------------------------------
 
@@ -684,7 +731,7 @@ class JobStore:
             self._ended[job.job_id] = now
 
     def _start(self, job: Job, reason: str, now: float) -> None:
-        if job.state is J.DISPATCHED:  # no ack was seen: the execution clock starts now
+        if job.deadline_kind is DeadlineKind.ACK:  # no ack was seen: the execution clock starts now
             self._arm(job, DeadlineKind.EXEC, exec_deadline(now, job.spec.audio_ms, self.config))
         job.started_at = now
         self._transition(job, J.RUNNING, reason, now)

@@ -2,7 +2,8 @@
 
 Owns: ``NodeEntry`` records, the binding of a node id to the connection that registered it, the status
 machine's application, the set of nodes whose capabilities or status changed ("dirty", drained by the
-fleet-view publisher), and per-status counts.
+fleet-view publisher), per-status counts, and what each node said about its protocol generation: whether
+it acknowledges jobs (``sends_acks``) and which ``job_assign`` dialect it reads (``turn_dialect``).
 
 Must never: await, lock, do I/O, or do work proportional to the fleet size on the heartbeat path.
 A heartbeat is O(1): validate the binding, store load, compare capability fields by value, maybe step
@@ -24,6 +25,8 @@ from lingua_scheduler.core.status import NodeStatus, check_transition, healthy
 from lingua_scheduler.errors import ErrorCode, NotRegisteredError, RegistrationError
 from lingua_scheduler.protocol.cluster import NodeRecord
 from lingua_scheduler.protocol.node import (
+    FEATURE_JOB_ACK,
+    FEATURE_TURN_JOBS,
     CapabilityByType,
     HardwareInfo,
     InstalledModel,
@@ -35,6 +38,22 @@ from lingua_scheduler.protocol.node import (
 
 REQUIRED_SCHEMA = "2.0"
 HISTORY_LEN = 32
+#: labels of ``unknown_seen``
+UNKNOWN_SERVICE_TYPE = "service_type"
+UNKNOWN_DEVICE = "device"
+
+
+def protocol_generation(msg: NodeRegister) -> tuple[bool, bool]:
+    """(sends_acks, turn_dialect) of a registering node.
+
+    Acks are only expected from a node that declares ``job_ack``: the published node clients never send
+    ``job_ack`` nor ``job_started``. The turn dialect is declared with ``turn_jobs``, or recognised by
+    the shape the newer client gives ``capability_by_type`` (``devices`` per type, where the older one
+    sends ``ready_impl_ids``): both generations report the same ``version``, so the shape is what tells
+    them apart."""
+    declared = frozenset(msg.protocol_features or ())
+    newer_shape = any(c.devices is not None for c in msg.capability_by_type)
+    return FEATURE_JOB_ACK in declared, FEATURE_TURN_JOBS in declared or newer_shape
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +84,10 @@ class NodeEntry:
     models: list[InstalledModel]
     languages: NodeLanguageCapabilities | None
     caps: Capabilities
+    #: the node acknowledges jobs (declared ``job_ack``): only then does the ack deadline apply
+    sends_acks: bool = False
+    #: the node reads the turn dialect of job_assign (``protocol_generation``)
+    turn_dialect: bool = False
     status: NodeStatus = NodeStatus.REGISTERING
     #: bumped on every change of capability or status; the fleet view copies only changed versions
     version_no: int = 1
@@ -117,6 +140,8 @@ class Registry:
         self._counts: dict[NodeStatus, int] = dict.fromkeys(NodeStatus, 0)
         self.capability_changes = 0
         self.suppressed_offline = 0
+        #: unknown service types / device kinds first seen on a node, by kind, since the last take
+        self._unknown_seen: dict[str, int] = {}
         #: owned nodes whose capabilities or status changed since the cluster shell last published
         self.changed_local: set[str] = set()
         #: called when ``changed_local`` gains a node (the cluster shell wakes its publisher)
@@ -152,6 +177,8 @@ class Registry:
             msg.language_capabilities,
             features,
         )
+        sends_acks, turn_dialect = protocol_generation(msg)
+        self._count_unknown(entry.caps if entry is not None else None, caps)
         transitions: list[Transition] = []
         if entry is not None:
             if entry.conn is not None and entry.conn is not conn:
@@ -166,6 +193,7 @@ class Registry:
             entry.features = features
             entry.services, entry.by_type = msg.installed_services, msg.capability_by_type
             entry.models, entry.languages = msg.installed_models, msg.language_capabilities
+            entry.sends_acks, entry.turn_dialect = sends_acks, turn_dialect
             if caps != entry.caps:
                 entry.caps = caps
                 self.capability_changes += 1
@@ -196,6 +224,8 @@ class Registry:
                 models=msg.installed_models,
                 languages=msg.language_capabilities,
                 caps=caps,
+                sends_acks=sends_acks,
+                turn_dialect=turn_dialect,
                 conn=conn,
             )
             self.nodes[node_id] = entry
@@ -259,11 +289,26 @@ class Registry:
         caps = derive(entry.services, entry.by_type, entry.models, entry.languages, entry.features)
         if caps == entry.caps:  # reordered or cosmetic difference: nothing a scheduler cares about
             return False
+        self._count_unknown(entry.caps, caps)
         entry.caps = caps
         entry.version_no += 1
         self.capability_changes += 1
         entry.history.append((self.clock.monotonic(), "capabilities changed"))
         return True
+
+    def _count_unknown(self, old: Capabilities | None, new: Capabilities) -> None:
+        for kind, before, now in (
+            (UNKNOWN_SERVICE_TYPE, old.unknown_types if old else frozenset(), new.unknown_types),
+            (UNKNOWN_DEVICE, old.unknown_devices if old else frozenset(), new.unknown_devices),
+        ):
+            if fresh := len(now - before):
+                self._unknown_seen[kind] = self._unknown_seen.get(kind, 0) + fresh
+
+    def take_unknown_seen(self) -> dict[str, int]:
+        """Unknown service types / device kinds newly reported by a node (by kind) since the last call:
+        the node endpoint turns them into a metric. A value counts once per node that starts reporting it."""
+        seen, self._unknown_seen = self._unknown_seen, {}
+        return seen
 
     def _health_step(self, entry: NodeEntry, ok: bool, now: float) -> tuple[Transition, ...]:
         st = entry.status

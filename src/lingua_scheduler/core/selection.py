@@ -4,7 +4,9 @@ Owns: ``SelectionRequest``, the filters and their order, ``Breakdown`` (why node
 ``SelectionResult`` (node or None, pools tried, breakdown, JSON for the dry-run endpoint), ``Selector``
 and ``commit`` (the only place a choice touches load).
 
-Flow: the paired node if it passes every filter; else the eligible groups (the request's language pair;
+Flow: the paired node (or the session's previous node: affinity) if it passes every filter -- with
+``bind_preferred`` its capacity is not checked, since the job continues audio that node already holds --;
+else the eligible groups (the request's language pair;
 capability pools eligible for the required types; hash buckets), the preferred one first (tenant override,
 else stable hash of the routing key with ``session_affinity``, else random), the others after it when
 ``fallback`` is on. The shards of one group are one logical pool and are always all tried, starting at a
@@ -88,8 +90,12 @@ class SelectionRequest:
     #: tenant id, else session id: drives affinity and tenant overrides
     routing_key: str = "default"
     tenant_id: str | None = None
-    #: paired node: used if it passes every filter
+    #: paired node, or the node of the session's previous job: used if it passes every filter
     preferred_node: str | None = None
+    #: the preferred node keeps the job even at capacity (a max-duration chain: it holds the turn)
+    bind_preferred: bool = False
+    #: further directed pairs a node must serve end to end too (a two-way session: both directions)
+    also_serves: tuple[tuple[str, str], ...] = ()
     exclude: frozenset[str] = frozenset()
     #: a public job: only nodes that accept public jobs
     accept_public: bool = True
@@ -372,11 +378,17 @@ class Selector:
         nv = view.nodes.get(nid)
         if nv is None:
             return "unknown_node"
-        reason = self._reject(nv, req, src, tgt, True)
+        reason = self._reject(nv, req, src, tgt, True, req.bind_preferred)
         return "used" if reason is None else REASONS[reason]
 
     def _reject(
-        self, nv: NodeView, req: SelectionRequest, src: str, tgt: str, check_lang: bool
+        self,
+        nv: NodeView,
+        req: SelectionRequest,
+        src: str,
+        tgt: str,
+        check_lang: bool,
+        ignore_capacity: bool = False,
     ) -> int | None:
         """The first filter ``nv`` fails (an index into ``REASONS``), or None when it passes them all."""
         st = nv.status
@@ -395,8 +407,12 @@ class Selector:
             reason = _language_reason(nv, req.required, src, tgt)
             if reason is not None:
                 return reason
+        for a, b in req.also_serves:
+            reason = _language_reason(nv, req.required, a, b)
+            if reason is not None:
+                return reason
         load = nv.load
-        if load.effective >= nv.max_concurrent_jobs:
+        if not ignore_capacity and load.effective >= nv.max_concurrent_jobs:
             return CAPACITY_EXCEEDED
         if load.over_threshold(self.resource_threshold):
             return RESOURCE_THRESHOLD_EXCEEDED
@@ -414,7 +430,7 @@ def _language_reason(nv: NodeView, required: frozenset[ServiceType], src: str, t
         elif src not in caps.asr_languages:
             return ASR_LANG_UNSUPPORTED
     if ServiceType.NMT in required:
-        ok = any(caps.translates(s, tgt) for s in caps.asr_languages) if auto else caps.translates(src, tgt)
+        ok = caps.translates_into(tgt) if auto else caps.translates(src, tgt)
         if not ok:
             return LANG_PAIR_UNSUPPORTED
     if ServiceType.TTS in required and tgt not in caps.tts_languages:

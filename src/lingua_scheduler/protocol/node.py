@@ -1,11 +1,12 @@
 """Node <-> scheduler messages on ``/ws/node``.
 
-Wire-compatible with the reference node client. Deliberate differences: ``memory_gb`` accepts floats,
-``job_assign`` booleans default to false (the reference required them yet omitted false ones, so its
-cross-instance assignments were dropped), heartbeats are acknowledged with
-``node_heartbeat_ack``; ``node_register`` may carry credentials (``enrollment_secret`` or ``node_token``,
-docs/security.md) and its ack the node's token, all optional and omitted when unused. Unknown fields are
-ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}`` by the endpoint.
+Wire-compatible with the reference node client at both of its published generations (docs/protocol.md).
+Deliberate differences: ``memory_gb`` accepts floats, ``job_assign`` booleans default to false, heartbeats
+are acknowledged with ``node_heartbeat_ack``; ``node_register`` may carry credentials (``enrollment_secret``
+or ``node_token``, docs/security.md) and its ack the node's token, and ``protocol_features`` (what the node
+does beyond the base protocol, e.g. ``job_ack``), all optional and omitted when unused. Service types and
+device kinds are open strings: values this scheduler does not know are kept and shown, never refused.
+Unknown fields are ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Annotated, Any
 import msgspec
 
 from lingua_scheduler.protocol.common import (
-    DeviceType,
     ErrorMessage,
     ExtraResult,
     FeatureFlags,
@@ -24,7 +24,6 @@ from lingua_scheduler.protocol.common import (
     SafeInt,
     SegmentsMeta,
     ServiceStatus,
-    ServiceType,
     Struct,
 )
 
@@ -32,6 +31,8 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
 ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 Lang = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+#: a service type or device kind: open-ended (newer nodes report kinds this scheduler does not route on)
+Kind = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
 
@@ -58,8 +59,10 @@ class InstalledModel(FrozenStruct, frozen=True):
 
 class InstalledService(FrozenStruct, frozen=True):
     service_id: ShortStr
-    type: ServiceType
-    device: DeviceType
+    #: a ``ServiceType`` value, or a kind this scheduler does not know (kept, ignored for routing)
+    type: Kind
+    #: a ``DeviceType`` value, or another device kind (kept, shown)
+    device: Kind
     status: ServiceStatus
     version: ShortStr | None = None
     model_id: ShortStr | None = None
@@ -70,10 +73,12 @@ class InstalledService(FrozenStruct, frozen=True):
 
 
 class CapabilityByType(FrozenStruct, frozen=True):
-    type: ServiceType
+    type: Kind
     ready: bool
     reason: str | None = None
     ready_impl_ids: list[ShortStr] | None = None
+    #: device kinds the type runs on (newer node clients send this instead of ``ready_impl_ids``)
+    devices: list[Kind] | None = None
 
 
 class LanguagePair(FrozenStruct, frozen=True):
@@ -148,6 +153,8 @@ class NodeRegister(Struct, tag="node_register", tag_field="type"):
     enrollment_secret: ShortStr | None = None
     #: the token issued in an earlier node_register_ack, presented with its node_id
     node_token: ShortStr | None = None
+    #: protocol features beyond the base protocol (``PROTOCOL_FEATURES``); unknown names are ignored
+    protocol_features: list[ShortStr] | None = None
 
 
 class NodeHeartbeat(Struct, tag="node_heartbeat", tag_field="type"):
@@ -222,6 +229,14 @@ class NodeAsrPartial(Struct, tag="asr_partial", tag_field="type"):
     attempt_id: NonNegInt | None = None
 
 
+#: ``protocol_features`` names: the node sends ``job_ack`` (and may send ``job_started``) for every job, so
+#: a missing ack within the ack timeout means the node is not working on it
+FEATURE_JOB_ACK = "job_ack"
+#: the node reads the turn dialect of ``job_assign`` (``turn_id``, ``is_max_duration_triggered``, a pause
+#: reported as ``is_timeout_triggered``)
+FEATURE_TURN_JOBS = "turn_jobs"
+PROTOCOL_FEATURES = frozenset({FEATURE_JOB_ACK, FEATURE_TURN_JOBS})
+
 NodeInbound = (
     NodeRegister | NodeHeartbeat | NodeErrorReport | JobAck | JobStarted | JobResult | NodeAsrPartial
 )
@@ -277,9 +292,13 @@ class JobAssign(Struct, tag="job_assign", tag_field="type"):
     part_index: int | None = None
     context_text: str | None = None
     padding_ms: int | None = None
+    #: turn dialect only: the spoken turn this job belongs to (the node aggregates a turn's jobs)
+    turn_id: str | None = None
     is_manual_cut: bool = False
     is_pause_triggered: bool = False
     is_timeout_triggered: bool = False
+    #: turn dialect only: cut because the speaker went on past the maximum duration (more follows)
+    is_max_duration_triggered: bool = False
 
 
 class JobCancel(Struct, tag="job_cancel", tag_field="type"):

@@ -1,11 +1,19 @@
 """Job dispatch: turns finalized utterances into jobs, places them on nodes and follows each to its end.
 
 Owns the instance's ``JobStore``, the selector and the unavailable-service marks, the deadline timer
-task, and the translation of node job messages into session output. Every job ends in a result or an
-explicit failure the session sees (``error`` + ``ui_event ERROR`` + ``missing_result(job_failed)``).
+task, the translation of node job messages into session output, each session's routing memory
+(``SessionRoute``: the node of its previous job and its current turn, dropped when the session's jobs
+are cancelled at its end) and the ``job_assign`` dialect each node is spoken to in. Every job ends in a
+result or an explicit failure the session sees (``error`` + ``ui_event ERROR`` +
+``missing_result(job_failed)``).
+
+Placement prefers the node of the session's previous job while it is fit (soft affinity: the node
+clients keep per-session audio aggregation state); a job continuing a max-duration cut is bound to that
+node even at capacity. Two-way sessions go only to nodes serving both directions of (lang_a, lang_b).
 
 Must never: await inside a placement or a node message (all of it is synchronous; the only await is
-the timer task's sleep), hold state about a session beyond what ``Session`` exposes, or log text.
+the timer task's sleep), hold state about a session beyond what ``Session`` exposes and its routing
+memory, or log text.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ import time
 from typing import TYPE_CHECKING
 
 from lingua_scheduler.core.jobs import DeadlineKind, Job, JobSpec, JobState, JobStore, Outcome, Verdict
+from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.results import Release
-from lingua_scheduler.core.segmentation import Utterance
+from lingua_scheduler.core.segmentation import CutReason, Utterance
 from lingua_scheduler.core.selection import SelectionRequest, Selector
 from lingua_scheduler.core.unavailable import UnavailableMarks
 from lingua_scheduler.errors import ErrorCode, NoAvailableNodeError
@@ -74,6 +83,30 @@ EXPIRY_REASONS: dict[DeadlineKind | None, str] = {
 }
 
 
+#: cuts after which the speaker is still talking: the next utterance belongs to the same turn
+CONTINUED_CUTS = frozenset({CutReason.MAX_DURATION, CutReason.MAX_BYTES})
+TWO_WAY = "two_way_auto"
+
+
+@dataclasses.dataclass(slots=True)
+class SessionRoute:
+    """A session's routing memory: where its last job went, and the turn its next utterance opens or
+    continues."""
+
+    last_node: str | None = None
+    #: index of the first utterance of the current turn; None before the first utterance
+    turn_start: int | None = None
+    #: the last utterance was cut at its maximum duration (the next one continues it)
+    continued: bool = False
+
+
+def trigger_flags(reason: CutReason, *, turn_dialect: bool) -> tuple[bool, bool, bool]:
+    """(is_pause_triggered, is_timeout_triggered, is_max_duration_triggered) of a cut, per dialect."""
+    if turn_dialect:
+        return False, reason is CutReason.PAUSE, reason in CONTINUED_CUTS
+    return reason.is_pause_triggered, reason.is_timeout_triggered, False
+
+
 def required_services(pipeline: PipelineConfig | None) -> frozenset[ServiceType]:
     if pipeline is None:
         return CORE_SERVICE_TYPES
@@ -115,6 +148,8 @@ class Dispatcher:
         self._last_evict = 0.0
         #: jobs created per directed language pair since start (the dashboard's demand per pair)
         self.created_by_pair: dict[str, int] = {}
+        #: session id -> its routing memory; bounded by live sessions (dropped in ``cancel_session``)
+        self._routes: dict[str, SessionRoute] = {}
 
     # --- sessions -> jobs -----------------------------------------------------------------------
 
@@ -135,7 +170,17 @@ class Dispatcher:
         if not utterances:
             return
         now = received_at if received_at is not None else time.perf_counter()
+        init = session.init
+        jobs_cfg = self.state.config.jobs
+        streaming = (
+            jobs_cfg.streaming_asr_default if init.enable_streaming_asr is None else init.enable_streaming_asr
+        )
+        route = self._routes.setdefault(session.session_id, SessionRoute())
         for utt in utterances:
+            if route.turn_start is None or not route.continued:
+                route.turn_start = utt.index
+            continues, route.continued = route.continued, utt.reason in CONTINUED_CUTS
+            turn_id = f"{session.session_id}:{route.turn_start}"
             job_ids: list[str] = []
             failed: list[Job] = []
             targets = [tgt_lang] if tgt_lang else session.targets
@@ -155,9 +200,18 @@ class Dispatcher:
                     dialect=session.init.dialect,
                     features=session.init.features,
                     pipeline=pipeline,
-                    mode=session.init.mode,
-                    lang_a=session.init.lang_a,
-                    lang_b=session.init.lang_b,
+                    mode=init.mode,
+                    lang_a=init.lang_a,
+                    lang_b=init.lang_b,
+                    auto_langs=tuple(init.auto_langs) if init.auto_langs else None,
+                    enable_streaming_asr=streaming,
+                    partial_update_interval_ms=(
+                        (init.partial_update_interval_ms or jobs_cfg.partial_update_interval_ms)
+                        if streaming
+                        else None
+                    ),
+                    turn_id=turn_id,
+                    continues_turn=continues,
                 )
                 try:
                     out = self.store.create(spec, utt.audio)
@@ -228,6 +282,8 @@ class Dispatcher:
             if job.job_id in self._placing:
                 continue
             spec = job.spec
+            route = self._routes.get(spec.session_id)
+            last_node = route.last_node if route is not None else None
             # Without fallback the routing key decides the one pool tried, so it is part of the request.
             routing = spec.tenant_id if state.config.pools.fallback else (spec.tenant_id or spec.session_id)
             key = (
@@ -237,16 +293,30 @@ class Dispatcher:
                 spec.features,
                 routing,
                 tuple(job.tried_nodes),
+                last_node,
+                spec.continues_turn,
+                spec.mode,
+                spec.lang_a,
+                spec.lang_b,
             )
             if key in hopeless:
                 continue
+            src, tgt = spec.src_lang, spec.tgt_lang
+            also: tuple[tuple[str, str], ...] = ()
+            if spec.mode == TWO_WAY and spec.lang_a and spec.lang_b:
+                # The node picks the direction per utterance: it must serve both.
+                src, tgt = normalize(spec.lang_a), normalize(spec.lang_b)
+                also = ((tgt, src),)
             req = SelectionRequest(
-                src_lang=spec.src_lang,
-                tgt_lang=spec.tgt_lang,
+                src_lang=src,
+                tgt_lang=tgt,
                 required=required_services(spec.pipeline),
                 features=spec.features.enabled() if spec.features else frozenset(),
                 routing_key=spec.tenant_id or spec.session_id,
                 tenant_id=spec.tenant_id,
+                preferred_node=last_node,
+                bind_preferred=spec.continues_turn,
+                also_serves=also,
                 exclude=frozenset(job.tried_nodes) | self._reserve_refused,
             )
             t0 = time.perf_counter()
@@ -277,10 +347,13 @@ class Dispatcher:
         """Record the dispatch and write ``job_assign`` to a local node (or hand it to its owner)."""
         state = self.state
         entry = state.registry.nodes[node_id]
-        self.store.dispatch(job.job_id, node_id)
+        self.store.dispatch(job.job_id, node_id, acks=entry.sends_acks)
         self._load_tokens[job.job_id] = (node_id, entry.load.dispatched(), member)
+        if not entry.sends_acks:
+            self._commit_slot(job)  # no ack will commit the reservation: the job runs from now on
         self._record(job)
-        assign = self._assign(job)
+        self._follow(job.session_id, node_id)
+        assign = self._assign(job, turn_dialect=entry.turn_dialect)
         if entry.owner is not None and self.cluster is not None:
             self._send_remote(job.job_id, job.attempt, entry.owner, node_id, assign)
         elif not (isinstance(entry.conn, Outbox) and entry.conn.send(assign)):
@@ -331,6 +404,15 @@ class Dispatcher:
         self._send_assign(job, node_id, member)
         self.pump()  # the next job of the same stream was waiting for this one to leave the queue
 
+    def _follow(self, session_id: str, node_id: str) -> None:
+        """Remember where the session's job went (affinity for its next one) and count hit or move."""
+        route = self._routes.get(session_id)
+        if route is None:
+            return
+        if route.last_node is not None:
+            self.state.metrics.affinity.labels("hit" if route.last_node == node_id else "moved").inc()
+        route.last_node = node_id
+
     def _retry_refused(self, node_id: str) -> None:
         self._reserve_refused.discard(node_id)
         self.pump()
@@ -374,9 +456,14 @@ class Dispatcher:
     def cancel_on_local_node(self, node_id: str, job_id: str, reason: str) -> None:
         self.deliver_to_local_node(node_id, JobCancel(job_id=job_id, reason=reason))
 
-    def _assign(self, job: Job) -> JobAssign:
+    def _assign(self, job: Job, *, turn_dialect: bool = False) -> JobAssign:
+        """``job_assign`` in the dialect the node reads. The turn dialect carries ``turn_id`` and
+        ``is_max_duration_triggered`` and reports a pause as ``is_timeout_triggered`` (that node
+        ignores ``is_pause_triggered`` and would keep buffering); the older one reports a max-duration
+        cut as ``is_timeout_triggered``."""
         spec = job.spec
         reason = spec.cut_reason
+        pause, timeout, max_duration = trigger_flags(reason, turn_dialect=turn_dialect)
         return JobAssign(
             job_id=job.job_id,
             attempt_id=job.attempt,
@@ -394,9 +481,14 @@ class Dispatcher:
             mode=spec.mode,
             lang_a=spec.lang_a,
             lang_b=spec.lang_b,
+            auto_langs=list(spec.auto_langs) if spec.auto_langs else None,
+            enable_streaming_asr=spec.enable_streaming_asr,
+            partial_update_interval_ms=spec.partial_update_interval_ms,
+            turn_id=spec.turn_id if turn_dialect else None,
             is_manual_cut=reason.is_manual_cut,
-            is_pause_triggered=reason.is_pause_triggered,
-            is_timeout_triggered=reason.is_timeout_triggered,
+            is_pause_triggered=pause,
+            is_timeout_triggered=timeout,
+            is_max_duration_triggered=max_duration,
         )
 
     # --- node messages --------------------------------------------------------------------------
@@ -442,10 +534,12 @@ class Dispatcher:
             log.info(
                 "stale job message dropped", extra={"node_id": node_id, "job_id": getattr(msg, "job_id", "")}
             )
-        if isinstance(msg, JobResult) and out.verdict in (Verdict.STALE, Verdict.UNKNOWN):
+        if isinstance(msg, JobResult) and (
+            out.verdict in (Verdict.STALE, Verdict.UNKNOWN) or out.early_node is not None
+        ):
             # The node finished a job we no longer follow (an attempt abandoned when its connection
-            # dropped): its last report counted it as running, so that figure is one too high until the
-            # next heartbeat -- up to an interval of phantom load after every reconnect otherwise.
+            # dropped or its deadline passed): its last report counted it as running, so that figure is
+            # one too high until the next heartbeat -- up to an interval of phantom load otherwise.
             entry = self.state.registry.nodes.get(node_id)
             if entry is not None and entry.owner is None:
                 entry.load.report_ended()
@@ -473,6 +567,12 @@ class Dispatcher:
             return out
         job = out.job
         if job.state is JobState.COMPLETED:
+            if out.early_node is not None:
+                self.state.metrics.early_results.inc()
+                log.info(
+                    "result of an earlier attempt delivered",
+                    extra={"job_id": job.job_id, "node_id": node_id, "attempt": job.won_attempt},
+                )
             self._release(out)
             # Only a failure explains itself with it; a result held back for ordering may never be
             # delivered (its session may go first), so it is dropped here, not on delivery.
@@ -484,7 +584,7 @@ class Dispatcher:
                 self.deliver(
                     session,
                     session.results.offer(
-                        job.utterance_index, job.job_id, job.attempt, payload, silent=silent
+                        job.utterance_index, job.job_id, job.won_attempt, payload, silent=silent
                     ),
                 )
             self.state.metrics.jobs.labels("completed").inc()
@@ -716,6 +816,7 @@ class Dispatcher:
         self.pump()
 
     def cancel_session(self, session_id: str, reason: str) -> None:
+        self._routes.pop(session_id, None)
         for out in self.store.cancel_session(session_id, reason):
             self._apply(out, "session_closed")
 

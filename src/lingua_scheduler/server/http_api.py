@@ -189,7 +189,17 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
             "semantic": sorted(caps.semantic_languages),
             "language_id": caps.language_id,
         },
-        "services": {"installed": sorted(caps.installed_types), "ready": sorted(caps.ready_types)},
+        "services": {
+            "installed": sorted(caps.installed_types),
+            "ready": sorted(caps.ready_types),
+            # reported kinds this scheduler does not know: kept and shown, ignored for routing
+            "unknown_types": sorted(caps.unknown_types),
+            "unknown_devices": sorted(caps.unknown_devices),
+        },
+        "supported_language_pairs": (
+            None if caps.declared_pairs is None else sorted(f"{s}->{t}" for s, t in caps.declared_pairs)
+        ),
+        "protocol": {"sends_acks": entry.sends_acks, "turn_dialect": entry.turn_dialect},
         "pools": list(view.pools) if view is not None else [],
         "history": [{"age_seconds": round(now - t, 3), "event": e} for t, e in entry.history],
     }

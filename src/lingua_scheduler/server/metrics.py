@@ -115,6 +115,24 @@ class Metrics:
         self.stale_messages = Counter(
             "lingua_stale_job_messages", "Job messages of an old attempt or another node, dropped", registry=r
         )
+        self.unknown_node_values = Counter(
+            "lingua_node_unknown_values",
+            "Service types / device kinds a node reported that this scheduler does not know (kept, not "
+            "routed on), once per node and value",
+            ["kind"],
+            registry=r,
+        )
+        self.early_results = Counter(
+            "lingua_early_attempt_results",
+            "Results of an abandoned attempt delivered because the utterance was still unanswered",
+            registry=r,
+        )
+        self.affinity = Counter(
+            "lingua_session_affinity",
+            "Jobs of a session that went to the node of its previous job (hit) or elsewhere (moved)",
+            ["result"],
+            registry=r,
+        )
         self.jobs_created = Counter(
             "lingua_jobs_submitted", "Jobs created (one per utterance and target language)", registry=r
         )

@@ -83,6 +83,8 @@ class NodeConnection:
         )
         if outcome.transitions:
             state.apply_transitions(outcome.transitions)
+        if outcome.capability_changed:
+            self._count_unknown()
         elapsed = time.perf_counter() - t0
         state.metrics.heartbeats.inc()
         state.metrics.heartbeat_handle.observe(elapsed)
@@ -104,6 +106,7 @@ class NodeConnection:
                 state.registry.nodes.__contains__, len(state.registry.nodes), msg.node_id
             )
         entry, transitions = state.registry.register(msg, self.outbox)
+        self._count_unknown()
         if first:
             state.limits.node_registered()
         self.node_id = entry.node_id
@@ -124,8 +127,14 @@ class NodeConnection:
                 "platform": msg.platform,
                 "node_version": msg.version,
                 "auth": admitted,  # enrolled | token | connection | open: the audit trail of enrollments
+                "sends_acks": entry.sends_acks,
+                "turn_dialect": entry.turn_dialect,
             },
         )
+
+    def _count_unknown(self) -> None:
+        for kind, n in self.state.registry.take_unknown_seen().items():
+            self.state.metrics.unknown_node_values.labels(kind).inc(n)
 
     def on_job_message(self, msg: object) -> None:
         """Job messages (ack, started, partial, result) are handled by the job dispatcher."""

@@ -56,6 +56,8 @@ class Executor:
     send_started: bool = True
     behavior: Behavior = Behavior.NORMAL
     late_result_after: float | None = None
+    #: stop a job on job_cancel; the published node clients finish it and send the result anyway
+    honours_cancel: bool = True
 
 
 class SimulatedNode:
@@ -269,7 +271,8 @@ class SimulatedNode:
                     self._jobs[msg["job_id"]] = asyncio.create_task(self._execute(msg))
                 elif kind == "job_cancel":
                     task = self._jobs.pop(msg.get("job_id", ""), None)
-                    if task is not None and self.executor.behavior is not Behavior.NEVER_ACK:
+                    ex = self.executor
+                    if task is not None and ex.behavior is not Behavior.NEVER_ACK and ex.honours_cancel:
                         task.cancel()
                 if self.on_message is not None:
                     self.on_message(msg)
@@ -296,7 +299,9 @@ class SimulatedNode:
                 return
             self.running_jobs += 1
             self.max_running = max(self.max_running, self.running_jobs)
-            await self.send({"type": "job_ack", **ids})
+            acks = self.profile.sends_acks
+            if acks:
+                await self.send({"type": "job_ack", **ids})
             if ex.behavior is Behavior.CRASH_MID_JOB:
                 await asyncio.sleep(ex.latency / 2)
                 await self.kill()
@@ -315,9 +320,10 @@ class SimulatedNode:
                     )
                 )
                 return
-            if ex.send_started:
+            if ex.send_started and acks:
                 await self.send({"type": "job_started", **ids})
-            for i in range(ex.partials):
+            # A node without acks streams partials only when the job asks for them, as the real ones do.
+            for i in range(ex.partials if acks or job.get("enable_streaming_asr") else 0):
                 await self.send(
                     {
                         "type": "asr_partial",

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 
 from lingua_scheduler.protocol.common import DeviceType, FeatureFlags, ServiceStatus, ServiceType
 from lingua_scheduler.protocol.node import (
+    FEATURE_JOB_ACK,
+    FEATURE_TURN_JOBS,
     CapabilityByType,
     GpuInfo,
     HardwareInfo,
     InstalledService,
+    LanguagePair,
     NmtCapability,
     NodeLanguageCapabilities,
     NodeRegister,
@@ -30,6 +33,13 @@ class NodeProfile:
     accept_public_jobs: bool = True
     services_running: bool = True
     with_semantic: bool = False
+    #: declare ``job_ack`` and acknowledge every job; False behaves like the published node clients,
+    #: which never send job_ack nor job_started (only asr_partial when asked for, and job_result)
+    sends_acks: bool = True
+    #: declare the turn dialect of job_assign (``turn_jobs``)
+    turn_dialect: bool = False
+    #: the node's own ``supported_language_pairs`` (None: not reported)
+    supported_pairs: list[tuple[str, str]] | None = None
 
     def services(self) -> list[InstalledService]:
         status = ServiceStatus.RUNNING if self.services_running else ServiceStatus.STOPPED
@@ -78,7 +88,18 @@ class NodeProfile:
                 NmtCapability(model_id="m2m100", languages=list(self.nmt_languages), rule="any_to_any")
             ],
             semantic_languages=list(self.semantic_languages) or None,
+            supported_language_pairs=(
+                None
+                if self.supported_pairs is None
+                else [LanguagePair(src=s, tgt=t) for s, t in self.supported_pairs]
+            ),
         )
+
+    def protocol_features(self) -> list[str] | None:
+        out = ([FEATURE_JOB_ACK] if self.sends_acks else []) + (
+            [FEATURE_TURN_JOBS] if self.turn_dialect else []
+        )
+        return out or None
 
     def register_message(self, node_id: str | None = None) -> NodeRegister:
         return NodeRegister(
@@ -95,6 +116,7 @@ class NodeProfile:
             features_supported=FeatureFlags(emotion_detection=True, speech_rate_detection=True),
             accept_public_jobs=self.accept_public_jobs,
             language_capabilities=self.languages(),
+            protocol_features=self.protocol_features(),
         )
 
 
