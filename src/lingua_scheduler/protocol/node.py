@@ -31,7 +31,8 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
 ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 Lang = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
-NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+#: matched whole: msgspec searches the pattern and ``$`` alone also matches before a trailing newline
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+\Z")]
 
 
 class GpuInfo(FrozenStruct, frozen=True):
