@@ -316,7 +316,7 @@ class AdminConfig(Section):
 MIN_AUTH_SECRET = 16
 #: longest: secrets travel in node_register fields of at most 256 characters
 MAX_AUTH_SECRET = 256
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class TenantKeyConfig(Section):
@@ -337,7 +337,7 @@ class TenantKeyConfig(Section):
         if not self.tenant_id.strip():
             raise ValueError("tenant_id must not be empty")
         self.key_sha256 = self.key_sha256.lower()
-        if not _SHA256_HEX.match(self.key_sha256):
+        if not _SHA256_HEX.fullmatch(self.key_sha256):
             raise ValueError("key_sha256 must be 64 hex digits (the SHA-256 of the key, not the key)")
         for name in ("max_sessions", "max_jobs_per_second", "jobs_burst"):
             if getattr(self, name) < 0:
@@ -433,7 +433,7 @@ class ShutdownConfig(Section):
         _positive("close_timeout_seconds", self.close_timeout_seconds)
 
 
-_ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/\s?#]+$")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[^/\s?#]+")
 
 
 class LimitsConfig(Section):
@@ -475,7 +475,7 @@ class LimitsConfig(Section):
                 _positive(name, getattr(self, name))
         origins = [o.strip().lower().rstrip("/") for o in self.session_allowed_origins]
         for o in origins:
-            if not _ORIGIN.match(o):
+            if not _ORIGIN.fullmatch(o):
                 raise ValueError(f"session_allowed_origins must hold scheme://host[:port] values, got {o!r}")
         self.session_allowed_origins = origins
 

@@ -222,6 +222,29 @@ async def test_admin_revoke_disconnects_and_refuses(scheduler_factory: Any, node
     assert ack["type"] == "node_register_ack" and ack["node_id"] != node_id
 
 
+async def test_ids_with_a_trailing_newline_are_refused(scheduler_factory: Any, node_factory: Any) -> None:
+    """An id is matched whole: ``ID%0A`` in an admin path is not ``ID`` (revoke answers 400 and
+    changes nothing, drain finds no such node), and a node may not register under ``ID\\n``."""
+    rs = await scheduler_factory(**NODE_AUTH)
+    node = node_factory(url=rs.node_url, enrollment_secret=SECRET)
+    node_id = (await node.start())["node_id"]
+    base = f"{rs.base}/api/v1/admin/nodes/{node_id}%0A"
+    async with rs.http.post(f"{base}/revoke", headers=ADMIN_HEADERS) as r:
+        assert r.status == 400
+        assert (await r.json())["code"] == "INVALID_MESSAGE"
+    async with rs.http.post(f"{base}/drain", headers=ADMIN_HEADERS) as r:
+        assert r.status == 404
+    assert rs.state.auth.revoked == set() and not node.ws.closed
+    assert rs.state.registry.nodes[node_id].status is NodeStatus.READY
+    assert await rs.metric("lingua_auth_refusals_total", '{plane="node",reason="revoked"}') == 0
+    # the same id in a message
+    other = node_factory(url=rs.node_url, enrollment_secret=SECRET)
+    await other.connect()
+    reply = await register_raw(other, node_id="node-x\n", enrollment_secret=SECRET)
+    assert reply["type"] == "error" and reply["code"] == "INVALID_MESSAGE", reply
+    assert "node-x\n" not in rs.state.registry.nodes
+
+
 async def test_revoke_without_node_auth_is_refused(scheduler_factory: Any, node_factory: Any) -> None:
     rs = await scheduler_factory(admin={"token": ADMIN})
     node = node_factory(url=rs.node_url)

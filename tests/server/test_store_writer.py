@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from lingua_scheduler.protocol.cluster import DispatchFailed
 from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.store.base import StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 from tests.redis_support import RedisServer, free_port, has_redis
 
@@ -49,7 +50,7 @@ async def test_one_loop_turn_is_one_pipeline_and_order_is_kept(
     stores: tuple[RedisStore, RedisStore], redis_server: RedisServer
 ) -> None:
     a, b = stores
-    errors: list[str] = []
+    errors: list[StoreUnavailable] = []
     w = StoreWriter(a, errors.append)
     await a.ping()  # the pool's connection is open (its handshake is not counted below)
     r = redis_server.client()
@@ -88,7 +89,7 @@ async def test_commit_release_and_ack_in_the_same_batch(
     w.commit("n1", "gone:1", 60_000)  # released or expired: not revived
     assert await w.drain(2.0)
     resv = redis_server.client().zrange(a.keys.node_resv("n1"), 0, -1, withscores=True)
-    assert [m for m, _ in resv] == [b"j1:1"]
+    assert [m for m, _ in resv] == [f"{a.instance_id}|j1:1".encode()]  # members name their instance
     assert resv[0][1] >= now + 59_000
     # b acknowledges what it handled through its own writer: the entries leave the inbox
     a_writer = StoreWriter(a, lambda _: None)
@@ -106,7 +107,7 @@ async def test_commit_release_and_ack_in_the_same_batch(
 
 async def test_unreachable_store_reports_every_lost_send() -> None:
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", instance_id="a", prefix="x", op_timeout=0.2)
-    errors: list[str] = []
+    errors: list[StoreUnavailable] = []
     failed: list[int] = []
     w = StoreWriter(store, errors.append)
     for i in range(5):
@@ -115,7 +116,7 @@ async def test_unreachable_store_reports_every_lost_send() -> None:
     assert await w.drain(3.0)
     assert failed == [0, 1, 2, 3, 4]
     assert w.lost == 6 and w.writes == 0
-    assert len(errors) == 1 and "redis" in errors[0]
+    assert len(errors) == 1 and "redis" in str(errors[0])
     await store.close()
 
 

@@ -33,7 +33,8 @@ ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 Lang = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 #: a service type or device kind: open-ended (newer nodes report kinds this scheduler does not route on)
 Kind = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+#: matched whole: msgspec searches the pattern and ``$`` alone also matches before a trailing newline
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+\Z")]
 
 
 class GpuInfo(FrozenStruct, frozen=True):

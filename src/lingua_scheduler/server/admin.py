@@ -253,8 +253,9 @@ async def disconnect(request: web.Request) -> web.Response:
     return await _node_route(request, "disconnect", "disconnected by operator")
 
 
-#: what a node id may look like (protocol.node.NodeId)
-_NODE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+#: what a node id may look like (protocol.node.NodeId); matched whole (``fullmatch``: a ``$`` would
+#: also match before a trailing newline, and ``ID%0A`` would pass for ``ID``)
+_NODE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 @admin_action("revoke")
@@ -265,7 +266,7 @@ async def revoke(request: web.Request) -> web.Response:
     written yet: this instance enforces it already and writes it when the store answers."""
     state = request.app[STATE]
     node_id = request.match_info["node_id"]
-    if not _NODE_ID.match(node_id):
+    if not _NODE_ID.fullmatch(node_id):
         return _error(400, ErrorCode.INVALID_MESSAGE.value, "not a node id")
     if not state.auth.nodes_required:
         return _error(

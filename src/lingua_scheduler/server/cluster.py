@@ -16,10 +16,12 @@ Owns the background tasks of multi-instance mode and the degraded state:
 - writer (server/store_writer.py): the small writes nobody waits for (messages to other instances,
   reservation commits and releases, inbox acks) leave in one pipeline per event-loop turn.
 
-When the store is unreachable the instance is *degraded*: it keeps serving the nodes and sessions
-connected to it with local state only (remote nodes are taken out of the view, dispatch skips
-reservations), reports it on /health and in ``lingua_store_degraded``, and resynchronises
-everything when the store answers again.
+When the store is unreachable, or answers but refuses writes (Redis out of memory), the instance is
+*degraded*: it keeps serving the nodes and sessions connected to it with local state only (remote
+nodes are taken out of the view, dispatch skips reservations), reports it on /health, /ready and in
+``lingua_store_degraded``, and resynchronises everything when the store answers again -- including
+its reservations: releases and commits lost meanwhile, and reservations taken by calls whose answer
+never came, are replaced by the ones its live jobs hold (``_resync_reservations``).
 """
 
 from __future__ import annotations
@@ -105,6 +107,22 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._resynced = asyncio.Event()
         self.degraded_episodes = 0
+        #: why the store was last found unusable (shown on /health while degraded)
+        self.degraded_reason = ""
+        #: store calls that failed: "unreachable" (no answer in time, connection refused) or
+        #: "refused" (Redis answered with an error: out of memory, read-only, ...)
+        self.store_failures: dict[str, int] = {"unreachable": 0, "refused": 0}
+        #: dead instances taken over (their presence expired)
+        self.takeovers = 0
+        #: stalls of the store found by tick.lua (no instance ticked), which extended every presence
+        self.stalls = 0
+        #: successful ticks still to re-sync this instance's reservations (after a store failure: two,
+        #: the second for calls Redis ran late, after it came back)
+        self._resv_resync_ticks = 0
+        #: nodes where a reservation of ours may be wrong in the store (a call failed)
+        self._resv_unsure: set[str] = set()
+        #: members removed / added by the re-syncs
+        self.resv_resynced = {"removed": 0, "added": 0}
         self.writer = StoreWriter(store, self.suspect_soon)
         #: node actions forwarded to other instances and not answered yet: request id -> answer
         self._admin_waiting: dict[str, asyncio.Future[tuple[int, dict[str, Any]]]] = {}
@@ -190,26 +208,34 @@ class Cluster:
             except asyncio.CancelledError:
                 raise
             except StoreUnavailable as exc:
-                await self.suspect(f"{name}: {exc}")
+                await self.suspect(f"{name}: {exc}", refused=exc.refused)
                 await asyncio.sleep(RETRY_DELAY)
             except Exception:
                 log.exception("cluster task failed", extra={"task": name})
                 await asyncio.sleep(RETRY_DELAY)
 
-    async def suspect(self, why: str) -> None:
-        """A store call failed. Degrade only if the store really is unreachable: after a Redis
-        restart every pooled connection fails once, and that alone is not an outage."""
+    async def suspect(self, why: str, refused: bool = False) -> None:
+        """A store call failed. Degrade only if the store really is unusable: after a Redis restart
+        every pooled connection fails once, and that alone is not an outage. The probe is a write
+        (``StateStore.ping``): a Redis that answers but refuses writes is an outage too. Either way
+        our reservations may be wrong in the store now: re-sync them on the next ticks."""
+        self.store_failures["refused" if refused else "unreachable"] += 1
+        self._resv_resync_ticks = 2
         if self.degraded:
             return
         try:
             await self.store.ping()
-        except StoreUnavailable:
-            self._set_degraded(why)
+        except StoreUnavailable as exc:
+            self._set_degraded(why if refused or not exc.refused else f"{why}; {exc}")
         else:
             log.info("transient store error", extra={"reason": why})
 
-    def suspect_soon(self, why: str) -> None:
-        asyncio.get_running_loop().create_task(self.suspect(why))
+    def suspect_soon(self, exc: StoreUnavailable) -> None:
+        asyncio.get_running_loop().create_task(self.suspect(str(exc), refused=exc.refused))
+
+    def reservation_unsure(self, node_id: str) -> None:
+        """A reservation call for ``node_id`` failed: whether it was taken is not known."""
+        self._resv_unsure.add(node_id)
 
     def _set_degraded(self, why: str) -> None:
         if self.degraded:
@@ -217,14 +243,17 @@ class Cluster:
         self.degraded = True
         self.degraded_since = self.state.clock.monotonic()
         self.degraded_episodes += 1
+        self.degraded_reason = why
         self._resynced.clear()
-        log.warning("shared store unreachable: serving local traffic only (%s)", why, extra={"reason": why})
+        log.warning("shared store unusable: serving local traffic only (%s)", why, extra={"reason": why})
         # Remote nodes cannot be reached or reserved now: take them out of the view.
         for node_id in [e.node_id for e in self.state.registry if e.owner is not None]:
             self._drop_remote(node_id)
 
     async def _recover(self) -> None:
-        """The store answers (again): register our inbox, republish everything we own, resync."""
+        """The store answers and takes writes (again): register our inbox, republish everything we
+        own, resync. Reservations are re-synced by the next ticks."""
+        await self.store.ping()
         await self.store.start()
         registry = self.state.registry
         registry.changed_local.update(e.node_id for e in registry.local_nodes())
@@ -237,6 +266,8 @@ class Cluster:
             log.info("shared store reachable: multi-instance mode", extra={"instance": self.instance_id})
         self.degraded = False
         self.degraded_since = None
+        self.degraded_reason = ""
+        self._resv_resync_ticks = max(self._resv_resync_ticks, 2)
         self._resynced.set()
 
     # --- publisher ----------------------------------------------------------------------------------
@@ -312,13 +343,47 @@ class Cluster:
             auth = self.state.auth
             here = auth.tenant_sessions(s.tenant_id for s in self.state.sessions.values())
             tick = await self.store.tick(owned, self._load_batch(), ttl_ms, here)
+            if tick.stalled_ms:
+                self.stalls += 1
+                log.warning(
+                    "shared store stalled: no instance could tick, every presence extended",
+                    extra={"stalled_ms": tick.stalled_ms},
+                )
             auth.share_limits(here, tick.tenant_sessions)
             for instance in tick.dead:
                 await self._take_over(instance)
+            if self._resv_resync_ticks or self._resv_unsure or self.writer.unsure_nodes:
+                await self._resync_reservations()
             if self._job_writes:
                 writes, self._job_writes = list(self._job_writes.values()), {}
                 await self.store.save_jobs(writes, int(self.state.config.jobs.retention_seconds) + 60)
             await asyncio.sleep(self.cfg.tick_interval_seconds)
+
+    async def _resync_reservations(self) -> None:
+        """Make the store hold exactly the reservations our live attempts hold, on every node where
+        they run and every node where a reservation call of ours failed. Runs on the ticks after a
+        store failure: a release lost then would otherwise hold its slot until the reservation
+        expired (the execution timeout: a minute by default), and every instance would see a full
+        node that is idle."""
+        held = self.state.dispatcher.held_reservations()
+        unsure = self._resv_unsure | self.writer.unsure_nodes
+        self._resv_unsure, self.writer.unsure_nodes = set(), set()
+        for node_id in unsure:
+            held.setdefault(node_id, [])
+        self._resv_resync_ticks = max(0, self._resv_resync_ticks - 1)
+        try:
+            removed, added = await self.store.resync_reservations(held)
+        except StoreUnavailable:
+            self._resv_unsure |= unsure
+            raise
+        self.resv_resynced["removed"] += removed
+        self.resv_resynced["added"] += added
+        if removed or added:
+            log.info(
+                "reservations re-synced with the live jobs",
+                extra={"nodes": len(held), "removed": removed, "added": added},
+            )
+            self.state.dispatcher.pump()  # slots freed for jobs waiting here
 
     def _load_batch(self) -> LoadBatch | None:
         """Load of owned nodes that moved: our own jobs plus those we run for other instances."""
@@ -353,6 +418,7 @@ class Cluster:
     async def _take_over(self, instance: str) -> None:
         """Another instance died: its nodes leave the view, its live jobs end explicitly."""
         log.warning("instance presence expired: taking over", extra={"instance": instance})
+        self.takeovers += 1
         for node_id in self.state.registry.remote_nodes_of(instance):
             self._drop_remote(node_id)
         # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would

@@ -379,7 +379,8 @@ class Dispatcher:
                 node_id, member, state.config.scheduler.max_concurrent_jobs_per_node, ttl
             )
         except StoreUnavailable as exc:
-            await self.cluster.suspect(str(exc))
+            self.cluster.reservation_unsure(node_id)  # it may have been taken all the same
+            await self.cluster.suspect(str(exc), refused=exc.refused)
             self._placing.discard(job_id)
             self.pump()  # degraded: local nodes are dispatched without reservations; else try again
             return
@@ -695,6 +696,25 @@ class Dispatcher:
         for all the slots freed in one loop turn), not at its next deadline or 1 s tick."""
         if self.store.waiting:
             self._wake.set()
+
+    def held_reservations(self) -> dict[str, list[tuple[str, int]]]:
+        """Node id -> (member, ttl ms) of every attempt of this instance on a node now: what the
+        shared reservation sets must hold for it (re-synced after the store was unreachable). An
+        attempt dispatched without a reservation meanwhile gets its member now, so its end releases
+        it and other instances count its slot."""
+        jobs = self.state.config.jobs
+        out: dict[str, list[tuple[str, int]]] = {}
+        for job_id, (node_id, token, member) in list(self._load_tokens.items()):
+            job = self.store.get(job_id)
+            if job is None or job.terminal or job.node_id != node_id:
+                continue
+            if member is None:
+                member = f"{job_id}:{job.attempt}"
+                self._load_tokens[job_id] = (node_id, token, member)
+            acked = job.state is not JobState.DISPATCHED
+            ttl = (jobs.exec_timeout_max_ms if acked else jobs.ack_timeout_ms) + RESERVE_MARGIN_MS
+            out.setdefault(node_id, []).append((member, ttl))
+        return out
 
     def _release_slot(self, node_id: str, member: str) -> None:
         if self.cluster is not None:

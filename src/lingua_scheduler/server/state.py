@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from lingua_scheduler import __version__
 from lingua_scheduler.clock import Clock, SystemClock
@@ -123,6 +123,7 @@ class SchedulerState:
             "instance_id": cluster.instance_id,
             "store": "degraded" if cluster.degraded else "ok",
             "status": "degraded" if cluster.degraded else "ok",
+            **({"store_reason": cluster.degraded_reason} if cluster.degraded else {}),
         }
 
     def _live_metrics(self) -> Iterable[Metric]:
@@ -168,10 +169,36 @@ class SchedulerState:
         cluster = self.dispatcher.cluster
         yield gauge(
             "lingua_store_degraded",
-            "1 while the shared store (Redis) is unreachable",
+            "1 while the shared store (Redis) is unreachable or refuses writes",
             1.0 if cluster is not None and cluster.degraded else 0.0,
         )
         if cluster is not None:
+            failures = CounterMetricFamily(
+                "lingua_store_failures",
+                "Shared-store calls that failed: unreachable (no answer in time, no connection) or refused "
+                "(Redis answered with an error, e.g. out of memory)",
+                labels=["kind"],
+            )
+            for kind, n in cluster.store_failures.items():
+                failures.add_metric([kind], n)
+            yield failures
+            resynced = CounterMetricFamily(
+                "lingua_reservations_resynced",
+                "Reservation members this instance removed or added when re-syncing them with its live "
+                "jobs after a store failure",
+                labels=["change"],
+            )
+            for change, n in cluster.resv_resynced.items():
+                resynced.add_metric([change], n)
+            yield resynced
+            yield counter(
+                "lingua_instance_takeovers", "Other instances declared dead and taken over", cluster.takeovers
+            )
+            yield counter(
+                "lingua_store_stalls",
+                "Stalls of the shared store found by a tick (no instance ticked): presences were extended",
+                cluster.stalls,
+            )
             w = cluster.writer
             yield counter(
                 "lingua_store_write_batches",

@@ -9,7 +9,9 @@ written as one pipeline; while a batch is in flight the next one gathers, so the
 flush at a time (writes keep their order) and the batch size follows the load on its own.
 
 Bounded: past ``limit`` pending writes new ones are refused as if the store had failed them (their
-``on_fail`` runs), rather than queueing without end while the store is unreachable.
+``on_fail`` runs), rather than queueing without end while the store is unreachable. The nodes whose
+reservation commits or releases were lost are remembered (``unsure_nodes``): the cluster re-syncs
+this instance's reservations there once the store answers again.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ DEFAULT_LIMIT = 10_000
 
 class StoreWriter:
     def __init__(
-        self, store: StateStore, on_error: Callable[[str], None], limit: int = DEFAULT_LIMIT
+        self, store: StateStore, on_error: Callable[[StoreUnavailable], None], limit: int = DEFAULT_LIMIT
     ) -> None:
         self.store = store
-        #: called with the reason when a flush fails (the cluster checks whether the store is down)
+        #: called with the failure when a flush fails (the cluster checks whether the store is down)
         self.on_error = on_error
         self.limit = limit
         self._batch = WriteBatch()
@@ -43,6 +45,8 @@ class StoreWriter:
         self._idle.set()
         #: writes refused because ``limit`` was reached or lost because the store failed
         self.lost = 0
+        #: nodes whose reservation commits or releases were lost since the cluster last took this set
+        self.unsure_nodes: set[str] = set()
         #: batches written and writes in them (the mean batch size is ``writes / flushes``)
         self.flushes = 0
         self.writes = 0
@@ -70,12 +74,17 @@ class StoreWriter:
         if self._room():
             self._batch.commits.append((node_id, member, ttl_ms))
             self._schedule()
+        else:
+            self.unsure_nodes.add(node_id)
 
     def release(self, node_id: str, member: str) -> None:
-        # A lost release or commit heals itself: reservations expire and reserve reaps them.
+        # A lost release or commit is re-synced by the cluster (``unsure_nodes``), else it would hold
+        # a slot until the reservation expires (an execution timeout, a minute by default).
         if self._room():
             self._batch.releases.append((node_id, member))
             self._schedule()
+        else:
+            self.unsure_nodes.add(node_id)
 
     def ack(self, entry_ids: list[str]) -> None:
         # A lost ack only means a re-delivery, and handling an inbox entry twice is harmless.
@@ -126,12 +135,14 @@ class StoreWriter:
             self.writes += len(batch)
         except Exception as exc:  # the writes are lost either way: say so, and tell the senders
             self.lost += len(batch)
+            self.unsure_nodes.update(n for n, _, _ in batch.commits)
+            self.unsure_nodes.update(n for n, _ in batch.releases)
             if isinstance(exc, StoreUnavailable):
                 log.warning(
                     "shared-store writes lost",
                     extra={"reason": str(exc), "messages": len(batch.sends), "writes": len(batch)},
                 )
-                self.on_error(str(exc))
+                self.on_error(exc)
             else:
                 log.exception("shared-store write failed", extra={"writes": len(batch)})
             for callback in on_fail:

@@ -15,7 +15,12 @@ from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecor
 
 
 class StoreUnavailable(Exception):
-    """The shared store did not answer in time or refused the connection."""
+    """The shared store did not answer in time, refused the connection, or answered but refused the
+    command (``refused``: e.g. Redis out of memory refuses every write while PING still answers)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,9 @@ class TickResult:
     dead: list[str]
     #: tenant id -> its live sessions on the other live instances (tenants with limits only)
     tenant_sessions: dict[str, int]
+    #: ms during which no instance ticked, when this tick found such a stall (else 0): the presence
+    #: of the instances alive when it began was extended by as much
+    stalled_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -92,7 +100,9 @@ class StateStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def ping(self) -> None: ...
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the store answers and accepts a write."""
+        ...
 
     # --- node directory, presence, pools ------------------------------------------------------------
 
@@ -130,6 +140,11 @@ class StateStore(Protocol):
         ...
 
     async def release(self, node_id: str, member: str) -> None: ...
+
+    async def resync_reservations(self, held: dict[str, list[tuple[str, int]]]) -> tuple[int, int]:
+        """Make this instance's reservations on each node of ``held`` exactly the (member, ttl ms)
+        listed, in one step per node; returns (members removed, members added)."""
+        ...
 
     # --- job records --------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ class Keys:
         #: hash "<instance>\t<tenant>" -> that instance's live sessions of a tenant with limits
         #: (written each tick by tick.lua, which sums the live instances' fields and drops dead ones)
         self.tenant_sessions = f"{fleet}:tenant_sessions"
+        #: string: Redis TIME (ms) of the last tick of any instance (tick.lua finds stalls with it)
+        self.last_tick = f"{fleet}:last_tick"
         #: set of node ids whose node tokens are revoked (SADD by the admin API, SMEMBERS by every
         #: instance's revocation sync; never expires: ids are not reused)
         self.revoked_nodes = f"{{{prefix}:auth}}:revoked"
@@ -44,6 +46,10 @@ class Keys:
 
     def dead_letters(self, instance_id: str) -> str:
         return f"{{{self.prefix}:inst:{instance_id}}}:dlq"
+
+    def instance_probe(self, instance_id: str) -> str:
+        """string written by the health probe (``RedisStore.ping``): a store must accept writes."""
+        return f"{{{self.prefix}:inst:{instance_id}}}:probe"
 
     def instance_jobs(self, instance_id: str) -> str:
         """hash job_id -> "state|attempt|node_id|session_id": the live jobs an instance owns (written

@@ -89,6 +89,9 @@ class MemoryStore:
     async def release(self, node_id: str, member: str) -> None:
         await self.write(WriteBatch(releases=[(node_id, member)]))
 
+    async def resync_reservations(self, held: dict[str, list[tuple[str, int]]]) -> tuple[int, int]:
+        return 0, 0  # one instance, one process: nothing can be lost between it and its store
+
     async def write(self, batch: WriteBatch) -> None:
         now_ms = self.clock.wall_ms()
         if batch.sends:

@@ -86,6 +86,9 @@ class RedisStore:
         self._reserve = self.r.register_script(_lua("reserve.lua"))
         self._commit = self.r.register_script(_lua("commit.lua"))
         self._tick = self.r.register_script(_lua("tick.lua"))
+        self._resync = self.r.register_script(_lua("resync.lua"))
+        #: reservation members of this instance start with this (resync.lua tells ours from others')
+        self._member_prefix = f"{instance_id}|"
         self._last_claim = 0.0
         #: commands sent, by kind, for observability and the command-count test
         self.calls = 0
@@ -104,8 +107,14 @@ class RedisStore:
         self.calls += 1
         try:
             return await asyncio.wait_for(aw, self.op_timeout + extra)
+        except ResponseError as exc:  # Redis answered, and refused (out of memory, read-only, ...)
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}", refused=True) from None
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+
+    def _m(self, member: str) -> str:
+        """The stored form of a reservation member: ours, recognisably (see ``resync_reservations``)."""
+        return self._member_prefix + member
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -129,7 +138,13 @@ class RedisStore:
                 log.debug("redis client close failed", exc_info=True)
 
     async def ping(self) -> None:
-        await self._do(self.r.ping())
+        """Whether Redis answers *and accepts writes*: a Redis out of memory (``maxmemory`` with
+        ``noeviction``) still answers PING but refuses every write, and is an outage all the same."""
+        p = self.r.pipeline(transaction=False)
+        p.set(self.keys.instance_probe(self.instance_id), self.clock.wall_ms(), px=60_000)
+        results = await self._do(p.execute(raise_on_error=False))
+        if isinstance(results[0], Exception):
+            raise StoreUnavailable(f"redis: write refused: {results[0]}", refused=True)
 
     # --- the shared clock ---------------------------------------------------------------------------
 
@@ -176,22 +191,24 @@ class RedisStore:
         k = self.keys
         load = _enc.encode(loads) if loads is not None and loads.loads else b""
         sent_ms = self.clock.wall_ms()
-        now, dead, totals = await self._do(
+        now, dead, totals, stalled = await self._do(
             self._tick(
-                keys=[k.instances, k.presence, k.changes, k.tenant_sessions],
+                keys=[k.instances, k.presence, k.changes, k.tenant_sessions, k.last_tick],
                 args=[
                     self.instance_id,
                     ttl_ms,
                     load,
                     self.stream_maxlen,
                     _enc.encode(tenant_sessions),
+                    # a silence of half the TTL is a stall: presence would expire before the next tick
+                    ttl_ms // 2,
                     *owned,
                 ],
             )
         )
         self._set_offset(int(now), sent_ms)
         elsewhere = {_s(totals[i]): int(totals[i + 1]) for i in range(0, len(totals), 2)}
-        return TickResult([_s(i) for i in dead], elsewhere)
+        return TickResult([_s(i) for i in dead], elsewhere, int(stalled))
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:
         resp = await self._do(
@@ -252,13 +269,37 @@ class RedisStore:
         k = self.keys
         ok, reason, used = await self._do(
             self._reserve(
-                keys=[k.node_resv(node_id), k.node_state(node_id)], args=[member, max_slots, ttl_ms]
+                keys=[k.node_resv(node_id), k.node_state(node_id)], args=[self._m(member), max_slots, ttl_ms]
             )
         )
         return ReserveResult(bool(ok), _s(reason), int(used))
 
     async def release(self, node_id: str, member: str) -> None:
         await self.write(WriteBatch(releases=[(node_id, member)]))
+
+    async def resync_reservations(self, held: dict[str, list[tuple[str, int]]]) -> tuple[int, int]:
+        """``resync.lua`` on each node of ``held``: this instance's members there become exactly the
+        ones listed (member, ttl ms), whatever releases, commits or reservations were lost or made
+        unseen while the store was unreachable. One pipeline (script calls of their own on a Redis
+        Cluster, as in ``write``). Returns (members removed, members added)."""
+        if not held:
+            return 0, 0
+        k = self.keys
+        calls: list[tuple[str, list[str | int]]] = []
+        for node_id, members in held.items():
+            args: list[str | int] = [self._member_prefix]
+            for member, ttl in members:
+                args += [self._m(member), ttl]
+            calls.append((k.node_resv(node_id), args))
+        if self.cluster:
+            results = [await self._do(self._resync(keys=[key], args=args)) for key, args in calls]
+        else:
+            await self._do(self.r.script_load(_lua("resync.lua")))  # rare: after an outage only
+            p = self.r.pipeline(transaction=False)
+            for key, args in calls:
+                p.evalsha(self._resync.sha, 1, key, *args)
+            results = await self._do(p.execute(), extra=1.0)
+        return sum(int(r[0]) for r in results), sum(int(r[1]) for r in results)
 
     async def slots_used(self, node_id: str, now_ms: int) -> int:
         return int(await self._do(self.r.zcount(self.keys.node_resv(node_id), now_ms, "+inf")))
@@ -329,9 +370,9 @@ class RedisStore:
         # commits made by script call after the pipeline: all in cluster mode, else those that met NOSCRIPT
         pipelined, apart = ([], list(batch.commits)) if self.cluster else (batch.commits, [])
         for node_id, member, ttl_ms in pipelined:
-            p.evalsha(self._commit.sha, 1, k.node_resv(node_id), member, ttl_ms)
+            p.evalsha(self._commit.sha, 1, k.node_resv(node_id), self._m(member), ttl_ms)
         for node_id, member in batch.releases:
-            p.zrem(k.node_resv(node_id), member)
+            p.zrem(k.node_resv(node_id), self._m(member))
         if batch.acks:
             inbox = k.inbox(self.instance_id)
             p.xack(inbox, GROUP, *batch.acks)
@@ -344,10 +385,13 @@ class RedisStore:
             if isinstance(res, NoScriptError)
         ]
         for node_id, member, ttl_ms in apart:
-            await self._do(self._commit(keys=[k.node_resv(node_id)], args=[member, ttl_ms]))
+            await self._do(self._commit(keys=[k.node_resv(node_id)], args=[self._m(member), ttl_ms]))
         failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
         if failed:
-            raise StoreUnavailable(f"redis: {len(failed)} of {len(results)} writes failed: {failed[0]}")
+            raise StoreUnavailable(
+                f"redis: {len(failed)} of {len(results)} writes failed: {failed[0]}",
+                refused=all(isinstance(r, ResponseError) for r in failed),
+            )
 
     async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
         inbox = self.keys.inbox(self.instance_id)
