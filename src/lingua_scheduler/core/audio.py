@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from lingua_scheduler.config import SessionConfig
-from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError
+from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError, Reason
 
 
 class AudioFormat(StrEnum):
@@ -72,7 +72,7 @@ def decode_base64(text: str | None, at: str | None = None) -> bytes:
     """Strict standard base64 (with padding). Absent or empty means no audio.
 
     Raises ``ProtocolError(INVALID_MESSAGE)`` on anything else that is not valid base64; ``at`` names
-    the field (``$.tts_audio``) in the message, as the decoder names the fields it refuses.
+    the field (``$.tts_audio``), as the decoder names the fields it refuses.
     """
     if not text:
         return b""
@@ -80,10 +80,12 @@ def decode_base64(text: str | None, at: str | None = None) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         # the text itself is never echoed: it is (corrupt) audio
-        where = f" - at `{at}`" if at else ""
+        where = f" at {at}" if at else ""
         raise ProtocolError(
-            f"audio payload of {len(text)} characters is not valid base64{where}",
+            f"audio payload{where} of {len(text)} characters is not valid base64",
             code=ErrorCode.INVALID_MESSAGE,
+            reason=Reason.INVALID_BASE64,
+            field=at,
         ) from None
 
 

@@ -30,7 +30,7 @@ from enum import StrEnum
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.core.audio import AudioSpec, bytes_for_ms, duration_ms, frame_bytes
-from lingua_scheduler.errors import ErrorCode, ProtocolError, SchedulerError, SessionError
+from lingua_scheduler.errors import ErrorCode, ProtocolError, Reason, SchedulerError, SessionError
 
 
 class SegState(StrEnum):
@@ -214,6 +214,8 @@ class Segmenter:
             raise ProtocolError(
                 f"utterance audio of {len(audio)} bytes exceeds the limit of {self._max_complete} bytes",
                 code=ErrorCode.MESSAGE_TOO_LARGE,
+                reason=Reason.TOO_LARGE,
+                field="$.audio",
             )
         return [self._emit(audio, CutReason.COMPLETE, audio_format, sample_rate, now, now, client_ts_ms)]
 
