@@ -406,6 +406,10 @@ def _unreadable(data: str | bytes) -> ProtocolError:
     )
 
 
+def _too_deep() -> ProtocolError:
+    return ProtocolError("JSON nested too deeply", reason=Reason.TOO_DEEP, field="$")
+
+
 class FrameDecoder(Generic[T]):
     """Decodes text frames into one of the protocol's message types; refuses frames over ``max_bytes``."""
 
@@ -427,13 +431,18 @@ class FrameDecoder(Generic[T]):
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as exc:
-            document, unreadable = _untyped(data)
-            problem = explain(exc, document, self._expected, unreadable)
-            raise ProtocolError(problem.message, reason=problem.reason, field=problem.field) from None
+            error = exc
         except (msgspec.DecodeError, UnicodeError):
             raise _unreadable(data) from None
         except RecursionError:
-            raise ProtocolError("JSON nested too deeply", reason=Reason.TOO_DEEP, field="$") from None
+            raise _too_deep() from None
+        try:
+            document, unreadable = _untyped(data)
+        except RecursionError:
+            # refused before the nesting was reached (a frame that is a deep array)
+            raise _too_deep() from None
+        problem = explain(error, document, self._expected, unreadable)
+        raise ProtocolError(problem.message, reason=problem.reason, field=problem.field)
 
 
 _untyped_decoder = msgspec.json.Decoder()
@@ -441,10 +450,11 @@ _untyped_decoder = msgspec.json.Decoder()
 
 def _untyped(data: str | bytes) -> tuple[Any, str | None]:
     """The frame without a schema, to look at what a validation error refused (error path only), or
-    ``MISSING`` and the path of a number too large for any type."""
+    ``MISSING`` and the path of a number too large for any type. Raises ``RecursionError`` on
+    nesting deeper than the interpreter allows."""
     try:
         return _untyped_decoder.decode(data), None
     except msgspec.ValidationError as exc:
         return MISSING, error_path(exc)
-    except (msgspec.DecodeError, UnicodeError, RecursionError):
-        return MISSING, None  # nesting that only the schema skipped, bytes in a field it skipped
+    except (msgspec.DecodeError, UnicodeError):
+        return MISSING, None  # bytes in a field the schema skipped
