@@ -172,8 +172,10 @@ def _describe(t: mi.Type) -> str:
             w = "an integer"
         elif isinstance(m, mi.FloatType):
             w = "a number"
-        elif isinstance(m, mi.StrType | mi.EnumType | mi.LiteralType):
-            w = "a string" if all(isinstance(v, str) for v in _allowed_or_str(m)) else "a value"
+        elif isinstance(m, mi.StrType):
+            w = "a string"
+        elif isinstance(m, mi.EnumType | mi.LiteralType):
+            w = "a string" if all(isinstance(v, str) for v in _allowed(m)) else "a value"
         elif isinstance(m, mi.BytesType | mi.ByteArrayType):
             w = "a base64 string"
         elif isinstance(m, _ARRAYS) or (isinstance(m, mi.StructType) and m.array_like):
@@ -185,10 +187,6 @@ def _describe(t: mi.Type) -> str:
         if w not in words:
             words.append(w)
     return " or ".join(words)
-
-
-def _allowed_or_str(t: mi.Type) -> list[Any]:
-    return _allowed(t) if isinstance(t, mi.EnumType | mi.LiteralType) else [""]
 
 
 def _kind(value: Any) -> str:
