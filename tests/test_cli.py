@@ -28,7 +28,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path: Path) -> None:
         timeout=30,
     )
     assert proc.returncode == 2
-    assert "node_health.heartbeat_timeout_seconds" in proc.stderr
+    assert "node_health.heartbeat_timeout_seconds" in proc.stderr and str(cfg) in proc.stderr
     env = dict(os.environ, LINGUA_SERVER__PORT="not-a-port")
     proc = subprocess.run(
         [sys.executable, "-m", "lingua_scheduler", "serve"],
@@ -38,6 +38,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path: Path) -> None:
         env=env,
     )
     assert proc.returncode == 2 and "server.port" in proc.stderr
+    assert "LINGUA_SERVER__PORT: " in proc.stderr  # the variable the bad value came from
 
 
 def test_serve_listens_and_logs_where(tmp_path: Path) -> None:

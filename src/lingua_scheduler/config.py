@@ -4,7 +4,9 @@ Precedence: built-in defaults < TOML file (``--config``) < environment < command
 An environment variable ``LINGUA_<SECTION>__<KEY>`` (double underscore between section and key, e.g.
 ``LINGUA_NODE_HEALTH__HEARTBEAT_TIMEOUT_SECONDS=30``) overrides one key; its value is read as a TOML
 value (``30``, ``true``, ``"text"``, ``[1, 2]``), falling back to a plain string.
-Bad configuration raises ``ConfigError`` naming the key and the reason; the CLI prints it and exits.
+Bad configuration raises ``ConfigError`` naming the key, the reason (in our words: what msgspec refused is
+interpreted by ``protocol.codec.explain``, as for wire frames) and where the value came from: the
+environment variable (``LINGUA_SERVER__PORT: ...``) or the file; the CLI prints it and exits.
 ``docs/configuration.md`` and ``lingua-scheduler.example.toml`` list every key.
 """
 
@@ -18,8 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import msgspec.inspect
 
-from lingua_scheduler.errors import ConfigError
+from lingua_scheduler.errors import ConfigError, InvalidField, Reason
+from lingua_scheduler.protocol.codec import explain
 
 ENV_PREFIX = "LINGUA_"
 #: shortest admin token accepted: a guessable token is worse than none
@@ -32,7 +36,7 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def _positive(name: str, value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+        raise InvalidField(name, f"must be > 0, got {value}")
 
 
 class ServerConfig(Section):
@@ -57,13 +61,15 @@ class ServerConfig(Section):
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+            raise InvalidField("port", f"must be in 0..65535, got {self.port}")
         _positive("max_frame_bytes", self.max_frame_bytes)
         _positive("outbound_queue", self.outbound_queue)
         levels = ("debug", "info", "warning", "error", "critical")
         for module, level in self.log_levels.items():
             if level.lower() not in levels:
-                raise ValueError(f"log_levels must map modules to one of {levels}; {module!r} has {level!r}")
+                raise InvalidField(
+                    "log_levels", f"must map modules to one of {levels}; {module!r} has {level!r}"
+                )
 
 
 class NodeHealthConfig(Section):
@@ -98,9 +104,9 @@ class NodeHealthConfig(Section):
         ):
             _positive(name, getattr(self, name))
         if self.health_check_count < 1:
-            raise ValueError("health_check_count must be >= 1")
+            raise InvalidField("health_check_count", "must be >= 1")
         if self.consecutive_failure_count < 1:
-            raise ValueError("consecutive_failure_count must be >= 1")
+            raise InvalidField("consecutive_failure_count", "must be >= 1")
 
 
 class SchedulerConfig(Section):
@@ -116,7 +122,7 @@ class SchedulerConfig(Section):
     def __post_init__(self) -> None:
         _positive("max_concurrent_jobs_per_node", self.max_concurrent_jobs_per_node)
         if not 0 < self.resource_threshold <= 100:
-            raise ValueError("resource_threshold must be in (0, 100]")
+            raise InvalidField("resource_threshold", "must be in (0, 100]")
         _positive("fleet_view_interval_ms", self.fleet_view_interval_ms)
 
 
@@ -167,9 +173,9 @@ class PoolsConfig(Section):
         _positive("choices", self.choices)
         _positive("unavailable_ttl_seconds", self.unavailable_ttl_seconds)
         if not 0 <= self.hash_seed < 2**64:
-            raise ValueError("hash_seed must be in 0..2^64-1")
+            raise InvalidField("hash_seed", "must be in 0..2^64-1")
         if self.mode == "capability" and not self.pools:
-            raise ValueError("pools must list at least one pool when mode is 'capability'")
+            raise InvalidField("pools", "must list at least one pool when mode is 'capability'")
 
 
 class SessionConfig(Section):
@@ -217,7 +223,7 @@ class SessionConfig(Section):
         ):
             _positive(name, getattr(self, name))
         if self.resume_window_ms < 0:
-            raise ValueError("resume_window_ms must be >= 0 (0 disables resuming)")
+            raise InvalidField("resume_window_ms", "must be >= 0 (0 disables resuming)")
 
 
 class JobConfig(Section):
@@ -251,7 +257,7 @@ class JobConfig(Section):
             if not isinstance(value, bool):
                 _positive(name, value)
         if self.exec_timeout_min_ms > self.exec_timeout_max_ms:
-            raise ValueError("exec_timeout_min_ms must be <= exec_timeout_max_ms")
+            raise InvalidField("exec_timeout_min_ms", "must be <= exec_timeout_max_ms")
 
 
 class ClusterConfig(Section):
@@ -292,7 +298,7 @@ class ClusterConfig(Section):
         ):
             _positive(name, getattr(self, name))
         if self.presence_ttl_seconds < 2 * self.tick_interval_seconds:
-            raise ValueError("presence_ttl_seconds must be at least 2 x tick_interval_seconds")
+            raise InvalidField("presence_ttl_seconds", "must be at least 2 x tick_interval_seconds")
 
 
 class AdminConfig(Section):
@@ -306,9 +312,11 @@ class AdminConfig(Section):
 
     def __post_init__(self) -> None:
         if self.token and len(self.token) < MIN_ADMIN_TOKEN:
-            raise ValueError(f"token must be at least {MIN_ADMIN_TOKEN} characters (or empty to disable)")
+            raise InvalidField(
+                "token", f"must be at least {MIN_ADMIN_TOKEN} characters (or empty to disable)"
+            )
         if self.token != self.token.strip():
-            raise ValueError("token must not start or end with whitespace")
+            raise InvalidField("token", "must not start or end with whitespace")
         _positive("max_dashboard_clients", self.max_dashboard_clients)
 
 
@@ -335,13 +343,13 @@ class TenantKeyConfig(Section):
 
     def __post_init__(self) -> None:
         if not self.tenant_id.strip():
-            raise ValueError("tenant_id must not be empty")
+            raise InvalidField("tenant_id", "must not be empty")
         self.key_sha256 = self.key_sha256.lower()
         if not _SHA256_HEX.fullmatch(self.key_sha256):
-            raise ValueError("key_sha256 must be 64 hex digits (the SHA-256 of the key, not the key)")
+            raise InvalidField("key_sha256", "must be 64 hex digits (the SHA-256 of the key, not the key)")
         for name in ("max_sessions", "max_jobs_per_second", "jobs_burst"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+                raise InvalidField(name, "must be >= 0")
 
 
 class AuthConfig(Section):
@@ -372,24 +380,26 @@ class AuthConfig(Section):
         for name in ("node_enrollment_secret", "node_token_secret"):
             value = getattr(self, name)
             if value and len(value) < MIN_AUTH_SECRET:
-                raise ValueError(f"{name} must be at least {MIN_AUTH_SECRET} characters (or empty)")
+                raise InvalidField(name, f"must be at least {MIN_AUTH_SECRET} characters (or empty)")
             if len(value) > MAX_AUTH_SECRET:
-                raise ValueError(f"{name} must be at most {MAX_AUTH_SECRET} characters")
+                raise InvalidField(name, f"must be at most {MAX_AUTH_SECRET} characters")
             if value != value.strip():
-                raise ValueError(f"{name} must not start or end with whitespace")
+                raise InvalidField(name, "must not start or end with whitespace")
         if any(len(s) < MIN_AUTH_SECRET for s in self.node_token_previous_secrets):
-            raise ValueError(
-                f"node_token_previous_secrets must be at least {MIN_AUTH_SECRET} characters each"
+            raise InvalidField(
+                "node_token_previous_secrets", f"must be at least {MIN_AUTH_SECRET} characters each"
             )
         # A tenant may have several keys (to rotate one without downtime); they share its limits.
         limits: dict[str, tuple[int, float, int]] = {}
         for t in self.tenants:
             mine = (t.max_sessions, t.max_jobs_per_second, t.jobs_burst)
             if limits.setdefault(t.tenant_id, mine) != mine:
-                raise ValueError(f"tenants must give every key of tenant {t.tenant_id!r} the same limits")
+                raise InvalidField(
+                    "tenants", f"must give every key of tenant {t.tenant_id!r} the same limits"
+                )
         hashes = [t.key_sha256 for t in self.tenants]
         if len(set(hashes)) != len(hashes):
-            raise ValueError("tenants must not list the same key_sha256 twice")
+            raise InvalidField("tenants", "must not list the same key_sha256 twice")
 
     @property
     def nodes_required(self) -> bool:
@@ -412,9 +422,9 @@ class TlsConfig(Section):
 
     def __post_init__(self) -> None:
         if self.cert_file and not self.key_file:
-            raise ValueError("key_file must be set when cert_file is")
+            raise InvalidField("key_file", "must be set when cert_file is")
         if self.key_file and not self.cert_file:
-            raise ValueError("cert_file must be set when key_file is")
+            raise InvalidField("cert_file", "must be set when key_file is")
 
 
 class ShutdownConfig(Section):
@@ -429,7 +439,7 @@ class ShutdownConfig(Section):
 
     def __post_init__(self) -> None:
         if self.drain_timeout_seconds < 0:
-            raise ValueError("drain_timeout_seconds must be >= 0")
+            raise InvalidField("drain_timeout_seconds", "must be >= 0")
         _positive("close_timeout_seconds", self.close_timeout_seconds)
 
 
@@ -476,7 +486,9 @@ class LimitsConfig(Section):
         origins = [o.strip().lower().rstrip("/") for o in self.session_allowed_origins]
         for o in origins:
             if not _ORIGIN.fullmatch(o):
-                raise ValueError(f"session_allowed_origins must hold scheme://host[:port] values, got {o!r}")
+                raise InvalidField(
+                    "session_allowed_origins", f"must hold scheme://host[:port] values, got {o!r}"
+                )
         self.session_allowed_origins = origins
 
 
@@ -497,22 +509,7 @@ class Config(Section):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
 
-_PATH = re.compile(r"`\$\.?([^`]*)`")
-
-
-def _key_from_error(exc: msgspec.ValidationError) -> tuple[str, str]:
-    text = str(exc)
-    m = _PATH.search(text)
-    path = m.group(1) if m else ""
-    reason = text.split(" - at ")[0]
-    unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
-    if unknown:
-        return (f"{path}.{unknown.group(1)}" if path else unknown.group(1)), "unknown key"
-    # __post_init__ checks name their field first: "port must be ..." -> key "server.port"
-    own = re.match(r"([a-z_]+) must ", reason)
-    if own and path:
-        return f"{path}.{own.group(1)}", reason
-    return path or "<root>", reason
+_CONFIG_TYPE = msgspec.inspect.type_info(Config)
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -522,14 +519,17 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The sections and keys the environment sets, and the variable that set each ``section.key``."""
     out: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         out.setdefault(section, {})[key] = _parse_env_value(raw)
-    return out
+        names[f"{section}.{key}"] = name
+    return out, names
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -542,12 +542,27 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _lookup(data: Mapping[str, Any], key: str) -> bool:
+    """``section.key`` (or ``section``) is set in ``data`` (an empty section sets nothing)."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return bool(node != {})
+
+
+#: how a problem reads in a configuration error (the codec's wording says "field", we say "key")
+_CONFIG_REASONS = {Reason.UNKNOWN_FIELD: "unknown key", Reason.MISSING_FIELD: "missing required key"}
+
+
 def load_config(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Build the configuration; raises ``ConfigError`` naming the offending key."""
+    """Build the configuration; raises ``ConfigError`` naming the offending key, and the environment
+    variable or the file it came from."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -555,15 +570,42 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError(str(path), "config file not found") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(str(path), f"not valid TOML: {exc}") from None
-    data = _merge(data, _env_overrides(os.environ if env is None else env))
+            raise ConfigError(str(path), f"not valid TOML: {exc}", file=str(path)) from None
+    from_file = data
+    from_env, env_names = _env_overrides(os.environ if env is None else env)
+    data = _merge(data, from_env)
     if overrides:
         data = _merge(data, overrides)
     try:
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
-        key, reason = _key_from_error(exc)
-        raise ConfigError(key, reason) from None
+        problem = explain(exc, data, _CONFIG_TYPE)
+        key = problem.field.removeprefix("$").removeprefix(".") or "<root>"
+        reason = _CONFIG_REASONS.get(problem.reason, problem.detail)
+        raise _config_error(key, reason, from_file, env_names, overrides, path) from None
+
+
+def _config_error(
+    key: str,
+    reason: str,
+    from_file: Mapping[str, Any],
+    env_names: Mapping[str, str],
+    overrides: Mapping[str, Mapping[str, Any]] | None,
+    path: str | Path | None,
+) -> ConfigError:
+    """The error names where the bad value came from: command-line flags win over the environment,
+    which wins over the file (the precedence of ``load_config``)."""
+    # the key as set (``auth.tenants[0].max_sessions`` was set as ``auth.tenants``)
+    set_as = ".".join(key.split(".")[:2]).split("[")[0]
+    if overrides and _lookup(overrides, set_as):
+        return ConfigError(key, reason)
+    # a key of a section that does not exist (``LINGUA_BOGUS__X`` is reported as key ``bogus``)
+    variables = sorted(n for k, n in env_names.items() if k == set_as or k.startswith(set_as + "."))
+    if variables:
+        return ConfigError(key, reason, env_var=", ".join(variables))
+    if path is not None and _lookup(from_file, set_as):
+        return ConfigError(key, reason, file=str(path))
+    return ConfigError(key, reason)
 
 
 def _field_docs(cls: type) -> dict[str, str]:

@@ -70,6 +70,35 @@ class ErrorCode(StrEnum):
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
 
 
+class Reason(StrEnum):
+    """What was wrong with a peer's frame or a configuration value, in the scheduler's own terms.
+
+    Sent in ``details.reason`` of ``INVALID_MESSAGE`` errors; stable whatever the decoding library says."""
+
+    MALFORMED_JSON = "malformed_json"
+    INVALID_UTF8 = "invalid_utf8"
+    TOO_DEEP = "too_deep"
+    TOO_LARGE = "too_large"
+    UNKNOWN_TYPE = "unknown_type"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"
+    INVALID_BASE64 = "invalid_base64"
+    #: audio bytes in no format the session may stream (``details.expected`` names the one expected)
+    AUDIO_FORMAT = "audio_format"
+
+
+class InvalidField(ValueError):
+    """Raised by a struct's ``__post_init__`` check to name the field at fault (``field``) and say why
+    (``reason``, in our words): the decoder reports it at that field's path."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+
 class SchedulerError(Exception):
     """Root of every scheduler error. ``code`` is the wire code; ``peer_fault`` is False when we failed."""
 
@@ -85,8 +114,27 @@ class SchedulerError(Exception):
 
 
 class ProtocolError(SchedulerError):
+    """``reason`` and ``field`` (a path such as ``$.resource_usage.cpu_percent``, ``$`` for the whole
+    frame) say what was wrong, ``expected`` what would have been accepted; the error frame carries them
+    in ``details``."""
+
     code = ErrorCode.INVALID_MESSAGE
     peer_fault = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        reason: Reason | None = None,
+        field: str | None = None,
+        expected: str | None = None,
+    ) -> None:
+        pairs = (("reason", reason), ("field", field), ("expected", expected))
+        details = {k: v for k, v in pairs if v is not None}
+        super().__init__(message, code=code, details=details or None)
+        self.reason = reason
+        self.field = field
 
 
 class RegistrationError(SchedulerError):
@@ -121,7 +169,17 @@ class ConfigError(SchedulerError):
     code = ErrorCode.CONFIG_INVALID
     peer_fault = True
 
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config key {key!r}: {reason}")
+    def __init__(self, key: str, reason: str, *, env_var: str | None = None, file: str | None = None) -> None:
+        """``key`` is the dotted key (``server.port``); ``env_var`` (``LINGUA_SERVER__PORT``) or ``file``
+        says where the bad value came from, when it came from one place."""
+        if env_var is not None:
+            message = f"{env_var}: {reason} (config key {key!r})"
+        elif file is not None:
+            message = f"config key {key!r} in {file}: {reason}"
+        else:
+            message = f"config key {key!r}: {reason}"
+        super().__init__(message)
         self.key = key
         self.reason = reason
+        self.env_var = env_var
+        self.file = file

@@ -216,7 +216,7 @@ def test_auth_config_validation() -> None:
         ({"node_enrollment_secret": "short"}, "auth.node_enrollment_secret"),
         ({"node_token_secret": " " + SECRET}, "auth.node_token_secret"),
         ({"node_token_previous_secrets": ["short"]}, "auth.node_token_previous_secrets"),
-        ({"tenants": [{"tenant_id": "a", "key_sha256": "k"}]}, "auth.tenants[0]"),
+        ({"tenants": [{"tenant_id": "a", "key_sha256": "k"}]}, "auth.tenants[0].key_sha256"),
         ({"tenants": [tenant, {**tenant, "tenant_id": "b"}]}, "auth.tenants"),
         ({"node_enrollment_secret": "x" * 257}, "auth.node_enrollment_secret"),
         (

@@ -41,7 +41,7 @@ from lingua_scheduler.protocol.session import (
 )
 
 inbound = FrameDecoder[Any](SessionInbound, max_bytes=1 << 20)
-outbound = msgspec.json.Decoder(SessionOutbound)
+outbound = FrameDecoder[Any](SessionOutbound, max_bytes=1 << 20)
 
 INBOUND: list[msgspec.Struct] = [
     SessionInit(client_version="1.2", platform="web", src_lang="zh", tgt_lang="en"),
@@ -194,46 +194,58 @@ UTTERANCE = {
 
 
 @pytest.mark.parametrize(
-    "frame",
+    ("frame", "reason", "field"),
     [
-        {"type": "audio_chunk", "session_id": "s-1", "seq": 0},  # is_final missing
-        {"type": "audio_chunk", "session_id": "s-1", "seq": -1, "is_final": False},
-        {"type": "audio_chunk", "session_id": "", "seq": 0, "is_final": False},
-        {**INIT, "src_lang": ""},
-        {**INIT, "mode": "three_way"},
-        {**INIT, "sample_rate": 0},
-        {k: v for k, v in UTTERANCE.items() if k != "manual_cut"},
-        {**UTTERANCE, "sample_rate": "16000"},
-        {"type": "translation_result", "session_id": "s-1"},  # a server type sent by a client
-        {"type": "room_create", "client_ts": 1},  # out of scope
-        {"type": "nope"},
-        {"session_id": "s-1"},
+        ({"type": "audio_chunk", "session_id": "s-1", "seq": 0}, "missing_field", "$.is_final"),
+        (
+            {"type": "audio_chunk", "session_id": "s-1", "seq": -1, "is_final": False},
+            "invalid_value",
+            "$.seq",
+        ),
+        (
+            {"type": "audio_chunk", "session_id": "", "seq": 0, "is_final": False},
+            "invalid_value",
+            "$.session_id",
+        ),
+        ({**INIT, "src_lang": ""}, "invalid_value", "$.src_lang"),
+        ({**INIT, "mode": "three_way"}, "invalid_value", "$.mode"),
+        ({**INIT, "sample_rate": 0}, "invalid_value", "$.sample_rate"),
+        ({k: v for k, v in UTTERANCE.items() if k != "manual_cut"}, "missing_field", "$.manual_cut"),
+        ({**UTTERANCE, "sample_rate": "16000"}, "wrong_type", "$.sample_rate"),
+        # a server type sent by a client
+        ({"type": "translation_result", "session_id": "s-1"}, "unknown_type", "$.type"),
+        ({"type": "room_create", "client_ts": 1}, "unknown_type", "$.type"),  # out of scope
+        ({"type": "nope"}, "unknown_type", "$.type"),
+        ({"session_id": "s-1"}, "missing_field", "$.type"),
+        ([INIT], "wrong_type", "$"),
     ],
 )
-def test_invalid_frames_are_refused(frame: dict[str, Any]) -> None:
-    data = json.dumps(frame)
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.json.decode(data, type=SessionInbound)
+def test_invalid_frames_are_refused(frame: Any, reason: str, field: str) -> None:
     with pytest.raises(ProtocolError) as exc:
-        inbound.decode(data)
+        inbound.decode(json.dumps(frame))
     assert exc.value.code is ErrorCode.INVALID_MESSAGE
+    assert (exc.value.reason, exc.value.field) == (reason, field)
+    assert exc.value.details == {"reason": reason, "field": field}
+    assert field in exc.value.message
 
 
 def test_malformed_json_and_oversized_frames() -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError) as exc:
         inbound.decode("{not json")
+    assert (exc.value.reason, exc.value.field) == ("malformed_json", "$")
     small = FrameDecoder[Any](SessionInbound, max_bytes=10)
     with pytest.raises(ProtocolError) as exc:
         small.decode(encode(INBOUND[0]))
-    assert exc.value.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert exc.value.code is ErrorCode.MESSAGE_TOO_LARGE and exc.value.reason == "too_large"
 
 
 def test_missing_result_reason_is_validated() -> None:
     frame = (
         b'{"type":"missing_result","session_id":"s","utterance_index":0,"reason":"pending_overflow_evict",'
     )
-    with pytest.raises(msgspec.ValidationError):
+    with pytest.raises(ProtocolError) as exc:
         outbound.decode(frame + b'"created_at_ms":1}')
+    assert (exc.value.reason, exc.value.field) == ("invalid_value", "$.reason")
 
 
 # --- hints ----------------------------------------------------------------------------------------
@@ -267,5 +279,5 @@ def test_base64_round_trip_and_empty() -> None:
 def test_invalid_base64_is_an_error_not_empty_audio(bad: str) -> None:
     with pytest.raises(ProtocolError) as exc:
         decode_base64(bad)
-    assert exc.value.code is ErrorCode.INVALID_MESSAGE
+    assert exc.value.code is ErrorCode.INVALID_MESSAGE and exc.value.reason == "invalid_base64"
     assert bad.strip() not in exc.value.message  # the payload is never echoed

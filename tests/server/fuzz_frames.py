@@ -28,7 +28,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.errors import ErrorCode, Reason
 from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually
@@ -55,9 +55,10 @@ SESSION_TAGS = [
 JOB_TAGS = frozenset({"job_ack", "job_started", "job_result", "asr_partial"})
 OUTBOUND_TAGS = ["node_register_ack", "job_assign", "translation_result", "session_init_ack", "error"]
 KNOWN_CODES = frozenset(c.value for c in ErrorCode)
+KNOWN_REASONS = frozenset(r.value for r in Reason)
 #: the probe frame and the error it must get: a JSON array where an object is expected
 PROBE = b"[]"
-PROBE_MESSAGE = "invalid message: Expected `object`, got `array`"
+PROBE_DETAILS = {"reason": "wrong_type", "field": "$"}
 #: errors are capped at 512 characters by the codec; other producers (limits, sessions) are shorter
 MAX_ERROR_MESSAGE = 600
 
@@ -516,7 +517,11 @@ class FuzzClient:
                 del self.jobs[:-20]
             if reply["type"] == "error":
                 self.codes[reply["code"]] = self.codes.get(reply["code"], 0) + 1
-                if reply["message"] == PROBE_MESSAGE and self._probe is not None and not self._probe.done():
+                if (
+                    reply.get("details") == PROBE_DETAILS
+                    and self._probe is not None
+                    and not self._probe.done()
+                ):
                     self._probe.set_result(None)
         self.close_codes.append(ws.close_code)
 
@@ -531,7 +536,8 @@ class FuzzClient:
 
 def check_reply(reply: Any, endpoint: Endpoint) -> None:
     """Every frame the scheduler sends is a typed JSON object; every error has a known code and a
-    message that says something and is not an echo of a huge frame."""
+    message that says something and is not an echo of a huge frame; an ``INVALID_MESSAGE`` says why
+    (``details.reason``) and where (``details.field``)."""
     if not isinstance(reply, dict) or not isinstance(reply.get("type"), str):
         raise ProtocolViolation(f"{endpoint}: reply is not a typed object: {str(reply)[:200]}")
     if reply["type"] == "error":
@@ -541,6 +547,16 @@ def check_reply(reply: Any, endpoint: Endpoint) -> None:
         if not isinstance(message, str) or not message or len(message) > MAX_ERROR_MESSAGE:
             raise ProtocolViolation(
                 f"{endpoint}: bad error message ({len(message or '')} chars): {message!r:.200}"
+            )
+        details = reply.get("details")
+        if code == ErrorCode.INVALID_MESSAGE and not (
+            isinstance(details, dict)
+            and details.get("reason") in KNOWN_REASONS
+            and isinstance(details.get("field"), str)
+            and details["field"].startswith("$")
+        ):
+            raise ProtocolViolation(
+                f"{endpoint}: INVALID_MESSAGE without a reason and a field: {reply!r:.300}"
             )
 
 

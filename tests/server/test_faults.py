@@ -36,6 +36,7 @@ from lingua_scheduler.server.state import SchedulerState
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession
+from lingua_scheduler.sim.sockets import shrink_receive_buffer
 from tests.conftest import RunningScheduler, eventually, make_config
 from tests.scheduler_process import SchedulerProcess
 
@@ -252,20 +253,27 @@ async def test_nodes_killed_soak(
 # --- a peer that stops reading (backpressure) ------------------------------------------------------
 
 
-def stop_reading(ws: aiohttp.ClientWebSocketResponse, reader: asyncio.Task[Any] | None) -> None:
+#: the peers below send as fast as they can until the buffers between us fill (a client library keeps
+#: reading into its own buffer for a while); rate limits have their own tests
+UNLIMITED_RATE = {
+    "node_messages_per_second": 1e6,
+    "node_message_burst": 1_000_000,
+    "session_messages_per_second": 1e6,
+    "session_message_burst": 1_000_000,
+}
+
+
+def stop_reading(peer: SimulatedNode | SimulatedSession) -> None:
     """The peer's process hangs: nothing reads its socket any more. Its receive buffer is made small
     so that the kernel buffers between us fill within a few hundred messages, not megabytes."""
-    if reader is not None:
-        reader.cancel()
-    conn = ws._response.connection
-    assert conn is not None and conn.transport is not None
-    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    conn.transport.pause_reading()
+    assert peer.ws is not None
+    shrink_receive_buffer(peer.ws, 4096)
+    peer.stop_reading()
 
 
-def small_send_buffer(rs: RunningScheduler, outbox: Any) -> None:
+def small_send_buffer(outbox: Any) -> None:
     """Same on the scheduler's side of that connection (a slow link instead of a fast loopback)."""
-    transport = outbox.ws._req.transport
+    transport = outbox.transport
     transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     transport.set_write_buffer_limits(high=8192)
 
@@ -279,6 +287,7 @@ async def test_node_that_stops_reading_is_cut_off_and_its_jobs_fail_over(
     rs: RunningScheduler = await scheduler_factory(
         server={"outbound_queue": 16},
         scheduler={"fleet_view_interval_ms": 10},
+        limits=UNLIMITED_RATE,
         **{"jobs": {"ack_timeout_ms": 1000}},
     )
     stuck = SimulatedNode(http, rs.node_url, profile(), executor=Executor(latency=30.0), seed=1)
@@ -295,8 +304,8 @@ async def test_node_that_stops_reading_is_cut_off_and_its_jobs_fail_over(
         outbox = entry.conn
         assert outbox is not None
         assert stuck.ws is not None
-        stop_reading(stuck.ws, stuck._tasks[0])
-        small_send_buffer(rs, outbox)
+        stop_reading(stuck)
+        small_send_buffer(outbox)
         peak = 0
         t0 = time.monotonic()
         while entry.conn is outbox and time.monotonic() - t0 < 10:
@@ -325,7 +334,7 @@ async def test_session_that_stops_reading_is_cut_off_and_its_jobs_cancelled(
     consumer, its session is freed, its running job is cancelled on the node (``job_cancel``, load
     back to 0), and other sessions are served meanwhile."""
     rs: RunningScheduler = await scheduler_factory(
-        server={"outbound_queue": 16}, scheduler={"fleet_view_interval_ms": 10}
+        server={"outbound_queue": 16}, scheduler={"fleet_view_interval_ms": 10}, limits=UNLIMITED_RATE
     )
     node = SimulatedNode(http, rs.node_url, profile(), executor=Executor(latency=30.0), seed=1)
     fast = SimulatedNode(http, rs.node_url, profile(), executor=Executor(latency=0.05), seed=2)
@@ -342,8 +351,8 @@ async def test_session_that_stops_reading_is_cut_off_and_its_jobs_cancelled(
         cancelled = node.wait_for(lambda m: m.get("type") == "job_cancel", timeout=10)
         assert hung.ws is not None
         session = rs.state.sessions[hung.session_id or ""]
-        stop_reading(hung.ws, hung._reader_task)
-        small_send_buffer(rs, session.outbox)
+        stop_reading(hung)
+        small_send_buffer(session.outbox)
         t0 = time.monotonic()
         while hung.session_id in rs.state.sessions and time.monotonic() - t0 < 10:
             await hung.send({"type": "client_heartbeat", "session_id": hung.session_id, "timestamp": 1})

@@ -68,11 +68,18 @@ async def test_invalid_frame_answered_and_connection_survives(
     await node.ws.send_str(bad.decode())
     reply = await err
     assert reply["code"] == "INVALID_MESSAGE"
+    assert reply["details"] == {"reason": "wrong_type", "field": "$.resource_usage.cpu_percent"}
     assert "$.resource_usage.cpu_percent" in reply["message"]
-    for junk in ("not json", '{"type":"nope"}', "[]", '{"type":"node_heartbeat"}'):
+    for junk, reason in (
+        ("not json", "malformed_json"),
+        ('{"type":"nope"}', "unknown_type"),
+        ("[]", "wrong_type"),
+        ('{"type":"node_heartbeat"}', "missing_field"),
+    ):
         err = node.wait_for(is_type("error"))
         await node.ws.send_str(junk)
-        assert (await err)["code"] == "INVALID_MESSAGE"
+        reply = await err
+        assert (reply["code"], reply["details"]["reason"]) == ("INVALID_MESSAGE", reason), reply
     # still alive and serving
     await node.heartbeat()
     await eventually(lambda: len(node.rtts) == 1)

@@ -18,7 +18,7 @@ from enum import StrEnum
 
 from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.core import opus
-from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError
+from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError, Reason
 
 
 class AudioFormat(StrEnum):
@@ -91,13 +91,17 @@ def detect_format(data: bytes, expected: AudioFormat | None, default: AudioForma
                 f"audio chunk of {len(data)} bytes is not Opus in 2-byte length framing, and the session "
                 'declared no audio_format: declare audio_format "pcm16" in session_init to stream pcm16',
                 code=ErrorCode.INVALID_MESSAGE,
-                details={"field": "$.payload", "expected": AudioFormat.OPUS.value},
+                reason=Reason.AUDIO_FORMAT,
+                field="$.payload",
+                expected=AudioFormat.OPUS.value,
             )
         if len(data) % frame_bytes(AudioFormat.PCM16):
             raise ProtocolError(
                 f"pcm16 audio chunk of {len(data)} bytes is not a whole number of 16-bit samples",
                 code=ErrorCode.INVALID_MESSAGE,
-                details={"field": "$.payload", "expected": AudioFormat.PCM16.value},
+                reason=Reason.AUDIO_FORMAT,
+                field="$.payload",
+                expected=AudioFormat.PCM16.value,
             )
         return AudioFormat.PCM16
     if not opus.is_framed_opus(data):
@@ -105,7 +109,9 @@ def detect_format(data: bytes, expected: AudioFormat | None, default: AudioForma
             f"audio chunk of {len(data)} bytes is not Opus in 2-byte length framing (a little-endian "
             "length before each packet), which this session streams",
             code=ErrorCode.INVALID_MESSAGE,
-            details={"field": "$.payload", "expected": AudioFormat.OPUS.value},
+            reason=Reason.AUDIO_FORMAT,
+            field="$.payload",
+            expected=AudioFormat.OPUS.value,
         )
     return AudioFormat.OPUS
 
@@ -125,7 +131,7 @@ def decode_base64(text: str | None, at: str | None = None) -> bytes:
     """Strict standard base64 (with padding). Absent or empty means no audio.
 
     Raises ``ProtocolError(INVALID_MESSAGE)`` on anything else that is not valid base64; ``at`` names
-    the field (``$.tts_audio``) in the message, as the decoder names the fields it refuses.
+    the field (``$.tts_audio``), as the decoder names the fields it refuses.
     """
     if not text:
         return b""
@@ -133,10 +139,12 @@ def decode_base64(text: str | None, at: str | None = None) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         # the text itself is never echoed: it is (corrupt) audio
-        where = f" - at `{at}`" if at else ""
+        where = f" at {at}" if at else ""
         raise ProtocolError(
-            f"audio payload of {len(text)} characters is not valid base64{where}",
+            f"audio payload{where} of {len(text)} characters is not valid base64",
             code=ErrorCode.INVALID_MESSAGE,
+            reason=Reason.INVALID_BASE64,
+            field=at,
         ) from None
 
 

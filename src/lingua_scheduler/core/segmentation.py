@@ -51,7 +51,7 @@ from lingua_scheduler.core.audio import (
     detect_format,
     frame_bytes,
 )
-from lingua_scheduler.errors import ErrorCode, ProtocolError, SchedulerError, SessionError
+from lingua_scheduler.errors import ErrorCode, ProtocolError, Reason, SchedulerError, SessionError
 
 
 class SegState(StrEnum):
@@ -296,6 +296,8 @@ class Segmenter:
             raise ProtocolError(
                 f"utterance audio of {len(audio)} bytes exceeds the limit of {self._max_complete} bytes",
                 code=ErrorCode.MESSAGE_TOO_LARGE,
+                reason=Reason.TOO_LARGE,
+                field="$.audio",
             )
         if audio_format in (AudioFormat.PCM16, AudioFormat.OPUS):
             detect_format(audio, AudioFormat(audio_format), self._spec.audio_format)

@@ -134,12 +134,20 @@ class Cluster:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # named "cluster-<instance>-<loop>": shown when a shutdown hangs, and found by name in tests
         self._tasks = [
-            asyncio.create_task(self._supervise(self._publisher, "publisher")),
-            asyncio.create_task(self._supervise(self._ticker, "ticker")),
-            asyncio.create_task(self._supervise(self._feed, "feed")),
-            asyncio.create_task(self._supervise(self._inbox, "inbox")),
+            asyncio.create_task(self._supervise(body, name), name=self.task_name(name))
+            for body, name in (
+                (self._publisher, "publisher"),
+                (self._ticker, "ticker"),
+                (self._feed, "feed"),
+                (self._inbox, "inbox"),
+            )
         ]
+
+    def task_name(self, loop: str) -> str:
+        """The asyncio task name of one of this instance's loops (publisher, ticker, feed, inbox)."""
+        return f"cluster-{self.instance_id}-{loop}"
 
     async def stop(self) -> None:
         await self._stop_loops()

@@ -68,12 +68,14 @@ class SessionConnection:
             session = self._own(msg.session_id)
             if isinstance(msg, AudioChunk):
                 utts = session.segmenter.chunk(
-                    decode_base64(msg.payload), msg.is_final, client_ts_ms=msg.client_timestamp_ms
+                    decode_base64(msg.payload, at="$.payload"),
+                    msg.is_final,
+                    client_ts_ms=msg.client_timestamp_ms,
                 )
                 self.state.dispatcher.submit(session, utts, received_at=t0)
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
-                audio = decode_base64(msg.audio)
+                audio = decode_base64(msg.audio, at="$.audio")
                 utts = session.segmenter.utterance(
                     audio, msg.audio_format, msg.sample_rate, client_index=msg.utterance_index
                 )

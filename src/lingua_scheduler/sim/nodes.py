@@ -26,6 +26,7 @@ import msgspec
 from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
 from lingua_scheduler.sim.profiles import NodeProfile, random_profile
 from lingua_scheduler.sim.reach import Tally, safe_url, start_bounded
+from lingua_scheduler.sim.sockets import drop_connection
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
@@ -102,6 +103,7 @@ class SimulatedNode:
         self._last_ts = 0
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._reader_task: asyncio.Task[None] | None = None
         #: called for every message that is not a heartbeat ack
         self.on_message: Callable[[dict[str, Any]], None] | None = None
         self.executor = executor or Executor()
@@ -116,7 +118,8 @@ class SimulatedNode:
     async def connect(self) -> None:
         self.ws = await self.http.ws_connect(self.url, autoping=True, max_msg_size=64 * 1024 * 1024)
         self._connected.set()
-        self._tasks.append(asyncio.create_task(self._reader()))
+        self._reader_task = asyncio.create_task(self._reader())
+        self._tasks.append(self._reader_task)
 
     async def register(self, timeout: float = 10.0) -> dict[str, Any]:
         """Send node_register and wait for the ack (or an error, which is returned as is)."""
@@ -164,9 +167,14 @@ class SimulatedNode:
             for t in self._tasks:
                 t.cancel()
         if self.ws is not None:
-            transport = self.ws._response.connection.transport if self.ws._response.connection else None
-            if transport is not None:
-                transport.abort()
+            drop_connection(self.ws)
+
+    def stop_reading(self) -> None:
+        """The node's process hangs: nothing reads what the scheduler sends any more, while the node
+        can still send. Once the WebSocket client's buffer is full it stops reading the TCP
+        connection, and the kernel buffers fill (backpressure tests)."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
 
     # --- messages -------------------------------------------------------------------------------
 

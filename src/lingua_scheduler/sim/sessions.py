@@ -182,6 +182,13 @@ class SimulatedSession:
         await self.send({"type": "session_close", "session_id": self.session_id, "reason": reason})
         return await waiter
 
+    def stop_reading(self) -> None:
+        """The client hangs: nothing reads what the scheduler sends any more, while it can still send.
+        Once the WebSocket client's buffer is full it stops reading the TCP connection, and the
+        kernel buffers fill (backpressure tests)."""
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+
     async def disconnect(self) -> None:
         if self._reader_task is not None:
             self._reader_task.cancel()
