@@ -68,6 +68,8 @@ class ErrorCode(StrEnum):
     ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"
     #: HTTP 503 before the WebSocket upgrade: this instance holds limits.max_connections WebSockets
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    #: HTTP 408: a request head was not complete within limits.header_timeout_seconds
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
 
 
 class SchedulerError(Exception):

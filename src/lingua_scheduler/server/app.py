@@ -14,6 +14,9 @@ from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
 from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, shutdown, stats, tasks
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
+from lingua_scheduler.server.connection_guard import setup as guard_connections
+from lingua_scheduler.server.fd_limits import fit_descriptor_limit
+from lingua_scheduler.server.listener import run_app as listen
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -31,6 +34,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         clock = store.shared_clock  # one clock for every instance: wall times on Redis's (OffsetClock)
     state = SchedulerState(config, clock)
     app[STATE] = state
+    # sockets' counts, caps, header deadline and pre-authentication bytes (installed by listener.py)
+    state.metrics.add_live(guard_connections(app, config.limits, state.limits.refusals).live_metrics)
     app.router.add_get("/ws/node", node_ws)
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
@@ -78,6 +83,7 @@ def run(config: Config) -> None:
     except ImportError:  # pragma: no cover - uvloop is optional on exotic platforms
         pass
     ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
+    fit_descriptor_limit(config.limits)  # raise RLIMIT_NOFILE; lower max_connections to what fits
     app = build_app(config)
     shutdown.handle_signals(app)  # SIGTERM drains in-flight work before aiohttp's own shutdown
     host, port = config.server.host, config.server.port
@@ -88,12 +94,4 @@ def run(config: Config) -> None:
     )
     # Objects alive at start (modules, config, routes) never become garbage: keep the collector off them.
     gc.freeze()
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        ssl_context=ssl_context,
-        backlog=config.server.backlog,
-    )
+    listen(app, config, ssl_context)  # aiohttp's protocol behind the connection guard (listener.py)
