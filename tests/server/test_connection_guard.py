@@ -9,6 +9,7 @@ start. Linux routes all of 127.0.0.0/8 to loopback, so binding a client to 127.0
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -116,7 +118,7 @@ async def health(port: int) -> int:
 async def opened_session(port: int) -> RawWebSocket:
     ws = await upgrade(port)
     await ws.send(json.dumps(INIT).encode())
-    opcode, payload = await asyncio.wait_for(ws.receive(), 5)
+    _, payload = await asyncio.wait_for(ws.receive(), 5)
     assert json.loads(payload)["type"] == "session_init_ack"
     return ws
 
@@ -132,7 +134,7 @@ async def test_frame_over_the_limit_is_closed_1009_at_its_header(serve: Any) -> 
         exact = b'{"type":"x","pad":"' + b"a" * (64 * 1024 - 21) + b'"}'
         assert len(exact) == 64 * 1024
         await ws.send(exact)  # exactly the limit is a frame like any other: answered, not closed
-        opcode, payload = await asyncio.wait_for(ws.receive(), 5)
+        _, payload = await asyncio.wait_for(ws.receive(), 5)
         assert json.loads(payload)["code"] == "INVALID_MESSAGE"
         t0 = time.monotonic()
         await ws.send_raw(frame_header(64 * 1024 + 1) + b"a" * 100)  # one byte over, 100 bytes sent
@@ -153,10 +155,8 @@ async def test_unauthenticated_sockets_cannot_grow_memory_past_the_budget(serve:
 
     async def fill(ws: RawWebSocket) -> None:
         loop = asyncio.get_running_loop()
-        try:
+        with contextlib.suppress(ConnectionError, TimeoutError):  # refused mid-way: the point
             await asyncio.wait_for(loop.sock_sendall(ws.sock, frame_header(MiB) + payload), 10)
-        except (ConnectionError, TimeoutError):
-            pass  # refused mid-way: the point
 
     try:
         await asyncio.gather(*(fill(ws) for ws in socks))
@@ -334,12 +334,12 @@ async def _status_only(sock: socket.socket) -> tuple[int, bytes, float]:
 # --- file descriptors ---------------------------------------------------------------------------------
 
 
-def _serve_with_nofile(soft: int, hard: int, port: int) -> subprocess.Popen[bytes]:
+def _serve_with_nofile(soft: int, hard: int, port: int, **limits: int) -> subprocess.Popen[bytes]:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LINGUA_")}
-    env.update(env_for({"server": {"log_level": "info"}}))
+    env.update(env_for({"server": {"log_level": "info"}, "limits": limits}))
     return subprocess.Popen(
         [sys.executable, "-m", "lingua_scheduler", "serve", "--port", str(port)],
         env=env,
@@ -362,8 +362,8 @@ async def test_descriptor_limit_is_raised_and_max_connections_fitted_to_it() -> 
                 pass
             assert proc.poll() is None and time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        with open(f"/proc/{proc.pid}/limits") as f:
-            line = next(x for x in f if x.startswith("Max open files"))
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()  # noqa: ASYNC240 - procfs, no disk I/O
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
         assert line.split()[3:5] == ["1024", "1024"]  # soft raised to the hard limit
     finally:
         proc.terminate()
@@ -372,6 +372,17 @@ async def test_descriptor_limit_is_raised_and_max_connections_fitted_to_it() -> 
     lowered = [x for x in lines if x.get("msg", "").startswith("limits.max_connections lowered")]
     # 1024 descriptors - 256 (limits.http_socket_reserve) - 128 (limits.fd_reserve)
     assert lowered and lowered[0]["msg"].startswith("limits.max_connections lowered from 100000 to 640")
+    assert lowered[0]["level"] == "info"  # the default: expected on most hosts
+
+
+def test_configured_max_connections_over_the_descriptor_limit_is_lowered_with_a_warning() -> None:
+    proc = _serve_with_nofile(1024, 1024, free_port(), max_connections=5000)
+    time.sleep(1.5)
+    proc.terminate()
+    _, err = proc.communicate(timeout=15)
+    lines = [json.loads(x) for x in err.decode().splitlines() if x.startswith("{")]
+    lowered = [x for x in lines if x.get("msg", "").startswith("limits.max_connections lowered")]
+    assert lowered and lowered[0]["msg"].startswith("limits.max_connections lowered from 5000 to 640")
     assert lowered[0]["level"] == "warning"
 
 

@@ -94,12 +94,6 @@ COMMON_CASES: list[tuple[str, bytes, str, str]] = [
     ("binary garbage", b"\x00\x01\xfe\xff", "INVALID_MESSAGE", "malformed JSON"),
     ("UTF-8 byte order mark", b'\xef\xbb\xbf{"type":"bogus"}', "INVALID_MESSAGE", "malformed JSON"),
     ("huge unknown type", b'{"type":"' + b"x" * 5000 + b'"}', "INVALID_MESSAGE", "(5000 characters)"),
-    (
-        "oversized",
-        b'{"type":"x","p":"' + b"a" * MAX_FRAME + b'"}',
-        "MESSAGE_TOO_LARGE",
-        f"limit of {MAX_FRAME}",
-    ),
 ]
 
 NODE_CASES: list[tuple[str, bytes, str, str]] = [

@@ -63,7 +63,11 @@ def fit_descriptor_limit(limits: LimitsConfig) -> int:
             f"({limits.fd_reserve}); raise it (ulimit -n, LimitNOFILE=) or lower the reserves",
         )
     if limits.max_connections > fits:
-        log.warning(
+        # the default (100 000) is above most systems' limits: fitting it is expected, lowering a
+        # value an operator chose deserves a warning
+        default = limits.max_connections == LimitsConfig().max_connections
+        log.log(
+            logging.INFO if default else logging.WARNING,
             f"limits.max_connections lowered from {limits.max_connections} to {fits}: the "
             f"file-descriptor limit is {soft} (hard {hard}) and {overhead} descriptors are reserved "
             "(limits.http_socket_reserve + limits.fd_reserve); raise the limit (ulimit -n, "
