@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import pytest_asyncio
 from tests.redis_support import free_port
 from tests.scheduler_process import SchedulerProcess, env_for
 from tests.server.raw_ws import RawWebSocket
+from tests.server.test_auth import self_signed
 
 INIT = {"type": "session_init", "client_version": "t", "platform": "web", "src_lang": "en", "tgt_lang": "zh"}
 MiB = 1024 * 1024
@@ -391,3 +393,35 @@ def test_descriptor_limit_too_small_for_the_reserves_refuses_to_start() -> None:
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 2
     assert "invalid configuration: config key 'limits.max_connections'" in err.decode()
+
+
+async def test_tls_handshake_without_client_hello_is_closed_in_time(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = SchedulerProcess(
+        args=["--tls-cert", str(cert), "--tls-key", str(key)], limits={"header_timeout_seconds": 1.0}
+    ).start()
+    port = server.port
+    trust = ssl.create_default_context(cafile=str(cert))
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # until it answers over TLS
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"https://127.0.0.1:{port}/health", ssl=trust) as r,
+                ):
+                    assert r.status == 200
+                    break
+            except (aiohttp.ClientError, OSError):
+                assert server.proc is not None and server.proc.poll() is None, server.log_tail()
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        silent = await tcp(port)  # a TCP connection that never sends its ClientHello
+        t0 = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(loop.sock_recv(silent, 1024), 5) == b""
+        assert time.monotonic() - t0 < 3.5
+        silent.close()
+    finally:
+        server.close()
