@@ -267,6 +267,8 @@ async def test_per_source_cap_refuses_beyond_it_and_health_still_answers(serve: 
         assert status == 503 and body["code"] == "TOO_MANY_CONNECTIONS"
         extra.close()
         assert await health(proc.port) == 200  # from 127.0.0.1
+        async with aiohttp.ClientSession() as http, http.get(f"{proc.base}/metrics") as r:
+            assert 'lingua_limit_refusals_total{limit="per_source"} 1.0' in await r.text()
         (await opened_session(proc.port)).close()  # and a client from elsewhere is served
     finally:
         for s in flood:

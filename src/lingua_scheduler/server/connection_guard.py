@@ -131,6 +131,8 @@ class GuardedProtocol(asyncio.Protocol):
         self.phase = Phase.HEAD
         #: bytes charged to this socket (released when it leaves the charged phases or closes)
         self.charged = 0
+        #: a request of this socket reached its handler: aiohttp may still be writing its response
+        self.served = False
         self._timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------------------
@@ -194,6 +196,7 @@ class GuardedProtocol(asyncio.Protocol):
     def request_started(self, upgrade: bool) -> None:
         """A request reached its handler: its head is complete."""
         self._disarm()
+        self.served = True
         if upgrade:
             self.phase = Phase.PREAUTH
         else:
@@ -280,6 +283,12 @@ class GuardedProtocol(asyncio.Protocol):
     def _http_refusal(
         self, status: int, code: ErrorCode, message: str, retry_after: int | None = None
     ) -> None:
+        if self.served:
+            # a later request of a keep-alive socket: aiohttp may be writing the previous response
+            # still, so an answer of ours could land inside it; the socket is just closed
+            if self.transport is not None:
+                self.transport.close()
+            return
         body = json.dumps({"code": code.value, "message": message}).encode()
         reason = {408: "Request Timeout", 413: "Payload Too Large", 503: "Service Unavailable"}[status]
         head = [
