@@ -471,7 +471,26 @@ class LimitsConfig(Section):
     #: most open WebSockets (both endpoints) on this instance; more upgrade requests -> HTTP 503
     max_connections: int = 100_000
     #: a WebSocket that has not registered a node / opened a session within this time is closed (1008)
-    handshake_timeout_seconds: float = 30.0
+    handshake_timeout_seconds: float = 10.0
+    #: sockets accepted beyond max_connections for plain HTTP (/health, /metrics, admin), so that they
+    #: answer while the WebSockets are at their cap; every accepted socket counts against
+    #: max_connections + http_socket_reserve, more are answered 503 and closed
+    http_socket_reserve: int = 256
+    #: sockets open at once from one source IP address; more are answered 503 and closed
+    max_connections_per_source: int = 1_000
+    #: a request head (and, with TLS, the TLS handshake) must be complete this long after the socket
+    #: was accepted or the next request's first byte arrived; else 408 and the socket is closed
+    header_timeout_seconds: float = 10.0
+    #: bytes a socket may send before it authenticates (a WebSocket registers a node / opens a
+    #: session; a plain HTTP request reaches its handler); more -> closed (1009, HTTP 413)
+    preauth_connection_bytes: int = 256 * 1024
+    #: bytes all unauthenticated sockets together may have sent (what the server may buffer for
+    #: them); a socket that would go over it is closed (1013, HTTP 503)
+    preauth_buffer_bytes: int = 64 * 1024 * 1024
+    #: file descriptors kept for everything but client sockets (listener, Redis, logs, files); at
+    #: start max_connections is lowered so that max_connections + http_socket_reserve + fd_reserve
+    #: fits the process's descriptor limit (RLIMIT_NOFILE, raised to its hard limit first)
+    fd_reserve: int = 128
     #: bytes queued for one connection (with server.outbound_queue, the message count) beyond which the
     #: peer is disconnected as a slow consumer (1008); one larger message is still sent on its own
     outbound_queue_bytes: int = 16 * 1024 * 1024

@@ -68,6 +68,8 @@ class ErrorCode(StrEnum):
     ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"
     #: HTTP 503 before the WebSocket upgrade: this instance holds limits.max_connections WebSockets
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    #: HTTP 408: a request head was not complete within limits.header_timeout_seconds
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
 
 
 class Reason(StrEnum):
@@ -85,6 +87,8 @@ class Reason(StrEnum):
     WRONG_TYPE = "wrong_type"
     INVALID_VALUE = "invalid_value"
     INVALID_BASE64 = "invalid_base64"
+    #: a binary frame whose layout is broken (shorter than its header, a length that does not fit)
+    MALFORMED_FRAME = "malformed_frame"
     #: audio bytes in no format the session may stream (``details.expected`` names the one expected)
     AUDIO_FORMAT = "audio_format"
 

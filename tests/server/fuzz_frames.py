@@ -237,7 +237,7 @@ class Frame:
     binary: bool = False
     #: what the fuzzer did (shown when a check fails)
     how: str = ""
-    #: over 4x the frame limit: the WebSocket layer closes the connection (1009), on purpose
+    #: over the frame limit: the WebSocket layer closes the connection (1009) at its header, on purpose
     closes: bool = False
 
 
@@ -248,7 +248,7 @@ class FrameFuzzer:
     max_frame: int
     node_id: str = "node-FUZZ0001"
     session_id: str = "s-FUZZ0001"
-    #: probability of an oversized frame (between the limit and 4x: an error; over 4x: the socket closes)
+    #: probability of an oversized frame (over the limit: the socket is closed with 1009)
     oversize: float = 0.02
     #: job_assign messages this node connection received: job messages then often carry their real ids,
     #: so fuzzed acks and results reach the job state machine instead of stopping at "unknown job"
@@ -263,7 +263,7 @@ class FrameFuzzer:
 
     def next(self) -> Frame:
         frame = self._next()
-        frame.closes = len(frame.data) > 4 * self.max_frame
+        frame.closes = len(frame.data) > self.max_frame
         return frame
 
     def _next(self) -> Frame:
@@ -390,7 +390,7 @@ class FrameFuzzer:
 
     def _oversized(self) -> Frame:
         rng = self.rng
-        factor = rng.choice([1.01, 2, 3.9, 4.5])  # over 4x the WebSocket layer closes the connection
+        factor = rng.choice([1.01, 2, 4.5])  # over the limit the WebSocket layer closes the connection
         pad = "a" * int(self.max_frame * factor)
         doc = self._template()
         doc["pad"] = pad
@@ -465,7 +465,7 @@ class FuzzClient:
 
     async def probe(self, timeout: float = 5.0) -> None:
         """Prove the connection's task is alive: a known-bad frame gets its error back. A connection
-        closed for a frame over 4x the limit (1009, the one close the fuzzer provokes on purpose) is
+        closed for a frame over the limit (1009, the one close the fuzzer provokes on purpose) is
         reopened and probed again; any other close is a failure."""
         for _ in range(2):
             if self.ws is None or self.ws.closed:

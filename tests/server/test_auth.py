@@ -602,6 +602,8 @@ async def test_serve_with_tls(tmp_path: Path) -> None:
     try:
         assert proc.stderr is not None
         first = json.loads(await asyncio.wait_for(proc.stderr.readline(), 30))
+        while first["msg"] != "lingua-scheduler listening":  # after how the start fitted itself to the host
+            first = json.loads(await asyncio.wait_for(proc.stderr.readline(), 30))
         assert first["node_ws"] == f"wss://127.0.0.1:{port}/ws/node"
         trust = ssl.create_default_context(cafile=str(cert))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as http:

@@ -112,14 +112,6 @@ COMMON_CASES: list[Case] = [
     invalid("ASCII garbage", b"\x00\x01{", "malformed_json"),
     invalid("UTF-8 byte order mark", b'\xef\xbb\xbf{"type":"bogus"}', "malformed_json"),
     invalid("huge unknown type", b'{"type":"' + b"x" * 5000 + b'"}', "unknown_type", "$.type"),
-    Case(
-        "oversized",
-        b'{"type":"x","p":"' + b"a" * MAX_FRAME + b'"}',
-        "MESSAGE_TOO_LARGE",
-        "too_large",
-        "$",
-        names=f"limit of {MAX_FRAME}",
-    ),
 ]
 
 NODE_CASES: list[Case] = [

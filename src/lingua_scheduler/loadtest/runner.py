@@ -196,7 +196,13 @@ def local_scheduler(
     args = [sys.executable, "-m", "lingua_scheduler", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if config_file:
         args += ["--config", config_file]
-    full_env = dict(os.environ, LINGUA_SERVER__LOG_LEVEL='"warning"', **env)
+    # every load generator connects from 127.0.0.1: the per-source socket cap would refuse a large fleet
+    full_env = {
+        **os.environ,
+        "LINGUA_SERVER__LOG_LEVEL": '"warning"',
+        "LINGUA_LIMITS__MAX_CONNECTIONS_PER_SOURCE": "1000000",
+        **env,
+    }
     failure = "the scheduler did not start" + (f" (log: {log_path})" if log_path else "")
     with contextlib.ExitStack() as stack:
         # the log is closed after the process has stopped, not before (it writes until it exits)

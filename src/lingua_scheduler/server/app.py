@@ -15,6 +15,7 @@ from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
 from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, shutdown, stats, tasks
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
+from lingua_scheduler.server.connection_guard import setup as guard_connections
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -30,6 +31,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     state = SchedulerState(config, clock)
     app[STATE] = state
     app.router.add_get("/", root)
+    # sockets' counts, caps, header deadline and pre-authentication bytes (server/listener.py uses it)
+    state.metrics.add_live(guard_connections(app, config.limits, state.limits.refusals).live_metrics)
     app.router.add_get("/ws/node", node_ws)
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)

@@ -39,6 +39,9 @@ from lingua_scheduler.errors import ConfigError
 from lingua_scheduler.server import shutdown
 from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.cluster import Cluster
+from lingua_scheduler.server.connection_guard import GUARD
+from lingua_scheduler.server.fd_limits import Lowered, fit_descriptor_limit
+from lingua_scheduler.server.listener import GuardedSockSite
 from lingua_scheduler.server.state import STATE
 from lingua_scheduler.server.tls import server_ssl_context
 from lingua_scheduler.store.base import StoreUnavailable
@@ -191,6 +194,7 @@ def serve(config: Config) -> None:
     ``ConfigError`` when the start cannot go on; nothing is left running then."""
     check_redis_url(config.cluster.redis_url)
     ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
+    lowered = fit_descriptor_limit(config.limits)  # raise RLIMIT_NOFILE; max_connections to what fits
     socks = bind(config.server.host, config.server.port, config.server.backlog)
     try:
         app = build_app(config)
@@ -199,7 +203,7 @@ def serve(config: Config) -> None:
             s.close()
         raise
     shutdown.handle_signals(app)  # SIGTERM drains in-flight work before aiohttp's own shutdown
-    _run(_serve(app, config, socks, ssl_context))
+    _run(_serve(app, config, socks, ssl_context, lowered))
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -233,18 +237,32 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def _serve(
-    app: web.Application, config: Config, socks: list[socket.socket], ssl_context: ssl.SSLContext | None
+    app: web.Application,
+    config: Config,
+    socks: list[socket.socket],
+    ssl_context: ssl.SSLContext | None,
+    lowered: Lowered | None,
 ) -> None:
     cluster = app[STATE].dispatcher.cluster
     # The sockets are bound and listening: a connection made from now on waits in the backlog until
     # the application has started, it is not refused. So the line goes first, before the start-up
     # warnings, where an operator (and a script reading the first line) looks for it.
     announce(config, socks[0].getsockname()[1], ssl_context is not None, cluster)
+    if lowered is not None:
+        lowered.log()
     runner = web.AppRunner(app, handle_signals=True, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
     try:
         await runner.setup()
         for s in socks:
-            await web.SockSite(runner, s, ssl_context=ssl_context, backlog=config.server.backlog).start()
+            site = GuardedSockSite(
+                runner,
+                app[GUARD],
+                s,
+                ssl_context=ssl_context,
+                backlog=config.server.backlog,
+                handshake_timeout=config.limits.header_timeout_seconds,
+            )
+            await site.start()
         if cluster is not None:
             await _check_store(cluster, config)
         # Objects alive at start (modules, config, routes) never become garbage: keep the collector off.

@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from lingua_scheduler.server import connection_guard
 from lingua_scheduler.server.limits import Endpoint
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -57,11 +58,12 @@ async def serve_websocket(
     if refused is not None:
         return refused
     max_frame = state.config.server.max_frame_bytes
-    # aiohttp itself only closes frames far over our limit; up to 4x we answer with an error frame.
+    # A message over the limit is closed with 1009 as soon as its frame header announces its length
+    # (aiohttp refuses max_msg_size and more before buffering a byte of it): nothing larger is held.
     # autoping off: pings are answered here, after the frame gate, so that a ping flood costs the peer
     # its message rate like any other frame (aiohttp would answer every one of them unmetered).
     ws = web.WebSocketResponse(
-        compress=False, max_msg_size=max_frame * 4, decode_text=False, heartbeat=None, autoping=False
+        compress=False, max_msg_size=max_frame + 1, decode_text=False, heartbeat=None, autoping=False
     )
     await ws.prepare(request)
     outbox = Outbox(
@@ -74,6 +76,7 @@ async def serve_websocket(
     conn = connect(state, outbox)
     state.limits.opened(endpoint)
     gate = state.limits.gate(endpoint, outbox, ws, conn.ready)
+    preauth = True  # until the handshake: bytes count against the pre-authentication budget
     try:
         async for frame in ws:
             kind = frame.type
@@ -84,6 +87,9 @@ async def serve_websocket(
                             await ws.pong(frame.data)
                     elif kind is not WSMsgType.PONG:  # an unsolicited pong (we send no pings): nothing to do
                         conn.on_frame(frame.data, time.perf_counter())
+                        if preauth and conn.ready():
+                            preauth = False
+                            connection_guard.authenticated(request)
                 elif gate.must_close:
                     await gate.close()
                     break

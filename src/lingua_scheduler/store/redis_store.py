@@ -122,6 +122,10 @@ class RedisStore:
         sent_ms = self.clock.wall_ms()
         sec, usec = await self._do(self.r.time())
         self._set_offset(int(sec) * 1000 + int(usec) // 1000, sent_ms)
+        # Every script into Redis's cache now: one that is broken (or missing from an install) stops
+        # the join here, not in the middle of the first outage recovery that needs it.
+        for script in (self._reserve, self._commit, self._tick, self._resync):
+            await self._do(self.r.script_load(script.script))
         try:
             await self._do(
                 self.r.xgroup_create(self.keys.inbox(self.instance_id), GROUP, id="$", mkstream=True)
