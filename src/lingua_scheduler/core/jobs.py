@@ -360,26 +360,27 @@ class JobStore:
 
     def hold(self, job_id: str, *, busy: bool, now: float | None = None) -> None:
         """The shell could not place waiting job ``job_id`` now. ``busy``: a node able to take it is
-        only at capacity, so the job may wait up to its execution timeout from when it was queued;
-        otherwise (no node serves it) it fails ``pending_timeout_ms`` after it was queued, or after now
-        when it had been waiting for a busy node that is gone."""
+        only at capacity, so the job -- and the jobs queued behind it in its stream, which wait for it
+        -- may wait up to their execution timeout from when they were queued; otherwise (no node
+        serves it) they fail ``pending_timeout_ms`` after they were queued, or after now when they had
+        been waiting for a busy node that is gone. O(jobs of the session)."""
         now = self._now(now)
-        job = self._jobs.get(job_id)
-        if job is None or job.state is not J.CREATED or job.queued_at is None or job.deadline is None:
+        head = self._jobs.get(job_id)
+        if head is None or head.state is not J.CREATED:
             return
-        if busy == job.waits_for_slot:
-            return
-        job.waits_for_slot = busy
-        if busy:
-            at = (
-                job.queued_at
-                + max(exec_timeout_ms(job.spec.audio_ms, self.config), self.config.pending_timeout_ms)
-                / 1000.0
-            )
-            if at > job.deadline:
-                self._arm(job, DeadlineKind.WAIT, at)
-        else:
-            at = min(job.deadline, wait_deadline(now, self.config))
+        for other in self._by_session.get(head.session_id, ()):
+            job = self._jobs[other]
+            if job.state is not J.CREATED or job.tgt_lang != head.tgt_lang or job.waits_for_slot == busy:
+                continue
+            assert job.queued_at is not None and job.deadline is not None
+            job.waits_for_slot = busy
+            if busy:
+                slot_wait = max(
+                    exec_timeout_ms(job.spec.audio_ms, self.config), self.config.pending_timeout_ms
+                )
+                at = job.queued_at + slot_wait / 1000.0
+            else:
+                at = min(job.deadline, wait_deadline(now, self.config))
             if at != job.deadline:
                 self._arm(job, DeadlineKind.WAIT, at)
 
