@@ -412,6 +412,57 @@ def test_waiting_too_long_fails_with_no_available_node(clock: ManualClock) -> No
     assert_empty(store)
 
 
+def test_a_job_held_for_a_busy_node_waits_up_to_its_execution_timeout(clock: ManualClock) -> None:
+    """Busy: the wait is the execution timeout of its audio (10 s base + 2 s per audio second = 14 s
+    here, at least 15 s min), for the jobs behind it in its stream too; another stream keeps 3 s."""
+    store = store_with(clock, pending_timeout_ms=3000)
+    head = new(store, spec(index=0, audio_ms=2000), b"x")
+    behind = new(store, spec(index=1, audio_ms=2000), b"y")
+    other = new(store, spec(session="s-2"), b"z")
+    store.hold(head.job_id, busy=True)
+    clock.advance(3.1)
+    [out] = store.expire()
+    assert out.job is other and other.error_code == ErrorCode.NO_AVAILABLE_NODE
+    assert head.state is behind.state is S.CREATED
+    clock.advance(15.0 - 3.1 - 0.1)
+    assert store.expire() == []
+    clock.advance(0.2)
+    outs = store.expire()
+    assert {o.job.job_id for o in outs if o.job} == {head.job_id, behind.job_id}
+    assert head.error_code == ErrorCode.NO_AVAILABLE_NODE and "free" in (head.error_message or "")
+    store.validate()
+
+
+def test_a_job_waiting_for_a_node_that_is_gone_fails_after_the_short_wait_from_then(
+    clock: ManualClock,
+) -> None:
+    store = store_with(clock, pending_timeout_ms=3000)
+    job = new(store, spec(), b"x")
+    store.hold(job.job_id, busy=True)
+    clock.advance(10.0)
+    assert store.expire() == []
+    store.hold(job.job_id, busy=False)  # no node serves it any more
+    clock.advance(2.9)
+    assert store.expire() == []
+    clock.advance(0.2)
+    [out] = store.expire()
+    assert out.job is job and job.state is S.FAILED and job.error_code == ErrorCode.NO_AVAILABLE_NODE
+    # holding a job that is not waiting changes nothing
+    store.hold(job.job_id, busy=True)
+    assert job.state is S.FAILED and job.deadline is None
+
+
+def test_a_retry_waits_the_short_wait_again_until_held_busy(clock: ManualClock) -> None:
+    store = store_with(clock, pending_timeout_ms=3000)
+    job = new(store, spec(), b"x")
+    store.hold(job.job_id, busy=True)
+    store.dispatch(job.job_id, "n1", acks=False)
+    clock.advance(1.0)
+    store.failover(job.job_id, "test")
+    assert job.state is S.CREATED and not job.waits_for_slot and job.queued_at == clock.monotonic()
+    assert job.deadline == clock.monotonic() + 3.0
+
+
 def test_failover_into_a_full_queue_fails(clock: ManualClock) -> None:
     store = store_with(clock, max_pending_jobs=1)
     a = new(store, spec(index=0), b"x")

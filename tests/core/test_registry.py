@@ -7,6 +7,7 @@ import pytest
 
 from lingua_scheduler.clock import ManualClock
 from lingua_scheduler.config import NodeHealthConfig
+from lingua_scheduler.core.capabilities import Capabilities, derive
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.status import TRANSITIONS, IllegalTransition, NodeStatus, check_transition
@@ -300,3 +301,61 @@ def test_declared_language_pairs_restrict_served_pairs(registry: Registry) -> No
     assert caps.served_pairs() == {("zh", "en"), ("auto", "en")}
     assert not caps.serves_pair("auto", "ja") and not caps.translates_into("zh")
     assert caps.declared_pairs == {("zh", "en")}
+
+
+# --- the node app's NMT summary strings -------------------------------------------------------------
+
+
+def _summary_caps(nmt: list[object], **langs: object) -> Capabilities:
+    lang = msgspec.convert({"nmt": nmt, **langs}, NodeLanguageCapabilities)
+    services = [
+        InstalledService(service_id=sid, type=t, device="gpu", status=ServiceStatus.RUNNING)
+        for sid, t in (("asr", "asr"), ("nmt-m2m100", "nmt"), ("tts", "tts"))
+    ]
+    return derive(services, [], None, lang, frozenset())
+
+
+def test_nmt_summary_strings_give_the_pairs_of_the_languages_heard_and_spoken() -> None:
+    """A 74 node's summary without supported_language_pairs or semantic languages: any_to_any over
+    its ASR and TTS languages; en_to_any only from en."""
+    heard = {"asr_languages": ["zh", "en", "ja"], "tts_languages": ["zh", "en"]}
+    caps = _summary_caps(["nmt-m2m100:any_to_any:37 langs"], **heard)
+    assert caps.declared_pairs is None and caps.semantic_languages == frozenset()
+    assert {p for p in caps.served_pairs() if p[0] != "auto"} == {
+        ("zh", "en"),
+        ("en", "zh"),
+        ("ja", "en"),
+        ("ja", "zh"),
+    }
+    en_only = _summary_caps(["m:en_to_any:5 langs"], **heard)
+    assert {p for p in en_only.served_pairs() if p[0] != "auto"} == {("en", "zh")}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "m:specific_pairs:2 langs",
+        "m:any_to_any",
+        "m:any_to_any:many langs",
+        ":any_to_any:3 langs",
+        7,
+        {"rule": "any_to_any"},
+    ],
+)
+def test_nmt_summaries_of_another_shape_are_ignored_not_refused(entry: object) -> None:
+    caps = _summary_caps([entry], asr_languages=["zh", "en"], tts_languages=["zh", "en"])
+    assert caps.nmt == () and {p for p in caps.served_pairs() if p[0] != "auto"} == set()
+
+
+def test_declared_pairs_and_nmt_capabilities_win_over_the_summary() -> None:
+    langs = {"asr_languages": ["zh", "en", "ja"], "tts_languages": ["zh", "en", "ja"]}
+    declared = _summary_caps(
+        ["m:any_to_any:37 langs"], supported_language_pairs=[{"src": "zh", "tgt": "en"}], **langs
+    )
+    assert {p for p in declared.served_pairs() if p[0] != "auto"} == {("zh", "en")}
+    explicit = _summary_caps(
+        ["m:any_to_any:37 langs"],
+        nmt_capabilities=[{"model_id": "m", "languages": ["zh", "ja"], "rule": "any_to_any"}],
+        **langs,
+    )
+    assert {p for p in explicit.served_pairs() if p[0] != "auto"} == {("zh", "ja"), ("ja", "zh")}

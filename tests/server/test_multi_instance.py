@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from lingua_scheduler.core.status import NodeStatus
-from lingua_scheduler.sim.nodes import Executor
+from lingua_scheduler.sim.nodes import Behavior, Executor
+from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import eventually
 from tests.redis_support import RedisServer, cluster_cfg, free_port, has_redis, instances, ready_in_view
 
@@ -41,6 +42,45 @@ async def test_session_on_a_node_on_b(
     store = a.state.dispatcher.cluster.store
     await eventually(lambda: a.state.dispatcher.store.inflight == 0)
     assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
+
+
+async def test_a_node_on_b_is_spoken_to_in_its_dialect_and_with_its_deadlines(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    """Whether a node acks and which job_assign dialect it reads travel with its record: a session on
+    A gets the turn fields sent to a turn-dialect node on B, and the ack deadline is applied to an
+    acking node on B that does not ack (without it, A would wait for the 15 s execution timeout)."""
+    jobs = {"ack_timeout_ms": 300, "pending_timeout_ms": 500, "exec_timeout_min_ms": 15_000}
+    a, b = await instances(scheduler_factory, redis_server.url, jobs=jobs)
+    langs = ["en", "zh"]
+    head = node_factory(
+        NodeProfile(langs, langs, langs, sends_acks=False, turn_dialect=True),
+        url=b.node_url,
+        executor=Executor(latency=0.01),
+    )
+    await head.start()
+    await eventually(lambda: ready_in_view(a, head.node_id), timeout=5)
+    remote = a.state.registry.nodes[head.node_id]
+    assert remote.owner is not None and (remote.sends_acks, remote.turn_dialect) == (False, True)
+    s = session_factory(url=a.session_url)
+    await s.start()
+    await s.speak(chunks=1)
+    await eventually(lambda: len(s.of_type("translation_result")) == 1, timeout=10)
+    [assign] = [m for m in head.received if m["type"] == "job_assign"]
+    assert assign.get("turn_id") == f"{s.session_id}:0" and not assign.get("is_max_duration_triggered")
+    await head.close()
+    await eventually(lambda: not ready_in_view(a, head.node_id), timeout=5)
+
+    mute = node_factory(url=b.node_url, executor=Executor(behavior=Behavior.NEVER_ACK))
+    await mute.start()
+    await eventually(lambda: ready_in_view(a, mute.node_id), timeout=5)
+    assert a.state.registry.nodes[mute.node_id].sends_acks is True
+    waiter = s.wait_for(lambda m: m["type"] == "error", timeout=5)
+    await s.speak(chunks=1)
+    msg = await waiter  # the only node failed its ack deadline: nothing left to try
+    assert msg["code"] in ("NO_AVAILABLE_NODE", "NODE_UNAVAILABLE")
+    assert await a.metric("lingua_failovers_total", '{reason="ack_timeout"}') == 1
+    await eventually(lambda: any(m["type"] == "job_cancel" for m in mute.received), timeout=5)
 
 
 async def test_two_instances_never_overcommit_a_node(

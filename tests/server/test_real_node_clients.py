@@ -5,6 +5,7 @@ their own language pairs, the turn dialect of job_assign; and the session-level 
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,11 +13,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from lingua_scheduler.core import opus
 from lingua_scheduler.core.segmentation import CutReason
 from lingua_scheduler.server.dispatcher import trigger_flags
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
-from lingua_scheduler.sim.sessions import CHUNK_BYTES, SimulatedSession
+from lingua_scheduler.sim.sessions import SimulatedSession, opus_audio
 from tests.conftest import MS, RunningScheduler, eventually
 
 
@@ -42,10 +44,16 @@ async def cleanup() -> AsyncIterator[list[Any]]:
 
 
 async def start(
-    scheduler_factory: Any, *, jobs: dict[str, Any] | None = None, **sections: Any
+    scheduler_factory: Any,
+    *,
+    jobs: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> RunningScheduler:
     rs: RunningScheduler = await scheduler_factory(
-        scheduler={"fleet_view_interval_ms": 10}, jobs={"ack_timeout_ms": 100, **(jobs or {})}, **sections
+        scheduler={"fleet_view_interval_ms": 10, **(scheduler or {})},
+        jobs={"ack_timeout_ms": 100, **(jobs or {})},
+        **sections,
     )
     return rs
 
@@ -71,6 +79,10 @@ async def session(
     ack = await s.init(**init)
     assert ack["type"] == "session_init_ack", ack
     return s
+
+
+#: two of the simulated session's 100 ms Opus chunks: a maximum utterance size that cuts a turn
+TWO_CHUNKS = 2 * len(opus_audio(100))
 
 
 def assigns(n: SimulatedNode) -> list[dict[str, Any]]:
@@ -157,6 +169,72 @@ async def test_result_from_a_node_that_never_had_the_job_is_dropped(
     assert await rs.metric("lingua_stale_job_messages_total") == 1
     assert not s.of_type("translation_result")
     assert rs.state.dispatcher.store.get(job["job_id"]).state.value == "dispatched"  # type: ignore[union-attr]
+
+
+# --- a node that is only busy ---------------------------------------------------------------------------
+
+
+async def test_jobs_wait_for_a_busy_slow_node_instead_of_failing(
+    scheduler_factory: Any, http: aiohttp.ClientSession, cleanup: list[Any]
+) -> None:
+    """One slot, 600 ms a job, no acks, a 200 ms wait for "no node": three utterances sent at once all
+    reach the node one after another and all are translated, in order, without an error."""
+    rs = await start(
+        scheduler_factory, jobs={"pending_timeout_ms": 200}, scheduler={"max_concurrent_jobs_per_node": 1}
+    )
+    n = await node(rs, http, cleanup, real_like(), executor=Executor(latency=600 * MS, partials=0))
+    s = await session(rs, http, cleanup)
+    done = s.wait_for(lambda m: len(s.of_type("translation_result")) == 3 or m["type"] == "error", timeout=15)
+    for _ in range(3):
+        await s.utterance()
+    await done
+    assert not s.of_type("error")
+    assert [m["utterance_index"] for m in s.of_type("translation_result")] == [0, 1, 2]
+    assert n.max_running == 1 and len(assigns(n)) == 3
+
+
+async def test_a_job_waiting_for_a_busy_node_fails_soon_once_no_node_serves_it(
+    scheduler_factory: Any, http: aiohttp.ClientSession, cleanup: list[Any]
+) -> None:
+    """The busy node goes away: the waiting job now has no node that could ever take it, so it fails
+    with NO_AVAILABLE_NODE after the short wait, not at its (long) execution timeout."""
+    rs = await start(
+        scheduler_factory, jobs={"pending_timeout_ms": 300}, scheduler={"max_concurrent_jobs_per_node": 1}
+    )
+    n = await node(rs, http, cleanup, real_like(), executor=Executor(behavior=Behavior.NEVER_ACK))
+    s = await session(rs, http, cleanup)
+    await s.utterance()
+    await eventually(lambda: len(assigns(n)) == 1)
+    await s.utterance()
+    await asyncio.sleep(0.6)  # twice the short wait: still waiting, for the busy node
+    assert not s.of_type("error")
+    waiter = s.wait_for(lambda m: m["type"] == "error" and m["details"]["utterance_index"] == 1, timeout=5)
+    await n.close()
+    gone_at = asyncio.get_running_loop().time()
+    msg = await waiter
+    assert msg["code"] == "NO_AVAILABLE_NODE"
+    assert asyncio.get_running_loop().time() - gone_at < 3.0  # not the 15 s execution timeout
+
+
+async def test_an_utterance_of_opus_silence_gets_no_job(
+    scheduler_factory: Any, http: aiohttp.ClientSession, cleanup: list[Any]
+) -> None:
+    """The web client's silence frames after its send button: missing_result(silence_detected), and
+    the node is not bothered; a real utterance after it is translated as usual."""
+    rs = await start(scheduler_factory)
+    n = await node(rs, http, cleanup, real_like())
+    s = await session(rs, http, cleanup)
+    silent_frame = bytes.fromhex("4807c979c8c9c8c9")  # 8 bytes per 20 ms
+    waiter = s.wait_for(lambda m: m["type"] in ("missing_result", "translation_result", "error"), timeout=5)
+    await s.chunk(is_final=True, payload=base64.b64encode(opus.frame([silent_frame] * 50)).decode())
+    msg = await waiter
+    assert (msg["type"], msg["utterance_index"], msg["reason"]) == ("missing_result", 0, "silence_detected")
+    waiter = s.wait_for(lambda m: m["type"] in ("translation_result", "error"), timeout=5)
+    s.utterances_sent = 1
+    await s.utterance()
+    assert (await waiter)["utterance_index"] == 1
+    assert [a["utterance_index"] for a in assigns(n)] == [1]
+    assert await rs.metric("lingua_silent_utterances_total") == 1
 
 
 # --- what the node reports -----------------------------------------------------------------------------
@@ -261,7 +339,7 @@ async def test_turn_dialect_fields_and_max_duration_chain_on_one_node(
 ) -> None:
     """A turn cut twice at its maximum size then ended by the speaker: three jobs, one turn_id, one node
     (even though another idle node is there); the next utterance opens a new turn."""
-    rs = await start(scheduler_factory, session={"max_utterance_bytes": 2 * CHUNK_BYTES})
+    rs = await start(scheduler_factory, session={"max_utterance_bytes": TWO_CHUNKS})
     nodes = [await node(rs, http, cleanup, real_like(turn_dialect=True)) for _ in range(2)]
     s = await session(rs, http, cleanup)
     await s.speak(chunks=5)
@@ -280,7 +358,7 @@ async def test_turn_dialect_fields_and_max_duration_chain_on_one_node(
 async def test_older_dialect_gets_no_turn_fields(
     scheduler_factory: Any, http: aiohttp.ClientSession, cleanup: list[Any]
 ) -> None:
-    rs = await start(scheduler_factory, session={"max_utterance_bytes": 2 * CHUNK_BYTES})
+    rs = await start(scheduler_factory, session={"max_utterance_bytes": TWO_CHUNKS})
     n = await node(rs, http, cleanup, real_like())
     s = await session(rs, http, cleanup)
     await s.speak(chunks=3)

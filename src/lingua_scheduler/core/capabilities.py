@@ -8,6 +8,14 @@ Service types and device kinds are open on the wire: the ones this scheduler doe
 ``unknown_types`` / ``unknown_devices`` (shown by the API, counted by a metric) and never take part in
 routing. ``supported_language_pairs``, when a node reports it, is the node's own statement of which
 directed pairs it translates: it replaces what would be inferred from its translation models.
+
+Without declared pairs, a node translates between its semantic languages (the published node app
+reports as those the languages every one of its running services handles, its translation model
+included), and by its translation models: ``nmt_capabilities`` when reported, else the app's summary
+strings ``nmt`` (``"nmt-m2m100:any_to_any:37 langs"``: model, rule, how many languages). A summary
+does not list its languages, so its rule is applied to the languages the node hears and speaks (its
+ASR and TTS languages): a pair outside those could not be served end to end anyway. A summary whose
+rule needs its own list of pairs (``specific_pairs``), or that is not of that shape, is ignored.
 """
 
 from __future__ import annotations
@@ -121,6 +129,24 @@ class Capabilities:
         return None
 
 
+#: rules a summary string can carry without its own pair list
+SUMMARY_RULES = NMT_RULES - {"specific_pairs"}
+
+
+def parse_nmt_summary(entry: object) -> tuple[str, str] | None:
+    """(model_id, rule) of a ``"<model_id>:<rule>:<count> langs"`` summary, else None."""
+    if not isinstance(entry, str) or len(entry) > 256:
+        return None
+    parts = entry.split(":")
+    if len(parts) != 3 or not parts[0]:
+        return None
+    model_id, rule, count = parts
+    words = count.split()
+    if rule not in SUMMARY_RULES or len(words) != 2 or not words[0].isdigit() or words[1] != "langs":
+        return None
+    return model_id, rule
+
+
 def _pairs(pairs: list[LanguagePair] | None) -> frozenset[tuple[str, str]]:
     return frozenset((normalize(p.src), normalize(p.tgt)) for p in pairs or ())
 
@@ -159,9 +185,16 @@ def derive(
         if c.rule in NMT_RULES
     )
     asr_langs = normalize_set(lang.asr_languages)
+    tts_langs = normalize_set(lang.tts_languages)
+    if not nmt:
+        summaries = (parse_nmt_summary(e) for e in (lang.nmt or ()))
+        heard_and_spoken = (asr_langs | tts_langs) - {AUTO}
+        nmt = tuple(
+            NmtEntry(model_id=s[0], rule=s[1], languages=heard_and_spoken) for s in summaries if s is not None
+        )
     return Capabilities(
         asr_languages=asr_langs,
-        tts_languages=normalize_set(lang.tts_languages),
+        tts_languages=tts_langs,
         semantic_languages=normalize_set(lang.semantic_languages),
         nmt=nmt,
         # Multilingual ASR (several languages) or an explicit "auto" entry means language identification.

@@ -11,7 +11,11 @@ Rules:
   ``max_attempts``.
 - A CREATED job is always in the wait queue (new jobs and retries alike); the shell takes jobs to
   place from ``dispatchable()``. A full queue fails the job at once with NO_AVAILABLE_NODE; a job
-  waiting longer than ``pending_timeout_ms`` fails the same way.
+  waiting longer than ``pending_timeout_ms`` fails the same way -- unless the shell reported that a
+  node able to take it is merely busy (``hold(busy=True)``): such a job waits for a slot up to its
+  execution timeout (scaled by its audio length) from when it was queued, since a slow node finishing
+  the job later is still better than an error now. A job no node could ever take fails after
+  ``pending_timeout_ms``.
 - Messages from nodes are fenced: an attempt_id or node_id other than the current attempt's changes
   nothing and is reported ``STALE``; the shell must not deliver it. One exception: a successful
   ``job_result`` of an earlier attempt, from the node that attempt was given to, while the job is still
@@ -231,6 +235,10 @@ class Job:
     finished_at: float | None = None
     deadline: float | None = None
     deadline_kind: DeadlineKind | None = None
+    #: when the job last entered the wait queue (None while on a node or ended)
+    queued_at: float | None = None
+    #: the last failed placement found a node able to take the job, only busy (the wait is longer)
+    waits_for_slot: bool = False
     error_code: str | None = None
     error_message: str | None = None
     history: deque[HistoryEntry] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN), repr=False)
@@ -349,6 +357,32 @@ class JobStore:
             if head is None or job.seq < head.seq:
                 heads[stream] = job
         return list(heads.values())
+
+    def hold(self, job_id: str, *, busy: bool, now: float | None = None) -> None:
+        """The shell could not place waiting job ``job_id`` now. ``busy``: a node able to take it is
+        only at capacity, so the job -- and the jobs queued behind it in its stream, which wait for it
+        -- may wait up to their execution timeout from when they were queued; otherwise (no node
+        serves it) they fail ``pending_timeout_ms`` after they were queued, or after now when they had
+        been waiting for a busy node that is gone. O(jobs of the session)."""
+        now = self._now(now)
+        head = self._jobs.get(job_id)
+        if head is None or head.state is not J.CREATED:
+            return
+        for other in self._by_session.get(head.session_id, ()):
+            job = self._jobs[other]
+            if job.state is not J.CREATED or job.tgt_lang != head.tgt_lang or job.waits_for_slot == busy:
+                continue
+            assert job.queued_at is not None and job.deadline is not None
+            job.waits_for_slot = busy
+            if busy:
+                slot_wait = max(
+                    exec_timeout_ms(job.spec.audio_ms, self.config), self.config.pending_timeout_ms
+                )
+                at = job.queued_at + slot_wait / 1000.0
+            else:
+                at = min(job.deadline, wait_deadline(now, self.config))
+            if at != job.deadline:
+                self._arm(job, DeadlineKind.WAIT, at)
 
     def dispatch(self, job_id: str, node_id: str, now: float | None = None, *, acks: bool = True) -> Outcome:
         """Record that attempt ``job.attempt`` goes to ``node_id``. Call it before sending
@@ -543,7 +577,11 @@ class JobStore:
                 continue
             kind = job.deadline_kind
             if kind is DeadlineKind.WAIT:
-                waited = f"no node within {self.config.pending_timeout_ms} ms"
+                waited = (
+                    f"no node free within {int((now - (job.queued_at or now)) * 1000)} ms"
+                    if job.waits_for_slot
+                    else f"no node within {self.config.pending_timeout_ms} ms"
+                )
                 self._end(job, J.FAILED, ErrorCode.NO_AVAILABLE_NODE, waited, now)
                 outcome = Outcome(Verdict.APPLIED, job)
             else:
@@ -720,6 +758,7 @@ class JobStore:
             self._by_node.setdefault(job.node_id, set()).add(job.job_id)
         if src is J.CREATED:
             self._waiting.pop(job.job_id, None)
+            job.queued_at, job.waits_for_slot = None, False
         self._counts[src] -= 1
         self._counts[dst] += 1
         job.state = dst
@@ -746,6 +785,7 @@ class JobStore:
             self._end(job, J.FAILED, ErrorCode.NO_AVAILABLE_NODE, "wait queue full", now)
             return
         self._waiting[job.job_id] = None
+        job.queued_at = now
         if front:  # a retry has waited once already: it goes before newer work
             self._waiting.move_to_end(job.job_id, last=False)
         self._arm(job, DeadlineKind.WAIT, wait_deadline(now, self.config))

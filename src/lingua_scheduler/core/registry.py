@@ -418,6 +418,7 @@ class Registry:
             self._counts[NodeStatus.OFFLINE] += 1
         old = entry.status
         entry.owner, entry.remote_order = rec.owner, rec.order
+        entry.sends_acks, entry.turn_dialect = rec.sends_acks, rec.turn_dialect
         entry.hardware, entry.accept_public_jobs, entry.features = (
             rec.hardware,
             rec.accept_public_jobs,

@@ -128,6 +128,10 @@ class ResultQueue(Generic[P]):
             out += self._resolve(index, key, Release(index, ReleaseKind.FAILED, key or None), now)
         return out
 
+    def silence(self, index: int, now: float | None = None) -> list[Release[P]]:
+        """Utterance ``index``, expected with no job, held no speech (missing_result(silence))."""
+        return self._resolve(index, _NO_JOB, Release(index, ReleaseKind.SILENCE, None), self._now(now))
+
     def tick(self, now: float | None = None) -> list[Release[P]]:
         """Give up head indices whose gap timer ran out."""
         now = self._now(now)

@@ -45,6 +45,11 @@ class NodeRecord(Record, kw_only=True):
     by_type: list[CapabilityByType]
     models: list[InstalledModel]
     languages: NodeLanguageCapabilities | None = None
+    #: the node acknowledges jobs (the ack deadline applies to it) and reads the turn dialect of
+    #: job_assign; the instance dispatching to it needs both. Absent in records of instances that
+    #: predate them: False, the published node clients' behaviour.
+    sends_acks: bool = False
+    turn_dialect: bool = False
 
     @property
     def order(self) -> tuple[int, int]:

@@ -101,6 +101,9 @@ class NodeLanguageCapabilities(FrozenStruct, frozen=True):
     nmt_capabilities: list[NmtCapability] | None = None
     semantic_languages: list[Lang] | None = None
     supported_language_pairs: list[LanguagePair] | None = None
+    #: the published node app's summary of its translation models, one string each
+    #: (``"<model_id>:<rule>:<count> langs"``); entries of another shape are ignored, never refused
+    nmt: list[Any] | None = None
 
 
 class ResourceUsage(FrozenStruct, frozen=True):

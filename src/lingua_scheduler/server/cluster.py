@@ -303,6 +303,8 @@ class Cluster:
             by_type=entry.by_type,
             models=entry.models,
             languages=entry.languages,
+            sends_acks=entry.sends_acks,
+            turn_dialect=entry.turn_dialect,
         )
 
     async def _publish_changes(self) -> None:

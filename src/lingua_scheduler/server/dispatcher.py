@@ -30,7 +30,15 @@ from lingua_scheduler.core.jobs import DeadlineKind, Job, JobSpec, JobState, Job
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.results import Release
 from lingua_scheduler.core.segmentation import CutReason, Utterance
-from lingua_scheduler.core.selection import SelectionRequest, Selector
+from lingua_scheduler.core.selection import (
+    CAPACITY_EXCEEDED,
+    REASONS,
+    RESOURCE_THRESHOLD_EXCEEDED,
+    SelectionRequest,
+    SelectionResult,
+    Selector,
+)
+from lingua_scheduler.core.silence import is_silent_opus
 from lingua_scheduler.core.unavailable import UnavailableMarks
 from lingua_scheduler.errors import ErrorCode, NoAvailableNodeError
 from lingua_scheduler.protocol.cluster import CancelOnNode, Dispatch
@@ -76,6 +84,8 @@ MAX_COUNTED_PAIRS = 256
 OTHER_PAIR = "other"
 #: most nodes one selection may examine before giving up (a full pair at 50k nodes is ~45k)
 SCAN_BUDGET = 2000
+#: exclusion reasons that only mean "busy now": a job excluded from a node for them waits for a slot
+BUSY_REASONS = (REASONS[CAPACITY_EXCEEDED], REASONS[RESOURCE_THRESHOLD_EXCEEDED])
 #: the failover reason (``lingua_failovers_total{reason}``) for each deadline a job can miss
 EXPIRY_REASONS: dict[DeadlineKind | None, str] = {
     DeadlineKind.ACK: "ack_timeout",
@@ -180,6 +190,14 @@ class Dispatcher:
             if route.turn_start is None or not route.continued:
                 route.turn_start = utt.index
             continues, route.continued = route.continued, utt.reason in CONTINUED_CUTS
+            if not continues and not route.continued and _silent(utt):
+                # No speech to recognise: a job would only hold a node (and the session's next
+                # sentence behind it) for nothing. Part of a max-duration chain it still goes, since
+                # the node holding the turn waits for its last piece.
+                session.results.expect(utt.index, [])
+                self.state.metrics.silent_utterances.inc()
+                self.deliver(session, session.results.silence(utt.index))
+                continue
             turn_id = f"{session.session_id}:{route.turn_start}"
             job_ids: list[str] = []
             failed: list[Job] = []
@@ -265,13 +283,14 @@ class Dispatcher:
         one session drains in one call, not one job per call)."""
         if not self.store.waiting:
             return
-        #: requests that found nothing: nothing frees capacity during the call, so do not repeat them
-        hopeless: set[tuple[object, ...]] = set()
+        #: requests that found nothing -> whether a busy node could take them: nothing frees capacity
+        #: during the call, so do not repeat them
+        hopeless: dict[tuple[object, ...], bool] = {}
         while self._place_pass(hopeless) and self.store.waiting:
             pass
         self._wake.set()
 
-    def _place_pass(self, hopeless: set[tuple[object, ...]]) -> bool:
+    def _place_pass(self, hopeless: dict[tuple[object, ...], bool]) -> bool:
         """One pass of ``pump`` over the heads of the streams; True if it dispatched a job here."""
         state = self.state
         view = state.publisher.view
@@ -300,6 +319,7 @@ class Dispatcher:
                 spec.lang_b,
             )
             if key in hopeless:
+                self.store.hold(job.job_id, busy=hopeless[key])
                 continue
             src, tgt = spec.src_lang, spec.tgt_lang
             also: tuple[tuple[str, str], ...] = ()
@@ -331,7 +351,9 @@ class Dispatcher:
             ):
                 m.selections.labels("no_node").inc()
                 self._last_reason[job.job_id] = result.best_reason
-                hopeless.add(key)
+                busy = node_id is None and self._busy(result)
+                hopeless[key] = busy
+                self.store.hold(job.job_id, busy=busy)
                 continue
             m.selections.labels("ok").inc()
             if shared:
@@ -342,6 +364,16 @@ class Dispatcher:
                 self._send_assign(job, node_id, None)
                 placed = True
         return placed
+
+    def _busy(self, result: SelectionResult) -> bool:
+        """A node able to take the job was passed over only for its load (or a refused reservation):
+        the job waits for it rather than failing after the short wait for any node."""
+        bd = result.breakdown
+        return (
+            result.preferred_node in BUSY_REASONS
+            or any(bd.count(r) for r in BUSY_REASONS)
+            or (bd.excluded > 0 and bool(self._reserve_refused))
+        )
 
     def _send_assign(self, job: Job, node_id: str, member: str | None) -> None:
         """Record the dispatch and write ``job_assign`` to a local node (or hand it to its owner)."""
@@ -894,6 +926,10 @@ class Dispatcher:
                 self._last_evict = now
                 self.store.evict()
                 self.marks.purge()
+
+
+def _silent(utt: Utterance) -> bool:
+    return utt.audio_format == "opus" and is_silent_opus(utt.audio)
 
 
 def _b64(data: bytes) -> str:

@@ -127,6 +127,11 @@ class Metrics:
             "Results of an abandoned attempt delivered because the utterance was still unanswered",
             registry=r,
         )
+        self.silent_utterances = Counter(
+            "lingua_silent_utterances",
+            "Utterances of Opus silence only, answered missing_result(silence_detected) without a job",
+            registry=r,
+        )
         self.affinity = Counter(
             "lingua_session_affinity",
             "Jobs of a session that went to the node of its previous job (hit) or elsewhere (moved)",
