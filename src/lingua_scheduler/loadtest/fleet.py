@@ -426,7 +426,12 @@ class Fleet:
                         del exc
                 self.counters.registered += 1
 
-        await asyncio.gather(*(one(n) for n in self.nodes))
+        # every registration's outcome is collected (a refusal usually hits them all), then the first
+        # failure is raised: gathering without it left the others' exceptions unretrieved at shutdown
+        outcomes = await asyncio.gather(*(one(n) for n in self.nodes), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return time.monotonic() - t0
 
     def mark(self) -> None:
