@@ -466,6 +466,36 @@ class LimitsConfig(Section):
     #: most node records this instance keeps (online and offline, in Redis mode also other instances');
     #: over it a node id never seen before is refused (NODE_LIMIT_REACHED), known ids still reconnect
     max_node_records: int = 200_000
+    #: offline node records (kept for a reconnect: drain flag, history) older than this are evicted;
+    #: before a new node is refused for max_node_records, the oldest offline records are evicted first
+    offline_record_retention_seconds: float = 86_400.0
+    #: new nodes enrolling with the fleet secret (node auth on), per second on average, all sources together
+    enrollments_per_second_per_secret: float = 10.0
+    #: enrollments with the fleet secret accepted at once above that rate (a fleet being installed)
+    enrollment_burst_per_secret: int = 200
+    #: enrollment attempts (secret right or wrong) from one source address, per second on average
+    enrollments_per_second_per_source: float = 2.0
+    #: enrollment attempts from one source address accepted at once above that rate
+    enrollment_burst_per_source: int = 50
+    #: languages in one list a node reports (asr, tts, semantic, each translation model's languages);
+    #: longer -> INVALID_CAPABILITY_SCHEMA
+    max_languages_per_list: int = 64
+    #: language pairs in one list a node reports (supported_language_pairs, a model's supported_pairs or
+    #: blocked_pairs); longer -> INVALID_CAPABILITY_SCHEMA
+    max_language_pairs_per_list: int = 1024
+    #: translation models (nmt_capabilities entries) of one node; more -> INVALID_CAPABILITY_SCHEMA
+    max_translation_models: int = 32
+    #: entries of installed_services, installed_models and capability_by_type, each; more ->
+    #: INVALID_CAPABILITY_SCHEMA
+    max_services_per_node: int = 256
+    #: directed language pairs (auto -> x included) one node may serve end to end, i.e. pools it joins;
+    #: a report that would serve more is refused (INVALID_CAPABILITY_SCHEMA), never cut short
+    max_served_pairs_per_node: int = 1024
+    #: capability changes applied per node and minute on average; changes beyond it are deferred and
+    #: coalesced: the latest report is applied as soon as the node's budget allows
+    capability_changes_per_minute: float = 12.0
+    #: capability changes a node may make at once above that rate (a node loading its models)
+    capability_change_burst: int = 6
     #: most open sessions on this instance; one more session_init -> SESSION_LIMIT_REACHED
     max_sessions: int = 20_000
     #: most open WebSockets (both endpoints) on this instance; more upgrade requests -> HTTP 503

@@ -338,7 +338,8 @@ async def test_max_nodes_per_instance(scheduler_factory: Any, node_factory: Any)
 
 
 async def test_node_records_bound_refuses_new_ids_only(scheduler_factory: Any, node_factory: Any) -> None:
-    """Offline records are kept for reconnects; past max_node_records a never-seen id is refused."""
+    """Past max_node_records an offline record makes room for a new id (oldest first); a never-seen id
+    is refused only when every record is a connected node's, and known ids still reconnect."""
     rs = await scheduler_factory(limits={"max_node_records": 2})
     a, b = node_factory(url=rs.node_url), node_factory(url=rs.node_url)
     await a.start()
@@ -346,10 +347,14 @@ async def test_node_records_bound_refuses_new_ids_only(scheduler_factory: Any, n
     await a.close()
     await eventually(lambda: rs.state.limits.nodes == 1)
     stranger = node_factory(url=rs.node_url)
-    refused = await stranger.start()
+    assert (await stranger.start())["type"] == "node_register_ack"  # a's record was evicted
+    assert a.node_id not in rs.state.registry.nodes
+    refused = await node_factory(url=rs.node_url).start()
     assert refused["type"] == "error" and refused["code"] == "NODE_LIMIT_REACHED"
     assert "node records" in refused["message"]
-    again = node_factory(url=rs.node_url, node_id=a.node_id)
+    await b.close()
+    await eventually(lambda: rs.state.limits.nodes == 1)
+    again = node_factory(url=rs.node_url, node_id=b.node_id)
     assert (await again.start())["type"] == "node_register_ack"
     assert len(rs.state.registry) == 2
 

@@ -16,13 +16,23 @@ strings ``nmt`` (``"nmt-m2m100:any_to_any:37 langs"``: model, rule, how many lan
 does not list its languages, so its rule is applied to the languages the node hears and speaks (its
 ASR and TTS languages): a pair outside those could not be served end to end anyway. A summary whose
 rule needs its own list of pairs (``specific_pairs``), or that is not of that shape, is ignored.
+
+A report's cost is bounded before anything is built (``CapabilityLimits``, from ``[limits]``): every list
+has a length limit, and the pairs a node serves end to end (the pools it joins) are computed once, in
+``derive``, by set operations per source language -- at most ``|asr| x (models + 2)`` operations on sets
+of at most ``max_languages`` codes -- and refused past ``max_served_pairs`` rather than cut short (a
+truncated set would route some pairs and silently drop others). The refusal is
+``INVALID_CAPABILITY_SCHEMA`` naming the field, the limit and the configuration key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence, Sized
+from dataclasses import dataclass, field, replace
 
+from lingua_scheduler.config import LimitsConfig
 from lingua_scheduler.core.languages import AUTO, normalize, normalize_set
+from lingua_scheduler.errors import ErrorCode, RegistrationError
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, DeviceType, ServiceStatus, ServiceType
 from lingua_scheduler.protocol.node import (
     CapabilityByType,
@@ -43,6 +53,85 @@ def service_type(kind: str) -> ServiceType | None:
 
 
 @dataclass(frozen=True, slots=True)
+class CapabilityLimits:
+    """Bounds on one node's capability report (the ``[limits]`` keys of the same names)."""
+
+    max_languages: int = 64
+    max_pairs_per_list: int = 1024
+    max_models: int = 32
+    max_services: int = 256
+    max_served_pairs: int = 1024
+
+    @classmethod
+    def from_config(cls, config: LimitsConfig) -> CapabilityLimits:
+        return cls(
+            max_languages=config.max_languages_per_list,
+            max_pairs_per_list=config.max_language_pairs_per_list,
+            max_models=config.max_translation_models,
+            max_services=config.max_services_per_node,
+            max_served_pairs=config.max_served_pairs_per_node,
+        )
+
+
+DEFAULT_LIMITS = CapabilityLimits()
+
+
+class CapabilityLimitError(RegistrationError):
+    """A capability report over one of ``CapabilityLimits``: ``INVALID_CAPABILITY_SCHEMA`` with the
+    field, the limit and the configuration key in ``details``."""
+
+    def __init__(self, field: str, got: int, limit: int, key: str, what: str = "entries") -> None:
+        super().__init__(
+            f"{field} has {got} {what}, more than the limit of {limit} (limits.{key}); report fewer",
+            code=ErrorCode.INVALID_CAPABILITY_SCHEMA,
+            details={"field": field, "limit": limit, "got": got, "key": f"limits.{key}"},
+        )
+        self.field = field
+        self.limit = limit
+
+
+def _bounded(field: str, items: Sized | None, limit: int, key: str) -> None:
+    if items is not None and len(items) > limit:
+        raise CapabilityLimitError(field, len(items), limit, key)
+
+
+def check_report(
+    services: Sequence[InstalledService],
+    by_type: Sequence[CapabilityByType],
+    models: Sequence[InstalledModel] | None,
+    languages: NodeLanguageCapabilities | None,
+    limits: CapabilityLimits,
+) -> None:
+    """Refuse a report with a list over its limit. O(number of lists): only lengths are read."""
+    n = limits.max_services
+    _bounded("installed_services", services, n, "max_services_per_node")
+    _bounded("capability_by_type", by_type, n, "max_services_per_node")
+    _bounded("installed_models", models, n, "max_services_per_node")
+    if languages is None:
+        return
+    lang, pairs = limits.max_languages, limits.max_pairs_per_list
+    at = "language_capabilities."
+    _bounded(at + "asr_languages", languages.asr_languages, lang, "max_languages_per_list")
+    _bounded(at + "tts_languages", languages.tts_languages, lang, "max_languages_per_list")
+    _bounded(at + "semantic_languages", languages.semantic_languages, lang, "max_languages_per_list")
+    _bounded(
+        at + "supported_language_pairs",
+        languages.supported_language_pairs,
+        pairs,
+        "max_language_pairs_per_list",
+    )
+    nmt = languages.nmt_capabilities or []
+    _bounded(at + "nmt_capabilities", nmt, limits.max_models, "max_translation_models")
+    # the published app's summary strings: one model each, bounded like the structured entries
+    _bounded(at + "nmt", languages.nmt, limits.max_models, "max_translation_models")
+    for i, c in enumerate(nmt):
+        where = f"{at}nmt_capabilities[{i}]."
+        _bounded(where + "languages", c.languages, lang, "max_languages_per_list")
+        _bounded(where + "supported_pairs", c.supported_pairs, pairs, "max_language_pairs_per_list")
+        _bounded(where + "blocked_pairs", c.blocked_pairs, pairs, "max_language_pairs_per_list")
+
+
+@dataclass(frozen=True, slots=True)
 class NmtEntry:
     """One translation model: which directed pairs its rule covers; a blocked pair never."""
 
@@ -51,6 +140,32 @@ class NmtEntry:
     languages: frozenset[str]
     supported: frozenset[tuple[str, str]] = frozenset()
     blocked: frozenset[tuple[str, str]] = frozenset()
+    #: the two pair sets grouped by source (derived from them; not part of the value)
+    supported_by: Mapping[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+    blocked_by: Mapping[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.supported and not self.supported_by:
+            object.__setattr__(self, "supported_by", by_source(self.supported))
+        if self.blocked and not self.blocked_by:
+            object.__setattr__(self, "blocked_by", by_source(self.blocked))
+
+    def targets(self, src: str, tts: frozenset[str]) -> frozenset[str]:
+        """The languages of ``tts`` this model translates ``src`` into: one set operation per rule
+        (the same answer as ``translates`` for each of them)."""
+        if self.rule == "any_to_any":
+            out = self.languages & tts if src in self.languages else frozenset()
+        elif self.rule == "any_to_en":
+            out = _EN & tts if src in self.languages else frozenset()
+        elif self.rule == "en_to_any":
+            out = self.languages & tts if src == "en" else frozenset()
+        elif self.rule == "specific_pairs":
+            out = self.supported_by.get(src, _NONE) & tts
+        else:
+            out = frozenset()
+        if out and self.blocked:
+            out = out - self.blocked_by.get(src, _NONE)
+        return out
 
     def translates(self, src: str, tgt: str) -> bool:
         if (src, tgt) in self.blocked:
@@ -85,6 +200,9 @@ class Capabilities:
     #: reported service types / device kinds this scheduler does not know (kept, not routed on)
     unknown_types: frozenset[str] = frozenset()
     unknown_devices: frozenset[str] = frozenset()
+    #: every directed pair served end to end (``auto -> tgt`` included), computed once by ``derive``;
+    #: None for a value built by hand (then ``served_pairs`` computes it)
+    served: frozenset[tuple[str, str]] | None = None
 
     def translates(self, src: str, tgt: str) -> bool:
         if src == tgt:
@@ -112,15 +230,9 @@ class Capabilities:
 
     def served_pairs(self) -> frozenset[tuple[str, str]]:
         """Every directed pair this node serves end to end, ``auto -> tgt`` included."""
-        pairs = {
-            (s, t)
-            for s in self.asr_languages
-            for t in self.tts_languages
-            if s != t and self.serves_pair(s, t)
-        }
-        if self.language_id:
-            pairs.update((AUTO, t) for t in self.tts_languages if self.serves_pair(AUTO, t))
-        return frozenset(pairs)
+        if self.served is not None:
+            return self.served
+        return served_pairs(self, None)
 
     def service_type(self, service_id: str) -> ServiceType | None:
         for sid, st in self.service_types:
@@ -147,6 +259,68 @@ def parse_nmt_summary(entry: object) -> tuple[str, str] | None:
     return model_id, rule
 
 
+_EN = frozenset({"en"})
+_AUTO = frozenset({AUTO})
+_NONE: frozenset[str] = frozenset()
+
+
+def by_source(pairs: frozenset[tuple[str, str]]) -> Mapping[str, frozenset[str]]:
+    """Directed pairs grouped by source language: source -> targets."""
+    grouped: dict[str, set[str]] = {}
+    for s, t in pairs:
+        grouped.setdefault(s, set()).add(t)
+    return {s: frozenset(ts) for s, ts in grouped.items()}
+
+
+def served_pairs(caps: Capabilities, limit: int | None) -> frozenset[tuple[str, str]]:
+    """The directed pairs ``caps`` serves end to end (what ``serves_pair`` says of every candidate),
+    by one set operation per (source language, model) instead of a test per (source, target) pair.
+    With ``limit``, raises ``CapabilityLimitError`` as soon as more pairs than that are found."""
+    tts, asr = caps.tts_languages, caps.asr_languages
+    declared = by_source(caps.declared_pairs) if caps.declared_pairs is not None else None
+    per_source: list[tuple[str, frozenset[str]]] = []
+    count = 0
+    for s in asr - _AUTO:  # auto -> tgt pairs come from language identification, below
+        if declared is not None:
+            targets = declared.get(s, _NONE) & tts
+        else:
+            found: set[str] = set()
+            if s in caps.semantic_languages:
+                found |= caps.semantic_languages & tts
+            for e in caps.nmt:
+                found |= e.targets(s, tts)
+            targets = frozenset(found)
+        targets = targets - {s}
+        per_source.append((s, targets))
+        count += len(targets)
+        if limit is not None and count > limit:
+            raise _too_many_pairs(count, limit)
+    auto: frozenset[str] = frozenset()
+    if caps.language_id:
+        reached = frozenset().union(*(t for _, t in per_source)) if per_source else frozenset()
+        if declared is not None:
+            # with declared pairs only the pairs stated count, not speech already in the target
+            auto = frozenset().union(*(declared.get(s, _NONE) for s in asr)) & tts
+        else:
+            auto = reached | (asr & tts)  # translating s -> s is no translation: speech in tgt counts
+        count += len(auto)
+        if limit is not None and count > limit:
+            raise _too_many_pairs(count, limit)
+    out = [(s, t) for s, targets in per_source for t in targets]
+    out.extend((AUTO, t) for t in auto)
+    return frozenset(out)
+
+
+def _too_many_pairs(count: int, limit: int) -> CapabilityLimitError:
+    return CapabilityLimitError(
+        "language_capabilities",
+        count,
+        limit,
+        "max_served_pairs_per_node",
+        what="or more directed language pairs served end to end (auto included)",
+    )
+
+
 def _pairs(pairs: list[LanguagePair] | None) -> frozenset[tuple[str, str]]:
     return frozenset((normalize(p.src), normalize(p.tgt)) for p in pairs or ())
 
@@ -157,8 +331,13 @@ def derive(
     models: list[InstalledModel] | None,
     languages: NodeLanguageCapabilities | None,
     features: frozenset[str],
+    limits: CapabilityLimits = DEFAULT_LIMITS,
 ) -> Capabilities:
-    """Build the capability value from the reported fields. Pure; called only when a report differs."""
+    """Build the capability value from the reported fields. Pure; called only when a report differs.
+
+    Raises ``CapabilityLimitError`` for a report over ``limits``: its cost is bounded by them whatever
+    the node sends (lengths are checked before anything is built)."""
+    check_report(services, by_type, models, languages, limits)
     known = [(s, t) for s in services if (t := service_type(s.type)) is not None]
     installed = frozenset(t for _, t in known)
     running = {t for s, t in known if s.status is ServiceStatus.RUNNING}
@@ -192,7 +371,7 @@ def derive(
         nmt = tuple(
             NmtEntry(model_id=s[0], rule=s[1], languages=heard_and_spoken) for s in summaries if s is not None
         )
-    return Capabilities(
+    caps = Capabilities(
         asr_languages=asr_langs,
         tts_languages=tts_langs,
         semantic_languages=normalize_set(lang.semantic_languages),
@@ -209,6 +388,7 @@ def derive(
         unknown_types=unknown_types,
         unknown_devices=unknown_devices,
     )
+    return replace(caps, served=served_pairs(caps, limits.max_served_pairs))
 
 
 def core_ready(caps: Capabilities) -> bool:

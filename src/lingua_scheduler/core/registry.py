@@ -5,22 +5,38 @@ machine's application, the set of nodes whose capabilities or status changed ("d
 fleet-view publisher), per-status counts, and what each node said about its protocol generation: whether
 it acknowledges jobs (``sends_acks``) and which ``job_assign`` dialect it reads (``turn_dialect``).
 
+Also owns the bounds on what one node can cost (``[limits]``, docs/reliability.md):
+
+- a capability report is validated against ``CapabilityLimits`` (``core/capabilities.py``) and refused
+  whole (``INVALID_CAPABILITY_SCHEMA``) when over them: at registration the node is refused, in a
+  heartbeat the heartbeat still counts for liveness and the previous capabilities stay;
+- capability changes are rate-limited per node (a token bucket of ``capability_changes_per_minute``,
+  ``capability_change_burst``, kept across reconnects): a change over the budget is *deferred*, and the
+  latest deferred report is applied as soon as the budget allows (``scan``), so a node alternating
+  between two sets costs at most the budgeted number of pool rebuilds;
+- offline records (kept for a reconnect) are evicted oldest first: after
+  ``offline_record_retention_seconds`` (``scan``), and before a new node would be refused for
+  ``max_node_records`` (``make_room``);
+- the node ids are kept sorted (``ids_after``), so a page of the node listing costs the page, not a sort.
+
 Must never: await, lock, do I/O, or do work proportional to the fleet size on the heartbeat path.
-A heartbeat is O(1): validate the binding, store load, compare capability fields by value, maybe step
-the status machine, mark dirty only on a real change. Time comes from the injected ``Clock``.
+A heartbeat is O(1) in the fleet: validate the binding, store load, compare capability fields by value,
+maybe step the status machine, mark dirty only on a real change. Time comes from the injected ``Clock``.
 """
 
 from __future__ import annotations
 
+import bisect
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lingua_scheduler.clock import Clock
-from lingua_scheduler.config import NodeHealthConfig
-from lingua_scheduler.core.capabilities import Capabilities, derive
+from lingua_scheduler.config import LimitsConfig, NodeHealthConfig
+from lingua_scheduler.core.capabilities import Capabilities, CapabilityLimitError, CapabilityLimits, derive
 from lingua_scheduler.core.load import NodeLoad
+from lingua_scheduler.core.rate_limit import TokenBucket
 from lingua_scheduler.core.status import NodeStatus, check_transition, healthy
 from lingua_scheduler.errors import ErrorCode, NotRegisteredError, RegistrationError
 from lingua_scheduler.protocol.cluster import NodeRecord
@@ -103,6 +119,12 @@ class NodeEntry:
     drain_requested: bool = False
     load: NodeLoad = field(default_factory=NodeLoad)
     history: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
+    #: the node's budget of capability changes (created at its first change)
+    change_budget: TokenBucket | None = None
+    #: a validated capability value waiting for the budget (the latest report wins)
+    pending_caps: Capabilities | None = None
+    #: capability changes deferred for the budget, over the record's life
+    deferred_changes: int = 0
 
     @property
     def has_gpu(self) -> bool:
@@ -117,6 +139,8 @@ class NodeEntry:
 class HeartbeatOutcome:
     capability_changed: bool
     transitions: tuple[Transition, ...]
+    #: the heartbeat's capability report was over a limit: refused, the previous capabilities stay
+    refused: CapabilityLimitError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +148,10 @@ class ScanOutcome:
     transitions: tuple[Transition, ...]
     #: nodes that had timed out but were kept because our own event loop was lagging
     suppressed: int
+    #: offline records evicted for their age
+    evicted: int = 0
+    #: deferred capability changes applied now that their node's budget allowed
+    applied_deferred: int = 0
 
 
 def new_node_id() -> str:
@@ -131,10 +159,24 @@ def new_node_id() -> str:
 
 
 class Registry:
-    def __init__(self, config: NodeHealthConfig, clock: Clock) -> None:
+    def __init__(self, config: NodeHealthConfig, clock: Clock, limits: LimitsConfig | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.limits = limits if limits is not None else LimitsConfig()
+        self.capability_limits = CapabilityLimits.from_config(self.limits)
         self.nodes: dict[str, NodeEntry] = {}
+        #: every node id, sorted (the node listing pages through it)
+        self._ids: list[str] = []
+        #: local records without a connection -> monotonic time they lost it; oldest first (dict order)
+        self._offline: dict[str, float] = {}
+        #: nodes with a deferred capability change
+        self._pending: set[str] = set()
+        self.capability_deferred = 0
+        #: capability reports refused for a limit: own nodes' (error sent) and other instances' records
+        self.capability_refused = 0
+        self.remote_capability_refused = 0
+        #: offline records evicted, by why: "retention" (age) or "room" (a new node needed the space)
+        self.evicted: dict[str, int] = {"retention": 0, "room": 0}
         #: node id -> monotonic time it first became dirty since the last drain
         self._dirty: dict[str, float] = {}
         self._counts: dict[NodeStatus, int] = dict.fromkeys(NodeStatus, 0)
@@ -170,15 +212,19 @@ class Registry:
         node_id = msg.node_id or new_node_id()
         entry = self.nodes.get(node_id)
         features = msg.features_supported.enabled()
-        caps = derive(
-            msg.installed_services,
-            msg.capability_by_type,
-            msg.installed_models,
-            msg.language_capabilities,
-            features,
-        )
+        try:
+            caps = derive(
+                msg.installed_services,
+                msg.capability_by_type,
+                msg.installed_models,
+                msg.language_capabilities,
+                features,
+                self.capability_limits,
+            )
+        except CapabilityLimitError:
+            self.capability_refused += 1
+            raise
         sends_acks, turn_dialect = protocol_generation(msg)
-        self._count_unknown(entry.caps if entry is not None else None, caps)
         transitions: list[Transition] = []
         if entry is not None:
             if entry.conn is not None and entry.conn is not conn:
@@ -194,9 +240,9 @@ class Registry:
             entry.services, entry.by_type = msg.installed_services, msg.capability_by_type
             entry.models, entry.languages = msg.installed_models, msg.language_capabilities
             entry.sends_acks, entry.turn_dialect = sends_acks, turn_dialect
-            if caps != entry.caps:
-                entry.caps = caps
-                self.capability_changes += 1
+            # a reconnect is a report like a heartbeat's: reconnecting does not reset the budget
+            self._offer(entry, caps, now)
+            self._offline.pop(node_id, None)
             entry.conn = conn
             entry.owner = None  # the node reconnected here: this instance owns it now
             entry.registered_at = now
@@ -228,7 +274,8 @@ class Registry:
                 turn_dialect=turn_dialect,
                 conn=conn,
             )
-            self.nodes[node_id] = entry
+            self._count_unknown(None, caps)
+            self._add(entry)
             self._counts[NodeStatus.REGISTERING] += 1
             entry.history.append((now, "registered"))
         entry.last_heartbeat = now
@@ -247,7 +294,12 @@ class Registry:
         entry.load.report(
             ru.cpu_percent, ru.gpu_percent, ru.gpu_mem_percent, ru.mem_percent, ru.running_jobs, now
         )
-        changed = self._update_capabilities(entry, msg)
+        refused: CapabilityLimitError | None = None
+        try:
+            changed = self._update_capabilities(entry, msg, now)
+        except CapabilityLimitError as exc:  # liveness still counts; the previous capabilities stay
+            self.capability_refused += 1
+            changed, refused = False, exc
         resumed: tuple[Transition, ...] = ()
         if entry.status is NodeStatus.OFFLINE:
             # Timed out while the socket stayed open: it is alive after all, start over.
@@ -257,7 +309,7 @@ class Registry:
         )
         if changed:
             self._mark(entry, now)
-        return HeartbeatOutcome(changed, transitions)
+        return HeartbeatOutcome(changed, transitions, refused)
 
     def entry_for(self, conn: object, node_id: str) -> NodeEntry:
         """The record of ``node_id`` if ``conn`` is the connection that registered it; else refuse."""
@@ -269,7 +321,7 @@ class Registry:
             )
         return entry
 
-    def _update_capabilities(self, entry: NodeEntry, msg: NodeHeartbeat) -> bool:
+    def _update_capabilities(self, entry: NodeEntry, msg: NodeHeartbeat, now: float) -> bool:
         # Fast path: the reported fields equal the previous report (C-level struct comparison).
         models = msg.installed_models if msg.installed_models is not None else entry.models
         languages = msg.language_capabilities if msg.language_capabilities is not None else entry.languages
@@ -280,21 +332,76 @@ class Registry:
             and languages == entry.languages
         ):
             return False
+        # Bounded whatever the node sends; raises before anything is stored, so the same refused
+        # report is refused again (and told again) at the next heartbeat.
+        caps = derive(
+            msg.installed_services,
+            msg.capability_by_type,
+            models,
+            languages,
+            entry.features,
+            self.capability_limits,
+        )
         entry.services, entry.by_type, entry.models, entry.languages = (
             msg.installed_services,
             msg.capability_by_type,
             models,
             languages,
         )
-        caps = derive(entry.services, entry.by_type, entry.models, entry.languages, entry.features)
-        if caps == entry.caps:  # reordered or cosmetic difference: nothing a scheduler cares about
+        return self._offer(entry, caps, now)
+
+    def _offer(self, entry: NodeEntry, caps: Capabilities, now: float) -> bool:
+        """A validated capability value: apply it now if the node's budget allows, else keep it as the
+        pending change (replacing an older one). Returns whether it was applied."""
+        if caps == entry.caps:  # reordered, cosmetic, or back to what applies: nothing to change
+            if entry.pending_caps is not None:
+                entry.pending_caps = None
+                self._pending.discard(entry.node_id)
             return False
+        budget = entry.change_budget
+        if budget is None:
+            lim = self.limits
+            budget = entry.change_budget = TokenBucket(
+                lim.capability_changes_per_minute / 60.0, lim.capability_change_burst, now
+            )
+        if not budget.take(now):
+            if entry.pending_caps is None:
+                self._pending.add(entry.node_id)
+            entry.pending_caps = caps
+            entry.deferred_changes += 1
+            self.capability_deferred += 1
+            return False
+        self._apply_caps(entry, caps, now)
+        return True
+
+    def _apply_caps(self, entry: NodeEntry, caps: Capabilities, now: float) -> None:
+        if entry.pending_caps is not None:
+            entry.pending_caps = None
+            self._pending.discard(entry.node_id)
         self._count_unknown(entry.caps, caps)
         entry.caps = caps
         entry.version_no += 1
         self.capability_changes += 1
-        entry.history.append((self.clock.monotonic(), "capabilities changed"))
-        return True
+        entry.history.append((now, "capabilities changed"))
+
+    def apply_deferred(self) -> int:
+        """Apply the deferred capability changes whose node's budget allows now. O(deferred nodes)."""
+        if not self._pending:
+            return 0
+        now = self.clock.monotonic()
+        applied = 0
+        for node_id in list(self._pending):
+            entry = self.nodes.get(node_id)
+            caps = entry.pending_caps if entry is not None else None
+            if entry is None or caps is None:
+                self._pending.discard(node_id)
+                continue
+            if entry.change_budget is not None and not entry.change_budget.take(now):
+                continue
+            self._apply_caps(entry, caps, now)
+            self._mark(entry, now)
+            applied += 1
+        return applied
 
     def _count_unknown(self, old: Capabilities | None, new: Capabilities) -> None:
         for kind, before, now in (
@@ -342,6 +449,8 @@ class Registry:
         entry.conn = None
         now = self.clock.monotonic()
         entry.history.append((now, "disconnected"))
+        self._offline.pop(node_id, None)
+        self._offline[node_id] = now  # the newest at the end: eviction takes from the front
         if entry.status is NodeStatus.OFFLINE:
             return ()
         return (self._set_status(entry, NodeStatus.OFFLINE, "connection closed", now),)
@@ -361,6 +470,8 @@ class Registry:
         (frames waiting in socket buffers), so timeouts are not applied this round.
         """
         now = self.clock.monotonic()
+        evicted = self._expire(now)
+        applied = self.apply_deferred()
         timeout = self.heartbeat_timeout()
         warmup = self.config.warmup_timeout_seconds
         out: list[Transition] = []
@@ -379,7 +490,69 @@ class Registry:
         else:
             for entry in silent:
                 out.append(self._set_status(entry, NodeStatus.OFFLINE, "heartbeat timeout", now))
-        return ScanOutcome(tuple(out), suppressed)
+        return ScanOutcome(tuple(out), suppressed, evicted, applied)
+
+    # --- offline records ------------------------------------------------------------------------
+
+    def _expire(self, now: float) -> int:
+        """Evict offline records older than the retention, oldest first. O(evicted)."""
+        horizon = now - self.limits.offline_record_retention_seconds
+        n = 0
+        while self._offline:
+            node_id, since = next(iter(self._offline.items()))
+            if since > horizon:
+                break
+            self._evict(node_id, "retention")
+            n += 1
+        return n
+
+    def make_room(self, records: int) -> int:
+        """Evict the oldest offline records until fewer than ``records`` are held (or none is left to
+        evict): a new node gets a record before anybody is refused for the bound. Returns how many."""
+        n = 0
+        while len(self.nodes) >= records and self._offline:
+            self._evict(next(iter(self._offline)), "room")
+            n += 1
+        return n
+
+    def _evict(self, node_id: str, why: str) -> None:
+        self._offline.pop(node_id, None)
+        entry = self.nodes.get(node_id)
+        if entry is None or entry.conn is not None or entry.owner is not None:
+            return
+        self._remove(entry)
+        self.evicted[why] += 1
+
+    @property
+    def offline_records(self) -> int:
+        """Records held only for a reconnect (local, no connection): what eviction can free."""
+        return len(self._offline)
+
+    # --- the sorted id index --------------------------------------------------------------------
+
+    def _add(self, entry: NodeEntry) -> None:
+        self.nodes[entry.node_id] = entry
+        bisect.insort(self._ids, entry.node_id)
+
+    def _remove(self, entry: NodeEntry) -> None:
+        """Forget a record: counts, the id index, a deferred change; the publisher drops its view."""
+        node_id = entry.node_id
+        del self.nodes[node_id]
+        self._counts[entry.status] -= 1
+        i = bisect.bisect_left(self._ids, node_id)
+        if i < len(self._ids) and self._ids[i] == node_id:
+            del self._ids[i]
+        self._pending.discard(node_id)
+        self._dirty.setdefault(node_id, self.clock.monotonic())
+
+    def ids_after(self, after: str | None = None, start: int = 0) -> Iterator[str]:
+        """Node ids in id order, from the first id greater than ``after`` (or from position ``start``).
+        O(log n) to start, then O(1) per id: the listing walks only what it returns or skips."""
+        ids = self._ids
+        i = bisect.bisect_right(ids, after) if after is not None else start
+        while i < len(ids):
+            yield ids[i]
+            i += 1
 
     # --- remote nodes (owned by other instances) ---------------------------------------------
 
@@ -392,7 +565,25 @@ class Registry:
         if entry is not None and entry.owner is not None and rec.order <= entry.remote_order:
             return None
         features = frozenset(rec.features)
-        caps = derive(rec.services, rec.by_type, rec.models, rec.languages, features)
+        if (
+            entry is not None
+            and features == entry.features
+            and rec.services == entry.services
+            and rec.by_type == entry.by_type
+            and rec.models == entry.models
+            and rec.languages == entry.languages
+        ):
+            caps = entry.caps  # a status or order change: nothing to derive again
+        else:
+            try:
+                caps = derive(
+                    rec.services, rec.by_type, rec.models, rec.languages, features, self.capability_limits
+                )
+            except CapabilityLimitError:
+                # Over this instance's limits (configured lower than at the owner): the node is known
+                # but routes nothing here rather than costing this instance unbounded pool work.
+                self.remote_capability_refused += 1
+                caps = Capabilities()
         now = self.clock.monotonic()
         status = NodeStatus(rec.status)
         if entry is None:
@@ -414,8 +605,9 @@ class Registry:
                 status=NodeStatus.OFFLINE,
                 owner=rec.owner,
             )
-            self.nodes[rec.node_id] = entry
+            self._add(entry)
             self._counts[NodeStatus.OFFLINE] += 1
+        self._offline.pop(rec.node_id, None)  # another instance holds it now: not ours to evict
         old = entry.status
         entry.owner, entry.remote_order = rec.owner, rec.order
         entry.sends_acks, entry.turn_dialect = rec.sends_acks, rec.turn_dialect
@@ -446,9 +638,7 @@ class Registry:
         entry = self.nodes.get(node_id)
         if entry is None or entry.owner is None:
             return None
-        del self.nodes[node_id]
-        self._counts[entry.status] -= 1
-        self._dirty.setdefault(node_id, self.clock.monotonic())
+        self._remove(entry)
         return entry.status
 
     def remote_nodes_of(self, owner: str) -> list[str]:
@@ -547,3 +737,9 @@ class Registry:
             if e.status is not NodeStatus.OFFLINE and e.conn is None and e.owner is None:
                 raise AssertionError(f"{nid} is {e.status} without a connection")
         assert counts == self._counts, f"status counts drifted: {counts} != {self._counts}"
+        assert self._ids == sorted(self.nodes), "the sorted id index drifted"
+        for nid in self._offline:
+            e = self.nodes[nid]
+            assert e.conn is None and e.owner is None, f"{nid} is connected or remote but evictable"
+        for nid in self._pending:
+            assert self.nodes[nid].pending_caps is not None, f"{nid} pending without a change"

@@ -3,8 +3,10 @@
 Owns ``AuthService`` (one per instance, ``SchedulerState.auth``), which the endpoints and the
 dispatcher ask:
 
-- ``check_node(msg, bound)`` before a ``node_register`` reaches the registry, and ``token_for(id)``
-  for the ``node_register_ack``;
+- ``check_node(msg, bound, source)`` before a ``node_register`` reaches the registry, and
+  ``token_for(id)`` for the ``node_register_ack``; enrollments (a new node presenting the fleet secret)
+  are rate-limited per source address and per secret (``core/enrollment.py``) and refused with
+  ``RATE_LIMITED`` (the connection stays open: the node retries after ``details.retry_after_ms``);
 - ``credential(request)`` at WebSocket connect and ``session_tenant(...)`` at ``session_init``: the
   tenant of a session comes from its API key, never from the message body;
 - ``admit_session`` (concurrent sessions per tenant) and ``admit_jobs`` (job rate per tenant);
@@ -31,9 +33,10 @@ from aiohttp import WSCloseCode, web
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from lingua_scheduler.clock import Clock
-from lingua_scheduler.config import AuthConfig
+from lingua_scheduler.config import AuthConfig, LimitsConfig
 from lingua_scheduler.core.auth import NodeAuthenticator, Tenant, TenantKeys, TenantLimits, derive_signing_key
-from lingua_scheduler.errors import AuthenticationError, ErrorCode, SessionError
+from lingua_scheduler.core.enrollment import EnrollmentLimiter
+from lingua_scheduler.errors import AuthenticationError, ErrorCode, RegistrationError, SessionError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import NodeRegister
 from lingua_scheduler.protocol.session import SessionInit
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 #: close code after a refused credential (RFC 6455 1008 policy violation)
 AUTH_CLOSE_CODE = WSCloseCode.POLICY_VIOLATION
 #: refusal reasons, a fixed set (they label ``lingua_auth_refusals_total``): missing, invalid, revoked,
-#: tenant_mismatch, tenant_limit, rate_limited
+#: tenant_mismatch, tenant_limit, rate_limited, enrollment_source_rate, enrollment_secret_rate
 
 #: refusals are logged at most once a second per (plane, reason)
 LOG_EVERY = 1.0
@@ -61,8 +64,9 @@ class AuthService:
     copy of the revocation list, the tenant limits and the refusal counters. Synchronous: the endpoints
     call it from their frame handlers without awaiting."""
 
-    def __init__(self, config: AuthConfig, clock: Clock) -> None:
+    def __init__(self, config: AuthConfig, clock: Clock, limits: LimitsConfig | None = None) -> None:
         self.config = config
+        self.enrollment = EnrollmentLimiter(limits if limits is not None else LimitsConfig(), clock)
         self.nodes_required = config.nodes_required
         self.sessions_required = config.sessions_required
         #: revoked node ids known here: configured | read from the shared list | revoked here. Only
@@ -98,22 +102,48 @@ class AuthService:
     def is_revoked(self, node_id: str) -> bool:
         return node_id in self.revoked
 
-    def check_node(self, msg: NodeRegister, *, bound: bool) -> str:
-        """Refuse a ``node_register`` whose credentials do not check out (``AuthenticationError``).
-        Returns how it was admitted, for the registration log: "enrolled", "token", "connection"
-        (``bound``: the connection registered before, its id is fixed, no credential is needed again)
-        or "open" (node authentication off)."""
+    def check_node(self, msg: NodeRegister, *, bound: bool, source: str | None = None) -> str:
+        """Refuse a ``node_register`` whose credentials do not check out (``AuthenticationError``), or
+        an enrollment over its rate (``RegistrationError(RATE_LIMITED)``: per ``source`` address for
+        every attempt, per secret for the enrollments the secret admitted). Returns how it was
+        admitted, for the registration log: "enrolled", "token", "connection" (``bound``: the
+        connection registered before, its id is fixed, no credential is needed again) or "open"
+        (node authentication off)."""
         enrollment, token = msg.enrollment_secret, msg.node_token
         msg.enrollment_secret = msg.node_token = None  # nothing downstream keeps or logs them
         if self.node_auth is None:
             return "open"
         if bound:
             return "connection"
+        enrolling = msg.node_id is None
+        if enrolling and source is not None:
+            wait = self.enrollment.admit_source(source)
+            if wait is not None:  # before the secret is compared: guessing it is throttled too
+                self._refused("node", "enrollment_source_rate")
+                cfg = self.enrollment.config
+                raise _enrollment_rate(
+                    f"more than {cfg.enrollments_per_second_per_source:g} enrollments per second (burst "
+                    f"{cfg.enrollment_burst_per_source}) from this address "
+                    "(limits.enrollments_per_second_per_source)",
+                    wait,
+                )
         try:
-            return self.node_auth.check(msg.node_id, enrollment, token).how
+            how = self.node_auth.check(msg.node_id, enrollment, token).how
         except AuthenticationError as exc:
             self._refused("node", exc.reason, msg.node_id)
             raise
+        if enrolling:
+            wait = self.enrollment.admit_secret()
+            if wait is not None:
+                self._refused("node", "enrollment_secret_rate")
+                cfg = self.enrollment.config
+                raise _enrollment_rate(
+                    f"more than {cfg.enrollments_per_second_per_secret:g} enrollments per second (burst "
+                    f"{cfg.enrollment_burst_per_secret}) with the fleet secret "
+                    "(limits.enrollments_per_second_per_secret)",
+                    wait,
+                )
+        return how
 
     def token_for(self, node_id: str) -> str | None:
         """The token to send in ``node_register_ack`` (None with node auth off). Re-issued at every
@@ -273,6 +303,14 @@ class AuthService:
         if not self.sessions_required:
             out.append("sessions (/ws/session): any client may open sessions and pick its tenant_id")
         return out
+
+
+def _enrollment_rate(what: str, wait: float) -> RegistrationError:
+    return RegistrationError(
+        f"enrollment refused: {what}; retry later",
+        code=ErrorCode.RATE_LIMITED,
+        details={"retry_after_ms": int(wait * 1000) + 1},
+    )
 
 
 # --- connection helpers --------------------------------------------------------------------------------

@@ -175,6 +175,9 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
         "last_heartbeat_age_seconds": round(now - entry.last_heartbeat, 3),
         "heartbeats": entry.heartbeats,
         "capability_version": entry.version_no,
+        # changes over the node's budget (limits.capability_changes_per_minute) wait; the latest wins
+        "capability_change_pending": entry.pending_caps is not None,
+        "capability_changes_deferred": entry.deferred_changes,
         "load": {
             "cpu_percent": load.cpu,
             "gpu_percent": load.gpu,
@@ -213,7 +216,13 @@ async def node_detail(request: web.Request) -> web.Response:
 
 
 async def node_list(request: web.Request) -> web.Response:
-    """Nodes, filtered by ``status``, ``pool`` and ``language`` (any role), in id order, paginated."""
+    """Nodes, filtered by ``status``, ``pool`` and ``language`` (any role), in id order, paginated by
+    ``limit`` with ``after`` (a cursor: the last id of the previous page, ``next_after``) or ``offset``
+    (with ``after``, it skips that many matches after the cursor).
+
+    Nothing is sorted per request: the registry keeps its ids sorted, and a page walks them from the
+    cursor until ``limit`` nodes matched. ``total`` is read from counters without a filter or with a
+    status filter only; with a pool or language filter it takes one pass over the records."""
     state = _state(request)
     statuses = _list_param(request, "status")
     for s in statuses:
@@ -223,28 +232,58 @@ async def node_list(request: web.Request) -> web.Response:
     language = request.query.get("language")
     limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
     offset = _int_param(request, "offset", 0, 0, 10**9)
+    after = request.query.get("after")
+    registry = state.registry
     view = state.publisher.view
-    matched: list[str] = []
-    for node_id in sorted(state.registry.nodes):
-        entry = state.registry.nodes[node_id]
-        if statuses and entry.status.value not in statuses:
-            continue
+    wanted = frozenset(NodeStatus(s) for s in statuses)
+
+    def matches(node_id: str) -> bool:
+        entry = registry.nodes[node_id]
+        if wanted and entry.status not in wanted:
+            return False
         if pool is not None:
             nv = view.get(node_id)
             if nv is None or not any(p == pool or p.split("#")[0] == pool for p in nv.pools):
-                continue
+                return False
         if language is not None:
             c = entry.caps
-            if language not in c.asr_languages | c.tts_languages | c.semantic_languages:
-                continue
-        matched.append(node_id)
-    page = matched[offset : offset + limit]
+            if language not in c.asr_languages and language not in c.tts_languages:
+                return language in c.semantic_languages
+        return True
+
+    filtered = bool(wanted) or pool is not None or language is not None
+    if not filtered:
+        total = len(registry)
+    elif pool is None and language is None:
+        counts = registry.counts()
+        total = sum(counts[s] for s in wanted)
+    else:
+        total = sum(1 for n in registry.ids_after() if matches(n))
+    page: list[str] = []
+    more = False
+    if not filtered and after is None:
+        ids = registry.ids_after(start=offset)  # no filter: the offset is a position, no walk to it
+        skip = 0
+    else:
+        ids = registry.ids_after(after)
+        skip = offset
+    for node_id in ids:
+        if filtered and not matches(node_id):
+            continue
+        if skip:
+            skip -= 1
+            continue
+        if len(page) == limit:
+            more = True
+            break
+        page.append(node_id)
     return web.json_response(
         {
-            "total": len(matched),
+            "total": total,
             "offset": offset,
             "limit": limit,
-            "next_offset": offset + limit if offset + limit < len(matched) else None,
+            "next_offset": offset + limit if more and after is None else None,
+            "next_after": page[-1] if more else None,
             "nodes": [node_json(state, n) for n in page],
         }
     )

@@ -2,7 +2,13 @@
 
 Turns frames into calls on the registry and answers. The heartbeat branch comes first and does only
 O(1) work: decode, registry.heartbeat(), queue the ack. Errors become ``error`` frames and the
-connection stays open; a connection's node id is fixed by its successful registration.
+connection stays open; a connection's node id is fixed by its successful registration. A heartbeat
+whose capability report is over a limit is acknowledged (it counts for liveness) and answered with
+``error{INVALID_CAPABILITY_SCHEMA}``; the previous capabilities stay.
+
+A node id never seen before gets a record even when the registry holds ``limits.max_node_records``:
+the oldest offline records are evicted first (``Registry.make_room``); only a registry full of
+connected or other instances' nodes refuses it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ class NodeConnection:
     """Per-socket handler state: the outbox and the node id this socket registered (if any)."""
 
     __slots__ = ("decoder", "node_id", "outbox", "state")
+
+    @property
+    def source(self) -> str | None:
+        """The peer's address (enrollment is rate-limited per source), None when unknown."""
+        transport = self.outbox.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
     def __init__(self, state: SchedulerState, outbox: Outbox) -> None:
         self.state = state
@@ -85,6 +98,10 @@ class NodeConnection:
             state.apply_transitions(outcome.transitions)
         if outcome.capability_changed:
             self._count_unknown()
+        if outcome.refused is not None:
+            exc = outcome.refused
+            state.metrics.invalid_frames.labels("node", exc.code.value).inc()
+            self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
         elapsed = time.perf_counter() - t0
         state.metrics.heartbeats.inc()
         state.metrics.heartbeat_handle.observe(elapsed)
@@ -97,14 +114,16 @@ class NodeConnection:
                 f"this connection is already registered as {self.node_id}", code=ErrorCode.NODE_ID_CONFLICT
             )
         # Credentials once per connection (server/auth.py): afterwards the bound connection is the credential.
-        admitted = state.auth.check_node(msg, bound=self.node_id is not None)
+        admitted = state.auth.check_node(msg, bound=self.node_id is not None, source=self.source)
         if self.node_id is not None and msg.node_id is None:
             msg.node_id = self.node_id
         first = self.node_id is None
         if first:  # a socket takes node capacity once, at its first registration (server/limits.py)
-            state.limits.check_node_register(
-                state.registry.nodes.__contains__, len(state.registry.nodes), msg.node_id
-            )
+            registry, limits = state.registry, state.config.limits
+            new_id = msg.node_id is None or msg.node_id not in registry.nodes
+            if new_id and state.limits.nodes < limits.max_nodes:
+                registry.make_room(limits.max_node_records)  # oldest offline records first
+            state.limits.check_node_register(registry.nodes.__contains__, len(registry.nodes), msg.node_id)
         entry, transitions = state.registry.register(msg, self.outbox)
         self._count_unknown()
         if first:

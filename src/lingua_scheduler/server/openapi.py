@@ -185,6 +185,8 @@ def _schemas() -> dict[str, Schema]:
             last_heartbeat_age_seconds=NUM,
             heartbeats=NONNEG,
             capability_version=INT,
+            capability_change_pending=BOOL,
+            capability_changes_deferred=NONNEG,
             load=obj(
                 cpu_percent=NUM,
                 gpu_percent=nullable(NUM),
@@ -215,6 +217,7 @@ def _schemas() -> dict[str, Schema]:
             offset=NONNEG,
             limit=NONNEG,
             next_offset=nullable(NONNEG),
+            next_after=nullable(STR),
             nodes={"type": "array", "items": ref("Node")},
         ),
         "Pools": obj(
@@ -448,6 +451,13 @@ def _paths() -> dict[str, Schema]:
                 param("language", "query", STR, "Only nodes speaking this language (ASR, TTS or semantic)"),
                 LIMIT,
                 OFFSET,
+                param(
+                    "after",
+                    "query",
+                    STR,
+                    "Cursor: only nodes with ids after this one (``next_after`` of the previous page); "
+                    "``offset`` then skips matches after it",
+                ),
             ],
         ),
         "/api/v1/nodes/{node_id}": _get(

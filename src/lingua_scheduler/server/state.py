@@ -43,7 +43,7 @@ class SchedulerState:
         self.config = config
         self.clock = clock or SystemClock()
         self.started_at = time.time()
-        self.registry = Registry(config.node_health, self.clock)
+        self.registry = Registry(config.node_health, self.clock, config.limits)
         self.publisher = FleetViewPublisher(
             self.registry,
             self.clock,
@@ -58,7 +58,7 @@ class SchedulerState:
         self.metrics.add_live(self._live_metrics)
         self.sessions: dict[str, Session] = {}
         #: credentials of nodes and sessions, revocation, per-tenant limits (server/auth.py)
-        self.auth = AuthService(config.auth, self.clock)
+        self.auth = AuthService(config.auth, self.clock, config.limits)
         #: per-instance limits: open sockets, node and session capacity, rate limits (server/limits.py)
         self.limits = InstanceLimits(config.limits, self.clock, self.metrics.registry)
         self.metrics.add_live(self.limits.live_metrics)

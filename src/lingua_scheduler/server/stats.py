@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.core.pools import LANGUAGE_PAIR
 from lingua_scheduler.core.status import NodeStatus
-from lingua_scheduler.server.metrics import LATENCY_BUCKETS, gauge
+from lingua_scheduler.server.metrics import LATENCY_BUCKETS, counter, gauge
 from lingua_scheduler.server.state import STATE, SchedulerState
 
 #: seconds between samples, and the shortest time between two snapshot builds
@@ -426,6 +426,34 @@ class StatsAggregator:
         yield gauge("lingua_dashboard_clients", "Dashboards connected to the live stream", self.clients)
 
 
+def registry_bound_metrics(state: SchedulerState) -> Iterable[Metric]:
+    """Scrape-time counters of the per-node bounds the registry enforces (O(1) reads)."""
+    reg = state.registry
+    yield counter(
+        "lingua_capability_changes_deferred",
+        "Capability changes deferred for their node's budget (limits.capability_changes_per_minute)",
+        reg.capability_deferred,
+    )
+    refused = CounterMetricFamily(
+        "lingua_capability_reports_refused",
+        "Capability reports over a limit: a node's own (refused with INVALID_CAPABILITY_SCHEMA) or "
+        "another instance's record of one (the node routes nothing here)",
+        labels=["origin"],
+    )
+    refused.add_metric(["node"], reg.capability_refused)
+    refused.add_metric(["remote_record"], reg.remote_capability_refused)
+    yield refused
+    evicted = CounterMetricFamily(
+        "lingua_node_records_evicted", "Offline node records evicted, by reason", labels=["reason"]
+    )
+    for reason, n in reg.evicted.items():
+        evicted.add_metric([reason], n)
+    yield evicted
+    yield gauge(
+        "lingua_offline_node_records", "Records of nodes offline and disconnected", reg.offline_records
+    )
+
+
 STATS: web.AppKey[StatsAggregator] = web.AppKey("stats", StatsAggregator)
 
 
@@ -435,6 +463,7 @@ def setup(app: web.Application) -> None:
     agg = StatsAggregator(state)
     app[STATS] = agg
     state.metrics.add_live(agg.metrics)
+    state.metrics.add_live(lambda: registry_bound_metrics(state))
 
     async def on_shutdown(app: web.Application) -> None:
         agg.close()  # long-lived dashboard streams end now instead of holding the shutdown
