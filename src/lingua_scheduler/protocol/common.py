@@ -12,6 +12,12 @@ import msgspec
 SafeInt = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
 
 
+def doc(text: str) -> msgspec.Meta:
+    """A field's meaning, carried into the protocol documents generated from these types
+    (``protocol/asyncapi.py``); decoding is unaffected."""
+    return msgspec.Meta(description=text)
+
+
 class ServiceType(StrEnum):
     ASR = "asr"
     NMT = "nmt"
@@ -46,49 +52,73 @@ class FrozenStruct(msgspec.Struct, omit_defaults=True, frozen=True, gc=False):
 
 
 class FeatureFlags(FrozenStruct, frozen=True):
-    emotion_detection: bool | None = None
-    voice_style_detection: bool | None = None
-    speech_rate_detection: bool | None = None
-    speech_rate_control: bool | None = None
-    speaker_identification: bool | None = None
-    persona_adaptation: bool | None = None
+    """Optional features: on a node what it supports, on a session or job what is asked for. A feature
+    is on only when its value is true; absent, null and false mean off."""
+
+    emotion_detection: Annotated[bool | None, doc("detect the speaker's emotion")] = None
+    voice_style_detection: Annotated[bool | None, doc("detect the voice style")] = None
+    speech_rate_detection: Annotated[bool | None, doc("measure the speech rate")] = None
+    speech_rate_control: Annotated[bool | None, doc("match the synthesized speech rate")] = None
+    speaker_identification: Annotated[bool | None, doc("tell speakers apart")] = None
+    persona_adaptation: Annotated[bool | None, doc("adapt the synthesized voice to a persona")] = None
 
     def enabled(self) -> frozenset[str]:
         return frozenset(f for f in self.__struct_fields__ if getattr(self, f) is True)
 
 
 class ServiceTimings(FrozenStruct, frozen=True):
-    asr_ms: SafeInt | None = None
-    nmt_ms: SafeInt | None = None
-    tts_ms: SafeInt | None = None
-    total_ms: SafeInt | None = None
+    """How long each stage of a job took on the node, in milliseconds."""
+
+    asr_ms: Annotated[SafeInt | None, doc("speech recognition")] = None
+    nmt_ms: Annotated[SafeInt | None, doc("translation")] = None
+    tts_ms: Annotated[SafeInt | None, doc("speech synthesis")] = None
+    total_ms: Annotated[SafeInt | None, doc("the whole job")] = None
 
 
 class ExtraResult(FrozenStruct, frozen=True):
-    emotion: str | None = None
-    speech_rate: float | None = None
-    voice_style: str | None = None
-    service_timings: ServiceTimings | None = None
-    language_probability: float | None = None
-    language_probabilities: dict[str, float] | None = None
-    reason: str | None = None
+    """What a node found beyond the text: passed on to the client unchanged."""
+
+    emotion: Annotated[str | None, doc("detected emotion (emotion_detection)")] = None
+    speech_rate: Annotated[float | None, doc("measured speech rate (speech_rate_detection)")] = None
+    voice_style: Annotated[str | None, doc("detected voice style (voice_style_detection)")] = None
+    service_timings: Annotated[ServiceTimings | None, doc("per-stage timings on the node")] = None
+    language_probability: Annotated[float | None, doc("confidence of the detected source language")] = None
+    language_probabilities: Annotated[
+        dict[str, float] | None, doc("confidence per candidate source language, by language code")
+    ] = None
+    reason: Annotated[str | None, doc("why the result is as it is (a node's own words, e.g. empty text)")] = (
+        None
+    )
 
 
 class SegmentsMeta(FrozenStruct, frozen=True):
-    count: SafeInt | None = None
-    max_gap: float | None = None
-    avg_duration: float | None = None
+    """How the node's recognizer segmented the audio (passed on to the client unchanged)."""
+
+    count: Annotated[SafeInt | None, doc("number of recognized segments")] = None
+    max_gap: Annotated[float | None, doc("longest gap between segments, in seconds")] = None
+    avg_duration: Annotated[float | None, doc("mean segment duration, in seconds")] = None
 
 
 class JobError(FrozenStruct, frozen=True):
-    code: str
-    message: str
-    details: Any = None
+    """Why a node could not do a job. A ``code`` among the scheduler's error codes is acted on (model
+    and capacity codes move the job to another node); any other string is passed on as is."""
+
+    code: Annotated[str, doc("an error code (see the error codes of this document) or the node's own")]
+    message: Annotated[str, doc("what went wrong, in words")]
+    details: Annotated[Any, doc("anything else the node reports (passed on, never interpreted)")] = None
 
 
 class ErrorMessage(Struct, tag="error", tag_field="type"):
     """``error`` frame sent to nodes and sessions: a code and a message naming what was wrong."""
 
-    code: str
-    message: str
-    details: Any = None
+    code: Annotated[str, doc("one of the error codes of this document")]
+    message: Annotated[str, doc("what was wrong, in words (for people: do not parse it)")]
+    details: Annotated[
+        Any,
+        doc(
+            "with INVALID_MESSAGE and MESSAGE_TOO_LARGE: ``reason`` (one of the reasons of this document), "
+            "``field`` (the path of the value at fault, ``$`` for the whole frame) and ``expected`` (what "
+            "would have been accepted) when known; for a failed job (sessions): ``job_id`` and "
+            "``utterance_index``; omitted otherwise"
+        ),
+    ] = None

@@ -25,6 +25,7 @@ from lingua_scheduler.protocol.common import (
     SegmentsMeta,
     ServiceStatus,
     Struct,
+    doc,
 )
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
@@ -38,199 +39,320 @@ NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A
 
 
 class GpuInfo(FrozenStruct, frozen=True):
-    name: ShortStr
-    memory_gb: Annotated[float, msgspec.Meta(ge=0)]
+    """One GPU of the node."""
+
+    name: Annotated[ShortStr, doc("the GPU's model name")]
+    memory_gb: Annotated[float, msgspec.Meta(ge=0), doc("its memory, in GB")]
 
 
 class HardwareInfo(FrozenStruct, frozen=True):
-    cpu_cores: NonNegInt
-    memory_gb: Annotated[float, msgspec.Meta(ge=0)]
-    gpus: list[GpuInfo] | None = None
+    """The node's machine."""
+
+    cpu_cores: Annotated[NonNegInt, doc("CPU cores")]
+    memory_gb: Annotated[float, msgspec.Meta(ge=0), doc("main memory, in GB (a float is accepted)")]
+    gpus: Annotated[
+        list[GpuInfo] | None,
+        doc(
+            "the node's GPUs: at least one is required, registration is refused with "
+            "NO_GPU_AVAILABLE otherwise"
+        ),
+    ] = None
 
 
 class InstalledModel(FrozenStruct, frozen=True):
-    model_id: ShortStr
-    kind: ShortStr
-    version: ShortStr
-    src_lang: Lang | None = None
-    tgt_lang: Lang | None = None
-    dialect: ShortStr | None = None
-    enabled: bool | None = None
+    """A model installed on the node."""
+
+    model_id: Annotated[ShortStr, doc("the model's id")]
+    kind: Annotated[ShortStr, doc("what the model does (asr, nmt, tts, ...)")]
+    version: Annotated[ShortStr, doc("the model's version")]
+    src_lang: Annotated[Lang | None, doc("source language, for a language-specific model")] = None
+    tgt_lang: Annotated[Lang | None, doc("target language, for a translation model")] = None
+    dialect: Annotated[ShortStr | None, doc("dialect the model is made for")] = None
+    enabled: Annotated[bool | None, doc("false when installed but switched off")] = None
 
 
 class InstalledService(FrozenStruct, frozen=True):
-    service_id: ShortStr
-    #: a ``ServiceType`` value, or a kind this scheduler does not know (kept, ignored for routing)
-    type: Kind
-    #: a ``DeviceType`` value, or another device kind (kept, shown)
-    device: Kind
-    status: ServiceStatus
-    version: ShortStr | None = None
-    model_id: ShortStr | None = None
-    engine: ShortStr | None = None
-    mem_mb: NonNegInt | None = None
-    warmup_ms: NonNegInt | None = None
-    last_error: str | None = None
+    """A service process on the node (a recognizer, a translator, a synthesizer, ...)."""
+
+    service_id: Annotated[ShortStr, doc("the service's id on the node")]
+    type: Annotated[
+        Kind,
+        doc(
+            "a service type (asr, nmt, tts, tone, semantic) or a kind this scheduler does not know: "
+            "kept and shown, ignored for routing"
+        ),
+    ]
+    device: Annotated[Kind, doc("gpu or cpu, or another device kind (kept and shown)")]
+    status: Annotated[ServiceStatus, doc("running services count for readiness")]
+    version: Annotated[ShortStr | None, doc("the service's version")] = None
+    model_id: Annotated[ShortStr | None, doc("the model the service runs")] = None
+    engine: Annotated[ShortStr | None, doc("the engine the service runs on")] = None
+    mem_mb: Annotated[NonNegInt | None, doc("memory the service uses, in MB")] = None
+    warmup_ms: Annotated[NonNegInt | None, doc("how long the service took to warm up, in ms")] = None
+    last_error: Annotated[str | None, doc("the service's last error, in words")] = None
 
 
 class CapabilityByType(FrozenStruct, frozen=True):
-    type: Kind
-    ready: bool
-    reason: str | None = None
-    ready_impl_ids: list[ShortStr] | None = None
-    #: device kinds the type runs on (newer node clients send this instead of ``ready_impl_ids``)
-    devices: list[Kind] | None = None
+    """Whether the node can serve one service type right now."""
+
+    type: Annotated[Kind, doc("a service type, or a kind this scheduler does not know (kept, ignored)")]
+    ready: Annotated[bool, doc("the node serves this type now")]
+    reason: Annotated[str | None, doc("why not, when not ready")] = None
+    ready_impl_ids: Annotated[
+        list[ShortStr] | None, doc("service ids that serve the type (the older node app's shape)")
+    ] = None
+    devices: Annotated[
+        list[Kind] | None,
+        doc(
+            "device kinds the type runs on (the newer node app sends this instead of ready_impl_ids; "
+            "its presence selects the turn dialect of job_assign)"
+        ),
+    ] = None
 
 
 class LanguagePair(FrozenStruct, frozen=True):
-    src: Lang
-    tgt: Lang
+    """A directed language pair."""
+
+    src: Annotated[Lang, doc("source language code")]
+    tgt: Annotated[Lang, doc("target language code")]
 
 
 class NmtCapability(FrozenStruct, frozen=True):
-    model_id: ShortStr
-    languages: list[Lang]
-    rule: ShortStr
-    blocked_pairs: list[LanguagePair] | None = None
-    supported_pairs: list[LanguagePair] | None = None
+    """The languages one translation model handles."""
+
+    model_id: Annotated[ShortStr, doc("the translation model")]
+    languages: Annotated[list[Lang], doc("the language codes it handles")]
+    rule: Annotated[
+        ShortStr,
+        doc("how pairs follow from the languages (any_to_any, any_to_en, en_to_any, specific_pairs)"),
+    ]
+    blocked_pairs: Annotated[list[LanguagePair] | None, doc("pairs excluded from the rule")] = None
+    supported_pairs: Annotated[list[LanguagePair] | None, doc("the pairs, with rule specific_pairs")] = None
 
 
 class NodeLanguageCapabilities(FrozenStruct, frozen=True):
-    asr_languages: list[Lang] | None = None
-    tts_languages: list[Lang] | None = None
-    nmt_capabilities: list[NmtCapability] | None = None
-    semantic_languages: list[Lang] | None = None
-    supported_language_pairs: list[LanguagePair] | None = None
-    #: the published node app's summary of its translation models, one string each
-    #: (``"<model_id>:<rule>:<count> langs"``); entries of another shape are ignored, never refused
-    nmt: list[Any] | None = None
+    """The languages the node serves, per stage."""
+
+    asr_languages: Annotated[list[Lang] | None, doc("languages it recognizes")] = None
+    tts_languages: Annotated[list[Lang] | None, doc("languages it synthesizes")] = None
+    nmt_capabilities: Annotated[list[NmtCapability] | None, doc("its translation models' languages")] = None
+    semantic_languages: Annotated[list[Lang] | None, doc("languages of its semantic repair")] = None
+    supported_language_pairs: Annotated[
+        list[LanguagePair] | None,
+        doc(
+            "when present and non-empty, the directed pairs the node translates: replaces the pairs "
+            "inferred from its models (a pair still needs recognition of its source and synthesis of its "
+            "target); an empty list counts as not reported"
+        ),
+    ] = None
+    nmt: Annotated[
+        list[Any] | None,
+        doc(
+            "the published node app's summary of its translation models, one string each "
+            '("<model_id>:<rule>:<count> langs", e.g. "nmt-m2m100:any_to_any:37 langs"); used when '
+            "nmt_capabilities is absent, its rule applied to the node's ASR and TTS languages; entries of "
+            "another shape are ignored, never refused"
+        ),
+    ] = None
 
 
 class ResourceUsage(FrozenStruct, frozen=True):
-    cpu_percent: Percent
-    mem_percent: Percent
-    running_jobs: NonNegInt
-    gpu_percent: Percent | None = None
-    gpu_mem_percent: Percent | None = None
+    """The node's load, for selection thresholds."""
+
+    cpu_percent: Annotated[Percent, doc("CPU use, percent")]
+    mem_percent: Annotated[Percent, doc("memory use, percent")]
+    running_jobs: Annotated[NonNegInt, doc("jobs the node is running")]
+    gpu_percent: Annotated[Percent | None, doc("GPU use, percent")] = None
+    gpu_mem_percent: Annotated[Percent | None, doc("GPU memory use, percent")] = None
 
 
 class ProcessingMetrics(FrozenStruct, frozen=True):
-    serviceEfficiencies: dict[str, float]
+    """The node's processing efficiency (accepted, not used for scheduling)."""
+
+    serviceEfficiencies: Annotated[dict[str, float], doc("efficiency per service id")]
 
 
 class RerunMetrics(FrozenStruct, frozen=True):
-    totalReruns: NonNegInt
-    successfulReruns: NonNegInt
-    failedReruns: NonNegInt
-    timeoutReruns: NonNegInt
-    qualityImprovements: NonNegInt
+    """The node's re-recognition counters (accepted, not used for scheduling)."""
+
+    totalReruns: Annotated[NonNegInt, doc("re-runs started")]
+    successfulReruns: Annotated[NonNegInt, doc("re-runs that succeeded")]
+    failedReruns: Annotated[NonNegInt, doc("re-runs that failed")]
+    timeoutReruns: Annotated[NonNegInt, doc("re-runs that timed out")]
+    qualityImprovements: Annotated[NonNegInt, doc("re-runs that improved the text")]
 
 
 class ASRMetrics(FrozenStruct, frozen=True):
-    processingEfficiency: float | None = None
+    """The node's recognizer metrics (accepted, not used for scheduling)."""
+
+    processingEfficiency: Annotated[float | None, doc("audio seconds recognized per second")] = None
 
 
 class PipelineConfig(FrozenStruct, frozen=True):
-    use_asr: bool = True
-    use_nmt: bool = True
-    use_tts: bool = True
-    use_semantic: bool = False
+    """Which stages a job runs."""
+
+    use_asr: Annotated[bool, doc("recognize speech")] = True
+    use_nmt: Annotated[bool, doc("translate")] = True
+    use_tts: Annotated[bool, doc("synthesize speech of the translation")] = True
+    use_semantic: Annotated[bool, doc("repair the recognized text")] = False
 
 
 # --- node -> scheduler -------------------------------------------------------------------------------
 
 
 class NodeRegister(Struct, tag="node_register", tag_field="type"):
-    version: ShortStr
-    platform: ShortStr
-    hardware: HardwareInfo
-    installed_models: list[InstalledModel]
-    capability_by_type: list[CapabilityByType]
-    features_supported: FeatureFlags
-    accept_public_jobs: bool
-    node_id: NodeId | None = None
-    capability_schema_version: ShortStr | None = None
-    installed_services: list[InstalledService] = []
-    advanced_features: list[ShortStr] | None = None
-    language_capabilities: NodeLanguageCapabilities | None = None
-    #: fleet enrollment secret, presented by a new node (no node_id) when node auth is configured
-    enrollment_secret: ShortStr | None = None
-    #: the token issued in an earlier node_register_ack, presented with its node_id
-    node_token: ShortStr | None = None
-    #: protocol features beyond the base protocol (``PROTOCOL_FEATURES``); unknown names are ignored
-    protocol_features: list[ShortStr] | None = None
+    """The first message of a node connection: who the node is and what it can do. Answered with
+    ``node_register_ack`` or an ``error`` (the connection stays open; fix and send again).
+
+    Refused unless ``capability_schema_version`` is ``"2.0"`` (INVALID_CAPABILITY_SCHEMA) and
+    ``hardware.gpus`` lists at least one GPU (NO_GPU_AVAILABLE), although neither is required by the
+    message's shape: the refusal then names the rule. Also refused: a ``node_id`` connected on another
+    connection right now, or another id than the one this connection registered (NODE_ID_CONFLICT);
+    missing or wrong credentials when node authentication is configured (UNAUTHORIZED, then the socket
+    is closed); a full instance (NODE_LIMIT_REACHED)."""
+
+    version: Annotated[ShortStr, doc("the node app's version")]
+    platform: Annotated[ShortStr, doc("the node's operating system (linux, windows, ...)")]
+    hardware: Annotated[HardwareInfo, doc("the node's machine; hardware.gpus must not be empty")]
+    installed_models: Annotated[list[InstalledModel], doc("models installed on the node")]
+    capability_by_type: Annotated[list[CapabilityByType], doc("readiness per service type")]
+    features_supported: Annotated[FeatureFlags, doc("optional features the node supports")]
+    accept_public_jobs: Annotated[
+        bool, doc("the node takes jobs of any session (shown; not a routing rule here)")
+    ]
+    node_id: Annotated[
+        NodeId | None,
+        doc(
+            "absent or null for a new node (the ack assigns an id); a known id to reconnect, keeping "
+            "the node's record"
+        ),
+    ] = None
+    capability_schema_version: Annotated[
+        ShortStr | None,
+        doc('must be "2.0": anything else, or absent, is refused with INVALID_CAPABILITY_SCHEMA'),
+    ] = None
+    installed_services: Annotated[
+        list[InstalledService], doc("the node's service processes: readiness needs running core services")
+    ] = []
+    advanced_features: Annotated[list[ShortStr] | None, doc("free feature names (accepted, not used)")] = None
+    language_capabilities: Annotated[
+        NodeLanguageCapabilities | None, doc("the languages the node serves (decides its language pairs)")
+    ] = None
+    enrollment_secret: Annotated[
+        ShortStr | None,
+        doc("the fleet enrollment secret, presented by a new node (no node_id) when node auth is configured"),
+    ] = None
+    node_token: Annotated[
+        ShortStr | None, doc("the token issued in an earlier node_register_ack, presented with its node_id")
+    ] = None
+    protocol_features: Annotated[
+        list[ShortStr] | None,
+        doc(
+            "protocol features beyond the base protocol: job_ack (the node acknowledges every job, so "
+            "the ack timeout applies), turn_jobs (the node reads the turn dialect of job_assign); "
+            "unknown names are ignored"
+        ),
+    ] = None
 
 
 class NodeHeartbeat(Struct, tag="node_heartbeat", tag_field="type"):
-    node_id: NodeId
-    timestamp: SafeInt
-    resource_usage: ResourceUsage
-    installed_services: list[InstalledService]
-    capability_by_type: list[CapabilityByType]
-    installed_models: list[InstalledModel] | None = None
-    rerun_metrics: RerunMetrics | None = None
-    asr_metrics: ASRMetrics | None = None
-    processing_metrics: ProcessingMetrics | None = None
-    language_capabilities: NodeLanguageCapabilities | None = None
+    """Periodic report of a registered node (every ``heartbeat_interval_ms``); answered with
+    ``node_heartbeat_ack``. Its services and capabilities replace the registered ones; a node whose
+    heartbeats stop is set offline and its jobs move to other nodes."""
+
+    node_id: Annotated[
+        NodeId, doc("this connection's registered node id (NOT_REGISTERED / NODE_ID_MISMATCH otherwise)")
+    ]
+    timestamp: Annotated[SafeInt, doc("the node's clock, in ms since the epoch (echoed in the ack)")]
+    resource_usage: Annotated[ResourceUsage, doc("the node's load now")]
+    installed_services: Annotated[list[InstalledService], doc("the node's service processes now")]
+    capability_by_type: Annotated[list[CapabilityByType], doc("readiness per service type now")]
+    installed_models: Annotated[list[InstalledModel] | None, doc("installed models, when they changed")] = (
+        None
+    )
+    rerun_metrics: Annotated[RerunMetrics | None, doc("re-recognition counters")] = None
+    asr_metrics: Annotated[ASRMetrics | None, doc("recognizer metrics")] = None
+    processing_metrics: Annotated[ProcessingMetrics | None, doc("processing efficiency")] = None
+    language_capabilities: Annotated[NodeLanguageCapabilities | None, doc("the languages served now")] = None
 
 
 class NodeErrorReport(Struct, tag="node_error", tag_field="type"):
-    node_id: NodeId
-    code: ShortStr
-    message: str
-    details: Any = None
+    """The node reports a problem of its own: logged, not answered."""
+
+    node_id: Annotated[NodeId, doc("this connection's registered node id")]
+    code: Annotated[ShortStr, doc("the node's error code")]
+    message: Annotated[str, doc("what went wrong, in words")]
+    details: Annotated[Any, doc("anything else (not interpreted)")] = None
 
 
 class JobAck(Struct, tag="job_ack", tag_field="type"):
-    job_id: ShortStr
-    attempt_id: NonNegInt
-    node_id: NodeId
-    session_id: ShortStr
-    trace_id: ShortStr
+    """The node took the job (nodes that declared ``protocol_features: ["job_ack"]`` must send it within
+    the ack timeout, or the job moves to another node)."""
+
+    job_id: Annotated[ShortStr, doc("the job_assign's job_id")]
+    attempt_id: Annotated[
+        NonNegInt, doc("the job_assign's attempt_id (messages of an older attempt are dropped)")
+    ]
+    node_id: Annotated[NodeId, doc("this connection's registered node id")]
+    session_id: Annotated[ShortStr, doc("the job_assign's session_id")]
+    trace_id: Annotated[ShortStr, doc("the job_assign's trace_id")]
 
 
 class JobStarted(Struct, tag="job_started", tag_field="type"):
-    job_id: ShortStr
-    attempt_id: NonNegInt
-    node_id: NodeId
-    session_id: ShortStr
-    trace_id: ShortStr
+    """The node started working on the job (counts as its acknowledgement)."""
+
+    job_id: Annotated[ShortStr, doc("the job_assign's job_id")]
+    attempt_id: Annotated[NonNegInt, doc("the job_assign's attempt_id")]
+    node_id: Annotated[NodeId, doc("this connection's registered node id")]
+    session_id: Annotated[ShortStr, doc("the job_assign's session_id")]
+    trace_id: Annotated[ShortStr, doc("the job_assign's trace_id")]
 
 
 class JobResult(Struct, tag="job_result", tag_field="type"):
-    job_id: ShortStr
-    attempt_id: NonNegInt
-    node_id: NodeId
-    session_id: ShortStr
-    utterance_index: NonNegInt
-    success: bool
-    trace_id: ShortStr
-    text_asr: str | None = None
-    text_translated: str | None = None
-    tts_audio: str | None = None
-    tts_format: ShortStr | None = None
-    extra: ExtraResult | None = None
-    processing_time_ms: NonNegInt | None = None
-    error: JobError | None = None
-    group_id: ShortStr | None = None
-    part_index: NonNegInt | None = None
-    node_completed_at_ms: SafeInt | None = None
-    asr_quality_level: ShortStr | None = None
-    reason_codes: list[ShortStr] | None = None
-    quality_score: float | None = None
-    rerun_count: NonNegInt | None = None
-    segments_meta: SegmentsMeta | None = None
+    """The outcome of a job: text and speech, or an error. The first valid result of a job wins; a
+    successful result of an earlier attempt of the same node still completes a job that is unanswered."""
+
+    job_id: Annotated[ShortStr, doc("the job_assign's job_id")]
+    attempt_id: Annotated[NonNegInt, doc("the job_assign's attempt_id")]
+    node_id: Annotated[NodeId, doc("this connection's registered node id")]
+    session_id: Annotated[ShortStr, doc("the job_assign's session_id")]
+    utterance_index: Annotated[NonNegInt, doc("the job_assign's utterance_index")]
+    success: Annotated[bool, doc("false: the job failed, error says why")]
+    trace_id: Annotated[ShortStr, doc("the job_assign's trace_id")]
+    text_asr: Annotated[str | None, doc("the recognized text")] = None
+    text_translated: Annotated[str | None, doc("the translation")] = None
+    tts_audio: Annotated[
+        str | None,
+        doc("synthesized speech, standard base64 (invalid base64 is refused with INVALID_MESSAGE)"),
+    ] = None
+    tts_format: Annotated[ShortStr | None, doc("the speech's format (pcm16 when absent)")] = None
+    extra: Annotated[ExtraResult | None, doc("what the node found beyond the text")] = None
+    processing_time_ms: Annotated[NonNegInt | None, doc("time the node spent on the job, in ms")] = None
+    error: Annotated[JobError | None, doc("why the job failed, with success false")] = None
+    group_id: Annotated[
+        ShortStr | None, doc("the node's utterance group (the scheduler assigns its own)")
+    ] = None
+    part_index: Annotated[NonNegInt | None, doc("the part within the node's group")] = None
+    node_completed_at_ms: Annotated[SafeInt | None, doc("the node's clock when it finished, in ms")] = None
+    asr_quality_level: Annotated[ShortStr | None, doc("the recognizer's quality verdict (passed on)")] = None
+    reason_codes: Annotated[list[ShortStr] | None, doc("the recognizer's quality reasons (passed on)")] = None
+    quality_score: Annotated[float | None, doc("the recognizer's quality score (passed on)")] = None
+    rerun_count: Annotated[NonNegInt | None, doc("re-recognitions done (passed on)")] = None
+    segments_meta: Annotated[SegmentsMeta | None, doc("how the audio was segmented (passed on)")] = None
 
 
 class NodeAsrPartial(Struct, tag="asr_partial", tag_field="type"):
-    job_id: ShortStr
-    node_id: NodeId
-    session_id: ShortStr
-    utterance_index: NonNegInt
-    text: str
-    is_final: bool
-    trace_id: ShortStr
-    attempt_id: NonNegInt | None = None
+    """Text recognized so far (when the job asked for streaming recognition): forwarded to the session.
+    The first one counts as the job's acknowledgement."""
+
+    job_id: Annotated[ShortStr, doc("the job_assign's job_id")]
+    node_id: Annotated[NodeId, doc("this connection's registered node id")]
+    session_id: Annotated[ShortStr, doc("the job_assign's session_id")]
+    utterance_index: Annotated[NonNegInt, doc("the job_assign's utterance_index")]
+    text: Annotated[str, doc("the text recognized so far")]
+    is_final: Annotated[bool, doc("the recognition of this utterance is complete")]
+    trace_id: Annotated[ShortStr, doc("the job_assign's trace_id")]
+    attempt_id: Annotated[NonNegInt | None, doc("the job_assign's attempt_id")] = None
 
 
 #: ``protocol_features`` names: the node sends ``job_ack`` (and may send ``job_started``) for every job, so
@@ -250,65 +372,95 @@ NODE_JOB_MESSAGES = (JobAck, JobStarted, JobResult, NodeAsrPartial)
 
 
 class NodeRegisterAck(Struct, tag="node_register_ack", tag_field="type"):
-    node_id: str
-    message: str
-    status: str
-    heartbeat_interval_ms: int | None = None
-    #: with node auth configured: the node's token, to present with its node_id from now on
-    node_token: str | None = None
+    """Registration accepted. The node is ``registering`` until a heartbeat shows its core services
+    running (a ``node_status`` follows)."""
+
+    node_id: Annotated[str, doc("the node's id: send it in every later message and on reconnects")]
+    message: Annotated[str, doc('"registered"')]
+    status: Annotated[str, doc("the node's status: registering, ready, degraded, draining or offline")]
+    heartbeat_interval_ms: Annotated[int | None, doc("send node_heartbeat this often, in ms")] = None
+    node_token: Annotated[
+        str | None,
+        doc("with node authentication configured: the node's token, to present with its node_id from now on"),
+    ] = None
 
 
 class NodeHeartbeatAck(Struct, tag="node_heartbeat_ack", tag_field="type"):
-    node_id: str
-    timestamp: int
-    server_ts_ms: int
-    next_heartbeat_ms: int
+    """A heartbeat was received (this scheduler answers every heartbeat)."""
+
+    node_id: Annotated[str, doc("the heartbeat's node_id")]
+    timestamp: Annotated[int, doc("the heartbeat's timestamp, echoed")]
+    server_ts_ms: Annotated[int, doc("the scheduler's clock, in ms since the epoch")]
+    next_heartbeat_ms: Annotated[int, doc("send the next heartbeat within this many ms")]
 
 
 class NodeStatusMessage(Struct, tag="node_status", tag_field="type"):
-    node_id: str
-    status: str
-    reason: str | None
-    timestamp: int
+    """The node's status changed (the scheduler decides it from heartbeats and operator actions)."""
+
+    node_id: Annotated[str, doc("the node")]
+    status: Annotated[
+        str, doc("registering, ready, degraded, draining or offline; only ready nodes get jobs")
+    ]
+    reason: Annotated[str | None, doc("why, in words")]
+    timestamp: Annotated[int, doc("when, in seconds since the epoch")]
 
 
 class JobAssign(Struct, tag="job_assign", tag_field="type"):
-    job_id: str
-    attempt_id: int
-    session_id: str
-    utterance_index: int
-    src_lang: str
-    tgt_lang: str
-    pipeline: PipelineConfig
-    audio: str
-    audio_format: str
-    sample_rate: int
-    trace_id: str
-    dialect: str | None = None
-    features: FeatureFlags | None = None
-    mode: str | None = None
-    lang_a: str | None = None
-    lang_b: str | None = None
-    auto_langs: list[str] | None = None
-    enable_streaming_asr: bool | None = None
-    partial_update_interval_ms: int | None = None
-    group_id: str | None = None
-    part_index: int | None = None
-    context_text: str | None = None
-    padding_ms: int | None = None
-    #: turn dialect only: the spoken turn this job belongs to (the node aggregates a turn's jobs)
-    turn_id: str | None = None
-    is_manual_cut: bool = False
-    is_pause_triggered: bool = False
-    is_timeout_triggered: bool = False
-    #: turn dialect only: cut because the speaker went on past the maximum duration (more follows)
-    is_max_duration_triggered: bool = False
+    """A job for the node: one utterance to recognize, translate and synthesize. Answer with
+    ``job_result`` (and ``job_ack`` / ``job_started`` / ``asr_partial`` as applicable) carrying its
+    ``job_id``, ``attempt_id``, ``session_id`` and ``trace_id``. A job not answered within its
+    execution deadline moves to another node with a higher ``attempt_id``."""
+
+    job_id: Annotated[str, doc("the job")]
+    attempt_id: Annotated[int, doc("the attempt: a job moved to another node gets a new one")]
+    session_id: Annotated[str, doc("the session the utterance is from")]
+    utterance_index: Annotated[int, doc("the utterance's index in its session (contiguous from 0)")]
+    src_lang: Annotated[str, doc('source language code, or "auto"')]
+    tgt_lang: Annotated[str, doc("target language code")]
+    pipeline: Annotated[PipelineConfig, doc("the stages to run")]
+    audio: Annotated[str, doc("the utterance's audio, standard base64")]
+    audio_format: Annotated[
+        str, doc("the audio's format (the format the session actually streams: opus or pcm16)")
+    ]
+    sample_rate: Annotated[int, doc("the audio's sample rate, in Hz")]
+    trace_id: Annotated[str, doc("the trace id to echo in every message about the job")]
+    dialect: Annotated[str | None, doc("the session's dialect")] = None
+    features: Annotated[FeatureFlags | None, doc("the features the session asked for")] = None
+    mode: Annotated[str | None, doc("one_way or two_way_auto")] = None
+    lang_a: Annotated[str | None, doc("two-way sessions: the first language")] = None
+    lang_b: Annotated[str | None, doc("two-way sessions: the second language")] = None
+    auto_langs: Annotated[list[str] | None, doc("candidate languages for automatic detection")] = None
+    enable_streaming_asr: Annotated[bool | None, doc("send asr_partial while recognizing")] = None
+    partial_update_interval_ms: Annotated[int | None, doc("at most one asr_partial this often, in ms")] = None
+    group_id: Annotated[str | None, doc("the utterance group of the job")] = None
+    part_index: Annotated[int | None, doc("the part within the group")] = None
+    context_text: Annotated[str | None, doc("translation context (never sent by this scheduler)")] = None
+    padding_ms: Annotated[int | None, doc("silence padding, in ms (never sent by this scheduler)")] = None
+    turn_id: Annotated[
+        str | None,
+        doc("turn dialect only: the spoken turn this job belongs to (the node aggregates a turn's jobs)"),
+    ] = None
+    is_manual_cut: Annotated[bool, doc("the client ended the utterance (an is_final chunk)")] = False
+    is_pause_triggered: Annotated[bool, doc("older dialect only: cut at a pause")] = False
+    is_timeout_triggered: Annotated[
+        bool, doc("older dialect: cut at the maximum duration; turn dialect: cut at a pause")
+    ] = False
+    is_max_duration_triggered: Annotated[
+        bool,
+        doc(
+            "turn dialect only: cut because the speaker went on past the maximum duration or size "
+            "(more follows)"
+        ),
+    ] = False
 
 
 class JobCancel(Struct, tag="job_cancel", tag_field="type"):
-    job_id: str
-    trace_id: str | None = None
-    reason: str | None = None
+    """Stop working on a job: it was answered elsewhere, timed out, or an operator cancelled it. Later
+    messages about it are dropped."""
+
+    job_id: Annotated[str, doc("the job")]
+    trace_id: Annotated[str | None, doc("the job's trace id")] = None
+    reason: Annotated[str | None, doc("why, in words")] = None
 
 
 NodeOutbound = NodeRegisterAck | NodeHeartbeatAck | NodeStatusMessage | JobAssign | JobCancel | ErrorMessage

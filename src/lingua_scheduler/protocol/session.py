@@ -37,6 +37,7 @@ from lingua_scheduler.protocol.common import (
     SegmentsMeta,
     ServiceTimings,
     Struct,
+    doc,
 )
 from lingua_scheduler.protocol.node import Lang, NonNegInt, PipelineConfig, ShortStr
 
@@ -105,82 +106,137 @@ class SpeechOptions(Struct, kw_only=True):
     ``__init__``. Only the order of the struct's fields changes with it; the wire stays the same, since a
     JSON object's keys are unordered and the required fields keep their order among themselves."""
 
-    dialect: ShortStr | None = None
-    features: FeatureFlags | None = None
-    mode: Mode | None = None
-    lang_a: Lang | None = None
-    lang_b: Lang | None = None
-    auto_langs: list[Lang] | None = None
-    enable_streaming_asr: bool | None = None
-    partial_update_interval_ms: NonNegInt | None = None
-    trace_id: ShortStr | None = None
+    dialect: Annotated[ShortStr | None, doc("the speaker's dialect, passed to nodes")] = None
+    features: Annotated[FeatureFlags | None, doc("optional features to ask nodes for")] = None
+    mode: Annotated[
+        Mode | None,
+        doc("one_way (default) or two_way_auto (lang_a and lang_b, the node picks the direction)"),
+    ] = None
+    lang_a: Annotated[Lang | None, doc("two_way_auto: the first language")] = None
+    lang_b: Annotated[Lang | None, doc("two_way_auto: the second language")] = None
+    auto_langs: Annotated[list[Lang] | None, doc("candidate languages when src_lang is auto")] = None
+    enable_streaming_asr: Annotated[
+        bool | None,
+        doc("ask for asr_partial while recognizing (default: the scheduler's jobs.streaming_asr_default)"),
+    ] = None
+    partial_update_interval_ms: Annotated[
+        NonNegInt | None,
+        doc("at most one asr_partial this often, in ms (default: jobs.partial_update_interval_ms)"),
+    ] = None
+    trace_id: Annotated[ShortStr | None, doc("the client's trace id (one is made when absent)")] = None
 
 
 class SessionInit(SpeechOptions, tag="session_init", tag_field="type"):
-    client_version: ShortStr
-    platform: ShortStr  # "android" | "ios" | "web" | "api-gateway"; free string
-    src_lang: Lang  # a code or "auto"
-    tgt_lang: Lang
-    pairing_code: ShortStr | None = None
-    tenant_id: ShortStr | None = None
-    #: what the client would like to stream; the ack says what was granted
-    audio_format: ShortStr | None = None
-    sample_rate: SampleRate | None = None
-    #: the tenant API key, for clients that cannot send it at connect (Authorization / X-Api-Key)
-    api_key: ShortStr | None = None
-    #: ``session_init_ack.resume_token`` of a session whose connection dropped: resume it
-    resume_token: ShortStr | None = None
-    #: the client can send the binary audio frames (``protocol/binary_frames.py``)
-    use_binary_frame: bool | None = None
+    """Open a session (the first message of a session connection). Answered with ``session_init_ack``,
+    or an ``error``: SCHEDULER_SHUTTING_DOWN, SESSION_LIMIT_REACHED, TENANT_LIMIT, UNAUTHORIZED (then
+    the socket is closed). A second ``session_init`` on the same connection closes the first session
+    (``session_close_ack``) and opens a new one; with a valid ``resume_token`` it resumes that session."""
+
+    client_version: Annotated[ShortStr, doc("the client app's version")]
+    platform: Annotated[ShortStr, doc("android, ios, web, api-gateway, ... (a free string)")]
+    src_lang: Annotated[Lang, doc('source language code, or "auto"')]
+    tgt_lang: Annotated[Lang, doc("target language code")]
+    pairing_code: Annotated[ShortStr | None, doc("accepted, not used")] = None
+    tenant_id: Annotated[
+        ShortStr | None,
+        doc("a claim: with tenant API keys configured the tenant is the key's, and another one is refused"),
+    ] = None
+    audio_format: Annotated[
+        ShortStr | None,
+        doc(
+            "pcm16 or opus, what the client would like to stream (the ack says what was granted); absent: "
+            "Opus in 2-byte length framing is assumed"
+        ),
+    ] = None
+    sample_rate: Annotated[SampleRate | None, doc("the sample rate the client would like, in Hz")] = None
+    api_key: Annotated[
+        ShortStr | None,
+        doc("the tenant API key, for clients that cannot send it at connect (Authorization / X-Api-Key)"),
+    ] = None
+    resume_token: Annotated[
+        ShortStr | None,
+        doc(
+            "session_init_ack.resume_token of a session whose connection dropped: resume it (an unknown or "
+            "expired token opens a new session)"
+        ),
+    ] = None
+    use_binary_frame: Annotated[
+        bool | None, doc("the client will send binary audio frames instead of audio_chunk")
+    ] = None
 
 
 class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
-    session_id: SessionId
-    seq: NonNegInt
-    is_final: bool
-    #: standard base64 with padding; absent or "" is an empty chunk; invalid base64 is an error
-    payload: str | None = None
-    client_timestamp_ms: SafeInt | None = None
+    """A piece of the session's audio stream. The scheduler cuts utterances from the stream (at a pause,
+    at the maximum duration or size, or at an ``is_final`` chunk) and dispatches each as a job. Not
+    answered; audio in a format the session may not stream is refused (INVALID_MESSAGE, details.reason
+    audio_format)."""
+
+    session_id: Annotated[SessionId, doc("this connection's session (INVALID_SESSION otherwise)")]
+    seq: Annotated[NonNegInt, doc("the chunk's sequence number (not checked)")]
+    is_final: Annotated[bool, doc("the client ends the utterance here (a manual cut)")]
+    payload: Annotated[
+        str | None,
+        doc(
+            'audio, standard base64 with padding; absent or "" is an empty chunk; invalid base64 is an error'
+        ),
+    ] = None
+    client_timestamp_ms: Annotated[
+        SafeInt | None, doc("the client's clock when it sent the chunk, in ms")
+    ] = None
 
 
 class UtteranceMessage(SpeechOptions, tag="utterance", tag_field="type"):
     """A whole utterance in one message; it takes the session's next utterance index."""
 
-    session_id: SessionId
-    utterance_index: NonNegInt
-    manual_cut: bool
-    src_lang: Lang
-    tgt_lang: Lang
-    audio: str
-    audio_format: ShortStr
-    sample_rate: SampleRate
-    pipeline: PipelineConfig | None = None
+    session_id: Annotated[SessionId, doc("this connection's session")]
+    utterance_index: Annotated[
+        NonNegInt, doc("the client's number for it: its results, errors and missing_result carry this number")
+    ]
+    manual_cut: Annotated[bool, doc("accepted (a whole utterance is always complete)")]
+    src_lang: Annotated[Lang, doc('source language code, or "auto"')]
+    tgt_lang: Annotated[Lang, doc("target language code")]
+    audio: Annotated[str, doc("the utterance's audio, standard base64")]
+    audio_format: Annotated[ShortStr, doc("the audio's format: pcm16 or opus")]
+    sample_rate: Annotated[SampleRate, doc("the audio's sample rate, in Hz")]
+    pipeline: Annotated[
+        PipelineConfig | None, doc("the stages to run (all but semantic repair by default)")
+    ] = None
 
 
 class ClientHeartbeat(Struct, tag="client_heartbeat", tag_field="type"):
-    session_id: SessionId
-    timestamp: SafeInt
+    """Keep-alive; answered with ``server_heartbeat``."""
+
+    session_id: Annotated[SessionId, doc("this connection's session")]
+    timestamp: Annotated[SafeInt, doc("the client's clock, in ms")]
 
 
 class TtsStarted(Struct, tag="tts_started", tag_field="type"):
     """The client started playing a result's synthesized speech (no pause cut while it plays)."""
 
-    session_id: SessionId
-    trace_id: ShortStr
-    group_id: ShortStr
-    ts_start_ms: NonNegInt
+    session_id: Annotated[SessionId, doc("this connection's session")]
+    trace_id: Annotated[ShortStr, doc("the result's trace_id")]
+    group_id: Annotated[ShortStr, doc("the result's group_id")]
+    ts_start_ms: Annotated[NonNegInt, doc("the client's clock when playback started, in ms")]
 
 
 class TtsPlayEnded(Struct, tag="tts_play_ended", tag_field="type"):
-    session_id: SessionId
-    trace_id: ShortStr
-    group_id: ShortStr
-    ts_end_ms: NonNegInt
+    """The client finished playing a result's speech: pause detection resumes, and the result's group
+    takes parts for 2 s more (timed by the scheduler's clock)."""
+
+    session_id: Annotated[SessionId, doc("this connection's session")]
+    trace_id: Annotated[ShortStr, doc("the result's trace_id")]
+    group_id: Annotated[ShortStr, doc("the result's group_id")]
+    ts_end_ms: Annotated[
+        NonNegInt, doc("the client's clock when playback ended, in ms (not used for timing)")
+    ]
 
 
 class SessionClose(Struct, tag="session_close", tag_field="type"):
-    session_id: SessionId
-    reason: ShortStr
+    """End the session: its remaining audio is dispatched, its results delivered, then
+    ``session_close_ack``."""
+
+    session_id: Annotated[SessionId, doc("this connection's session")]
+    reason: Annotated[ShortStr, doc("why, in words (logged)")]
 
 
 SessionInbound = (
@@ -191,29 +247,38 @@ SessionInbound = (
 
 
 class NetworkTimings(Struct):
-    web_to_scheduler_ms: int | None = None
-    scheduler_to_node_ms: int | None = None
-    node_to_scheduler_ms: int | None = None
-    scheduler_to_web_ms: int | None = None
+    """Transfer times per hop, in ms (never filled in by this scheduler)."""
+
+    web_to_scheduler_ms: Annotated[int | None, doc("client to scheduler")] = None
+    scheduler_to_node_ms: Annotated[int | None, doc("scheduler to node")] = None
+    node_to_scheduler_ms: Annotated[int | None, doc("node to scheduler")] = None
+    scheduler_to_web_ms: Annotated[int | None, doc("scheduler to client")] = None
 
 
 class SessionInitAck(Struct, tag="session_init_ack", tag_field="type", kw_only=True, omit_defaults=False):
-    """Every field is always serialised (the constants included), as the reference client expects."""
+    """The session is open (or resumed). Every field is always serialised (the constants included), as
+    the reference client expects."""
 
-    session_id: str
-    assigned_node_id: str | None = None
-    message: str = "session created"
-    trace_id: str
-    protocol_version: str = PROTOCOL_VERSION
-    use_binary_frame: bool = False
-    negotiated_codec: str
-    negotiated_audio_format: str
-    negotiated_sample_rate: int
-    negotiated_channel_count: int = 1
-    #: present the client to resume this session after a dropped connection; None when resuming is off
-    resume_token: str | None = None
-    #: true when this session_init resumed an earlier session (same session_id, results kept)
-    resumed: bool = False
+    session_id: Annotated[str, doc("the session: name it in every later message")]
+    assigned_node_id: Annotated[str | None, doc("always null: every utterance is placed on its own")] = None
+    message: Annotated[str, doc('"session created"')] = "session created"
+    trace_id: Annotated[str, doc("the session's trace id")]
+    protocol_version: Annotated[str, doc('"1.0"')] = PROTOCOL_VERSION
+    use_binary_frame: Annotated[bool, doc("binary audio frames are accepted on this session")] = False
+    negotiated_codec: Annotated[str, doc("the codec the scheduler assumes (pcm16 or opus)")]
+    negotiated_audio_format: Annotated[str, doc("the audio format granted (pcm16 or opus)")]
+    negotiated_sample_rate: Annotated[int, doc("the sample rate granted, in Hz")]
+    negotiated_channel_count: Annotated[int, doc("always 1 (mono)")] = 1
+    resume_token: Annotated[
+        str | None,
+        doc(
+            "present it in a session_init to resume this session after a dropped connection; null "
+            "when resuming is off"
+        ),
+    ] = None
+    resumed: Annotated[
+        bool, doc("true when this session_init resumed an earlier session (same session_id, results kept)")
+    ] = False
 
 
 class BackpressureAction(StrEnum):
@@ -225,74 +290,97 @@ class BackpressureAction(StrEnum):
 class Backpressure(Struct, tag="backpressure", tag_field="type", kw_only=True):
     """Sent before the connection's frames would be refused: send slower, or pause, for a while."""
 
-    action: BackpressureAction
-    resume_after_ms: int
-    session_id: str | None = None
+    action: Annotated[
+        BackpressureAction,
+        doc("SLOW_DOWN: the message rate nears its limit; PAUSE: frames are being dropped; BUSY: never sent"),
+    ]
+    resume_after_ms: Annotated[int, doc("wait this long, in ms")]
+    session_id: Annotated[str | None, doc("the session, when one is open")] = None
 
 
 class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_only=True):
-    session_id: str
-    utterance_index: int
-    job_id: str
-    text_asr: str
-    text_translated: str
-    tts_audio: str
-    #: the node's format, or "pcm16" when it named none (always sent, like the reference)
-    tts_format: str
-    #: true when there is text but the synthesized audio is missing (the text itself is untouched)
-    audio_lost: bool
-    trace_id: str
-    extra: ExtraResult | None = None
-    group_id: str | None = None
-    part_index: int | None = None
-    service_timings: ServiceTimings | None = None
-    network_timings: NetworkTimings | None = None
-    scheduler_sent_at_ms: int | None = None
-    asr_quality_level: str | None = None
-    reason_codes: list[str] | None = None
-    quality_score: float | None = None
-    rerun_count: int | None = None
-    segments_meta: SegmentsMeta | None = None
+    """An utterance's result, in utterance order (a later result waits for the earlier ones)."""
+
+    session_id: Annotated[str, doc("the session")]
+    utterance_index: Annotated[int, doc("the utterance (the client's own number for an utterance message)")]
+    job_id: Annotated[str, doc("the job that produced it")]
+    text_asr: Annotated[str, doc("the recognized text")]
+    text_translated: Annotated[str, doc("the translation")]
+    tts_audio: Annotated[str, doc('synthesized speech, standard base64 ("" when there is none)')]
+    tts_format: Annotated[str, doc('the node\'s format, or "pcm16" when it named none (always sent)')]
+    audio_lost: Annotated[
+        bool,
+        doc("true when there is text but the synthesized audio is missing (the text itself is untouched)"),
+    ]
+    trace_id: Annotated[str, doc("the utterance's trace id")]
+    extra: Annotated[ExtraResult | None, doc("what the node found beyond the text")] = None
+    group_id: Annotated[str | None, doc("the utterance group (results with recognized text)")] = None
+    part_index: Annotated[int | None, doc("the part within the group")] = None
+    service_timings: Annotated[ServiceTimings | None, doc("per-stage timings on the node")] = None
+    network_timings: Annotated[NetworkTimings | None, doc("never sent by this scheduler")] = None
+    scheduler_sent_at_ms: Annotated[
+        int | None, doc("the scheduler's clock when it sent the result, in ms")
+    ] = None
+    asr_quality_level: Annotated[str | None, doc("the recognizer's quality verdict")] = None
+    reason_codes: Annotated[list[str] | None, doc("the recognizer's quality reasons")] = None
+    quality_score: Annotated[float | None, doc("the recognizer's quality score")] = None
+    rerun_count: Annotated[int | None, doc("re-recognitions done")] = None
+    segments_meta: Annotated[SegmentsMeta | None, doc("how the audio was segmented")] = None
 
 
 class AsrPartial(Struct, tag="asr_partial", tag_field="type", kw_only=True):
-    session_id: str
-    utterance_index: int
-    job_id: str
-    text: str
-    is_final: bool
-    trace_id: str
+    """Text recognized so far (streaming recognition), forwarded from the node."""
+
+    session_id: Annotated[str, doc("the session")]
+    utterance_index: Annotated[int, doc("the utterance")]
+    job_id: Annotated[str, doc("the job (the real one: the reference always sent an empty string)")]
+    text: Annotated[str, doc("the text recognized so far")]
+    is_final: Annotated[bool, doc("the recognition of this utterance is complete")]
+    trace_id: Annotated[str, doc("the utterance's trace id")]
 
 
 class ServerHeartbeat(Struct, tag="server_heartbeat", tag_field="type"):
-    session_id: str
-    timestamp: int
+    """The answer to ``client_heartbeat``."""
+
+    session_id: Annotated[str, doc("the session")]
+    timestamp: Annotated[int, doc("the scheduler's clock, in ms since the epoch")]
 
 
 class SessionCloseAck(Struct, tag="session_close_ack", tag_field="type"):
-    session_id: str
+    """The session ended (after session_close, or replaced by a new session_init)."""
+
+    session_id: Annotated[str, doc("the session that ended")]
 
 
 class MissingResult(Struct, tag="missing_result", tag_field="type", kw_only=True):
     """Keeps indices contiguous for the client when an utterance yields no translation."""
 
-    session_id: str
-    utterance_index: int
-    reason: MissingReason
-    created_at_ms: int
-    trace_id: str | None = None
+    session_id: Annotated[str, doc("the session")]
+    utterance_index: Annotated[int, doc("the utterance without a result")]
+    reason: Annotated[
+        MissingReason,
+        doc(
+            "gap_timeout: the result did not come in time; job_failed: its job failed (an error came "
+            "before); silence_detected: the utterance was silence"
+        ),
+    ]
+    created_at_ms: Annotated[int, doc("the scheduler's clock, in ms since the epoch")]
+    trace_id: Annotated[str | None, doc("the utterance's trace id")] = None
 
 
 class UiEvent(Struct, tag="ui_event", tag_field="type", kw_only=True):
-    trace_id: str
-    session_id: str
-    job_id: str
-    utterance_index: int
-    event: UiEventType
-    status: UiEventStatus
-    elapsed_ms: int | None = None
-    error_code: str | None = None
-    hint: str | None = None
+    """Progress of an utterance for the client's interface; ``ERROR`` events carry the code and a hint
+    to show the user."""
+
+    trace_id: Annotated[str, doc("the utterance's trace id")]
+    session_id: Annotated[str, doc("the session")]
+    job_id: Annotated[str, doc("the job")]
+    utterance_index: Annotated[int, doc("the utterance")]
+    event: Annotated[UiEventType, doc("what happened")]
+    status: Annotated[UiEventStatus, doc("ok, or error for ERROR")]
+    elapsed_ms: Annotated[int | None, doc("time since the utterance was dispatched, in ms")] = None
+    error_code: Annotated[str | None, doc("ERROR: one of the error codes of this document")] = None
+    hint: Annotated[str | None, doc("ERROR: a sentence to show the user")] = None
 
 
 def error_ui_event(
