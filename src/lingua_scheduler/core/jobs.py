@@ -661,8 +661,8 @@ class JobStore:
             p.append("wait queue over its bound")
         by_pair: dict[str, int] = {}
         for jid in self._waiting:
-            key = _pair(self._jobs[jid].spec)
-            by_pair[key] = by_pair.get(key, 0) + 1
+            pair = _pair(self._jobs[jid].spec)
+            by_pair[pair] = by_pair.get(pair, 0) + 1
         if by_pair != self._waiting_pairs:
             p.append(f"waiting per pair {self._waiting_pairs} != actual {by_pair}")
         on_node = {(j.node_id, j.job_id) for j in self._jobs.values() if j.state in ON_NODE}
