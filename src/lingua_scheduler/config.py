@@ -28,6 +28,8 @@ from lingua_scheduler.protocol.codec import explain
 ENV_PREFIX = "LINGUA_"
 #: shortest admin token accepted: a guessable token is worse than none
 MIN_ADMIN_TOKEN = 16
+#: bound of ``admin.max_metric_pairs``: the dispatcher counts the jobs of at most this many pairs
+MAX_METRIC_PAIRS = 256
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -309,6 +311,10 @@ class AdminConfig(Section):
     token: str = ""
     #: most dashboards (live event streams) served at once; more are refused with 503
     max_dashboard_clients: int = 32
+    #: most language pairs with a label value of their own in the per-pair metrics of /metrics
+    #: (lingua_pair_*{pair="src->tgt"}); the others are summed under pair="other" (at most 256: jobs are
+    #: counted for 256 distinct pairs)
+    max_metric_pairs: int = 200
 
     def __post_init__(self) -> None:
         if self.token and len(self.token) < MIN_ADMIN_TOKEN:
@@ -318,6 +324,8 @@ class AdminConfig(Section):
         if self.token != self.token.strip():
             raise InvalidField("token", "must not start or end with whitespace")
         _positive("max_dashboard_clients", self.max_dashboard_clients)
+        if not 1 <= self.max_metric_pairs <= MAX_METRIC_PAIRS:
+            raise InvalidField("max_metric_pairs", f"must be between 1 and {MAX_METRIC_PAIRS}")
 
 
 #: shortest node enrollment / token-signing secret accepted (docs/security.md)

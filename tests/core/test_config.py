@@ -39,6 +39,8 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
         ({"LINGUA_NODE_HEALTH__HEALTH_CHECK_COUNT": "0"}, "node_health.health_check_count", "must be >= 1"),
         ({"LINGUA_SCHEDULER__RESOURCE_THRESHOLD": "150"}, "scheduler.resource_threshold", "(0, 100]"),
         ({"LINGUA_JOBS__MAX_JOBS": "-1"}, "jobs.max_jobs", "must be > 0, got -1"),
+        ({"LINGUA_ADMIN__MAX_METRIC_PAIRS": "0"}, "admin.max_metric_pairs", "between 1 and 256"),
+        ({"LINGUA_ADMIN__MAX_METRIC_PAIRS": "257"}, "admin.max_metric_pairs", "between 1 and 256"),
         (
             {"LINGUA_AUTH__TENANTS": '[{tenant_id = "a"}]'},
             "auth.tenants[0].key_sha256",

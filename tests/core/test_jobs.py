@@ -389,6 +389,27 @@ def test_a_retry_goes_before_newer_work(store: JobStore) -> None:
     assert store.dispatchable() == [a, b]
 
 
+def test_waiting_jobs_are_counted_per_pair(clock: ManualClock) -> None:
+    store = store_with(clock, max_pending_jobs=3)
+    a = new(store, spec("a", 0, tgt="en"))
+    new(store, spec("b", 0, tgt="en"))
+    c = new(store, spec("a", 0, tgt="de"))
+    assert store.waiting_by_pair() == {"zh->en": 2, "zh->de": 1}
+    full = new(store, spec("c", 0, tgt="ja"))  # the queue is full: failed at once, never waiting
+    assert full.state is S.FAILED and store.waiting_by_pair() == {"zh->en": 2, "zh->de": 1}
+    store.dispatch(c.job_id, "n1")
+    store.dispatch(a.job_id, "n1")
+    assert store.waiting_by_pair() == {"zh->en": 1}
+    store.failover(a.job_id, "test")  # back in the queue
+    assert store.waiting_by_pair() == {"zh->en": 2}
+    store.validate()
+    for _ in range(10):  # wait deadlines, and the dispatched job's missing ack (back to the queue)
+        clock.advance(10)
+        store.expire()
+    assert store.waiting_by_pair() == {} and store.waiting == 0
+    store.validate()
+
+
 def test_full_wait_queue_fails_at_once(clock: ManualClock) -> None:
     store = store_with(clock, max_pending_jobs=2)
     store.create(spec(index=0), b"x")

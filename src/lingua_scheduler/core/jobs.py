@@ -200,6 +200,10 @@ class JobSpec:
         )
 
 
+def _pair(spec: JobSpec) -> str:
+    return f"{spec.src_lang}->{spec.tgt_lang}"
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
     at: float
@@ -301,6 +305,9 @@ class JobStore:
         self._by_node: dict[str, set[str]] = {}
         #: FIFO of CREATED jobs (job_id -> None); retries go to the front
         self._waiting: OrderedDict[str, None] = OrderedDict()
+        #: queued jobs per directed language pair ("src->tgt"); a pair leaves when its last job does, so
+        #: this is bounded by the wait queue (the per-pair demand of /metrics, read without a scan)
+        self._waiting_pairs: dict[str, int] = {}
         #: ended jobs in the order they ended (job_id -> finished_at), for eviction
         self._ended: OrderedDict[str, float] = OrderedDict()
         #: (deadline, token, job_id); an entry is live only while the job still carries that token
@@ -657,6 +664,10 @@ class JobStore:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_by_pair(self) -> dict[str, int]:
+        """Queued jobs per directed language pair ``"src->tgt"`` (pairs with none are absent)."""
+        return dict(self._waiting_pairs)
+
     @property
     def audio_bytes(self) -> int:
         return sum(self._session_audio.values())
@@ -686,6 +697,12 @@ class JobStore:
             p.append("wait queue differs from the CREATED jobs")
         if len(self._waiting) > self.config.max_pending_jobs:
             p.append("wait queue over its bound")
+        by_pair: dict[str, int] = {}
+        for jid in self._waiting:
+            pair = _pair(self._jobs[jid].spec)
+            by_pair[pair] = by_pair.get(pair, 0) + 1
+        if by_pair != self._waiting_pairs:
+            p.append(f"waiting per pair {self._waiting_pairs} != actual {by_pair}")
         on_node = {(j.node_id, j.job_id) for j in self._jobs.values() if j.state in ON_NODE}
         if {(n, j) for n, js in self._by_node.items() for j in js} != on_node or any(
             not js for js in self._by_node.values()
@@ -756,8 +773,15 @@ class JobStore:
         elif dst in ON_NODE and src not in ON_NODE:
             assert job.node_id is not None
             self._by_node.setdefault(job.node_id, set()).add(job.job_id)
+        if src is J.CREATED and job.job_id in self._waiting:
+            del self._waiting[job.job_id]
+            pair = _pair(job.spec)
+            left = self._waiting_pairs[pair] - 1
+            if left:
+                self._waiting_pairs[pair] = left
+            else:
+                del self._waiting_pairs[pair]
         if src is J.CREATED:
-            self._waiting.pop(job.job_id, None)
             job.queued_at, job.waits_for_slot = None, False
         self._counts[src] -= 1
         self._counts[dst] += 1
@@ -786,6 +810,8 @@ class JobStore:
             return
         self._waiting[job.job_id] = None
         job.queued_at = now
+        pair = _pair(job.spec)
+        self._waiting_pairs[pair] = self._waiting_pairs.get(pair, 0) + 1
         if front:  # a retry has waited once already: it goes before newer work
             self._waiting.move_to_end(job.job_id, last=False)
         self._arm(job, DeadlineKind.WAIT, wait_deadline(now, self.config))

@@ -17,6 +17,7 @@ from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, s
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
 from lingua_scheduler.server.connection_guard import setup as guard_connections
 from lingua_scheduler.server.node_endpoint import node_ws
+from lingua_scheduler.server.pair_metrics import PairMetrics
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.store.redis_store import RedisStore
@@ -37,6 +38,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
     stats.setup(app)
+    state.metrics.add_live(PairMetrics(state).collect)  # supply and demand per language pair
     admin.add_routes(app)
     dashboard.add_routes(app)
     openapi.add_routes(app)
