@@ -137,7 +137,21 @@ class Cluster:
         #: ids of node actions other instances asked of us lately (an inbox entry can come twice)
         self._admin_seen: OrderedDict[str, None] = OrderedDict()
         self._admin_tasks: set[asyncio.Task[None]] = set()
+        #: tenant id -> this instance's sessions of it admitted in the shared store (a session that
+        #: ended is released at the next tick, or by the next admission of its tenant here)
+        self._tenant_members: dict[str, set[str]] = {}
+        #: sessions whose admission is in flight
+        self._admitting: set[str] = set()
+        #: members removed / added by the re-syncs of the tenants' session sets
+        self.sessions_resynced = {"removed": 0, "added": 0}
+        #: times a tick found this instance's presence gone from the store (restarted empty, or taken
+        #: over while it lived) and published everything it owns again
+        self.republished = 0
+        #: whether a tick has succeeded since the last (re)connection (a missing presence before
+        #: that is the normal start, not a loss)
+        self._ticked = False
         state.registry.on_local_change = self._wake.set
+        state.auth.shared_admission = self.admit_session
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -268,16 +282,14 @@ class Cluster:
 
     async def _recover(self) -> None:
         """The store answers and takes writes (again): register our inbox, republish everything we
-        own, resync. Reservations are re-synced by the next ticks."""
+        own, resync. Reservations and tenant sessions are re-synced by the next ticks."""
         await self.store.ping()
         await self.store.start()
-        registry = self.state.registry
-        registry.changed_local.update(e.node_id for e in registry.local_nodes())
-        self._published_pools.clear()
-        await self._publish_changes()
+        await self._republish()
         records, last_id = await self.store.directory()
         self._apply_directory(records)
         self._feed_id = last_id
+        self._ticked = False
         if self.degraded:
             log.info("shared store reachable: multi-instance mode", extra={"instance": self.instance_id})
         self.degraded = False
@@ -285,6 +297,24 @@ class Cluster:
         self.degraded_reason = ""
         self._resv_resync_ticks = max(self._resv_resync_ticks, 2)
         self._resynced.set()
+
+    async def _republish(self) -> None:
+        """Publish every node we own again, whole (records, status for reservations, pool sets)."""
+        registry = self.state.registry
+        registry.changed_local.update(e.node_id for e in registry.local_nodes())
+        self._published_pools.clear()
+        await self._publish_changes()
+
+    async def _store_lost_us(self) -> None:
+        """A tick found our presence gone while we lived: the store restarted empty (it lost every
+        key), or another instance took us over. Put back what we own -- the inbox group (reading what
+        was sent to it since), our nodes, and on the next two ticks our reservations and tenant
+        sessions -- instead of waiting for the next change of each."""
+        self.republished += 1
+        log.warning("shared store lost this instance's state: publishing it again")
+        await self.store.start(from_start=True)
+        await self._republish()
+        self._resv_resync_ticks = 2
 
     # --- publisher ----------------------------------------------------------------------------------
 
@@ -359,6 +389,9 @@ class Cluster:
             auth = self.state.auth
             here = auth.tenant_sessions(s.tenant_id for s in self.state.sessions.values())
             tick = await self.store.tick(owned, self._load_batch(), ttl_ms, here)
+            if tick.presence_lost and self._ticked:
+                await self._store_lost_us()
+            self._ticked = True
             if tick.stalled_ms:
                 self.stalls += 1
                 log.warning(
@@ -368,6 +401,10 @@ class Cluster:
             auth.share_limits(here, tick.tenant_sessions)
             for instance in tick.dead:
                 await self._take_over(instance)
+            if self._resv_resync_ticks:
+                await self._resync_sessions()  # before the reservations: they count the pass down
+            else:
+                await self._release_ended_sessions()
             if self._resv_resync_ticks or self._resv_unsure or self.writer.unsure_nodes:
                 await self._resync_reservations()
             if self._job_writes:
@@ -400,6 +437,68 @@ class Cluster:
                 extra={"nodes": len(held), "removed": removed, "added": added},
             )
             self.state.dispatcher.pump()  # slots freed for jobs waiting here
+
+    # --- sessions of tenants with a cluster-wide session cap -----------------------------------------
+
+    async def admit_session(self, tenant_id: str, session_id: str, cap: int) -> bool | None:
+        """Admit a session of ``tenant_id`` under its cluster-wide ``cap`` (server/auth.py): one atomic
+        step of the store, which also releases our sessions of the tenant that ended. None when the
+        store is unusable (the caller then decides with what it last learnt)."""
+        if self.degraded:
+            return None
+        members = self._tenant_members.setdefault(tenant_id, set())
+        ended = [s for s in members if s not in self.state.sessions and s not in self._admitting]
+        # Counted as ours from now on: a re-sync meanwhile keeps it, and if it was admitted by a call
+        # whose answer never came, the re-sync after the failure removes it unless it opened.
+        members.add(session_id)
+        self._admitting.add(session_id)
+        try:
+            admitted, _ = await self.store.admit_session(tenant_id, session_id, cap, ended)
+        except StoreUnavailable as exc:
+            await self.suspect(str(exc), refused=exc.refused)
+            return None
+        finally:
+            self._admitting.discard(session_id)
+        members.difference_update(ended)
+        if not admitted:
+            members.discard(session_id)
+        return admitted
+
+    def _ended_sessions(self) -> dict[str, list[str]]:
+        live = self.state.sessions
+        return {
+            t: [s for s in m if s not in live and s not in self._admitting]
+            for t, m in self._tenant_members.items()
+        }
+
+    async def _release_ended_sessions(self) -> None:
+        ended = {t: ids for t, ids in self._ended_sessions().items() if ids}
+        if not ended:
+            return
+        await self.store.release_sessions(ended)
+        for tenant_id, ids in ended.items():
+            self._tenant_members[tenant_id].difference_update(ids)
+
+    async def _resync_sessions(self) -> None:
+        """Make the store's session sets hold exactly our live sessions of each capped tenant: after a
+        store failure (an admission whose answer never came, a release lost) or a store that lost its
+        data (every admission then has to be put back, or the cap would admit past them)."""
+        auth = self.state.auth
+        live: dict[str, list[str]] = {t: [] for t in self._tenant_members}
+        for session in self.state.sessions.values():
+            if auth.admission_is_shared(session.tenant_id) and session.tenant_id is not None:
+                live.setdefault(session.tenant_id, []).append(session.session_id)
+        # an admission in flight may be counted already: keep it (released next tick if refused)
+        for tenant_id, members in self._tenant_members.items():
+            live[tenant_id] += [s for s in members if s in self._admitting]
+        if not live:
+            return
+        removed, added = await self.store.resync_sessions(live)
+        self._tenant_members = {t: set(ids) for t, ids in live.items()}
+        self.sessions_resynced["removed"] += removed
+        self.sessions_resynced["added"] += added
+        if removed or added:
+            log.info("tenant sessions re-synced", extra={"removed": removed, "added": added})
 
     def _load_batch(self) -> LoadBatch | None:
         """Load of owned nodes that moved: our own jobs plus those we run for other instances."""
