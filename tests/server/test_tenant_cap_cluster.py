@@ -42,7 +42,8 @@ async def open_at_once(http: aiohttp.ClientSession, urls: list[str]) -> list[tup
         await s.connect()
     replies = await asyncio.gather(*(s.init() for s in sessions))
     return [
-        (s, r["type"] if r["type"] == "session_init_ack" else r["code"]) for s, r in zip(sessions, replies)
+        (s, r["type"] if r["type"] == "session_init_ack" else r["code"])
+        for s, r in zip(sessions, replies, strict=True)
     ]
 
 
