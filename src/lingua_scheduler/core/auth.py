@@ -218,6 +218,13 @@ class TenantLimits:
         st.sessions.add(session_id)
         return True
 
+    def count_session(self, tenant: Tenant, session_id: str, is_live: Callable[[str], bool]) -> None:
+        """A session the shared store admitted under the cluster-wide cap: count it here (for the
+        job-rate share) without checking again."""
+        st = self._state(tenant)
+        st.sessions = {s for s in st.sessions if is_live(s)}
+        st.sessions.add(session_id)
+
     def share(self, tenants: Iterable[Tenant], local: dict[str, int], elsewhere: dict[str, int]) -> None:
         """Sessions of each tenant here (``local``) and on the other instances (``elsewhere``): the
         session caps count both, and each job bucket gets this instance's part of its tenant's rate

@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, NoReturn
 
 from aiohttp import WSCloseCode, web
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -91,6 +91,9 @@ class AuthService:
         # several keys of one tenant carry the same limits (checked by the config)
         self._tenant_by_id = {t.tenant_id: t for _, t in tenants}
         self.limits = TenantLimits(clock)
+        #: multi-instance mode (server/cluster.py): the cluster-wide admission of a session of a tenant
+        #: with a session cap -- (tenant, session, cap) -> admitted, or None when the store is unusable
+        self.shared_admission: Callable[[str, str, int], Awaitable[bool | None]] | None = None
         self.refusals: dict[tuple[str, str], int] = {}
         #: (plane, reason) -> (monotonic time of its last log line, refusals not logged since)
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
@@ -219,13 +222,40 @@ class AuthService:
             )
         return tenant_id
 
+    def admission_is_shared(self, tenant_id: str | None) -> bool:
+        """Whether a new session of this tenant is admitted by the shared store (``admit_shared``):
+        multi-instance mode and a tenant with a session cap."""
+        tenant = self._limited(tenant_id)
+        return self.shared_admission is not None and tenant is not None and tenant.max_sessions > 0
+
+    async def admit_shared(
+        self, tenant_id: str | None, session_id: str, is_live: Callable[[str], bool]
+    ) -> None:
+        """``admit_session`` against the cap across all instances, checked and counted in one atomic
+        step of the shared store: simultaneous openings on several instances cannot pass it. With the
+        store unusable it falls back to ``admit_session`` (the others' sessions as last known)."""
+        tenant = self._limited(tenant_id)
+        if tenant is None or self.shared_admission is None:
+            self.admit_session(tenant_id, session_id, is_live)
+            return
+        admitted = await self.shared_admission(tenant.tenant_id, session_id, tenant.max_sessions)
+        if admitted is None:
+            self.admit_session(tenant_id, session_id, is_live)
+        elif admitted:
+            self.limits.count_session(tenant, session_id, is_live)
+        else:
+            self._refuse_session(tenant, "across the instances")
+
     def admit_session(self, tenant_id: str | None, session_id: str, is_live: Callable[[str], bool]) -> None:
         """Count a new session against its tenant's cap; ``SessionError(TENANT_LIMIT)`` when full."""
         tenant = self._limited(tenant_id)
         if tenant is None or self.limits.admit_session(tenant, session_id, is_live):
             return
-        self._refused("session", "tenant_limit", tenant.tenant_id)
         where = "across the instances" if self.limits.elsewhere.get(tenant.tenant_id) else "on this instance"
+        self._refuse_session(tenant, where)
+
+    def _refuse_session(self, tenant: Tenant, where: str) -> NoReturn:
+        self._refused("session", "tenant_limit", tenant.tenant_id)
         raise SessionError(
             f"tenant {tenant.tenant_id} already has {tenant.max_sessions} sessions open {where}: "
             "close one or try later",

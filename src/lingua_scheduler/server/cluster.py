@@ -102,8 +102,16 @@ class Cluster:
         self._sent_loads: dict[str, tuple[int, float, float, float]] = {}
         #: job records waiting to be written (latest state per job)
         self._job_writes: dict[str, JobRecord] = {}
-        #: jobs dispatched here on behalf of another instance: job id -> (reply_to, node id, since)
-        self.remote_jobs: dict[str, tuple[str, str, float]] = {}
+        #: attempts given to our nodes on behalf of another instance, running (counted as load on
+        #: their node; a graceful shutdown waits for them): (job id, attempt) -> (reply_to, node, since)
+        self.remote_jobs: dict[tuple[str, int], tuple[str, str, float]] = {}
+        #: attempts of that kind whose owner cancelled them: kept (not counted as load) so that a late
+        #: success still reaches the owner, who decides whether it wins (the first valid result does)
+        self._cancelled_routes: dict[tuple[str, int], tuple[str, str, float]] = {}
+        #: job id -> its attempts in either table (a job's routes found without a scan)
+        self._route_attempts: dict[str, set[int]] = {}
+        #: job messages of our nodes dropped here: no route for that (job, attempt) from that node
+        self.stale_routes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._resynced = asyncio.Event()
         self.degraded_episodes = 0
@@ -129,7 +137,21 @@ class Cluster:
         #: ids of node actions other instances asked of us lately (an inbox entry can come twice)
         self._admin_seen: OrderedDict[str, None] = OrderedDict()
         self._admin_tasks: set[asyncio.Task[None]] = set()
+        #: tenant id -> this instance's sessions of it admitted in the shared store (a session that
+        #: ended is released at the next tick, or by the next admission of its tenant here)
+        self._tenant_members: dict[str, set[str]] = {}
+        #: sessions whose admission is in flight
+        self._admitting: set[str] = set()
+        #: members removed / added by the re-syncs of the tenants' session sets
+        self.sessions_resynced = {"removed": 0, "added": 0}
+        #: times a tick found this instance's presence gone from the store (restarted empty, or taken
+        #: over while it lived) and published everything it owns again
+        self.republished = 0
+        #: whether a tick has succeeded since the last (re)connection (a missing presence before
+        #: that is the normal start, not a loss)
+        self._ticked = False
         state.registry.on_local_change = self._wake.set
+        state.auth.shared_admission = self.admit_session
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -260,16 +282,14 @@ class Cluster:
 
     async def _recover(self) -> None:
         """The store answers and takes writes (again): register our inbox, republish everything we
-        own, resync. Reservations are re-synced by the next ticks."""
+        own, resync. Reservations and tenant sessions are re-synced by the next ticks."""
         await self.store.ping()
         await self.store.start()
-        registry = self.state.registry
-        registry.changed_local.update(e.node_id for e in registry.local_nodes())
-        self._published_pools.clear()
-        await self._publish_changes()
+        await self._republish()
         records, last_id = await self.store.directory()
         self._apply_directory(records)
         self._feed_id = last_id
+        self._ticked = False
         if self.degraded:
             log.info("shared store reachable: multi-instance mode", extra={"instance": self.instance_id})
         self.degraded = False
@@ -277,6 +297,24 @@ class Cluster:
         self.degraded_reason = ""
         self._resv_resync_ticks = max(self._resv_resync_ticks, 2)
         self._resynced.set()
+
+    async def _republish(self) -> None:
+        """Publish every node we own again, whole (records, status for reservations, pool sets)."""
+        registry = self.state.registry
+        registry.changed_local.update(e.node_id for e in registry.local_nodes())
+        self._published_pools.clear()
+        await self._publish_changes()
+
+    async def _store_lost_us(self) -> None:
+        """A tick found our presence gone while we lived: the store restarted empty (it lost every
+        key), or another instance took us over. Put back what we own -- the inbox group (reading what
+        was sent to it since), our nodes, and on the next two ticks our reservations and tenant
+        sessions -- instead of waiting for the next change of each."""
+        self.republished += 1
+        log.warning("shared store lost this instance's state: publishing it again")
+        await self.store.start(from_start=True)
+        await self._republish()
+        self._resv_resync_ticks = 2
 
     # --- publisher ----------------------------------------------------------------------------------
 
@@ -353,6 +391,9 @@ class Cluster:
             auth = self.state.auth
             here = auth.tenant_sessions(s.tenant_id for s in self.state.sessions.values())
             tick = await self.store.tick(owned, self._load_batch(), ttl_ms, here)
+            if tick.presence_lost and self._ticked:
+                await self._store_lost_us()
+            self._ticked = True
             if tick.stalled_ms:
                 self.stalls += 1
                 log.warning(
@@ -362,6 +403,10 @@ class Cluster:
             auth.share_limits(here, tick.tenant_sessions)
             for instance in tick.dead:
                 await self._take_over(instance)
+            if self._resv_resync_ticks:
+                await self._resync_sessions()  # before the reservations: they count the pass down
+            else:
+                await self._release_ended_sessions()
             if self._resv_resync_ticks or self._resv_unsure or self.writer.unsure_nodes:
                 await self._resync_reservations()
             if self._job_writes:
@@ -395,16 +440,82 @@ class Cluster:
             )
             self.state.dispatcher.pump()  # slots freed for jobs waiting here
 
+    # --- sessions of tenants with a cluster-wide session cap -----------------------------------------
+
+    async def admit_session(self, tenant_id: str, session_id: str, cap: int) -> bool | None:
+        """Admit a session of ``tenant_id`` under its cluster-wide ``cap`` (server/auth.py): one atomic
+        step of the store, which also releases our sessions of the tenant that ended. None when the
+        store is unusable (the caller then decides with what it last learnt)."""
+        if self.degraded:
+            return None
+        members = self._tenant_members.setdefault(tenant_id, set())
+        ended = [s for s in members if s not in self.state.sessions and s not in self._admitting]
+        # Counted as ours from now on: a re-sync meanwhile keeps it, and if it was admitted by a call
+        # whose answer never came, the re-sync after the failure removes it unless it opened.
+        members.add(session_id)
+        self._admitting.add(session_id)
+        try:
+            admitted, _ = await self.store.admit_session(tenant_id, session_id, cap, ended)
+        except StoreUnavailable as exc:
+            await self.suspect(str(exc), refused=exc.refused)
+            return None
+        finally:
+            self._admitting.discard(session_id)
+        members.difference_update(ended)
+        if not admitted:
+            members.discard(session_id)
+        return admitted
+
+    def _ended_sessions(self) -> dict[str, list[str]]:
+        live = self.state.sessions
+        return {
+            t: [s for s in m if s not in live and s not in self._admitting]
+            for t, m in self._tenant_members.items()
+        }
+
+    async def _release_ended_sessions(self) -> None:
+        ended = {t: ids for t, ids in self._ended_sessions().items() if ids}
+        if not ended:
+            return
+        await self.store.release_sessions(ended)
+        for tenant_id, ids in ended.items():
+            self._tenant_members[tenant_id].difference_update(ids)
+
+    async def _resync_sessions(self) -> None:
+        """Make the store's session sets hold exactly our live sessions of each capped tenant: after a
+        store failure (an admission whose answer never came, a release lost) or a store that lost its
+        data (every admission then has to be put back, or the cap would admit past them)."""
+        auth = self.state.auth
+        live: dict[str, list[str]] = {t: [] for t in self._tenant_members}
+        for session in self.state.sessions.values():
+            if auth.admission_is_shared(session.tenant_id) and session.tenant_id is not None:
+                live.setdefault(session.tenant_id, []).append(session.session_id)
+        # an admission in flight may be counted already: keep it (released next tick if refused)
+        for tenant_id, members in self._tenant_members.items():
+            live[tenant_id] += [s for s in members if s in self._admitting]
+        if not live:
+            return
+        removed, added = await self.store.resync_sessions(live)
+        self._tenant_members = {t: set(ids) for t, ids in live.items()}
+        self.sessions_resynced["removed"] += removed
+        self.sessions_resynced["added"] += added
+        if removed or added:
+            log.info("tenant sessions re-synced", extra={"removed": removed, "added": added})
+
     def _load_batch(self) -> LoadBatch | None:
         """Load of owned nodes that moved: our own jobs plus those we run for other instances."""
         loads: dict[str, tuple[int, float, float, float]] = {}
         for_others: dict[str, int] = {}
-        horizon = self.state.clock.monotonic() - 2 * self.state.config.jobs.exec_timeout_max_ms / 1000
-        for job_id, (_, node_id, since) in list(self.remote_jobs.items()):
-            if since < horizon:
-                del self.remote_jobs[job_id]  # its result never came: the owner has failed it over long ago
+        now = self.state.clock.monotonic()
+        exec_max = self.state.config.jobs.exec_timeout_max_ms / 1000
+        for key, (_, node_id, since) in list(self.remote_jobs.items()):
+            if since < now - 2 * exec_max:
+                self._drop_route(*key)  # its result never came: the owner has failed it over long ago
             else:
                 for_others[node_id] = for_others.get(node_id, 0) + 1
+        for key, (_, _, since) in list(self._cancelled_routes.items()):
+            if since < now - exec_max:
+                self._drop_route(*key)  # a result this late would find the job answered long ago
         for entry in self.state.registry.local_nodes():
             if entry.status is NodeStatus.OFFLINE:
                 continue
@@ -434,10 +545,13 @@ class Cluster:
         # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would
         # count as load on our nodes (in the load batches) until the horizon of ``_load_batch``. This
         # covers jobs too recent to be in its job records (those are written once per tick).
-        for job_id, (reply_to, node_id, _) in list(self.remote_jobs.items()):
+        for (job_id, attempt), (reply_to, node_id, _) in list(self.remote_jobs.items()):
             if reply_to == instance:
-                del self.remote_jobs[job_id]
+                self._drop_route(job_id, attempt)
                 self.state.dispatcher.cancel_on_local_node(node_id, job_id, "owner instance died")
+        for key, (reply_to, _, _) in list(self._cancelled_routes.items()):
+            if reply_to == instance:
+                self._drop_route(*key)
         await self.store.forget_instance(instance)
         orphans = await self.store.jobs_of(instance)
         failed = []
@@ -527,10 +641,8 @@ class Cluster:
                 self.state.metrics.cross_instance_dispatch.observe(hop)
                 self.state.cross_instance_window.record(hop)
             if dispatcher.deliver_to_local_node(message.node_id, message.assign):
-                self.remote_jobs[message.assign.job_id] = (
-                    message.reply_to,
-                    message.node_id,
-                    self.state.clock.monotonic(),
+                self._add_route(
+                    message.assign.job_id, message.assign.attempt_id, message.reply_to, message.node_id
                 )
             else:
                 self.writer.send(
@@ -543,7 +655,7 @@ class Cluster:
                     ),
                 )
         elif isinstance(message, CancelOnNode):
-            self.remote_jobs.pop(message.cancel.job_id, None)
+            self._cancel_routes(message.cancel.job_id, message.node_id)
             dispatcher.deliver_to_local_node(message.node_id, message.cancel)
         elif isinstance(message, DispatchFailed):
             dispatcher.remote_dispatch_failed(
@@ -621,14 +733,75 @@ class Cluster:
             message.reply_to, NodeAdminReply(request_id=message.request_id, status=status, body=body)
         )
 
+    # --- routes of other instances' attempts on our nodes ------------------------------------------
+
+    def _add_route(self, job_id: str, attempt: int, reply_to: str, node_id: str) -> None:
+        key = (job_id, attempt)
+        self._cancelled_routes.pop(key, None)
+        self.remote_jobs[key] = (reply_to, node_id, self.state.clock.monotonic())
+        self._route_attempts.setdefault(job_id, set()).add(attempt)
+
+    def _drop_route(self, job_id: str, attempt: int) -> None:
+        key = (job_id, attempt)
+        self.remote_jobs.pop(key, None)
+        self._cancelled_routes.pop(key, None)
+        attempts = self._route_attempts.get(job_id)
+        if attempts is not None:
+            attempts.discard(attempt)
+            if not attempts:
+                del self._route_attempts[job_id]
+
+    def _route(self, job_id: str, attempt: int) -> tuple[str, str, float] | None:
+        key = (job_id, attempt)
+        return self.remote_jobs.get(key) or self._cancelled_routes.get(key)
+
+    def _cancel_routes(self, job_id: str, node_id: str) -> None:
+        """The owner cancelled the job on ``node_id`` (that attempt was abandoned, or the job ended):
+        the attempt no longer counts as load here, and its route stays for a late result only."""
+        now = self.state.clock.monotonic()
+        for attempt in list(self._route_attempts.get(job_id, ())):
+            route = self.remote_jobs.get((job_id, attempt))
+            if route is not None and route[1] == node_id:
+                del self.remote_jobs[(job_id, attempt)]
+                self._cancelled_routes[(job_id, attempt)] = (route[0], node_id, now)
+
     def forward(self, node_id: str, message: object) -> bool:
-        """A job message from a local node for a job another instance owns: send it there."""
-        target = self.remote_jobs.get(getattr(message, "job_id", ""))
-        if target is None:
-            return False
-        if type(message).__name__ == "JobResult":
-            self.remote_jobs.pop(message.job_id, None)  # type: ignore[attr-defined]
-        self.writer.send(target[0], NodeJobMessage(node_id=node_id, message=message))  # type: ignore[arg-type]
+        """A job message from our node ``node_id`` for a job this instance does not own. It goes to
+        the job's owner only through the route of an attempt given to that very node, and a result
+        removes that route alone: nothing a node sends touches the route of an attempt on another
+        node (a late result of an abandoned attempt once took the new attempt's route with it, and
+        the new node's answers were dropped). A late result of an earlier attempt still reaches the
+        owner, which decides whether it counts (the first valid result wins). Anything else -- an
+        attempt of another node, one never given to this node, a job never routed here -- is dropped
+        here as stale and counted. Always True: the caller has nothing left to do."""
+        job_id: str = getattr(message, "job_id", "")
+        attempt: int | None = getattr(message, "attempt_id", None)
+        if attempt is None:  # asr_partial may leave it out: this node's latest attempt of the job
+            mine = [
+                a
+                for a in self._route_attempts.get(job_id, ())
+                if (r := self._route(job_id, a)) is not None and r[1] == node_id
+            ]
+            attempt = max(mine, default=None)
+        route = self._route(job_id, attempt) if attempt is not None else None
+        is_result = type(message).__name__ == "JobResult"
+        if is_result:
+            # The node counted the job in its last report; it is not one of our jobs (no finished()
+            # will take it off): without this the figure stays one too high until the next report.
+            entry = self.state.registry.nodes.get(node_id)
+            if entry is not None and entry.owner is None:
+                entry.load.report_ended()
+        if route is None or route[1] != node_id or attempt is None:
+            self.stale_routes += 1
+            self.state.metrics.stale_messages.inc()
+            log.info(
+                "job message without a route from its node dropped",
+                extra={"node_id": node_id, "job_id": job_id, "attempt": attempt},
+            )
+            return True
+        if is_result:
+            self._drop_route(job_id, attempt)
+        self.writer.send(route[0], NodeJobMessage(node_id=node_id, message=message))  # type: ignore[arg-type]
         return True
 
     def job_changed(self, record: JobRecord) -> None:

@@ -113,7 +113,9 @@ class Metrics:
             registry=r,
         )
         self.stale_messages = Counter(
-            "lingua_stale_job_messages", "Job messages of an old attempt or another node, dropped", registry=r
+            "lingua_stale_job_messages",
+            "Job messages of an old attempt, another node or a job unknown here, dropped",
+            registry=r,
         )
         self.unknown_node_values = Counter(
             "lingua_node_unknown_values",

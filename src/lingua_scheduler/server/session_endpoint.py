@@ -13,6 +13,7 @@ negotiated it; JSON never starts with their type bytes, so the two cannot be con
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -56,15 +57,16 @@ class SessionConnection:
         self.session: Session | None = None
         self.decoder: FrameDecoder[Any] = FrameDecoder(SessionInbound, state.config.server.max_frame_bytes)
 
-    def on_frame(self, data: bytes | str, t0: float) -> None:
+    def on_frame(self, data: bytes | str, t0: float) -> Awaitable[None] | None:
+        """Handle one frame. A ``session_init`` whose tenant's cap is shared by the instances returns
+        the admission to await: the connection's next frames wait for it, in order."""
         try:
             if isinstance(data, bytes) and is_binary_frame(data):
                 self._binary(data, t0)
-                return
+                return None
             msg = self.decoder.decode(data)
             if isinstance(msg, SessionInit):
-                self._init(msg)
-                return
+                return self._init(msg)
             session = self._own(msg.session_id)
             if isinstance(msg, AudioChunk):
                 utts = session.segmenter.chunk(
@@ -106,10 +108,14 @@ class SessionConnection:
                 session.groups.playback_ended(msg.group_id, self.state.clock.wall_ms())
                 session.rearm()
         except SchedulerError as exc:
-            self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
-            self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
-            if isinstance(exc, AuthenticationError):
-                close_refused(self.outbox, "unauthorized")  # after the error frame is flushed
+            self._refuse(exc)
+        return None
+
+    def _refuse(self, exc: SchedulerError) -> None:
+        self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
+        self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+        if isinstance(exc, AuthenticationError):
+            close_refused(self.outbox, "unauthorized")  # after the error frame is flushed
 
     def _binary(self, data: bytes, t0: float) -> None:
         """One binary audio frame: the same as an ``audio_chunk``, for a session that negotiated it."""
@@ -136,7 +142,7 @@ class SessionConnection:
             raise SessionError(f"session {session_id} was resumed on another connection")
         return session
 
-    def _init(self, msg: SessionInit) -> None:
+    def _init(self, msg: SessionInit) -> Awaitable[None] | None:
         state = self.state
         if state.shutting_down:
             # Refused before anything else: a replaced session would lose its in-flight results.
@@ -158,14 +164,38 @@ class SessionConnection:
             self.outbox.send(SessionCloseAck(session_id=old.session_id))
         if resumable is not None:
             self._resume(resumable)
-            return
+            return None
         spec = negotiate(msg.audio_format, msg.sample_rate, state.config.session)
         session = Session(state, self.outbox, msg, spec)
+        if state.auth.admission_is_shared(session.tenant_id):
+            self.session = None  # the replaced session (if any) is closed; the new one is not open yet
+            return self._admit_shared(session, msg)
         try:
             state.auth.admit_session(session.tenant_id, session.session_id, state.sessions.__contains__)
         except SessionError:
             self.session = None  # the replaced session (if any) is closed; nothing new was registered
             raise
+        self._open(session, msg)
+        return None
+
+    async def _admit_shared(self, session: Session, msg: SessionInit) -> None:
+        """The tenant's cap holds across the instances: one atomic step in the shared store admits
+        the session (server/auth.py), then it opens as any other."""
+        state = self.state
+        try:
+            await state.auth.admit_shared(session.tenant_id, session.session_id, state.sessions.__contains__)
+            if state.shutting_down:  # began while the store answered: its place is given back next tick
+                raise SessionError(
+                    "the scheduler is shutting down: reconnect to open a session",
+                    code=ErrorCode.SCHEDULER_SHUTTING_DOWN,
+                )
+        except SchedulerError as exc:
+            self._refuse(exc)
+            return
+        self._open(session, msg)
+
+    def _open(self, session: Session, msg: SessionInit) -> None:
+        state = self.state
         session.binary_frames = bool(msg.use_binary_frame)
         state.sessions[session.session_id] = session
         self.session = session

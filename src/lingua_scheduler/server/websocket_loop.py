@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
@@ -29,8 +29,9 @@ METERED = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType
 class Connection(Protocol):
     """An endpoint's per-socket handler, as the receive loop drives it."""
 
-    def on_frame(self, data: bytes | str, t0: float) -> None:
-        """Handle one admitted frame; ``t0`` is ``time.perf_counter()`` when it was received."""
+    def on_frame(self, data: bytes | str, t0: float) -> Awaitable[None] | None:
+        """Handle one admitted frame; ``t0`` is ``time.perf_counter()`` when it was received. What it
+        returns (a step that waits for the shared store) is awaited before the next frame is read."""
 
     def ready(self) -> bool:
         """Whether the socket did its handshake (registered a node, opened a session)."""
@@ -86,7 +87,9 @@ async def serve_websocket(
                         with contextlib.suppress(ConnectionError):  # the peer went away meanwhile
                             await ws.pong(frame.data)
                     elif kind is not WSMsgType.PONG:  # an unsolicited pong (we send no pings): nothing to do
-                        conn.on_frame(frame.data, time.perf_counter())
+                        pending = conn.on_frame(frame.data, time.perf_counter())
+                        if pending is not None:  # this connection's next frames wait for it
+                            await pending
                         if preauth and conn.ready():
                             preauth = False
                             connection_guard.authenticated(request)

@@ -71,6 +71,9 @@ class TickResult:
     #: ms during which no instance ticked, when this tick found such a stall (else 0): the presence
     #: of the instances alive when it began was extended by as much
     stalled_ms: int = 0
+    #: this instance's presence was not in the store before this tick: the store lost its data
+    #: (restarted empty) or another instance took this one over; what it owns must be published again
+    presence_lost: bool = False
 
 
 @dataclass(slots=True)
@@ -96,7 +99,9 @@ class StateStore(Protocol):
     #: False for the embedded store: one instance, nothing to share
     shared: bool
 
-    async def start(self) -> None: ...
+    async def start(self, *, from_start: bool = False) -> None:
+        """Connect; ``from_start``: the store lost this instance's inbox (read it from its start)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -144,6 +149,25 @@ class StateStore(Protocol):
     async def resync_reservations(self, held: dict[str, list[tuple[str, int]]]) -> tuple[int, int]:
         """Make this instance's reservations on each node of ``held`` exactly the (member, ttl ms)
         listed, in one step per node; returns (members removed, members added)."""
+        ...
+
+    # --- sessions of tenants with a session cap (cluster-wide) ----------------------------------------
+
+    async def admit_session(
+        self, tenant_id: str, session_id: str, cap: int, ended: list[str]
+    ) -> tuple[bool, int]:
+        """Admit ``session_id`` of ``tenant_id`` under ``cap`` sessions across the live instances, in
+        one atomic step that first releases this instance's ``ended`` sessions of the tenant. Returns
+        (admitted, sessions counted)."""
+        ...
+
+    async def release_sessions(self, ended: dict[str, list[str]]) -> None:
+        """Tenant id -> this instance's sessions of it that ended: they stop counting."""
+        ...
+
+    async def resync_sessions(self, live: dict[str, list[str]]) -> tuple[int, int]:
+        """Tenant id -> this instance's live sessions of it: its members become exactly those (after a
+        store failure or a store that lost its data). Returns (members removed, members added)."""
         ...
 
     # --- job records --------------------------------------------------------------------------------

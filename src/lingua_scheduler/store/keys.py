@@ -29,6 +29,12 @@ class Keys:
         #: instance's revocation sync; never expires: ids are not reused)
         self.revoked_nodes = f"{{{prefix}:auth}}:revoked"
 
+    def tenant_sessions_of(self, tenant_id: str) -> str:
+        """set of "<instance>\t<session id>": the sessions of one tenant with a session cap, across the
+        instances (admit.lua checks the cap and adds in one step; a member counts while its
+        instance's presence is live)."""
+        return f"{{{self.prefix}:fleet}}:tenant:{tenant_id}:sessions"
+
     def node_resv(self, node_id: str) -> str:
         """zset reservation member (job:attempt) -> expiry ms: the node's used slots."""
         return f"{{{self.prefix}:node:{node_id}}}:resv"

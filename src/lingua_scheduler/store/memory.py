@@ -33,8 +33,10 @@ class MemoryStore:
         self._pools: dict[str, set[str]] = {}
         self._jobs: dict[str, JobRecord] = {}
         self._revoked: set[str] = set()
+        #: tenant id -> its admitted sessions
+        self._sessions: dict[str, set[str]] = {}
 
-    async def start(self) -> None:
+    async def start(self, *, from_start: bool = False) -> None:
         return None
 
     async def close(self) -> None:
@@ -90,6 +92,23 @@ class MemoryStore:
         await self.write(WriteBatch(releases=[(node_id, member)]))
 
     async def resync_reservations(self, held: dict[str, list[tuple[str, int]]]) -> tuple[int, int]:
+        return 0, 0  # one instance, one process: nothing can be lost between it and its store
+
+    async def admit_session(
+        self, tenant_id: str, session_id: str, cap: int, ended: list[str]
+    ) -> tuple[bool, int]:
+        members = self._sessions.setdefault(tenant_id, set())
+        members.difference_update(ended)
+        if session_id not in members and len(members) >= cap:
+            return False, len(members)
+        members.add(session_id)
+        return True, len(members)
+
+    async def release_sessions(self, ended: dict[str, list[str]]) -> None:
+        for tenant_id, ids in ended.items():
+            self._sessions.get(tenant_id, set()).difference_update(ids)
+
+    async def resync_sessions(self, live: dict[str, list[str]]) -> tuple[int, int]:
         return 0, 0  # one instance, one process: nothing can be lost between it and its store
 
     async def write(self, batch: WriteBatch) -> None:

@@ -87,6 +87,8 @@ class RedisStore:
         self._commit = self.r.register_script(_lua("commit.lua"))
         self._tick = self.r.register_script(_lua("tick.lua"))
         self._resync = self.r.register_script(_lua("resync.lua"))
+        self._admit = self.r.register_script(_lua("admit.lua"))
+        self._tenant_resync = self.r.register_script(_lua("tenant_resync.lua"))
         #: reservation members of this instance start with this (resync.lua tells ours from others')
         self._member_prefix = f"{instance_id}|"
         self._last_claim = 0.0
@@ -118,7 +120,10 @@ class RedisStore:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, from_start: bool = False) -> None:
+        """Read the shared clock and create this instance's inbox group. ``from_start``: the group is
+        re-created after the store lost it (restarted empty), so the entries other instances sent in
+        the meantime (the stream was re-created by their XADD) are read too, not skipped."""
         sent_ms = self.clock.wall_ms()
         sec, usec = await self._do(self.r.time())
         self._set_offset(int(sec) * 1000 + int(usec) // 1000, sent_ms)
@@ -128,7 +133,9 @@ class RedisStore:
             await self._do(self.r.script_load(script.script))
         try:
             await self._do(
-                self.r.xgroup_create(self.keys.inbox(self.instance_id), GROUP, id="$", mkstream=True)
+                self.r.xgroup_create(
+                    self.keys.inbox(self.instance_id), GROUP, id="0" if from_start else "$", mkstream=True
+                )
             )
         except StoreUnavailable as exc:
             if "BUSYGROUP" not in str(exc):
@@ -195,7 +202,7 @@ class RedisStore:
         k = self.keys
         load = _enc.encode(loads) if loads is not None and loads.loads else b""
         sent_ms = self.clock.wall_ms()
-        now, dead, totals, stalled = await self._do(
+        now, dead, totals, stalled, missing = await self._do(
             self._tick(
                 keys=[k.instances, k.presence, k.changes, k.tenant_sessions, k.last_tick],
                 args=[
@@ -212,7 +219,7 @@ class RedisStore:
         )
         self._set_offset(int(now), sent_ms)
         elsewhere = {_s(totals[i]): int(totals[i + 1]) for i in range(0, len(totals), 2)}
-        return TickResult([_s(i) for i in dead], elsewhere, int(stalled))
+        return TickResult([_s(i) for i in dead], elsewhere, int(stalled), presence_lost=bool(int(missing)))
 
     async def changes(self, last_id: str, block_ms: int) -> list[Change]:
         resp = await self._do(
@@ -307,6 +314,42 @@ class RedisStore:
 
     async def slots_used(self, node_id: str, now_ms: int) -> int:
         return int(await self._do(self.r.zcount(self.keys.node_resv(node_id), now_ms, "+inf")))
+
+    # --- sessions of tenants with a session cap (cluster-wide) ----------------------------------------
+
+    async def admit_session(
+        self, tenant_id: str, session_id: str, cap: int, ended: list[str]
+    ) -> tuple[bool, int]:
+        """``admit.lua``: the cap checked and the session added in one step, against the sessions of
+        every live instance (docs/redis.md)."""
+        k = self.keys
+        ok, count = await self._do(
+            self._admit(
+                keys=[k.tenant_sessions_of(tenant_id), k.instances],
+                args=[self.instance_id, session_id, cap, *ended],
+            )
+        )
+        return bool(ok), int(count)
+
+    async def release_sessions(self, ended: dict[str, list[str]]) -> None:
+        p = self.r.pipeline(transaction=False)
+        for tenant_id, ids in ended.items():
+            if ids:
+                p.srem(self.keys.tenant_sessions_of(tenant_id), *[f"{self.instance_id}\t{s}" for s in ids])
+        if len(p):
+            await self._do(p.execute())
+
+    async def resync_sessions(self, live: dict[str, list[str]]) -> tuple[int, int]:
+        """``tenant_resync.lua`` per tenant (script calls, one each: rare, after a failure only)."""
+        removed = added = 0
+        for tenant_id, ids in live.items():
+            r, a = await self._do(
+                self._tenant_resync(
+                    keys=[self.keys.tenant_sessions_of(tenant_id)], args=[f"{self.instance_id}\t", *ids]
+                )
+            )
+            removed, added = removed + int(r), added + int(a)
+        return removed, added
 
     # --- job records --------------------------------------------------------------------------------
 
@@ -411,8 +454,8 @@ class RedisStore:
                 extra=block_ms / 1000,
             )
         except StoreUnavailable as exc:
-            if "NOGROUP" in str(exc):
-                await self.start()
+            if "NOGROUP" in str(exc):  # the store lost our group (restarted empty): read what came since
+                await self.start(from_start=True)
                 return out
             raise
         for _stream, entries in resp or ():

@@ -9,7 +9,8 @@
 -- ARGV[4] = change stream MAXLEN (approximate), ARGV[5] = JSON {tenant: sessions here} of the tenants
 -- with limits, ARGV[6] = stall ms, ARGV[7..] = ids of the nodes the instance owns
 -- Returns {now ms, {expired instance, ...}, {tenant, sessions on the other live instances, ...},
--- stall ms (0 unless a stall was found)}
+-- stall ms (0 unless a stall was found), 1 if this instance's presence was missing (else 0): the
+-- store lost it (restarted empty) or another instance took this one over}
 if redis.replicate_commands then redis.replicate_commands() end -- Redis < 7: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,6 +29,7 @@ if last and now - last > tonumber(ARGV[6]) then
 end
 redis.call('SET', KEYS[5], now)
 local expiry = now + tonumber(ARGV[2])
+local missing = redis.call('ZSCORE', KEYS[1], me) and 0 or 1
 redis.call('ZADD', KEYS[1], expiry, me)
 local pairs_ = {}
 for i = 7, #ARGV do
@@ -80,4 +82,4 @@ for tenant, n in pairs(totals) do
   flat[#flat + 1] = tenant
   flat[#flat + 1] = n
 end
-return {now, dead, flat, stalled}
+return {now, dead, flat, stalled, missing}
