@@ -103,7 +103,7 @@ class SessionConnection:
                 session.rearm()
             elif isinstance(msg, TtsPlayEnded):
                 session.segmenter.tts_ended()
-                session.groups.playback_ended(msg.group_id, self.state.clock.wall_ms())
+                session.groups.playback_ended(msg.group_id, int(self.state.clock.monotonic() * 1000))
                 session.rearm()
         except SchedulerError as exc:
             self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
