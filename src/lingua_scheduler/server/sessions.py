@@ -105,7 +105,8 @@ class Session:
             if msg.text_asr and msg.group_id is None:
                 clock = self.state.clock
                 changes["group_id"], changes["part_index"] = self.groups.part(
-                    int(clock.monotonic() * 1000), clock.wall_ms()  # the id carries a timestamp
+                    int(clock.monotonic() * 1000),
+                    clock.wall_ms(),  # the id carries a timestamp
                 )
             if msg.text_translated and not msg.tts_audio and msg.utterance_index not in self.no_tts:
                 changes["audio_lost"] = True
