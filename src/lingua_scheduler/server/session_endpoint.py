@@ -12,6 +12,7 @@ negotiated it; JSON never starts with their type bytes, so the two cannot be con
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -39,14 +40,28 @@ from lingua_scheduler.protocol.session import (
 from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
+from lingua_scheduler.server.shutdown import CLOSE_REASON, SERVICE_RESTART, pause_for_shutdown
 from lingua_scheduler.server.state import SchedulerState
 from lingua_scheduler.server.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 
 
+#: a draining session is told to hold its audio at most this often
+HOLD_NOTICE_INTERVAL_S = 0.5
+_closing: set[asyncio.Task[None]] = set()
+
+
+class _Draining(Exception):
+    """A frame for a session the graceful shutdown is closing (answered with backpressure)."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session.session_id)
+        self.session = session
+
+
 class SessionConnection:
-    __slots__ = ("credential", "decoder", "outbox", "session", "state")
+    __slots__ = ("_held_told_at", "credential", "decoder", "outbox", "session", "state")
 
     def __init__(self, state: SchedulerState, outbox: Outbox, credential: str | None = None) -> None:
         self.state = state
@@ -54,6 +69,7 @@ class SessionConnection:
         #: the API key presented at connect (header or query), checked at session_init
         self.credential = credential
         self.session: Session | None = None
+        self._held_told_at = -HOLD_NOTICE_INTERVAL_S
         self.decoder: FrameDecoder[Any] = FrameDecoder(SessionInbound, state.config.server.max_frame_bytes)
 
     def on_frame(self, data: bytes | str, t0: float) -> None:
@@ -65,7 +81,7 @@ class SessionConnection:
             if isinstance(msg, SessionInit):
                 self._init(msg)
                 return
-            session = self._own(msg.session_id)
+            session = self._own(msg.session_id, closing_ok=isinstance(msg, ClientHeartbeat))
             if isinstance(msg, AudioChunk):
                 utts = session.segmenter.chunk(
                     decode_base64(msg.payload, at="$.payload"),
@@ -105,6 +121,8 @@ class SessionConnection:
                 session.segmenter.tts_ended()
                 session.groups.playback_ended(msg.group_id, int(self.state.clock.monotonic() * 1000))
                 session.rearm()
+        except _Draining as draining:
+            self._hold_audio(draining.session)
         except SchedulerError as exc:
             self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
             self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
@@ -124,26 +142,38 @@ class SessionConnection:
         self.state.dispatcher.submit(session, utts, received_at=t0)
         session.rearm()
 
-    def _own(self, session_id: str) -> Session:
+    def _own(self, session_id: str, *, closing_ok: bool = False) -> Session:
         session = self.session
         if session is None:
             raise SessionError("no session on this connection: send session_init first")
         if session_id != session.session_id:
             raise SessionError(f"session_id {session_id!r} is not this connection's session")
+        if session.phase is Phase.CLOSING and closing_ok:
+            return session
         if session.phase is not Phase.OPEN:
+            if session.phase is Phase.CLOSING and self.state.shutting_down:
+                raise _Draining(session)
             raise SessionError(f"session {session_id} is closing", code=ErrorCode.SESSION_CLOSED)
         if session.outbox is not self.outbox:
             raise SessionError(f"session {session_id} was resumed on another connection")
         return session
 
+    def _hold_audio(self, session: Session) -> None:
+        """Audio for a session the shutdown is closing: told again to hold it (at most twice a second),
+        not refused with an error the client would show (server/shutdown.py)."""
+        now = self.state.clock.monotonic()
+        if now - self._held_told_at < HOLD_NOTICE_INTERVAL_S:
+            return
+        self._held_told_at = now
+        self.outbox.send(pause_for_shutdown(session.session_id, self.state.shutdown_remaining_ms()))
+
     def _init(self, msg: SessionInit) -> None:
         state = self.state
         if state.shutting_down:
-            # Refused before anything else: a replaced session would lose its in-flight results.
-            raise SessionError(
-                "the scheduler is shutting down: reconnect to open a session",
-                code=ErrorCode.SCHEDULER_SHUTTING_DOWN,
-            )
+            # Refused before anything else (a replaced session would lose its in-flight results), by
+            # closing with 1012 "service restart": the client reconnects, to an instance that is up.
+            self._close_for_restart()
+            return
         # The tenant comes from the API key, never from the body (server/auth.py); refused -> closed.
         msg.tenant_id = state.auth.session_tenant(self.credential, msg)
         resumable = self._resumable(msg)
@@ -220,6 +250,17 @@ class SessionConnection:
                 "resumed session lost messages kept while detached",
                 extra={"session_id": session.session_id, "dropped": session.dropped_while_detached},
             )
+
+    def _close_for_restart(self) -> None:
+        outbox = self.outbox
+
+        async def run() -> None:
+            await outbox.close()
+            await outbox.close_socket(SERVICE_RESTART, CLOSE_REASON)
+
+        task = asyncio.get_running_loop().create_task(run())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
     def ready(self) -> bool:
         return self.session is not None
