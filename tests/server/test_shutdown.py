@@ -102,14 +102,22 @@ async def test_sigterm_lets_running_job_finish_then_exits_0(
         # a connection opened before cannot start a session any more: it is closed with 1012, so
         # the client reconnects (to an instance that is up) instead of showing an error
         assert idle.ws is not None
-        init = {"type": "session_init", "client_version": "t", "platform": "web", "src_lang": "en", "tgt_lang": "zh"}
+        init = {
+            "type": "session_init",
+            "client_version": "t",
+            "platform": "web",
+            "src_lang": "en",
+            "tgt_lang": "zh",
+        }
         await idle.ws.send_json(init)
         await eventually(lambda: idle.ws is not None and idle.ws.closed, timeout=2)  # not the drain's end
         assert idle.ws.close_code == SERVICE_RESTART
         assert not [m for m in idle.messages if m.get("type") in ("session_init_ack", "error")]
         # audio sent now is not taken, and the client is told again to hold it (no error)
         told = len(s.of_type("backpressure"))
-        again = s.wait_for(lambda m: m.get("type") == "backpressure" and len(s.of_type("backpressure")) > told)
+        again = s.wait_for(
+            lambda m: m.get("type") == "backpressure" and len(s.of_type("backpressure")) > told
+        )
         await s.chunk(is_final=True)
         assert (await again)["action"] == "PAUSE"
         try:
