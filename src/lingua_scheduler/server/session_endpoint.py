@@ -27,6 +27,8 @@ from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import (
     AudioChunk,
     ClientHeartbeat,
+    MissingReason,
+    MissingResult,
     ServerHeartbeat,
     SessionClose,
     SessionCloseAck,
@@ -47,6 +49,8 @@ from lingua_scheduler.server.websocket_loop import serve_websocket
 log = logging.getLogger(__name__)
 
 
+#: frames kept while a resume is answered by another instance (the client waits for its ack anyway)
+MAX_QUEUED_WHILE_RESUMING = 64
 #: a draining session is told to hold its audio at most this often
 HOLD_NOTICE_INTERVAL_S = 0.5
 _closing: set[asyncio.Task[None]] = set()
@@ -61,7 +65,7 @@ class _Draining(Exception):
 
 
 class SessionConnection:
-    __slots__ = ("_held_told_at", "credential", "decoder", "outbox", "session", "state")
+    __slots__ = ("_held_told_at", "_queued", "credential", "decoder", "outbox", "session", "state")
 
     def __init__(self, state: SchedulerState, outbox: Outbox, credential: str | None = None) -> None:
         self.state = state
@@ -70,9 +74,22 @@ class SessionConnection:
         self.credential = credential
         self.session: Session | None = None
         self._held_told_at = -HOLD_NOTICE_INTERVAL_S
+        #: frames that came while a resume is looked up on another instance (None: not resuming)
+        self._queued: list[tuple[bytes | str, float]] | None = None
         self.decoder: FrameDecoder[Any] = FrameDecoder(SessionInbound, state.config.server.max_frame_bytes)
 
     def on_frame(self, data: bytes | str, t0: float) -> None:
+        if self._queued is not None:
+            if len(self._queued) < MAX_QUEUED_WHILE_RESUMING:
+                self._queued.append((data, t0))
+            else:
+                self.outbox.send(
+                    ErrorMessage(
+                        code=ErrorCode.INVALID_SESSION.value,
+                        message="frame refused: the session_init with a resume token is still being answered",
+                    )
+                )
+            return
         try:
             if isinstance(data, bytes) and is_binary_frame(data):
                 self._binary(data, t0)
@@ -189,8 +206,19 @@ class SessionConnection:
         if resumable is not None:
             self._resume(resumable)
             return
+        if self._resumable_elsewhere(msg):
+            self._resume_remote(msg)
+            return
+        self._open(msg)
+
+    def _open(
+        self, msg: SessionInit, *, session_id: str | None = None, start_index: int = 0, resumed: bool = False
+    ) -> Session:
+        """A new session on this connection (``session_id`` / ``start_index``: one continued from
+        another instance)."""
+        state = self.state
         spec = negotiate(msg.audio_format, msg.sample_rate, state.config.session)
-        session = Session(state, self.outbox, msg, spec)
+        session = Session(state, self.outbox, msg, spec, session_id=session_id, start_index=start_index)
         try:
             state.auth.admit_session(session.tenant_id, session.session_id, state.sessions.__contains__)
         except SessionError:
@@ -199,9 +227,9 @@ class SessionConnection:
         session.binary_frames = bool(msg.use_binary_frame)
         state.sessions[session.session_id] = session
         self.session = session
-        self.outbox.send(self._ack(session, resumed=False))
+        self.outbox.send(self._ack(session, resumed=resumed))
         log.info(
-            "session created",
+            "session resumed from another instance" if resumed else "session created",
             extra={
                 "session_id": session.session_id,
                 "trace_id": session.trace_id,
@@ -211,6 +239,75 @@ class SessionConnection:
                 "tgt_lang": session.targets[0],
             },
         )
+        return session
+
+    # --- resuming a session another instance held (server/resume.py) ------------------------------
+
+    def _resumable_elsewhere(self, msg: SessionInit) -> bool:
+        token = msg.resume_token
+        cluster = self.state.dispatcher.cluster
+        return (
+            bool(token)
+            and self.state.config.session.resume_window_ms > 0
+            and cluster is not None
+            and not cluster.degraded
+            and (token or "").split(".", 1)[0] not in self.state.sessions
+        )
+
+    def _resume_remote(self, msg: SessionInit) -> None:
+        """Look the token up in the shared store and ask its owner; frames that arrive meanwhile wait
+        (bounded) and are handled after the answer, in order."""
+        self._queued = []
+        task = asyncio.get_running_loop().create_task(self._resume_remote_run(msg))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _resume_remote_run(self, msg: SessionInit) -> None:
+        cluster = self.state.dispatcher.cluster
+        assert cluster is not None and msg.resume_token is not None
+        token = msg.resume_token
+        try:
+            record = await cluster.resumer.lookup(token, msg.tenant_id)
+            handover = await cluster.resumer.ask(record, token) if record is not None else None
+            if self.outbox.ws.closed:
+                return  # the client went away meanwhile; the owner (if it handed over) relays to nobody
+            if record is None or (handover is not None and not handover.ok):
+                self._open(msg)  # an unknown or expired token: a new session
+            elif handover is not None:
+                self._open(msg, session_id=record.session_id, start_index=handover.next_index, resumed=True)
+                for data in handover.held:
+                    self.outbox.send_raw(data)
+            else:
+                # The owner did not answer: taken for dead. Its utterances in flight died with it.
+                session = self._open(
+                    msg, session_id=record.session_id, start_index=record.next_index, resumed=True
+                )
+                now = self.state.clock.wall_ms()
+                for _, client_index in record.outstanding:
+                    session.send(
+                        MissingResult(
+                            session_id=session.session_id,
+                            utterance_index=client_index,
+                            reason=MissingReason.JOB_FAILED,
+                            created_at_ms=now,
+                            trace_id=session.trace_id,
+                        )
+                    )
+                log.warning(
+                    "session resumed after its instance was lost",
+                    extra={
+                        "session_id": record.session_id,
+                        "owner": record.owner,
+                        "lost": len(record.outstanding),
+                    },
+                )
+        except SchedulerError as exc:
+            self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
+            self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+        finally:
+            queued, self._queued = self._queued or [], None
+            for frame, t0 in queued:
+                self.on_frame(frame, t0)
 
     def _ack(self, session: Session, *, resumed: bool) -> SessionInitAck:
         spec = session.spec
@@ -244,7 +341,10 @@ class SessionConnection:
         self.session = session
         self.outbox.send(self._ack(session, resumed=True))
         for message in held:  # already in the client's view (``Session.send`` shaped them)
-            self.outbox.send(message)
+            if isinstance(message, bytes):
+                self.outbox.send_raw(message)
+            else:
+                self.outbox.send(message)
         if session.dropped_while_detached:
             log.warning(
                 "resumed session lost messages kept while detached",

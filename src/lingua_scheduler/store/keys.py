@@ -29,6 +29,10 @@ class Keys:
         #: instance's revocation sync; never expires: ids are not reused)
         self.revoked_nodes = f"{{{prefix}:auth}}:revoked"
 
+    def resume(self, session_id: str) -> str:
+        """string: a detached session's ResumeRecord JSON, expiring with its resume window."""
+        return f"{self.prefix}:resume:{session_id}"
+
     def node_resv(self, node_id: str) -> str:
         """zset reservation member (job:attempt) -> expiry ms: the node's used slots."""
         return f"{{{self.prefix}:node:{node_id}}}:resv"
