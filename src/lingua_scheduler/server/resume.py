@@ -75,8 +75,9 @@ class Resumer:
             token_digest=token_digest(token),
             tenant_id=session.tenant_id,
             trace_id=session.trace_id,
-            next_index=session.segmenter.next_index,
-            outstanding=session.outstanding(),
+            # the audio buffered now becomes an utterance there (a pause or the hand-over cuts it)
+            next_index=session.segmenter.next_index + (1 if session.segmenter.buffered_bytes else 0),
+            outstanding=session.outstanding(with_buffered=True),
         )
         ttl = self.state.config.session.resume_window_ms
         self._spawn(self._store_call(self.cluster.store.save_resume(record, ttl), session.session_id))

@@ -5,8 +5,9 @@ disconnect and a replacing ``session_init`` alike. A graceful close dispatches t
 for the session's outstanding results (bounded by the job deadlines), then acknowledges and frees
 everything; a close without a connection cancels the session's in-flight jobs and frees at once.
 
-With ``session.resume_window_ms``, a dropped connection *detaches* the session instead: the utterance
-in progress is finalized, its jobs run on, what it would have sent is kept (bounded), and a
+With ``session.resume_window_ms``, a dropped connection *detaches* the session instead: its jobs run
+on, the utterance in progress waits (a pause cuts it as usual), what it would have sent is kept
+(bounded), and a
 ``session_init`` carrying its resume token within the window attaches a new connection and receives
 it; past the window it closes as a disconnect does. In multi-instance mode another instance may take
 the session over (server/resume.py): the session is then *handed over*, relaying what it still sends
@@ -135,11 +136,11 @@ class Session:
             self.dropped_while_detached += 1
         self._held.append(msg)
 
-    def outstanding(self) -> list[tuple[int, int]]:
-        """(internal index, the client's index) of the utterances whose outcome is not out yet."""
-        return [
-            (i, self.client_index.get(i, i)) for i in range(self.results.cursor, self.segmenter.next_index)
-        ]
+    def outstanding(self, *, with_buffered: bool = False) -> list[tuple[int, int]]:
+        """(internal index, the client's index) of the utterances whose outcome is not out yet;
+        ``with_buffered``: also the index the audio buffered now will get when it is cut."""
+        end = self.segmenter.next_index + (1 if with_buffered and self.segmenter.buffered_bytes else 0)
+        return [(i, self.client_index.get(i, i)) for i in range(self.results.cursor, end)]
 
     def _resumer(self) -> Resumer | None:
         cluster = self.state.dispatcher.cluster
@@ -204,9 +205,6 @@ class Session:
             return
         self.outbox = None
         self.phase = Phase.DETACHED
-        # The utterance in progress ends with the connection: its numbering is then final, which a
-        # session continued elsewhere relies on (server/resume.py).
-        self.state.dispatcher.submit(self, self.segmenter.chunk(b"", True))
         self._detach_timer = asyncio.get_running_loop().call_later(window / 1000.0, self._detach_expired)
         resumer = self._resumer()
         if resumer is not None:
@@ -240,6 +238,8 @@ class Session:
             self._detach_timer = None
         self.phase = Phase.HANDED_OVER
         self.relay_to = to
+        # the utterance in progress ends here: the next index is the new instance's
+        self.state.dispatcher.submit(self, self.segmenter.close())
         self._recorded = False  # the resumer drops the record with the hand-over
         encoder = msgspec.json.Encoder()
         held = [m if isinstance(m, bytes) else encoder.encode(m) for m in self._held]
