@@ -267,7 +267,8 @@ async def test_binary_frames_of_the_client_layout(
     assert other.ws is not None and other.session_id is not None
     refused = other.wait_for(lambda m: m.get("type") == "error")
     await other.ws.send_bytes(client_audio_frame(other.session_id, 0, True, opus_audio(100)))
-    assert (await refused)["code"] == "INVALID_MESSAGE"
+    err = await refused
+    assert err["code"] == "INVALID_MESSAGE" and err["details"] == {"reason": "invalid_value", "field": "$"}
     await other.speak(chunks=2)
     await eventually(lambda: len(other.of_type("translation_result")) == 1)
 

@@ -20,7 +20,14 @@ from aiohttp import web
 
 from lingua_scheduler.core.audio import decode_base64, negotiate
 from lingua_scheduler.core.languages import normalize
-from lingua_scheduler.errors import AuthenticationError, ErrorCode, SchedulerError, SessionError
+from lingua_scheduler.errors import (
+    AuthenticationError,
+    ErrorCode,
+    ProtocolError,
+    Reason,
+    SchedulerError,
+    SessionError,
+)
 from lingua_scheduler.protocol.binary_frames import decode_binary_frame, is_binary_frame
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
@@ -151,9 +158,10 @@ class SessionConnection:
         frame = decode_binary_frame(data)
         session = self._own(frame.session_id)
         if not session.binary_frames:
-            raise SessionError(
+            raise ProtocolError(
                 "binary audio frames were not negotiated: send session_init with use_binary_frame true",
-                code=ErrorCode.INVALID_MESSAGE,
+                reason=Reason.INVALID_VALUE,
+                field="$",
             )
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
         self.state.dispatcher.submit(session, utts, received_at=t0)
