@@ -116,7 +116,8 @@ class SchedulerConfig(Section):
 
     #: jobs a node runs at once; selection excludes a node whose effective load reaches it
     max_concurrent_jobs_per_node: int = 4
-    #: cpu/gpu/memory percentage at or above which a node takes no new job
+    #: cpu/gpu/memory percentage at or above which a node is passed over for nodes under it (it still
+    #: takes work when every capable node is over it)
     resource_threshold: float = 85.0
     #: the fleet view is republished at most this often when something changed
     fleet_view_interval_ms: int = 50

@@ -48,6 +48,8 @@ SENTENCES: dict[str, list[str]] = {
     # the first one-shot utterance was never recognised in the recording (its job was failed over while
     # the node warmed up); its audio has B's size
     "utterance_74": [B, A],
+    # scenarios of ours, derived from a recording (tests/conformance/ours.py)
+    "ours_resume_74": [A, B],
 }
 
 #: scenarios the rooms/pairing work covers; replayed by nobody here
@@ -118,6 +120,11 @@ class Scenario:
 
     def actors(self) -> list[str]:
         return sorted({e["who"] for e in self.events if e["who"] != "harness"})
+
+
+def recorded_events(name: str) -> list[dict[str, Any]]:
+    """The lines of one recording, as recorded."""
+    return _read(name)
 
 
 def scenario_names() -> list[str]:
@@ -210,7 +217,12 @@ def _timing(name: str, version: str, results: list[dict[str, Any]]) -> NodeTimin
 
 
 def load(name: str) -> Scenario:
-    events = sorted(enumerate(_read(name)), key=lambda p: (int(p[1]["t_ms"]), p[0]))
+    return build(name, _read(name))
+
+
+def build(name: str, raw_events: list[dict[str, Any]]) -> Scenario:
+    """A scenario from its events (a recording's lines, or a scenario of ours derived from one)."""
+    events = sorted(enumerate(raw_events), key=lambda p: (int(p[1]["t_ms"]), p[0]))
     ordered = [e for _, e in events]
     first = ordered[0]
     assert first.get("ev") == "scheduler_started", name
@@ -238,4 +250,13 @@ def load(name: str) -> Scenario:
     return sc
 
 
-__all__ = ["SENTENCES", "AnswerTemplate", "NodeTiming", "Scenario", "load", "scenario_names"]
+__all__ = [
+    "SENTENCES",
+    "AnswerTemplate",
+    "NodeTiming",
+    "Scenario",
+    "build",
+    "load",
+    "recorded_events",
+    "scenario_names",
+]

@@ -38,6 +38,8 @@ REACTIVE_NODE_FRAMES = {"job_result", "asr_partial", "job_ack", "job_started"}
 #: every type a head node's service discovery lists in capability_by_type (the recordings stubbed
 #: discovery and kept four; the replay lists the others as a real head node does: not ready, no impl)
 HEAD_SERVICE_TYPES = ("asr", "nmt", "tts", "tone", "semantic", "phonetic", "punctuation")
+#: in a scenario of ours (never in a recording): "the resume token of the last session_init_ack"
+RESUME_TOKEN = "<resume_token>"
 #: fields holding the sender's wall clock: the real apps put Date.now() there
 CLOCK_FIELDS = {"timestamp", "ts_start_ms", "ts_end_ms"}
 RECONNECT_FOR_S = 20.0
@@ -127,6 +129,8 @@ class Actor:
         self.recorded_ids = self._recorded_ids()
         self.acks = 0
         self.closed_by_client = False
+        #: the last session_init_ack's resume_token (scenarios of ours resume with it)
+        self.resume_token: str | None = None
 
     def _recorded_ids(self) -> list[str]:
         """The ids the recorded scheduler handed out, in order, to map onto the ones ours hands out."""
@@ -182,6 +186,8 @@ class Actor:
             self.note(f"connection closed by the scheduler (code {ws.close_code})")
 
     async def on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "session_init_ack" and msg.get("resume_token"):
+            self.resume_token = str(msg["resume_token"])
         if msg.get("type") in ("session_init_ack", "node_register_ack"):
             new = str(msg.get("session_id") or msg.get("node_id"))
             if self.acks < len(self.recorded_ids):
@@ -206,6 +212,8 @@ class Actor:
 
     async def replay(self, event_index: int, msg: dict[str, Any]) -> None:
         out = _substitute(msg, self.ids)
+        if out.get("resume_token") == RESUME_TOKEN:
+            out["resume_token"] = self.resume_token
         payload = self.scenario.payloads.get(event_index)
         if payload is not None:
             out["payload" if out.get("type") == "audio_chunk" else "audio"] = payload

@@ -169,10 +169,11 @@ def test_a_session_is_locked_to_the_format_of_its_first_audio() -> None:
 
 
 def test_groups_follow_the_playback_window() -> None:
+    """The window runs on the monotonic clock; the wall clock only names a new group."""
     groups = GroupTracker("s-1", window_ms=2000)
-    g0, p0 = groups.part(1000)
-    assert g0 == "group_s-1_1000" and p0 == 0
-    assert groups.part(2500) == (g0, 1)
+    g0, p0 = groups.part(1000, 1_796_000_000_000)
+    assert g0 == "group_s-1_1796000000000" and p0 == 0
+    assert groups.part(2500, 1_700_000_000_000) == (g0, 1)  # a wall-clock step back changes nothing
     assert groups.playback_ended(g0, 4000)
     assert not groups.playback_ended("group_other", 4000)
     assert groups.part(5900) == (g0, 2)  # within the window of the playback's end

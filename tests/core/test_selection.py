@@ -222,12 +222,25 @@ def test_dry_run_json_shape(make_fleet: FleetFactory) -> None:
 
 
 def test_resource_threshold_is_the_selectors(make_fleet: FleetFactory) -> None:
+    """Strict, the threshold excludes. Soft (the dispatcher's), a node over the threshold is passed
+    over for one under it, but chosen when every node is over it (a load spike fails no utterance);
+    capacity stays a hard limit."""
     f = make_fleet()
     f.add("a", cpu=10.0)
+    f.add("b", cpu=90.0)
     req = SelectionRequest("zh", "en")
-    assert Selector().select(f.view, req).node_id == "a"
-    r = Selector(rng=random.Random(1), resource_threshold=5.0).select(f.view, req)
-    assert r.best_reason == "resource_threshold_exceeded"
+    assert Selector(resource_threshold=5.0).select(f.view, req).best_reason == "resource_threshold_exceeded"
+    for seed in range(20):
+        assert Selector(rng=random.Random(seed), soft_threshold=True).select(f.view, req).node_id == "a"
+    hot = make_fleet()
+    hot.add("x", cpu=95.0)
+    hot.add("y", cpu=88.0)
+    soft = Selector(rng=random.Random(1), soft_threshold=True)
+    assert soft.select(hot.view, req).node_id == "y"  # the least loaded
+    hot.heartbeat("y", running=4, cpu=88.0)
+    hot.heartbeat("x", running=4, cpu=95.0)
+    r = soft.select(hot.view, req)
+    assert r.node_id is None and r.best_reason == "capacity_exceeded"
 
 
 def test_bound_preferred_node_keeps_a_chain_even_at_capacity(make_fleet: FleetFactory) -> None:

@@ -494,11 +494,14 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("server/session_endpoint.py", "SessionConnection.on_frame"): "server_heartbeat.timestamp",
     ("server/dispatcher.py", "Dispatcher._translation"): "translation_result.scheduler_sent_at_ms",
     ("server/dispatcher.py", "Dispatcher.deliver"): "missing_result.created_at_ms",
+    ("server/session_endpoint.py", "SessionConnection._resume_remote_run"): "missing_result.created_at_ms",
     ("server/dispatcher.py", "Dispatcher._send_remote"): "cross-instance hop latency (metric only)",
     ("server/cluster.py", "Cluster.handle"): "cross-instance hop latency (metric only)",
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
     ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",
+    ("server/resume.py", "Resumer.ask"): "hand-over request deadline, checked by another instance",
+    ("server/resume.py", "Resumer.on_request"): "hand-over request deadline (shared)",
     ("store/memory.py", "MemoryStore.reserve"): "reservation expiry (the embedded store's clock)",
     ("store/memory.py", "MemoryStore.write"): "reservation expiry (the embedded store's clock)",
     ("store/redis_store.py", "RedisStore.now_ms"): "the shared clock (wall + offset to Redis TIME)",
@@ -508,6 +511,8 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("core/jobs.py", "JobStore.create"): "job created_wall_ms (API)",
     ("core/registry.py", "Registry.register"): "registered_wall_ms: epoch of a node's records",
     ("core/segmentation.py", "Segmenter._emit"): "utterance created_wall_ms",
+    ("server/sessions.py", "Session._for_client"): "group_id names its creation (window: monotonic)",
+    ("store/redis_store.py", "RedisStore.ping"): "the probe key's value: when it was written (for operators)",
 }
 
 

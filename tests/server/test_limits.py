@@ -18,6 +18,13 @@ from tests.server.raw_ws import RawWebSocket
 
 INIT = {"type": "session_init", "client_version": "t", "platform": "web", "src_lang": "en", "tgt_lang": "zh"}
 FAST_JOBS = {"ack_timeout_ms": 400, "pending_timeout_ms": 600, "retention_seconds": 0.2}
+#: LINGUA_TEST_TIME_FACTOR: the tests' sleeps stretch by it, so the rates they race shrink by it
+FACTOR = MS * 1000
+
+
+def per_second(rate: float) -> float:
+    """A configured rate for a test whose pauses are ``MS``-scaled (the same test on a slower clock)."""
+    return rate / FACTOR
 
 
 def is_type(t: str) -> Any:
@@ -103,9 +110,9 @@ async def test_frame_over_the_limit_closes_with_1009(scheduler_factory: Any, end
 async def test_node_flood_is_dropped_told_then_closed(scheduler_factory: Any, node_factory: Any) -> None:
     rs = await scheduler_factory(
         limits={
-            "node_messages_per_second": 20,
+            "node_messages_per_second": per_second(20),
             "node_message_burst": 20,
-            "rate_limit_close_after_seconds": 0.6,
+            "rate_limit_close_after_seconds": 0.6 * FACTOR,
         },
         scheduler={"fleet_view_interval_ms": 10},
     )
@@ -116,8 +123,8 @@ async def test_node_flood_is_dropped_told_then_closed(scheduler_factory: Any, no
     for _ in range(60):
         await node.heartbeat()
     error = await told
-    assert "20 messages per second" in error["message"]
-    assert error["details"]["limit_per_second"] == 20 and error["details"]["retry_after_ms"] > 0
+    assert f"{per_second(20):g} messages per second" in error["message"]
+    assert error["details"]["limit_per_second"] == per_second(20) and error["details"]["retry_after_ms"] > 0
     await eventually(lambda: rs.state.registry.nodes[node.node_id].heartbeats >= 21)
     await asyncio.sleep(50 * MS)
     heartbeats = rs.state.registry.nodes[node.node_id].heartbeats
@@ -135,7 +142,7 @@ async def test_node_flood_is_dropped_told_then_closed(scheduler_factory: Any, no
             break
         await node.heartbeat()
         await asyncio.sleep(25 * MS)
-    await eventually(lambda: node.ws is not None and node.ws.closed, timeout=3)
+    await eventually(lambda: node.ws is not None and node.ws.closed, timeout=3000 * MS)
     assert node.ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
     await eventually(lambda: not rs.state.registry.nodes[node.node_id].connected)
     assert await rs.metric("lingua_limit_refusals_total", '{limit="rate_close"}') == 1
@@ -169,9 +176,9 @@ async def test_session_streaming_at_50_per_second_is_never_limited(
 async def test_session_flood_is_dropped_then_closed(scheduler_factory: Any) -> None:
     rs = await scheduler_factory(
         limits={
-            "session_messages_per_second": 50,
+            "session_messages_per_second": per_second(50),
             "session_message_burst": 10,
-            "rate_limit_close_after_seconds": 0.5,
+            "rate_limit_close_after_seconds": 0.5 * FACTOR,
         }
     )
     async with rs.http.ws_connect(rs.session_url) as ws:
@@ -199,7 +206,7 @@ async def test_session_flood_is_dropped_then_closed(scheduler_factory: Any) -> N
                     await asyncio.sleep(10 * MS)
 
         flooding = asyncio.create_task(flood())
-        assert await close_code(ws) == aiohttp.WSCloseCode.POLICY_VIOLATION
+        assert await close_code(ws, 5000 * MS) == aiohttp.WSCloseCode.POLICY_VIOLATION
         await flooding
     await eventually(lambda: rs.state.sessions == {} and rs.state.limits.open_connections == 0)
 
@@ -209,9 +216,9 @@ async def test_pings_are_answered_and_count_against_the_rate(scheduler_factory: 
     closed with 1008 like a flood of messages (aiohttp's own autoping would answer every one)."""
     rs = await scheduler_factory(
         limits={
-            "session_messages_per_second": 50,
+            "session_messages_per_second": per_second(50),
             "session_message_burst": 10,
-            "rate_limit_close_after_seconds": 0.5,
+            "rate_limit_close_after_seconds": 0.5 * FACTOR,
         }
     )
     async with rs.http.ws_connect(rs.session_url, autoping=False) as ws:
@@ -228,7 +235,7 @@ async def test_pings_are_answered_and_count_against_the_rate(scheduler_factory: 
         flooding = asyncio.create_task(flood())
         errors: list[str] = []
         pongs = 0
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(5000 * MS):
             while True:
                 msg = await ws.receive()
                 if msg.type is aiohttp.WSMsgType.PONG:

@@ -1,13 +1,14 @@
 """Graceful shutdown (SIGTERM) of a scheduler running in its own process.
 
 What must hold, every time:
-- the process stops accepting at once (new connections refused, ``session_init`` refused with
-  SCHEDULER_SHUTTING_DOWN on a connection opened before) and exits 0;
-- every open session is told (``error{SCHEDULER_SHUTTING_DOWN}``) and every utterance it sent gets
-  exactly one outcome before the socket closes: its result when the job finishes within
-  ``shutdown.drain_timeout_seconds``, else ``error`` + ``missing_result(job_failed)``;
-- every socket is closed with 1001 (going away) after its last message, so peers reconnect; a node
-  whose job was given up gets ``job_cancel``;
+- the process stops accepting at once (new connections refused with HTTP 503, a ``session_init`` on a
+  connection opened before closes it with 1012, so the client reconnects) and exits 0;
+- every open session is told to hold its audio (``backpressure{PAUSE}``, never an ``error``: the web
+  client shows errors as popups) and every utterance it sent gets exactly one outcome before the
+  socket closes: its result when the job finishes within ``shutdown.drain_timeout_seconds``, else
+  ``error`` + ``missing_result(job_failed)`` (a lost utterance is an error);
+- session sockets are closed with 1012 (service restart) after their last message, node sockets with
+  1001 (going away), so peers reconnect; a node whose job was given up gets ``job_cancel``;
 - Redis mode: a job of another instance running on a node of the stopping one is not lost: the
   other instance fails it over as soon as the node leaves, and the result reaches its session once.
 """
@@ -37,6 +38,7 @@ FAST = {
     "scheduler": {"fleet_view_interval_ms": 10},
 }
 GOING_AWAY = 1001
+SERVICE_RESTART = 1012
 
 
 def profile() -> NodeProfile:
@@ -88,25 +90,36 @@ async def test_sigterm_lets_running_job_finish_then_exits_0(
         await assigned
         t0 = time.monotonic()
         sched.signal(signal.SIGTERM)
-        notice = await s.wait_for(lambda m: m.get("type") == "error", timeout=5)
-        assert notice["code"] == "SCHEDULER_SHUTTING_DOWN"
-        assert notice["details"]["drain_timeout_ms"] == 8000
+        notice = await s.wait_for(lambda m: m.get("type") == "backpressure", timeout=5)
+        assert notice["action"] == "PAUSE" and notice["session_id"] == s.session_id
+        assert 7000 < notice["resume_after_ms"] <= 8000  # the drain time
         # nobody new gets in (the HTTP routes still answer: /ready says why)
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused_ws:
             await http.ws_connect(sched.session_url)
         assert refused_ws.value.status == 503
         async with http.get(sched.base + "/ready") as r:
             assert r.status == 503 and (await r.json())["checks"]["accepting"] is False
-        # a connection opened before cannot start a session any more
-        try:
-            refused = await idle.init()
-        except TimeoutError:
-            raise AssertionError((kinds(idle.messages), idle.ws.closed, sched.log_tail())) from None
-        assert refused["type"] == "error" and refused["code"] == "SCHEDULER_SHUTTING_DOWN"
-        # audio sent now is refused with a clear error, not silently dropped
-        err = s.wait_for(lambda m: m.get("type") == "error" and m.get("code") == "SESSION_CLOSED")
+        # a connection opened before cannot start a session any more: it is closed with 1012, so
+        # the client reconnects (to an instance that is up) instead of showing an error
+        assert idle.ws is not None
+        init = {
+            "type": "session_init",
+            "client_version": "t",
+            "platform": "web",
+            "src_lang": "en",
+            "tgt_lang": "zh",
+        }
+        await idle.ws.send_json(init)
+        await eventually(lambda: idle.ws is not None and idle.ws.closed, timeout=2)  # not the drain's end
+        assert idle.ws.close_code == SERVICE_RESTART
+        assert not [m for m in idle.messages if m.get("type") in ("session_init_ack", "error")]
+        # audio sent now is not taken, and the client is told again to hold it (no error)
+        told = len(s.of_type("backpressure"))
+        again = s.wait_for(
+            lambda m: m.get("type") == "backpressure" and len(s.of_type("backpressure")) > told
+        )
         await s.chunk(is_final=True)
-        await err
+        assert (await again)["action"] == "PAUSE"
         try:
             ack = await s.wait_for(lambda m: m.get("type") == "session_close_ack", timeout=10)
         except TimeoutError:
@@ -117,10 +130,11 @@ async def test_sigterm_lets_running_job_finish_then_exits_0(
         assert code == 0, sched.log_tail()
         # both utterances answered, in order, before the ack; nothing failed
         assert s.outcomes() == {0: ["result"], 1: ["result"]}, kinds(s.messages)
+        assert s.of_type("error") == []  # nothing the web client would show as a popup
         after_ack = kinds(s.messages[s.messages.index(ack) + 1 :])
         assert after_ack == [], after_ack
         await eventually(lambda: s.ws is not None and s.ws.closed, timeout=3)
-        assert s.ws is not None and s.ws.close_code == GOING_AWAY
+        assert s.ws is not None and s.ws.close_code == SERVICE_RESTART
         await eventually(lambda: node.closed, timeout=3)
         assert node.ws is not None and node.ws.close_code == GOING_AWAY
         assert any(m["type"] == "error" and m["code"] == "SCHEDULER_SHUTTING_DOWN" for m in node.received)
@@ -154,9 +168,8 @@ async def test_job_past_the_deadline_is_failed_explicitly_before_exit(
         assert await sched.wait_exit(10) == 0, sched.log_tail()
         elapsed = time.monotonic() - t0
         assert 0.9 < elapsed < 5, elapsed
-        # the client was told, in this order: shutting down, the job failed, the utterance is missing
-        seen = kinds(s.messages)
-        i_notice = seen.index("error:SCHEDULER_SHUTTING_DOWN")
+        # the client was told, in this order: hold your audio, the job failed, the utterance is missing
+        i_notice = s.messages.index(s.of_type("backpressure")[0])
         failures = [m for m in s.of_type("error") if (m.get("details") or {}).get("job_id") == job["job_id"]]
         assert len(failures) == 1 and failures[0]["code"] == "SCHEDULER_SHUTTING_DOWN"
         assert s.outcomes() == {0: ["missing:job_failed"]}
@@ -168,7 +181,7 @@ async def test_job_past_the_deadline_is_failed_explicitly_before_exit(
         )
         assert not any(m["type"] == "job_assign" for m in fast.received)
         await eventually(lambda: s.ws is not None and s.ws.closed and node.closed and fast.closed, timeout=3)
-        assert s.ws is not None and s.ws.close_code == GOING_AWAY
+        assert s.ws is not None and s.ws.close_code == SERVICE_RESTART
     finally:
         await asyncio.gather(node.close(), fast.close(), s.disconnect(), return_exceptions=True)
 
@@ -269,7 +282,8 @@ async def test_stop_without_signal_fails_in_flight_work_at_once(
 ) -> None:
     """Any other stop (here ``TestServer.close()``, i.e. aiohttp's shutdown without our signal
     handler) cannot wait for results -- aiohttp has stopped reading -- so the work in flight is
-    failed explicitly at once, and every peer still gets its messages and a 1001 close."""
+    failed explicitly at once, and every peer still gets its messages and its close (1012 for
+    sessions, 1001 for nodes)."""
     rs = await scheduler_factory(scheduler={"fleet_view_interval_ms": 10})
     node = SimulatedNode(http, rs.node_url, profile(), executor=Executor(latency=20.0))
     s = SimulatedSession(http, rs.session_url)
@@ -290,7 +304,7 @@ async def test_stop_without_signal_fails_in_flight_work_at_once(
             "missing_result",
             "session_close_ack",
         ]
-        assert s.ws is not None and s.ws.close_code == GOING_AWAY
+        assert s.ws is not None and s.ws.close_code == SERVICE_RESTART
         assert any(m["type"] == "job_cancel" and m["job_id"] == job["job_id"] for m in node.received)
         assert node.ws is not None and node.ws.close_code == GOING_AWAY
     finally:

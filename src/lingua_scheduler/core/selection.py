@@ -24,6 +24,10 @@ A selection that finds nothing therefore costs O(shards tried x max_pool_size): 
 of the request, not by the fleet -- but a pair served by 50,000 nodes has 500 shards. ``scan_budget``
 caps that cost (selection then stops early and says so in ``truncated``), at the price of completeness.
 
+With ``soft_threshold`` (the dispatcher's) the resource threshold is a preference: nodes over it are
+chosen only when no node under it passes (a second pass, taken only when the first one found nothing
+and refused some node for its load).
+
 Must never: mutate the view or any load (``commit`` does that, explicitly), read the clock (the
 unavailable marks carry their own), or iterate the whole fleet.
 """
@@ -78,6 +82,8 @@ REASONS = (
 
 #: random visits in a shard before settling for fewer than d passing candidates
 SAMPLE_TRIES = 8
+#: a threshold no load reaches (percentages end at 100): the fallback pass of ``Selector.select``
+OVER_ANY_LOAD = 101.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,15 +221,41 @@ class Selector:
         marks: UnavailableMarks | None = None,
         resource_threshold: float = 85.0,
         scan_budget: int | None = None,
+        soft_threshold: bool = False,
     ) -> None:
         self.rng = rng or random.Random()
         self.marks = marks
         self.resource_threshold = resource_threshold
+        #: nodes over the threshold are chosen when no node under it passes (see ``select``)
+        self.soft_threshold = soft_threshold
         #: stop trying further pools once this many members were looked at (None: try every eligible
         #: pool, which keeps selection complete; a budget bounds the cost of failing at saturation)
         self.scan_budget = scan_budget
 
     def select(self, view: FleetView, req: SelectionRequest) -> SelectionResult:
+        """The node for ``req``. With ``soft_threshold`` the resource threshold is a preference, not a
+        bar: when nothing passed and some nodes were refused for being over it, the least loaded of
+        those is chosen (a node's host CPU spikes while it loads models; failing the utterance for that helps
+        nobody, and the node's own concurrency limit still holds)."""
+        result = self._select(view, req)
+        if (
+            self.soft_threshold
+            and result.node_id is None
+            and not result.truncated
+            and result.breakdown.counts[RESOURCE_THRESHOLD_EXCEEDED]
+            and self.resource_threshold <= 100.0
+        ):
+            saved = self.resource_threshold
+            self.resource_threshold = OVER_ANY_LOAD
+            try:
+                relaxed = self._select(view, req)
+            finally:
+                self.resource_threshold = saved
+            if relaxed.node_id is not None:
+                return relaxed
+        return result
+
+    def _select(self, view: FleetView, req: SelectionRequest) -> SelectionResult:
         src, tgt = normalize(req.src_lang), normalize(req.tgt_lang)
         layout = view.layout
         mode = layout.mode

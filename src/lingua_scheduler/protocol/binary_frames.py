@@ -40,7 +40,8 @@ def is_binary_frame(data: bytes) -> bool:
     return bool(data) and data[0] in (AUDIO_CHUNK, FINAL)
 
 
-def _refuse(message: str, reason: Reason = Reason.MALFORMED_FRAME, field: str = "$") -> ProtocolError:
+def _refuse(message: str, reason: Reason, field: str = "$") -> ProtocolError:
+    """``field``: ``$`` is the whole frame, ``$.session_id`` its id (the frame has no JSON paths)."""
     return ProtocolError(
         f"binary audio frame: {message}", code=ErrorCode.INVALID_MESSAGE, reason=reason, field=field
     )
@@ -52,18 +53,20 @@ def decode_binary_frame(data: bytes) -> BinaryAudioFrame:
     header = _CHUNK_HEADER if kind == AUDIO_CHUNK else _FINAL_HEADER if kind == FINAL else None
     if header is None:
         raise _refuse(
-            f"unknown frame type {kind!r} (expected 1 = audio chunk or 2 = final)",
-            Reason.UNKNOWN_TYPE,
-            "$.type",
+            f"unknown frame type {kind!r} (expected 1 = audio chunk or 2 = final)", Reason.UNKNOWN_TYPE
         )
     if len(data) < header.size:
-        raise _refuse(f"{len(data)} bytes is shorter than its {header.size}-byte header")
+        raise _refuse(
+            f"{len(data)} bytes is shorter than its {header.size}-byte header", Reason.INVALID_VALUE
+        )
     fields = header.unpack_from(data)
     id_len, seq, timestamp = fields[1], fields[2], fields[3]
     end = header.size + id_len
     if id_len == 0 or len(data) < end:
         raise _refuse(
-            f"session id of {id_len} bytes does not fit a frame of {len(data)} bytes", field="$.session_id"
+            f"session id of {id_len} bytes does not fit a frame of {len(data)} bytes",
+            Reason.INVALID_VALUE,
+            "$.session_id",
         )
     try:
         session_id = data[header.size : end].decode("utf-8")

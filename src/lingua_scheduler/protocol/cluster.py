@@ -119,4 +119,66 @@ class NodeAdminReply(Record, tag="node_admin_reply", tag_field="kind", kw_only=T
     body: dict[str, object]
 
 
-InboxMessage = Dispatch | CancelOnNode | DispatchFailed | NodeJobMessage | NodeAdminRequest | NodeAdminReply
+# --- resuming a session on another instance (server/resume.py) --------------------------------------
+
+
+class ResumeRecord(Record, kw_only=True):
+    """Written by the instance of a session whose connection dropped, for the resume window: lets any
+    instance check a resume token and continue the session when its owner is gone."""
+
+    session_id: str
+    owner: str
+    #: sha256 (hex) of the whole resume token: the record does not hold the token itself
+    token_digest: str
+    tenant_id: str | None = None
+    trace_id: str = ""
+    #: the session's next internal utterance index
+    next_index: int = 0
+    #: (internal index, the index the client knows it by) of utterances without their outcome yet
+    outstanding: list[tuple[int, int]] = []
+
+
+class ResumeRequest(Record, tag="resume_request", tag_field="kind", kw_only=True):
+    """Another instance holds a ``session_init`` with this session's token: hand the session over."""
+
+    request_id: str
+    reply_to: str
+    session_id: str
+    token_digest: str
+    #: shared wall clock (ms) after which the asker no longer waits: a later request is refused
+    deadline_ms: int
+
+
+class ResumeHandover(Record, tag="resume_handover", tag_field="kind", kw_only=True):
+    """The answer to a ``ResumeRequest``. ``ok``: the session is the asker's from now on; what its old
+    instance kept while detached follows in ``held``, results still to come follow as
+    ``SessionOutput``."""
+
+    request_id: str
+    session_id: str
+    ok: bool
+    next_index: int = 0
+    outstanding: list[tuple[int, int]] = []
+    #: messages for the client, encoded, in order (already in the client's view)
+    held: list[bytes] = []
+
+
+class SessionOutput(Record, tag="session_output", tag_field="kind", kw_only=True):
+    """One message for a session's client, from the instance that ran the utterance to the instance
+    the session was resumed on (already in the client's view, encoded)."""
+
+    session_id: str
+    data: bytes
+
+
+InboxMessage = (
+    Dispatch
+    | CancelOnNode
+    | DispatchFailed
+    | NodeJobMessage
+    | NodeAdminRequest
+    | NodeAdminReply
+    | ResumeRequest
+    | ResumeHandover
+    | SessionOutput
+)

@@ -49,7 +49,11 @@ from lingua_scheduler.protocol.cluster import (
     NodeAdminRequest,
     NodeJobMessage,
     NodeRecord,
+    ResumeHandover,
+    ResumeRequest,
+    SessionOutput,
 )
+from lingua_scheduler.server.resume import Resumer
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, PoolDelta, StateStore, StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
@@ -152,6 +156,8 @@ class Cluster:
         self._ticked = False
         state.registry.on_local_change = self._wake.set
         state.auth.shared_admission = self.admit_session
+        #: resuming sessions across instances (server/resume.py)
+        self.resumer = Resumer(state, self)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -671,6 +677,12 @@ class Cluster:
                 task = asyncio.get_running_loop().create_task(self._node_admin(message))
                 self._admin_tasks.add(task)
                 task.add_done_callback(self._admin_tasks.discard)
+        elif isinstance(message, ResumeRequest):
+            self.resumer.on_request(message)
+        elif isinstance(message, ResumeHandover):
+            self.resumer.on_handover(message)
+        elif isinstance(message, SessionOutput):
+            self.resumer.on_output(message)
         elif isinstance(message, NodeAdminReply):
             waiting = self._admin_waiting.get(message.request_id)
             if waiting is not None and not waiting.done():

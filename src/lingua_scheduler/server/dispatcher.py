@@ -140,7 +140,10 @@ class Dispatcher:
         self.marks = UnavailableMarks(state.clock, cfg.pools.unavailable_ttl_seconds)
         # The scan budget bounds a failing selection at saturation (every shard of a pair full).
         self.selector = Selector(
-            marks=self.marks, resource_threshold=cfg.scheduler.resource_threshold, scan_budget=SCAN_BUDGET
+            marks=self.marks,
+            resource_threshold=cfg.scheduler.resource_threshold,
+            scan_budget=SCAN_BUDGET,
+            soft_threshold=True,
         )
         #: job id -> perf_counter when its utterance was finalized (dispatch latency); bounded by live jobs
         self._finalized_at: dict[str, float] = {}

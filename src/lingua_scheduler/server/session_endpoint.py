@@ -12,6 +12,7 @@ negotiated it; JSON never starts with their type bytes, so the two cannot be con
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -20,13 +21,22 @@ from aiohttp import web
 
 from lingua_scheduler.core.audio import decode_base64, negotiate
 from lingua_scheduler.core.languages import normalize
-from lingua_scheduler.errors import AuthenticationError, ErrorCode, SchedulerError, SessionError
+from lingua_scheduler.errors import (
+    AuthenticationError,
+    ErrorCode,
+    ProtocolError,
+    Reason,
+    SchedulerError,
+    SessionError,
+)
 from lingua_scheduler.protocol.binary_frames import decode_binary_frame, is_binary_frame
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import (
     AudioChunk,
     ClientHeartbeat,
+    MissingReason,
+    MissingResult,
     ServerHeartbeat,
     SessionClose,
     SessionCloseAck,
@@ -40,14 +50,30 @@ from lingua_scheduler.protocol.session import (
 from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
+from lingua_scheduler.server.shutdown import CLOSE_REASON, SERVICE_RESTART, pause_for_shutdown
 from lingua_scheduler.server.state import SchedulerState
 from lingua_scheduler.server.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 
 
+#: frames kept while a resume is answered by another instance (the client waits for its ack anyway)
+MAX_QUEUED_WHILE_RESUMING = 64
+#: a draining session is told to hold its audio at most this often
+HOLD_NOTICE_INTERVAL_S = 0.5
+_closing: set[asyncio.Task[None]] = set()
+
+
+class _Draining(Exception):
+    """A frame for a session the graceful shutdown is closing (answered with backpressure)."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session.session_id)
+        self.session = session
+
+
 class SessionConnection:
-    __slots__ = ("credential", "decoder", "outbox", "session", "state")
+    __slots__ = ("_held_told_at", "_queued", "credential", "decoder", "outbox", "session", "state")
 
     def __init__(self, state: SchedulerState, outbox: Outbox, credential: str | None = None) -> None:
         self.state = state
@@ -55,11 +81,25 @@ class SessionConnection:
         #: the API key presented at connect (header or query), checked at session_init
         self.credential = credential
         self.session: Session | None = None
+        self._held_told_at = -HOLD_NOTICE_INTERVAL_S
+        #: frames that came while a resume is looked up on another instance (None: not resuming)
+        self._queued: list[tuple[bytes | str, float]] | None = None
         self.decoder: FrameDecoder[Any] = FrameDecoder(SessionInbound, state.config.server.max_frame_bytes)
 
-    def on_frame(self, data: bytes | str, t0: float) -> Awaitable[None] | None:
+    def on_frame(self, data: bytes | str, t0: float) -> Awaitable[object] | None:
         """Handle one frame. A ``session_init`` whose tenant's cap is shared by the instances returns
         the admission to await: the connection's next frames wait for it, in order."""
+        if self._queued is not None:
+            if len(self._queued) < MAX_QUEUED_WHILE_RESUMING:
+                self._queued.append((data, t0))
+            else:
+                self.outbox.send(
+                    ErrorMessage(
+                        code=ErrorCode.INVALID_SESSION.value,
+                        message="frame refused: the session_init with a resume token is still being answered",
+                    )
+                )
+            return None
         try:
             if isinstance(data, bytes) and is_binary_frame(data):
                 self._binary(data, t0)
@@ -67,7 +107,7 @@ class SessionConnection:
             msg = self.decoder.decode(data)
             if isinstance(msg, SessionInit):
                 return self._init(msg)
-            session = self._own(msg.session_id)
+            session = self._own(msg.session_id, closing_ok=isinstance(msg, ClientHeartbeat))
             if isinstance(msg, AudioChunk):
                 utts = session.segmenter.chunk(
                     decode_base64(msg.payload, at="$.payload"),
@@ -105,8 +145,10 @@ class SessionConnection:
                 session.rearm()
             elif isinstance(msg, TtsPlayEnded):
                 session.segmenter.tts_ended()
-                session.groups.playback_ended(msg.group_id, self.state.clock.wall_ms())
+                session.groups.playback_ended(msg.group_id, int(self.state.clock.monotonic() * 1000))
                 session.rearm()
+        except _Draining as draining:
+            self._hold_audio(draining.session)
         except SchedulerError as exc:
             self._refuse(exc)
         return None
@@ -122,34 +164,47 @@ class SessionConnection:
         frame = decode_binary_frame(data)
         session = self._own(frame.session_id)
         if not session.binary_frames:
-            raise SessionError(
+            raise ProtocolError(
                 "binary audio frames were not negotiated: send session_init with use_binary_frame true",
-                code=ErrorCode.INVALID_MESSAGE,
+                reason=Reason.INVALID_VALUE,
+                field="$",
             )
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
         self.state.dispatcher.submit(session, utts, received_at=t0)
         session.rearm()
 
-    def _own(self, session_id: str) -> Session:
+    def _own(self, session_id: str, *, closing_ok: bool = False) -> Session:
         session = self.session
         if session is None:
             raise SessionError("no session on this connection: send session_init first")
         if session_id != session.session_id:
             raise SessionError(f"session_id {session_id!r} is not this connection's session")
+        if session.phase is Phase.CLOSING and closing_ok:
+            return session
         if session.phase is not Phase.OPEN:
+            if session.phase is Phase.CLOSING and self.state.shutting_down:
+                raise _Draining(session)
             raise SessionError(f"session {session_id} is closing", code=ErrorCode.SESSION_CLOSED)
         if session.outbox is not self.outbox:
             raise SessionError(f"session {session_id} was resumed on another connection")
         return session
 
-    def _init(self, msg: SessionInit) -> Awaitable[None] | None:
+    def _hold_audio(self, session: Session) -> None:
+        """Audio for a session the shutdown is closing: told again to hold it (at most twice a second),
+        not refused with an error the client would show (server/shutdown.py)."""
+        now = self.state.clock.monotonic()
+        if now - self._held_told_at < HOLD_NOTICE_INTERVAL_S:
+            return
+        self._held_told_at = now
+        self.outbox.send(pause_for_shutdown(session.session_id, self.state.shutdown_remaining_ms()))
+
+    def _init(self, msg: SessionInit) -> Awaitable[object] | None:
         state = self.state
         if state.shutting_down:
-            # Refused before anything else: a replaced session would lose its in-flight results.
-            raise SessionError(
-                "the scheduler is shutting down: reconnect to open a session",
-                code=ErrorCode.SCHEDULER_SHUTTING_DOWN,
-            )
+            # Refused before anything else (a replaced session would lose its in-flight results), by
+            # closing with 1012 "service restart": the client reconnects, to an instance that is up.
+            self._close_for_restart()
+            return None
         # The tenant comes from the API key, never from the body (server/auth.py); refused -> closed.
         msg.tenant_id = state.auth.session_tenant(self.credential, msg)
         resumable = self._resumable(msg)
@@ -165,43 +220,67 @@ class SessionConnection:
         if resumable is not None:
             self._resume(resumable)
             return None
-        spec = negotiate(msg.audio_format, msg.sample_rate, state.config.session)
-        session = Session(state, self.outbox, msg, spec)
+        if self._resumable_elsewhere(msg):
+            self._resume_remote(msg)
+            return None
+        session = self._make(msg)
         if state.auth.admission_is_shared(session.tenant_id):
             self.session = None  # the replaced session (if any) is closed; the new one is not open yet
-            return self._admit_shared(session, msg)
+            return self._admit_shared(session, msg, resumed=False)
+        self._admit_here(session)
+        self._open(session, msg, resumed=False)
+        return None
+
+    def _make(self, msg: SessionInit, *, session_id: str | None = None, start_index: int = 0) -> Session:
+        """A session for this connection, not yet admitted (``session_id`` / ``start_index``: one
+        continued from another instance)."""
+        spec = negotiate(msg.audio_format, msg.sample_rate, self.state.config.session)
+        return Session(self.state, self.outbox, msg, spec, session_id=session_id, start_index=start_index)
+
+    def _admit_here(self, session: Session) -> None:
+        """The tenant's cap checked by this instance alone (no shared cap for this tenant)."""
+        state = self.state
         try:
             state.auth.admit_session(session.tenant_id, session.session_id, state.sessions.__contains__)
         except SessionError:
             self.session = None  # the replaced session (if any) is closed; nothing new was registered
             raise
-        self._open(session, msg)
-        return None
 
-    async def _admit_shared(self, session: Session, msg: SessionInit) -> None:
+    async def _admit_shared(self, session: Session, msg: SessionInit, *, resumed: bool) -> bool:
         """The tenant's cap holds across the instances: one atomic step in the shared store admits
-        the session (server/auth.py), then it opens as any other."""
+        the session (server/auth.py), then it opens as any other. Whether it opened."""
         state = self.state
         try:
             await state.auth.admit_shared(session.tenant_id, session.session_id, state.sessions.__contains__)
-            if state.shutting_down:  # began while the store answered: its place is given back next tick
-                raise SessionError(
-                    "the scheduler is shutting down: reconnect to open a session",
-                    code=ErrorCode.SCHEDULER_SHUTTING_DOWN,
-                )
         except SchedulerError as exc:
             self._refuse(exc)
-            return
-        self._open(session, msg)
+            return False
+        if state.shutting_down:  # began while the store answered: its place is given back next tick
+            self._close_for_restart()
+            return False
+        self._open(session, msg, resumed=resumed)
+        return True
 
-    def _open(self, session: Session, msg: SessionInit) -> None:
+    async def _admit_and_open(
+        self, msg: SessionInit, *, session_id: str | None = None, start_index: int = 0, resumed: bool
+    ) -> Session | None:
+        """``_make``, admission (shared or here) and ``_open`` in one: the session, or None if refused."""
+        session = self._make(msg, session_id=session_id, start_index=start_index)
+        if self.state.auth.admission_is_shared(session.tenant_id):
+            return session if await self._admit_shared(session, msg, resumed=resumed) else None
+        self._admit_here(session)
+        self._open(session, msg, resumed=resumed)
+        return session
+
+    def _open(self, session: Session, msg: SessionInit, *, resumed: bool) -> None:
+        """Register an admitted session on this connection and acknowledge it."""
         state = self.state
         session.binary_frames = bool(msg.use_binary_frame)
         state.sessions[session.session_id] = session
         self.session = session
-        self.outbox.send(self._ack(session, resumed=False))
+        self.outbox.send(self._ack(session, resumed=resumed))
         log.info(
-            "session created",
+            "session resumed from another instance" if resumed else "session created",
             extra={
                 "session_id": session.session_id,
                 "trace_id": session.trace_id,
@@ -211,6 +290,80 @@ class SessionConnection:
                 "tgt_lang": session.targets[0],
             },
         )
+
+    # --- resuming a session another instance held (server/resume.py) ------------------------------
+
+    def _resumable_elsewhere(self, msg: SessionInit) -> bool:
+        token = msg.resume_token
+        cluster = self.state.dispatcher.cluster
+        return (
+            bool(token)
+            and self.state.config.session.resume_window_ms > 0
+            and cluster is not None
+            and not cluster.degraded
+            and (token or "").split(".", 1)[0] not in self.state.sessions
+        )
+
+    def _resume_remote(self, msg: SessionInit) -> None:
+        """Look the token up in the shared store and ask its owner; frames that arrive meanwhile wait
+        (bounded) and are handled after the answer, in order."""
+        self._queued = []
+        task = asyncio.get_running_loop().create_task(self._resume_remote_run(msg))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _resume_remote_run(self, msg: SessionInit) -> None:
+        cluster = self.state.dispatcher.cluster
+        assert cluster is not None and msg.resume_token is not None
+        token = msg.resume_token
+        try:
+            record = await cluster.resumer.lookup(token, msg.tenant_id)
+            handover = await cluster.resumer.ask(record, token) if record is not None else None
+            if self.outbox.ws.closed:
+                return  # the client went away meanwhile; the owner (if it handed over) relays to nobody
+            if record is None or (handover is not None and not handover.ok):
+                await self._admit_and_open(msg, resumed=False)  # an unknown or expired token: a new session
+            elif handover is not None:
+                opened = await self._admit_and_open(
+                    msg, session_id=record.session_id, start_index=handover.next_index, resumed=True
+                )
+                for data in handover.held if opened is not None else ():
+                    self.outbox.send_raw(data)
+            else:
+                # The owner did not answer: taken for dead. Its utterances in flight died with it.
+                session = await self._admit_and_open(
+                    msg, session_id=record.session_id, start_index=record.next_index, resumed=True
+                )
+                if session is None:
+                    return
+                now = self.state.clock.wall_ms()
+                for _, client_index in record.outstanding:
+                    session.send(
+                        MissingResult(
+                            session_id=session.session_id,
+                            utterance_index=client_index,
+                            reason=MissingReason.JOB_FAILED,
+                            created_at_ms=now,
+                            trace_id=session.trace_id,
+                        )
+                    )
+                log.warning(
+                    "session resumed after its instance was lost",
+                    extra={
+                        "session_id": record.session_id,
+                        "owner": record.owner,
+                        "lost": len(record.outstanding),
+                    },
+                )
+        except SchedulerError as exc:
+            self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
+            self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+        finally:
+            queued, self._queued = self._queued or [], None
+            for frame, t0 in queued:
+                pending = self.on_frame(frame, t0)
+                if pending is not None:  # a session_init of a shared-cap tenant: in order, as the loop does
+                    await pending
 
     def _ack(self, session: Session, *, resumed: bool) -> SessionInitAck:
         spec = session.spec
@@ -244,12 +397,26 @@ class SessionConnection:
         self.session = session
         self.outbox.send(self._ack(session, resumed=True))
         for message in held:  # already in the client's view (``Session.send`` shaped them)
-            self.outbox.send(message)
+            if isinstance(message, bytes):
+                self.outbox.send_raw(message)
+            else:
+                self.outbox.send(message)
         if session.dropped_while_detached:
             log.warning(
                 "resumed session lost messages kept while detached",
                 extra={"session_id": session.session_id, "dropped": session.dropped_while_detached},
             )
+
+    def _close_for_restart(self) -> None:
+        outbox = self.outbox
+
+        async def run() -> None:
+            await outbox.close()
+            await outbox.close_socket(SERVICE_RESTART, CLOSE_REASON)
+
+        task = asyncio.get_running_loop().create_task(run())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
     def ready(self) -> bool:
         return self.session is not None

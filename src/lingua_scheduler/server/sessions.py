@@ -6,8 +6,12 @@ for the session's outstanding results (bounded by the job deadlines), then ackno
 everything; a close without a connection cancels the session's in-flight jobs and frees at once.
 
 With ``session.resume_window_ms``, a dropped connection *detaches* the session instead: its jobs run
-on, what it would have sent is kept (bounded), and a ``session_init`` carrying its resume token within
-the window attaches a new connection and receives it; past the window it closes as a disconnect does.
+on, the utterance in progress waits (a pause cuts it as usual), what it would have sent is kept
+(bounded), and a
+``session_init`` carrying its resume token within the window attaches a new connection and receives
+it; past the window it closes as a disconnect does. In multi-instance mode another instance may take
+the session over (server/resume.py): the session is then *handed over*, relaying what it still sends
+for its client to that instance until its utterances' outcomes are all out.
 
 Everything the session sends passes ``send``, which puts the client's view on it: the client's own
 ``utterance_index`` for whole utterances it numbered, utterance groups on results, ``audio_lost``.
@@ -35,6 +39,7 @@ from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, Tran
 from lingua_scheduler.server.outbox import Outbox
 
 if TYPE_CHECKING:
+    from lingua_scheduler.server.resume import Resumer
     from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,8 @@ class Phase(StrEnum):
     OPEN = "open"
     #: the connection dropped; resumable until the window ends (its jobs run on, output is kept)
     DETACHED = "detached"
+    #: resumed on another instance: what it still sends goes there (server/resume.py)
+    HANDED_OVER = "handed_over"
     #: last audio dispatched, waiting for its results before the ack
     CLOSING = "closing"
     CLOSED = "closed"
@@ -57,18 +64,30 @@ def new_session_id(taken: object) -> str:
 
 
 class Session:
-    def __init__(self, state: SchedulerState, outbox: Outbox, init: SessionInit, spec: AudioSpec) -> None:
+    def __init__(
+        self,
+        state: SchedulerState,
+        outbox: Outbox,
+        init: SessionInit,
+        spec: AudioSpec,
+        *,
+        session_id: str | None = None,
+        start_index: int = 0,
+    ) -> None:
+        """``session_id`` and ``start_index``: a session continued from another instance."""
         self.state = state
         self.outbox: Outbox | None = outbox
         self.init = init
         self.spec = spec
-        self.session_id = new_session_id(state.sessions)
+        self.session_id = session_id or new_session_id(state.sessions)
         self.trace_id = init.trace_id or f"trace-{secrets.token_hex(6)}"
         self.tenant_id = init.tenant_id
         self.src_lang = normalize(init.src_lang)
         self.targets = [normalize(init.tgt_lang)]
-        self.segmenter = Segmenter(state.config.session, state.clock, spec)
-        self.results: ResultQueue[TranslationResult] = ResultQueue(state.config.session, state.clock)
+        self.segmenter = Segmenter(state.config.session, state.clock, spec, start_index=start_index)
+        self.results: ResultQueue[TranslationResult] = ResultQueue(
+            state.config.session, state.clock, start_index=start_index
+        )
         self.groups = GroupTracker(self.session_id)
         #: the client sends binary audio frames (negotiated in session_init)
         self.binary_frames = False
@@ -81,8 +100,13 @@ class Session:
         self._detach_timer: asyncio.TimerHandle | None = None
         self._close_reason = ""
         self._resume_secret = secrets.token_urlsafe(18)
-        #: what the session would have sent while detached, oldest first (bounded)
-        self._held: deque[msgspec.Struct] = deque(maxlen=state.config.session.max_detached_messages)
+        #: what the session would have sent while detached, oldest first (bounded); bytes: already
+        #: encoded (relayed by the instance the session was handed over from)
+        self._held: deque[msgspec.Struct | bytes] = deque(maxlen=state.config.session.max_detached_messages)
+        #: the instance this session was handed over to (phase HANDED_OVER)
+        self.relay_to: str | None = None
+        #: a resume record of it is in the shared store
+        self._recorded = False
         #: messages dropped from ``_held`` because it was full
         self.dropped_while_detached = 0
 
@@ -90,12 +114,37 @@ class Session:
 
     def send(self, msg: msgspec.Struct) -> None:
         msg = self._for_client(msg)
-        if self.outbox is not None:
+        if self.relay_to is not None:
+            resumer = self._resumer()
+            if resumer is not None:
+                resumer.relay(self.relay_to, self.session_id, msg)
+            asyncio.get_running_loop().call_soon(self.maybe_finish_relay)
+        elif self.outbox is not None:
             self.outbox.send(msg)
         elif self.phase is Phase.DETACHED:
-            if len(self._held) == self._held.maxlen:
-                self.dropped_while_detached += 1
-            self._held.append(msg)
+            self._hold(msg)
+
+    def send_encoded(self, data: bytes) -> None:
+        """A message already in the client's view and encoded (relayed from another instance)."""
+        if self.outbox is not None:
+            self.outbox.send_raw(data)
+        elif self.phase is Phase.DETACHED:
+            self._hold(data)
+
+    def _hold(self, msg: msgspec.Struct | bytes) -> None:
+        if len(self._held) == self._held.maxlen:
+            self.dropped_while_detached += 1
+        self._held.append(msg)
+
+    def outstanding(self, *, with_buffered: bool = False) -> list[tuple[int, int]]:
+        """(internal index, the client's index) of the utterances whose outcome is not out yet;
+        ``with_buffered``: also the index the audio buffered now will get when it is cut."""
+        end = self.segmenter.next_index + (1 if with_buffered and self.segmenter.buffered_bytes else 0)
+        return [(i, self.client_index.get(i, i)) for i in range(self.results.cursor, end)]
+
+    def _resumer(self) -> Resumer | None:
+        cluster = self.state.dispatcher.cluster
+        return cluster.resumer if cluster is not None else None
 
     def _for_client(self, msg: msgspec.Struct) -> msgspec.Struct:
         """The message as this client sees it: its own utterance numbers, groups, ``audio_lost``."""
@@ -103,7 +152,11 @@ class Session:
         if isinstance(msg, TranslationResult):
             changes: dict[str, Any] = {}
             if msg.text_asr and msg.group_id is None:
-                changes["group_id"], changes["part_index"] = self.groups.part(self.state.clock.wall_ms())
+                clock = self.state.clock
+                changes["group_id"], changes["part_index"] = self.groups.part(
+                    int(clock.monotonic() * 1000),
+                    clock.wall_ms(),  # the id carries a timestamp
+                )
             if msg.text_translated and not msg.tts_audio and msg.utterance_index not in self.no_tts:
                 changes["audio_lost"] = True
             if changes:
@@ -153,9 +206,13 @@ class Session:
         self.outbox = None
         self.phase = Phase.DETACHED
         self._detach_timer = asyncio.get_running_loop().call_later(window / 1000.0, self._detach_expired)
+        resumer = self._resumer()
+        if resumer is not None:
+            resumer.detached(self)
+            self._recorded = True
         log.info("session detached", extra={"session_id": self.session_id, "trace_id": self.trace_id})
 
-    def attach(self, outbox: Outbox) -> list[msgspec.Struct]:
+    def attach(self, outbox: Outbox) -> list[msgspec.Struct | bytes]:
         """A reconnect presented the token: ``outbox`` is the session's connection from now on. Returns
         the messages kept while detached, for the caller to send after its ack (in order)."""
         if self._detach_timer is not None:
@@ -165,9 +222,47 @@ class Session:
         self.phase = Phase.OPEN
         held = list(self._held)
         self._held.clear()
+        self._forget_record()
         self.rearm()
         log.info("session resumed", extra={"session_id": self.session_id, "trace_id": self.trace_id})
         return held
+
+    def hand_over(self, to: str) -> tuple[int, list[tuple[int, int]], list[bytes]] | None:
+        """Instance ``to`` resumes this detached session: from now on what it sends goes there. Returns
+        the next utterance index, the utterances still in flight and what was kept for the client
+        (encoded); None when the session is not detached (attached here again, or closing)."""
+        if self.phase is not Phase.DETACHED:
+            return None
+        if self._detach_timer is not None:
+            self._detach_timer.cancel()
+            self._detach_timer = None
+        self.phase = Phase.HANDED_OVER
+        self.relay_to = to
+        # the utterance in progress ends here: the next index is the new instance's
+        self.state.dispatcher.submit(self, self.segmenter.close())
+        self._recorded = False  # the resumer drops the record with the hand-over
+        encoder = msgspec.json.Encoder()
+        held = [m if isinstance(m, bytes) else encoder.encode(m) for m in self._held]
+        self._held.clear()
+        handover = (self.segmenter.next_index, self.outstanding(), held)
+        asyncio.get_running_loop().call_soon(self.maybe_finish_relay)
+        return handover
+
+    def maybe_finish_relay(self) -> None:
+        """A handed-over session whose utterances all have their outcome ends here (quietly: the
+        instance it was handed over to holds it now)."""
+        if self.phase is not Phase.HANDED_OVER:
+            return
+        if self.results.outstanding == 0 and self.state.dispatcher.live_jobs_of(self.session_id) == 0:
+            self._close_reason = "handed over"
+            self._finish()
+
+    def _forget_record(self) -> None:
+        if self._recorded:
+            self._recorded = False
+            resumer = self._resumer()
+            if resumer is not None:
+                resumer.forget(self.session_id)
 
     def _detach_expired(self) -> None:
         self._detach_timer = None
@@ -201,6 +296,7 @@ class Session:
             dispatcher.submit(self, self.segmenter.tick())
         dispatcher.deliver(self, self.results.tick())
         self.rearm()
+        self.maybe_finish_relay()
 
     # --- the one close path ---------------------------------------------------------------------
 
@@ -209,6 +305,8 @@ class Session:
         results delivered before ``session_close_ack``; without, in-flight jobs are cancelled."""
         if self.phase is Phase.CLOSED:
             return
+        if self.phase is Phase.HANDED_OVER:
+            return  # it ends by itself once its last outcome is relayed (maybe_finish_relay)
         if self.phase is Phase.DETACHED:
             self.phase = Phase.OPEN  # a replaced or expired detached session ends like a disconnect
             connection_gone = True
@@ -238,6 +336,7 @@ class Session:
     def _finish(self) -> None:
         self.phase = Phase.CLOSED
         self._held.clear()
+        self._forget_record()
         if self._detach_timer is not None:
             self._detach_timer.cancel()
             self._detach_timer = None

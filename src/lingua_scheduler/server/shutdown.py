@@ -14,22 +14,27 @@ WebSocket connections are refused with HTTP 503 and code SCHEDULER_SHUTTING_DOWN
 
 The sequence (docs/reliability.md, "Graceful shutdown"):
 
-1. Stop accepting: ``state.shutting_down`` makes ``session_init`` fail with SCHEDULER_SHUTTING_DOWN and
+1. Stop accepting: ``state.shutting_down`` makes a ``session_init`` close its connection with 1012
+   (service restart: the client reconnects, to another instance or to this one restarted) and
    ``job_assign`` from other instances bounce back to their owner (``DispatchFailed``: it fails over at
    once). In Redis mode this instance's nodes are marked not ready for reservations, so the other
    instances stop placing work on them while the jobs already there go on.
-2. Tell every session: ``error{SCHEDULER_SHUTTING_DOWN}`` (``details.drain_timeout_ms``), then the
-   session is closed the graceful way: audio it had buffered is dispatched, results are delivered as
-   they come, ``session_close_ack`` follows the last one.
+2. Tell every session without an ``error`` (the web client shows every error it is not told to
+   ignore as a popup, and a restart is no error of its user's): ``backpressure{PAUSE}`` for the drain
+   time, so the client holds its audio, then the session is closed the graceful way: audio it had
+   buffered is dispatched, results are delivered as they come, ``session_close_ack`` follows the last
+   one and the socket is closed with 1012 at once. Audio that still arrives is answered with the same
+   ``PAUSE`` (at most twice a second), not with an error.
 3. Wait until nothing is left -- no live job of ours, no open session, no job of another instance
    running on one of our nodes -- or ``shutdown.drain_timeout_seconds``. In Redis mode nodes that are
    idle are released early (closed with 1001) so that another instance can use them at once.
 4. What is still live then is failed explicitly: each session gets ``error{SCHEDULER_SHUTTING_DOWN}`` +
-   ``ui_event ERROR`` + ``missing_result(job_failed)`` for every unfinished utterance, in order, and the
-   node ``job_cancel``.
-5. Every WebSocket is closed with code 1001 (going away) once its queued messages are written (bounded
-   by ``shutdown.close_timeout_seconds``); nodes get ``error{SCHEDULER_SHUTTING_DOWN}`` just before.
-   Clients and nodes reconnect, to another instance when there is one.
+   ``ui_event ERROR`` + ``missing_result(job_failed)`` for every unfinished utterance, in order (that
+   utterance is lost: an error is what it is), and the node ``job_cancel``.
+5. Every remaining WebSocket is closed once its queued messages are written (bounded by
+   ``shutdown.close_timeout_seconds``): sessions with 1012 (service restart), nodes with 1001 (going
+   away) after ``error{SCHEDULER_SHUTTING_DOWN}``. Clients and nodes reconnect, to another instance
+   when there is one.
 6. Redis mode: final node statuses and job records are written and the instance removes itself from
    the shared state, so the others fail over what of theirs ran on its nodes without waiting for the
    presence TTL.
@@ -45,14 +50,17 @@ import contextlib
 import logging
 import signal
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 from aiohttp.web_runner import GracefulExit
 
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol.common import ErrorMessage
+from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
 from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import STATE, SchedulerState
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,8 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.05
 #: reason sent with the close frame (at most 123 bytes by the WebSocket protocol)
 CLOSE_REASON = b"scheduler shutting down"
+#: close code for sessions: 1012 "service restart" (reconnect); nodes get 1001 "going away"
+SERVICE_RESTART = 1012
 
 
 class GracefulShutdown:
@@ -77,6 +87,10 @@ class GracefulShutdown:
         self.nodes_released_early = 0
         self._released: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: session sockets still to close with 1012 once their session is closed
+        self._session_sockets: dict[Outbox, Session] = {}
+        #: the tracked sockets that are /ws/session connections
+        self._session_paths: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         #: set by a second signal: stop waiting for in-flight work
         self._hurry = asyncio.Event()
         self._signalled: asyncio.Task[None] | None = None
@@ -87,6 +101,11 @@ class GracefulShutdown:
         """``on_response_prepare``: remember every WebSocket (the endpoints need not know)."""
         if isinstance(response, web.WebSocketResponse):
             self.sockets.add(response)
+            if request.path.startswith("/ws/session"):
+                self._session_paths.add(response)
+
+    def _is_session(self, ws: web.WebSocketResponse) -> bool:
+        return ws in self._session_paths
 
     async def on_shutdown(self, app: web.Application) -> None:
         """aiohttp's shutdown. After a signal the drain is over already; any other way here, the
@@ -157,25 +176,22 @@ class GracefulShutdown:
         )
         # 1. stop accepting
         state.shutting_down = True
+        state.shutdown_deadline = state.clock.monotonic() + drain_s
         if cluster is not None:
             await cluster.refuse_new_work()
-        # 2. tell every session, and close it the graceful way (last audio dispatched, results kept)
-        notice = ErrorMessage(
-            code=ErrorCode.SCHEDULER_SHUTTING_DOWN.value,
-            message=(
-                "the scheduler is shutting down: utterances in flight are finished or failed, then the "
-                "session is closed; reconnect to go on"
-            ),
-            details={"drain_timeout_ms": int(drain_s * 1000)},
-        )
+        # 2. tell every session to hold its audio (no error: see above), and close it the graceful
+        # way (last audio dispatched, results kept); its socket closes with 1012 once it is done
+        drain_ms = max(1, int(drain_s * 1000))
         session_outboxes: list[Outbox] = []
         for session in list(state.sessions.values()):
             if session.outbox is not None:
                 session_outboxes.append(session.outbox)
-            session.send(notice)
+                self._session_sockets[session.outbox] = session
+            session.send(pause_for_shutdown(session.session_id, drain_ms))
             session.close("scheduler shutting down", connection_gone=False)
         # 3. wait for the work in flight (polling: nothing else happens here, and the bound is short)
         while self._busy() and loop.time() < deadline and not self._hurry.is_set():
+            self._close_finished_sessions()
             if cluster is not None and not cluster.degraded:
                 self._release_idle_nodes()
             with contextlib.suppress(TimeoutError):
@@ -193,7 +209,8 @@ class GracefulShutdown:
         node_outboxes = [e.conn for e in state.registry.local_nodes() if isinstance(e.conn, Outbox)]
         for outbox in node_outboxes:
             outbox.send(self._node_notice())
-        await self._close_all(session_outboxes + node_outboxes, cfg.close_timeout_seconds)
+        self._close_finished_sessions()
+        await self._close_all(session_outboxes + node_outboxes, cfg.close_timeout_seconds, session_outboxes)
         # 6. leave the cluster
         if cluster is not None:
             await cluster.leave()
@@ -206,6 +223,20 @@ class GracefulShutdown:
                 "nodes_released_early": self.nodes_released_early,
             },
         )
+
+    def _close_finished_sessions(self) -> None:
+        """A session whose last result and ``session_close_ack`` are queued: its socket closes now
+        (1012), so the client reconnects without waiting for the other sessions' work."""
+        timeout = self.state.config.shutdown.close_timeout_seconds
+        for outbox, session in list(self._session_sockets.items()):
+            if session.phase is Phase.CLOSED:
+                del self._session_sockets[outbox]
+                self._spawn(self._close_one(outbox, timeout, SERVICE_RESTART))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _busy(self) -> bool:
         state = self.state
@@ -238,11 +269,7 @@ class GracefulShutdown:
             self._released.add(entry.node_id)
             self.nodes_released_early += 1
             conn.send(self._node_notice())
-            task = asyncio.get_running_loop().create_task(
-                self._close_one(conn, state.config.shutdown.close_timeout_seconds)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._close_one(conn, state.config.shutdown.close_timeout_seconds))
 
     @staticmethod
     def _node_notice() -> ErrorMessage:
@@ -251,26 +278,45 @@ class GracefulShutdown:
             message="the scheduler is shutting down: reconnect (to another instance) with the same node id",
         )
 
-    async def _close_one(self, outbox: Outbox, timeout: float) -> None:
+    async def _close_one(self, outbox: Outbox, timeout: float, code: int = WSCloseCode.GOING_AWAY) -> None:
         await outbox.flush(timeout)
-        await self._close_ws(outbox.ws, timeout)
+        await self._close_ws(outbox.ws, timeout, code)
 
     @staticmethod
-    async def _close_ws(ws: web.WebSocketResponse, timeout: float) -> None:
+    async def _close_ws(
+        ws: web.WebSocketResponse, timeout: float, code: int = WSCloseCode.GOING_AWAY
+    ) -> None:
         # close() waits for the peer's close frame; a peer that does not answer is cut off by the bound
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY, message=CLOSE_REASON), timeout)
+            await asyncio.wait_for(ws.close(code=code, message=CLOSE_REASON), timeout)
 
-    async def _close_all(self, outboxes: list[Outbox], timeout: float) -> None:
-        """Flush the given queues, then close every tracked socket; all at once, bounded."""
+    async def _close_all(self, outboxes: list[Outbox], timeout: float, sessions: list[Outbox]) -> None:
+        """Flush the given queues, then close every tracked socket; all at once, bounded. Session
+        sockets (and any socket on /ws/session) get 1012, the others 1001."""
         await asyncio.gather(*(o.flush(timeout) for o in outboxes))
+        session_ws = {o.ws for o in sessions}
         sockets = [ws for ws in list(self.sockets) if not ws.closed]
-        await asyncio.gather(*(self._close_ws(ws, timeout) for ws in sockets))
+        await asyncio.gather(
+            *(
+                self._close_ws(
+                    ws, timeout, SERVICE_RESTART if ws in session_ws or self._is_session(ws) else 1001
+                )
+                for ws in sockets
+            )
+        )
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 SHUTDOWN: web.AppKey[GracefulShutdown] = web.AppKey("shutdown", GracefulShutdown)
+
+
+def pause_for_shutdown(session_id: str, resume_after_ms: int) -> Backpressure:
+    """What a session is told while the scheduler drains: hold your audio (the connection will close
+    with 1012 and the client reconnects). Backpressure, not an error: nothing for its user to see."""
+    return Backpressure(
+        action=BackpressureAction.PAUSE, resume_after_ms=resume_after_ms, session_id=session_id
+    )
 
 
 def _raise_graceful_exit() -> None:

@@ -69,6 +69,8 @@ class SchedulerState:
         #: set when a graceful shutdown begins (server/shutdown.py): no new session, no job taken
         #: from another instance; in-flight work is allowed to finish
         self.shutting_down = False
+        #: when the drain's wait ends (the clock's monotonic seconds), once shutting down
+        self.shutdown_deadline: float | None = None
         self.dispatcher = Dispatcher(self)
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
@@ -101,6 +103,12 @@ class SchedulerState:
         """Staleness of the fleet view: age of the oldest change not yet published (0 when current)."""
         oldest = self.registry.oldest_dirty()
         return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
+
+    def shutdown_remaining_ms(self) -> int:
+        """What is left of the shutdown drain, in ms (at least 1: a client told to hold its audio)."""
+        if self.shutdown_deadline is None:
+            return 1
+        return max(1, int((self.shutdown_deadline - self.clock.monotonic()) * 1000))
 
     def health(self) -> dict[str, object]:
         counts = self.registry.counts()

@@ -29,7 +29,7 @@ METERED = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType
 class Connection(Protocol):
     """An endpoint's per-socket handler, as the receive loop drives it."""
 
-    def on_frame(self, data: bytes | str, t0: float) -> Awaitable[None] | None:
+    def on_frame(self, data: bytes | str, t0: float) -> Awaitable[object] | None:
         """Handle one admitted frame; ``t0`` is ``time.perf_counter()`` when it was received. What it
         returns (a step that waits for the shared store) is awaited before the next frame is read."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
+from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord, ResumeRecord
 
 
 class StoreUnavailable(Exception):
@@ -186,6 +186,18 @@ class StateStore(Protocol):
     async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
         """Next inbox entries (blocking, own connection); ``None`` for an entry that failed to decode."""
         ...
+
+    # --- resume records (server/resume.py) -----------------------------------------------------------
+
+    async def save_resume(self, record: ResumeRecord, ttl_ms: int) -> None:
+        """Write (or replace) a session's resume record, expiring after ``ttl_ms``."""
+        ...
+
+    async def load_resume(self, session_id: str) -> ResumeRecord | None:
+        """The session's resume record, None when there is none (expired, dropped, never written)."""
+        ...
+
+    async def drop_resume(self, session_id: str) -> None: ...
 
     # --- node token revocation (docs/security.md) ---------------------------------------------------
 

@@ -35,6 +35,10 @@ class Keys:
         instance's presence is live)."""
         return f"{{{self.prefix}:fleet}}:tenant:{tenant_id}:sessions"
 
+    def resume(self, session_id: str) -> str:
+        """string: a detached session's ResumeRecord JSON, expiring with its resume window."""
+        return f"{self.prefix}:resume:{session_id}"
+
     def node_resv(self, node_id: str) -> str:
         """zset reservation member (job:attempt) -> expiry ms: the node's used slots."""
         return f"{{{self.prefix}:node:{node_id}}}:resv"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from lingua_scheduler.clock import Clock, SystemClock
-from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
+from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord, ResumeRecord
 from lingua_scheduler.store.base import (
     Change,
     JobRecord,
@@ -35,6 +35,8 @@ class MemoryStore:
         self._revoked: set[str] = set()
         #: tenant id -> its admitted sessions
         self._sessions: dict[str, set[str]] = {}
+        #: session id -> (record, expiry on the clock's monotonic seconds)
+        self._resume: dict[str, tuple[ResumeRecord, float]] = {}
 
     async def start(self, *, from_start: bool = False) -> None:
         return None
@@ -134,6 +136,19 @@ class MemoryStore:
     async def receive(self, block_ms: int, count: int) -> list[tuple[str, InboxMessage | None]]:
         await asyncio.sleep(block_ms / 1000)
         return []
+
+    async def save_resume(self, record: ResumeRecord, ttl_ms: int) -> None:
+        self._resume[record.session_id] = (record, self.clock.monotonic() + ttl_ms / 1000)
+
+    async def load_resume(self, session_id: str) -> ResumeRecord | None:
+        found = self._resume.get(session_id)
+        if found is None or found[1] <= self.clock.monotonic():
+            self._resume.pop(session_id, None)
+            return None
+        return found[0]
+
+    async def drop_resume(self, session_id: str) -> None:
+        self._resume.pop(session_id, None)
 
     async def revoke_node(self, node_id: str) -> bool:
         if node_id in self._revoked:

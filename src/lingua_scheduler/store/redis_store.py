@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from lingua_scheduler.clock import Clock, OffsetClock, SystemClock
-from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord
+from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord, ResumeRecord
 from lingua_scheduler.store.base import (
     Change,
     JobRecord,
@@ -393,6 +393,25 @@ class RedisStore:
         return out
 
     # --- node token revocation (docs/security.md) ---------------------------------------------------
+
+    # --- resume records --------------------------------------------------------------------------
+
+    async def save_resume(self, record: ResumeRecord, ttl_ms: int) -> None:
+        data = msgspec.json.encode(record)
+        await self._do(self.r.set(self.keys.resume(record.session_id), data, px=max(1, ttl_ms)))
+
+    async def load_resume(self, session_id: str) -> ResumeRecord | None:
+        raw = await self._do(self.r.get(self.keys.resume(session_id)))
+        if raw is None:
+            return None
+        try:
+            return msgspec.json.decode(raw, type=ResumeRecord)
+        except msgspec.DecodeError:
+            log.warning("undecodable resume record ignored", extra={"session_id": session_id})
+            return None
+
+    async def drop_resume(self, session_id: str) -> None:
+        await self._do(self.r.delete(self.keys.resume(session_id)))
 
     async def revoke_node(self, node_id: str) -> bool:
         return bool(await self._do(self.r.sadd(self.keys.revoked_nodes, node_id)))

@@ -1,0 +1,151 @@
+"""Resuming a session on another instance (Redis mode, a real redis-server): the token A issued works
+on B within the window. With A alive, A hands the session over: the result still running there reaches
+the client on B, and the numbering continues. With A dead (SIGKILL), B continues the session and
+reports the utterance that died with A as ``missing_result(job_failed)`` -- never silently."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lingua_scheduler.sim.nodes import Executor
+from tests.conftest import eventually
+from tests.redis_support import RedisServer, cluster_cfg, has_redis, ready_in_view, start_instances
+from tests.scheduler_process import SchedulerProcess
+
+pytestmark = pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
+
+WINDOW_MS = 10_000
+
+
+def sections(url: str, prefix: str) -> dict[str, dict[str, Any]]:
+    cfg = cluster_cfg(url, prefix, jobs={"ack_timeout_ms": 1500, "pending_timeout_ms": 3000})
+    cfg["session"] = {**cfg["session"], "resume_window_ms": WINDOW_MS}
+    return cfg
+
+
+def results(s: Any) -> list[dict[str, Any]]:
+    return [m for m in s.messages if m.get("type") in ("translation_result", "missing_result")]
+
+
+async def test_token_of_a_resumes_on_b_while_a_lives(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    a, b = await start_instances(scheduler_factory, 2, sections(redis_server.url, "r" + secrets.token_hex(3)))
+    node = node_factory(url=a.node_url, executor=Executor(latency=1.0, partials=0))
+    await node.start()
+    await eventually(lambda: ready_in_view(a, node.node_id) and ready_in_view(b, node.node_id), timeout=5)
+    s = session_factory(url=a.session_url)
+    ack = await s.start()
+    sid = ack["session_id"]
+    running = node.wait_for(lambda m: m.get("type") == "job_assign")
+    await s.utterance()
+    await running
+    await s.disconnect()  # mid-utterance: its job runs on
+    await eventually(lambda: a.state.sessions[sid].phase.value == "detached")
+    moved = session_factory(url=b.session_url)
+    await moved.connect()
+    resumed = await moved.init(resume_token=ack["resume_token"])
+    assert resumed["type"] == "session_init_ack", resumed
+    assert resumed["session_id"] == sid and resumed["resumed"] is True
+    assert resumed["resume_token"] and resumed["resume_token"] != ack["resume_token"]  # B's own now
+    # the result of the utterance that ran on A reaches the client on B
+    await eventually(lambda: len(results(moved)) == 1, timeout=5)
+    assert [(r["type"], r["utterance_index"]) for r in results(moved)] == [("translation_result", 0)]
+    # A let the session go once its last outcome was out
+    await eventually(lambda: sid not in a.state.sessions, timeout=5)
+    # the numbering continues on B
+    moved.utterances_sent = 1
+    await moved.utterance()
+    await eventually(lambda: len(results(moved)) == 2, timeout=10)
+    assert [r["utterance_index"] for r in results(moved)] == [0, 1]
+    assert moved.of_type("error") == []
+    # a second use of A's token opens a new session (the record went with the hand-over)
+    again = session_factory(url=b.session_url)
+    await again.connect()
+    fresh = await again.init(resume_token=ack["resume_token"])
+    assert fresh["resumed"] is False and fresh["session_id"] != sid
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        yield client
+
+
+@pytest.fixture
+def procs() -> Iterator[list[SchedulerProcess]]:
+    started: list[SchedulerProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+async def test_token_of_a_dead_instance_continues_on_b_with_the_loss_reported(
+    redis_server: RedisServer,
+    scheduler_factory: Any,
+    node_factory: Any,
+    session_factory: Any,
+    http: aiohttp.ClientSession,
+    procs: list[SchedulerProcess],
+) -> None:
+    cfg = sections(redis_server.url, "k" + secrets.token_hex(3))
+    a = SchedulerProcess(**cfg).start()
+    procs.append(a)
+    await a.wait_ready(http)
+    [b] = await start_instances(scheduler_factory, 1, cfg)
+    slow = node_factory(url=a.node_url, executor=Executor(latency=30.0, partials=0))
+    await slow.start()
+    s = session_factory(url=a.session_url)
+    ack = await s.start()
+    running = slow.wait_for(lambda m: m.get("type") == "job_assign")
+    await s.utterance()
+    await running
+    await s.disconnect()
+    await asyncio.sleep(0.3)  # the detached session's record is written
+    a.kill()  # SIGKILL: no hand-over, no goodbye
+    await a.wait_exit(10)
+    fast = node_factory(url=b.node_url, executor=Executor(latency=0.01, partials=0))
+    await fast.start()
+    await eventually(lambda: ready_in_view(b, fast.node_id), timeout=5)
+    moved = session_factory(url=b.session_url)
+    await moved.connect()
+    resumed = await moved.init(resume_token=ack["resume_token"])
+    assert resumed["session_id"] == ack["session_id"] and resumed["resumed"] is True
+    # the utterance that died with A is reported, explicitly
+    await eventually(lambda: len(results(moved)) == 1, timeout=5)
+    [lost] = results(moved)
+    assert (lost["type"], lost["utterance_index"], lost["reason"]) == ("missing_result", 0, "job_failed")
+    # and the session goes on, numbered after it
+    moved.utterances_sent = 1
+    await moved.utterance()
+    await eventually(lambda: len(results(moved)) == 2, timeout=10)
+    assert [(r["type"], r["utterance_index"]) for r in results(moved)] == [
+        ("missing_result", 0),
+        ("translation_result", 1),
+    ]
+
+
+async def test_wrong_secret_takes_nothing_over(
+    redis_server: RedisServer, scheduler_factory: Any, session_factory: Any
+) -> None:
+    a, b = await start_instances(scheduler_factory, 2, sections(redis_server.url, "w" + secrets.token_hex(3)))
+    s = session_factory(url=a.session_url)
+    ack = await s.start()
+    sid = ack["session_id"]
+    await s.disconnect()
+    await eventually(lambda: a.state.sessions[sid].phase.value == "detached")
+    await asyncio.sleep(0.2)
+    thief = session_factory(url=b.session_url)
+    await thief.connect()
+    got = await thief.init(resume_token=f"{sid}.guessed-secret")
+    assert got["resumed"] is False and got["session_id"] != sid
+    assert a.state.sessions[sid].phase.value == "detached"  # still A's, still resumable
+    owner = session_factory(url=b.session_url)
+    await owner.connect()
+    assert (await owner.init(resume_token=ack["resume_token"]))["session_id"] == sid
