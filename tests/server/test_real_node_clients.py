@@ -347,8 +347,7 @@ async def test_turn_dialect_fields_and_max_duration_chain_on_one_node(
     (even though another idle node is there); the next utterance opens a new turn."""
     rs = await start(scheduler_factory, session={"max_utterance_bytes": TWO_CHUNKS})
     nodes = [await node(rs, http, cleanup, real_like(turn_dialect=True)) for _ in range(2)]
-    # declared pcm16: the cuts are counted in CHUNK_BYTES-sized chunks of it
-    s = await session(rs, http, cleanup, audio_format="pcm16")
+    s = await session(rs, http, cleanup)
     await s.speak(chunks=5)
     await s.speak(chunks=1)
     await eventually(lambda: sum(len(assigns(n)) for n in nodes) == 4, timeout=5)
@@ -367,7 +366,7 @@ async def test_older_dialect_gets_no_turn_fields(
 ) -> None:
     rs = await start(scheduler_factory, session={"max_utterance_bytes": TWO_CHUNKS})
     n = await node(rs, http, cleanup, real_like())
-    s = await session(rs, http, cleanup, audio_format="pcm16")  # max cuts counted in pcm16 chunks
+    s = await session(rs, http, cleanup)
     await s.speak(chunks=3)
     await eventually(lambda: len(assigns(n)) == 2)
     assert not any("turn_id" in a or "is_max_duration_triggered" in a for a in assigns(n))

@@ -89,6 +89,15 @@ class RedisStore:
         self._resync = self.r.register_script(_lua("resync.lua"))
         self._admit = self.r.register_script(_lua("admit.lua"))
         self._tenant_resync = self.r.register_script(_lua("tenant_resync.lua"))
+        #: every script above, loaded into Redis when the store joins (``start``)
+        self._scripts = (
+            self._reserve,
+            self._commit,
+            self._tick,
+            self._resync,
+            self._admit,
+            self._tenant_resync,
+        )
         #: reservation members of this instance start with this (resync.lua tells ours from others')
         self._member_prefix = f"{instance_id}|"
         self._last_claim = 0.0
@@ -129,7 +138,7 @@ class RedisStore:
         self._set_offset(int(sec) * 1000 + int(usec) // 1000, sent_ms)
         # Every script into Redis's cache now: one that is broken (or missing from an install) stops
         # the join here, not in the middle of the first outage recovery that needs it.
-        for script in (self._reserve, self._commit, self._tick, self._resync):
+        for script in self._scripts:
             await self._do(self.r.script_load(script.script))
         try:
             await self._do(
