@@ -340,6 +340,28 @@ def _schemas() -> dict[str, Schema]:
             shared={**BOOL, "description": "Written to the shared revocation list (false: 202, pending)"},
             scope={"type": "string", "enum": ["instance", "cluster"]},
         ),
+        "NodeForgotten": obj(
+            ["action", "node_id"],
+            action={"type": "string", "enum": ["forget"]},
+            node_id=STR,
+            offline_seconds={**NUM, "description": "How long the node had been disconnected (s)"},
+            shared={
+                **BOOL,
+                "description": "Removed from the shared directory too (always true in embedded mode)",
+            },
+            instance={**STR, "description": "Multi-instance mode: the instance that held the record"},
+        ),
+        "OfflineForgotten": obj(
+            action={"type": "string", "enum": ["forget_offline"]},
+            older_than_seconds=NUM,
+            forgotten={"type": "array", "items": STR, "description": "Ids forgotten, oldest first"},
+            count=NONNEG,
+            shared=BOOL,
+            held_elsewhere={
+                **NONNEG,
+                "description": "Offline nodes in this view held by other instances (forget them there)",
+            },
+        ),
         "JobCancelled": obj(
             action={"type": "string", "enum": ["cancel_job"]},
             job_id=STR,
@@ -597,6 +619,45 @@ def _paths() -> dict[str, Schema]:
                     "400": error("Not a node id"),
                     **ADMIN_ERRORS,
                     "409": error("Node authentication is not configured (``NODE_AUTH_DISABLED``)"),
+                },
+            }
+        },
+        "/api/v1/admin/nodes/{node_id}/forget": {
+            "post": {
+                "tags": ["admin"],
+                "summary": "Forget an offline node's record (it leaves listings, counts and the directory)",
+                "operationId": "admin_forget_node",
+                "security": [{"bearerAuth": []}],
+                "parameters": [NODE_ID],
+                "responses": {
+                    "200": json_response("Forgotten", ref("NodeForgotten")),
+                    **ADMIN_ERRORS,
+                    "404": error("No such node"),
+                    "409": error("The node is connected (``NODE_CONNECTED``): disconnect it first"),
+                    "503": error("The node's instance could not be reached (``STORE_UNAVAILABLE``)"),
+                    "504": error("The node's instance did not answer in time (``OWNER_TIMEOUT``)"),
+                },
+            }
+        },
+        "/api/v1/admin/offline-nodes/forget": {
+            "post": {
+                "tags": ["admin"],
+                "summary": "Forget every offline record of this instance disconnected at least N seconds ago",
+                "operationId": "admin_forget_offline",
+                "security": [{"bearerAuth": []}],
+                "parameters": [
+                    param(
+                        "older_than_seconds",
+                        "query",
+                        {"type": "number", "minimum": 0, "maximum": 365 * 86400},
+                        "Disconnected at least this long (s)",
+                        True,
+                    )
+                ],
+                "responses": {
+                    "200": json_response("Forgotten (possibly none)", ref("OfflineForgotten")),
+                    "400": error("Missing or invalid ``older_than_seconds`` (``INVALID_REQUEST``)"),
+                    **ADMIN_ERRORS,
                 },
             }
         },
