@@ -25,9 +25,10 @@ import contextlib
 import errno
 import gc
 import logging
+import signal
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -42,6 +43,7 @@ from lingua_scheduler.server.cluster import Cluster
 from lingua_scheduler.server.connection_guard import GUARD
 from lingua_scheduler.server.fd_limits import Lowered, fit_descriptor_limit
 from lingua_scheduler.server.listener import GuardedSockSite
+from lingua_scheduler.server.reload import Reloader
 from lingua_scheduler.server.state import STATE
 from lingua_scheduler.server.tls import server_ssl_context
 from lingua_scheduler.store.base import StoreUnavailable
@@ -189,9 +191,11 @@ def _bind_failure(exc: OSError, host: str, port: int) -> StartupError:
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (drained by server/shutdown.py). Raises ``StartupError`` or
-    ``ConfigError`` when the start cannot go on; nothing is left running then."""
+    ``ConfigError`` when the start cannot go on; nothing is left running then. ``reload`` builds the
+    configuration again as the start did: with it, SIGHUP reloads ``[auth]`` and the TLS certificate
+    (server/reload.py)."""
     check_redis_url(config.cluster.redis_url)
     ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
     lowered = fit_descriptor_limit(config.limits)  # raise RLIMIT_NOFILE; max_connections to what fits
@@ -203,7 +207,7 @@ def serve(config: Config) -> None:
             s.close()
         raise
     shutdown.handle_signals(app)  # SIGTERM drains in-flight work before aiohttp's own shutdown
-    _run(_serve(app, config, socks, ssl_context, lowered))
+    _run(_serve(app, config, socks, ssl_context, lowered, reload))
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -242,6 +246,7 @@ async def _serve(
     socks: list[socket.socket],
     ssl_context: ssl.SSLContext | None,
     lowered: Lowered | None,
+    reload: Callable[[], Config] | None = None,
 ) -> None:
     cluster = app[STATE].dispatcher.cluster
     # The sockets are bound and listening: a connection made from now on waits in the backlog until
@@ -265,6 +270,9 @@ async def _serve(
             await site.start()
         if cluster is not None:
             await _check_store(cluster, config)
+        if reload is not None:
+            reloader = Reloader(app[STATE], reload, ssl_context)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload)
         # Objects alive at start (modules, config, routes) never become garbage: keep the collector off.
         gc.freeze()
         await asyncio.Event().wait()  # until cancelled: GracefulExit (shutdown.py) ends the loop
