@@ -48,6 +48,11 @@ def obj(required: list[str] | None = None, /, **props: Schema) -> Schema:
     return {"type": "object", "required": list(props) if required is None else required, "properties": props}
 
 
+def optional(schema: Schema, *names: str) -> Schema:
+    """``schema`` with these properties no longer required (present in some modes only)."""
+    return {**schema, "required": [r for r in schema["required"] if r not in names]}
+
+
 INT: Schema = {"type": "integer"}
 NUM: Schema = {"type": "number"}
 STR: Schema = {"type": "string"}
@@ -140,31 +145,87 @@ def _schemas() -> dict[str, Schema]:
                 )
             ),
         ),
-        "Stats": obj(
-            nodes=ref("NodeCounts"),
-            nodes_total=NONNEG,
-            sessions=NONNEG,
-            jobs=obj(
-                inflight=NONNEG,
-                waiting=NONNEG,
-                by_state=obj(**{s: NONNEG for s in JOB_STATES}),
-                per_second=obj(
-                    created=rate, completed=rate, failed=rate, timed_out=rate, cancelled=rate, failovers=rate
+        "Stats": optional(
+            obj(
+                nodes=ref("NodeCounts"),
+                nodes_total=NONNEG,
+                sessions=NONNEG,
+                jobs=obj(
+                    inflight=NONNEG,
+                    waiting=NONNEG,
+                    by_state=obj(**{s: NONNEG for s in JOB_STATES}),
+                    per_second=obj(
+                        created=rate,
+                        completed=rate,
+                        failed=rate,
+                        timed_out=rate,
+                        cancelled=rate,
+                        failovers=rate,
+                    ),
                 ),
+                heartbeats_per_second=rate,
+                totals={"type": "object", "additionalProperties": NONNEG},
+                window_seconds={**NUM, "description": "Span the rates and latencies cover (up to 60 s)"},
+                latency_last_minute=obj(**{n: ref("LatencyWindow") for n in LATENCY_NAMES}),
+                latency=obj(heartbeat_handle_seconds=percentiles, job_dispatch_seconds=percentiles),
+                heartbeats_total=NONNEG,
+                jobs_dispatched_total=NONNEG,
+                event_loop_lag_seconds=NUM,
+                fleet_view=obj(version=NONNEG, age_seconds=NUM),
+                pools=obj(mode=STR, groups=NONNEG, shards=NONNEG),
+                language_pairs={"type": "array", "items": ref("LanguagePair")},
+                language_pairs_total=NONNEG,
+                computed_at_ms=INT,
+                cluster={**ref("ClusterTotals"), "description": "Multi-instance mode only: every instance"},
             ),
+            "cluster",
+        ),
+        "ClusterTotals": {
+            **obj(
+                instances=NONNEG,
+                age_seconds=nullable(NUM),
+                sessions=NONNEG,
+                jobs_inflight=NONNEG,
+                jobs_waiting=NONNEG,
+                heartbeats_per_second=rate,
+                jobs_created_per_second=rate,
+                jobs_completed_per_second=rate,
+            ),
+            "description": "Sums over the live instances (their figures are at most about a second old)",
+        },
+        "ClusterInstance": obj(
+            instance_id=STR,
+            self={**BOOL, "description": "This is the instance that answered"},
+            address=nullable(STR),
+            presence_age_seconds={**NUM, "description": "Since the instance's last tick (s)"},
+            degraded=nullable(BOOL),
+            uptime_seconds=nullable(NUM),
+            nodes=nullable(ref("NodeCounts")),
+            nodes_total=nullable(NONNEG),
+            sessions=nullable(NONNEG),
+            jobs_inflight=nullable(NONNEG),
+            jobs_waiting=nullable(NONNEG),
             heartbeats_per_second=rate,
-            totals={"type": "object", "additionalProperties": NONNEG},
-            window_seconds={**NUM, "description": "Span the rates and latencies cover (up to 60 s)"},
-            latency_last_minute=obj(**{n: ref("LatencyWindow") for n in LATENCY_NAMES}),
-            latency=obj(heartbeat_handle_seconds=percentiles, job_dispatch_seconds=percentiles),
-            heartbeats_total=NONNEG,
-            jobs_dispatched_total=NONNEG,
-            event_loop_lag_seconds=NUM,
-            fleet_view=obj(version=NONNEG, age_seconds=NUM),
-            pools=obj(mode=STR, groups=NONNEG, shards=NONNEG),
-            language_pairs={"type": "array", "items": ref("LanguagePair")},
-            language_pairs_total=NONNEG,
-            computed_at_ms=INT,
+            jobs_created_per_second=rate,
+            inbox_depth=nullable(NONNEG),
+            dead_letters=nullable(NONNEG),
+        ),
+        "Cluster": obj(
+            mode={"type": "string", "enum": ["embedded", "redis"]},
+            instance_id=nullable(STR),
+            instances={"type": "array", "items": ref("ClusterInstance")},
+            store=nullable(
+                obj(
+                    status={"type": "string", "enum": ["ok", "degraded"]},
+                    reason=nullable(STR),
+                    round_trip_seconds=nullable(NUM),
+                    failures={"type": "object", "additionalProperties": NONNEG},
+                    stalls=NONNEG,
+                    takeovers=NONNEG,
+                    degraded_episodes=NONNEG,
+                )
+            ),
+            totals=nullable(ref("ClusterTotals")),
         ),
         "Event": {
             **obj(
@@ -212,6 +273,10 @@ def _schemas() -> dict[str, Schema]:
             ),
             supported_language_pairs=nullable({"type": "array", "items": STR}),
             protocol=obj(sends_acks=BOOL, turn_dialect=BOOL),
+            instance={
+                **nullable(STR),
+                "description": "Multi-instance mode: the instance holding the node's socket (null embedded)",
+            },
             pools={"type": "array", "items": STR},
             history={"type": "array", "items": obj(age_seconds=NUM, event=STR)},
         ),
@@ -467,6 +532,16 @@ def _paths() -> dict[str, Schema]:
             "Fleet and traffic summary: nodes by status, sessions, jobs/s, last-minute p50/p99, "
             "language pairs",
             {"200": json_response("Summary (aggregate rebuilt at most once a second)", ref("Stats"))},
+        ),
+        "/api/v1/cluster": _get(
+            "read",
+            "cluster",
+            "Every instance (address, presence age, nodes, sessions, jobs, inbox depth, dead letters) "
+            "and the shared store's health; the embedded mode shows this instance alone",
+            {
+                "200": json_response("The instances", ref("Cluster")),
+                "503": error("The shared store did not answer (``STORE_UNAVAILABLE``)"),
+            },
         ),
         "/api/v1/events": _get(
             "read",

@@ -40,6 +40,7 @@ from lingua_scheduler.errors import ConfigError
 from lingua_scheduler.server import shutdown
 from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.cluster import Cluster
+from lingua_scheduler.server.cluster_view import CLUSTER_VIEW
 from lingua_scheduler.server.connection_guard import GUARD
 from lingua_scheduler.server.fd_limits import Lowered, fit_descriptor_limit
 from lingua_scheduler.server.listener import GuardedSockSite
@@ -253,6 +254,7 @@ async def _serve(
     # the application has started, it is not refused. So the line goes first, before the start-up
     # warnings, where an operator (and a script reading the first line) looks for it.
     announce(config, socks[0].getsockname()[1], ssl_context is not None, cluster)
+    app[CLUSTER_VIEW].port = socks[0].getsockname()[1]  # the address shown in GET /api/v1/cluster
     if lowered is not None:
         lowered.log()
     runner = web.AppRunner(app, handle_signals=True, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)

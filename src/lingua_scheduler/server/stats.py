@@ -23,7 +23,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,8 @@ class StatsAggregator:
         self.clients = 0
         self.closing = False
         self.builds = 0
+        #: sums over every instance (server/cluster_view.py), None in the embedded mode
+        self.cluster_totals: Callable[[], dict[str, Any] | None] | None = None
         self.ring.append(self._sample())
 
     # --- sampling (once a second, O(counters + buckets)) ------------------------------------------
@@ -240,7 +242,12 @@ class StatsAggregator:
         body["latency"] = self._windows
         body["heartbeats_total"] = state.heartbeat_window.count
         body["jobs_dispatched_total"] = state.dispatch_window.count
+        if (totals := self._cluster()) is not None:
+            body["cluster"] = totals
         return body
+
+    def _cluster(self) -> dict[str, Any] | None:
+        return None if self.cluster_totals is None else self.cluster_totals()
 
     def fresh(self) -> dict[str, Any]:
         """Counts that are O(1) to read, so the API never shows them a second old."""
@@ -383,6 +390,7 @@ class StatsAggregator:
             "events": state.events.latest(FRAME_EVENTS),
             "admin_enabled": bool(state.config.admin.token),
             "instance": {"uptime_seconds": round(time.time() - state.started_at, 1)},
+            "cluster": self._cluster(),
         }
         self.frame = _encode(body)
         self.frame_seq += 1
