@@ -20,6 +20,7 @@ from lingua_scheduler.server import (
     dashboard,
     http_api,
     openapi,
+    ops_api,
     shutdown,
     stats,
     tasks,
@@ -47,6 +48,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.router.add_get("/ws/node", node_ws)
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
+    ops_api.add_routes(app)  # the dashboard's look-backs: an hour of charts, a node's jobs, tenants
     stats.setup(app)
     state.metrics.add_live(PairMetrics(state).collect)  # supply and demand per language pair
     admin.add_routes(app)

@@ -199,6 +199,10 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
             "unknown_types": sorted(caps.unknown_types),
             "unknown_devices": sorted(caps.unknown_devices),
         },
+        "models": [
+            {"model_id": m.model_id, "kind": m.kind, "version": m.version, "enabled": m.enabled}
+            for m in entry.models
+        ],
         "supported_language_pairs": (
             None if caps.declared_pairs is None else sorted(f"{s}->{t}" for s, t in caps.declared_pairs)
         ),

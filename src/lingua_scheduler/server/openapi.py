@@ -271,6 +271,10 @@ def _schemas() -> dict[str, Schema]:
                 unknown_types={"type": "array", "items": STR},
                 unknown_devices={"type": "array", "items": STR},
             ),
+            models={
+                "type": "array",
+                "items": obj(model_id=STR, kind=STR, version=STR, enabled=nullable(BOOL)),
+            },
             supported_language_pairs=nullable({"type": "array", "items": STR}),
             protocol=obj(sends_acks=BOOL, turn_dialect=BOOL),
             instance={
@@ -541,6 +545,91 @@ def _paths() -> dict[str, Schema]:
             {
                 "200": json_response("The instances", ref("Cluster")),
                 "503": error("The shared store did not answer (``STORE_UNAVAILABLE``)"),
+            },
+        ),
+        "/api/v1/stats/series": _get(
+            "read",
+            "stats_series",
+            "The charts' per-second points over up to an hour, averaged into ``step_seconds`` buckets",
+            {
+                "200": json_response(
+                    "Columns of points: ``t`` (wall ms) and one array per series",
+                    {
+                        **obj(
+                            ["window_seconds", "step_seconds", "t"],
+                            window_seconds=NUM,
+                            step_seconds=NUM,
+                            t={"type": "array", "items": INT},
+                        ),
+                        "additionalProperties": {"type": "array", "items": nullable(NUM)},
+                    },
+                ),
+                "400": bad,
+            },
+            [
+                param(
+                    "window",
+                    "query",
+                    {"type": "integer", "minimum": 60, "maximum": 3600, "default": 3600},
+                    "Seconds",
+                )
+            ],
+        ),
+        "/api/v1/nodes/{node_id}/jobs": _get(
+            "read",
+            "node_jobs",
+            "A node's recent jobs on this instance (newest first) and their outcomes",
+            {
+                "200": json_response(
+                    "Jobs",
+                    obj(
+                        node_id=STR,
+                        retention_seconds=NUM,
+                        total=NONNEG,
+                        outcomes={"type": "object", "additionalProperties": NONNEG},
+                        jobs={
+                            "type": "array",
+                            "items": obj(
+                                job_id=STR,
+                                state=STR,
+                                attempt=NONNEG,
+                                src_lang=STR,
+                                tgt_lang=STR,
+                                error_code=nullable(STR),
+                                age_seconds=NUM,
+                                duration_seconds=nullable(NUM),
+                            ),
+                        },
+                    ),
+                ),
+                "404": error("No such node"),
+            },
+            [NODE_ID],
+        ),
+        "/api/v1/tenants": _get(
+            "read",
+            "tenants",
+            "Per tenant on this instance: live sessions, jobs in the last minute (usage is not metered)",
+            {
+                "200": json_response(
+                    "Tenants",
+                    obj(
+                        window_seconds=NUM,
+                        configured={"type": "array", "items": STR},
+                        metered=BOOL,
+                        total=NONNEG,
+                        tenants={
+                            "type": "array",
+                            "items": obj(
+                                tenant_id=nullable(STR),
+                                sessions=NONNEG,
+                                sessions_elsewhere=NONNEG,
+                                jobs_last_minute=NONNEG,
+                                jobs_per_second=NUM,
+                            ),
+                        },
+                    ),
+                )
             },
         ),
         "/api/v1/events": _get(
