@@ -749,7 +749,14 @@ def _paths() -> dict[str, Schema]:
                 },
                 "404": error("No such asset"),
             },
-            [param("name", "path", {"type": "string", "enum": ["dashboard.js", "dashboard.css"]}, "Asset")],
+            [
+                param(
+                    "name",
+                    "path",
+                    {"type": "string", "enum": ["dashboard.js", "dashboard-ops.js", "dashboard.css"]},
+                    "Asset",
+                )
+            ],
         ),
         "/api/v1/admin/check": {
             "get": {
