@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -20,6 +21,23 @@ def _load(
     extra: dict[str, dict[str, Any]] | None = None,
     server: dict[str, Any] | None = None,
 ) -> Config:
+    try:
+        return _loader(config_file, host, port, cluster, extra, server)()
+    except ConfigError as exc:
+        click.echo(f"lingua-scheduler: invalid configuration: {exc}", err=True)
+        sys.exit(2)
+
+
+def _loader(
+    config_file: str | None,
+    host: str | None,
+    port: int | None,
+    cluster: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+    server: dict[str, Any] | None = None,
+) -> Callable[[], Config]:
+    """Builds the configuration from the file, the environment and these flags; again on each call
+    (``serve`` reloads with it on SIGHUP). Raises ``ConfigError``."""
     overrides: dict[str, dict[str, Any]] = {
         "server": dict(server or {}),
         "cluster": cluster or {},
@@ -29,11 +47,7 @@ def _load(
         overrides["server"]["host"] = host
     if port is not None:
         overrides["server"]["port"] = port
-    try:
-        return load_config(config_file, overrides=overrides)
-    except ConfigError as exc:
-        click.echo(f"lingua-scheduler: invalid configuration: {exc}", err=True)
-        sys.exit(2)
+    return lambda: load_config(config_file, overrides=overrides)
 
 
 @click.group()
@@ -111,7 +125,7 @@ def serve(
     server = config.server
     setup_logging(server.log_level, server.log_levels, server.log_format)
     try:
-        run_server(config)
+        run_server(config, reload=_loader(config_file, host, port, cluster, extra, logging_flags))
     except (StartupError, ConfigError) as exc:  # ConfigError: what only loads at start (TLS, Redis URL)
         if debug:
             raise

@@ -288,6 +288,9 @@ class ClusterConfig(Section):
     inbox_max_deliveries: int = 5
     #: changes of owned nodes are published at most this often (coalesced)
     publish_interval_ms: int = 20
+    #: where operators and other instances reach this instance's HTTP API, shown in GET /api/v1/cluster;
+    #: empty = http(s)://<server.host or the host name>:<the port bound>
+    advertise_address: str = ""
 
     def __post_init__(self) -> None:
         for name in (

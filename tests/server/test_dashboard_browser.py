@@ -2,7 +2,9 @@
 
 Starts a scheduler with an admin token, simulated nodes and a session, opens /dashboard, waits for the
 live numbers to move, compares the node counts with /api/v1/stats, drains a node through the page with
-the admin token and sees it drained in the page and through the API. Leaves a screenshot in tmp_path.
+the admin token and sees it drained in the page and through the API, opens a node's detail (its recent
+jobs and their outcomes), looks a job up, switches the charts to the last hour and reads the tenants.
+In Redis mode, the cluster panel lists both instances. Leaves a screenshot in tmp_path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 from lingua_scheduler.sim.nodes import Executor
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually
+from tests.redis_support import RedisServer, has_redis, instances, ready_in_view
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -118,9 +121,78 @@ async def test_dashboard_live_and_drain(
             stats = await rs.get_json("/api/v1/stats")
             assert stats["nodes"]["draining"] == 1 and stats["nodes"]["ready"] == 5
 
+            # the node detail: a node that ran a job shows it, with its outcome
+            job = next(j for j in rs.state.dispatcher.store if j.state.value == "completed")
+            ran = page.locator(f'#nodes-body tr[data-node-id="{job.node_id}"] td.node-id')
+            await ran.click()
+            await expect(page.locator("#node-detail")).to_be_visible()
+            await expect(page.locator("#nd-id")).to_have_text(str(job.node_id))
+            job_row = page.locator(f'#nd-jobs tr[data-job-id="{job.job_id}"]')
+            await expect(job_row.locator("td").nth(1)).to_have_text("completed")
+            await expect(page.locator("#nd-outcomes")).to_contain_text("completed")
+            await expect(page.locator("#nd-pools")).to_contain_text("en->zh")
+            await expect(page.locator("#nd-load")).to_contain_text("%")
+            # a job from the node's list opens in the lookup, and so does one typed in the box
+            await job_row.locator("button.link").click()
+            await expect(page.locator("#job-lookup")).to_be_visible()
+            await expect(page.locator('#job-facts dd[data-key="state"]')).to_have_text("completed")
+            await expect(page.locator('#job-facts dd[data-key="node"]')).to_have_text(str(job.node_id))
+            await page.fill("#job-id", "job-that-does-not-exist")
+            await page.click("#job-go")
+            await expect(page.locator("#job-result")).to_contain_text("NOT_FOUND")
+
+            # the charts' window: one hour, from the server's ring
+            await page.select_option("#window", "3600")
+            await expect(page.locator("#throughput .window-label")).to_have_text("last hour")
+            points = await page.evaluate("() => { const s = longSeries(); return s ? s.t.length : 0; }")
+            assert points >= 1
+            assert await page.evaluate("() => longSeries().window_seconds") == 3600
+
+            # tenants: the session has none (open mode), and usage is not metered
+            tenant = page.locator('#tenants-body tr[data-tenant=""]')
+            await expect(tenant.locator("td").nth(1)).to_have_text("1", timeout=8000)
+            await expect(tenant.locator("td").nth(5)).to_have_text("not metered")
+            # embedded mode: no cluster panel
+            await expect(page.locator("#cluster")).to_be_hidden()
+
             await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-            # the browser logs the refused token check (401) as an error: that one was on purpose
-            assert [e for e in errors if "status of 401" not in e] == []
+            # the browser logs the refused token check (401) and the unknown job (404) as errors: both
+            # were on purpose
+            assert [e for e in errors if "status of 401" not in e and "status of 404" not in e] == []
         finally:
             await browser.close()
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
+async def test_cluster_panel_in_redis_mode(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, tmp_path: Path
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    a, b = await instances(scheduler_factory, redis_server.url, tag="dash")
+    node = node_factory(url=b.node_url, interval=0.2)
+    await node.start()
+    await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
+    a_id, b_id = (rs.state.dispatcher.cluster.instance_id for rs in (a, b))
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=ARGS
+        )
+        try:
+            page = await browser.new_page()
+            await page.goto(a.base + "/dashboard")
+            await expect(page.locator("#conn")).to_have_text("live")
+            await expect(page.locator("#cluster")).to_be_visible(timeout=10_000)
+            row_b = page.locator(f'#cluster-body tr[data-instance-id="{b_id}"]')
+            await expect(row_b.locator("td").nth(4)).to_have_text("1", timeout=10_000)  # B's ready node
+            await expect(
+                page.locator(f'#cluster-body tr[data-instance-id="{a_id}"] td').first
+            ).to_contain_text("(this one)")
+            await expect(page.locator("#cluster-summary")).to_contain_text("2 instances")
+            # the node's detail names the instance holding it
+            await page.locator(f'#nodes-body tr[data-node-id="{node.node_id}"] td.node-id').click()
+            await expect(page.locator("#nd-summary")).to_contain_text(f"on {b_id}")
+            await page.screenshot(path=str(tmp_path / "cluster.png"), full_page=True)
+        finally:
+            await browser.close()

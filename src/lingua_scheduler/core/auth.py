@@ -246,6 +246,13 @@ class TenantLimits:
                 max(1.0, full_burst * part),
             )
 
+    def reset_bucket(self, tenant_id: str) -> None:
+        """The tenant's job rate changed (configuration reload): its next job starts a bucket of the new
+        shape (full)."""
+        st = self._tenants.get(tenant_id)
+        if st is not None:
+            st.bucket = None
+
     def sessions_of(self, tenant_id: str, is_live: Callable[[str], bool]) -> int:
         st = self._tenants.get(tenant_id)
         return 0 if st is None else sum(1 for s in st.sessions if is_live(s))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import heapq
 import secrets
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -654,6 +655,10 @@ class JobStore:
 
     def __len__(self) -> int:
         return len(self._jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        """Every job held (live, and ended within the retention), oldest first."""
+        return iter(list(self._jobs.values()))
 
     @property
     def inflight(self) -> int:

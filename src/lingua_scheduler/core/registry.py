@@ -523,6 +523,33 @@ class Registry:
         self._remove(entry)
         self.evicted[why] += 1
 
+    def offline_since(self, node_id: str) -> float | None:
+        """When a local record lost its connection (monotonic), or None if it is not an offline record."""
+        return self._offline.get(node_id)
+
+    def forget(self, node_id: str) -> bool:
+        """An operator forgets an offline record of this instance (``POST .../forget``). Only a record
+        held for a reconnect can go: a connected or remote node is refused (False). A node that comes
+        back later with the same id registers as new."""
+        entry = self.nodes.get(node_id)
+        if entry is None or node_id not in self._offline or entry.conn is not None or entry.owner is not None:
+            return False
+        self._offline.pop(node_id)
+        self._remove(entry)
+        return True
+
+    def forget_offline(self, older_than: float) -> list[str]:
+        """Forget every offline record of this instance that lost its connection ``older_than`` seconds
+        ago or more; their ids, oldest first. O(forgotten): the records are kept oldest first."""
+        horizon = self.clock.monotonic() - older_than
+        out: list[str] = []
+        for node_id, since in list(self._offline.items()):
+            if since > horizon:
+                break
+            if self.forget(node_id):
+                out.append(node_id)
+        return out
+
     @property
     def offline_records(self) -> int:
         """Records held only for a reconnect (local, no connection): what eviction can free."""

@@ -1,4 +1,5 @@
-"""Admin actions behind a bearer token: drain, undrain, disconnect and revoke a node, cancel a job.
+"""Admin actions behind a bearer token: drain, undrain, disconnect, forget and revoke a node, forget
+offline nodes in bulk, cancel a job.
 
 Owns the ``/api/v1/admin/...`` routes, their authentication and their audit trail. The token comes from
 ``admin.token`` (config file or ``LINGUA_ADMIN__TOKEN``) and is compared in constant time
@@ -25,6 +26,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from lingua_scheduler.core.jobs import Verdict
+from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.server.auth import disconnect_revoked
 from lingua_scheduler.server.events import ADMIN
@@ -152,7 +154,7 @@ def _node_body(state: SchedulerState, node_id: str, action: str, changed: bool) 
     }
 
 
-NODE_ACTIONS = ("drain", "undrain", "disconnect")
+NODE_ACTIONS = ("drain", "undrain", "disconnect", "forget")
 
 
 async def node_action(
@@ -170,6 +172,8 @@ async def node_action(
         return 409, {"code": "REMOTE_NODE", "message": message}
     if action == "disconnect":
         return await _disconnect(state, node_id, reason)
+    if action == "forget":
+        return await _forget(state, node_id)
     registry = state.registry
     before = entry.drain_requested
     transitions = registry.drain(node_id) if action == "drain" else registry.undrain(node_id)
@@ -202,6 +206,43 @@ async def _disconnect(state: SchedulerState, node_id: str, reason: str) -> tuple
     while entry.conn is outbox and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     return 200, _node_body(state, node_id, "disconnect", True)
+
+
+async def _forget(state: SchedulerState, node_id: str) -> tuple[int, dict[str, Any]]:
+    """Forget one offline record held here; a node still connected is refused (409 NODE_CONNECTED)."""
+    registry = state.registry
+    since = registry.offline_since(node_id)
+    if since is None or not registry.forget(node_id):
+        entry = registry.nodes[node_id]
+        return 409, {
+            "code": "NODE_CONNECTED",
+            "message": f"node {node_id!r} is {entry.status.value} and connected: only an offline, "
+            "disconnected node can be forgotten (disconnect it first)",
+        }
+    offline_for = round(state.clock.monotonic() - since, 3)
+    shared = await _forget_in_store(state, [node_id])
+    log.info("offline node forgotten", extra={"node_id": node_id, "offline_seconds": offline_for})
+    return 200, {
+        "action": "forget",
+        "node_id": node_id,
+        "offline_seconds": offline_for,
+        "shared": shared,
+    }
+
+
+async def _forget_in_store(state: SchedulerState, node_ids: list[str]) -> bool:
+    """Multi-instance mode: take forgotten records out of the shared directory too (the other instances
+    drop them from their views on the change feed). False when the store could not be written: the
+    records stay in the directory as offline ones until this instance's owner entries are cleaned."""
+    cluster = state.dispatcher.cluster
+    if cluster is None or not node_ids:
+        return True
+    try:
+        await cluster.store.publish([], node_ids, [], {})
+    except StoreUnavailable as exc:
+        log.warning("forgotten nodes left in the shared directory", extra={"reason": str(exc)})
+        return False
+    return True
 
 
 async def _node_route(request: web.Request, action: str, default_reason: str) -> web.Response:
@@ -251,6 +292,57 @@ async def disconnect(request: web.Request) -> web.Response:
     over; a node client reconnects with its id and registers again (a drain is kept). Forwarded like
     drain."""
     return await _node_route(request, "disconnect", "disconnected by operator")
+
+
+@admin_action("forget")
+async def forget(request: web.Request) -> web.Response:
+    """Forget an offline node's record (kept for a reconnect): it leaves the listing, the counts and,
+    in multi-instance mode, the shared directory. A connected node is refused with 409
+    ``NODE_CONNECTED``. A node held by another instance is forgotten there (forwarded like drain)."""
+    return await _node_route(request, "forget", "")
+
+
+#: longest ``older_than_seconds`` accepted by the bulk forget (a year)
+MAX_OFFLINE_AGE = 365 * 86400.0
+
+
+@admin_action("forget_offline")
+async def forget_offline(request: web.Request) -> web.Response:
+    """Forget every offline record of this instance whose node disconnected at least
+    ``older_than_seconds`` ago (query parameter, required). In multi-instance mode each instance holds
+    the records of the nodes that were connected to it: call it on each (``GET /api/v1/cluster``);
+    ``held_elsewhere`` counts the offline nodes in this instance's view that another instance holds."""
+    state = request.app[STATE]
+    raw = request.query.get("older_than_seconds")
+    if raw is None:
+        return _error(400, "INVALID_REQUEST", "query parameter 'older_than_seconds' is required")
+    try:
+        older_than = float(raw)
+    except ValueError:
+        return _error(
+            400, "INVALID_REQUEST", f"query parameter 'older_than_seconds' must be a number, got {raw!r}"
+        )
+    if not 0 <= older_than <= MAX_OFFLINE_AGE:
+        return _error(
+            400,
+            "INVALID_REQUEST",
+            f"query parameter 'older_than_seconds' must be in 0..{MAX_OFFLINE_AGE:g}, got {older_than:g}",
+        )
+    forgotten = state.registry.forget_offline(older_than)
+    shared = await _forget_in_store(state, forgotten)
+    elsewhere = sum(1 for e in state.registry if e.owner is not None and e.status is NodeStatus.OFFLINE)
+    if forgotten:
+        log.info("offline nodes forgotten", extra={"count": len(forgotten), "older_than_seconds": older_than})
+    return web.json_response(
+        {
+            "action": "forget_offline",
+            "older_than_seconds": older_than,
+            "forgotten": forgotten,
+            "count": len(forgotten),
+            "shared": shared,
+            "held_elsewhere": elsewhere,
+        }
+    )
 
 
 #: what a node id may look like (protocol.node.NodeId); matched whole (``fullmatch``: a ``$`` would
@@ -337,4 +429,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/undrain", undrain)
     app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/disconnect", disconnect)
     app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/revoke", revoke)
+    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/forget", forget)
+    app.router.add_post(f"{PREFIX}/offline-nodes/forget", forget_offline)
     app.router.add_post(f"{PREFIX}/jobs/{{job_id}}/cancel", cancel_job)

@@ -13,7 +13,18 @@ from aiohttp import web
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
-from lingua_scheduler.server import admin, auth, dashboard, http_api, openapi, shutdown, stats, tasks
+from lingua_scheduler.server import (
+    admin,
+    auth,
+    cluster_view,
+    dashboard,
+    http_api,
+    openapi,
+    ops_api,
+    shutdown,
+    stats,
+    tasks,
+)
 from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
 from lingua_scheduler.server.connection_guard import setup as guard_connections
 from lingua_scheduler.server.node_endpoint import node_ws
@@ -37,6 +48,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.router.add_get("/ws/node", node_ws)
     app.router.add_get("/ws/session", session_ws)
     http_api.add_routes(app)
+    ops_api.add_routes(app)  # the dashboard's look-backs: an hour of charts, a node's jobs, tenants
     stats.setup(app)
     state.metrics.add_live(PairMetrics(state).collect)  # supply and demand per language pair
     admin.add_routes(app)
@@ -46,6 +58,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         cluster = Cluster(state, store, config.cluster)
         state.dispatcher.cluster = cluster
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
+    cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
     shutdown.setup(app)  # SIGTERM: drain, fail the rest explicitly, close with 1001 (last on_shutdown hook)
     auth.setup(app)  # start-up warning when left open; revocation sync in shared mode

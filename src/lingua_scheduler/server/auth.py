@@ -65,14 +65,28 @@ class AuthService:
     call it from their frame handlers without awaiting."""
 
     def __init__(self, config: AuthConfig, clock: Clock, limits: LimitsConfig | None = None) -> None:
-        self.config = config
         self.enrollment = EnrollmentLimiter(limits if limits is not None else LimitsConfig(), clock)
-        self.nodes_required = config.nodes_required
-        self.sessions_required = config.sessions_required
         #: revoked node ids known here: configured | read from the shared list | revoked here. Only
         #: grows (ids are never reused, a revocation is never undone); the sync task writes what the
         #: shared list lacks, which also heals a Redis that lost its data
-        self.revoked: set[str] = set(config.revoked_node_ids)
+        self.revoked: set[str] = set()
+        self._load(config)
+        self.limits = TenantLimits(clock)
+        #: multi-instance mode (server/cluster.py): the cluster-wide admission of a session of a tenant
+        #: with a session cap -- (tenant, session, cap) -> admitted, or None when the store is unusable
+        self.shared_admission: Callable[[str, str, int], Awaitable[bool | None]] | None = None
+        self.refusals: dict[tuple[str, str], int] = {}
+        #: (plane, reason) -> (monotonic time of its last log line, refusals not logged since)
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+        self.clock = clock
+        self.tokens_issued = 0
+
+    def _load(self, config: AuthConfig) -> None:
+        """Take the credentials of ``config``: node token keys, tenant keys, configured revocations."""
+        self.config = config
+        self.nodes_required = config.nodes_required
+        self.sessions_required = config.sessions_required
+        self.revoked |= set(config.revoked_node_ids)
         self.node_auth: NodeAuthenticator | None = None
         if self.nodes_required:
             current = config.node_token_secret or config.node_enrollment_secret
@@ -90,15 +104,17 @@ class AuthService:
         self.tenants = TenantKeys(tenants)
         # several keys of one tenant carry the same limits (checked by the config)
         self._tenant_by_id = {t.tenant_id: t for _, t in tenants}
-        self.limits = TenantLimits(clock)
-        #: multi-instance mode (server/cluster.py): the cluster-wide admission of a session of a tenant
-        #: with a session cap -- (tenant, session, cap) -> admitted, or None when the store is unusable
-        self.shared_admission: Callable[[str, str, int], Awaitable[bool | None]] | None = None
-        self.refusals: dict[tuple[str, str], int] = {}
-        #: (plane, reason) -> (monotonic time of its last log line, refusals not logged since)
-        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
-        self.clock = clock
-        self.tokens_issued = 0
+
+    def reload(self, config: AuthConfig) -> None:
+        """Replace the credentials with a new ``[auth]`` section (SIGHUP, server/reload.py). New
+        registrations and sessions are checked against it at once; connections already admitted stay
+        (a removed key ends no session). Revocations only grow: an id dropped from
+        ``revoked_node_ids`` stays revoked. Session counts and job buckets of tenants are kept."""
+        before = dict(self._tenant_by_id)
+        self._load(config)
+        for tenant_id, tenant in self._tenant_by_id.items():
+            if before.get(tenant_id, tenant) != tenant:
+                self.limits.reset_bucket(tenant_id)
 
     # --- nodes --------------------------------------------------------------------------------------
 

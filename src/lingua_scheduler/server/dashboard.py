@@ -27,6 +27,7 @@ from lingua_scheduler.server.stats import STATS
 #: assets the page loads, name -> content type; nothing else is served from the package
 ASSETS: dict[str, str] = {
     "dashboard.js": "text/javascript",
+    "dashboard-ops.js": "text/javascript",
     "dashboard.css": "text/css",
 }
 #: a browser that has not taken a frame within this long is disconnected (it reconnects by itself)

@@ -199,10 +199,16 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
             "unknown_types": sorted(caps.unknown_types),
             "unknown_devices": sorted(caps.unknown_devices),
         },
+        "models": [
+            {"model_id": m.model_id, "kind": m.kind, "version": m.version, "enabled": m.enabled}
+            for m in entry.models
+        ],
         "supported_language_pairs": (
             None if caps.declared_pairs is None else sorted(f"{s}->{t}" for s, t in caps.declared_pairs)
         ),
         "protocol": {"sends_acks": entry.sends_acks, "turn_dialect": entry.turn_dialect},
+        # the instance holding the node's socket (multi-instance mode; null in the embedded mode)
+        "instance": entry.owner or (cluster.instance_id if (cluster := state.dispatcher.cluster) else None),
         "pools": list(view.pools) if view is not None else [],
         "history": [{"age_seconds": round(now - t, 3), "event": e} for t, e in entry.history],
     }

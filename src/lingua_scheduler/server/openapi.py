@@ -48,6 +48,11 @@ def obj(required: list[str] | None = None, /, **props: Schema) -> Schema:
     return {"type": "object", "required": list(props) if required is None else required, "properties": props}
 
 
+def optional(schema: Schema, *names: str) -> Schema:
+    """``schema`` with these properties no longer required (present in some modes only)."""
+    return {**schema, "required": [r for r in schema["required"] if r not in names]}
+
+
 INT: Schema = {"type": "integer"}
 NUM: Schema = {"type": "number"}
 STR: Schema = {"type": "string"}
@@ -140,31 +145,87 @@ def _schemas() -> dict[str, Schema]:
                 )
             ),
         ),
-        "Stats": obj(
-            nodes=ref("NodeCounts"),
-            nodes_total=NONNEG,
-            sessions=NONNEG,
-            jobs=obj(
-                inflight=NONNEG,
-                waiting=NONNEG,
-                by_state=obj(**{s: NONNEG for s in JOB_STATES}),
-                per_second=obj(
-                    created=rate, completed=rate, failed=rate, timed_out=rate, cancelled=rate, failovers=rate
+        "Stats": optional(
+            obj(
+                nodes=ref("NodeCounts"),
+                nodes_total=NONNEG,
+                sessions=NONNEG,
+                jobs=obj(
+                    inflight=NONNEG,
+                    waiting=NONNEG,
+                    by_state=obj(**{s: NONNEG for s in JOB_STATES}),
+                    per_second=obj(
+                        created=rate,
+                        completed=rate,
+                        failed=rate,
+                        timed_out=rate,
+                        cancelled=rate,
+                        failovers=rate,
+                    ),
                 ),
+                heartbeats_per_second=rate,
+                totals={"type": "object", "additionalProperties": NONNEG},
+                window_seconds={**NUM, "description": "Span the rates and latencies cover (up to 60 s)"},
+                latency_last_minute=obj(**{n: ref("LatencyWindow") for n in LATENCY_NAMES}),
+                latency=obj(heartbeat_handle_seconds=percentiles, job_dispatch_seconds=percentiles),
+                heartbeats_total=NONNEG,
+                jobs_dispatched_total=NONNEG,
+                event_loop_lag_seconds=NUM,
+                fleet_view=obj(version=NONNEG, age_seconds=NUM),
+                pools=obj(mode=STR, groups=NONNEG, shards=NONNEG),
+                language_pairs={"type": "array", "items": ref("LanguagePair")},
+                language_pairs_total=NONNEG,
+                computed_at_ms=INT,
+                cluster={**ref("ClusterTotals"), "description": "Multi-instance mode only: every instance"},
             ),
+            "cluster",
+        ),
+        "ClusterTotals": {
+            **obj(
+                instances=NONNEG,
+                age_seconds=nullable(NUM),
+                sessions=NONNEG,
+                jobs_inflight=NONNEG,
+                jobs_waiting=NONNEG,
+                heartbeats_per_second=rate,
+                jobs_created_per_second=rate,
+                jobs_completed_per_second=rate,
+            ),
+            "description": "Sums over the live instances (their figures are at most about a second old)",
+        },
+        "ClusterInstance": obj(
+            instance_id=STR,
+            self={**BOOL, "description": "This is the instance that answered"},
+            address=nullable(STR),
+            presence_age_seconds={**NUM, "description": "Since the instance's last tick (s)"},
+            degraded=nullable(BOOL),
+            uptime_seconds=nullable(NUM),
+            nodes=nullable(ref("NodeCounts")),
+            nodes_total=nullable(NONNEG),
+            sessions=nullable(NONNEG),
+            jobs_inflight=nullable(NONNEG),
+            jobs_waiting=nullable(NONNEG),
             heartbeats_per_second=rate,
-            totals={"type": "object", "additionalProperties": NONNEG},
-            window_seconds={**NUM, "description": "Span the rates and latencies cover (up to 60 s)"},
-            latency_last_minute=obj(**{n: ref("LatencyWindow") for n in LATENCY_NAMES}),
-            latency=obj(heartbeat_handle_seconds=percentiles, job_dispatch_seconds=percentiles),
-            heartbeats_total=NONNEG,
-            jobs_dispatched_total=NONNEG,
-            event_loop_lag_seconds=NUM,
-            fleet_view=obj(version=NONNEG, age_seconds=NUM),
-            pools=obj(mode=STR, groups=NONNEG, shards=NONNEG),
-            language_pairs={"type": "array", "items": ref("LanguagePair")},
-            language_pairs_total=NONNEG,
-            computed_at_ms=INT,
+            jobs_created_per_second=rate,
+            inbox_depth=nullable(NONNEG),
+            dead_letters=nullable(NONNEG),
+        ),
+        "Cluster": obj(
+            mode={"type": "string", "enum": ["embedded", "redis"]},
+            instance_id=nullable(STR),
+            instances={"type": "array", "items": ref("ClusterInstance")},
+            store=nullable(
+                obj(
+                    status={"type": "string", "enum": ["ok", "degraded"]},
+                    reason=nullable(STR),
+                    round_trip_seconds=nullable(NUM),
+                    failures={"type": "object", "additionalProperties": NONNEG},
+                    stalls=NONNEG,
+                    takeovers=NONNEG,
+                    degraded_episodes=NONNEG,
+                )
+            ),
+            totals=nullable(ref("ClusterTotals")),
         ),
         "Event": {
             **obj(
@@ -210,8 +271,16 @@ def _schemas() -> dict[str, Schema]:
                 unknown_types={"type": "array", "items": STR},
                 unknown_devices={"type": "array", "items": STR},
             ),
+            models={
+                "type": "array",
+                "items": obj(model_id=STR, kind=STR, version=STR, enabled=nullable(BOOL)),
+            },
             supported_language_pairs=nullable({"type": "array", "items": STR}),
             protocol=obj(sends_acks=BOOL, turn_dialect=BOOL),
+            instance={
+                **nullable(STR),
+                "description": "Multi-instance mode: the instance holding the node's socket (null embedded)",
+            },
             pools={"type": "array", "items": STR},
             history={"type": "array", "items": obj(age_seconds=NUM, event=STR)},
         ),
@@ -340,6 +409,28 @@ def _schemas() -> dict[str, Schema]:
             shared={**BOOL, "description": "Written to the shared revocation list (false: 202, pending)"},
             scope={"type": "string", "enum": ["instance", "cluster"]},
         ),
+        "NodeForgotten": obj(
+            ["action", "node_id"],
+            action={"type": "string", "enum": ["forget"]},
+            node_id=STR,
+            offline_seconds={**NUM, "description": "How long the node had been disconnected (s)"},
+            shared={
+                **BOOL,
+                "description": "Removed from the shared directory too (always true in embedded mode)",
+            },
+            instance={**STR, "description": "Multi-instance mode: the instance that held the record"},
+        ),
+        "OfflineForgotten": obj(
+            action={"type": "string", "enum": ["forget_offline"]},
+            older_than_seconds=NUM,
+            forgotten={"type": "array", "items": STR, "description": "Ids forgotten, oldest first"},
+            count=NONNEG,
+            shared=BOOL,
+            held_elsewhere={
+                **NONNEG,
+                "description": "Offline nodes in this view held by other instances (forget them there)",
+            },
+        ),
         "JobCancelled": obj(
             action={"type": "string", "enum": ["cancel_job"]},
             job_id=STR,
@@ -445,6 +536,101 @@ def _paths() -> dict[str, Schema]:
             "Fleet and traffic summary: nodes by status, sessions, jobs/s, last-minute p50/p99, "
             "language pairs",
             {"200": json_response("Summary (aggregate rebuilt at most once a second)", ref("Stats"))},
+        ),
+        "/api/v1/cluster": _get(
+            "read",
+            "cluster",
+            "Every instance (address, presence age, nodes, sessions, jobs, inbox depth, dead letters) "
+            "and the shared store's health; the embedded mode shows this instance alone",
+            {
+                "200": json_response("The instances", ref("Cluster")),
+                "503": error("The shared store did not answer (``STORE_UNAVAILABLE``)"),
+            },
+        ),
+        "/api/v1/stats/series": _get(
+            "read",
+            "stats_series",
+            "The charts' per-second points over up to an hour, averaged into ``step_seconds`` buckets",
+            {
+                "200": json_response(
+                    "Columns of points: ``t`` (wall ms) and one array per series",
+                    {
+                        **obj(
+                            ["window_seconds", "step_seconds", "t"],
+                            window_seconds=NUM,
+                            step_seconds=NUM,
+                            t={"type": "array", "items": INT},
+                        ),
+                        "additionalProperties": {"type": "array", "items": nullable(NUM)},
+                    },
+                ),
+                "400": bad,
+            },
+            [
+                param(
+                    "window",
+                    "query",
+                    {"type": "integer", "minimum": 60, "maximum": 3600, "default": 3600},
+                    "Seconds",
+                )
+            ],
+        ),
+        "/api/v1/nodes/{node_id}/jobs": _get(
+            "read",
+            "node_jobs",
+            "A node's recent jobs on this instance (newest first) and their outcomes",
+            {
+                "200": json_response(
+                    "Jobs",
+                    obj(
+                        node_id=STR,
+                        retention_seconds=NUM,
+                        total=NONNEG,
+                        outcomes={"type": "object", "additionalProperties": NONNEG},
+                        jobs={
+                            "type": "array",
+                            "items": obj(
+                                job_id=STR,
+                                state=STR,
+                                attempt=NONNEG,
+                                src_lang=STR,
+                                tgt_lang=STR,
+                                error_code=nullable(STR),
+                                age_seconds=NUM,
+                                duration_seconds=nullable(NUM),
+                            ),
+                        },
+                    ),
+                ),
+                "404": error("No such node"),
+            },
+            [NODE_ID],
+        ),
+        "/api/v1/tenants": _get(
+            "read",
+            "tenants",
+            "Per tenant on this instance: live sessions, jobs in the last minute (usage is not metered)",
+            {
+                "200": json_response(
+                    "Tenants",
+                    obj(
+                        window_seconds=NUM,
+                        configured={"type": "array", "items": STR},
+                        metered=BOOL,
+                        total=NONNEG,
+                        tenants={
+                            "type": "array",
+                            "items": obj(
+                                tenant_id=nullable(STR),
+                                sessions=NONNEG,
+                                sessions_elsewhere=NONNEG,
+                                jobs_last_minute=NONNEG,
+                                jobs_per_second=NUM,
+                            ),
+                        },
+                    ),
+                )
+            },
         ),
         "/api/v1/events": _get(
             "read",
@@ -563,7 +749,14 @@ def _paths() -> dict[str, Schema]:
                 },
                 "404": error("No such asset"),
             },
-            [param("name", "path", {"type": "string", "enum": ["dashboard.js", "dashboard.css"]}, "Asset")],
+            [
+                param(
+                    "name",
+                    "path",
+                    {"type": "string", "enum": ["dashboard.js", "dashboard-ops.js", "dashboard.css"]},
+                    "Asset",
+                )
+            ],
         ),
         "/api/v1/admin/check": {
             "get": {
@@ -597,6 +790,45 @@ def _paths() -> dict[str, Schema]:
                     "400": error("Not a node id"),
                     **ADMIN_ERRORS,
                     "409": error("Node authentication is not configured (``NODE_AUTH_DISABLED``)"),
+                },
+            }
+        },
+        "/api/v1/admin/nodes/{node_id}/forget": {
+            "post": {
+                "tags": ["admin"],
+                "summary": "Forget an offline node's record (it leaves listings, counts and the directory)",
+                "operationId": "admin_forget_node",
+                "security": [{"bearerAuth": []}],
+                "parameters": [NODE_ID],
+                "responses": {
+                    "200": json_response("Forgotten", ref("NodeForgotten")),
+                    **ADMIN_ERRORS,
+                    "404": error("No such node"),
+                    "409": error("The node is connected (``NODE_CONNECTED``): disconnect it first"),
+                    "503": error("The node's instance could not be reached (``STORE_UNAVAILABLE``)"),
+                    "504": error("The node's instance did not answer in time (``OWNER_TIMEOUT``)"),
+                },
+            }
+        },
+        "/api/v1/admin/offline-nodes/forget": {
+            "post": {
+                "tags": ["admin"],
+                "summary": "Forget every offline record of this instance disconnected at least N seconds ago",
+                "operationId": "admin_forget_offline",
+                "security": [{"bearerAuth": []}],
+                "parameters": [
+                    param(
+                        "older_than_seconds",
+                        "query",
+                        {"type": "number", "minimum": 0, "maximum": 365 * 86400},
+                        "Disconnected at least this long (s)",
+                        True,
+                    )
+                ],
+                "responses": {
+                    "200": json_response("Forgotten (possibly none)", ref("OfflineForgotten")),
+                    "400": error("Missing or invalid ``older_than_seconds`` (``INVALID_REQUEST``)"),
+                    **ADMIN_ERRORS,
                 },
             }
         },

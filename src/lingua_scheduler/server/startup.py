@@ -25,9 +25,10 @@ import contextlib
 import errno
 import gc
 import logging
+import signal
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -39,9 +40,11 @@ from lingua_scheduler.errors import ConfigError
 from lingua_scheduler.server import shutdown
 from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.cluster import Cluster
+from lingua_scheduler.server.cluster_view import CLUSTER_VIEW
 from lingua_scheduler.server.connection_guard import GUARD
 from lingua_scheduler.server.fd_limits import Lowered, fit_descriptor_limit
 from lingua_scheduler.server.listener import GuardedSockSite
+from lingua_scheduler.server.reload import Reloader
 from lingua_scheduler.server.state import STATE
 from lingua_scheduler.server.tls import server_ssl_context
 from lingua_scheduler.store.base import StoreUnavailable
@@ -189,9 +192,11 @@ def _bind_failure(exc: OSError, host: str, port: int) -> StartupError:
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (drained by server/shutdown.py). Raises ``StartupError`` or
-    ``ConfigError`` when the start cannot go on; nothing is left running then."""
+    ``ConfigError`` when the start cannot go on; nothing is left running then. ``reload`` builds the
+    configuration again as the start did: with it, SIGHUP reloads ``[auth]`` and the TLS certificate
+    (server/reload.py)."""
     check_redis_url(config.cluster.redis_url)
     ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
     lowered = fit_descriptor_limit(config.limits)  # raise RLIMIT_NOFILE; max_connections to what fits
@@ -203,7 +208,7 @@ def serve(config: Config) -> None:
             s.close()
         raise
     shutdown.handle_signals(app)  # SIGTERM drains in-flight work before aiohttp's own shutdown
-    _run(_serve(app, config, socks, ssl_context, lowered))
+    _run(_serve(app, config, socks, ssl_context, lowered, reload))
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -242,12 +247,14 @@ async def _serve(
     socks: list[socket.socket],
     ssl_context: ssl.SSLContext | None,
     lowered: Lowered | None,
+    reload: Callable[[], Config] | None = None,
 ) -> None:
     cluster = app[STATE].dispatcher.cluster
     # The sockets are bound and listening: a connection made from now on waits in the backlog until
     # the application has started, it is not refused. So the line goes first, before the start-up
     # warnings, where an operator (and a script reading the first line) looks for it.
     announce(config, socks[0].getsockname()[1], ssl_context is not None, cluster)
+    app[CLUSTER_VIEW].port = socks[0].getsockname()[1]  # the address shown in GET /api/v1/cluster
     if lowered is not None:
         lowered.log()
     runner = web.AppRunner(app, handle_signals=True, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
@@ -265,6 +272,9 @@ async def _serve(
             await site.start()
         if cluster is not None:
             await _check_store(cluster, config)
+        if reload is not None:
+            reloader = Reloader(app[STATE], reload, ssl_context)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload)
         # Objects alive at start (modules, config, routes) never become garbage: keep the collector off.
         gc.freeze()
         await asyncio.Event().wait()  # until cancelled: GracefulExit (shutdown.py) ends the loop

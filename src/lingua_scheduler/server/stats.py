@@ -23,7 +23,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,11 @@ WINDOW = 60.0
 MAX_PAIR_ROWS = 100
 #: events shipped in each dashboard frame
 FRAME_EVENTS = 30
+#: the longest window the dashboard can show: one point a second is kept this long (bounded memory:
+#: one tuple of ``SERIES_KEYS`` floats a second, ~3,600 of them)
+HISTORY_SECONDS = 3600
+#: points in one answer of ``GET /api/v1/stats/series`` at most (a long window is averaged down)
+MAX_SERIES_POINTS = 360
 
 #: the four latencies an operator watches: name in the API -> histogram attribute of ``Metrics``
 LATENCIES: dict[str, str] = {
@@ -55,6 +60,15 @@ LATENCIES: dict[str, str] = {
     "end_to_end": "job_end_to_end",
 }
 _BOUNDS: tuple[float, ...] = (*LATENCY_BUCKETS, math.inf)
+#: what a chart point holds: per-second rates, then the p50/p99 of each latency in that second
+SERIES_KEYS: tuple[str, ...] = (
+    "heartbeats_per_s",
+    "created_per_s",
+    "completed_per_s",
+    "failed_per_s",
+    "failovers_per_s",
+    *(f"{n}_{q}" for n in LATENCIES for q in ("p50", "p99")),
+)
 _JOB_OUTCOMES = ("completed", "failed", "timed_out", "cancelled")
 _encode = msgspec.json.Encoder().encode
 
@@ -141,6 +155,10 @@ class StatsAggregator:
         self.state = state
         self.interval = interval
         self.ring: deque[Sample] = deque(maxlen=max(2, round(window / interval) + 1))
+        #: (wall ms, the point's values in ``SERIES_KEYS`` order), one a sample, for the last hour
+        self.history: deque[tuple[int, tuple[float | None, ...]]] = deque(
+            maxlen=max(2, round(HISTORY_SECONDS / interval))
+        )
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_at = -math.inf
         self._windows: dict[str, dict[str, float | None]] | None = None
@@ -154,6 +172,8 @@ class StatsAggregator:
         self.clients = 0
         self.closing = False
         self.builds = 0
+        #: sums over every instance (server/cluster_view.py), None in the embedded mode
+        self.cluster_totals: Callable[[], dict[str, Any] | None] | None = None
         self.ring.append(self._sample())
 
     # --- sampling (once a second, O(counters + buckets)) ------------------------------------------
@@ -193,6 +213,7 @@ class StatsAggregator:
             point[f"{name}_p50"] = quantile(0.50, d)
             point[f"{name}_p99"] = quantile(0.99, d)
         self.ring.append(Sample(cur.at, cur.wall_ms, cur.counters, cur.buckets, cur.pairs, point))
+        self.history.append((cur.wall_ms, tuple(point.get(k) for k in SERIES_KEYS)))
 
     async def run(self) -> None:
         """Sample every ``interval``; while dashboards are connected, build and hand out a frame."""
@@ -240,7 +261,12 @@ class StatsAggregator:
         body["latency"] = self._windows
         body["heartbeats_total"] = state.heartbeat_window.count
         body["jobs_dispatched_total"] = state.dispatch_window.count
+        if (totals := self._cluster()) is not None:
+            body["cluster"] = totals
         return body
+
+    def _cluster(self) -> dict[str, Any] | None:
+        return None if self.cluster_totals is None else self.cluster_totals()
 
     def fresh(self) -> dict[str, Any]:
         """Counts that are O(1) to read, so the API never shows them a second old."""
@@ -372,6 +398,25 @@ class StatsAggregator:
             out[k] = [_round(s.point.get(k), 7) for s in samples]
         return out
 
+    def long_series(self, window: float, max_points: int = MAX_SERIES_POINTS) -> dict[str, Any]:
+        """The last ``window`` seconds (up to an hour) of the per-second points, averaged into buckets
+        of ``step`` seconds so that at most ``max_points`` come back. A rate averages exactly; a
+        latency percentile averaged over seconds is an approximation (the mean of per-second p99s),
+        which is what a chart of an hour can show."""
+        points = [p for p in self.history if p[0] >= self.state.clock.wall_ms() - window * 1000]
+        step = max(1, math.ceil(len(points) / max_points))
+        out: dict[str, Any] = {"window_seconds": window, "step_seconds": step * self.interval, "t": []}
+        columns: list[list[float | None]] = [[] for _ in SERIES_KEYS]
+        for i in range(0, len(points), step):
+            chunk = points[i : i + step]
+            out["t"].append(chunk[-1][0])
+            for k, column in enumerate(columns):
+                values = [v for _, vals in chunk if (v := vals[k]) is not None]
+                column.append(_round(sum(values) / len(values), 7) if values else None)
+        for key, column in zip(SERIES_KEYS, columns, strict=True):
+            out[key] = column
+        return out
+
     def build_frame(self, *, force: bool = False) -> bytes:
         """Encode the dashboard frame (snapshot + series + recent events) and wake the dashboards."""
         t0 = time.perf_counter()
@@ -383,6 +428,7 @@ class StatsAggregator:
             "events": state.events.latest(FRAME_EVENTS),
             "admin_enabled": bool(state.config.admin.token),
             "instance": {"uptime_seconds": round(time.time() - state.started_at, 1)},
+            "cluster": self._cluster(),
         }
         self.frame = _encode(body)
         self.frame_seq += 1

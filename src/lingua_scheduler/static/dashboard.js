@@ -166,7 +166,8 @@ function render(f) {
   setText("hb-rate", fmtNum(f.heartbeats_per_second, 1));
   renderStatusBar(f);
 
-  const s = f.series;
+  // a window longer than the frame's minute comes from the hour ring (dashboard-ops.js)
+  const s = (typeof longSeries === "function" && longSeries()) || f.series;
   drawChart($("chart-jobs"), s.t, [
     { values: s.created_per_s, color: color("registering"), label: "created" },
     { values: s.completed_per_s, color: color("ready"), label: "completed" },
@@ -322,7 +323,7 @@ function renderNodes(body) {
     tr.dataset.nodeId = n.node_id;
     const langs = [...new Set([...n.languages.asr, ...n.languages.tts])].join(" ");
     const cpuGpu = `${fmtNum(n.load.cpu_percent)} % / ${n.load.gpu_percent === null ? "–" : fmtNum(n.load.gpu_percent) + " %"}`;
-    tr.append(el("td", n.node_id), el("td", n.status, "status " + n.status),
+    tr.append(el("td", n.node_id, "node-id"), el("td", n.status, "status " + n.status),
               el("td", `${n.load.effective_jobs} jobs`, "num"), el("td", cpuGpu, "num"), el("td", langs),
               el("td", String(n.pools.length), "num"), el("td", fmtSeconds(n.last_heartbeat_age_seconds) + " ago", "num"));
     const actions = el("td");

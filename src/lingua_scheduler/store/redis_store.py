@@ -274,6 +274,7 @@ class RedisStore:
         owned = [r.node_id for r in records if r.owner == instance_id]
         p = self.r.pipeline(transaction=False)
         p.zrem(k.instances, instance_id)
+        p.hdel(k.instance_info, instance_id)
         p.delete(k.inbox(instance_id), k.dead_letters(instance_id))
         for node_id in owned:
             p.hdel(k.nodes, node_id)
@@ -282,6 +283,33 @@ class RedisStore:
             p.xadd(k.changes, {"t": "gone", "d": node_id}, maxlen=self.stream_maxlen, approximate=True)
         await self._do(p.execute())
         return owned
+
+    # --- the operators' view of the instances (server/cluster_view.py) ----------------------------
+
+    async def share_instance_info(self, info: bytes) -> tuple[int, list[tuple[str, int]], dict[str, bytes]]:
+        """Write this instance's figures and read everybody's, in one round trip: (Redis TIME in ms,
+        [(instance, presence expiry ms)], {instance: figures JSON})."""
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        p.hset(k.instance_info, self.instance_id, info)
+        p.time()
+        p.zrange(k.instances, 0, -1, withscores=True)
+        p.hgetall(k.instance_info)
+        _, (sec, usec), members, infos = await self._do(p.execute())
+        now = int(sec) * 1000 + int(usec) // 1000
+        return now, [(_s(m), int(score)) for m, score in members], {_s(i): bytes(v) for i, v in infos.items()}
+
+    async def queue_depths(self, instance_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Each instance's inbox length and dead letters (XLEN of both streams), in one round trip."""
+        if not instance_ids:
+            return {}
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        for i in instance_ids:
+            p.xlen(k.inbox(i))
+            p.xlen(k.dead_letters(i))
+        out = await self._do(p.execute())
+        return {i: (int(out[2 * n]), int(out[2 * n + 1])) for n, i in enumerate(instance_ids)}
 
     # --- capacity reservations ----------------------------------------------------------------------
 
