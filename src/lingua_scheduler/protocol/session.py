@@ -328,6 +328,13 @@ class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_o
         doc("true when there is text but the synthesized audio is missing (the text itself is untouched)"),
     ]
     trace_id: Annotated[str, doc("the utterance's trace id")]
+    late: Annotated[
+        bool,
+        doc(
+            "true when this utterance was already given up (missing_result gap_timeout came before): "
+            "the result came after all and is delivered anyway, out of index order"
+        ),
+    ]
     extra: Annotated[ExtraResult | None, doc("what the node found beyond the text")] = None
     group_id: Annotated[str | None, doc("the utterance group (results with recognized text)")] = None
     part_index: Annotated[int | None, doc("the part within the group")] = None
@@ -341,13 +348,6 @@ class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_o
     quality_score: Annotated[float | None, doc("the recognizer's quality score")] = None
     rerun_count: Annotated[int | None, doc("re-recognitions done")] = None
     segments_meta: Annotated[SegmentsMeta | None, doc("how the audio was segmented")] = None
-    late: Annotated[
-        bool,
-        doc(
-            "true when this utterance was already given up (missing_result gap_timeout came before): "
-            "the result came after all and is delivered anyway, out of index order"
-        ),
-    ] = False
 
 
 class AsrPartial(Struct, tag="asr_partial", tag_field="type", kw_only=True):

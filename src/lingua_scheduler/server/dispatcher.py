@@ -668,6 +668,7 @@ class Dispatcher:
             tts_format=msg.tts_format or "pcm16",
             audio_lost=False,
             trace_id=job.spec.trace_id,
+            late=False,
             extra=msg.extra,
             group_id=msg.group_id,
             part_index=msg.part_index,
@@ -873,6 +874,7 @@ class Dispatcher:
                         trace_id=session.trace_id,
                     )
                 )
+        session.forget_released()
         session.maybe_finish_close()
 
     def _ui(self, job: Job, event: UiEventType) -> UiEvent:

@@ -173,17 +173,18 @@ class Session:
             return msg
         if isinstance(index, int) and index in self.client_index and not numbered_by_client:
             msg = msgspec.structs.replace(msg, utterance_index=self.client_index[index])
-        if self.client_index or self.no_tts:
-            self._forget_released()
         return msg
 
-    def _forget_released(self) -> None:
+    def forget_released(self) -> None:
         """Drop the per-index facts of utterances whose results are all out (bounds both maps); those
-        of an index given up are kept for its late result."""
-        cursor = self.results.oldest_unsettled
-        for index in [i for i in self.client_index if i < cursor - 1]:
+        of an index given up are kept for its late result. Called once a delivery is sent (several
+        indices may be released by one result: their messages all need the facts until then)."""
+        if not (self.client_index or self.no_tts):
+            return
+        settled = self.results.oldest_unsettled
+        for index in [i for i in self.client_index if i < settled]:
             del self.client_index[index]
-        for index in [i for i in self.no_tts if i < cursor - 1]:
+        for index in [i for i in self.no_tts if i < settled]:
             self.no_tts.discard(index)
 
     # --- resume ---------------------------------------------------------------------------------
