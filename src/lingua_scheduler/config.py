@@ -193,9 +193,11 @@ class SessionConfig(Section):
     max_utterance_bytes: int = 512 * 1024
     #: all audio buffered for one session (utterances not yet dispatched); over it -> error
     max_session_buffer_bytes: int = 4 * 1024 * 1024
-    #: results held back waiting for an earlier utterance
+    #: utterances of one session waiting for their results (accepted, not all delivered); one more is
+    #: refused at once with missing_result(queue_full) and gets no job (finished work is never dropped)
     max_pending_results: int = 64
-    #: an utterance index still missing after this long is released as missing_result(gap_timeout)
+    #: an utterance index still missing after this long is released as missing_result(gap_timeout);
+    #: its result, if it comes later, is still delivered, marked late
     result_gap_timeout_ms: int = 10_000
     #: what a session that declares no audio_format streams; "opus" is length-prefixed Opus (a 2-byte
     #: little-endian length before each packet), what the reference web client always sends. Such audio

@@ -67,7 +67,7 @@ def test_a_missing_index_is_released_after_the_gap_timeout() -> None:
     out = q.tick()
     assert summary(out) == [(0, K.GAP, "j0"), (1, K.RESULT, "r1")]
     assert out[0].missing_reason is MissingReason.GAP_TIMEOUT and out[1].missing_reason is None
-    assert q.offer(0, "j0", 1, "late") == [] and q.dropped_late == 1  # the client was told it is missing
+    assert [(r.kind, r.late) for r in q.offer(0, "j0", 1, "late")] == [(K.RESULT, True)]
     assert_drained(q)
 
 
@@ -154,15 +154,53 @@ def test_fail_without_job_resolves_every_open_part() -> None:
     assert_drained(q)
 
 
-def test_bound_on_held_releases_gives_up_the_oldest_gap() -> None:
+def test_the_bound_refuses_new_indices_and_never_gives_up_finished_work() -> None:
     q, _ = make(max_pending_results=2)
-    expect_all(q, 5)
-    q.offer(1, "j1", 1, "r1")
-    q.offer(2, "j2", 1, "r2")
-    out = q.offer(4, "j4", 1, "r4")  # a third held release: index 0 is given up
-    assert summary(out) == [(0, K.GAP, "j0"), (1, K.RESULT, "r1"), (2, K.RESULT, "r2")]
-    assert q.overflows == 1 and q.held == 1 and q.cursor == 3
+    expect_all(q, 2)
+    assert q.offer(1, "j1", 1, "r1") == [] and not q.has_room
+    with pytest.raises(ValueError, match="no room"):
+        q.expect(2, ["j2"])
+    q.refuse(2)  # answered by the caller at once; it takes no slot
+    q.refuse(3)
     q.validate()
+    assert q.held == 1 and q.refused == 2
+    assert summary(q.offer(0, "j0", 1, "r0")) == [(0, K.RESULT, "r0"), (1, K.RESULT, "r1")]
+    assert q.cursor == 4 and q.has_room  # stepped over the refused indices
+    q.expect(4, ["j4"])
+    assert summary(q.offer(4, "j4", 1, "r4")) == [(4, K.RESULT, "r4")]
+    assert_drained(q)
+
+
+def test_refused_index_on_an_empty_queue_moves_the_cursor() -> None:
+    q, _ = make()
+    q.refuse(0)
+    q.expect(1, ["j1"])
+    assert summary(q.offer(1, "j1", 1, "r1")) == [(1, K.RESULT, "r1")]
+    assert_drained(q)
+
+
+def test_a_late_result_after_its_gap_is_released_marked_late() -> None:
+    q, clock = make(result_gap_timeout_ms=1000)
+    expect_all(q, 2)
+    q.offer(1, "j1", 1, "r1")
+    clock.advance(1)
+    assert summary(q.tick()) == [(0, K.GAP, "j0"), (1, K.RESULT, "r1")]
+    assert q.oldest_unsettled == 0  # index 0 may still get its late result
+    [late] = q.offer(0, "j0", 2, "r0")
+    assert (late.index, late.kind, late.payload, late.late) == (0, K.RESULT, "r0", True)
+    assert q.offer(0, "j0", 2, "r0") == [] and q.dropped_late == 1  # once only
+    assert q.late == 1 and q.oldest_unsettled == 2
+    assert_drained(q)
+
+
+def test_a_gapped_part_that_fails_or_is_silent_adds_nothing() -> None:
+    q, clock = make(result_gap_timeout_ms=1000)
+    expect_all(q, 3)
+    q.offer(2, "j2", 1, "r2")
+    clock.advance(1)
+    assert [r.kind for r in q.tick()] == [K.GAP, K.GAP, K.RESULT]
+    assert q.fail(0, "j0") == [] and q.offer(1, "j1", 1, "", silent=True) == []
+    assert q.oldest_unsettled == 3 and q.late == 0
 
 
 def test_indices_must_be_expected_in_order() -> None:
@@ -197,8 +235,11 @@ def test_any_resolution_order_releases_each_part_once_in_order(
     q, clock = make(max_pending_results=bound, result_gap_timeout_ms=1000)
     parts = []
     for i, n in enumerate(targets):
-        q.expect(i, [f"{i}-{t}" for t in range(n)])
-        parts += [(i, f"{i}-{t}") for t in range(n)]
+        if q.has_room:
+            q.expect(i, [f"{i}-{t}" for t in range(n)])
+            parts += [(i, f"{i}-{t}") for t in range(n)]
+        else:
+            q.refuse(i)
     order = data.draw(st.permutations(parts))
     out: list[Release[str]] = []
     for index, job_id in order:
@@ -212,6 +253,12 @@ def test_any_resolution_order_releases_each_part_once_in_order(
             out += q.tick()
         q.validate()
     out += q.flush()
-    assert [r.index for r in out] == sorted(r.index for r in out)
-    assert sorted((r.index, r.job_id or "") for r in out) == sorted(parts)
+    in_order = [r for r in out if not r.late]
+    assert [r.index for r in in_order] == sorted(r.index for r in in_order)
+    assert sorted((r.index, r.job_id or "") for r in in_order) == sorted(parts)
+    # a late release is the result of a part given up before, once
+    gapped = {(r.index, r.job_id) for r in in_order if r.kind is K.GAP}
+    late = [(r.index, r.job_id) for r in out if r.late]
+    assert len(late) == len(set(late)) and set(late) <= gapped
+    assert all(r.kind is K.RESULT for r in out if r.late)
     assert_drained(q)

@@ -102,6 +102,7 @@ OUTBOUND: list[msgspec.Struct] = [
         tts_format="pcm16",
         audio_lost=True,
         trace_id="t",
+        late=False,
         extra=ExtraResult(emotion="calm"),
         service_timings=ServiceTimings(total_ms=10),
         network_timings=NetworkTimings(scheduler_to_node_ms=3),

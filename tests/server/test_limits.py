@@ -132,6 +132,10 @@ async def test_node_flood_is_dropped_told_then_closed(scheduler_factory: Any, no
     assert len([m for m in node.received if m.get("code") == "RATE_LIMITED"]) == 1  # told once, not 40x
     # a pause ends the episode: the node is served again, it was not closed
     await asyncio.sleep(1100 * MS)
+    # and the rest of the burst was reported a second on: the reports add up to every dropped frame
+    reports = [m["details"]["dropped"] for m in node.received if m.get("code") == "RATE_LIMITED"]
+    dropped = await rs.metric("lingua_rate_limited_frames_total", '{endpoint="node"}')
+    assert len(reports) == 2 and sum(reports) == dropped, (reports, dropped)
     before = len(node.rtts)
     await node.heartbeat()
     await eventually(lambda: len(node.rtts) == before + 1)

@@ -10,12 +10,17 @@ Policy (what a client can rely on):
 - Parts of the head index are released the moment they resolve; parts of later indices are held until
   every earlier index is fully resolved.
 - An unresolved index that has held back a later release for ``result_gap_timeout_ms`` is given up
-  (GAP) so later results flow. A result that turns up afterwards is dropped: the client was told.
+  (GAP) so later results flow. A result that turns up afterwards is still released, marked ``late``
+  (finished work is never thrown away); the given-up parts waiting for one are remembered, at most
+  ``MAX_GAPPED_PER_SLOT`` times the bound (past it the oldest is forgotten and counted).
 - Duplicates are dropped: a part already resolved (same job, any attempt), an index already released.
-- At most ``max_pending_results`` releases are held; one more gives up the oldest gap at once.
+- At most ``max_pending_results`` indices are outstanding (expected, not yet fully released): the caller
+  asks ``has_room`` before it creates an utterance's jobs and, when there is none, ``refuse``s the
+  index instead. A refused index takes no slot (it is answered at once by the caller, out of order:
+  a refusal answers the request, it is no result) and the cursor steps over it.
 
-Must never: know about sockets, wire frames or job internals (the payload is opaque), or hold more than
-its bound. Time comes from the injected ``Clock`` (or an explicit ``now``).
+Must never: know about sockets, wire frames or job internals (the payload is opaque), give up a part to
+make room, or hold more than its bound. Time comes from the injected ``Clock`` (or an explicit ``now``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ P = TypeVar("P")
 
 #: part key of an index expected with no job (its jobs could not be created); resolved by fail(index)
 _NO_JOB = ""
+#: given-up parts remembered for their late result: this many per outstanding index allowed
+MAX_GAPPED_PER_SLOT = 4
 
 
 class ReleaseKind(StrEnum):
@@ -59,6 +66,8 @@ class Release(Generic[P]):
     job_id: str | None
     payload: P | None = None
     attempt: int | None = None
+    #: a RESULT of a part given up earlier (the client already got missing_result(gap_timeout))
+    late: bool = False
 
     @property
     def missing_reason(self) -> MissingReason | None:
@@ -73,6 +82,8 @@ class _Slot(Generic[P]):
     held: list[Release[P]] = field(default_factory=list)
     #: when this unresolved index first held back a later release (starts its gap timer)
     blocking_since: float | None = None
+    #: refused indices right after this one (they take no slot; the cursor steps over them)
+    skip_after: int = 0
 
 
 class ResultQueue(Generic[P]):
@@ -86,23 +97,47 @@ class ResultQueue(Generic[P]):
         self._cursor = start_index
         self._next_expected = start_index
         self._slots: dict[int, _Slot[P]] = {}
+        #: the slot of the highest index expected (refused indices after it are counted on it)
+        self._tail: _Slot[P] | None = None
         self._held = 0
+        #: (index, job id) of parts given up, oldest first, until their late result or failure
+        self._gapped: dict[tuple[int, str], None] = {}
+        self._max_gapped = MAX_GAPPED_PER_SLOT * self._max_held
         self.dropped_duplicates = 0
         self.dropped_late = 0
         self.dropped_unknown = 0
         self.gaps = 0
-        self.overflows = 0
+        self.late = 0
+        self.refused = 0
+        #: given-up parts forgotten (over the bound) before their late result came
+        self.forgotten_gaps = 0
 
     # --- inputs ---------------------------------------------------------------------------------
 
     def expect(self, index: int, job_ids: Iterable[str]) -> None:
         """Announce utterance ``index`` and its jobs (one per target). Indices are expected in order,
         contiguously; no jobs (they could not be created) leaves one part for ``fail(index)``."""
+        self._check_next(index)
+        if not self.has_room:
+            raise ValueError(f"no room for utterance {index}: {self._max_held} are outstanding (refuse it)")
+        parts = set(job_ids) or {_NO_JOB}
+        self._tail = self._slots[index] = _Slot(index, parts)
+        self._next_expected += 1
+
+    def refuse(self, index: int) -> None:
+        """Utterance ``index`` is refused (no room, or its audio was dropped): it takes no slot and
+        nothing is released for it here; the caller answers it at once."""
+        self._check_next(index)
+        self.refused += 1
+        self._next_expected += 1
+        if self._tail is not None:
+            self._tail.skip_after += 1
+        else:  # nothing outstanding: the cursor is at this index
+            self._cursor = self._next_expected
+
+    def _check_next(self, index: int) -> None:
         if index != self._next_expected:
             raise ValueError(f"expected utterance index {self._next_expected}, got {index}")
-        parts = set(job_ids) or {_NO_JOB}
-        self._slots[index] = _Slot(index, parts)
-        self._next_expected += 1
 
     def offer(
         self,
@@ -165,21 +200,46 @@ class ResultQueue(Generic[P]):
         return self._held
 
     @property
+    def next_expected(self) -> int:
+        """The index the next utterance gets."""
+        return self._next_expected
+
+    def outstanding_indices(self) -> list[int]:
+        """The indices expected and not yet fully released, in order (refused ones are not)."""
+        return sorted(self._slots)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether one more utterance may be expected (else it must be refused)."""
+        return len(self._slots) < self._max_held
+
+    @property
+    def oldest_unsettled(self) -> int:
+        """The lowest index something may still be released for (a late result included)."""
+        # given up in index order, so the first one remembered is the lowest
+        return min(next(iter(self._gapped))[0], self._cursor) if self._gapped else self._cursor
+
+    @property
     def outstanding(self) -> int:
         """Indices expected and not yet fully released."""
         return len(self._slots)
 
     def validate(self) -> None:
         p: list[str] = []
-        if set(self._slots) != set(range(self._cursor, self._next_expected)):
-            p.append("slots are not exactly the indices between cursor and next expected")
+        skipped = {i for s in self._slots.values() for i in range(s.index + 1, s.index + 1 + s.skip_after)}
+        if set(self._slots) | skipped != set(range(self._cursor, self._next_expected)) or (
+            set(self._slots) & skipped
+        ):
+            p.append("slots and refused indices are not exactly those between cursor and next expected")
+        if len(self._slots) > self._max_held:
+            p.append("outstanding indices over the bound")
+        if len(self._gapped) > self._max_gapped:
+            p.append("given-up parts remembered over the bound")
         head = self._slots.get(self._cursor)
         if head is not None and (not head.open or head.held):
             p.append("head index is resolved or holds releases")
         if self._held != sum(len(s.held) for s in self._slots.values()):
             p.append("held count out of step")
-        if self._held > self._max_held:
-            p.append("held releases over the bound")
         if p:
             raise AssertionError("; ".join(p))
 
@@ -191,6 +251,12 @@ class ResultQueue(Generic[P]):
     def _resolve(self, index: int, key: str, rel: Release[P], now: float) -> list[Release[P]]:
         slot = self._slots.get(index)
         if slot is None:
+            if (index, key) in self._gapped:
+                del self._gapped[(index, key)]
+                if rel.kind is ReleaseKind.RESULT:  # a failure or silence adds nothing to the gap told
+                    self.late += 1
+                    return [Release(index, rel.kind, rel.job_id, rel.payload, rel.attempt, late=True)]
+                return []
             if index < self._cursor:
                 self.dropped_late += 1
             else:
@@ -205,14 +271,10 @@ class ResultQueue(Generic[P]):
         slot.held.append(rel)
         self._held += 1
         for k in range(self._cursor, index):
-            earlier = self._slots[k]
-            if earlier.open and earlier.blocking_since is None:
+            earlier = self._slots.get(k)  # None: a refused index
+            if earlier is not None and earlier.open and earlier.blocking_since is None:
                 earlier.blocking_since = now
-        out: list[Release[P]] = []
-        while self._held > self._max_held:
-            self.overflows += 1
-            out += self._give_up()
-        return out
+        return []
 
     def _give_up(self) -> list[Release[P]]:
         """Release the head: held parts, then its open parts as GAP; then move on."""
@@ -220,6 +282,12 @@ class ResultQueue(Generic[P]):
         self.gaps += 1
         gap = ReleaseKind.GAP
         out: list[Release[P]] = [Release(slot.index, gap, key or None) for key in sorted(slot.open)]
+        for key in slot.open:
+            if key != _NO_JOB:  # its job may still finish: its result then goes out late
+                self._gapped[(slot.index, key)] = None
+        while len(self._gapped) > self._max_gapped:
+            del self._gapped[next(iter(self._gapped))]
+            self.forgotten_gaps += 1
         slot.open.clear()
         return out + self._advance()
 
@@ -227,14 +295,18 @@ class ResultQueue(Generic[P]):
         """The head is resolved: drop it and release what the following indices held, stopping at the
         first index still open."""
         out: list[Release[P]] = []
-        del self._slots[self._cursor]
-        self._cursor += 1
+        self._pop_head()
         while (slot := self._slots.get(self._cursor)) is not None:
             out += slot.held
             self._held -= len(slot.held)
             slot.held = []
             if slot.open:
                 break
-            del self._slots[self._cursor]
-            self._cursor += 1
+            self._pop_head()
         return out
+
+    def _pop_head(self) -> None:
+        slot = self._slots.pop(self._cursor)
+        self._cursor += 1 + slot.skip_after
+        if slot is self._tail:
+            self._tail = None

@@ -17,7 +17,12 @@ rules. Everything that decides where an utterance ends lives in this file:
 - the utterance reaches its size limit: ``max_duration_ms`` of audio or ``max_utterance_bytes``,
   whichever comes first (reason says which). A chunk that would overflow the buffer cuts the audio
   before it; a single chunk larger than the limit is split at the limit (between Opus packets);
-- ``close()`` finalizes whatever is buffered.
+- ``close()`` finalizes whatever is buffered;
+- a chunk dropped unread (``drop()``: the connection's rate limit) leaves a hole in the open utterance:
+  it is never spliced. The next chunk that arrives, the pause deadline or ``close()`` cuts the open
+  utterance there, carrying the hole (``Utterance.dropped_chunks`` and the dropped ``seq`` numbers),
+  for the shell to refuse; the audio after the hole starts the next utterance. A hole takes an index
+  even when nothing was buffered before it (the dropped chunk began that utterance).
 
 The audio format: a session that declared one streams that; one that did not is locked to the format
 of its first audio (``core.audio.detect_format``), and every later chunk must be in it. A chunk in no
@@ -36,7 +41,7 @@ is no idle self-termination here. Time comes from the injected ``Clock`` (or an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from lingua_scheduler.clock import Clock
@@ -52,6 +57,9 @@ from lingua_scheduler.core.audio import (
     frame_bytes,
 )
 from lingua_scheduler.errors import ErrorCode, ProtocolError, Reason, SchedulerError, SessionError
+
+#: ``seq`` numbers of dropped chunks kept per utterance (all are counted)
+MAX_HOLE_SEQS = 64
 
 
 class SegState(StrEnum):
@@ -76,6 +84,8 @@ class CutReason(StrEnum):
     CLOSE = "close"
     #: a whole utterance sent by the client in one ``utterance`` message
     COMPLETE = "complete"
+    #: cut at a hole: a chunk of it was dropped unread (``Segmenter.drop``)
+    HOLE = "hole"
 
     # The three job_assign trigger flags, derived in one place.
     @property
@@ -125,6 +135,10 @@ class Utterance:
     first_client_ts_ms: int | None = None
     #: the index the client gave a whole utterance (``utterance.utterance_index``); None when streamed
     client_index: int | None = None
+    #: chunks of it dropped unread (a hole: the shell refuses it), and the first ``MAX_HOLE_SEQS`` of
+    #: their ``seq`` numbers (those known)
+    dropped_chunks: int = 0
+    dropped_seqs: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -164,6 +178,10 @@ class Segmenter:
         self._client_ts: int | None = None
         #: is_final (or an empty utterance) that found nothing to finalize; the index did not move
         self.empty_cuts = 0
+        #: the open utterance's hole: chunks dropped unread, their known seqs, when the first was
+        self._hole_chunks = 0
+        self._hole_seqs: list[int] = []
+        self._hole_at = 0.0
 
     def _set_limits(self, fmt: AudioFormat) -> None:
         """Size limits of the open utterance for audio in ``fmt``: pcm16 in bytes (its duration is its
@@ -212,10 +230,16 @@ class Segmenter:
     def tts_playing(self) -> bool:
         return self._tts_since is not None
 
+    @property
+    def holed(self) -> bool:
+        """The open utterance has a hole (chunks of it were dropped); it is refused when cut."""
+        return self._hole_chunks > 0
+
     def next_deadline(self) -> float | None:
         """Monotonic time at which ``tick()`` will cut the open utterance for silence; None if idle."""
         if self._state is not SegState.COLLECTING:
-            return None
+            # a hole with nothing buffered around it is cut once the stream has been silent as long
+            return self._hole_at + self._pause if self._hole_chunks else None
         silence_from = self._covered_until
         if self._tts_since is not None:
             silence_from = max(silence_from, self._tts_since + self._tts_guard)
@@ -239,6 +263,8 @@ class Segmenter:
                 self._format = fmt
                 self._set_limits(fmt)
         out: list[Utterance] = []
+        if self._hole_chunks:  # the stream goes on after a hole: what came before it is not spliced
+            out.append(self._cut(CutReason.HOLE, now))
         deadline = self.next_deadline()
         if deadline is not None and now >= deadline:
             out.append(self._cut(CutReason.PAUSE, now))
@@ -262,6 +288,21 @@ class Segmenter:
         elif self._size and (reason := self._full(self._size, self._tenths)):
             out.append(self._cut(reason, now))
         return out
+
+    def drop(self, seq: int | None, now: float | None = None) -> None:
+        """A chunk of this stream was dropped unread (``seq`` when known): the open utterance has a
+        hole. Nothing is cut yet, so that consecutive dropped chunks make one hole."""
+        if self._state is SegState.CLOSED:
+            return
+        if not self._hole_chunks:
+            self._hole_at = self._now(now)
+        self._hole_chunks += 1
+        if seq is not None and len(self._hole_seqs) < MAX_HOLE_SEQS:
+            self._hole_seqs.append(seq)
+
+    def hole_has(self, seq: int) -> bool:
+        """Whether the open hole already names ``seq``."""
+        return seq in self._hole_seqs
 
     def tts_started(self, now: float | None = None) -> None:
         """The client started playing synthesized speech: no pause cut until ``tts_ended`` (or until
@@ -313,7 +354,7 @@ class Segmenter:
         now = self._now(now)
         deadline = self.next_deadline()
         if deadline is not None and now >= deadline:
-            return [self._cut(CutReason.PAUSE, now)]
+            return [self._cut(CutReason.HOLE if self._hole_chunks else CutReason.PAUSE, now)]
         return []
 
     def close(self, now: float | None = None) -> list[Utterance]:
@@ -321,7 +362,7 @@ class Segmenter:
         if self._state is SegState.CLOSED:
             return []
         now = self._now(now)
-        out = [self._cut(CutReason.CLOSE, now)] if self._size else []
+        out = [self._cut(CutReason.CLOSE, now)] if self._size or self._hole_chunks else []
         self._move(SegState.CLOSED)
         return out
 
@@ -394,10 +435,18 @@ class Segmenter:
         self._size = 0
         self._tenths = 0
         self._client_ts = None
-        self._move(SegState.IDLE)
+        if self._state is SegState.COLLECTING:  # a hole alone is cut from IDLE
+            self._move(SegState.IDLE)
+        else:
+            started_at = self._hole_at
         spec = self._spec
         fmt = self._format or spec.audio_format
-        return self._emit(audio, reason, fmt, spec.sample_rate, started_at, now, client_ts)
+        utt = self._emit(audio, reason, fmt, spec.sample_rate, started_at, now, client_ts)
+        if self._hole_chunks:
+            utt = replace(utt, dropped_chunks=self._hole_chunks, dropped_seqs=tuple(self._hole_seqs))
+            self._hole_chunks = 0
+            self._hole_seqs = []
+        return utt
 
     def _emit(
         self,

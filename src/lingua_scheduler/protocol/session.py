@@ -5,7 +5,14 @@ Wire names match the reference client. Deliberate differences:
   (``core.audio.negotiate``) instead of hard-coded values.
 - ``asr_partial`` carries the real ``job_id`` (the reference always sent "").
 - ``translation_result.audio_lost`` flags text whose audio is missing; the text is never rewritten.
-- ``missing_result.reason`` is one of gap_timeout, job_failed, silence_detected, and all are produced.
+- ``missing_result.reason`` is one of gap_timeout, job_failed, silence_detected, queue_full,
+  rate_limited, and all are produced. A refusal (queue_full, rate_limited) is answered at once, out of
+  index order: it answers the client's request, it is not a result. A result that comes after its
+  index was given up (gap_timeout) is still delivered, with ``translation_result.late`` true.
+- Frames dropped by the connection's rate limit are reported exactly: an ``utterance`` dropped whole
+  gets ``missing_result(rate_limited)`` with its ``utterance_index``; a dropped ``audio_chunk`` (or
+  binary audio frame) leaves a hole, and the streamed utterance it belonged to is refused
+  (``missing_result(rate_limited)`` naming the dropped ``seq`` numbers) instead of being spliced.
 - ``session_init`` may carry ``resume_token`` (from an earlier ack) to resume a session whose
   connection dropped; ``tts_started`` is accepted (the reference only planned it); ``backpressure``
   tells the client to slow down before its frames would be refused.
@@ -70,6 +77,8 @@ class MissingReason(StrEnum):
     GAP_TIMEOUT = "gap_timeout"
     JOB_FAILED = "job_failed"
     SILENCE_DETECTED = "silence_detected"
+    QUEUE_FULL = "queue_full"
+    RATE_LIMITED = "rate_limited"
 
 
 #: user-facing hint per error code, attached to ``ui_event.hint`` (the reference's hints, in English)
@@ -172,7 +181,13 @@ class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
     audio_format)."""
 
     session_id: Annotated[SessionId, doc("this connection's session (INVALID_SESSION otherwise)")]
-    seq: Annotated[NonNegInt, doc("the chunk's sequence number (not checked)")]
+    seq: Annotated[
+        NonNegInt,
+        doc(
+            "the chunk's sequence number, counting up by one per chunk: not checked, but when chunks "
+            "were dropped by the rate limit it tells which (missing_result.dropped_seqs)"
+        ),
+    ]
     is_final: Annotated[bool, doc("the client ends the utterance here (a manual cut)")]
     payload: Annotated[
         str | None,
@@ -313,6 +328,13 @@ class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_o
         doc("true when there is text but the synthesized audio is missing (the text itself is untouched)"),
     ]
     trace_id: Annotated[str, doc("the utterance's trace id")]
+    late: Annotated[
+        bool,
+        doc(
+            "true when this utterance was already given up (missing_result gap_timeout came before): "
+            "the result came after all and is delivered anyway, out of index order"
+        ),
+    ]
     extra: Annotated[ExtraResult | None, doc("what the node found beyond the text")] = None
     group_id: Annotated[str | None, doc("the utterance group (results with recognized text)")] = None
     part_index: Annotated[int | None, doc("the part within the group")] = None
@@ -360,12 +382,26 @@ class MissingResult(Struct, tag="missing_result", tag_field="type", kw_only=True
     reason: Annotated[
         MissingReason,
         doc(
-            "gap_timeout: the result did not come in time; job_failed: its job failed (an error came "
-            "before); silence_detected: the utterance was silence"
+            "gap_timeout: the result did not come in time (it is still delivered if it comes, marked "
+            "late); job_failed: its job failed (an error came before); silence_detected: the utterance "
+            "was silence; queue_full: refused at once, session.max_pending_results utterances are "
+            "waiting for their results (send it again later); rate_limited: refused at once, frames "
+            "of it were dropped by the connection's message rate limit (an utterance message dropped "
+            "whole, or a streamed utterance with dropped chunks, named by dropped_seqs)"
         ),
     ]
     created_at_ms: Annotated[int, doc("the scheduler's clock, in ms since the epoch")]
     trace_id: Annotated[str | None, doc("the utterance's trace id")] = None
+    dropped_seqs: Annotated[
+        list[int] | None,
+        doc(
+            "rate_limited, streamed audio: the seq of the chunks of this utterance that were dropped "
+            "(at most 64; dropped_chunks counts them all); null otherwise"
+        ),
+    ] = None
+    dropped_chunks: Annotated[
+        int | None, doc("rate_limited, streamed audio: how many chunks of this utterance were dropped")
+    ] = None
 
 
 class UiEvent(Struct, tag="ui_event", tag_field="type", kw_only=True):

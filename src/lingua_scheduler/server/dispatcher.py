@@ -26,6 +26,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from lingua_scheduler.core.jobs import DeadlineKind, Job, JobSpec, JobState, JobStore, Outcome, Verdict
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.results import Release
@@ -190,6 +192,13 @@ class Dispatcher:
         )
         route = self._routes.setdefault(session.session_id, SessionRoute())
         for utt in utterances:
+            if utt.dropped_chunks or not session.results.has_room:
+                # A stream with a hole is not spliced, and finished work is never dropped to make
+                # room: the utterance is refused, at once, and gets no job.
+                reason = MissingReason.RATE_LIMITED if utt.dropped_chunks else MissingReason.QUEUE_FULL
+                self.refuse(session, utt.index, reason, utt)
+                route.continued = False
+                continue
             if route.turn_start is None or not route.continued:
                 route.turn_start = utt.index
             continues, route.continued = route.continued, utt.reason in CONTINUED_CUTS
@@ -257,7 +266,9 @@ class Dispatcher:
             if not job_ids:
                 self.deliver(session, session.results.fail(utt.index))
                 session.send(
-                    self.state.auth.rate_limited(session.tenant_id, utt.index)
+                    self.state.auth.rate_limited(
+                        session.tenant_id, utt.index if utt.client_index is None else utt.client_index
+                    )
                     if limited
                     else ErrorMessage(
                         code=ErrorCode.NO_AVAILABLE_NODE.value,
@@ -267,6 +278,24 @@ class Dispatcher:
             for job in failed:
                 self._report_failure(job)
         self.pump()
+
+    def refuse(
+        self, session: Session, index: int, reason: MissingReason, utt: Utterance | None = None
+    ) -> None:
+        """Utterance ``index`` gets no job: answered at once with ``missing_result(reason)``."""
+        session.results.refuse(index)
+        self.state.metrics.refused_utterances.labels(reason.value).inc()
+        session.send(
+            MissingResult(
+                session_id=session.session_id,
+                utterance_index=index,
+                reason=reason,
+                created_at_ms=self.state.clock.wall_ms(),
+                trace_id=session.trace_id,
+                dropped_seqs=list(utt.dropped_seqs) if utt is not None and utt.dropped_chunks else None,
+                dropped_chunks=utt.dropped_chunks if utt is not None and utt.dropped_chunks else None,
+            )
+        )
 
     def _count_created(self, src: str, tgt: str) -> None:
         self.state.metrics.jobs_created.inc()
@@ -639,6 +668,7 @@ class Dispatcher:
             tts_format=msg.tts_format or "pcm16",
             audio_lost=False,
             trace_id=job.spec.trace_id,
+            late=False,
             extra=msg.extra,
             group_id=msg.group_id,
             part_index=msg.part_index,
@@ -830,6 +860,9 @@ class Dispatcher:
                         session.send(self._ui(job, UiEventType.NMT_DONE))
                     m.job_end_to_end.observe(max(0.0, self.state.clock.monotonic() - job.created_at))
                     self._forget(job)
+                if rel.late:  # its index was given up (gap_timeout) before it came: delivered anyway
+                    m.late_results.inc()
+                    payload = msgspec.structs.replace(payload, late=True)
                 session.send(payload)
             else:
                 session.send(
@@ -841,6 +874,7 @@ class Dispatcher:
                         trace_id=session.trace_id,
                     )
                 )
+        session.forget_released()
         session.maybe_finish_close()
 
     def _ui(self, job: Job, event: UiEventType) -> UiEvent:

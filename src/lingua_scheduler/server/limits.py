@@ -7,6 +7,10 @@ Owns:
   (``NODE_LIMIT_REACHED``, ``SESSION_LIMIT_REACHED``) and the metrics of every limit hit.
 - ``FrameGate`` (one per connection): the message-rate policy (``core.rate_limit``) applied to each
   inbound frame, and the handshake timeout (a socket that never registers or opens a session is closed).
+  A node is told of its dropped frames by ``error{RATE_LIMITED}`` at most once a second, each carrying
+  the exact count dropped since the previous one (a last one follows the burst, so every dropped frame
+  is counted in some report); a session by ``backpressure``, and which of its utterances and chunks
+  were lost by the endpoint (``server/session_endpoint.py``).
 
 The table of limits, defaults and behaviours is in ``docs/reliability.md`` ("Limits").
 
@@ -27,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import LimitsConfig
-from lingua_scheduler.core.rate_limit import Decision, RateGuard
+from lingua_scheduler.core.rate_limit import TELL_EVERY, Decision, RateGuard
 from lingua_scheduler.errors import ErrorCode, RegistrationError, SessionError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
@@ -188,7 +192,9 @@ class FrameGate:
     __slots__ = (
         "_closing",
         "_last_backpressure",
+        "_report_timer",
         "_timer",
+        "_untold",
         "endpoint",
         "guard",
         "limits",
@@ -216,6 +222,9 @@ class FrameGate:
         #: the connection stayed over its rate: the endpoint must close it (``close()``)
         self.must_close = False
         self._last_backpressure = float("-inf")
+        #: frames dropped since the last RATE_LIMITED report (nodes), and the report still due for them
+        self._untold = 0
+        self._report_timer: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             limits.config.handshake_timeout_seconds, self._handshake_deadline
@@ -232,26 +241,16 @@ class FrameGate:
                 self._backpressure(BackpressureAction.SLOW_DOWN, bucket.burst * SLOW_DOWN_BELOW)
             return True
         self.limits.rate_limited.labels(self.endpoint).inc()
+        if self.endpoint == "node":
+            self._untold += 1
         if decision is Decision.DROP_AND_TELL and self.endpoint == "session":
             # A client is told by backpressure (it pauses), not by an error it would show the user.
             self._backpressure(BackpressureAction.PAUSE, bucket.burst * SLOW_DOWN_BELOW, force=True)
         elif decision is Decision.DROP_AND_TELL:
-            self.outbox.send(
-                ErrorMessage(
-                    code=ErrorCode.RATE_LIMITED.value,
-                    message=(
-                        f"more than {bucket.rate:g} messages per second (burst {bucket.burst:g}): "
-                        "messages are dropped; the connection is closed if this goes on for "
-                        f"{self.guard.close_after:g} s"
-                    ),
-                    details={
-                        "limit_per_second": bucket.rate,
-                        "burst": bucket.burst,
-                        "dropped": self.guard.dropped,
-                        "retry_after_ms": int(bucket.retry_after() * 1000) + 1,
-                    },
-                )
-            )
+            self._report_drops()
+        elif decision is Decision.DROP and self.endpoint == "node" and self._report_timer is None:
+            # told less than a second ago: the rest of this burst is counted in a report a second on
+            self._report_timer = asyncio.get_running_loop().call_later(TELL_EVERY, self._report_drops)
         elif decision is Decision.CLOSE and not self.must_close:
             self.must_close = True
             self.limits.refusals.labels("rate_close").inc()
@@ -260,6 +259,33 @@ class FrameGate:
                 extra={"conn": self.outbox.name, "dropped": self.guard.dropped},
             )
         return False
+
+    def _report_drops(self) -> None:
+        """Tell a node how many of its frames were dropped since the last report (exactly)."""
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        if not self._untold or self.ws.closed:
+            return
+        bucket = self.guard.bucket
+        dropped, self._untold = self._untold, 0
+        self.outbox.send(
+            ErrorMessage(
+                code=ErrorCode.RATE_LIMITED.value,
+                message=(
+                    f"more than {bucket.rate:g} messages per second (burst {bucket.burst:g}): "
+                    f"{dropped} messages were dropped unread; the connection is closed if this goes "
+                    f"on for {self.guard.close_after:g} s"
+                ),
+                details={
+                    "limit_per_second": bucket.rate,
+                    "burst": bucket.burst,
+                    "dropped": dropped,
+                    "dropped_total": self.guard.dropped,
+                    "retry_after_ms": int(bucket.retry_after() * 1000) + 1,
+                },
+            )
+        )
 
     def _backpressure(self, action: BackpressureAction, tokens: float, *, force: bool = False) -> None:
         """Tell the client to slow down or pause until the bucket holds ``tokens`` again."""
@@ -279,6 +305,9 @@ class FrameGate:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
 
     def _handshake_deadline(self) -> None:
         self._timer = None

@@ -134,6 +134,18 @@ class Metrics:
             "Utterances of Opus silence only, answered missing_result(silence_detected) without a job",
             registry=r,
         )
+        self.refused_utterances = Counter(
+            "lingua_refused_utterances",
+            "Utterances refused with missing_result and no job, by reason (queue_full: the session's "
+            "result queue is full; rate_limited: frames of it were dropped by the rate limit)",
+            ["reason"],
+            registry=r,
+        )
+        self.late_results = Counter(
+            "lingua_late_results",
+            "Results delivered after their utterance was given up (missing_result gap_timeout), marked late",
+            registry=r,
+        )
         self.affinity = Counter(
             "lingua_session_affinity",
             "Jobs of a session that went to the node of its previous job (hit) or elsewhere (moved)",

@@ -8,6 +8,13 @@ nothing (the reference let any client inject audio into another session). Invali
 Binary WebSocket frames are the binary audio protocol (``protocol/binary_frames.py``) when the session
 negotiated it; JSON never starts with their type bytes, so the two cannot be confused. A
 ``session_init`` with a valid resume token re-attaches its detached session (``server/sessions.py``).
+
+Frames the rate limit drops are looked at within a bound (``protocol/peek.py``) so that the client
+learns exactly what was lost: a dropped ``utterance`` is answered ``missing_result(rate_limited)`` with
+its own ``utterance_index``; a dropped audio chunk leaves a hole in the stream, and the utterance it
+belonged to is refused (``core/segmentation.py``), not spliced. A dropped frame whose type is not
+found still counts: the next accepted chunk's ``seq`` (or utterance's ``utterance_index``) jumping
+over numbers shows what it was.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from lingua_scheduler.errors import (
 from lingua_scheduler.protocol.binary_frames import decode_binary_frame, is_binary_frame
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
+from lingua_scheduler.protocol.peek import peek_dropped
 from lingua_scheduler.protocol.session import (
     AudioChunk,
     ClientHeartbeat,
@@ -61,6 +69,8 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_WHILE_RESUMING = 64
 #: a draining session is told to hold its audio at most this often
 HOLD_NOTICE_INTERVAL_S = 0.5
+#: numbers a jump in seq / utterance_index may account for after dropped frames of unknown type
+MAX_JUMP_REPORTED = 64
 _closing: set[asyncio.Task[None]] = set()
 
 
@@ -73,7 +83,18 @@ class _Draining(Exception):
 
 
 class SessionConnection:
-    __slots__ = ("_held_told_at", "_queued", "credential", "decoder", "outbox", "session", "state")
+    __slots__ = (
+        "_held_told_at",
+        "_last_index",
+        "_last_seq",
+        "_queued",
+        "_unknown_drops",
+        "credential",
+        "decoder",
+        "outbox",
+        "session",
+        "state",
+    )
 
     def __init__(self, state: SchedulerState, outbox: Outbox, credential: str | None = None) -> None:
         self.state = state
@@ -85,6 +106,63 @@ class SessionConnection:
         #: frames that came while a resume is looked up on another instance (None: not resuming)
         self._queued: list[tuple[bytes | str, float]] | None = None
         self.decoder: FrameDecoder[Any] = FrameDecoder(SessionInbound, state.config.server.max_frame_bytes)
+        #: frames dropped by the rate limit whose type the peek did not find, since the last audio
+        self._unknown_drops = 0
+        #: the last accepted chunk's seq and utterance's utterance_index (to see jumps over drops)
+        self._last_seq: int | None = None
+        self._last_index: int | None = None
+
+    # --- frames the rate limit dropped ------------------------------------------------------------
+
+    def dropped(self, data: bytes | str) -> None:
+        """A frame the rate limit dropped unread: tell the client exactly which utterance or chunk."""
+        session = self.session
+        if session is None or session.phase is not Phase.OPEN or session.outbox is not self.outbox:
+            return  # no session of this connection to report to (nothing of it is lost)
+        seen = peek_dropped(data)
+        if seen.kind == "utterance" and seen.number is not None:
+            self._missing_whole(session, [seen.number])
+        elif seen.kind == "audio":
+            session.segmenter.drop(seen.number)
+            session.rearm()
+        elif seen.kind != "other":
+            self._unknown_drops += 1
+
+    def _missing_whole(self, session: Session, client_indices: list[int]) -> None:
+        """``utterance`` messages that were dropped whole, named by the client's own indices."""
+        now = self.state.clock.wall_ms()
+        for index in client_indices:
+            self.state.metrics.refused_utterances.labels(MissingReason.RATE_LIMITED.value).inc()
+            session.send(
+                MissingResult(
+                    session_id=session.session_id,
+                    utterance_index=index,
+                    reason=MissingReason.RATE_LIMITED,
+                    created_at_ms=now,
+                    trace_id=session.trace_id,
+                ),
+                numbered_by_client=True,
+            )
+
+    def _chunk_accepted(self, session: Session, seq: int) -> None:
+        """Before an accepted chunk: dropped frames of unknown type that its seq jumps over were
+        chunks of the stream (a hole)."""
+        last, self._last_seq = self._last_seq, seq
+        if self._unknown_drops and last is not None and seq > last + 1:
+            cap = min(self._unknown_drops, MAX_JUMP_REPORTED)
+            for missing in range(last + 1, min(seq, last + 1 + cap)):
+                if not session.segmenter.hole_has(missing):
+                    session.segmenter.drop(missing)
+        self._unknown_drops = 0
+
+    def _utterance_accepted(self, session: Session, index: int) -> None:
+        """Before an accepted utterance: dropped frames of unknown type that its index jumps over were
+        utterances of the client's."""
+        last, self._last_index = self._last_index, index
+        if self._unknown_drops and last is not None and index > last + 1:
+            skipped = range(last + 1, min(index, last + 1 + min(self._unknown_drops, MAX_JUMP_REPORTED)))
+            self._missing_whole(session, list(skipped))
+        self._unknown_drops = 0
 
     def on_frame(self, data: bytes | str, t0: float) -> Awaitable[object] | None:
         """Handle one frame. A ``session_init`` whose tenant's cap is shared by the instances returns
@@ -109,6 +187,7 @@ class SessionConnection:
                 return self._init(msg)
             session = self._own(msg.session_id, closing_ok=isinstance(msg, ClientHeartbeat))
             if isinstance(msg, AudioChunk):
+                self._chunk_accepted(session, msg.seq)
                 utts = session.segmenter.chunk(
                     decode_base64(msg.payload, at="$.payload"),
                     msg.is_final,
@@ -117,6 +196,7 @@ class SessionConnection:
                 self.state.dispatcher.submit(session, utts, received_at=t0)
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
+                self._utterance_accepted(session, msg.utterance_index)
                 audio = decode_base64(msg.audio, at="$.audio")
                 utts = session.segmenter.utterance(
                     audio, msg.audio_format, msg.sample_rate, client_index=msg.utterance_index
@@ -169,6 +249,7 @@ class SessionConnection:
                 reason=Reason.INVALID_VALUE,
                 field="$",
             )
+        self._chunk_accepted(session, frame.seq)
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
         self.state.dispatcher.submit(session, utts, received_at=t0)
         session.rearm()
@@ -278,6 +359,8 @@ class SessionConnection:
         session.binary_frames = bool(msg.use_binary_frame)
         state.sessions[session.session_id] = session
         self.session = session
+        self._last_seq = self._last_index = None  # a new session numbers from scratch
+        self._unknown_drops = 0
         self.outbox.send(self._ack(session, resumed=resumed))
         log.info(
             "session resumed from another instance" if resumed else "session created",
@@ -432,4 +515,5 @@ async def session_ws(request: web.Request) -> web.StreamResponse:
         "session",
         lambda state, outbox: SessionConnection(state, outbox, state.auth.credential(request)),
         log,
+        dropped=SessionConnection.dropped,
     )

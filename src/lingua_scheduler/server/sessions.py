@@ -112,8 +112,10 @@ class Session:
 
     # --- output ---------------------------------------------------------------------------------
 
-    def send(self, msg: msgspec.Struct) -> None:
-        msg = self._for_client(msg)
+    def send(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> None:
+        """Send ``msg`` in the client's view; ``numbered_by_client``: its ``utterance_index`` already is
+        the client's own (an utterance that never got an index here), so it is not translated."""
+        msg = self._for_client(msg, numbered_by_client=numbered_by_client)
         if self.relay_to is not None:
             resumer = self._resumer()
             if resumer is not None:
@@ -140,13 +142,15 @@ class Session:
         """(internal index, the client's index) of the utterances whose outcome is not out yet;
         ``with_buffered``: also the index the audio buffered now will get when it is cut."""
         end = self.segmenter.next_index + (1 if with_buffered and self.segmenter.buffered_bytes else 0)
-        return [(i, self.client_index.get(i, i)) for i in range(self.results.cursor, end)]
+        queued = self.results.outstanding_indices()  # refused indices were answered already
+        later = range(self.results.next_expected, end)
+        return [(i, self.client_index.get(i, i)) for i in [*queued, *later]]
 
     def _resumer(self) -> Resumer | None:
         cluster = self.state.dispatcher.cluster
         return cluster.resumer if cluster is not None else None
 
-    def _for_client(self, msg: msgspec.Struct) -> msgspec.Struct:
+    def _for_client(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> msgspec.Struct:
         """The message as this client sees it: its own utterance numbers, groups, ``audio_lost``."""
         index: Any = getattr(msg, "utterance_index", None)
         if isinstance(msg, TranslationResult):
@@ -167,18 +171,20 @@ class Session:
                 details = {**msg.details, "utterance_index": self.client_index[index]}
                 return msgspec.structs.replace(msg, details=details)
             return msg
-        if isinstance(index, int) and index in self.client_index:
+        if isinstance(index, int) and index in self.client_index and not numbered_by_client:
             msg = msgspec.structs.replace(msg, utterance_index=self.client_index[index])
-        if self.client_index or self.no_tts:
-            self._forget_released()
         return msg
 
-    def _forget_released(self) -> None:
-        """Drop the per-index facts of utterances whose results are all out (bounds both maps)."""
-        cursor = self.results.cursor
-        for index in [i for i in self.client_index if i < cursor - 1]:
+    def forget_released(self) -> None:
+        """Drop the per-index facts of utterances whose results are all out (bounds both maps); those
+        of an index given up are kept for its late result. Called once a delivery is sent (several
+        indices may be released by one result: their messages all need the facts until then)."""
+        if not (self.client_index or self.no_tts):
+            return
+        settled = self.results.oldest_unsettled
+        for index in [i for i in self.client_index if i < settled]:
             del self.client_index[index]
-        for index in [i for i in self.no_tts if i < cursor - 1]:
+        for index in [i for i in self.no_tts if i < settled]:
             self.no_tts.discard(index)
 
     # --- resume ---------------------------------------------------------------------------------

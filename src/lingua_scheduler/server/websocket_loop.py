@@ -49,10 +49,12 @@ async def serve_websocket(
     connect: Callable[[SchedulerState, Outbox], C],
     log: logging.Logger,
     failure_extra: Callable[[C], Mapping[str, object]] | None = None,
+    dropped: Callable[[C, bytes | str], None] | None = None,
 ) -> web.StreamResponse:
     """Run one ``endpoint`` socket until it ends. ``connect`` builds the connection once the socket is
     upgraded; ``log`` is the endpoint's logger (its records keep the endpoint's name, and its level);
-    ``failure_extra`` gives the fields logged with a connection that failed."""
+    ``failure_extra`` gives the fields logged with a connection that failed; ``dropped`` is shown each
+    data frame the rate limit dropped, unread (to tell the peer which; it must stay cheap and bounded)."""
     state = request.app[STATE]
     # Origin allow-list and connection cap, before any WebSocket state exists (server/limits.py)
     refused = state.limits.refuse_upgrade(request, endpoint)
@@ -96,6 +98,8 @@ async def serve_websocket(
                 elif gate.must_close:
                     await gate.close()
                     break
+                elif dropped is not None and kind in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    dropped(conn, frame.data)
             elif kind is WSMsgType.ERROR:
                 break
     except Exception:  # one catch-all per connection task: log, close, clean up below
