@@ -508,6 +508,9 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("core/jobs.py", "JobStore.create"): "job created_wall_ms (API)",
     ("core/registry.py", "Registry.register"): "registered_wall_ms: epoch of a node's records",
     ("core/segmentation.py", "Segmenter._emit"): "utterance created_wall_ms",
+    # the node SDK: timestamps a node sends, never a timeout
+    ("node/client.py", "Node._heartbeat"): "node_heartbeat.timestamp (the node's clock)",
+    ("node/jobs.py", "result_message"): "job_result.node_completed_at_ms",
 }
 
 

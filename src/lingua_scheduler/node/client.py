@@ -152,6 +152,9 @@ class Node:
         self._drain_acked = False
         self._rng = random.Random()
         self._last_ts = 0
+        d = self.declaration
+        #: the capability part of every heartbeat, built once (the scheduler compares it by value)
+        self._reported = (d.services_report(), d.by_type(), d.language_report())
 
     @property
     def node_id(self) -> str | None:
@@ -309,7 +312,7 @@ class Node:
         self._last_ts = ts
         u = self.usage() if self.usage is not None else Usage()
         own = min(1.0, max(0.0, float(self.load()))) if self.load is not None else None
-        d = self.declaration
+        services, by_type, languages = self._reported
         return NodeHeartbeat(
             node_id=self._id(),
             timestamp=ts,
@@ -321,9 +324,9 @@ class Node:
                 running_jobs=len(self.jobs),
                 load=own,
             ),
-            installed_services=d.services_report(),
-            capability_by_type=d.by_type(),
-            language_capabilities=d.language_report(),
+            installed_services=services,
+            capability_by_type=by_type,
+            language_capabilities=languages,
         )
 
     async def _drain_when_asked(self, ws: aiohttp.ClientWebSocketResponse) -> None:

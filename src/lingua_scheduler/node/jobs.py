@@ -157,11 +157,23 @@ def result_message(
     )
 
 
+class _SendFailed(Exception):
+    """Sending failed (the connection went away): not the handler's fault, re-raised as its cause."""
+
+
 async def run_job(handle: Handler, assign: JobAssign, node_id: Callable[[], str], send: Send) -> None:
     """Run ``handle`` on one job and send its partials and its result (``node_id()`` is read at each
-    send: a reconnect may happen meanwhile). Cancellation propagates and sends nothing."""
+    send: a reconnect may happen meanwhile). Cancellation propagates and sends nothing; an error of
+    ``send`` propagates as it was raised."""
     t0 = time.perf_counter()
     job = Job.from_assign(assign)
+
+    async def forward(partial: Partial) -> None:
+        try:
+            await send(partial_message(assign, node_id(), partial))
+        except Exception as exc:
+            raise _SendFailed from exc
+
     outcome: Result | JobFailed
     try:
         produced = handle(job)
@@ -172,7 +184,7 @@ async def run_job(handle: Handler, assign: JobAssign, node_id: Callable[[], str]
             try:
                 async for item in produced:
                     if isinstance(item, Partial):
-                        await send(partial_message(assign, node_id(), item))
+                        await forward(item)
                     else:
                         value = item
                         break
@@ -183,6 +195,9 @@ async def run_job(handle: Handler, assign: JobAssign, node_id: Callable[[], str]
         if not isinstance(value, Result):
             raise TypeError(f"handle gave {type(value).__name__}, not a Result")
         outcome = value
+    except _SendFailed as exc:
+        assert exc.__cause__ is not None
+        raise exc.__cause__ from None
     except JobFailed as exc:
         outcome = exc
     except Exception as exc:  # the author's code failed: the session is told, the node goes on
