@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -19,9 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from lingua_scheduler.node import Backoff, Identity, IdentityStore
+from lingua_scheduler.node import Backoff, Identity, IdentityStore, Job, Node, Refused, Result
 from lingua_scheduler.sim.sessions import SimulatedSession
 from tests.scheduler_process import SchedulerProcess
+from tests.server.test_auth import SECRET, self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "node-sdk.md"
@@ -179,3 +181,71 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert b.next() <= 0.5
     with pytest.raises(ValueError, match="base"):
         Backoff(base=0.0)
+
+
+async def _serve_until_registered(node: Node) -> asyncio.Task[None]:
+    task = asyncio.create_task(node.serve())
+    deadline = time.monotonic() + 20
+    while not node.registrations:
+        if task.done():
+            task.result()  # raises what stopped it
+        assert time.monotonic() < deadline, "the node did not register"
+        await asyncio.sleep(0.02)
+    return task
+
+
+async def test_enrollment_over_tls_then_the_persisted_token(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    sched = SchedulerProcess(
+        args=["--tls-cert", str(cert), "--tls-key", str(key)], auth={"node_enrollment_secret": SECRET}
+    ).start()
+    url = f"wss://127.0.0.1:{sched.port}/ws/node"
+    state_file = tmp_path / "node.json"
+    trust = ssl.create_default_context(cafile=str(cert))
+
+    def make(**kw: Any) -> Node:
+        return Node(
+            handle_nothing,
+            languages=[("en", "zh")],
+            gpus=[("GPU", 8.0)],
+            url=url,
+            ca_file=cert,
+            state_file=state_file,
+            **kw,
+        )
+
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with http.get(f"https://127.0.0.1:{sched.port}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, sched.log_tail()
+                await asyncio.sleep(0.05)
+        first = make(enrollment_secret=SECRET)
+        task = await _serve_until_registered(first)
+        enrolled = IdentityStore(state_file).load()
+        assert enrolled is not None and enrolled.node_token is not None
+        first.drain()
+        await asyncio.wait_for(task, 20)
+
+        again = make()  # no secret: the persisted id and token open the record
+        task = await _serve_until_registered(again)
+        assert again.node_id == enrolled.node_id
+        again.drain()
+        await asyncio.wait_for(task, 20)
+
+        IdentityStore(state_file).save(Identity(enrolled.node_id, "v1.forged"))
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(make().serve(), 20)
+        assert refused.value.code == "UNAUTHORIZED"
+    finally:
+        sched.close()
+
+
+async def handle_nothing(job: Job) -> Result:
+    return Result(text_asr="")

@@ -4,7 +4,10 @@ Wire-compatible with the reference node client at both of its published generati
 Deliberate differences: ``memory_gb`` accepts floats, ``job_assign`` booleans default to false, heartbeats
 are acknowledged with ``node_heartbeat_ack``; ``node_register`` may carry credentials (``enrollment_secret``
 or ``node_token``, docs/security.md) and its ack the node's token, and ``protocol_features`` (what the node
-does beyond the base protocol, e.g. ``job_ack``), all optional and omitted when unused. Service types and
+does beyond the base protocol, e.g. ``job_ack``), all optional and omitted when unused. Protocol additions,
+optional as well (the node SDK uses them): declared capacity (``node_register.max_concurrent_jobs``),
+declared load (``resource_usage.load`` against ``node_register.load_threshold``) and a node-initiated
+drain (``node_drain`` -> ``node_drain_ack``). Service types and
 device kinds are open strings: values this scheduler does not know are kept and shown, never refused.
 Unknown fields are ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}``.
 """
