@@ -75,6 +75,8 @@ async def test_declared_slots_replace_the_default(sched: RunningScheduler, node_
     await heartbeat(other, running=3)
     await eventually(lambda: ready(sched, other.node_id))
     assert (await pick(sched))["selected_node_id"] == other.node_id
+    shown = [(await sched.get_json(f"/api/v1/nodes/{n.node_id}"))["load"]["max_jobs"] for n in (node, other)]
+    assert shown == [1, 4]
 
 
 async def test_declared_slots_bound_what_a_node_is_given(
@@ -102,6 +104,8 @@ async def test_declared_load_over_its_threshold_takes_no_new_job(
     await eventually(lambda: ready(sched, node.node_id))
     assert (await pick(sched))["selected_node_id"] == node.node_id
     await heartbeat(node, load=0.5)  # at the threshold: full
+    load = (await sched.get_json(f"/api/v1/nodes/{node.node_id}"))["load"]
+    assert (load["node_load"], load["node_load_threshold"]) == (0.5, 0.5)
     body = await pick(sched)
     assert body["selected_node_id"] is None and body["breakdown"]["resource_threshold_exceeded"] == 1
     await heartbeat(node, load=None)  # a heartbeat without a load clears it
