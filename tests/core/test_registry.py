@@ -197,6 +197,53 @@ def test_drain_and_undrain(registry: Registry) -> None:
     assert registry.undrain(nid)[0].new is S.READY
 
 
+def test_a_node_drain_ends_with_its_process_an_operator_drain_does_not(registry: Registry) -> None:
+    p = profile()
+
+    def back(nid: str) -> S:
+        conn = object()
+        registry.disconnect(nid, registry.nodes[nid].conn)
+        register(registry, p, conn, nid)
+        registry.heartbeat(conn, heartbeat(nid, p))
+        return registry.nodes[nid].status
+
+    conn = object()
+    nid = register(registry, p, conn)
+    registry.heartbeat(conn, heartbeat(nid, p))
+    assert "by the node" in registry.drain(nid, by_node=True)[0].reason
+    assert back(nid) is S.READY  # a new registration: the node's own drain is over
+    registry.drain(nid)  # operator first, then the node: the operator's drain stays
+    registry.drain(nid, by_node=True)
+    assert back(nid) is S.DRAINING
+    registry.undrain(nid)
+    registry.drain(nid, by_node=True)  # the node first, then the operator: the operator's stays
+    registry.drain(nid)
+    assert back(nid) is S.DRAINING
+    registry.validate()
+
+
+def test_declared_slots_and_load_threshold(clock: ManualClock, registry: Registry) -> None:
+    p, conn = profile(), object()
+    entry, _ = registry.register(
+        msgspec.structs.replace(p.register_message(None), max_concurrent_jobs=2, load_threshold=0.7), conn
+    )
+    publisher = FleetViewPublisher(registry, clock, max_concurrent_jobs=4)
+    registry.heartbeat(conn, heartbeat(entry.node_id, p))
+    publisher.publish()
+    nv = publisher.view.get(entry.node_id)
+    assert nv is not None and nv.max_concurrent_jobs == 2
+    hb = heartbeat(entry.node_id, p)
+    registry.heartbeat(
+        conn, msgspec.structs.replace(hb, resource_usage=msgspec.structs.replace(hb.resource_usage, load=0.7))
+    )
+    assert entry.load.over_threshold(85.0)
+    registry.heartbeat(
+        conn,
+        msgspec.structs.replace(hb, resource_usage=msgspec.structs.replace(hb.resource_usage, load=0.69)),
+    )
+    assert not entry.load.over_threshold(85.0)
+
+
 def test_heartbeat_interval_scales_with_fleet(clock: ManualClock) -> None:
     reg = Registry(
         NodeHealthConfig(

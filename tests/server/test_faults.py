@@ -513,6 +513,13 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("core/segmentation.py", "Segmenter._emit"): "utterance created_wall_ms",
     ("server/sessions.py", "Session._for_client"): "group_id names its creation (window: monotonic)",
     ("store/redis_store.py", "RedisStore.ping"): "the probe key's value: when it was written (for operators)",
+    ("server/cluster_view.py", "ClusterView.figures"): "at_ms: when the figures were taken (shared clock)",
+    ("server/dispatcher.py", "Dispatcher.refuse"): "missing_result.created_at_ms",
+    ("server/session_endpoint.py", "SessionConnection._missing_whole"): "missing_result.created_at_ms",
+    ("server/stats.py", "StatsAggregator.long_series"): "the chart's points are stamped for operators",
+    # the node SDK: timestamps a node sends, never a timeout
+    ("node/client.py", "Node._heartbeat"): "node_heartbeat.timestamp (the node's clock)",
+    ("node/jobs.py", "result_message"): "job_result.node_completed_at_ms",
 }
 
 

@@ -10,11 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import pytest_asyncio
 
 from lingua_scheduler.core import opus
 from lingua_scheduler.core.segmentation import CutReason
+from lingua_scheduler.node.jobs import Result, result_message
+from lingua_scheduler.protocol.node import JobAssign
 from lingua_scheduler.server.dispatcher import trigger_flags
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
@@ -166,8 +169,8 @@ async def test_result_from_a_node_that_never_had_the_job_is_dropped(
     await eventually(lambda: len(assigns(busy)) == 1)
     job = assigns(busy)[0]
     intruder = await node(rs, http, cleanup, real_like(), executor=Executor(behavior=Behavior.NEVER_ACK))
-    ids = {k: job[k] for k in ("job_id", "attempt_id", "session_id", "trace_id")}
-    await intruder.send(SimulatedNode._result(job, {**ids, "node_id": intruder.node_id}, success=True))
+    forged = result_message(msgspec.convert(job, JobAssign), intruder.node_id, Result(text_asr="x"), 5)
+    await intruder.send(forged)
     for _ in range(200):
         if await rs.metric("lingua_stale_job_messages_total") == 1:
             break

@@ -210,7 +210,8 @@ class FleetViewPublisher:
             caps=entry.caps,
             has_gpu=entry.has_gpu,
             accept_public_jobs=entry.accept_public_jobs,
-            max_concurrent_jobs=self.max_concurrent_jobs,
+            # the node's declared slots, else the scheduler's default
+            max_concurrent_jobs=entry.max_concurrent_jobs or self.max_concurrent_jobs,
             load=entry.load,
             pools=pools,
             owner=entry.owner,

@@ -10,6 +10,10 @@ scheduler's own recent assignments (otherwise a node just given jobs would look 
 it only resets the "dispatched since report" count. Each dispatch is tagged with the report epoch it
 happened in; when the job ends, it is taken off the count it was added to (dispatched since the current
 report) or, if a report came in between, off the reported figure, which included it.
+
+A node may also report its own load, 0..1 (``resource_usage.load``) and declare, at registration, the
+threshold at or above which it takes no new job (``node_register.load_threshold``, 1 by default):
+``over_threshold`` applies it next to the scheduler's resource thresholds.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class NodeLoad:
         "gpu_mem",
         "inflight",
         "mem",
+        "own",
+        "own_threshold",
         "reported_at",
         "reported_running",
     )
@@ -37,12 +43,24 @@ class NodeLoad:
         self.reported_at = 0.0
         self.dispatched_since_report = 0
         self.inflight = 0
+        #: the node's own load (0..1) of its last report, None when it reports none
+        self.own: float | None = None
+        #: at or above this own load the node takes no new job (set at registration)
+        self.own_threshold = 1.0
         #: bumped by every report; dispatch tokens name the epoch they were counted in
         self.epoch = 0
 
     def report(
-        self, cpu: float, gpu: float | None, gpu_mem: float | None, mem: float, running: int, now: float
+        self,
+        cpu: float,
+        gpu: float | None,
+        gpu_mem: float | None,
+        mem: float,
+        running: int,
+        now: float,
+        own: float | None = None,
     ) -> None:
+        self.own = own
         self.cpu = cpu
         self.gpu = gpu
         self.gpu_mem = gpu_mem
@@ -79,7 +97,10 @@ class NodeLoad:
         return max(self.reported_running + self.dispatched_since_report, self.inflight)
 
     def over_threshold(self, threshold: float) -> bool:
-        """Resource exclusion: cpu, gpu or memory at or above ``threshold`` percent."""
+        """Resource exclusion: cpu, gpu or memory at or above ``threshold`` percent, or the node's own
+        load at or above its own threshold."""
         if self.cpu >= threshold or self.mem >= threshold:
+            return True
+        if self.own is not None and self.own >= self.own_threshold:
             return True
         return self.gpu is not None and self.gpu >= threshold

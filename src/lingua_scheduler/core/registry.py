@@ -3,7 +3,10 @@
 Owns: ``NodeEntry`` records, the binding of a node id to the connection that registered it, the status
 machine's application, the set of nodes whose capabilities or status changed ("dirty", drained by the
 fleet-view publisher), per-status counts, and what each node said about its protocol generation: whether
-it acknowledges jobs (``sends_acks``) and which ``job_assign`` dialect it reads (``turn_dialect``).
+it acknowledges jobs (``sends_acks``) and which ``job_assign`` dialect it reads (``turn_dialect``), and
+what it declared about its capacity (``max_concurrent_jobs``, its own load threshold). A drain is asked by
+an operator (``drain``, kept across reconnects) or by the node itself (``node_drain``, which a later
+registration ends: a new process of the node wants work).
 
 Also owns the bounds on what one node can cost (``[limits]``, docs/reliability.md):
 
@@ -117,6 +120,12 @@ class NodeEntry:
     healthy_streak: int = 0
     unhealthy_streak: int = 0
     drain_requested: bool = False
+    #: the drain was asked by the node (``node_drain``), not by an operator: registering again ends it
+    drain_by_node: bool = False
+    #: job slots the node declared (None: the scheduler's default per-node limit)
+    max_concurrent_jobs: int | None = None
+    #: the node's own load threshold (``node_register.load_threshold``), copied into every new load cell
+    load_threshold: float = 1.0
     load: NodeLoad = field(default_factory=NodeLoad)
     history: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))
     #: the node's budget of capability changes (created at its first change)
@@ -240,6 +249,8 @@ class Registry:
             entry.services, entry.by_type = msg.installed_services, msg.capability_by_type
             entry.models, entry.languages = msg.installed_models, msg.language_capabilities
             entry.sends_acks, entry.turn_dialect = sends_acks, turn_dialect
+            if entry.drain_by_node:  # the node's own drain ends with the process that asked for it
+                entry.drain_requested = entry.drain_by_node = False
             # a reconnect is a report like a heartbeat's: reconnecting does not reset the budget
             self._offer(entry, caps, now)
             self._offline.pop(node_id, None)
@@ -278,6 +289,9 @@ class Registry:
             self._add(entry)
             self._counts[NodeStatus.REGISTERING] += 1
             entry.history.append((now, "registered"))
+        entry.max_concurrent_jobs = msg.max_concurrent_jobs
+        entry.load_threshold = msg.load_threshold if msg.load_threshold is not None else 1.0
+        entry.load.own_threshold = entry.load_threshold
         entry.last_heartbeat = now
         self._mark(entry, now)
         return entry, tuple(transitions)
@@ -292,7 +306,7 @@ class Registry:
         entry.heartbeats += 1
         ru = msg.resource_usage
         entry.load.report(
-            ru.cpu_percent, ru.gpu_percent, ru.gpu_mem_percent, ru.mem_percent, ru.running_jobs, now
+            ru.cpu_percent, ru.gpu_percent, ru.gpu_mem_percent, ru.mem_percent, ru.running_jobs, now, ru.load
         )
         refused: CapabilityLimitError | None = None
         try:
@@ -638,6 +652,7 @@ class Registry:
         old = entry.status
         entry.owner, entry.remote_order = rec.owner, rec.order
         entry.sends_acks, entry.turn_dialect = rec.sends_acks, rec.turn_dialect
+        entry.max_concurrent_jobs = rec.max_concurrent_jobs
         entry.hardware, entry.accept_public_jobs, entry.features = (
             rec.hardware,
             rec.accept_public_jobs,
@@ -687,18 +702,20 @@ class Registry:
 
     # --- operator actions -----------------------------------------------------------------------
 
-    def drain(self, node_id: str) -> tuple[Transition, ...]:
+    def drain(self, node_id: str, *, by_node: bool = False) -> tuple[Transition, ...]:
+        """Drain a node: no new job, its running ones finish. ``by_node``: the node asked
+        (``node_drain``); an operator's drain, asked before or after, outlives the node's."""
         entry = self._get(node_id)
+        entry.drain_by_node = by_node and (entry.drain_by_node or not entry.drain_requested)
         entry.drain_requested = True
         if entry.status in (NodeStatus.READY, NodeStatus.DEGRADED, NodeStatus.REGISTERING):
-            return (
-                self._set_status(entry, NodeStatus.DRAINING, "drained by operator", self.clock.monotonic()),
-            )
+            why = "drained by the node" if by_node else "drained by operator"
+            return (self._set_status(entry, NodeStatus.DRAINING, why, self.clock.monotonic()),)
         return ()
 
     def undrain(self, node_id: str) -> tuple[Transition, ...]:
         entry = self._get(node_id)
-        entry.drain_requested = False
+        entry.drain_requested = entry.drain_by_node = False
         if entry.status is NodeStatus.DRAINING:
             return (
                 self._set_status(entry, NodeStatus.READY, "undrained by operator", self.clock.monotonic()),

@@ -11,6 +11,14 @@ and comes back after a downtime under the same node id.
 Timers are ``loop.call_later`` handles, not tasks: a node costs a socket, a protocol object and one
 timer. Heartbeat round trips are measured from the frame written to the ack parsed, in this process.
 
+Why not the node SDK's ``Node`` (``lingua_scheduler.node``): measured with ``bench/node_sdk_overhead.py``
+(1,000 idle nodes heartbeating at 1 Hz, docs/performance.md), a ``Node`` costs this process about twice
+the CPU and twice the memory of a ``LightNode`` (an aiohttp session, tasks for its reader, heartbeats
+and drain, a heartbeat struct built and encoded each time); the load generator exists to put more load
+on the scheduler than one process of real nodes could, so its hot loop stays its own. What it shares
+with the SDK is the protocol: the wire structs, the registration message of ``sim.profiles`` and the
+job messages (``job_ack``, ``asr_partial``, ``job_result``) built by the SDK's ``node/jobs.py``.
+
 Must never: block, or keep unbounded per-message state (pending acks are dropped on reconnect).
 """
 
@@ -23,12 +31,12 @@ import random
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
 from lingua_scheduler.loadtest.wsclient import Refused, WebSocketClient, connect
-from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
+from lingua_scheduler.node.jobs import JobFailed, Partial, Result, ack, partial_message, result_message
+from lingua_scheduler.protocol.node import JobAssign, NodeHeartbeat, ResourceUsage
 from lingua_scheduler.sim.profiles import NodeProfile
 
 _enc = msgspec.json.Encoder()
@@ -45,18 +53,16 @@ class Inbound(msgspec.Struct):
     next_heartbeat_ms: int | None = None
     heartbeat_interval_ms: int | None = None
     node_id: str | None = None
-    job_id: str | None = None
-    attempt_id: int | None = None
-    session_id: str | None = None
-    utterance_index: int | None = None
-    trace_id: str | None = None
-    tgt_lang: str | None = None
     code: str | None = None
     message: str | None = None
     node_token: str | None = None
 
 
 _dec = msgspec.json.Decoder(Inbound)
+#: job_assign frames are decoded again in full (the SDK's message builders read them); heartbeat acks,
+#: the hot path, never are
+_assign_dec = msgspec.json.Decoder(JobAssign)
+_FAILED = JobFailed("NODE_OVERLOADED", "simulated failure")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +303,7 @@ class LightNode:
             if fleet.fixed_interval is None and msg.next_heartbeat_ms:
                 self.interval = msg.next_heartbeat_ms / 1000.0
         elif kind == "job_assign":
-            self._job(msg)
+            self._job(_assign_dec.decode(data))
         elif kind in ("node_register_ack", "error") and self.registered and not self.registered.done():
             self.registered.set_result(msg)
         elif kind == "error":
@@ -305,21 +311,14 @@ class LightNode:
 
     # --- jobs ---------------------------------------------------------------------------------------
 
-    def _job(self, job: Inbound) -> None:
+    def _job(self, job: JobAssign) -> None:
         fleet = self.fleet
         fleet.counters.jobs_received += 1
         if fleet.behaviour.record_starts:
-            fleet.starts.append((job.session_id or "", job.utterance_index or 0, time.monotonic()))
+            fleet.starts.append((job.session_id, job.utterance_index, time.monotonic()))
         b = fleet.behaviour
-        ids = {
-            "job_id": job.job_id,
-            "attempt_id": job.attempt_id,
-            "node_id": self.node_id,
-            "session_id": job.session_id,
-            "trace_id": job.trace_id,
-        }
         self.running_jobs += 1
-        self.send({"type": "job_ack", **ids})
+        self.send(ack(job, self.node_id))
         rng = self.rng
         if b.crash_rate and rng.random() < b.crash_rate:
             self.crash()
@@ -327,47 +326,29 @@ class LightNode:
         fail = bool(b.failure_rate) and rng.random() < b.failure_rate
         delay = b.latency(rng)
         if delay <= 0:
-            self._finish(job, ids, fail)
+            self._finish(job, fail)
         else:
-            asyncio.get_running_loop().call_later(delay, self._finish, job, ids, fail)
+            asyncio.get_running_loop().call_later(delay, self._finish, job, fail)
 
-    def _finish(self, job: Inbound, ids: dict[str, Any], fail: bool) -> None:
+    def _finish(self, job: JobAssign, fail: bool) -> None:
         if self.ws is None or not self.ws.open:
             return  # crashed meanwhile: the scheduler fails the attempt over
         b = self.fleet.behaviour
         for i in range(b.partials):
-            self.send(
-                {
-                    "type": "asr_partial",
-                    "job_id": job.job_id,
-                    "node_id": self.node_id,
-                    "session_id": job.session_id,
-                    "utterance_index": job.utterance_index,
-                    "text": f"partial {i}",
-                    "is_final": False,
-                    "trace_id": job.trace_id,
-                    "attempt_id": job.attempt_id,
-                }
-            )
-        out: dict[str, Any] = {
-            "type": "job_result",
-            **ids,
-            "utterance_index": job.utterance_index,
-            "success": not fail,
-            "processing_time_ms": 5,
-        }
+            self.send(partial_message(job, self.node_id, Partial(f"partial {i}")))
+        outcome: Result | JobFailed
         if fail:
-            out["error"] = {"code": "NODE_OVERLOADED", "message": "simulated failure"}
+            outcome = _FAILED
             self.fleet.counters.jobs_answered_failed += 1
         else:
-            out.update(
+            outcome = Result(
                 text_asr=f"asr {job.utterance_index}",
                 text_translated=f"{job.tgt_lang} {job.utterance_index}",
-                tts_audio="AAAA",
+                tts_audio=b"\0\0\0",
                 tts_format="pcm16",
             )
             self.fleet.counters.jobs_answered_ok += 1
-        self.send(out)
+        self.send(result_message(job, self.node_id, outcome, 5))
         self.running_jobs = max(0, self.running_jobs - 1)
 
 

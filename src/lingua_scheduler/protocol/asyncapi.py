@@ -45,6 +45,8 @@ from lingua_scheduler.protocol.node import (
     JobResult,
     JobStarted,
     NodeAsrPartial,
+    NodeDrain,
+    NodeDrainAck,
     NodeErrorReport,
     NodeHeartbeat,
     NodeHeartbeatAck,
@@ -256,8 +258,9 @@ A node connects, registers, heartbeats and works on jobs, all on one WebSocket o
 3. **Status.** The scheduler decides the node's status and announces each change with `node_status`:
    `registering` until a heartbeat shows a running service for every installed core type (asr, nmt,
    tts), then `ready`; `degraded` while heartbeats show no running service, `draining` when an operator
-   drains it, `offline` when its heartbeats stop or its socket closes. Only `ready` nodes get new jobs.
-   A node that reconnects with its `node_id` gets its record back and starts at `registering` again.
+   drains it or the node sends `node_drain`, `offline` when its heartbeats stop or its socket closes.
+   Only `ready` nodes get new jobs. A node that reconnects with its `node_id` gets its record back and
+   starts at `registering` again (a drain it asked for itself ends there; an operator's is kept).
 4. **Jobs.** `job_assign` gives a job; the node answers with `job_result` (success or an error),
    optionally `asr_partial` while recognizing. A node that declared `protocol_features: ["job_ack"]`
    must send `job_ack` (or `job_started`) within the ack timeout; for the others the execution deadline
@@ -265,7 +268,12 @@ A node connects, registers, heartbeats and works on jobs, all on one WebSocket o
    the node gets `job_cancel`. Messages of an older attempt are dropped, except a successful
    `job_result` of the same node while the job is still unanswered.
    Known `protocol_features`: {", ".join(sorted(PROTOCOL_FEATURES))}.
-5. **Closed.** The node is set offline; its running jobs move to other nodes at once.
+5. **Capacity (optional).** A node may declare `node_register.max_concurrent_jobs` (its job slots,
+   instead of the scheduler's default per-node limit) and `load_threshold`, and report
+   `resource_usage.load` (0..1) in its heartbeats: at or above its threshold it gets no new job.
+6. **Leaving (optional).** `node_drain` makes the node `draining` (answered with `node_drain_ack`): no
+   new job, the running ones finish; the node closes once its last result is sent.
+7. **Closed.** The node is set offline; its running jobs move to other nodes at once.
 
 Unknown fields are ignored. A frame that fails validation is answered with `error` INVALID_MESSAGE and
 changes nothing. {_CLOSE_CODES}
@@ -345,11 +353,29 @@ NODE = Channel(
     address="/ws/node",
     title="GPU node connection",
     description=NODE_LIFE,
-    inbound=(NodeRegister, NodeHeartbeat, JobAck, JobStarted, NodeAsrPartial, JobResult, NodeErrorReport),
-    outbound=(NodeRegisterAck, NodeHeartbeatAck, NodeStatusMessage, JobAssign, JobCancel, ErrorMessage),
+    inbound=(
+        NodeRegister,
+        NodeHeartbeat,
+        JobAck,
+        JobStarted,
+        NodeAsrPartial,
+        JobResult,
+        NodeErrorReport,
+        NodeDrain,
+    ),
+    outbound=(
+        NodeRegisterAck,
+        NodeHeartbeatAck,
+        NodeStatusMessage,
+        NodeDrainAck,
+        JobAssign,
+        JobCancel,
+        ErrorMessage,
+    ),
     replies={
         "node_register": ("node_register_ack", "error"),
         "node_heartbeat": ("node_heartbeat_ack", "error"),
+        "node_drain": ("node_drain_ack", "error"),
     },
 )
 

@@ -50,6 +50,8 @@ class NodeRecord(Record, kw_only=True):
     #: predate them: False, the published node clients' behaviour.
     sends_acks: bool = False
     turn_dialect: bool = False
+    #: job slots the node declared (None: each instance's default per-node limit)
+    max_concurrent_jobs: int | None = None
 
     @property
     def order(self) -> tuple[int, int]:

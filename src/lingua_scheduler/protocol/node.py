@@ -4,7 +4,10 @@ Wire-compatible with the reference node client at both of its published generati
 Deliberate differences: ``memory_gb`` accepts floats, ``job_assign`` booleans default to false, heartbeats
 are acknowledged with ``node_heartbeat_ack``; ``node_register`` may carry credentials (``enrollment_secret``
 or ``node_token``, docs/security.md) and its ack the node's token, and ``protocol_features`` (what the node
-does beyond the base protocol, e.g. ``job_ack``), all optional and omitted when unused. Service types and
+does beyond the base protocol, e.g. ``job_ack``), all optional and omitted when unused. Protocol additions,
+optional as well (the node SDK uses them): declared capacity (``node_register.max_concurrent_jobs``),
+declared load (``resource_usage.load`` against ``node_register.load_threshold``) and a node-initiated
+drain (``node_drain`` -> ``node_drain_ack``). Service types and
 device kinds are open strings: values this scheduler does not know are kept and shown, never refused.
 Unknown fields are ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}``.
 """
@@ -30,6 +33,10 @@ from lingua_scheduler.protocol.common import (
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+#: the most job slots a node may declare (``node_register.max_concurrent_jobs``)
+MAX_DECLARED_SLOTS = 1024
+Slots = Annotated[int, msgspec.Meta(ge=1, le=MAX_DECLARED_SLOTS)]
 ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 Lang = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 #: a service type or device kind: open-ended (newer nodes report kinds this scheduler does not route on)
@@ -164,6 +171,13 @@ class ResourceUsage(FrozenStruct, frozen=True):
     running_jobs: Annotated[NonNegInt, doc("jobs the node is running")]
     gpu_percent: Annotated[Percent | None, doc("GPU use, percent")] = None
     gpu_mem_percent: Annotated[Percent | None, doc("GPU memory use, percent")] = None
+    load: Annotated[
+        Fraction | None,
+        doc(
+            "protocol addition, optional: the node's own measure of how busy it is, 0 (idle) to 1 (full); "
+            "at or above the node's load_threshold it gets no new job"
+        ),
+    ] = None
 
 
 class ProcessingMetrics(FrozenStruct, frozen=True):
@@ -251,6 +265,20 @@ class NodeRegister(Struct, tag="node_register", tag_field="type"):
             "protocol features beyond the base protocol: job_ack (the node acknowledges every job, so "
             "the ack timeout applies), turn_jobs (the node reads the turn dialect of job_assign); "
             "unknown names are ignored"
+        ),
+    ] = None
+    max_concurrent_jobs: Annotated[
+        Slots | None,
+        doc(
+            "protocol addition, optional: the most jobs the node runs at once; replaces the scheduler's "
+            "default per-node limit (scheduler.max_concurrent_jobs_per_node) for this node"
+        ),
+    ] = None
+    load_threshold: Annotated[
+        Fraction | None,
+        doc(
+            "protocol addition, optional: while the load its heartbeats report (resource_usage.load) is at "
+            "or above this, the node gets no new job; 1 when absent"
         ),
     ] = None
 
@@ -355,6 +383,16 @@ class NodeAsrPartial(Struct, tag="asr_partial", tag_field="type"):
     attempt_id: Annotated[NonNegInt | None, doc("the job_assign's attempt_id")] = None
 
 
+class NodeDrain(Struct, tag="node_drain", tag_field="type"):
+    """Protocol addition, optional: the node asks to be drained (it is about to leave, e.g. on SIGTERM).
+    It becomes ``draining``: no new job, the running ones finish; then it may close. Answered with
+    ``node_drain_ack`` and a ``node_status``. Unlike an operator's drain, it ends when the node registers
+    again (a new process wants work)."""
+
+    node_id: Annotated[NodeId, doc("this connection's registered node id")]
+    reason: Annotated[ShortStr | None, doc("why, in words (logged)")] = None
+
+
 #: ``protocol_features`` names: the node sends ``job_ack`` (and may send ``job_started``) for every job, so
 #: a missing ack within the ack timeout means the node is not working on it
 FEATURE_JOB_ACK = "job_ack"
@@ -364,7 +402,14 @@ FEATURE_TURN_JOBS = "turn_jobs"
 PROTOCOL_FEATURES = frozenset({FEATURE_JOB_ACK, FEATURE_TURN_JOBS})
 
 NodeInbound = (
-    NodeRegister | NodeHeartbeat | NodeErrorReport | JobAck | JobStarted | JobResult | NodeAsrPartial
+    NodeRegister
+    | NodeHeartbeat
+    | NodeErrorReport
+    | JobAck
+    | JobStarted
+    | JobResult
+    | NodeAsrPartial
+    | NodeDrain
 )
 NODE_JOB_MESSAGES = (JobAck, JobStarted, JobResult, NodeAsrPartial)
 
@@ -403,6 +448,14 @@ class NodeStatusMessage(Struct, tag="node_status", tag_field="type"):
     ]
     reason: Annotated[str | None, doc("why, in words")]
     timestamp: Annotated[int, doc("when, in seconds since the epoch")]
+
+
+class NodeDrainAck(Struct, tag="node_drain_ack", tag_field="type"):
+    """The answer to ``node_drain``: the node takes no new job from now on."""
+
+    node_id: Annotated[str, doc("the node")]
+    status: Annotated[str, doc("the node's status now (draining, or offline/registering when not routable)")]
+    running_jobs: Annotated[int, doc("jobs of the node the scheduler still waits for")]
 
 
 class JobAssign(Struct, tag="job_assign", tag_field="type"):
@@ -463,4 +516,12 @@ class JobCancel(Struct, tag="job_cancel", tag_field="type"):
     reason: Annotated[str | None, doc("why, in words")] = None
 
 
-NodeOutbound = NodeRegisterAck | NodeHeartbeatAck | NodeStatusMessage | JobAssign | JobCancel | ErrorMessage
+NodeOutbound = (
+    NodeRegisterAck
+    | NodeHeartbeatAck
+    | NodeStatusMessage
+    | NodeDrainAck
+    | JobAssign
+    | JobCancel
+    | ErrorMessage
+)

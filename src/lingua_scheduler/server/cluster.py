@@ -349,6 +349,7 @@ class Cluster:
             languages=entry.languages,
             sends_acks=entry.sends_acks,
             turn_dialect=entry.turn_dialect,
+            max_concurrent_jobs=entry.max_concurrent_jobs,
         )
 
     async def _publish_changes(self) -> None:

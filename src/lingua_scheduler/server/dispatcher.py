@@ -438,10 +438,12 @@ class Dispatcher:
         state = self.state
         member = f"{job_id}:{attempt}"
         ttl = state.config.jobs.ack_timeout_ms + RESERVE_MARGIN_MS
+        declared = state.registry.nodes.get(node_id)
+        slots = (declared.max_concurrent_jobs if declared is not None else None) or (
+            state.config.scheduler.max_concurrent_jobs_per_node
+        )
         try:
-            res = await self.cluster.store.reserve(
-                node_id, member, state.config.scheduler.max_concurrent_jobs_per_node, ttl
-            )
+            res = await self.cluster.store.reserve(node_id, member, slots, ttl)
         except StoreUnavailable as exc:
             self.cluster.reservation_unsure(node_id)  # it may have been taken all the same
             await self.cluster.suspect(str(exc), refused=exc.refused)

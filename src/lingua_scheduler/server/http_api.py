@@ -185,6 +185,10 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
             "reported_running_jobs": load.reported_running,
             "inflight_jobs": load.inflight,
             "effective_jobs": load.effective,
+            # the node's declared slots and its own load against its threshold (protocol additions)
+            "max_jobs": entry.max_concurrent_jobs or state.config.scheduler.max_concurrent_jobs_per_node,
+            "node_load": load.own,
+            "node_load_threshold": load.own_threshold,
         },
         "languages": {
             "asr": sorted(caps.asr_languages),

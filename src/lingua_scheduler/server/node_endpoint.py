@@ -4,7 +4,8 @@ Turns frames into calls on the registry and answers. The heartbeat branch comes 
 O(1) work: decode, registry.heartbeat(), queue the ack. Errors become ``error`` frames and the
 connection stays open; a connection's node id is fixed by its successful registration. A heartbeat
 whose capability report is over a limit is acknowledged (it counts for liveness) and answered with
-``error{INVALID_CAPABILITY_SCHEMA}``; the previous capabilities stay.
+``error{INVALID_CAPABILITY_SCHEMA}``; the previous capabilities stay. A ``node_drain`` drains the node
+as an operator's drain does (``Registry.drain``), and is answered with ``node_drain_ack``.
 
 A node id never seen before gets a record even when the registry holds ``limits.max_node_records``:
 the oldest offline records are evicted first (``Registry.make_room``); only a registry full of
@@ -25,6 +26,8 @@ from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import (
     JobResult,
+    NodeDrain,
+    NodeDrainAck,
     NodeErrorReport,
     NodeHeartbeat,
     NodeHeartbeatAck,
@@ -66,6 +69,8 @@ class NodeConnection:
                 self._heartbeat(msg, t0)
             elif type(msg) is NodeRegister:
                 self._register(msg)
+            elif type(msg) is NodeDrain:
+                self._drain(msg)
             elif type(msg) is NodeErrorReport:
                 state.registry.entry_for(self.outbox, msg.node_id)
                 log.warning(
@@ -148,6 +153,24 @@ class NodeConnection:
                 "auth": admitted,  # enrolled | token | connection | open: the audit trail of enrollments
                 "sends_acks": entry.sends_acks,
                 "turn_dialect": entry.turn_dialect,
+            },
+        )
+
+    def _drain(self, msg: NodeDrain) -> None:
+        """The node leaves: no new job, its running ones finish (then it may close)."""
+        state = self.state
+        entry = state.registry.entry_for(self.outbox, msg.node_id)
+        transitions = state.registry.drain(entry.node_id, by_node=True)
+        self.outbox.send(
+            NodeDrainAck(node_id=entry.node_id, status=entry.status.value, running_jobs=entry.load.inflight)
+        )
+        state.apply_transitions(transitions)
+        log.info(
+            "node drains itself",
+            extra={
+                "node_id": entry.node_id,
+                "reason": (msg.reason or "")[:256],
+                "running": entry.load.inflight,
             },
         )
 

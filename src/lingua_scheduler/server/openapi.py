@@ -258,6 +258,12 @@ def _schemas() -> dict[str, Schema]:
                 reported_running_jobs=INT,
                 inflight_jobs=INT,
                 effective_jobs=INT,
+                max_jobs={
+                    **NONNEG,
+                    "description": "the node's declared max_concurrent_jobs, else the default",
+                },
+                node_load=nullable(NUM),
+                node_load_threshold=NUM,
             ),
             languages=obj(
                 asr={"type": "array", "items": STR},

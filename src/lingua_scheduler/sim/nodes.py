@@ -2,7 +2,10 @@
 
 A library for tests and benchmarks (``SimulatedNode``, ``run_fleet``) and the engine behind
 ``lingua-scheduler simulate-nodes``. Each node registers with a realistic profile, then heartbeats at
-the interval the scheduler asks for (or a fixed one), varying its reported load.
+the interval the scheduler asks for (or a fixed one), varying its reported load. Its jobs run through
+the node SDK's job runner (``node/jobs.py``): the simulated work is an SDK ``handle``; what a test needs
+beyond a well-behaved node (no acks, crashes, hung readers, raw frames, waiting on any message) stays
+here, around it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -23,7 +26,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
+from lingua_scheduler.node.jobs import Job, JobFailed, Partial, Result, ack, result_message, run_job
+from lingua_scheduler.protocol.node import JobAssign, NodeHeartbeat, ResourceUsage
 from lingua_scheduler.sim.profiles import NodeProfile, random_profile
 from lingua_scheduler.sim.reach import Tally, safe_url, start_bounded
 from lingua_scheduler.sim.sockets import drop_connection
@@ -289,104 +293,60 @@ class SimulatedNode:
                     fut.set_result(msg)
                     self._waiters.remove((pred, fut))
 
-    async def _execute(self, job: dict[str, Any]) -> None:
+    async def _execute(self, raw: dict[str, Any]) -> None:
+        """Run one job: the simulated work is an SDK ``handle`` (``handle``) run by the SDK's job
+        runner; the faults (no ack, a crash, acks only when the profile declares them) are around it."""
         ex = self.executor
-        ids = {
-            "job_id": job["job_id"],
-            "attempt_id": job["attempt_id"],
-            "node_id": self.node_id,
-            "session_id": job["session_id"],
-            "trace_id": job["trace_id"],
-        }
+        try:
+            assign = msgspec.convert(raw, JobAssign)
+        except msgspec.ValidationError:
+            return  # not a job this simulator can read (fault tests send their own frames)
         try:
             if ex.behavior is Behavior.NEVER_ACK:
                 if ex.late_result_after is None:
                     return
                 await asyncio.sleep(ex.late_result_after)
-                await self.send(self._result(job, ids, success=True))
+                await self.send_job(result_message(assign, self.node_id or "", _ok(assign), 5))
                 return
             self.running_jobs += 1
             self.max_running = max(self.max_running, self.running_jobs)
             acks = self.profile.sends_acks
             if acks:
-                await self.send({"type": "job_ack", **ids})
+                await self.send_job(ack(assign, self.node_id or ""))
             if ex.behavior is Behavior.CRASH_MID_JOB:
                 await asyncio.sleep(ex.latency / 2)
                 await self.kill()
                 return
-            if ex.behavior is Behavior.MODEL_NOT_AVAILABLE:
-                await self.send(
-                    self._result(
-                        job,
-                        ids,
-                        success=False,
-                        error={
-                            "code": "MODEL_NOT_AVAILABLE",
-                            "message": "asr model missing",
-                            "details": {"service_id": "faster-whisper-vad"},
-                        },
-                    )
-                )
-                return
-            if ex.send_started and acks:
-                await self.send({"type": "job_started", **ids})
-            # A node without acks streams partials only when the job asks for them, as the real ones do.
-            for i in range(ex.partials if acks or job.get("enable_streaming_asr") else 0):
-                await self.send(
-                    {
-                        "type": "asr_partial",
-                        "job_id": job["job_id"],
-                        "node_id": self.node_id,
-                        "session_id": job["session_id"],
-                        "utterance_index": job["utterance_index"],
-                        "text": f"partial {i}",
-                        "is_final": False,
-                        "trace_id": job["trace_id"],
-                        "attempt_id": job["attempt_id"],
-                    }
-                )
-            if ex.latency or ex.jitter:
-                await asyncio.sleep(ex.latency + self.rng.uniform(0, ex.jitter))
-            if self.rng.random() < ex.failure_rate:
-                await self.send(
-                    self._result(
-                        job,
-                        ids,
-                        success=False,
-                        error={"code": "NODE_OVERLOADED", "message": "simulated failure"},
-                    )
-                )
-            else:
-                await self.send(self._result(job, ids, success=True))
+            if ex.send_started and acks and ex.behavior is not Behavior.MODEL_NOT_AVAILABLE:
+                await self.send({"type": "job_started", **_ids(assign, self.node_id)})
+            await run_job(self.handle, assign, lambda: self.node_id or "", self.send_job)
             self.jobs_done += 1
         except (ConnectionError, RuntimeError):
             pass
         finally:
-            self._jobs.pop(job["job_id"], None)
+            self._jobs.pop(assign.job_id, None)
             if ex.behavior is not Behavior.NEVER_ACK:
                 self.running_jobs = max(0, self.running_jobs - 1)
 
-    @staticmethod
-    def _result(
-        job: dict[str, Any], ids: dict[str, Any], *, success: bool, error: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "type": "job_result",
-            **ids,
-            "utterance_index": job["utterance_index"],
-            "success": success,
-            "processing_time_ms": 5,
-        }
-        if success:
-            out.update(
-                text_asr=f"asr {job['utterance_index']}",
-                text_translated=f"{job['tgt_lang']} {job['utterance_index']}",
-                tts_audio="AAAA",
-                tts_format="pcm16",
-            )
-        else:
-            out["error"] = error
-        return out
+    async def send_job(self, msg: msgspec.Struct) -> None:
+        """A job message, handed to ``send`` as a plain dict: tests intercept job messages by their
+        fields (fault injection at a chosen message of a chosen job)."""
+        await self.send(msgspec.to_builtins(msg))
+
+    async def handle(self, job: Job) -> AsyncIterator[Partial | Result]:
+        """The simulated work, as a node author writes it with the SDK: partials, a latency, a result
+        (or a failure)."""
+        ex = self.executor
+        if ex.behavior is Behavior.MODEL_NOT_AVAILABLE:
+            raise JobFailed("MODEL_NOT_AVAILABLE", "asr model missing", {"service_id": "faster-whisper-vad"})
+        # A node without acks streams partials only when the job asks for them, as the real ones do.
+        for i in range(ex.partials if self.profile.sends_acks or job.streaming else 0):
+            yield Partial(f"partial {i}")
+        if ex.latency or ex.jitter:
+            await asyncio.sleep(ex.latency + self.rng.uniform(0, ex.jitter))
+        if self.rng.random() < ex.failure_rate:
+            raise JobFailed("NODE_OVERLOADED", "simulated failure")
+        yield _ok(job.assign)
 
     def wait_for(
         self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0
@@ -399,6 +359,25 @@ class SimulatedNode:
     @property
     def closed(self) -> bool:
         return self.ws is None or self.ws.closed
+
+
+def _ok(assign: JobAssign) -> Result:
+    return Result(
+        text_asr=f"asr {assign.utterance_index}",
+        text_translated=f"{assign.tgt_lang} {assign.utterance_index}",
+        tts_audio=b"\0\0\0",
+        tts_format="pcm16",
+    )
+
+
+def _ids(assign: JobAssign, node_id: str | None) -> dict[str, Any]:
+    return {
+        "job_id": assign.job_id,
+        "attempt_id": assign.attempt_id,
+        "node_id": node_id,
+        "session_id": assign.session_id,
+        "trace_id": assign.trace_id,
+    }
 
 
 def _percentile(values: list[float], q: float) -> float | None:
