@@ -145,6 +145,7 @@ def _schemas() -> dict[str, Schema]:
         "Stats": obj(
             nodes=ref("NodeCounts"),
             nodes_total=NONNEG,
+            nodes_ejected={**NONNEG, "description": "Nodes this instance has ejected for failing their jobs"},
             sessions=NONNEG,
             jobs=obj(
                 inflight=NONNEG,
