@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from typing import Any
+
+import pytest
 
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession
 from tests.conftest import MS, RunningScheduler, eventually
+from tests.redis_support import RedisServer, cluster_cfg, has_redis, ready_in_view, start_instances
 
 TOKEN = "quality-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -210,3 +214,40 @@ async def test_empty_recognitions_are_counted_not_ejected_by_default(
     q = (await scheduler.get_json(f"/api/v1/nodes/{deaf.node_id}"))["quality"]
     assert (q["jobs"], q["empty_results"], q["successes"], q["failures"]) == (6, 6, 0, 0)
     assert q["state"] == "healthy" and q["success_rate"] == 1.0
+
+
+@pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
+async def test_each_instance_judges_from_its_own_jobs(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    """Redis mode: the sessions of A place jobs on a silent node connected to B. A ejects it after
+    three of its own jobs (the outcomes reach A, which owns the jobs); B, which placed none, does not."""
+    sections = cluster_cfg(
+        redis_server.url,
+        "q" + secrets.token_hex(3),
+        jobs={"ack_timeout_ms": ms(300), "pending_timeout_ms": ms(3000)},
+    )
+    sections["quality"] = {"interval_ms": ms(200), "base_ejection_ms": ms(60_000)}
+    a, b = await start_instances(scheduler_factory, 2, sections)
+    silent: SimulatedNode = node_factory(
+        profile=PROFILE, url=b.node_url, executor=Executor(behavior=Behavior.NEVER_ACK)
+    )
+    good: SimulatedNode = node_factory(profile=PROFILE, url=b.node_url, executor=Executor(latency=0.02))
+    for n in (silent, good):
+        await n.start()
+    await eventually(lambda: ready_in_view(a, silent.node_id) and ready_in_view(a, good.node_id), timeout=5)
+    for _ in range(20):
+        await round_of(session_factory, a, 2)
+        if state_of(a, silent) == "ejected":
+            break
+    assert state_of(a, silent) == "ejected"
+    assert 3 <= silent.jobs_received <= 3 + 4
+    assert state_of(b, silent) == "healthy" and state_of(b, good) == "healthy"
+    on_a = (await a.get_json(f"/api/v1/nodes/{silent.node_id}"))["quality"]
+    on_b = (await b.get_json(f"/api/v1/nodes/{silent.node_id}"))["quality"]
+    assert on_a["state"] == "ejected" and on_a["timeouts"] >= 3
+    assert on_b["state"] == "healthy" and on_b["jobs"] == 0
+    before = silent.jobs_received
+    sessions = await round_of(session_factory, a, 2)
+    assert all(s.outcomes() == {0: ["result"]} for s in sessions)
+    assert silent.jobs_received == before
