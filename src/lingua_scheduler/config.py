@@ -323,6 +323,9 @@ class QualityConfig(Section):
                 raise InvalidField(name, f"must be >= 0, got {getattr(self, name)}")
         if self.max_ejection_ms < self.base_ejection_ms:
             raise InvalidField("max_ejection_ms", "must be >= base_ejection_ms")
+        if self.request_volume > self.window_max_jobs:
+            # the window would never hold enough jobs for the success-rate rules to judge a node
+            raise InvalidField("request_volume", "must be <= window_max_jobs")
         for name in ("max_ejection_percent", "failure_percentage_threshold"):
             if not 0 <= getattr(self, name) <= 100:
                 raise InvalidField(name, f"must be in 0..100, got {getattr(self, name)}")

@@ -118,7 +118,7 @@ def test_failing_probation_doubles_the_ejection_up_to_the_bound() -> None:
 
 
 def test_healthy_sweeps_forgive_ejections_in_a_row() -> None:
-    t, clock = tracker(base_ejection_ms=1_000, probation_jobs=1, request_volume=1000)
+    t, clock = tracker(base_ejection_ms=1_000, probation_jobs=1, request_volume=200)
     feed(t, "n", [T, T, T])  # 1 s; streak 1
     clock.advance(1)
     t.readmit_due()
@@ -291,7 +291,7 @@ def test_figures() -> None:
 
 
 def test_window_by_time_and_by_count() -> None:
-    t, clock = tracker(window_seconds=60, window_max_jobs=5)
+    t, clock = tracker(window_seconds=60, window_max_jobs=5, request_volume=5)
     feed(t, "n", [F, F])
     clock.advance(61)
     assert t.figures("n").jobs == 0  # out of the window
@@ -349,11 +349,13 @@ def test_config_bounds() -> None:
         {"base_ejection_ms": 0},
         {"max_ejection_ms": 10, "base_ejection_ms": 20},
         {"consecutive_failures": -1},
+        {"request_volume": 50, "window_max_jobs": 40},
     ]
     for bad in cases:
         with pytest.raises(InvalidField) as info:
             QualityConfig(**bad)
         assert info.value.field in bad
+    assert QualityConfig(request_volume=40, window_max_jobs=40).request_volume == 40
 
 
 # --- selection -------------------------------------------------------------------------------------
