@@ -265,6 +265,75 @@ class JobConfig(Section):
             raise InvalidField("exec_timeout_min_ms", "must be <= exec_timeout_max_ms")
 
 
+class QualityConfig(Section):
+    """Node quality: rolling job outcome figures per node and outlier ejection (docs/operations.md)."""
+
+    #: eject nodes that fail their jobs; off: the figures are still kept and shown, no node is ejected
+    ejection_enabled: bool = True
+    #: the rolling figures (and the success-rate rules) cover this much recent time per node
+    window_seconds: float = 300.0
+    #: and at most this many recent jobs per node (bounds memory: a node costs this many entries)
+    window_max_jobs: int = 200
+    #: how often the success-rate rules run and ejected nodes come back on probation
+    interval_ms: int = 10_000
+    #: failed or timed-out jobs in a row that eject a node at once; 0 disables the rule
+    consecutive_failures: int = 5
+    #: timed-out jobs in a row (no ack or no result in time) that eject a node at once; a node that
+    #: never answers costs each of its jobs a full deadline, so this is lower; 0 disables the rule
+    consecutive_timeouts: int = 3
+    #: first ejection lasts this long; each further ejection in a row doubles it
+    base_ejection_ms: int = 30_000
+    #: bound of the doubled ejection time
+    max_ejection_ms: int = 300_000
+    #: at most this share of the fleet is ejected at once; one node may always be ejected while no
+    #: other is, and never the last node not ejected
+    max_ejection_percent: float = 20.0
+    #: jobs a node must have had in the window for the success-rate rules to judge it
+    request_volume: int = 20
+    #: the success-rate rule runs only with at least this many nodes having ``request_volume``
+    success_rate_minimum_nodes: int = 5
+    #: a node whose success rate is below mean - factor x standard deviation of the fleet's is ejected
+    success_rate_stdev_factor: float = 1.9
+    #: a node failing at least this percentage of its jobs is ejected whatever the fleet does; 0 disables
+    failure_percentage_threshold: float = 85.0
+    #: the failure-percentage rule runs only with at least this many nodes having ``request_volume``
+    failure_percentage_minimum_nodes: int = 2
+    #: successes in a row that end a returning node's probation; a failure during probation ejects it
+    #: again, for twice as long
+    probation_jobs: int = 3
+    #: count an empty recognition (no ASR text for audio judged to hold speech) as a failure; off, it
+    #: is a figure only (noise the client did not filter may be recognised as nothing)
+    empty_result_is_failure: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "window_seconds",
+            "window_max_jobs",
+            "interval_ms",
+            "base_ejection_ms",
+            "probation_jobs",
+        ):
+            _positive(name, getattr(self, name))
+        for name in (
+            "consecutive_failures",
+            "consecutive_timeouts",
+            "request_volume",
+            "success_rate_minimum_nodes",
+            "success_rate_stdev_factor",
+            "failure_percentage_minimum_nodes",
+        ):
+            if getattr(self, name) < 0:
+                raise InvalidField(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.max_ejection_ms < self.base_ejection_ms:
+            raise InvalidField("max_ejection_ms", "must be >= base_ejection_ms")
+        if self.request_volume > self.window_max_jobs:
+            # the window would never hold enough jobs for the success-rate rules to judge a node
+            raise InvalidField("request_volume", "must be <= window_max_jobs")
+        for name in ("max_ejection_percent", "failure_percentage_threshold"):
+            if not 0 <= getattr(self, name) <= 100:
+                raise InvalidField(name, f"must be in 0..100, got {getattr(self, name)}")
+
+
 class ClusterConfig(Section):
     """Multi-instance mode: shared state in Redis. Empty ``redis_url`` = embedded single instance."""
 
@@ -564,6 +633,7 @@ class Config(Section):
     pools: PoolsConfig = msgspec.field(default_factory=PoolsConfig)
     session: SessionConfig = msgspec.field(default_factory=SessionConfig)
     jobs: JobConfig = msgspec.field(default_factory=JobConfig)
+    quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)

@@ -497,6 +497,7 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("server/session_endpoint.py", "SessionConnection._resume_remote_run"): "missing_result.created_at_ms",
     ("server/dispatcher.py", "Dispatcher._send_remote"): "cross-instance hop latency (metric only)",
     ("server/cluster.py", "Cluster.handle"): "cross-instance hop latency (metric only)",
+    ("server/quality.py", "QualityMonitor.node_json"): "ejected_until_ms shown (the end is monotonic)",
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
     ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",

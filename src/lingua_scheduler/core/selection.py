@@ -29,7 +29,7 @@ chosen only when no node under it passes (a second pass, taken only when the fir
 and refused some node for its load).
 
 Must never: mutate the view or any load (``commit`` does that, explicitly), read the clock (the
-unavailable marks carry their own), or iterate the whole fleet.
+unavailable marks and the quality tracker carry their own), or iterate the whole fleet.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ from lingua_scheduler.core.fleet_view import FleetView, NodeView
 from lingua_scheduler.core.hashing import iter_ring, pick_index_for_key, pool_id_for_key, probe_order
 from lingua_scheduler.core.languages import AUTO, normalize
 from lingua_scheduler.core.pools import CAPABILITY, HASH, LANGUAGE_PAIR, Pool, hash_group, pair_group
+from lingua_scheduler.core.quality import QualityTracker
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.core.unavailable import UnavailableMarks
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceType
 
 #: exclusion reasons; this order breaks ties for the dominant reason (the reference's order, plus
-#: service_unavailable next to its sibling model_not_available)
+#: service_unavailable next to its sibling model_not_available, and ejected -- node quality, checked
+#: right after the status -- last)
 REASONS = (
     "offline",
     "status_not_ready",
@@ -64,6 +66,7 @@ REASONS = (
     "asr_lang_unsupported",
     "tts_lang_unsupported",
     "src_auto_no_candidate",
+    "ejected",
 )
 (
     OFFLINE,
@@ -78,6 +81,7 @@ REASONS = (
     ASR_LANG_UNSUPPORTED,
     TTS_LANG_UNSUPPORTED,
     SRC_AUTO_NO_CANDIDATE,
+    EJECTED,
 ) = range(len(REASONS))
 
 #: random visits in a shard before settling for fewer than d passing candidates
@@ -222,9 +226,12 @@ class Selector:
         resource_threshold: float = 85.0,
         scan_budget: int | None = None,
         soft_threshold: bool = False,
+        quality: QualityTracker | None = None,
     ) -> None:
         self.rng = rng or random.Random()
         self.marks = marks
+        #: nodes ejected for failing their jobs are skipped (core/quality.py)
+        self.quality = quality
         self.resource_threshold = resource_threshold
         #: nodes over the threshold are chosen when no node under it passes (see ``select``)
         self.soft_threshold = soft_threshold
@@ -426,6 +433,8 @@ class Selector:
         st = nv.status
         if st is not NodeStatus.READY:
             return OFFLINE if st is NodeStatus.OFFLINE else STATUS_NOT_READY
+        if self.quality and self.quality.blocks(nv.node_id):
+            return EJECTED
         if not nv.has_gpu:
             return GPU_UNAVAILABLE
         if req.accept_public and not nv.accept_public_jobs:

@@ -77,6 +77,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(tasks.reconciler(state), name="reconciler"),
         asyncio.create_task(tasks.liveness_scan(state), name="liveness-scan"),
         asyncio.create_task(state.dispatcher.run(), name="job-deadlines"),
+        asyncio.create_task(state.quality.run(), name="node-quality"),
     ]
     cluster = state.dispatcher.cluster
     if cluster is not None:

@@ -146,6 +146,7 @@ class Dispatcher:
             resource_threshold=cfg.scheduler.resource_threshold,
             scan_budget=SCAN_BUDGET,
             soft_threshold=True,
+            quality=state.quality.tracker,
         )
         #: job id -> perf_counter when its utterance was finalized (dispatch latency); bounded by live jobs
         self._finalized_at: dict[str, float] = {}
@@ -630,6 +631,7 @@ class Dispatcher:
             error_code=error.code if error else None,
             error_message=error.message if error else None,
         )
+        self.state.quality.on_result(node_id, msg, out)  # node quality: success, empty or failure
         if out.verdict is not Verdict.APPLIED or out.job is None:
             return out
         job = out.job
@@ -690,6 +692,7 @@ class Dispatcher:
         job = out.job
         if out.verdict is not Verdict.APPLIED or job is None:
             return
+        self.state.quality.on_outcome(out)  # node quality: an expired deadline is a timeout
         self._release(out)
         if job.state is JobState.CREATED:
             self.state.metrics.failovers.labels(why).inc()

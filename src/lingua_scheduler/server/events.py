@@ -1,4 +1,5 @@
-"""Recent operator-relevant events: a bounded ring of failovers, job failures, node trouble and admin actions.
+"""Recent operator-relevant events: a bounded ring of failovers, job failures, node trouble, node
+ejections and admin actions.
 
 Owns ``RecentEvents``. Producers (the dispatcher's failure and failover paths, node status changes, admin
 actions) call ``add()``: O(1), never blocks, never grows: the oldest event falls off. Readers (the
@@ -21,7 +22,9 @@ FAILOVER: Final = "failover"
 JOB_FAILED: Final = "job_failed"
 NODE_STATUS: Final = "node_status"
 ADMIN: Final = "admin"
-KINDS: Final = (FAILOVER, JOB_FAILED, NODE_STATUS, ADMIN)
+#: a node ejected for failing its jobs, back on probation, or healthy again (server/quality.py)
+NODE_QUALITY: Final = "node_quality"
+KINDS: Final = (FAILOVER, JOB_FAILED, NODE_STATUS, ADMIN, NODE_QUALITY)
 
 Scalar = str | int | float | bool | None
 

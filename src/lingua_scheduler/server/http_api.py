@@ -213,15 +213,20 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
         "protocol": {"sends_acks": entry.sends_acks, "turn_dialect": entry.turn_dialect},
         # the instance holding the node's socket (multi-instance mode; null in the embedded mode)
         "instance": entry.owner or (cluster.instance_id if (cluster := state.dispatcher.cluster) else None),
+        # node quality (server/quality.py): healthy, ejected (skipped by selection) or probation
+        "quality_state": state.quality.node_state(node_id),
         "pools": list(view.pools) if view is not None else [],
         "history": [{"age_seconds": round(now - t, 3), "event": e} for t, e in entry.history],
     }
 
 
 async def node_detail(request: web.Request) -> web.Response:
-    body = node_json(_state(request), request.match_info["node_id"])
+    state = _state(request)
+    node_id = request.match_info["node_id"]
+    body = node_json(state, node_id)
     if body is None:
-        return error(404, "NOT_FOUND", f"no node {request.match_info['node_id']!r}")
+        return error(404, "NOT_FOUND", f"no node {node_id!r}")
+    body["quality"] = state.quality.node_json(node_id)  # rolling figures: one node's window, not a page's
     return web.json_response(body)
 
 

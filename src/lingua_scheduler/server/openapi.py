@@ -20,6 +20,7 @@ from aiohttp import web
 
 from lingua_scheduler import __version__
 from lingua_scheduler.core.jobs import JobState
+from lingua_scheduler.core.quality import EJECTION_REASONS, QualityState
 from lingua_scheduler.core.selection import REASONS
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol import asyncapi
@@ -31,6 +32,7 @@ Schema = dict[str, Any]
 
 STATUSES = [s.value for s in NodeStatus]
 JOB_STATES = [s.value for s in JobState]
+QUALITY_STATES = [s.value for s in QualityState]
 LATENCY_NAMES = ("heartbeat_handle", "selection", "dispatch", "end_to_end")
 
 
@@ -149,6 +151,10 @@ def _schemas() -> dict[str, Schema]:
             obj(
                 nodes=ref("NodeCounts"),
                 nodes_total=NONNEG,
+                nodes_ejected={
+                    **NONNEG,
+                    "description": "Nodes this instance has ejected for failing their jobs",
+                },
                 sessions=NONNEG,
                 jobs=obj(
                     inflight=NONNEG,
@@ -287,8 +293,36 @@ def _schemas() -> dict[str, Schema]:
                 **nullable(STR),
                 "description": "Multi-instance mode: the instance holding the node's socket (null embedded)",
             },
+            quality_state={
+                "type": "string",
+                "enum": QUALITY_STATES,
+                "description": "Node quality: ejected nodes are skipped by selection (docs/operations.md)",
+            },
             pools={"type": "array", "items": STR},
             history={"type": "array", "items": obj(age_seconds=NUM, event=STR)},
+        ),
+        "NodeDetail": {"allOf": [ref("Node"), obj(quality=ref("NodeQuality"))]},
+        "NodeQuality": obj(
+            state={"type": "string", "enum": QUALITY_STATES},
+            ejected_until_ms=nullable({**INT, "description": "Wall time the ejection ends (ejected only)"}),
+            ejected_for_seconds=nullable(NUM),
+            ejections=NONNEG,
+            last_ejection_reason=nullable({"type": "string", "enum": list(EJECTION_REASONS)}),
+            consecutive_errors=NONNEG,
+            probation_successes=NONNEG,
+            window_seconds=NUM,
+            jobs={**NONNEG, "description": "Attempts of this node that ended within the window"},
+            successes=NONNEG,
+            failures=NONNEG,
+            timeouts={**NONNEG, "description": "No ack or no result before the deadline"},
+            empty_results={**NONNEG, "description": "No ASR text for audio judged to hold speech"},
+            success_rate=nullable(NUM),
+            latency_ms=obj(mean=nullable(NUM), p50=nullable(NUM), p95=nullable(NUM)),
+            codes={
+                "type": "object",
+                "additionalProperties": NONNEG,
+                "description": "Failure codes and timeout kinds (ack_timeout, exec_timeout) with counts",
+            },
         ),
         "NodePage": obj(
             total=NONNEG,
@@ -670,8 +704,11 @@ def _paths() -> dict[str, Schema]:
         "/api/v1/nodes/{node_id}": _get(
             "read",
             "get_node",
-            "One node: status, load, languages, pools, last heartbeat age, status history",
-            {"200": json_response("The node", ref("Node")), "404": error("No such node")},
+            "One node: status, load, languages, pools, last heartbeat age, status history, quality figures",
+            {
+                "200": json_response("The node, with its quality figures", ref("NodeDetail")),
+                "404": error("No such node"),
+            },
             [NODE_ID],
         ),
         "/api/v1/pools": _get(

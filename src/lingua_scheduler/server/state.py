@@ -28,6 +28,7 @@ from lingua_scheduler.server.limits import InstanceLimits
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
 from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.quality import QualityMonitor
 
 if TYPE_CHECKING:
     from lingua_scheduler.server.sessions import Session
@@ -71,6 +72,8 @@ class SchedulerState:
         self.shutting_down = False
         #: when the drain's wait ends (the clock's monotonic seconds), once shutting down
         self.shutdown_deadline: float | None = None
+        #: per-node job outcome figures and the ejection of failing nodes (server/quality.py)
+        self.quality = QualityMonitor(self)
         self.dispatcher = Dispatcher(self)
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message

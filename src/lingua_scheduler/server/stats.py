@@ -256,7 +256,12 @@ class StatsAggregator:
             self._windows_at = now
         fresh = self.fresh()
         body = dict(self.snapshot(force=force))
-        body.update(nodes=fresh["nodes"], nodes_total=fresh["nodes_total"], sessions=fresh["sessions"])
+        body.update(
+            nodes=fresh["nodes"],
+            nodes_total=fresh["nodes_total"],
+            nodes_ejected=fresh["nodes_ejected"],
+            sessions=fresh["sessions"],
+        )
         body["jobs"] = {**body["jobs"], "inflight": fresh["jobs_inflight"], "waiting": fresh["jobs_waiting"]}
         body["latency"] = self._windows
         body["heartbeats_total"] = state.heartbeat_window.count
@@ -276,6 +281,8 @@ class StatsAggregator:
         return {
             "nodes": {s.value: counts[s] for s in NodeStatus},
             "nodes_total": len(state.registry),
+            # node quality: ejected by this instance now (server/quality.py; O(1))
+            "nodes_ejected": state.quality.tracker.ejected,
             "sessions": len(state.sessions),
             "jobs_inflight": store.inflight,
             "jobs_waiting": store.waiting,
@@ -305,7 +312,7 @@ class StatsAggregator:
         view = state.publisher.view
         pairs, pairs_total = self._pairs(latest, base, window)
         return {
-            **{k: fresh[k] for k in ("nodes", "nodes_total", "sessions")},
+            **{k: fresh[k] for k in ("nodes", "nodes_total", "nodes_ejected", "sessions")},
             "jobs": {
                 "inflight": fresh["jobs_inflight"],
                 "waiting": fresh["jobs_waiting"],

@@ -46,6 +46,8 @@ class Behavior(StrEnum):
     CRASH_MID_JOB = "crash_mid_job"
     #: answers every job with MODEL_NOT_AVAILABLE for its ASR service
     MODEL_NOT_AVAILABLE = "model_not_available"
+    #: answers every job with success and nothing recognised (a node whose ASR hears nothing)
+    EMPTY_RESULT = "empty_result"
 
 
 @dataclass(slots=True)
@@ -56,6 +58,9 @@ class Executor:
     #: jitter added uniformly in [0, jitter]
     jitter: float = 0.0
     failure_rate: float = 0.0
+    #: answer every n-th job (counted from the first) with a failure, whatever ``failure_rate`` says:
+    #: 2 fails half the jobs, alternately (deterministic, unlike the rate)
+    fail_every: int = 0
     partials: int = 1
     #: send job_started before working (the reference client does; a minimal node may not)
     send_started: bool = True
@@ -113,6 +118,8 @@ class SimulatedNode:
         self.executor = executor or Executor()
         self.jobs_received = 0
         self.jobs_done = 0
+        #: jobs this node has come to answer (``Executor.fail_every`` counts them)
+        self._answered = 0
         self._jobs: dict[str, asyncio.Task[None]] = {}
         #: most jobs this node ran at once (tests of over-commitment)
         self.max_running = 0
@@ -344,7 +351,11 @@ class SimulatedNode:
             yield Partial(f"partial {i}")
         if ex.latency or ex.jitter:
             await asyncio.sleep(ex.latency + self.rng.uniform(0, ex.jitter))
-        if self.rng.random() < ex.failure_rate:
+        self._answered += 1
+        if ex.behavior is Behavior.EMPTY_RESULT:
+            yield Result(text_asr="", text_translated="", tts_audio=b"", tts_format="pcm16")
+            return
+        if (ex.fail_every and self._answered % ex.fail_every == 0) or self.rng.random() < ex.failure_rate:
             raise JobFailed("NODE_OVERLOADED", "simulated failure")
         yield _ok(job.assign)
 

@@ -158,6 +158,7 @@ function render(f) {
 
   setText("fleet-total", fmtNum(f.nodes_total));
   for (const s of STATUSES) setText("status-" + s, fmtNum(f.nodes[s]));
+  setText("nodes-ejected", fmtNum(f.nodes_ejected));
   setText("sessions", fmtNum(f.sessions));
   setText("jobs-inflight", fmtNum(f.jobs_inflight));
   setText("jobs-waiting", fmtNum(f.jobs_waiting));
@@ -257,6 +258,7 @@ function renderEvents(events) {
     else if (ev.kind === "job_failed") detail = `${ev.state} · ${ev.code}`;
     else if (ev.kind === "node_status") detail = `${ev.old} → ${ev.new} · ${ev.reason}`;
     else if (ev.kind === "admin") detail = `${ev.action} → ${ev.result} by ${ev.operator}`;
+    else if (ev.kind === "node_quality") detail = `${ev.state} · ${ev.reason}${ev.ejection_ms ? " · " + fmtSeconds(ev.ejection_ms / 1000) : ""}`;
     else detail = "";
     tr.append(el("td", fmtTime(ev.at_ms)), el("td", ev.kind, "kind-" + ev.kind), el("td", who), el("td", detail));
     return tr;
@@ -323,7 +325,9 @@ function renderNodes(body) {
     tr.dataset.nodeId = n.node_id;
     const langs = [...new Set([...n.languages.asr, ...n.languages.tts])].join(" ");
     const cpuGpu = `${fmtNum(n.load.cpu_percent)} % / ${n.load.gpu_percent === null ? "–" : fmtNum(n.load.gpu_percent) + " %"}`;
-    tr.append(el("td", n.node_id, "node-id"), el("td", n.status, "status " + n.status),
+    // node quality: an ejected or probation node says so next to its status
+    const st = n.quality_state && n.quality_state !== "healthy" ? `${n.status} · ${n.quality_state}` : n.status;
+    tr.append(el("td", n.node_id, "node-id"), el("td", st, "status " + n.status + (st === n.status ? "" : " q-" + n.quality_state)),
               el("td", `${n.load.effective_jobs} jobs`, "num"), el("td", cpuGpu, "num"), el("td", langs),
               el("td", String(n.pools.length), "num"), el("td", fmtSeconds(n.last_heartbeat_age_seconds) + " ago", "num"));
     const actions = el("td");

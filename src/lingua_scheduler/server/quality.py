@@ -1,0 +1,203 @@
+"""Node quality in the running scheduler: feeds job outcomes to the core tracker and reports its changes.
+
+Owns ``QualityMonitor``: turns the dispatcher's outcomes into ``core.quality`` observations (a result:
+success, failure with its code, or an empty recognition; an expired ack or execution deadline: a
+timeout -- a node's lost connection, a cancelled or aborted job are nobody's verdict on the node), runs
+the periodic sweep, and reports every change as a metric (``lingua_node_ejections_total{reason}``,
+``lingua_nodes_ejected``), an event (``node_quality`` in ``/api/v1/events``) and a log line. The
+dispatcher's selector reads the tracker to skip ejected nodes (``ejected`` in the selection breakdown).
+
+Each instance judges from its own observations (in Redis mode too: docs/operations.md says why).
+
+Must never: await in ``on_result``/``on_outcome`` (they run inside the dispatcher's synchronous
+handling), log or keep text a node returned (only the error code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from lingua_scheduler.core.jobs import DeadlineKind, JobState, Outcome, Verdict
+from lingua_scheduler.core.quality import (
+    EJECTION_REASONS,
+    Change,
+    Kind,
+    QualityState,
+    QualityTracker,
+    speech_expected,
+)
+from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.protocol.node import JobResult
+from lingua_scheduler.server.events import NODE_QUALITY
+from lingua_scheduler.server.metrics import counter
+
+if TYPE_CHECKING:
+    from lingua_scheduler.server.state import SchedulerState
+
+log = logging.getLogger(__name__)
+
+#: the code a timeout is counted under in a node's figures, by the deadline that passed
+_TIMEOUT_CODES = {DeadlineKind.ACK: "ack_timeout", DeadlineKind.EXEC: "exec_timeout"}
+
+
+class QualityMonitor:
+    def __init__(self, state: SchedulerState) -> None:
+        self.state = state
+        self.config = state.config.quality
+        self.tracker = QualityTracker(self.config, state.clock)
+        self.ejections = Counter(
+            "lingua_node_ejections",
+            "Nodes ejected from selection for failing their jobs, by the rule that ejected them",
+            ["reason"],
+            registry=state.metrics.registry,
+        )
+        for reason in EJECTION_REASONS:
+            self.ejections.labels(reason)  # every reason present from the start, at 0
+        state.metrics.add_live(self._live_metrics)
+
+    # --- outcomes (called by the dispatcher) ---------------------------------------------------------
+
+    def on_result(self, node_id: str, msg: JobResult, out: Outcome) -> None:
+        """A ``job_result`` the job store applied: a success (empty or not) of the node that sent it, or
+        its failure."""
+        job = out.job
+        if out.verdict is not Verdict.APPLIED or job is None:
+            return
+        if msg.success:
+            if job.state is not JobState.COMPLETED:
+                return
+            latency = None
+            if out.early_node is None and job.dispatched_at is not None and job.finished_at is not None:
+                latency = (job.finished_at - job.dispatched_at) * 1000.0
+            empty = not msg.text_asr and speech_expected(job.spec)
+            self._record(node_id, Kind.EMPTY if empty else Kind.SUCCESS, latency_ms=latency)
+        else:
+            code = msg.error.code if msg.error is not None else ErrorCode.INTERNAL_ERROR.value
+            self._record(node_id, Kind.FAILURE, code=code)
+
+    def on_outcome(self, out: Outcome) -> None:
+        """Any outcome the dispatcher applies: only an expired ack or execution deadline judges the node
+        (the attempt's node is ``freed_node``)."""
+        code = _TIMEOUT_CODES.get(out.expired) if out.expired is not None else None
+        if code is not None and out.verdict is Verdict.APPLIED and out.freed_node is not None:
+            self._record(out.freed_node, Kind.TIMEOUT, code=code)
+
+    def _record(
+        self, node_id: str, kind: Kind, *, latency_ms: float | None = None, code: str | None = None
+    ) -> None:
+        changes = self.tracker.record(
+            node_id, kind, fleet_size=self.fleet_size(), latency_ms=latency_ms, code=code
+        )
+        if changes:
+            self._report(changes)
+
+    # --- periodic ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sweep every ``interval_ms``, and wake up when an ejection runs out to put the node on
+        probation at once (and give waiting jobs to it)."""
+        clock = self.state.clock
+        interval = self.config.interval_ms / 1000.0
+        next_sweep = clock.monotonic() + interval
+        while True:
+            now = clock.monotonic()
+            due = self.tracker.next_readmission()
+            wake = next_sweep if due is None else min(next_sweep, due)
+            await asyncio.sleep(max(0.0, wake - now) + 0.001)
+            try:
+                if clock.monotonic() >= next_sweep:
+                    next_sweep = clock.monotonic() + interval
+                    self.sweep()
+                else:
+                    self._report(self.tracker.readmit_due(), pump=True)
+            except Exception:
+                log.exception("node quality sweep failed")
+
+    def sweep(self) -> None:
+        nodes = self.state.registry.nodes
+        self._report(self.tracker.sweep(self.fleet_size(), nodes.__contains__), pump=True)
+
+    def fleet_size(self) -> int:
+        """The base of the ejection cap: nodes not offline."""
+        counts = self.state.registry.counts()
+        return sum(n for s, n in counts.items() if s is not NodeStatus.OFFLINE)
+
+    def _report(self, changes: Iterable[Change], *, pump: bool = False) -> None:
+        """Count, log and record each change; ``pump``: not inside the dispatcher's own handling, so
+        jobs waiting for a node may be given to a returning one now."""
+        readmitted = False
+        for ch in changes:
+            if ch.state is QualityState.EJECTED:
+                self.ejections.labels(ch.reason).inc()
+                log.warning(
+                    "node ejected",
+                    extra={
+                        "node_id": ch.node_id,
+                        "reason": ch.reason,
+                        "ejection_ms": ch.ejection_ms,
+                        "ejections": ch.ejections,
+                    },
+                )
+            else:
+                readmitted = True
+                log.info("node quality changed", extra={"node_id": ch.node_id, "to": ch.state.value})
+            self.state.events.add(
+                NODE_QUALITY,
+                node_id=ch.node_id,
+                state=ch.state.value,
+                reason=ch.reason,
+                ejection_ms=ch.ejection_ms,
+                ejections=ch.ejections,
+            )
+        if readmitted and pump:
+            self.state.dispatcher.pump()
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    def node_state(self, node_id: str) -> str:
+        return self.tracker.state_of(node_id).value
+
+    def node_json(self, node_id: str) -> dict[str, object]:
+        """The ``quality`` object of ``GET /api/v1/nodes/{id}``."""
+        tracker = self.tracker
+        clock = self.state.clock
+        q = tracker.get(node_id)
+        state = tracker.state_of(node_id)
+        until = q.ejected_until if q is not None and state is QualityState.EJECTED else None
+        now = clock.monotonic()
+        return {
+            "state": state.value,
+            "ejected_until_ms": None if until is None else clock.wall_ms() + int((until - now) * 1000),
+            "ejected_for_seconds": None if until is None else round(max(0.0, until - now), 3),
+            "ejections": q.ejections if q is not None else 0,
+            "last_ejection_reason": q.last_reason if q is not None else None,
+            "consecutive_errors": q.consecutive_errors if q is not None else 0,
+            "probation_successes": q.probation_successes if q is not None else 0,
+            "window_seconds": self.config.window_seconds,
+            **tracker.figures(node_id).to_json(),
+        }
+
+    def _live_metrics(self) -> Iterable[Metric]:
+        counts = self.tracker.counts()
+        yield GaugeMetricFamily(
+            "lingua_nodes_ejected",
+            "Nodes ejected from selection now for failing their jobs (this instance's judgement)",
+            value=counts[QualityState.EJECTED],
+        )
+        yield GaugeMetricFamily(
+            "lingua_nodes_on_probation",
+            "Nodes back from an ejection that have not yet passed their probation",
+            value=counts[QualityState.PROBATION],
+        )
+        yield counter(
+            "lingua_node_ejections_capped",
+            "Ejections a rule asked for and the cap (quality.max_ejection_percent) refused",
+            self.tracker.capped,
+        )
