@@ -59,6 +59,10 @@ class ErrorBody(Response):
     details: Annotated[Any, Meta(description="Structured particulars, when the code has any")] | UnsetType = (
         UNSET
     )
+    instance: (
+        Annotated[str, Meta(description="Redis mode: the instance that refused a node action forwarded to it")]
+        | UnsetType
+    ) = UNSET
 
 
 #: the HTTP status of each code an HTTP answer carries (server/http_io.py's error boundary reads it)
