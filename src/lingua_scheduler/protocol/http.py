@@ -60,7 +60,7 @@ class ErrorBody(Response):
         UNSET
     )
     instance: (
-        Annotated[str, Meta(description="Redis mode: the instance that refused a node action forwarded to it")]
+        Annotated[str, Meta(description="Redis mode: the instance that refused a forwarded node action")]
         | UnsetType
     ) = UNSET
 
