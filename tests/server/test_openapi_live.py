@@ -12,7 +12,9 @@ from typing import Any
 
 import jsonschema
 
+from lingua_scheduler.protocol import asyncapi
 from lingua_scheduler.protocol import http as h
+from lingua_scheduler.server import routes
 from lingua_scheduler.server.events import KINDS
 from lingua_scheduler.server.openapi import document
 from lingua_scheduler.sim.profiles import NodeProfile
@@ -103,6 +105,11 @@ async def _traffic(
 
 def test_the_document_lists_what_the_code_has() -> None:
     assert tuple(KINDS) == h.EVENT_KINDS
+    # every code the HTTP API answers with has its status, and the AsyncAPI tables say it is sent there
+    http_codes = {c for c, (_, where) in asyncapi.ERROR_CODES.items() if "http" in where}
+    assert set(h.HTTP_STATUS) == http_codes
+    for route in routes.ROUTES:
+        assert set(route.error_codes()) <= http_codes, route.op
     every_get = {op["operationId"] for ops in document()["paths"].values() if (op := ops.get("get"))}
     assert len(every_get - SKIPPED) >= 20
 

@@ -85,8 +85,9 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset({"node", "session", "http"}),
     ),
     ErrorCode.INTERNAL_ERROR: (
-        "The scheduler failed, or a job failed without an error code from its node.",
-        frozenset({"session"}),
+        "The scheduler failed, or a job failed without an error code from its node (HTTP 500: a route "
+        "failed; the server log says why).",
+        frozenset({"session", "http"}),
     ),
     ErrorCode.INVALID_SESSION: (
         "The message needs this connection's open session: none was opened, it names another session, "
