@@ -10,10 +10,14 @@
     ├── AuthenticationError        missing, wrong or revoked credentials (UNAUTHORIZED): the endpoint
     │                              answers with the error and closes the connection
     ├── NoAvailableNodeError       selection found nothing (carries the breakdown)
-    └── ConfigError                bad configuration at start (names the key)
+    ├── ConfigError                bad configuration at start (names the key)
+    ├── RequestError               an HTTP request the API refuses (INVALID_REQUEST, NOT_FOUND, ...)
+    ├── StoreUnavailable           the shared store did not answer (store/base.py; STORE_UNAVAILABLE)
+    └── StartupError               the machine does not let a start go on (server/startup.py)
 
-Transports turn these into ``error`` frames or HTTP responses in one place each; the core raises them
-and never formats wire messages itself.
+Transports turn these into ``error`` frames or HTTP responses in one place each (the HTTP one is
+``server/http_io.py``'s middleware; ``protocol/http.py`` gives each code its HTTP status); the core
+raises them and never formats wire messages itself.
 """
 
 from __future__ import annotations
@@ -70,6 +74,29 @@ class ErrorCode(StrEnum):
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     #: HTTP 408: a request head was not complete within limits.header_timeout_seconds
     REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+    # --- HTTP API answers only (protocol/http.py maps each to its status) ---
+    #: a query parameter (or path segment) is missing, malformed or out of range
+    INVALID_REQUEST = "INVALID_REQUEST"
+    #: the route exists but not for this method (the ``Allow`` header lists those it has)
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    #: no admin.token is configured: the admin API is off
+    ADMIN_DISABLED = "ADMIN_DISABLED"
+    #: the node is another instance's to act on (its record is marked with that owner)
+    REMOTE_NODE = "REMOTE_NODE"
+    #: disconnect: the node has no socket on this instance
+    NOT_CONNECTED = "NOT_CONNECTED"
+    #: forget: the node is still connected (only an offline, disconnected node is forgotten)
+    NODE_CONNECTED = "NODE_CONNECTED"
+    #: cancel: the job already ended
+    JOB_ENDED = "JOB_ENDED"
+    #: revoke: node authentication is not configured, a revocation would have no effect
+    NODE_AUTH_DISABLED = "NODE_AUTH_DISABLED"
+    #: the shared store (Redis) did not answer or refused the command
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    #: a node action forwarded to the node's instance got no answer in time (it may still take effect)
+    OWNER_TIMEOUT = "OWNER_TIMEOUT"
+    #: admin.max_dashboard_clients dashboards are connected already
+    TOO_MANY_CLIENTS = "TOO_MANY_CLIENTS"
 
 
 class Reason(StrEnum):
@@ -187,3 +214,22 @@ class ConfigError(SchedulerError):
         self.reason = reason
         self.env_var = env_var
         self.file = file
+
+
+class RequestError(SchedulerError):
+    """An HTTP request the API refuses; ``code`` picks the HTTP status (``protocol.http.HTTP_STATUS``)
+    and ``headers`` are added to the answer (``Allow``, ``WWW-Authenticate``, ``Retry-After``)."""
+
+    code = ErrorCode.INVALID_REQUEST
+    peer_fault = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, details=details)
+        self.headers = headers or {}

@@ -77,6 +77,8 @@ Doc = dict[str, Any]
 #: the message name of the binary audio frame (it has no JSON ``type``)
 BINARY_FRAME = "binary_audio_frame"
 
+#: codes only the HTTP API answers with (never in a WebSocket frame)
+HTTP_ONLY = frozenset({"http"})
 #: what each error code means, and on which endpoints the scheduler sends it (``http``: HTTP answers)
 ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ErrorCode.INVALID_MESSAGE: (
@@ -85,8 +87,9 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset({"node", "session", "http"}),
     ),
     ErrorCode.INTERNAL_ERROR: (
-        "The scheduler failed, or a job failed without an error code from its node.",
-        frozenset({"session"}),
+        "The scheduler failed, or a job failed without an error code from its node (HTTP 500: a route "
+        "failed; the server log says why).",
+        frozenset({"session", "http"}),
     ),
     ErrorCode.INVALID_SESSION: (
         "The message needs this connection's open session: none was opened, it names another session, "
@@ -214,6 +217,35 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ErrorCode.REQUEST_TIMEOUT: (
         "HTTP 408: the request head was not complete within `limits.header_timeout_seconds`.",
         frozenset({"upgrade", "http"}),
+    ),
+    ErrorCode.INVALID_REQUEST: (
+        "HTTP 400: a query parameter is missing, malformed or out of range (the message names it).",
+        HTTP_ONLY,
+    ),
+    ErrorCode.METHOD_NOT_ALLOWED: ("HTTP 405: the route has no such method (`Allow` lists them).", HTTP_ONLY),
+    ErrorCode.ADMIN_DISABLED: ("HTTP 403: no `admin.token` is configured, the admin API is off.", HTTP_ONLY),
+    ErrorCode.REMOTE_NODE: (
+        "HTTP 409: the node is marked as another instance's; act on that instance.",
+        HTTP_ONLY,
+    ),
+    ErrorCode.NOT_CONNECTED: ("HTTP 409: the node has no socket on this instance.", HTTP_ONLY),
+    ErrorCode.NODE_CONNECTED: (
+        "HTTP 409: only an offline, disconnected node can be forgotten (disconnect it first).",
+        HTTP_ONLY,
+    ),
+    ErrorCode.JOB_ENDED: ("HTTP 409: the job already ended.", HTTP_ONLY),
+    ErrorCode.NODE_AUTH_DISABLED: (
+        "HTTP 409: node authentication is not configured, a revocation would have no effect.",
+        HTTP_ONLY,
+    ),
+    ErrorCode.STORE_UNAVAILABLE: ("HTTP 503: the shared store (Redis) did not answer.", HTTP_ONLY),
+    ErrorCode.OWNER_TIMEOUT: (
+        "HTTP 504: the node's instance did not answer a forwarded action in time; it may still take effect.",
+        HTTP_ONLY,
+    ),
+    ErrorCode.TOO_MANY_CLIENTS: (
+        "HTTP 503: `admin.max_dashboard_clients` dashboards are connected.",
+        HTTP_ONLY,
     ),
 }
 

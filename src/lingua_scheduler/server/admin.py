@@ -23,20 +23,24 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import WSCloseCode, web
 
 from lingua_scheduler.core.jobs import Verdict
 from lingua_scheduler.core.status import NodeStatus
-from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.errors import ErrorCode, RequestError, SchedulerError
+from lingua_scheduler.protocol import http as h
+from lingua_scheduler.protocol.http import ErrorBody
+from lingua_scheduler.server import routes
 from lingua_scheduler.server.auth import disconnect_revoked
 from lingua_scheduler.server.events import ADMIN
+from lingua_scheduler.server.http_io import build, error_response, json_response, parse_query, status_of
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/api/v1/admin"
 #: how long an action waits for its effect to show (view publication, socket close) before answering
 EFFECT_TIMEOUT = 2.0
 #: how long a node action forwarded to the node's instance may take (its own effect wait, plus two hops)
@@ -49,8 +53,9 @@ _RESULTS = {404: "not_found", 409: "conflict", 503: "unavailable", 504: "timeout
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status, headers=headers or None)
+def _refusal(code: ErrorCode, message: str) -> tuple[int, dict[str, Any]]:
+    """A refusal as ``node_action`` returns it (also sent between instances): (status, error body)."""
+    return status_of(code), msgspec.to_builtins(ErrorBody(code=code, message=message))
 
 
 def _actor(request: web.Request) -> dict[str, str]:
@@ -78,22 +83,22 @@ def admin_action(action: str) -> Callable[[Handler], Handler]:
             who = _actor(request)
             target = dict(request.match_info)
             if not token:
-                result, response = (
-                    "disabled",
-                    _error(403, "ADMIN_DISABLED", "the admin API is disabled: no admin.token is configured"),
+                refused = RequestError(
+                    "the admin API is disabled: no admin.token is configured", code=ErrorCode.ADMIN_DISABLED
                 )
+                result, response = "disabled", error_response(refused)
             elif not _authorized(request, token):
-                result, response = (
-                    "unauthorized",
-                    _error(
-                        401,
-                        ErrorCode.UNAUTHORIZED.value,
-                        "missing or invalid admin token (Authorization: Bearer <token>)",
-                        **{"WWW-Authenticate": 'Bearer realm="lingua-scheduler admin"'},
-                    ),
+                refused = RequestError(
+                    "missing or invalid admin token (Authorization: Bearer <token>)",
+                    code=ErrorCode.UNAUTHORIZED,
+                    headers={"WWW-Authenticate": 'Bearer realm="lingua-scheduler admin"'},
                 )
+                result, response = "unauthorized", error_response(refused)
             else:
-                response = await handler(request)
+                try:
+                    response = await handler(request)
+                except SchedulerError as exc:  # answered here, not by the middleware: the audit needs it
+                    response = error_response(exc)
                 result = _RESULTS.get(response.status, "ok" if response.status < 400 else "error")
             state.metrics.admin_actions.labels(action, result).inc()
             level = logging.WARNING if result in ("disabled", "unauthorized") else logging.INFO
@@ -142,16 +147,20 @@ async def _published(state: SchedulerState, node_id: str) -> bool:
         await asyncio.sleep(step)
 
 
-def _node_body(state: SchedulerState, node_id: str, action: str, changed: bool) -> dict[str, Any]:
+def _node_body(
+    state: SchedulerState, node_id: str, action: str, changed: bool, published: bool | None = None
+) -> dict[str, Any]:
     entry = state.registry.nodes[node_id]
-    return {
-        "action": action,
-        "node_id": node_id,
-        "status": entry.status.value,
-        "drain_requested": entry.drain_requested,
-        "connected": entry.connected,
-        "changed": changed,
-    }
+    body = h.NodeAction(
+        action=action,  # type: ignore[arg-type]  # one of NODE_ACTIONS but forget (its own body)
+        node_id=node_id,
+        status=entry.status,
+        drain_requested=entry.drain_requested,
+        connected=entry.connected,
+        changed=changed,
+        published=msgspec.UNSET if published is None else published,
+    )
+    return msgspec.to_builtins(body)  # type: ignore[no-any-return]
 
 
 NODE_ACTIONS = ("drain", "undrain", "disconnect", "forget")
@@ -165,11 +174,11 @@ async def node_action(
     cluster shell (server/cluster.py)."""
     entry = state.registry.nodes.get(node_id)
     if entry is None:
-        return 404, {"code": ErrorCode.NOT_FOUND.value, "message": f"no node {node_id!r}"}
+        return _refusal(ErrorCode.NOT_FOUND, f"no node {node_id!r}")
     if entry.owner is not None:
         # Its status is the owner's to change: a change made here would be overwritten by its next record.
         message = f"node {node_id!r} is connected to instance {entry.owner}: act there"
-        return 409, {"code": "REMOTE_NODE", "message": message}
+        return _refusal(ErrorCode.REMOTE_NODE, message)
     if action == "disconnect":
         return await _disconnect(state, node_id, reason)
     if action == "forget":
@@ -181,19 +190,14 @@ async def node_action(
     state.apply_transitions(transitions)
     published = await _published(state, node_id)
     changed = bool(transitions) or before != registry.nodes[node_id].drain_requested
-    body = _node_body(state, node_id, action, changed)
-    body["published"] = published
-    return 200, body
+    return 200, _node_body(state, node_id, action, changed, published)
 
 
 async def _disconnect(state: SchedulerState, node_id: str, reason: str) -> tuple[int, dict[str, Any]]:
     entry = state.registry.nodes[node_id]
     outbox = entry.conn
     if not isinstance(outbox, Outbox):
-        return 409, {
-            "code": "NOT_CONNECTED",
-            "message": f"node {node_id!r} is not connected to this instance",
-        }
+        return _refusal(ErrorCode.NOT_CONNECTED, f"node {node_id!r} is not connected to this instance")
     # the close handshake is bounded: a node that does not answer it is cut off by the timeout
     with contextlib.suppress(TimeoutError, ConnectionError):
         await asyncio.wait_for(
@@ -214,20 +218,16 @@ async def _forget(state: SchedulerState, node_id: str) -> tuple[int, dict[str, A
     since = registry.offline_since(node_id)
     if since is None or not registry.forget(node_id):
         entry = registry.nodes[node_id]
-        return 409, {
-            "code": "NODE_CONNECTED",
-            "message": f"node {node_id!r} is {entry.status.value} and connected: only an offline, "
+        return _refusal(
+            ErrorCode.NODE_CONNECTED,
+            f"node {node_id!r} is {entry.status.value} and connected: only an offline, "
             "disconnected node can be forgotten (disconnect it first)",
-        }
+        )
     offline_for = round(state.clock.monotonic() - since, 3)
     shared = await _forget_in_store(state, [node_id])
     log.info("offline node forgotten", extra={"node_id": node_id, "offline_seconds": offline_for})
-    return 200, {
-        "action": "forget",
-        "node_id": node_id,
-        "offline_seconds": offline_for,
-        "shared": shared,
-    }
+    body = h.NodeForgotten(action="forget", node_id=node_id, offline_seconds=offline_for, shared=shared)
+    return 200, msgspec.to_builtins(body)
 
 
 async def _forget_in_store(state: SchedulerState, node_ids: list[str]) -> bool:
@@ -264,12 +264,19 @@ async def _node_route(request: web.Request, action: str, default_reason: str) ->
                 f"instance {owner}, which holds node {node_id!r}, did not answer within "
                 f"{FORWARD_TIMEOUT:g} s; the action may still take effect there"
             )
-            return _error(504, "OWNER_TIMEOUT", message)
+            raise RequestError(message, code=ErrorCode.OWNER_TIMEOUT) from None
         except StoreUnavailable:
-            return _error(503, "STORE_UNAVAILABLE", f"could not reach instance {owner} through the store")
-        return web.json_response({**body, "instance": owner}, status=status)
-    status, body = await node_action(state, node_id, action, reason)
-    return web.json_response(body, status=status)
+            raise StoreUnavailable(f"could not reach instance {owner} through the store") from None
+        return _answer(status, {**body, "instance": owner})
+    return _answer(*await node_action(state, node_id, action, reason))
+
+
+def _answer(status: int, body: dict[str, Any]) -> web.Response:
+    """A node action's (status, body), checked against its type: an error, a forget or another action."""
+    if status >= 400:
+        return json_response(build(ErrorBody, body), status)
+    kind = h.NodeForgotten if body.get("action") == "forget" else h.NodeAction
+    return json_response(build(kind, body), status)
 
 
 @admin_action("drain")
@@ -302,10 +309,6 @@ async def forget(request: web.Request) -> web.Response:
     return await _node_route(request, "forget", "")
 
 
-#: longest ``older_than_seconds`` accepted by the bulk forget (a year)
-MAX_OFFLINE_AGE = 365 * 86400.0
-
-
 @admin_action("forget_offline")
 async def forget_offline(request: web.Request) -> web.Response:
     """Forget every offline record of this instance whose node disconnected at least
@@ -313,35 +316,21 @@ async def forget_offline(request: web.Request) -> web.Response:
     the records of the nodes that were connected to it: call it on each (``GET /api/v1/cluster``);
     ``held_elsewhere`` counts the offline nodes in this instance's view that another instance holds."""
     state = request.app[STATE]
-    raw = request.query.get("older_than_seconds")
-    if raw is None:
-        return _error(400, "INVALID_REQUEST", "query parameter 'older_than_seconds' is required")
-    try:
-        older_than = float(raw)
-    except ValueError:
-        return _error(
-            400, "INVALID_REQUEST", f"query parameter 'older_than_seconds' must be a number, got {raw!r}"
-        )
-    if not 0 <= older_than <= MAX_OFFLINE_AGE:
-        return _error(
-            400,
-            "INVALID_REQUEST",
-            f"query parameter 'older_than_seconds' must be in 0..{MAX_OFFLINE_AGE:g}, got {older_than:g}",
-        )
+    older_than = parse_query(request.query, h.ForgetOfflineQuery).older_than_seconds
     forgotten = state.registry.forget_offline(older_than)
     shared = await _forget_in_store(state, forgotten)
     elsewhere = sum(1 for e in state.registry if e.owner is not None and e.status is NodeStatus.OFFLINE)
     if forgotten:
         log.info("offline nodes forgotten", extra={"count": len(forgotten), "older_than_seconds": older_than})
-    return web.json_response(
-        {
-            "action": "forget_offline",
-            "older_than_seconds": older_than,
-            "forgotten": forgotten,
-            "count": len(forgotten),
-            "shared": shared,
-            "held_elsewhere": elsewhere,
-        }
+    return json_response(
+        h.OfflineForgotten(
+            action="forget_offline",
+            older_than_seconds=older_than,
+            forgotten=forgotten,
+            count=len(forgotten),
+            shared=shared,
+            held_elsewhere=elsewhere,
+        )
     )
 
 
@@ -359,13 +348,12 @@ async def revoke(request: web.Request) -> web.Response:
     state = request.app[STATE]
     node_id = request.match_info["node_id"]
     if not _NODE_ID.fullmatch(node_id):
-        return _error(400, ErrorCode.INVALID_MESSAGE.value, "not a node id")
+        raise RequestError("not a node id", code=ErrorCode.INVALID_MESSAGE)
     if not state.auth.nodes_required:
-        return _error(
-            409,
-            "NODE_AUTH_DISABLED",
+        raise RequestError(
             "node authentication is not configured (auth.node_enrollment_secret): a revocation would "
             "have no effect",
+            code=ErrorCode.NODE_AUTH_DISABLED,
         )
     cluster = state.dispatcher.cluster
     changed, shared = await state.auth.revoke(node_id, cluster.store if cluster is not None else None)
@@ -385,15 +373,15 @@ async def revoke(request: web.Request) -> web.Response:
         if loop.time() >= deadline:
             break
         await asyncio.sleep(0.01)
-    body = {
-        "action": "revoke",
-        "node_id": node_id,
-        "changed": changed,
-        "disconnected": disconnected,
-        "shared": shared,
-        "scope": "instance" if cluster is None else "cluster",
-    }
-    return web.json_response(body, status=200 if shared else 202)
+    body = h.NodeRevoked(
+        action="revoke",
+        node_id=node_id,
+        changed=changed,
+        disconnected=disconnected,
+        shared=shared,
+        scope="instance" if cluster is None else "cluster",
+    )
+    return json_response(body, 200 if shared else 202)
 
 
 # --- jobs ------------------------------------------------------------------------------------------
@@ -408,27 +396,30 @@ async def cancel_job(request: web.Request) -> web.Response:
     reason = await _reason(request, "cancelled by operator")
     out = state.dispatcher.cancel_job(job_id, reason)
     if out.verdict is Verdict.UNKNOWN or out.job is None:
-        return _error(404, ErrorCode.NOT_FOUND.value, f"no job {job_id!r}")
+        raise RequestError(f"no job {job_id!r}", code=ErrorCode.NOT_FOUND)
     job = out.job
     if out.verdict is not Verdict.APPLIED:
-        return _error(409, "JOB_ENDED", f"job {job_id!r} already ended ({job.state.value})")
-    return web.json_response(
-        {"action": "cancel_job", "job_id": job_id, "state": job.state.value, "attempt": job.attempt}
+        raise RequestError(f"job {job_id!r} already ended ({job.state.value})", code=ErrorCode.JOB_ENDED)
+    return json_response(
+        h.JobCancelled(action="cancel_job", job_id=job_id, state="cancelled", attempt=job.attempt)
     )
 
 
 @admin_action("check")
 async def check(request: web.Request) -> web.Response:
     """200 when the token is right: lets a dashboard validate the token before offering actions."""
-    return web.json_response({"ok": True})
+    return json_response(h.AdminCheck(ok=True))
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get(f"{PREFIX}/check", check)
-    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/drain", drain)
-    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/undrain", undrain)
-    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/disconnect", disconnect)
-    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/revoke", revoke)
-    app.router.add_post(f"{PREFIX}/nodes/{{node_id}}/forget", forget)
-    app.router.add_post(f"{PREFIX}/offline-nodes/forget", forget_offline)
-    app.router.add_post(f"{PREFIX}/jobs/{{job_id}}/cancel", cancel_job)
+    for op, handler in (
+        ("admin_check", check),
+        ("admin_drain", drain),
+        ("admin_undrain", undrain),
+        ("admin_disconnect", disconnect),
+        ("admin_revoke_node", revoke),
+        ("admin_forget_node", forget),
+        ("admin_forget_offline", forget_offline),
+        ("admin_cancel_job", cancel_job),
+    ):
+        routes.register(app, op, handler)

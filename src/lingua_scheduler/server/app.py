@@ -21,6 +21,7 @@ from lingua_scheduler.server import (
     http_api,
     openapi,
     ops_api,
+    routes,
     shutdown,
     stats,
     tasks,
@@ -42,11 +43,11 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         clock = store.shared_clock  # one clock for every instance: wall times on Redis's (OffsetClock)
     state = SchedulerState(config, clock)
     app[STATE] = state
-    app.router.add_get("/", root)
+    routes.register(app, "root", root)
     # sockets' counts, caps, header deadline and pre-authentication bytes (server/listener.py uses it)
     state.metrics.add_live(guard_connections(app, config.limits, state.limits.refusals).live_metrics)
-    app.router.add_get("/ws/node", node_ws)
-    app.router.add_get("/ws/session", session_ws)
+    routes.register(app, "node_websocket", node_ws)
+    routes.register(app, "session_websocket", session_ws)
     http_api.add_routes(app)
     ops_api.add_routes(app)  # the dashboard's look-backs: an hour of charts, a node's jobs, tenants
     stats.setup(app)

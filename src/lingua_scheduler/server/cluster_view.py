@@ -31,6 +31,9 @@ import msgspec
 from aiohttp import web
 
 from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.protocol import http as h
+from lingua_scheduler.server import routes
+from lingua_scheduler.server.http_io import build, json_response
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.server.stats import STATS, StatsAggregator
 from lingua_scheduler.store.base import StoreUnavailable
@@ -258,10 +261,8 @@ async def cluster(request: web.Request) -> web.Response:
     try:
         body = await request.app[CLUSTER_VIEW].body()
     except StoreUnavailable as exc:
-        return web.json_response(
-            {"code": "STORE_UNAVAILABLE", "message": f"the shared store did not answer: {exc}"}, status=503
-        )
-    return web.json_response(body)
+        raise StoreUnavailable(f"the shared store did not answer: {exc}") from exc
+    return json_response(build(h.Cluster, body))
 
 
 def setup(app: web.Application) -> None:
@@ -270,7 +271,7 @@ def setup(app: web.Application) -> None:
     view = ClusterView(app[STATE], app[STATS])
     app[CLUSTER_VIEW] = view
     app[STATS].cluster_totals = view.totals
-    app.router.add_get("/api/v1/cluster", cluster)
+    routes.register(app, "cluster", cluster)
     if view.store is None:
         return
 

@@ -28,19 +28,20 @@ writes whole).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import cast
 
+import msgspec
 from aiohttp import WSCloseCode, web
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from lingua_scheduler.config import LimitsConfig
 from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.protocol.http import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class GuardedProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        body = json.dumps({"code": code.value, "message": message}).encode()
+        body = msgspec.json.encode(ErrorBody(code=code, message=message))
         reason = {408: "Request Timeout", 413: "Payload Too Large", 503: "Service Unavailable"}[status]
         head = [
             f"HTTP/1.1 {status} {reason}",

@@ -21,6 +21,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from lingua_scheduler.errors import ErrorCode, RequestError
+from lingua_scheduler.server import routes
 from lingua_scheduler.server.state import STATE
 from lingua_scheduler.server.stats import STATS
 
@@ -62,7 +64,7 @@ async def page(request: web.Request) -> web.Response:
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
-        return web.json_response({"code": "NOT_FOUND", "message": f"no asset {name!r}"}, status=404)
+        raise RequestError(f"no asset {name!r}", code=ErrorCode.NOT_FOUND)
     return web.Response(body=_asset(name), content_type=ASSETS[name], charset="utf-8", headers=_HEADERS)
 
 
@@ -71,9 +73,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     agg = request.app[STATS]
     limit = request.app[STATE].config.admin.max_dashboard_clients
     if agg.clients >= limit:
-        return web.json_response(
-            {"code": "TOO_MANY_CLIENTS", "message": f"{limit} dashboards are connected already"}, status=503
-        )
+        raise RequestError(f"{limit} dashboards are connected already", code=ErrorCode.TOO_MANY_CLIENTS)
     response = web.StreamResponse(
         headers={**_HEADERS, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
     )
@@ -99,6 +99,6 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/dashboard", page)
-    app.router.add_get("/dashboard/static/{name}", asset)
-    app.router.add_get("/api/v1/dashboard/stream", stream)
+    routes.register(app, "dashboard", page)
+    routes.register(app, "dashboard_asset", asset)
+    routes.register(app, "dashboard_stream", stream)

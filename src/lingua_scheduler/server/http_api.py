@@ -1,21 +1,24 @@
 """HTTP routes: health, readiness, Prometheus metrics and the read API (JSON).
 
-Every error is JSON ``{"code": ..., "message": ...}`` with a 4xx status. Handlers read the published
-fleet view or the core's counters; none of them blocks on anything.
+Each answer is a ``protocol.http`` Struct; a refusal is a raised ``RequestError`` that the error
+boundary (``server/http_io.py``) answers as ``{"code", "message"}``. Handlers read the published fleet
+view or the core's counters; none of them blocks on anything.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from aiohttp import web
+from msgspec import structs
 
 from lingua_scheduler.core.selection import SelectionRequest
-from lingua_scheduler.core.status import NodeStatus
-from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceType
-from lingua_scheduler.server.events import KINDS
+from lingua_scheduler.errors import ErrorCode, RequestError
+from lingua_scheduler.protocol import http as h
+from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES
+from lingua_scheduler.server import routes
+from lingua_scheduler.server.http_io import build, error_boundary, json_response, parse_query
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.server.stats import STATS
 
@@ -30,56 +33,11 @@ def _state(request: web.Request) -> SchedulerState:
     return request.app[STATE]
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status)
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {name!r} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise BadRequest(f"query parameter {name!r} must be in {lo}..{hi}, got {value}")
-    return value
-
-
-def _list_param(request: web.Request, name: str) -> list[str]:
-    return [v.strip() for raw in request.query.getall(name, []) for v in raw.split(",") if v.strip()]
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except BadRequest as exc:
-        return error(400, "INVALID_REQUEST", exc.message)
-    except web.HTTPNotFound:
-        if request.path.startswith("/api/"):
-            return error(404, "NOT_FOUND", f"no route {request.path}")
-        raise
-    except web.HTTPMethodNotAllowed as exc:
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        response = error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here ({allowed})")
-        response.headers["Allow"] = allowed  # required with a 405 (RFC 9110 15.5.6)
-        return response
-
-
 # --- health and metrics ----------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response(_state(request).health())
+    return json_response(build(h.Health, _state(request).health()))
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -93,9 +51,7 @@ async def ready(request: web.Request) -> web.Response:
             log.exception("readiness check failed", extra={"check": name})
         results[name] = results.get(name, True) and ok
     ok = all(results.values())
-    return web.json_response(
-        {"status": "ready" if ok else "not_ready", "checks": results}, status=200 if ok else 503
-    )
+    return json_response(h.Ready(status="ready" if ok else "not_ready", checks=results), 200 if ok else 503)
 
 
 def default_readiness_checks(app: web.Application) -> None:
@@ -136,88 +92,84 @@ async def stats(request: web.Request) -> web.Response:
     """Fleet and traffic summary. The aggregate (rates, latencies, language pairs) is rebuilt at most
     once a second (see stats.py); the O(1) counts on top of it are always current."""
     t0 = time.perf_counter()
-    response = web.json_response(request.app[STATS].api_body())
+    response = json_response(build(h.Stats, request.app[STATS].api_body()))
     _state(request).metrics.operator_render.labels("stats").observe(time.perf_counter() - t0)
     return response
 
 
 async def events(request: web.Request) -> web.Response:
     """Recent failovers, job failures, node trouble and admin actions, newest first (bounded ring)."""
-    kinds = _list_param(request, "kind")
-    for k in kinds:
-        if k not in KINDS:
-            raise BadRequest(f"unknown event kind {k!r} (one of {', '.join(KINDS)})")
-    limit = _int_param(request, "limit", 50, 1, MAX_PAGE)
+    q = parse_query(request.query, h.EventsQuery)
     ring = _state(request).events
-    return web.json_response({"last_seq": ring.last_seq, "events": ring.latest(limit, kinds)})
+    return json_response(h.Events(last_seq=ring.last_seq, events=ring.latest(q.limit, q.kind)))
 
 
 # --- nodes -------------------------------------------------------------------------------------------
 
 
-def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
+def node_json(state: SchedulerState, node_id: str) -> h.NodeDetail | None:
     entry = state.registry.nodes.get(node_id)
     if entry is None:
         return None
     view = state.publisher.view.get(node_id)
     caps, load = entry.caps, entry.load
     now = state.clock.monotonic()
-    return {
-        "node_id": entry.node_id,
-        "name": entry.name,
-        "status": entry.status.value,
-        "drain_requested": entry.drain_requested,
-        "connected": entry.connected,
-        "version": entry.version,
-        "platform": entry.platform,
-        "accept_public_jobs": entry.accept_public_jobs,
-        "gpus": [g.name for g in entry.hardware.gpus or ()],
-        "last_heartbeat_age_seconds": round(now - entry.last_heartbeat, 3),
-        "heartbeats": entry.heartbeats,
-        "capability_version": entry.version_no,
+    return h.NodeDetail(
+        node_id=entry.node_id,
+        name=entry.name,
+        status=entry.status,
+        drain_requested=entry.drain_requested,
+        connected=entry.connected,
+        version=entry.version,
+        platform=entry.platform,
+        accept_public_jobs=entry.accept_public_jobs,
+        gpus=[g.name for g in entry.hardware.gpus or ()],
+        last_heartbeat_age_seconds=round(now - entry.last_heartbeat, 3),
+        heartbeats=entry.heartbeats,
+        capability_version=entry.version_no,
         # changes over the node's budget (limits.capability_changes_per_minute) wait; the latest wins
-        "capability_change_pending": entry.pending_caps is not None,
-        "capability_changes_deferred": entry.deferred_changes,
-        "load": {
-            "cpu_percent": load.cpu,
-            "gpu_percent": load.gpu,
-            "mem_percent": load.mem,
-            "reported_running_jobs": load.reported_running,
-            "inflight_jobs": load.inflight,
-            "effective_jobs": load.effective,
+        capability_change_pending=entry.pending_caps is not None,
+        capability_changes_deferred=entry.deferred_changes,
+        load=h.NodeLoad(
+            cpu_percent=load.cpu,
+            gpu_percent=load.gpu,
+            mem_percent=load.mem,
+            reported_running_jobs=load.reported_running,
+            inflight_jobs=load.inflight,
+            effective_jobs=load.effective,
             # the node's declared slots and its own load against its threshold (protocol additions)
-            "max_jobs": entry.max_concurrent_jobs or state.config.scheduler.max_concurrent_jobs_per_node,
-            "node_load": load.own,
-            "node_load_threshold": load.own_threshold,
-        },
-        "languages": {
-            "asr": sorted(caps.asr_languages),
-            "tts": sorted(caps.tts_languages),
-            "semantic": sorted(caps.semantic_languages),
-            "language_id": caps.language_id,
-        },
-        "services": {
-            "installed": sorted(caps.installed_types),
-            "ready": sorted(caps.ready_types),
+            max_jobs=entry.max_concurrent_jobs or state.config.scheduler.max_concurrent_jobs_per_node,
+            node_load=load.own,
+            node_load_threshold=load.own_threshold,
+        ),
+        languages=h.NodeLanguages(
+            asr=sorted(caps.asr_languages),
+            tts=sorted(caps.tts_languages),
+            semantic=sorted(caps.semantic_languages),
+            language_id=caps.language_id,
+        ),
+        services=h.NodeServices(
+            installed=sorted(caps.installed_types),
+            ready=sorted(caps.ready_types),
             # reported kinds this scheduler does not know: kept and shown, ignored for routing
-            "unknown_types": sorted(caps.unknown_types),
-            "unknown_devices": sorted(caps.unknown_devices),
-        },
-        "models": [
-            {"model_id": m.model_id, "kind": m.kind, "version": m.version, "enabled": m.enabled}
+            unknown_types=sorted(caps.unknown_types),
+            unknown_devices=sorted(caps.unknown_devices),
+        ),
+        models=[
+            h.NodeModel(model_id=m.model_id, kind=m.kind, version=m.version, enabled=m.enabled)
             for m in entry.models
         ],
-        "supported_language_pairs": (
+        supported_language_pairs=(
             None if caps.declared_pairs is None else sorted(f"{s}->{t}" for s, t in caps.declared_pairs)
         ),
-        "protocol": {"sends_acks": entry.sends_acks, "turn_dialect": entry.turn_dialect},
+        protocol=h.NodeProtocol(sends_acks=entry.sends_acks, turn_dialect=entry.turn_dialect),
         # the instance holding the node's socket (multi-instance mode; null in the embedded mode)
-        "instance": entry.owner or (cluster.instance_id if (cluster := state.dispatcher.cluster) else None),
+        instance=entry.owner or (cluster.instance_id if (cluster := state.dispatcher.cluster) else None),
         # node quality (server/quality.py): healthy, ejected (skipped by selection) or probation
-        "quality_state": state.quality.node_state(node_id),
-        "pools": list(view.pools) if view is not None else [],
-        "history": [{"age_seconds": round(now - t, 3), "event": e} for t, e in entry.history],
-    }
+        quality_state=state.quality.tracker.state_of(node_id),
+        pools=list(view.pools) if view is not None else [],
+        history=[h.NodeHistoryEntry(age_seconds=round(now - t, 3), event=e) for t, e in entry.history],
+    )
 
 
 async def node_detail(request: web.Request) -> web.Response:
@@ -225,9 +177,10 @@ async def node_detail(request: web.Request) -> web.Response:
     node_id = request.match_info["node_id"]
     body = node_json(state, node_id)
     if body is None:
-        return error(404, "NOT_FOUND", f"no node {node_id!r}")
-    body["quality"] = state.quality.node_json(node_id)  # rolling figures: one node's window, not a page's
-    return web.json_response(body)
+        raise RequestError(f"no node {node_id!r}", code=ErrorCode.NOT_FOUND)
+    # rolling figures: one node's window, not a page's
+    quality = build(h.NodeQuality, state.quality.node_json(node_id))
+    return json_response(structs.replace(body, quality=quality))
 
 
 async def node_list(request: web.Request) -> web.Response:
@@ -239,18 +192,11 @@ async def node_list(request: web.Request) -> web.Response:
     cursor until ``limit`` nodes matched. ``total`` is read from counters without a filter or with a
     status filter only; with a pool or language filter it takes one pass over the records."""
     state = _state(request)
-    statuses = _list_param(request, "status")
-    for s in statuses:
-        if s not in NodeStatus.__members__.values():
-            raise BadRequest(f"unknown status {s!r} (one of {', '.join(NodeStatus)})")
-    pool = request.query.get("pool")
-    language = request.query.get("language")
-    limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
-    offset = _int_param(request, "offset", 0, 0, 10**9)
-    after = request.query.get("after")
+    q = parse_query(request.query, h.NodeListQuery)
+    pool, language, limit, offset, after = q.pool, q.language, q.limit, q.offset, q.after
     registry = state.registry
     view = state.publisher.view
-    wanted = frozenset(NodeStatus(s) for s in statuses)
+    wanted = frozenset(q.status)
 
     def matches(node_id: str) -> bool:
         entry = registry.nodes[node_id]
@@ -292,15 +238,16 @@ async def node_list(request: web.Request) -> web.Response:
             more = True
             break
         page.append(node_id)
-    return web.json_response(
-        {
-            "total": total,
-            "offset": offset,
-            "limit": limit,
-            "next_offset": offset + limit if more and after is None else None,
-            "next_after": page[-1] if more else None,
-            "nodes": [node_json(state, n) for n in page],
-        }
+    nodes = [node_json(state, n) for n in page]
+    return json_response(
+        h.NodePage(
+            total=total,
+            offset=offset,
+            limit=limit,
+            next_offset=offset + limit if more and after is None else None,
+            next_after=page[-1] if more else None,
+            nodes=[n for n in nodes if n is not None],
+        )
     )
 
 
@@ -308,52 +255,37 @@ async def node_list(request: web.Request) -> web.Response:
 
 
 async def pools(request: web.Request) -> web.Response:
-    return web.json_response(_state(request).publisher.view.pool_listing())
-
-
-def _services(names: list[str]) -> frozenset[ServiceType]:
-    out = set()
-    for n in names:
-        try:
-            out.add(ServiceType(n.lower()))
-        except ValueError:
-            raise BadRequest(f"unknown service type {n!r} (one of {', '.join(ServiceType)})") from None
-    return frozenset(out) if out else CORE_SERVICE_TYPES
+    return json_response(build(h.Pools, _state(request).publisher.view.pool_listing()))
 
 
 async def simulate(request: web.Request) -> web.Response:
     """Dry run of a selection: nothing is dispatched and no load is counted."""
     state = _state(request)
-    q = request.query
-    src, tgt = q.get("src_lang"), q.get("tgt_lang")
-    if not src or not tgt:
-        raise BadRequest("src_lang and tgt_lang are required")
-    routing_key = q.get("routing_key") or q.get("tenant_id") or q.get("session_id") or "default"
-    accept_public = q.get("accept_public", "true").lower()
-    if accept_public not in ("true", "false"):
-        raise BadRequest("accept_public must be true or false")
+    q = parse_query(request.query, h.SimulateQuery)
+    src, tgt = q.src_lang, q.tgt_lang
+    routing_key = q.routing_key or q.tenant_id or q.session_id or "default"
     req = SelectionRequest(
         src_lang=src,
         tgt_lang=tgt,
-        required=_services(_list_param(request, "required")),
-        features=frozenset(_list_param(request, "features")),
+        required=frozenset(q.required) or CORE_SERVICE_TYPES,
+        features=frozenset(q.features),
         routing_key=routing_key,
-        tenant_id=q.get("tenant_id"),
-        preferred_node=q.get("preferred_node"),
-        exclude=frozenset(_list_param(request, "exclude_node_id")),
-        accept_public=accept_public == "true",
+        tenant_id=q.tenant_id,
+        preferred_node=q.preferred_node,
+        exclude=frozenset(q.exclude_node_id),
+        accept_public=q.accept_public,
     )
     result = state.dispatcher.selector.select(state.publisher.view, req)
     body = result.to_json()
-    body["request"] = {
-        "src_lang": src,
-        "tgt_lang": tgt,
-        "required": sorted(req.required),
-        "routing_key": routing_key,
-        "tenant_id": req.tenant_id,
-    }
+    body["request"] = h.SimulationRequest(
+        src_lang=src,
+        tgt_lang=tgt,
+        required=sorted(req.required),
+        routing_key=routing_key,
+        tenant_id=req.tenant_id,
+    )
     body["fleet_view_version"] = state.publisher.view.version
-    return web.json_response(body)
+    return json_response(build(h.Simulation, body))
 
 
 # --- jobs and sessions ---------------------------------------------------------------------------------
@@ -363,49 +295,48 @@ async def job_detail(request: web.Request) -> web.Response:
     state = _state(request)
     job = state.dispatcher.store.get(request.match_info["job_id"])
     if job is None:
-        return error(
-            404,
-            "NOT_FOUND",
+        raise RequestError(
             f"no job {request.match_info['job_id']!r} (ended jobs are kept "
             f"{state.config.jobs.retention_seconds:g} s)",
+            code=ErrorCode.NOT_FOUND,
         )
     now = state.clock.monotonic()
 
     def age(t: float | None) -> float | None:
         return None if t is None else round(now - t, 4)
 
-    return web.json_response(
-        {
-            "job_id": job.job_id,
-            "session_id": job.session_id,
-            "utterance_index": job.utterance_index,
-            "src_lang": job.spec.src_lang,
-            "tgt_lang": job.tgt_lang,
-            "state": job.state.value,
-            "attempt": job.attempt,
-            "node_id": job.node_id,
-            "tried_nodes": list(job.tried_nodes),
-            "error_code": job.error_code,
-            "audio_ms": job.spec.audio_ms,
-            "age_seconds": {
-                "created": age(job.created_at),
-                "dispatched": age(job.dispatched_at),
-                "accepted": age(job.accepted_at),
-                "started": age(job.started_at),
-                "finished": age(job.finished_at),
-            },
-            "history": [
-                {
-                    "age_seconds": age(h.at),
-                    "from": h.src.value if h.src else None,
-                    "to": h.dst.value,
-                    "reason": h.reason,
-                    "attempt": h.attempt,
-                    "node_id": h.node_id,
-                }
-                for h in job.history
+    return json_response(
+        h.JobDetail(
+            job_id=job.job_id,
+            session_id=job.session_id,
+            utterance_index=job.utterance_index,
+            src_lang=job.spec.src_lang,
+            tgt_lang=job.tgt_lang,
+            state=job.state,
+            attempt=job.attempt,
+            node_id=job.node_id,
+            tried_nodes=list(job.tried_nodes),
+            error_code=job.error_code,
+            audio_ms=job.spec.audio_ms,
+            age_seconds=h.JobAges(
+                created=age(job.created_at),
+                dispatched=age(job.dispatched_at),
+                accepted=age(job.accepted_at),
+                started=age(job.started_at),
+                finished=age(job.finished_at),
+            ),
+            history=[
+                h.JobTransition(
+                    age_seconds=age(t.at),
+                    from_=t.src,
+                    to=t.dst,
+                    reason=t.reason,
+                    attempt=t.attempt,
+                    node_id=t.node_id,
+                )
+                for t in job.history
             ],
-        }
+        )
     )
 
 
@@ -419,22 +350,23 @@ async def sessions(request: web.Request) -> web.Response:
         for t in s.targets:
             key = f"{s.src_lang}->{t}"
             by_pair[key] = by_pair.get(key, 0) + 1
-    return web.json_response(
-        {"total": len(state.sessions), "by_phase": by_phase, "by_language_pair": by_pair}
-    )
+    return json_response(h.Sessions(total=len(state.sessions), by_phase=by_phase, by_language_pair=by_pair))
 
 
 def add_routes(app: web.Application) -> None:
-    app.middlewares.append(json_errors)
+    app.middlewares.append(error_boundary)
     default_readiness_checks(app)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/v1/stats", stats)
-    app.router.add_get("/api/v1/events", events)
-    app.router.add_get("/api/v1/nodes", node_list)
-    app.router.add_get("/api/v1/nodes/{node_id}", node_detail)
-    app.router.add_get("/api/v1/pools", pools)
-    app.router.add_get("/api/v1/pools/simulate", simulate)
-    app.router.add_get("/api/v1/jobs/{job_id}", job_detail)
-    app.router.add_get("/api/v1/sessions", sessions)
+    for op, handler in (
+        ("health", health),
+        ("ready", ready),
+        ("metrics", metrics),
+        ("stats", stats),
+        ("events", events),
+        ("list_nodes", node_list),
+        ("get_node", node_detail),
+        ("pools", pools),
+        ("simulate_selection", simulate),
+        ("get_job", job_detail),
+        ("sessions", sessions),
+    ):
+        routes.register(app, op, handler)

@@ -32,9 +32,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import LimitsConfig
 from lingua_scheduler.core.rate_limit import TELL_EVERY, Decision, RateGuard
-from lingua_scheduler.errors import ErrorCode, RegistrationError, SessionError
+from lingua_scheduler.errors import ErrorCode, RegistrationError, RequestError, SessionError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
+from lingua_scheduler.server.http_io import error_response
 from lingua_scheduler.server.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,11 @@ class InstanceLimits:
             if origin is not None and normalize_origin(origin) not in self.origins:
                 self.refusals.labels("origin").inc()
                 return _http_error(
-                    403, ErrorCode.ORIGIN_NOT_ALLOWED, "this Origin may not open sessions on this scheduler"
+                    ErrorCode.ORIGIN_NOT_ALLOWED, "this Origin may not open sessions on this scheduler"
                 )
         if self.open_connections >= self.config.max_connections:
             self.refusals.labels("connections").inc()
             response = _http_error(
-                503,
                 ErrorCode.TOO_MANY_CONNECTIONS,
                 f"this instance holds its limit of {self.config.max_connections} WebSockets; retry later",
             )
@@ -321,5 +321,6 @@ class FrameGate:
         )
 
 
-def _http_error(status: int, code: ErrorCode, message: str) -> web.Response:
-    return web.json_response({"code": code.value, "message": message}, status=status)
+def _http_error(code: ErrorCode, message: str) -> web.Response:
+    """The refusal as the HTTP API answers errors (its status is the code's)."""
+    return error_response(RequestError(message, code=code))

@@ -17,9 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from lingua_scheduler.core.jobs import JobState
-from lingua_scheduler.server.http_api import BadRequest, error
+from lingua_scheduler.errors import ErrorCode, RequestError
+from lingua_scheduler.protocol import http as h
+from lingua_scheduler.server import routes
+from lingua_scheduler.server.http_io import build, json_response, parse_query
 from lingua_scheduler.server.state import STATE
-from lingua_scheduler.server.stats import HISTORY_SECONDS, STATS
+from lingua_scheduler.server.stats import STATS
 
 #: jobs listed for one node at most (newest first)
 NODE_JOBS = 50
@@ -32,14 +35,8 @@ _ENDED = {JobState.COMPLETED, JobState.FAILED, JobState.TIMED_OUT, JobState.CANC
 
 async def series(request: web.Request) -> web.Response:
     """The charts' points over ``window`` seconds (60..3600, default 3600)."""
-    raw = request.query.get("window", str(HISTORY_SECONDS))
-    try:
-        window = int(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter 'window' must be an integer, got {raw!r}") from None
-    if not 60 <= window <= HISTORY_SECONDS:
-        raise BadRequest(f"query parameter 'window' must be in 60..{HISTORY_SECONDS}, got {window}")
-    return web.json_response(request.app[STATS].long_series(window))
+    q = parse_query(request.query, h.SeriesQuery)
+    return json_response(build(h.StatsSeries, request.app[STATS].long_series(q.window)))
 
 
 async def node_jobs(request: web.Request) -> web.Response:
@@ -47,7 +44,7 @@ async def node_jobs(request: web.Request) -> web.Response:
     state = request.app[STATE]
     node_id = request.match_info["node_id"]
     if node_id not in state.registry.nodes:
-        return error(404, "NOT_FOUND", f"no node {node_id!r}")
+        raise RequestError(f"no node {node_id!r}", code=ErrorCode.NOT_FOUND)
     now = state.clock.monotonic()
     jobs = [j for j in state.dispatcher.store if j.node_id == node_id or node_id in j.tried_nodes]
     outcomes: dict[str, int] = {}
@@ -58,28 +55,28 @@ async def node_jobs(request: web.Request) -> web.Response:
             outcomes[key] = outcomes.get(key, 0) + 1
     jobs.sort(key=lambda j: j.created_at, reverse=True)
     rows = [
-        {
-            "job_id": j.job_id,
-            "state": j.state.value if j.node_id == node_id else "failed_over",
-            "attempt": j.attempt,
-            "src_lang": j.spec.src_lang,
-            "tgt_lang": j.tgt_lang,
-            "error_code": j.error_code if j.node_id == node_id else None,
-            "age_seconds": round(now - j.created_at, 3),
-            "duration_seconds": None
+        h.NodeJob(
+            job_id=j.job_id,
+            state=j.state.value if j.node_id == node_id else "failed_over",
+            attempt=j.attempt,
+            src_lang=j.spec.src_lang,
+            tgt_lang=j.tgt_lang,
+            error_code=j.error_code if j.node_id == node_id else None,
+            age_seconds=round(now - j.created_at, 3),
+            duration_seconds=None
             if j.finished_at is None or j.dispatched_at is None
             else round(j.finished_at - j.dispatched_at, 4),
-        }
+        )
         for j in jobs[:NODE_JOBS]
     ]
-    return web.json_response(
-        {
-            "node_id": node_id,
-            "retention_seconds": state.config.jobs.retention_seconds,
-            "total": len(jobs),
-            "outcomes": outcomes,
-            "jobs": rows,
-        }
+    return json_response(
+        h.NodeJobs(
+            node_id=node_id,
+            retention_seconds=state.config.jobs.retention_seconds,
+            total=len(jobs),
+            outcomes=outcomes,
+            jobs=rows,
+        )
     )
 
 
@@ -108,18 +105,18 @@ async def tenants(request: web.Request) -> web.Response:
         out.append(r)
     out.sort(key=lambda r: (-r["sessions"], -r["jobs_last_minute"], str(r["tenant_id"])))
     configured = sorted({t.tenant_id for t in state.config.auth.tenants})
-    return web.json_response(
-        {
-            "window_seconds": TENANT_WINDOW,
-            "configured": configured,
-            "metered": False,
-            "total": len(out),
-            "tenants": out[:MAX_TENANTS],
-        }
+    return json_response(
+        h.Tenants(
+            window_seconds=TENANT_WINDOW,
+            configured=configured,
+            metered=False,
+            total=len(out),
+            tenants=[build(h.TenantRow, r) for r in out[:MAX_TENANTS]],
+        )
     )
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/stats/series", series)
-    app.router.add_get("/api/v1/nodes/{node_id}/jobs", node_jobs)
-    app.router.add_get("/api/v1/tenants", tenants)
+    routes.register(app, "stats_series", series)
+    routes.register(app, "node_jobs", node_jobs)
+    routes.register(app, "tenants", tenants)

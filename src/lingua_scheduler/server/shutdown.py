@@ -56,9 +56,10 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from aiohttp.web_runner import GracefulExit
 
-from lingua_scheduler.errors import ErrorCode
+from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
+from lingua_scheduler.server.http_io import error_response
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -118,14 +119,12 @@ class GracefulShutdown:
     ) -> web.StreamResponse:
         """New WebSocket connections are refused during the drain (HTTP routes keep answering)."""
         if self.state.shutting_down and request.path.startswith("/ws/"):
-            return web.json_response(
-                {
-                    "code": ErrorCode.SCHEDULER_SHUTTING_DOWN.value,
-                    "message": "the scheduler is shutting down",
-                },
-                status=503,
+            refusal = RequestError(
+                "the scheduler is shutting down",
+                code=ErrorCode.SCHEDULER_SHUTTING_DOWN,
                 headers={"Retry-After": "1"},
             )
+            return error_response(refusal)
         return await handler(request)
 
     def on_signal(self) -> None:

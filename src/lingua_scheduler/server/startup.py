@@ -36,7 +36,7 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from lingua_scheduler.config import Config
-from lingua_scheduler.errors import ConfigError
+from lingua_scheduler.errors import ConfigError, SchedulerError
 from lingua_scheduler.server import shutdown
 from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.cluster import Cluster
@@ -60,12 +60,11 @@ KEEPALIVE_SECONDS = 75.0
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
-class StartupError(Exception):
+class StartupError(SchedulerError):
     """The machine does not let this start go on; ``message`` says what and what to do about it."""
 
     def __init__(self, message: str, exit_code: int = EXIT_ENVIRONMENT) -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code
 
 

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.core.pools import LANGUAGE_PAIR
 from lingua_scheduler.core.status import NodeStatus
+from lingua_scheduler.protocol.http import LATENCY_NAMES, SERIES_KEYS
 from lingua_scheduler.server.metrics import LATENCY_BUCKETS, counter, gauge
 from lingua_scheduler.server.state import STATE, SchedulerState
 
@@ -60,15 +61,7 @@ LATENCIES: dict[str, str] = {
     "end_to_end": "job_end_to_end",
 }
 _BOUNDS: tuple[float, ...] = (*LATENCY_BUCKETS, math.inf)
-#: what a chart point holds: per-second rates, then the p50/p99 of each latency in that second
-SERIES_KEYS: tuple[str, ...] = (
-    "heartbeats_per_s",
-    "created_per_s",
-    "completed_per_s",
-    "failed_per_s",
-    "failovers_per_s",
-    *(f"{n}_{q}" for n in LATENCIES for q in ("p50", "p99")),
-)
+assert tuple(LATENCIES) == LATENCY_NAMES, "the API's latency names (protocol/http.py) are these"
 _JOB_OUTCOMES = ("completed", "failed", "timed_out", "cancelled")
 _encode = msgspec.json.Encoder().encode
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lingua_scheduler.errors import ErrorCode, SchedulerError
 from lingua_scheduler.protocol.cluster import InboxMessage, LoadBatch, NodeRecord, ResumeRecord
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(SchedulerError):
     """The shared store did not answer in time, refused the connection, or answered but refused the
     command (``refused``: e.g. Redis out of memory refuses every write while PING still answers)."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
 
     def __init__(self, message: str, *, refused: bool = False) -> None:
         super().__init__(message)
