@@ -334,6 +334,98 @@ class QualityConfig(Section):
                 raise InvalidField(name, f"must be in 0..100, got {getattr(self, name)}")
 
 
+#: shortest TURN shared secret accepted (rooms.turn_secret): the TURN server trusts whoever knows it
+MIN_TURN_SECRET = 16
+_ICE_URL = re.compile(r"(stun|stuns|turn|turns):[^\s]+")
+
+
+class RoomsConfig(Section):
+    """Rooms: multi-party translated conversations and their WebRTC signalling (docs/configuration.md)."""
+
+    #: digits of a room code (made with a CSPRNG, unique among live rooms); the reference web client
+    #: only joins 6-digit codes
+    code_length: int = 6
+    #: members a room holds at most; one more room_join -> ROOM_FULL. Every member opens a WebRTC
+    #: connection to every other one, so the cost of a room grows with the square of this
+    max_members: int = 8
+    #: a room in which nobody spoke (nor joined) for this long expires: room_expired to every member
+    expire_after_seconds: float = 1800.0
+    #: how often rooms are checked for expiry
+    sweep_interval_seconds: float = 60.0
+    #: JSON bytes of a relayed session description (webrtc_offer / webrtc_answer sdp) at most;
+    #: larger -> room_error MESSAGE_TOO_LARGE
+    max_sdp_bytes: int = 16_384
+    #: JSON bytes of a relayed ICE candidate (webrtc_ice candidate) at most
+    max_candidate_bytes: int = 2_048
+    #: webrtc_* relays per second one connection may send on average; over it -> room_error RATE_LIMITED
+    relay_messages_per_second: float = 20.0
+    #: relays a connection may send at once above that rate (ICE gathering sends a burst of candidates)
+    relay_burst: int = 100
+    #: STUN server URLs handed to members (room_create_ack / room_members ice_servers); empty = none
+    stun_urls: list[str] = []
+    #: TURN server URLs handed to members with time-limited credentials; needs turn_secret
+    turn_urls: list[str] = []
+    #: the TURN server's shared secret (coturn: use-auth-secret, static-auth-secret): credentials are
+    #: user "<expiry unix seconds>:<session_id>", password base64(HMAC-SHA1(secret, user)). At least
+    #: 16 characters
+    turn_secret: str = ""
+    #: TURN credentials are valid this long after they are handed out (the TURN server refuses them,
+    #: and refreshes of allocations made with them, afterwards); every room_members hands out new ones
+    turn_credential_ttl_seconds: int = 43_200
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.code_length <= 12:
+            raise InvalidField("code_length", f"must be in 4..12, got {self.code_length}")
+        if self.max_members < 2:
+            raise InvalidField("max_members", f"must be >= 2, got {self.max_members}")
+        for name in (
+            "expire_after_seconds",
+            "sweep_interval_seconds",
+            "max_sdp_bytes",
+            "max_candidate_bytes",
+            "relay_messages_per_second",
+            "relay_burst",
+            "turn_credential_ttl_seconds",
+        ):
+            _positive(name, getattr(self, name))
+        for name in ("stun_urls", "turn_urls"):
+            for url in getattr(self, name):
+                if not _ICE_URL.fullmatch(url):
+                    raise InvalidField(name, f"must hold stun:, stuns:, turn: or turns: URLs, got {url!r}")
+        if self.turn_urls and not self.turn_secret:
+            raise InvalidField("turn_secret", "must be set when turn_urls is")
+        if self.turn_secret and len(self.turn_secret) < MIN_TURN_SECRET:
+            raise InvalidField("turn_secret", f"must be at least {MIN_TURN_SECRET} characters")
+
+
+class PairingConfig(Section):
+    """Pairing: a node hands out a single-use code that binds one client session to it."""
+
+    #: digits of a pairing code (made with a CSPRNG)
+    code_length: int = 6
+    #: a code is accepted this long after the node asked for it, once
+    ttl_seconds: float = 300.0
+    #: pairing codes one client connection may try per minute on average (right or wrong); over it
+    #: -> PAIRING_RATE_LIMITED
+    attempts_per_minute_per_connection: float = 6.0
+    #: codes a connection may try at once above that rate
+    attempt_burst_per_connection: int = 3
+    #: pairing codes all connections from one source address together may try per minute on average:
+    #: with the defaults, one address tries at most 66 codes within a code's lifetime, out of 10^6
+    attempts_per_minute_per_source: float = 12.0
+    #: codes one source address may try at once above that rate
+    attempt_burst_per_source: int = 6
+    #: source addresses whose attempts are remembered at most (the longest-idle ones are forgotten)
+    max_tracked_sources: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.code_length <= 12:
+            raise InvalidField("code_length", f"must be in 4..12, got {self.code_length}")
+        for name in self.__struct_fields__:
+            if name != "code_length":
+                _positive(name, getattr(self, name))
+
+
 class ClusterConfig(Section):
     """Multi-instance mode: shared state in Redis. Empty ``redis_url`` = embedded single instance."""
 
@@ -634,6 +726,8 @@ class Config(Section):
     session: SessionConfig = msgspec.field(default_factory=SessionConfig)
     jobs: JobConfig = msgspec.field(default_factory=JobConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
+    rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
+    pairing: PairingConfig = msgspec.field(default_factory=PairingConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)

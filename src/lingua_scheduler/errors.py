@@ -97,6 +97,22 @@ class ErrorCode(StrEnum):
     OWNER_TIMEOUT = "OWNER_TIMEOUT"
     #: admin.max_dashboard_clients dashboards are connected already
     TOO_MANY_CLIENTS = "TOO_MANY_CLIENTS"
+    #: room_error: no live room has this code
+    ROOM_NOT_FOUND = "ROOM_NOT_FOUND"
+    #: room_error: the session is in a room already (a session is in at most one room)
+    ALREADY_IN_ROOM = "ALREADY_IN_ROOM"
+    #: room_error: the code is not of the rooms' format (rooms.code_length digits)
+    INVALID_ROOM_CODE = "INVALID_ROOM_CODE"
+    #: room_error: the room holds rooms.max_members members
+    ROOM_FULL = "ROOM_FULL"
+    #: room_error: the request names a room the session is not in
+    NOT_IN_ROOM = "NOT_IN_ROOM"
+    #: room_error: a relay names a receiver that is not a member of the room
+    PEER_NOT_IN_ROOM = "PEER_NOT_IN_ROOM"
+    #: room_error: the receiver of a relay declined the sender's voice (room_raw_voice_preference)
+    RAW_VOICE_DECLINED = "RAW_VOICE_DECLINED"
+    #: too many pairing codes tried from this connection or source address: wait before trying again
+    PAIRING_RATE_LIMITED = "PAIRING_RATE_LIMITED"
 
 
 class Reason(StrEnum):

@@ -215,7 +215,11 @@ UTTERANCE = {
         ({**UTTERANCE, "sample_rate": "16000"}, "wrong_type", "$.sample_rate"),
         # a server type sent by a client
         ({"type": "translation_result", "session_id": "s-1"}, "unknown_type", "$.type"),
-        ({"type": "room_create", "client_ts": 1}, "unknown_type", "$.type"),  # out of scope
+        ({"type": "room_create"}, "missing_field", "$.client_ts"),
+        ({"type": "room_join", "room_code": "1" * 65}, "invalid_value", "$.room_code"),
+        ({"type": "webrtc_ice", "room_code": "123456", "to": "s-1"}, "missing_field", "$.candidate"),
+        ({"type": "room_create_ack", "room_code": "123456", "room_id": "x"}, "unknown_type", "$.type"),
+        ({"type": "room_error", "code": "ROOM_FULL"}, "unknown_type", "$.type"),
         ({"type": "nope"}, "unknown_type", "$.type"),
         ({"session_id": "s-1"}, "missing_field", "$.type"),
         ([INIT], "wrong_type", "$"),

@@ -43,6 +43,7 @@ NODE_TAGS = [
     "job_started",
     "job_result",
     "asr_partial",
+    "request_pairing_code",
 ]
 SESSION_TAGS = [
     "session_init",
@@ -51,6 +52,13 @@ SESSION_TAGS = [
     "client_heartbeat",
     "tts_play_ended",
     "session_close",
+    "room_create",
+    "room_join",
+    "room_leave",
+    "room_raw_voice_preference",
+    "webrtc_offer",
+    "webrtc_answer",
+    "webrtc_ice",
 ]
 JOB_TAGS = frozenset({"job_ack", "job_started", "job_result", "asr_partial"})
 OUTBOUND_TAGS = ["node_register_ack", "job_assign", "translation_result", "session_init_ack", "error"]
@@ -152,6 +160,7 @@ def node_templates(node_id: str) -> list[dict[str, Any]]:
             "trace_id": "t",
             "attempt_id": 1,
         },
+        {"type": "request_pairing_code"},
     ]
 
 
@@ -199,6 +208,40 @@ def session_templates(session_id: str) -> list[dict[str, Any]]:
             "ts_end_ms": 1,
         },
         {"type": "session_close", "session_id": session_id, "reason": "fuzz"},
+        *room_templates(),
+    ]
+
+
+def room_templates() -> list[dict[str, Any]]:
+    """The room and WebRTC messages, as the reference web client sends them."""
+    return [
+        {"type": "room_create", "client_ts": 1, "display_name": "A", "preferred_lang": "en"},
+        {"type": "room_join", "room_code": "123456", "display_name": "B", "preferred_lang": "zh"},
+        {"type": "room_leave", "room_code": "123456"},
+        {
+            "type": "room_raw_voice_preference",
+            "room_code": "123456",
+            "target_session_id": "s-OTHER",
+            "receive_raw_voice": False,
+        },
+        {
+            "type": "webrtc_offer",
+            "room_code": "123456",
+            "to": "s-OTHER",
+            "sdp": {"type": "offer", "sdp": "v=0"},
+        },
+        {
+            "type": "webrtc_answer",
+            "room_code": "123456",
+            "to": "s-OTHER",
+            "sdp": {"type": "answer", "sdp": "v=0"},
+        },
+        {
+            "type": "webrtc_ice",
+            "room_code": "123456",
+            "to": "s-OTHER",
+            "candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host", "sdpMid": "0"},
+        },
     ]
 
 

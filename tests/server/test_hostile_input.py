@@ -32,6 +32,7 @@ from tests.server.fuzz_frames import (
     FuzzClient,
     crashes_fixture,
     node_templates,
+    room_templates,
     session_templates,
     settled,
 )
@@ -319,6 +320,36 @@ async def test_session_socket_serves_after_every_hostile_frame(
         hb_frame = msgspec.json.encode({"type": "client_heartbeat", "session_id": sid, "timestamp": 7})
         await ws.send_bytes(hb_frame)
         assert msgspec.json.decode((await ws.receive(5)).data)["type"] == "server_heartbeat"
+    await settled(fuzz_rs)
+
+
+async def test_room_and_pairing_messages_are_refused_as_not_served(
+    fuzz_rs: RunningScheduler, crashes: ConnectionCrashes
+) -> None:
+    """The room, WebRTC and pairing messages decode, but this scheduler does not serve them yet: each is
+    answered UNSUPPORTED_FEATURE naming its type, nothing changes, and both sockets serve on."""
+    async with fuzz_rs.http.ws_connect(fuzz_rs.session_url) as ws:
+        await ws.send_bytes(msgspec.json.encode(session_templates("")[0]))
+        sid = msgspec.json.decode((await ws.receive(5)).data)["session_id"]
+        for doc in room_templates():
+            await ws.send_bytes(msgspec.json.encode(doc))
+            reply = msgspec.json.decode((await ws.receive(5)).data)
+            assert (reply["type"], reply["code"]) == ("error", "UNSUPPORTED_FEATURE"), doc["type"]
+            assert reply["message"].startswith(doc["type"] + ":")
+        assert list(fuzz_rs.state.sessions) == [sid]
+        await ws.send_bytes(
+            msgspec.json.encode({"type": "client_heartbeat", "session_id": sid, "timestamp": 7})
+        )
+        assert msgspec.json.decode((await ws.receive(5)).data)["type"] == "server_heartbeat"
+    async with fuzz_rs.http.ws_connect(fuzz_rs.node_url) as ws:
+        await ws.send_bytes(msgspec.json.encode({"type": "request_pairing_code"}))
+        reply = msgspec.json.decode((await ws.receive(5)).data)
+        assert (reply["code"], reply["message"].split(":")[0]) == (
+            "UNSUPPORTED_FEATURE",
+            "request_pairing_code",
+        )
+        await ws.send_bytes(hb())
+        assert msgspec.json.decode((await ws.receive(5)).data)["code"] == "NOT_REGISTERED"
     await settled(fuzz_rs)
 
 

@@ -53,6 +53,8 @@ from lingua_scheduler.protocol.node import (
     NodeRegister,
     NodeRegisterAck,
     NodeStatusMessage,
+    PairingCode,
+    RequestPairingCode,
 )
 from lingua_scheduler.protocol.session import (
     AsrPartial,
@@ -60,6 +62,14 @@ from lingua_scheduler.protocol.session import (
     Backpressure,
     ClientHeartbeat,
     MissingResult,
+    RoomCreate,
+    RoomCreateAck,
+    RoomError,
+    RoomExpired,
+    RoomJoin,
+    RoomLeave,
+    RoomMembers,
+    RoomRawVoicePreference,
     ServerHeartbeat,
     SessionClose,
     SessionCloseAck,
@@ -70,6 +80,12 @@ from lingua_scheduler.protocol.session import (
     TtsStarted,
     UiEvent,
     UtteranceMessage,
+    WebRtcAnswer,
+    WebRtcAnswerRelayed,
+    WebRtcIce,
+    WebRtcIceRelayed,
+    WebRtcOffer,
+    WebRtcOfferRelayed,
 )
 
 Doc = dict[str, Any]
@@ -113,8 +129,16 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         "The node could not load a model.",
         frozenset({"node", "session"}),
     ),
-    ErrorCode.UNSUPPORTED_FEATURE: ("Reserved (not sent by this scheduler).", frozenset()),
-    ErrorCode.INVALID_PAIRING_CODE: ("Reserved (not sent by this scheduler).", frozenset()),
+    ErrorCode.UNSUPPORTED_FEATURE: (
+        "A message this scheduler knows but does not serve: rooms and WebRTC relays (`room_*`, "
+        "`webrtc_*`) and pairing (`request_pairing_code`) are not enabled yet. Nothing changed.",
+        frozenset({"node", "session"}),
+    ),
+    ErrorCode.INVALID_PAIRING_CODE: (
+        "Reserved: a `session_init.pairing_code` that is wrong, used already or expired (one answer "
+        "for all three; not sent until pairing is enabled).",
+        frozenset(),
+    ),
     ErrorCode.NO_AVAILABLE_NODE: (
         "No node could take the utterance within the wait timeout, or the scheduler cannot take more "
         "jobs right now; the message names what excluded most nodes.",
@@ -247,6 +271,32 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         "HTTP 503: `admin.max_dashboard_clients` dashboards are connected.",
         HTTP_ONLY,
     ),
+    ErrorCode.ROOM_NOT_FOUND: ("`room_error`: no live room has this code.", frozenset()),
+    ErrorCode.ALREADY_IN_ROOM: (
+        "`room_error`: the session is in a room already (a session is in at most one room): leave it first.",
+        frozenset(),
+    ),
+    ErrorCode.INVALID_ROOM_CODE: (
+        "`room_error`: the room code is not `rooms.code_length` digits.",
+        frozenset(),
+    ),
+    ErrorCode.ROOM_FULL: ("`room_error`: the room holds `rooms.max_members` members.", frozenset()),
+    ErrorCode.NOT_IN_ROOM: ("`room_error`: the request names a room the session is not in.", frozenset()),
+    ErrorCode.PEER_NOT_IN_ROOM: (
+        "`room_error`: a relay's `to` (or a preference's `target_session_id`) is not another member of "
+        "the room; the relay was not delivered.",
+        frozenset(),
+    ),
+    ErrorCode.RAW_VOICE_DECLINED: (
+        "`room_error`: the receiver of a relay declined the sender's voice (`room_raw_voice_preference`); "
+        "the relay was not delivered.",
+        frozenset(),
+    ),
+    ErrorCode.PAIRING_RATE_LIMITED: (
+        "Reserved: too many pairing codes tried from this connection or source address "
+        "(`pairing.attempts_per_minute_per_*`); not sent until pairing is enabled.",
+        frozenset(),
+    ),
 }
 
 #: what each ``details.reason`` of an INVALID_MESSAGE (or MESSAGE_TOO_LARGE) error means
@@ -306,6 +356,9 @@ A node connects, registers, heartbeats and works on jobs, all on one WebSocket o
 6. **Leaving (optional).** `node_drain` makes the node `draining` (answered with `node_drain_ack`): no
    new job, the running ones finish; the node closes once its last result is sent.
 7. **Closed.** The node is set offline; its running jobs move to other nodes at once.
+8. **Pairing.** `request_pairing_code` asks for a single-use code (`pairing_code`, valid until
+   `expires_at_ms`) that a client presents in `session_init.pairing_code` to be bound to this node.
+   This scheduler does not serve pairing yet: the request is answered with `error` UNSUPPORTED_FEATURE.
 
 Unknown fields are ignored. A frame that fails validation is answered with `error` INVALID_MESSAGE and
 changes nothing. {_CLOSE_CODES}
@@ -336,6 +389,13 @@ A client opens a session, streams audio, and receives results in utterance order
    jobs run on and its output is kept. A `session_init` with the `resume_token` within the window gets
    an ack with the same `session_id` and `resumed: true`, then the kept messages. An unknown or
    expired token opens a new session. After the window the session ends.
+6. **Rooms.** An open session may create a room (`room_create`: `room_create_ack` with the code, then
+   `room_members`) or join one by its code (`room_join`: `room_members` to every member); it is in at
+   most one room, and leaves it with `room_leave` or by closing. Members exchange WebRTC signalling
+   through the scheduler (`webrtc_offer`, `webrtc_answer`, `webrtc_ice`: delivered to `to` with `to`
+   naming the sender); a room nobody spoke in for `rooms.expire_after_seconds` ends with
+   `room_expired`. Refusals are `room_error`. This scheduler does not serve rooms yet: every room and
+   WebRTC message is answered with `error` UNSUPPORTED_FEATURE.
 
 Unknown fields are ignored. A frame that fails validation is answered with `error` INVALID_MESSAGE and
 changes nothing. {_CLOSE_CODES}
@@ -394,6 +454,7 @@ NODE = Channel(
         JobResult,
         NodeErrorReport,
         NodeDrain,
+        RequestPairingCode,
     ),
     outbound=(
         NodeRegisterAck,
@@ -402,12 +463,14 @@ NODE = Channel(
         NodeDrainAck,
         JobAssign,
         JobCancel,
+        PairingCode,
         ErrorMessage,
     ),
     replies={
         "node_register": ("node_register_ack", "error"),
         "node_heartbeat": ("node_heartbeat_ack", "error"),
         "node_drain": ("node_drain_ack", "error"),
+        "request_pairing_code": ("pairing_code", "error"),
     },
 )
 
@@ -424,6 +487,13 @@ SESSION = Channel(
         TtsStarted,
         TtsPlayEnded,
         SessionClose,
+        RoomCreate,
+        RoomJoin,
+        RoomLeave,
+        RoomRawVoicePreference,
+        WebRtcOffer,
+        WebRtcAnswer,
+        WebRtcIce,
     ),
     outbound=(
         SessionInitAck,
@@ -434,12 +504,26 @@ SESSION = Channel(
         Backpressure,
         ServerHeartbeat,
         SessionCloseAck,
+        RoomCreateAck,
+        RoomMembers,
+        RoomError,
+        RoomExpired,
+        WebRtcOfferRelayed,
+        WebRtcAnswerRelayed,
+        WebRtcIceRelayed,
         ErrorMessage,
     ),
     replies={
         "session_init": ("session_init_ack", "error"),
         "client_heartbeat": ("server_heartbeat",),
         "session_close": ("session_close_ack",),
+        "room_create": ("room_create_ack", "room_error", "error"),
+        "room_join": ("room_members", "room_error", "error"),
+        "room_leave": ("room_error", "error"),
+        "room_raw_voice_preference": ("room_members", "room_error", "error"),
+        "webrtc_offer": ("room_error", "error"),
+        "webrtc_answer": ("room_error", "error"),
+        "webrtc_ice": ("room_error", "error"),
     },
     binary_frames=True,
 )
@@ -500,10 +584,24 @@ def _check_tables() -> None:
         raise RuntimeError(f"protocol/asyncapi.py gives no meaning for: {', '.join(missing)}")
 
 
+#: suffix of the key of an outbound message whose tag an inbound one has too (the relayed ``webrtc_*``)
+RELAYED = "_relayed"
+
+
+def message_key(t: type[msgspec.Struct], outbound: bool, channel: Channel) -> str:
+    """The message's key in the document: its tag, with ``RELAYED`` appended for an outbound
+    message whose tag is also inbound (a key names one message; ``name`` stays the wire tag)."""
+    tag = _tag(t)
+    if outbound and tag in {_tag(i) for i in channel.inbound}:
+        return tag + RELAYED
+    return tag
+
+
 def _messages(channel: Channel, schemas: dict[str, Doc]) -> dict[str, Doc]:
     out: dict[str, Doc] = {}
     for direction, types in (("receive", channel.inbound), ("send", channel.outbound)):
         for t in types:
+            key = message_key(t, direction == "send", channel)
             summary, description = _summary(t)
             message: Doc = {
                 "name": _tag(t),
@@ -519,7 +617,7 @@ def _messages(channel: Channel, schemas: dict[str, Doc]) -> dict[str, Doc]:
                 message["description"] = "Error codes on this endpoint:\n\n" + "\n".join(
                     f"- `{code}`: {text}" for code, text in codes.items()
                 )
-            out[_tag(t)] = message
+            out[key] = message
             schemas[t.__name__].pop("title", None)  # the message's title says it
     if channel.binary_frames:
         out[BINARY_FRAME] = {
@@ -723,10 +821,10 @@ def _render_channel(doc: Doc) -> list[str]:
     seen: set[str] = set()
     for direction in ("to the scheduler", "from the scheduler"):
         out += [f"#### Messages {direction}", ""]
-        for tag, message in messages.items():
+        for message in messages.values():
             if message["x-direction"] != direction:
                 continue
-            out += [f"##### `{tag}`", "", message["summary"]]
+            out += [f"##### `{message['name']}`", "", message["summary"]]
             if "description" in message:
                 out += ["", message["description"].rstrip()]
             out.append("")

@@ -7,7 +7,9 @@ or ``node_token``, docs/security.md) and its ack the node's token, and ``protoco
 does beyond the base protocol, e.g. ``job_ack``), all optional and omitted when unused. Protocol additions,
 optional as well (the node SDK uses them): declared capacity (``node_register.max_concurrent_jobs``),
 declared load (``resource_usage.load`` against ``node_register.load_threshold``) and a node-initiated
-drain (``node_drain`` -> ``node_drain_ack``). Service types and
+drain (``node_drain`` -> ``node_drain_ack``). Pairing: ``request_pairing_code`` -> ``pairing_code``, a
+single-use code a client's ``session_init.pairing_code`` presents to be bound to this node (the
+reference had the message but no scheduler answered it). Service types and
 device kinds are open strings: values this scheduler does not know are kept and shown, never refused.
 Unknown fields are ignored; a frame that fails validation is answered with ``error{INVALID_MESSAGE}``.
 """
@@ -393,6 +395,11 @@ class NodeDrain(Struct, tag="node_drain", tag_field="type"):
     reason: Annotated[ShortStr | None, doc("why, in words (logged)")] = None
 
 
+class RequestPairingCode(Struct, tag="request_pairing_code", tag_field="type"):
+    """The node asks for a pairing code to show its user. Answered with ``pairing_code``; a new code
+    replaces the node's earlier one."""
+
+
 #: ``protocol_features`` names: the node sends ``job_ack`` (and may send ``job_started``) for every job, so
 #: a missing ack within the ack timeout means the node is not working on it
 FEATURE_JOB_ACK = "job_ack"
@@ -410,6 +417,7 @@ NodeInbound = (
     | JobResult
     | NodeAsrPartial
     | NodeDrain
+    | RequestPairingCode
 )
 NODE_JOB_MESSAGES = (JobAck, JobStarted, JobResult, NodeAsrPartial)
 
@@ -516,6 +524,14 @@ class JobCancel(Struct, tag="job_cancel", tag_field="type"):
     reason: Annotated[str | None, doc("why, in words")] = None
 
 
+class PairingCode(Struct, tag="pairing_code", tag_field="type", kw_only=True):
+    """A single-use code binding one client session to this node: the client sends it as
+    ``session_init.pairing_code`` before ``expires_at_ms``."""
+
+    code: Annotated[str, doc("the code (digits) the node's user gives the client")]
+    expires_at_ms: Annotated[int, doc("when the code stops being accepted, in ms since the epoch")]
+
+
 NodeOutbound = (
     NodeRegisterAck
     | NodeHeartbeatAck
@@ -523,5 +539,6 @@ NodeOutbound = (
     | NodeDrainAck
     | JobAssign
     | JobCancel
+    | PairingCode
     | ErrorMessage
 )

@@ -16,8 +16,16 @@ Wire names match the reference client. Deliberate differences:
 - ``session_init`` may carry ``resume_token`` (from an earlier ack) to resume a session whose
   connection dropped; ``tts_started`` is accepted (the reference only planned it); ``backpressure``
   tells the client to slow down before its frames would be refused.
-- Scheduler-to-client types and room/WebRTC messages sent by a client are not part of
-  ``SessionInbound``: they fail decoding (INVALID_MESSAGE) instead of being silently ignored.
+- Scheduler-to-client types sent by a client are not part of ``SessionInbound``: they fail decoding
+  (INVALID_MESSAGE) instead of being silently ignored.
+- Rooms (``room_*``) and the WebRTC signalling relay (``webrtc_*``) use the reference client's field
+  names. Room codes are checked for their format (``room_error`` INVALID_ROOM_CODE), a room has a member
+  limit (ROOM_FULL), ``room_error.message`` is English, and a relay that cannot be delivered is answered
+  with a ``room_error`` instead of being dropped. The relayed ``webrtc_*`` messages are separate types
+  (``*Relayed``): the same wire type, whose ``to`` names the sender. ``room_create_ack`` and
+  ``room_members`` may carry ``ice_servers`` (STUN/TURN, with time-limited TURN credentials).
+  ``room_members[].joined_at`` is in ms since the epoch, as the client's types declare it (the
+  reference sent an RFC 3339 string).
 - The ``session_id`` in a message body is a claim, not an identity: the endpoint compares it with the
   session bound to the connection (the reference did not: session hijack).
 - ``session_init.tenant_id`` is a claim too: with tenant API keys configured the tenant is the key's
@@ -254,8 +262,101 @@ class SessionClose(Struct, tag="session_close", tag_field="type"):
     reason: Annotated[ShortStr, doc("why, in words (logged)")]
 
 
+#: a room code as it arrives: bounded here, its format is checked by the rooms (INVALID_ROOM_CODE)
+RoomCode = Annotated[str, msgspec.Meta(max_length=64)]
+DisplayName = Annotated[str, msgspec.Meta(max_length=128)]
+
+
+class RoomCreate(Struct, tag="room_create", tag_field="type"):
+    """Create a room and join it (the session must be open and in no room). Answered with
+    ``room_create_ack`` then ``room_members``, or ``room_error`` (ALREADY_IN_ROOM)."""
+
+    client_ts: Annotated[SafeInt, doc("the client's clock, in ms (not used)")]
+    display_name: Annotated[DisplayName | None, doc("the name the other members see")] = None
+    preferred_lang: Annotated[
+        Lang | None, doc("the language this member wants the others' speech in (default: its tgt_lang)")
+    ] = None
+
+
+class RoomJoin(Struct, tag="room_join", tag_field="type"):
+    """Join a room by its code. Every member (the joiner too) gets ``room_members``; refused with
+    ``room_error``: INVALID_ROOM_CODE, ROOM_NOT_FOUND, ROOM_FULL, ALREADY_IN_ROOM."""
+
+    room_code: Annotated[RoomCode, doc("the room's code (digits, as room_create_ack gave it)")]
+    display_name: Annotated[DisplayName | None, doc("the name the other members see")] = None
+    preferred_lang: Annotated[
+        Lang | None, doc("the language this member wants the others' speech in (default: its tgt_lang)")
+    ] = None
+
+
+class RoomLeave(Struct, tag="room_leave", tag_field="type"):
+    """Leave the room; the remaining members get ``room_members`` (a room without members is gone).
+    Closing the connection leaves the room as well."""
+
+    room_code: Annotated[RoomCode, doc("the room being left")]
+
+
+class RoomRawVoicePreference(Struct, tag="room_raw_voice_preference", tag_field="type"):
+    """Whether this member receives another member's own voice (the WebRTC audio). Every member gets
+    ``room_members`` with the new preference."""
+
+    room_code: Annotated[RoomCode, doc("this member's room")]
+    target_session_id: Annotated[SessionId, doc("the other member (its session_id)")]
+    receive_raw_voice: Annotated[bool, doc("true: receive that member's voice (the default); false: not")]
+
+
+class WebRtcOffer(Struct, tag="webrtc_offer", tag_field="type"):
+    """A WebRTC offer for another member, relayed to it (as ``webrtc_offer`` whose ``to`` names the
+    sender). Refused with ``room_error`` when either is not in the room, the receiver declined this
+    member's voice, the description is too large or relays come too fast."""
+
+    room_code: Annotated[RoomCode, doc("the room both members are in")]
+    to: Annotated[SessionId, doc("the receiving member's session_id")]
+    sdp: Annotated[msgspec.Raw, doc("the session description (any JSON, relayed unchanged, size-bounded)")]
+
+
+class WebRtcAnswer(Struct, tag="webrtc_answer", tag_field="type"):
+    """A WebRTC answer for another member, relayed like ``webrtc_offer``."""
+
+    room_code: Annotated[RoomCode, doc("the room both members are in")]
+    to: Annotated[SessionId, doc("the receiving member's session_id")]
+    sdp: Annotated[msgspec.Raw, doc("the session description (any JSON, relayed unchanged, size-bounded)")]
+
+
+class WebRtcIce(Struct, tag="webrtc_ice", tag_field="type"):
+    """An ICE candidate for another member, relayed like ``webrtc_offer``."""
+
+    room_code: Annotated[RoomCode, doc("the room both members are in")]
+    to: Annotated[SessionId, doc("the receiving member's session_id")]
+    candidate: Annotated[msgspec.Raw, doc("the ICE candidate (any JSON, relayed unchanged, size-bounded)")]
+
+
+ROOM_MESSAGES = (
+    RoomCreate,
+    RoomJoin,
+    RoomLeave,
+    RoomRawVoicePreference,
+    WebRtcOffer,
+    WebRtcAnswer,
+    WebRtcIce,
+)
+RELAY_MESSAGES = (WebRtcOffer, WebRtcAnswer, WebRtcIce)
+
 SessionInbound = (
-    SessionInit | AudioChunk | UtteranceMessage | ClientHeartbeat | TtsStarted | TtsPlayEnded | SessionClose
+    SessionInit
+    | AudioChunk
+    | UtteranceMessage
+    | ClientHeartbeat
+    | TtsStarted
+    | TtsPlayEnded
+    | SessionClose
+    | RoomCreate
+    | RoomJoin
+    | RoomLeave
+    | RoomRawVoicePreference
+    | WebRtcOffer
+    | WebRtcAnswer
+    | WebRtcIce
 )
 
 # --- scheduler -> client -------------------------------------------------------------------------
@@ -442,6 +543,106 @@ def error_ui_event(
     )
 
 
+class IceServer(Struct, kw_only=True):
+    """A STUN or TURN server for the members' WebRTC connections (an ``RTCIceServer``)."""
+
+    urls: Annotated[list[str], doc("stun:, turn: or turns: URLs")]
+    username: Annotated[
+        str | None, doc("TURN: the time-limited user name, <expiry in unix seconds>:<session_id>")
+    ] = None
+    credential: Annotated[
+        str | None, doc("TURN: the password for that user name (base64 of an HMAC-SHA1 of it)")
+    ] = None
+
+
+class RoomCreateAck(Struct, tag="room_create_ack", tag_field="type", kw_only=True):
+    """The room is created and the session is its first member (``room_members`` follows)."""
+
+    room_code: Annotated[str, doc("the code others join with")]
+    room_id: Annotated[str, doc("the room's unique id (a UUID; a code may be reused after the room ends)")]
+    ice_servers: Annotated[
+        list[IceServer] | None, doc("STUN/TURN servers for WebRTC; absent when none is configured")
+    ] = None
+    ice_expires_at_ms: Annotated[
+        int | None,
+        doc("when the TURN credentials expire, in ms since the epoch (new ones come with room_members)"),
+    ] = None
+
+
+class RoomMember(Struct, kw_only=True):
+    """One member of a room."""
+
+    participant_id: Annotated[str, doc("the member's id in the room: its session_id")]
+    session_id: Annotated[str, doc("the member's session")]
+    display_name: Annotated[str | None, doc("the name it gave")] = None
+    preferred_lang: Annotated[str, doc("the language it receives the others' speech in")]
+    raw_voice_preferences: Annotated[
+        dict[str, bool],
+        doc("other members' session_id -> whether this member receives their voice; absent means it does"),
+    ]
+    joined_at: Annotated[int, doc("when it joined, in ms since the epoch")]
+
+
+class RoomMembers(Struct, tag="room_members", tag_field="type", kw_only=True):
+    """The room's members, sent to every member after each change (create, join, leave, a closed
+    connection, a preference)."""
+
+    room_code: Annotated[str, doc("the room")]
+    members: Annotated[list[RoomMember], doc("every member, in the order they joined")]
+    ice_servers: Annotated[
+        list[IceServer] | None, doc("STUN/TURN servers for WebRTC; absent when none is configured")
+    ] = None
+    ice_expires_at_ms: Annotated[
+        int | None, doc("when the TURN credentials expire, in ms since the epoch")
+    ] = None
+
+
+class RoomError(Struct, tag="room_error", tag_field="type", kw_only=True):
+    """A room or relay request was refused; nothing changed."""
+
+    code: Annotated[
+        str,
+        doc(
+            "INVALID_ROOM_CODE, ROOM_NOT_FOUND, ROOM_FULL, ALREADY_IN_ROOM, NOT_IN_ROOM, PEER_NOT_IN_ROOM, "
+            "RAW_VOICE_DECLINED, MESSAGE_TOO_LARGE, RATE_LIMITED or INTERNAL_ERROR"
+        ),
+    ]
+    message: Annotated[str, doc("what was refused and why, in words")]
+    room_code: Annotated[str | None, doc("the room the request named, when it named one")] = None
+
+
+class RoomExpired(Struct, tag="room_expired", tag_field="type", kw_only=True):
+    """Nobody spoke in the room for ``rooms.expire_after_seconds``: the room is closed and every member
+    has left it."""
+
+    room_code: Annotated[str, doc("the room that expired")]
+    message: Annotated[str, doc("why, in words")]
+
+
+class WebRtcOfferRelayed(Struct, tag="webrtc_offer", tag_field="type"):
+    """A member's WebRTC offer for this member."""
+
+    room_code: Annotated[str, doc("the room")]
+    to: Annotated[str, doc("the SENDING member's session_id (the reference client's naming)")]
+    sdp: Annotated[msgspec.Raw, doc("the session description, as the sender sent it")]
+
+
+class WebRtcAnswerRelayed(Struct, tag="webrtc_answer", tag_field="type"):
+    """A member's WebRTC answer for this member."""
+
+    room_code: Annotated[str, doc("the room")]
+    to: Annotated[str, doc("the SENDING member's session_id (the reference client's naming)")]
+    sdp: Annotated[msgspec.Raw, doc("the session description, as the sender sent it")]
+
+
+class WebRtcIceRelayed(Struct, tag="webrtc_ice", tag_field="type"):
+    """A member's ICE candidate for this member."""
+
+    room_code: Annotated[str, doc("the room")]
+    to: Annotated[str, doc("the SENDING member's session_id (the reference client's naming)")]
+    candidate: Annotated[msgspec.Raw, doc("the ICE candidate, as the sender sent it")]
+
+
 SessionOutbound = (
     SessionInitAck
     | TranslationResult
@@ -451,5 +652,12 @@ SessionOutbound = (
     | MissingResult
     | UiEvent
     | Backpressure
+    | RoomCreateAck
+    | RoomMembers
+    | RoomError
+    | RoomExpired
+    | WebRtcOfferRelayed
+    | WebRtcAnswerRelayed
+    | WebRtcIceRelayed
     | ErrorMessage
 )

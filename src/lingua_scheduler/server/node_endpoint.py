@@ -34,6 +34,7 @@ from lingua_scheduler.protocol.node import (
     NodeInbound,
     NodeRegister,
     NodeRegisterAck,
+    RequestPairingCode,
 )
 from lingua_scheduler.server.auth import close_refused
 from lingua_scheduler.server.outbox import Outbox
@@ -71,6 +72,12 @@ class NodeConnection:
                 self._register(msg)
             elif type(msg) is NodeDrain:
                 self._drain(msg)
+            elif type(msg) is RequestPairingCode:
+                # decoded (the protocol knows it) but not served by this endpoint yet
+                raise SchedulerError(
+                    "request_pairing_code: pairing is not enabled on this scheduler",
+                    code=ErrorCode.UNSUPPORTED_FEATURE,
+                )
             elif type(msg) is NodeErrorReport:
                 state.registry.entry_for(self.outbox, msg.node_id)
                 log.warning(

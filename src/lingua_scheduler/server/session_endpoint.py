@@ -41,6 +41,7 @@ from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.peek import peek_dropped
 from lingua_scheduler.protocol.session import (
+    ROOM_MESSAGES,
     AudioChunk,
     ClientHeartbeat,
     MissingReason,
@@ -185,6 +186,12 @@ class SessionConnection:
             msg = self.decoder.decode(data)
             if isinstance(msg, SessionInit):
                 return self._init(msg)
+            if isinstance(msg, ROOM_MESSAGES):
+                # decoded (the protocol knows them) but not served by this endpoint yet
+                raise SchedulerError(
+                    f"{msg.__struct_config__.tag}: rooms are not enabled on this scheduler",
+                    code=ErrorCode.UNSUPPORTED_FEATURE,
+                )
             session = self._own(msg.session_id, closing_ok=isinstance(msg, ClientHeartbeat))
             if isinstance(msg, AudioChunk):
                 self._chunk_accepted(session, msg.seq)
