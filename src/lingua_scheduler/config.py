@@ -193,6 +193,10 @@ class SessionConfig(Section):
     max_utterance_bytes: int = 512 * 1024
     #: all audio buffered for one session (utterances not yet dispatched); over it -> error
     max_session_buffer_bytes: int = 4 * 1024 * 1024
+    #: Opus packets one audio chunk (or one whole utterance) may hold; more is refused with
+    #: invalid_message(too_large), so the work of segmenting one frame stays bounded. The default holds
+    #: max_duration_ms of the shortest packets (2.5 ms) with room to spare
+    max_chunk_packets: int = 10_000
     #: utterances of one session waiting for their results (accepted, not all delivered); one more is
     #: refused at once with missing_result(queue_full) and gets no job (finished work is never dropped)
     max_pending_results: int = 64
@@ -220,6 +224,7 @@ class SessionConfig(Section):
             "max_duration_ms",
             "max_utterance_bytes",
             "max_session_buffer_bytes",
+            "max_chunk_packets",
             "max_pending_results",
             "result_gap_timeout_ms",
             "default_sample_rate",

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from lingua_scheduler.clock import ManualClock
 from lingua_scheduler.config import SessionConfig
+from lingua_scheduler.core import opus
 from lingua_scheduler.core.audio import (
     AudioFormat,
     AudioSpec,
@@ -25,7 +26,7 @@ from lingua_scheduler.core.segmentation import (
     Utterance,
     check_transition,
 )
-from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError, SessionError
+from lingua_scheduler.errors import ConfigError, ErrorCode, ProtocolError, Reason, SessionError
 
 PCM16 = AudioSpec(AudioFormat.PCM16, 16000, declared=True)
 OPUS = AudioSpec(AudioFormat.OPUS, 16000, declared=True)
@@ -337,3 +338,67 @@ def test_every_byte_lands_in_exactly_one_utterance(
     assert b"".join(u.audio for u in out if u.reason is not CutReason.COMPLETE) == b"".join(streamed)
     assert [u.audio for u in out if u.reason is CutReason.COMPLETE] == wholes
     assert seg.state is SegState.CLOSED and seg.buffered_bytes == 0
+
+
+# --- bounded work per chunk -------------------------------------------------------------------------
+
+
+def tiny60(packets: int) -> bytes:
+    """``packets`` length-prefixed 3-byte Opus packets of 60 ms each (TOC 0x18, SILK NB 60 ms)."""
+    return frame([b"\x18\x00\x00"] * packets)
+
+
+def count_packet_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count calls to the real TOC reader that every packet parse goes through."""
+    calls = [0]
+    real = opus.packet_tenths
+
+    def counting(packet: bytes | memoryview) -> int | None:
+        calls[0] += 1
+        return real(packet)
+
+    monkeypatch.setattr(opus, "packet_tenths", counting)
+    return calls
+
+
+@pytest.mark.parametrize("n", [500, 2000, 8000])
+def test_splitting_a_chunk_of_tiny_packets_parses_each_packet_a_bounded_number_of_times(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 600 ms per utterance: the chunk is cut into n / 10 pieces; re-parsing the rest at each cut
+    # would be about n * n / 10 packet reads
+    seg, _ = make(spec=OPUS, max_duration_ms=600)
+    data = tiny60(n)
+    calls = count_packet_parses(monkeypatch)
+    out = seg.chunk(data, is_final=True)
+    assert b"".join(u.audio for u in out) == data
+    assert len(out) == n // 10
+    assert calls[0] <= 4 * n  # format check, one parse for the cuts, the duration of each utterance
+
+
+def test_a_chunk_with_more_packets_than_the_limit_is_refused_without_parsing_it_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seg, _ = make(spec=OPUS, max_chunk_packets=1000)
+    seg.chunk(tiny60(10), is_final=False)
+    calls = count_packet_parses(monkeypatch)
+    with pytest.raises(ProtocolError) as info:
+        seg.chunk(tiny60(200_000), is_final=False)
+    assert info.value.code is ErrorCode.INVALID_MESSAGE
+    assert info.value.reason is Reason.TOO_LARGE
+    assert "1000" in info.value.message
+    assert calls[0] <= 1000
+    assert seg.buffered_bytes == len(tiny60(10))  # the refused chunk changed nothing
+    out = seg.chunk(tiny60(1000), is_final=True)  # exactly at the limit is accepted
+    assert sum(u.size for u in out) == len(tiny60(10)) + len(tiny60(1000))
+
+
+def test_an_undeclared_session_refuses_too_many_packets_too() -> None:
+    seg, _ = make(spec=AudioSpec(AudioFormat.OPUS, 16000), max_chunk_packets=100)
+    with pytest.raises(ProtocolError) as info:
+        seg.chunk(tiny60(101), is_final=False)
+    assert info.value.reason is Reason.TOO_LARGE
+    assert seg.audio_format is None
+    with pytest.raises(ProtocolError) as info:
+        seg.utterance(tiny60(101), "opus", 16000)
+    assert info.value.reason is Reason.TOO_LARGE

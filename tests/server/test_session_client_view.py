@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from lingua_scheduler.core.opus import frame
 from lingua_scheduler.sim.nodes import Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession, opus_audio, opus_chunk, pcm_chunk
@@ -271,6 +272,39 @@ async def test_binary_frames_of_the_client_layout(
     assert err["code"] == "INVALID_MESSAGE" and err["details"] == {"reason": "invalid_value", "field": "$"}
     await other.speak(chunks=2)
     await eventually(lambda: len(other.of_type("translation_result")) == 1)
+
+
+async def test_a_max_size_frame_of_tiny_opus_packets_is_refused_without_blocking_the_loop(
+    rs: RunningScheduler, node_factory: Any, session_factory: Any
+) -> None:
+    """One binary frame as large as a frame may be, made of 3-byte Opus packets (about 200 000 of
+    them): refused for its packet count, having parsed no more than the limit, while another
+    connection's heartbeat is answered; the session goes on."""
+    node = node_factory(url=rs.node_url, executor=Executor(latency=0.01, partials=0))
+    await ready(rs, node)
+    s = session_factory(url=rs.session_url)
+    await s.connect()
+    await s.init(use_binary_frame=True)
+    other = session_factory(url=rs.session_url)
+    await other.start()
+    assert s.ws is not None and s.session_id is not None and other.ws is not None
+    header = len(client_audio_frame(s.session_id, 0, False, b""))
+    packets = (rs.state.config.server.max_frame_bytes - header) // 5
+    assert packets > 2 * rs.state.config.session.max_chunk_packets
+    big = client_audio_frame(s.session_id, 0, False, frame([b"\x18\x00\x00"] * packets))
+    assert len(big) <= rs.state.config.server.max_frame_bytes
+    refused = s.wait_for(lambda m: m.get("type") == "error")
+    hb = other.wait_for(lambda m: m.get("type") == "server_heartbeat")
+    await s.ws.send_bytes(big)
+    await other.send({"type": "client_heartbeat", "session_id": other.session_id, "timestamp": 1})
+    err = await asyncio.wait_for(refused, 2000 * MS)
+    assert err["code"] == "INVALID_MESSAGE"
+    assert err["details"] == {"reason": "too_large", "field": "$.payload"}
+    assert (await asyncio.wait_for(hb, 2000 * MS))["session_id"] == other.session_id
+    assert assigns(node) == []  # nothing of it was segmented
+    await s.ws.send_bytes(client_audio_frame(s.session_id, 1, True, opus_audio(100)))
+    await eventually(lambda: len(s.of_type("translation_result")) == 1)
+    assert len(errors(s)) == 1
 
 
 # --- resume ----------------------------------------------------------------------------------------

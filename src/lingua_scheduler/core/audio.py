@@ -76,16 +76,34 @@ def audio_duration_ms(data: bytes, audio_format: str, sample_rate: int) -> int:
     return audio_tenths(data, audio_format, sample_rate) // 10
 
 
-def detect_format(data: bytes, expected: AudioFormat | None, default: AudioFormat) -> AudioFormat:
+def detect_format(
+    data: bytes, expected: AudioFormat | None, default: AudioFormat, max_packets: int | None = None
+) -> AudioFormat:
     """The format of a non-empty chunk of session audio.
 
     ``expected`` is what the session's audio must be (the format the client declared, or the one its
     first audio was in); None lets the bytes decide: length-prefixed Opus (what the reference web
     client always sends, whatever it was told) is Opus, anything else is pcm16 only when that is the
     configured default. Audio in no acceptable format raises ``ProtocolError(INVALID_MESSAGE)``: guessing
-    would have a node decode it as the wrong thing and hear noise.
+    would have a node decode it as the wrong thing and hear noise. Opus with more than ``max_packets``
+    packets raises ``ProtocolError(INVALID_MESSAGE, too_large)``, found without parsing past the limit.
     """
-    if expected is AudioFormat.PCM16 or (expected is None and not opus.is_framed_opus(data)):
+    try:
+        return _detect_format(data, expected, default, max_packets)
+    except opus.TooManyPackets as exc:
+        raise ProtocolError(
+            f"audio chunk of {len(data)} bytes holds more than {exc.limit} Opus packets, the limit per "
+            "chunk (session.max_chunk_packets)",
+            code=ErrorCode.INVALID_MESSAGE,
+            reason=Reason.TOO_LARGE,
+            field="$.payload",
+        ) from None
+
+
+def _detect_format(
+    data: bytes, expected: AudioFormat | None, default: AudioFormat, max_packets: int | None
+) -> AudioFormat:
+    if expected is AudioFormat.PCM16 or (expected is None and not opus.is_framed_opus(data, max_packets)):
         if expected is None and default is not AudioFormat.PCM16:
             raise ProtocolError(
                 f"audio chunk of {len(data)} bytes is not Opus in 2-byte length framing, and the session "
@@ -104,7 +122,7 @@ def detect_format(data: bytes, expected: AudioFormat | None, default: AudioForma
                 expected=AudioFormat.PCM16.value,
             )
         return AudioFormat.PCM16
-    if not opus.is_framed_opus(data):
+    if not opus.is_framed_opus(data, max_packets):
         raise ProtocolError(
             f"audio chunk of {len(data)} bytes is not Opus in 2-byte length framing (a little-endian "
             "length before each packet), which this session streams",

@@ -49,14 +49,25 @@ def packet_tenths(packet: bytes | memoryview) -> int | None:
     return total if total <= MAX_PACKET_TENTHS else None
 
 
-def packets(data: bytes) -> list[tuple[int, int, int]] | None:
+class TooManyPackets(ValueError):
+    """Length-prefixed Opus with more packets than the caller allows (``limit``). Raised while parsing,
+    as soon as the count is passed, so that the work spent on hostile data stays bounded."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} Opus packets")
+        self.limit = limit
+
+
+def packets(data: bytes, max_packets: int | None = None) -> list[tuple[int, int, int]] | None:
     """The packets of length-prefixed Opus as ``(start, end, tenths)`` (``start`` is the offset of the
     length prefix, ``end`` one past the packet), or None when ``data`` is not in that framing. Empty data
-    has no packets (an empty list)."""
+    has no packets (an empty list). Raises ``TooManyPackets`` at packet ``max_packets + 1``."""
     out: list[tuple[int, int, int]] = []
     view = memoryview(data)
     pos, n = 0, len(data)
     while pos < n:
+        if max_packets is not None and len(out) >= max_packets:
+            raise TooManyPackets(max_packets)
         if n - pos < PREFIX_BYTES + 1:
             return None
         length = data[pos] | (data[pos + 1] << 8)
@@ -71,9 +82,10 @@ def packets(data: bytes) -> list[tuple[int, int, int]] | None:
     return out
 
 
-def is_framed_opus(data: bytes) -> bool:
-    """Whether non-empty ``data`` is whole packets of length-prefixed Opus."""
-    return bool(data) and packets(data) is not None
+def is_framed_opus(data: bytes, max_packets: int | None = None) -> bool:
+    """Whether non-empty ``data`` is whole packets of length-prefixed Opus (``TooManyPackets`` past
+    ``max_packets``)."""
+    return bool(data) and packets(data, max_packets) is not None
 
 
 def duration_tenths(data: bytes) -> int | None:
@@ -82,17 +94,31 @@ def duration_tenths(data: bytes) -> int | None:
     return None if found is None else sum(t for _, _, t in found)
 
 
+def cut_index(found: list[tuple[int, int, int]], first: int, max_bytes: int, max_tenths: int) -> int:
+    """Index one past the longest run of whole packets of ``found`` (from ``packets``) that starts at
+    ``first`` and stays within both bounds (at least one packet, however large). The run's bytes are
+    ``data[found[first][0]:found[last][1]]``. Cutting a parsed chunk by index keeps splitting it into
+    many pieces linear in its packets: nothing is parsed again."""
+    base = found[first][0]
+    tenths = found[first][2]
+    i = first + 1
+    while i < len(found):
+        _, end, t = found[i]
+        if end - base > max_bytes or tenths + t > max_tenths:
+            break
+        tenths += t
+        i += 1
+    return i
+
+
 def split(data: bytes, max_bytes: int, max_tenths: int) -> tuple[bytes, bytes]:
     """The longest run of whole packets at the start of ``data`` within both bounds (at least one
     packet, however large), and the rest. ``data`` must be length-prefixed Opus."""
     found = packets(data)
     if not found:
         return data, b""
-    cut, tenths = found[0][1], found[0][2]
-    for _, end, t in found[1:]:
-        if end > max_bytes or tenths + t > max_tenths:
-            break
-        cut, tenths = end, tenths + t
+    last = cut_index(found, 0, max_bytes, max_tenths) - 1
+    cut = found[last][1]
     return data[:cut], data[cut:]
 
 

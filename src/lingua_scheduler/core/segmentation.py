@@ -164,6 +164,7 @@ class Segmenter:
         self._limit_reason = CutReason.MAX_BYTES
         self._set_limits(audio.audio_format)
         self._max_complete = min(config.max_utterance_bytes, config.max_session_buffer_bytes)
+        self._max_packets = config.max_chunk_packets
         self._state = SegState.IDLE
         self._next_index = start_index
         self._parts: list[bytes] = []
@@ -258,7 +259,7 @@ class Segmenter:
         self._require_open()
         if data:
             # Refused before anything changes: a chunk in the wrong format is not audio of this session.
-            fmt = detect_format(data, self._format, self._spec.audio_format)
+            fmt = detect_format(data, self._format, self._spec.audio_format, self._max_packets)
             if self._format is None:
                 self._format = fmt
                 self._set_limits(fmt)
@@ -269,17 +270,19 @@ class Segmenter:
         if deadline is not None and now >= deadline:
             out.append(self._cut(CutReason.PAUSE, now))
         if data:
-            tenths = self._measure(data)
+            pieces = self._pieces(data)
+            tenths = sum(t for _, t in pieces)
             if self._size and (reason := self._over(self._size + len(data), self._tenths + tenths)):
                 out.append(self._cut(reason, now))
-            while reason := self._over(len(data), tenths):
-                head, rest = self._split(data)
-                if not rest:
-                    break  # one Opus packet over the limit: it is the smallest unit, kept whole
-                self._append(head, self._measure(head), now, client_ts_ms)
+            # every piece but the last fills an empty utterance: cut after it, for the limit that the
+            # rest of the chunk (this piece included) would have passed
+            size = len(data)
+            for piece, piece_tenths in pieces[:-1]:
+                reason = self._over(size, tenths) or self._limit_reason
+                self._append(piece, piece_tenths, now, client_ts_ms)
                 out.append(self._cut(reason, now))
-                data, tenths = rest, self._measure(rest)
-            self._append(data, tenths, now, client_ts_ms)
+                size, tenths = size - len(piece), tenths - piece_tenths
+            self._append(pieces[-1][0], pieces[-1][1], now, client_ts_ms)
         if is_final:
             if self._size:
                 out.append(self._cut(CutReason.MANUAL_CUT, now))
@@ -341,7 +344,7 @@ class Segmenter:
                 field="$.audio",
             )
         if audio_format in (AudioFormat.PCM16, AudioFormat.OPUS):
-            detect_format(audio, AudioFormat(audio_format), self._spec.audio_format)
+            detect_format(audio, AudioFormat(audio_format), self._spec.audio_format, self._max_packets)
         return [
             self._emit(
                 audio, CutReason.COMPLETE, audio_format, sample_rate, now, now, client_ts_ms, client_index
@@ -411,11 +414,31 @@ class Segmenter:
             return CutReason.MAX_DURATION
         return self._limit_reason if size >= self._limit else None
 
-    def _split(self, data: bytes) -> tuple[bytes, bytes]:
-        """The largest first piece of ``data`` that fits an empty utterance, and the rest."""
-        if self._limit_tenths is not None and opus.is_framed_opus(data):
-            return opus.split(data, self._limit, self._limit_tenths)
-        return data[: self._limit], data[self._limit :]
+    def _pieces(self, data: bytes) -> list[tuple[bytes, int]]:
+        """``data`` (in the session's format) as consecutive pieces with their durations: each but the
+        last is the largest that fits an empty utterance, the last is the rest (one piece when the whole
+        fits). Opus is parsed once and cut by packet index, so the work is linear in the packets."""
+        if self._limit_tenths is not None:
+            found = opus.packets(data, self._max_packets)
+            if found:  # the format check made sure it is length-prefixed Opus
+                out: list[tuple[bytes, int]] = []
+                first, total = 0, sum(t for _, _, t in found)
+                while True:
+                    start = found[first][0]
+                    if found[-1][1] - start <= self._limit and total <= self._limit_tenths:
+                        out.append((data[start:], total))  # the rest fits: it is the last piece
+                        return out
+                    stop = opus.cut_index(found, first, self._limit, self._limit_tenths)
+                    if stop == len(found):  # one packet over the limit: the smallest unit, kept whole
+                        out.append((data[start:], total))
+                        return out
+                    piece_tenths = sum(t for _, _, t in found[first:stop])
+                    out.append((data[start : found[stop][0]], piece_tenths))
+                    first, total = stop, total - piece_tenths
+        fmt = self._format or self._spec.audio_format
+        rate = self._spec.sample_rate
+        cuts = range(0, len(data), self._limit)
+        return [(data[i : i + self._limit], audio_tenths(data[i : i + self._limit], fmt, rate)) for i in cuts]
 
     def _append(self, data: bytes, tenths: int, now: float, client_ts_ms: int | None) -> None:
         if self._state is SegState.IDLE:
