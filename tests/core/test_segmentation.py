@@ -402,3 +402,38 @@ def test_an_undeclared_session_refuses_too_many_packets_too() -> None:
     with pytest.raises(ProtocolError) as info:
         seg.utterance(tiny60(101), "opus", 16000)
     assert info.value.reason is Reason.TOO_LARGE
+
+
+# --- property: the pause cut after the last chunk is never delayed by a backlog ---------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cadence=st.lists(st.tuples(st.integers(1, 150), st.floats(0, 2.0)), min_size=1, max_size=40),
+    fmt=st.sampled_from([PCM16, OPUS]),
+)
+def test_the_pause_cut_comes_pause_ms_after_the_last_chunks_audio_for_any_cadence(
+    cadence: list[tuple[int, float]], fmt: AudioSpec
+) -> None:
+    """Chunks of 20 ms .. 3 s at any cadence, faster or slower than real time: the open utterance is
+    cut for the pause no later than ``pause_ms`` after the end of the last chunk's own audio (the
+    backlog a faster-than-real-time upload builds up never delays it), and a chunk sent within its
+    predecessor's duration plus ``pause_ms`` is never cut off from it by a pause."""
+    seg, clock = make(spec=fmt, max_duration_ms=20_000)
+    pause = 0.8
+    last_seconds = 0.0
+    for packets, gap in cadence:
+        clock.advance(gap)
+        pause_cut_expected = gap > last_seconds + pause
+        data = audio(packets * 640) if fmt is PCM16 else opus20(packets)
+        out = seg.chunk(data, is_final=False)
+        if not pause_cut_expected:
+            assert all(u.reason is not CutReason.PAUSE for u in out)
+        last_seconds = packets * 0.02
+    deadline = seg.next_deadline()
+    assert deadline is not None
+    assert deadline <= clock.monotonic() + last_seconds + pause + 1e-9
+    clock.advance(last_seconds + pause + 1e-6)
+    out = seg.tick()
+    assert [u.reason for u in out] == [CutReason.PAUSE]
+    assert seg.state is SegState.IDLE

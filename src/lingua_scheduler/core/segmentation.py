@@ -9,6 +9,9 @@ rules. Everything that decides where an utterance ends lives in this file:
   would still be playing extends that playback, one arriving after it starts a new one. The silence
   starts where that playback ends, so a client that sends one chunk per 2.56 s of audio (or per
   256 ms) is never cut between chunks, and one that sends faster than real time is not cut either.
+  The playback still owed is capped at the duration of the latest chunk, so a client that uploads a
+  long recording faster than real time has its last utterance cut ``pause_ms`` after its last chunk's
+  audio, not only once the whole recording would have played.
   While the client plays synthesized speech (``tts_started`` .. ``tts_ended``, at most
   ``tts_guard_max_ms``) no pause cut happens; after it, the silence counts from its end. When the
   shell is late and the next chunk arrives after the deadline, the *previous* audio is cut first and
@@ -283,6 +286,11 @@ class Segmenter:
                 out.append(self._cut(reason, now))
                 size, tenths = size - len(piece), tenths - piece_tenths
             self._append(pieces[-1][0], pieces[-1][1], now, client_ts_ms)
+            # A backlog never outlasts the chunk that just came: a client keeping real time sends the
+            # next one within this chunk's duration (plus pause_ms of jitter), and one uploading faster
+            # than real time gets its last utterance cut pause_ms after its last chunk's audio, not
+            # after the whole upload would have played.
+            self._covered_until = min(self._covered_until, now + sum(t for _, t in pieces) / 10_000)
         if is_final:
             if self._size:
                 out.append(self._cut(CutReason.MANUAL_CUT, now))
