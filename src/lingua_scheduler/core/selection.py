@@ -241,8 +241,9 @@ class Selector:
 
     def select(self, view: FleetView, req: SelectionRequest) -> SelectionResult:
         """The node for ``req``. With ``soft_threshold`` the resource threshold is a preference, not a
-        bar: when nothing passed and some nodes were refused for being over it, the least loaded of
-        those is chosen (a node's host CPU spikes while it loads models; failing the utterance for that helps
+        bar: when nothing passed and some nodes were refused for being over it, selection runs again
+        the normal way (the same sampling and ranking) with the threshold lifted, so one of those nodes
+        is chosen (a node's host CPU spikes while it loads models; failing the utterance for that helps
         nobody, and the node's own concurrency limit still holds)."""
         result = self._select(view, req)
         if (
