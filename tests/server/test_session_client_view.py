@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from lingua_scheduler.core.opus import frame
+from lingua_scheduler.node import Job, Partial, Result
 from lingua_scheduler.sim.nodes import Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession, opus_audio, opus_chunk, pcm_chunk
@@ -32,14 +35,9 @@ FAST = {
 class SpeechlessNode(SimulatedNode):
     """Answers with text but without synthesized speech (its TTS failed)."""
 
-    @staticmethod
-    def _result(
-        job: dict[str, Any], ids: dict[str, Any], *, success: bool, error: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        out = SimulatedNode._result(job, ids, success=success, error=error)
-        if success:
-            out["tts_audio"] = ""
-        return out
+    async def handle(self, job: Job) -> AsyncIterator[Partial | Result]:
+        async for out in super().handle(job):
+            yield dataclasses.replace(out, tts_audio=b"") if isinstance(out, Result) else out
 
 
 def is_ready(rs: RunningScheduler, node: SimulatedNode) -> bool:
