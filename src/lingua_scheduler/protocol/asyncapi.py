@@ -297,6 +297,19 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         "(`pairing.attempts_per_minute_per_*`); not sent until pairing is enabled.",
         frozenset(),
     ),
+    ErrorCode.QUOTA_EXCEEDED: (
+        "HTTP 429: the tenant used up its daily or monthly audio minutes (`details.period`, "
+        "`details.reset_at` say which and when it resets).",
+        HTTP_ONLY,
+    ),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: (
+        "HTTP 415: the request body is in a media type the route does not take.",
+        HTTP_ONLY,
+    ),
+    ErrorCode.FORBIDDEN: (
+        "HTTP 403: the credential is valid, but not for this (a tenant key asking about another tenant).",
+        HTTP_ONLY,
+    ),
 }
 
 #: what each ``details.reason`` of an INVALID_MESSAGE (or MESSAGE_TOO_LARGE) error means
