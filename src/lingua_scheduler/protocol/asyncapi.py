@@ -268,7 +268,8 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         HTTP_ONLY,
     ),
     ErrorCode.TOO_MANY_CLIENTS: (
-        "HTTP 503: `admin.max_dashboard_clients` dashboards are connected.",
+        "HTTP 503: `admin.max_dashboard_clients` dashboards are connected, or (webhook test) "
+        "`webhooks.max_queued` events wait for delivery.",
         HTTP_ONLY,
     ),
     ErrorCode.ROOM_NOT_FOUND: ("`room_error`: no live room has this code.", frozenset()),
