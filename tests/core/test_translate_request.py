@@ -124,7 +124,8 @@ async def test_form_field_twice_and_audio_twice() -> None:
 def test_form_parts_reads_quoted_names_and_no_header_parts() -> None:
     body = (
         b'preamble\r\n--B\r\nContent-Disposition: form-data; name="a\\"b"; filename="f.wav"\r\n'
-        b"Content-Type: audio/wav\r\n\r\nxy\r\n--B  \r\nContent-Disposition: form-data; name=c\r\n\r\n\r\n--B--"
+        b"Content-Type: audio/wav\r\n\r\nxy\r\n--B  \r\n"
+        b"Content-Disposition: form-data; name=c\r\n\r\n\r\n--B--"
     )
     parts = form_parts(body, "B")
     assert [(p.name, p.filename, p.content_type, p.data) for p in parts] == [
