@@ -505,6 +505,7 @@ MIN_AUTH_SECRET = 16
 #: longest: secrets travel in node_register fields of at most 256 characters
 MAX_AUTH_SECRET = 256
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_TENANT_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 
 class TenantKeyConfig(Section):
@@ -520,16 +521,50 @@ class TenantKeyConfig(Section):
     #: bucket size (jobs accepted at once after a quiet spell), split among instances like the rate;
     #: 0 = one second's worth, at least 1
     jobs_burst: int = 0
+    #: minutes of audio this tenant may have translated per UTC day (docs/integration.md); 0 = no quota
+    daily_audio_minutes: float = 0.0
+    #: minutes of audio this tenant may have translated per UTC calendar month; 0 = no quota
+    monthly_audio_minutes: float = 0.0
+    #: http(s) URL that receives this tenant's webhook events (signed; docs/integration.md); empty = none
+    webhook_url: str = ""
+    #: secret the webhook signatures are computed with (HMAC-SHA256), at least 16 characters; required
+    #: with webhook_url. Prefer the environment to a file
+    webhook_secret: str = ""
 
     def __post_init__(self) -> None:
         if not self.tenant_id.strip():
             raise InvalidField("tenant_id", "must not be empty")
+        if not _TENANT_ID.fullmatch(self.tenant_id):
+            raise InvalidField(
+                "tenant_id", "must be 1 to 64 of A-Z a-z 0-9 . _ - (it labels metrics and keys)"
+            )
         self.key_sha256 = self.key_sha256.lower()
         if not _SHA256_HEX.fullmatch(self.key_sha256):
             raise InvalidField("key_sha256", "must be 64 hex digits (the SHA-256 of the key, not the key)")
-        for name in ("max_sessions", "max_jobs_per_second", "jobs_burst"):
+        for name in ("max_sessions", "max_jobs_per_second", "jobs_burst", "daily_audio_minutes"):
             if getattr(self, name) < 0:
                 raise InvalidField(name, "must be >= 0")
+        if self.monthly_audio_minutes < 0:
+            raise InvalidField("monthly_audio_minutes", "must be >= 0")
+        if self.webhook_url:
+            if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", self.webhook_url):
+                raise InvalidField("webhook_url", "must be an http:// or https:// URL")
+            if len(self.webhook_secret) < MIN_AUTH_SECRET:
+                raise InvalidField(
+                    "webhook_secret", f"must be at least {MIN_AUTH_SECRET} characters when webhook_url is set"
+                )
+
+    def settings(self) -> tuple[object, ...]:
+        """What every key of one tenant must agree on (its limits, quotas and webhook endpoint)."""
+        return (
+            self.max_sessions,
+            self.max_jobs_per_second,
+            self.jobs_burst,
+            self.daily_audio_minutes,
+            self.monthly_audio_minutes,
+            self.webhook_url,
+            self.webhook_secret,
+        )
 
 
 class AuthConfig(Section):
@@ -550,7 +585,8 @@ class AuthConfig(Section):
     #: node ids whose tokens are refused, in addition to the revocation list kept in the state store
     revoked_node_ids: list[str] = []
     #: tenant API keys ([[auth.tenants]] tables: tenant_id, key_sha256, max_sessions,
-    #: max_jobs_per_second, jobs_burst); empty = sessions are not authenticated
+    #: max_jobs_per_second, jobs_burst, daily_audio_minutes, monthly_audio_minutes, webhook_url,
+    #: webhook_secret); empty = sessions are not authenticated
     tenants: list[TenantKeyConfig] = []
     #: also accept the API key as ``?api_key=`` on the /ws/session URL (browsers cannot set headers;
     #: URLs end up in proxy logs and browser history: prefer session_init.api_key)
@@ -570,12 +606,13 @@ class AuthConfig(Section):
                 "node_token_previous_secrets", f"must be at least {MIN_AUTH_SECRET} characters each"
             )
         # A tenant may have several keys (to rotate one without downtime); they share its limits.
-        limits: dict[str, tuple[int, float, int]] = {}
+        limits: dict[str, tuple[object, ...]] = {}
         for t in self.tenants:
-            mine = (t.max_sessions, t.max_jobs_per_second, t.jobs_burst)
+            mine = t.settings()
             if limits.setdefault(t.tenant_id, mine) != mine:
                 raise InvalidField(
-                    "tenants", f"must give every key of tenant {t.tenant_id!r} the same limits"
+                    "tenants",
+                    f"must give every key of tenant {t.tenant_id!r} the same limits, quotas and webhook",
                 )
         hashes = [t.key_sha256 for t in self.tenants]
         if len(set(hashes)) != len(hashes):
@@ -590,6 +627,57 @@ class AuthConfig(Section):
     def sessions_required(self) -> bool:
         """Session API keys are checked."""
         return not self.insecure_dev and bool(self.tenants)
+
+
+class IntegratorConfig(Section):
+    """The integrator API: one-shot translation uploads, usage metering and quotas (docs/integration.md)."""
+
+    #: largest body of POST /v1/speech/translate (the upload and its form fields), in bytes
+    translate_max_body_bytes: int = 32 * 1024 * 1024
+    #: longest audio one translate request may carry, in seconds (it is cut into utterances)
+    translate_max_audio_seconds: float = 600.0
+    #: hours of hourly usage buckets kept per tenant and language pair (GET /api/v1/usage reaches back
+    #: this far); the default covers a calendar month and a day
+    usage_retention_hours: int = 32 * 24
+    #: most language pairs metered apart per tenant; the others are summed under "other"
+    usage_max_pairs_per_tenant: int = 32
+    #: part of a daily or monthly quota whose use sends one quota.warning webhook per period
+    quota_warn_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        for name in (
+            "translate_max_body_bytes",
+            "translate_max_audio_seconds",
+            "usage_retention_hours",
+            "usage_max_pairs_per_tenant",
+        ):
+            _positive(name, getattr(self, name))
+        if not 0 < self.quota_warn_fraction < 1:
+            raise InvalidField("quota_warn_fraction", "must be between 0 and 1 (exclusive)")
+
+
+class WebhooksConfig(Section):
+    """Delivery of the tenants' webhook events ([[auth.tenants]] webhook_url; docs/integration.md)."""
+
+    #: deadline of one delivery attempt (connect, send, answer), in seconds
+    timeout_seconds: float = 10.0
+    #: wait before the first retry; doubled after each failed attempt (with jitter), in seconds
+    backoff_initial_seconds: float = 1.0
+    #: longest wait between two attempts, in seconds
+    backoff_max_seconds: float = 300.0
+    #: an event not delivered this long after it was queued is given up (counted, logged), in seconds
+    give_up_after_seconds: float = 24 * 3600.0
+    #: most events waiting for delivery on this instance; more are dropped (counted)
+    max_queued: int = 10_000
+    #: Redis mode: events of an instance whose presence expired are taken over by another once they
+    #: waited this long unacknowledged, in seconds
+    claim_idle_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            _positive(name, getattr(self, name))
+        if self.backoff_max_seconds < self.backoff_initial_seconds:
+            raise InvalidField("backoff_max_seconds", "must be >= backoff_initial_seconds")
 
 
 class TlsConfig(Section):
@@ -737,6 +825,8 @@ class Config(Section):
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     shutdown: ShutdownConfig = msgspec.field(default_factory=ShutdownConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    integrator: IntegratorConfig = msgspec.field(default_factory=IntegratorConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 

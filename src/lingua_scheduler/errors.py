@@ -113,6 +113,12 @@ class ErrorCode(StrEnum):
     RAW_VOICE_DECLINED = "RAW_VOICE_DECLINED"
     #: too many pairing codes tried from this connection or source address: wait before trying again
     PAIRING_RATE_LIMITED = "PAIRING_RATE_LIMITED"
+    #: the tenant used up its daily or monthly audio minutes (details: period, reset_at)
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    #: HTTP 415: the request body is in a media type the route does not take
+    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+    #: HTTP 403: the credential is valid but not for this (a tenant key asking about another tenant)
+    FORBIDDEN = "FORBIDDEN"
 
 
 class Reason(StrEnum):

@@ -56,6 +56,8 @@ async def _walk(
             url = url.replace(k, v)
         if op["operationId"] == "simulate_selection":
             url += "?src_lang=en&tgt_lang=zh"
+        if op["operationId"] == "usage":  # no tenant is configured here: a documented 404 (test_usage_api)
+            url += "?tenant=acme"
         async with rs.http.get(rs.base + url, headers=AUTH, allow_redirects=False) as r:
             responses = op["responses"]
             assert str(r.status) in responses, (url, r.status)
@@ -64,7 +66,8 @@ async def _walk(
                 _validate(await r.json(), path, "get", r.status)
             else:
                 assert r.content_type in content or not content, (url, r.content_type)
-            assert r.status < 400 or op["operationId"] in absent, (url, r.status, await r.text())
+            expected_error = op["operationId"] in absent or (op["operationId"] == "usage" and r.status == 404)
+            assert r.status < 400 or expected_error, (url, r.status, await r.text())
         done.add(op["operationId"])
     return done
 

@@ -268,7 +268,8 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         HTTP_ONLY,
     ),
     ErrorCode.TOO_MANY_CLIENTS: (
-        "HTTP 503: `admin.max_dashboard_clients` dashboards are connected.",
+        "HTTP 503: `admin.max_dashboard_clients` dashboards are connected, or (webhook test) "
+        "`webhooks.max_queued` events wait for delivery.",
         HTTP_ONLY,
     ),
     ErrorCode.ROOM_NOT_FOUND: ("`room_error`: no live room has this code.", frozenset()),
@@ -296,6 +297,19 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         "Reserved: too many pairing codes tried from this connection or source address "
         "(`pairing.attempts_per_minute_per_*`); not sent until pairing is enabled.",
         frozenset(),
+    ),
+    ErrorCode.QUOTA_EXCEEDED: (
+        "HTTP 429: the tenant used up its daily or monthly audio minutes (`details.period`, "
+        "`details.reset_at` say which and when it resets).",
+        HTTP_ONLY,
+    ),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: (
+        "HTTP 415: the request body is in a media type the route does not take.",
+        HTTP_ONLY,
+    ),
+    ErrorCode.FORBIDDEN: (
+        "HTTP 403: the credential is valid, but not for this (a tenant key asking about another tenant).",
+        HTTP_ONLY,
     ),
 }
 

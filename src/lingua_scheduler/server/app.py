@@ -19,6 +19,7 @@ from lingua_scheduler.server import (
     cluster_view,
     dashboard,
     http_api,
+    integrator_api,
     openapi,
     ops_api,
     routes,
@@ -53,6 +54,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     stats.setup(app)
     state.metrics.add_live(PairMetrics(state).collect)  # supply and demand per language pair
     admin.add_routes(app)
+    # usage metering, quotas and webhooks (started after the cluster: its presence is written first)
+    integrator_api.setup(app, config, state.clock, store)
     dashboard.add_routes(app)
     openapi.add_routes(app)
     if store is not None:
@@ -61,6 +64,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
+    app.cleanup_ctx.append(integrator_api.delivery)
     shutdown.setup(app)  # SIGTERM: drain, fail the rest explicitly, close with 1001 (last on_shutdown hook)
     auth.setup(app)  # start-up warning when left open; revocation sync in shared mode
     return app

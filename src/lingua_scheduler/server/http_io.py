@@ -127,23 +127,27 @@ def parse_query(query: MultiMapping[str], cls: type[S]) -> S:
         extra = (t.extra or {}) if isinstance(t, msgspec.inspect.Metadata) else {}
         inner = t.type if isinstance(t, msgspec.inspect.Metadata) else t
         if isinstance(inner, msgspec.inspect.ListType):
-            items = [v.strip() for raw in query.getall(f.name, []) for v in raw.split(",") if v.strip()]
+            items = [
+                v.strip() for raw in query.getall(f.encode_name, []) for v in raw.split(",") if v.strip()
+            ]
             if extra.get("fold_case"):
                 items = [v.lower() for v in items]
             choices = _choices(inner.item_type)
             for v in items:
                 if choices and v not in choices:
-                    noun = extra.get("noun", f"value of query parameter {f.name!r}")
+                    noun = extra.get("noun", f"value of query parameter {f.encode_name!r}")
                     raise RequestError(f"unknown {noun} {v!r} (one of {', '.join(choices)})")
             values[f.name] = msgspec.convert(items, hint)
             continue
-        raw = query.get(f.name)
+        raw = query.get(f.encode_name)  # the parameter's name on the wire (``from`` for ``from_``)
         if raw is None:
             if f.required:
-                raise RequestError(f"query parameter {f.name!r} is required")
+                raise RequestError(f"query parameter {f.encode_name!r} is required")
             continue
         try:
             values[f.name] = msgspec.convert(raw, hint, strict=False)
         except msgspec.ValidationError:
-            raise RequestError(f"query parameter {f.name!r} must be {_describe(t)}, got {raw!r}") from None
+            raise RequestError(
+                f"query parameter {f.encode_name!r} must be {_describe(t)}, got {raw!r}"
+            ) from None
     return cls(**values)

@@ -167,6 +167,10 @@ def document() -> dict[str, Any]:
             {"name": "dashboard", "description": "The live dashboard"},
             {"name": "websocket", "description": "WebSocket upgrades (not plain HTTP)"},
             {"name": "meta", "description": "This document and the AsyncAPI documents of the WebSockets"},
+            {
+                "name": "integrator",
+                "description": "The integrator API (``Authorization: Bearer <tenant key or admin.token>``)",
+            },
         ],
         "paths": paths,
         "components": {

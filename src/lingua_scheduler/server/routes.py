@@ -19,6 +19,7 @@ from aiohttp import web
 
 from lingua_scheduler.errors import ErrorCode as E
 from lingua_scheduler.protocol import http as h
+from lingua_scheduler.protocol import integrator as i
 
 Schema = dict[str, Any]
 JSON = "application/json"
@@ -324,6 +325,29 @@ ROUTES: tuple[Route, ...] = (
         body=h.ReasonBody,
         errors=(E.NOT_FOUND, E.JOB_ENDED),
         admin=True,
+    ),
+    Route(
+        "POST",
+        "/api/v1/admin/webhooks/test",
+        "admin_webhook_test",
+        "admin",
+        "Queue a signed test.ping event to a tenant's webhook endpoint (202: queued, delivered with the "
+        "usual retries)",
+        {202: i.WebhookTestQueued},
+        query=i.WebhookTestQuery,
+        errors=(E.NOT_FOUND, E.TOO_MANY_CLIENTS),
+        admin=True,
+    ),
+    # --- integrator API
+    Route(
+        "GET",
+        "/api/v1/usage",
+        "usage",
+        "integrator",
+        "A tenant's usage by UTC hour and language pair (admin token: any tenant; a tenant key: its own)",
+        {200: i.UsageReport},
+        query=i.UsageQuery,
+        errors=(E.UNAUTHORIZED, E.FORBIDDEN, E.NOT_FOUND, E.ADMIN_DISABLED),
     ),
     # --- WebSockets
     Route(

@@ -73,3 +73,19 @@ class Keys:
     def instance_ended(self, instance_id: str) -> str:
         """stream of ended jobs (field d = JSON list of records), trimmed to the retention time."""
         return f"{{{self.prefix}:inst:{instance_id}}}:ended"
+
+    def webhooks(self, instance_id: str) -> str:
+        """stream of the webhook events an instance queued (fields: tenant, body, queued_ms, event), read
+        by its group ``webhooks``; an entry is deleted once delivered or given up. Another instance
+        claims the stream's entries (XAUTOCLAIM) when its instance's presence has expired."""
+        return f"{{{self.prefix}:inst:{instance_id}}}:webhooks"
+
+    @property
+    def webhook_streams(self) -> str:
+        """set of the instance ids that have a webhook stream (so that the survivors find a dead one's)."""
+        return f"{{{self.prefix}:webhooks}}:streams"
+
+    def webhook_claim(self, instance_id: str) -> str:
+        """string: the instance delivering a dead instance's webhook stream (SET NX PX, renewed while it
+        works): one claimer at a time keeps each tenant's events in order."""
+        return f"{{{self.prefix}:webhooks}}:claim:{instance_id}"

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GROUP = "scheduler"
+#: consumer group of the webhook streams (each instance reads as its own consumer)
+WEBHOOK_GROUP = "webhooks"
 _inbox_dec: msgspec.json.Decoder[InboxMessage] = msgspec.json.Decoder(InboxMessage)
 _record_dec = msgspec.json.Decoder(NodeRecord)
 _load_dec = msgspec.json.Decoder(LoadBatch)
@@ -556,3 +558,93 @@ class RedisStore:
             return _inbox_dec.decode(fields.get(b"m", b""))
         except msgspec.DecodeError:
             return None
+
+    # --- webhook events (server/webhooks.py) ---------------------------------------------------------
+
+    async def webhook_join(self) -> None:
+        """Create this instance's webhook stream and group, and list it among the streams."""
+        k = self.keys
+        try:
+            await self._do(
+                self.r.xgroup_create(k.webhooks(self.instance_id), WEBHOOK_GROUP, id="0", mkstream=True)
+            )
+        except StoreUnavailable as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        await self._do(self.r.sadd(k.webhook_streams, self.instance_id))
+
+    async def webhook_add(self, fields: dict[str, str | bytes]) -> str:
+        """Queue one event on this instance's stream (never trimmed: the queue's bound is enforced
+        before, by the caller, so that nothing queued is lost to trimming)."""
+        eid = await self._do(self.r.xadd(self.keys.webhooks(self.instance_id), fields))
+        return _s(eid)
+
+    async def webhook_read(
+        self, owner: str, count: int, *, pending: bool = False
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Entries of ``owner``'s stream for this instance: new ones, or (``pending``) those this
+        instance read before and did not acknowledge (after a restart with the same id)."""
+        stream = self.keys.webhooks(owner)
+        got = await self._do(
+            self.r.xreadgroup(WEBHOOK_GROUP, self.instance_id, {stream: "0" if pending else ">"}, count=count)
+        )
+        return [(_s(eid), fields) for _, entries in got or [] for eid, fields in entries if fields]
+
+    async def webhook_claim_entries(
+        self, owner: str, min_idle_ms: int, count: int
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Take the entries of a dead instance's stream that its consumer read and never acknowledged."""
+        _next, claimed, *_ = await self._do(
+            self.r.xautoclaim(
+                self.keys.webhooks(owner),
+                WEBHOOK_GROUP,
+                self.instance_id,
+                min_idle_time=min_idle_ms,
+                count=count,
+            )
+        )
+        return [(_s(eid), fields) for eid, fields in claimed if fields]
+
+    async def webhook_done(self, owner: str, entry_id: str) -> None:
+        """An event was delivered or given up: acknowledged and deleted."""
+        stream = self.keys.webhooks(owner)
+        p = self.r.pipeline(transaction=False)
+        p.xack(stream, WEBHOOK_GROUP, entry_id)
+        p.xdel(stream, entry_id)
+        await self._do(p.execute())
+
+    async def webhook_orphans(self) -> list[str]:
+        """Instances with a webhook stream whose presence has expired (or was removed): theirs to claim."""
+        k = self.keys
+        p = self.r.pipeline(transaction=False)
+        p.smembers(k.webhook_streams)
+        p.zrange(k.instances, 0, -1, withscores=True)
+        members, live = await self._do(p.execute())
+        now = self.now_ms()
+        alive = {_s(m) for m, expiry in live if float(expiry) > now}
+        return sorted(_s(m) for m in members if _s(m) not in alive and _s(m) != self.instance_id)
+
+    async def webhook_lock(self, owner: str, ttl_ms: int) -> bool:
+        """Hold (or renew) the claim of ``owner``'s stream for ``ttl_ms``; False when another holds it."""
+        key = self.keys.webhook_claim(owner)
+        got = await self._do(self.r.set(key, self.instance_id, nx=True, px=ttl_ms))
+        if got:
+            return True
+        holder = await self._do(self.r.get(key))
+        if holder is not None and _s(holder) == self.instance_id:
+            await self._do(self.r.pexpire(key, ttl_ms))
+            return True
+        return False
+
+    async def webhook_retire(self, owner: str) -> bool:
+        """Drop a dead instance's stream once nothing is left in it; True when it was dropped."""
+        k = self.keys
+        stream = k.webhooks(owner)
+        if int(await self._do(self.r.xlen(stream))) > 0:
+            return False
+        p = self.r.pipeline(transaction=False)
+        p.delete(stream)
+        p.srem(k.webhook_streams, owner)
+        p.delete(k.webhook_claim(owner))
+        await self._do(p.execute())
+        return True
