@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from lingua_scheduler.server.connection_guard import source_of
 from tests.redis_support import free_port
 from tests.scheduler_process import SchedulerProcess, env_for
 from tests.server.raw_ws import RawWebSocket
@@ -427,3 +428,107 @@ async def test_tls_handshake_without_client_hello_is_closed_in_time(tmp_path: Pa
         silent.close()
     finally:
         server.close()
+
+
+# --- requests pipelined behind a long handler, and IPv6 sources ---------------------------------------
+
+
+async def test_request_heads_pipelined_behind_the_event_stream_are_bounded(serve: Any) -> None:
+    """The dashboard's event stream never ends: bytes sent behind it still count against the
+    per-socket budget, and the socket is closed at it. aiohttp itself queues up to 32 parsed requests
+    before it stops reading: heads of 4 KiB make that twice the budget, uncounted without the guard."""
+    proc = await serve(limits={"preauth_connection_bytes": 64 * 1024})
+    loop = asyncio.get_running_loop()
+    sock = await tcp(proc.port)
+    await loop.sock_sendall(sock, b"GET /api/v1/dashboard/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+    assert first.startswith(b"HTTP/1.1 200"), first[:40]
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 4000 + b"\r\n\r\n"
+    closed = False
+
+    async def flood() -> None:
+        nonlocal closed
+        try:
+            for _ in range(256):  # 1 MiB of heads, 16 x the budget
+                await loop.sock_sendall(sock, head)
+        except OSError:
+            closed = True
+
+    async def until_closed() -> None:
+        nonlocal closed
+        try:
+            while await loop.sock_recv(sock, 65536):
+                pass
+        except OSError:
+            pass
+        closed = True
+
+    try:
+        await asyncio.wait_for(asyncio.gather(flood(), until_closed()), 10)
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    assert closed, "the socket pipelining behind the stream was not closed"
+    async with aiohttp.ClientSession() as http, http.get(f"{proc.base}/metrics") as r:
+        text = await r.text()
+    assert 'lingua_limit_refusals_total{limit="preauth_connection"} 1.0' in text
+    assert "lingua_preauth_bytes 0.0" in text  # released with the socket
+    assert await health(proc.port) == 200
+
+
+def test_sources_are_counted_per_ipv4_address_and_per_ipv6_64() -> None:
+    assert source_of(("2001:db8:1:2::1", 4000, 0, 0)) == source_of(("2001:db8:1:2:ffff::9", 1, 0, 0))
+    assert source_of(("2001:db8:1:2::1", 4000, 0, 0)) != source_of(("2001:db8:1:3::1", 4000, 0, 0))
+    assert source_of(("::ffff:10.0.0.1", 1, 0, 0)) == source_of(("10.0.0.1", 2))
+    assert source_of(("10.0.0.1", 1)) != source_of(("10.0.0.2", 1))
+    assert source_of(None) == source_of("garbage") == "?"
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+async def _tcp6(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(s, ("::1", port))
+    return s
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+async def test_per_source_cap_counts_ipv6_sources() -> None:
+    proc = SchedulerProcess(server={"host": "::1"}, limits={"max_connections_per_source": 5}).start()
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # until it listens on ::1 (the process takes a second to import and bind)
+            try:
+                probe = await _tcp6(proc.port)
+                await loop.sock_sendall(
+                    probe, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                status, _, _ = await http_answer_raw(probe)
+                probe.close()
+                if status == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, proc.log_tail()
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)  # the probe's socket is released
+        held = [await _tcp6(proc.port) for _ in range(5)]
+        await asyncio.sleep(0.2)
+        extra = await _tcp6(proc.port)
+        status, body, _ = await http_answer(extra, timeout=3)
+        assert status == 503 and body["code"] == "TOO_MANY_CONNECTIONS"
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+        proc.close()

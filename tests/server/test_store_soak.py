@@ -78,7 +78,7 @@ class Store:
                 records = {k.decode() for k in r.hkeys(f"{{{p}:fleet}}:nodes")}
                 present = {m.decode() for m in r.zrangebyscore(f"{{{p}:fleet}}:presence", now, "+inf")}
                 ready = all(r.hget(f"{{{p}:node:{n}}}:state", "status") == b"ready" for n in nodes)
-                counted = r.scard(f"{{{p}:fleet}}:tenant:soak:sessions")
+                counted = sum(int(v) for v in r.hvals(f"{{{p}:fleet}}:tenant:soak:counts"))
         except Exception:  # the store is not answering yet
             return False
         return (

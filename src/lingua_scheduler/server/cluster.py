@@ -146,7 +146,7 @@ class Cluster:
         self._tenant_members: dict[str, set[str]] = {}
         #: sessions whose admission is in flight
         self._admitting: set[str] = set()
-        #: members removed / added by the re-syncs of the tenants' session sets
+        #: sessions removed / added by the re-syncs of the tenants' counts
         self.sessions_resynced = {"removed": 0, "added": 0}
         #: times a tick found this instance's presence gone from the store (restarted empty, or taken
         #: over while it lived) and published everything it owns again
@@ -456,7 +456,12 @@ class Cluster:
         if self.degraded:
             return None
         members = self._tenant_members.setdefault(tenant_id, set())
+        if session_id in members:
+            return True  # counted already
         ended = [s for s in members if s not in self.state.sessions and s not in self._admitting]
+        # released by this call only: the store counts, so a release running meanwhile must not see
+        # them again (if the call fails, the re-sync after it repairs the count)
+        members.difference_update(ended)
         # Counted as ours from now on: a re-sync meanwhile keeps it, and if it was admitted by a call
         # whose answer never came, the re-sync after the failure removes it unless it opened.
         members.add(session_id)
@@ -468,7 +473,6 @@ class Cluster:
             return None
         finally:
             self._admitting.discard(session_id)
-        members.difference_update(ended)
         if not admitted:
             members.discard(session_id)
         return admitted
@@ -484,9 +488,10 @@ class Cluster:
         ended = {t: ids for t, ids in self._ended_sessions().items() if ids}
         if not ended:
             return
-        await self.store.release_sessions(ended)
+        # forgotten before the call: released once (a failure is repaired by the re-sync after it)
         for tenant_id, ids in ended.items():
             self._tenant_members[tenant_id].difference_update(ids)
+        await self.store.release_sessions(ended)
 
     async def _resync_sessions(self) -> None:
         """Make the store's session sets hold exactly our live sessions of each capped tenant: after a

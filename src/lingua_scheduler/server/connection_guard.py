@@ -3,7 +3,8 @@
 Owns:
 - ``ConnectionGuard`` (one per instance, ``app[GUARD]``): the count of accepted sockets (plain HTTP and
   WebSocket alike) against ``limits.max_connections + limits.http_socket_reserve``, the count per
-  source address against ``limits.max_connections_per_source``, and the budget of bytes received by
+  source (an IPv4 address, an IPv6 /64: ``source_of``) against ``limits.max_connections_per_source``,
+  and the budget of bytes received by
   sockets that have not authenticated yet (``limits.preauth_buffer_bytes``, and per socket
   ``limits.preauth_connection_bytes``).
 - ``GuardedProtocol``: wraps aiohttp's request handler of one socket. It refuses the socket at accept
@@ -11,7 +12,9 @@ Owns:
   bytes that would go over a budget (they never reach aiohttp's buffers), and closes a socket whose
   request head is not complete within ``limits.header_timeout_seconds`` (HTTP 408).
 - ``track_requests``: the middleware telling the guard that a request reached its handler (the head
-  is complete: the header deadline ends; a plain HTTP request stops being charged).
+  is complete: the header deadline ends; what the socket sent so far is released). While a plain HTTP
+  request is in its handler, the bytes beyond its declared body are requests pipelined behind it,
+  which aiohttp queues: they are charged (a handler may never end: the dashboard's event stream).
 - ``authenticated(request)``: called by the WebSocket loop once the socket registered a node or
   opened a session; from then on its bytes are bounded by the frame limit, not by this budget.
 
@@ -40,6 +43,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from lingua_scheduler.config import LimitsConfig
+from lingua_scheduler.core.pairing import source_key
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol.http import ErrorBody
 
@@ -49,7 +53,8 @@ log = logging.getLogger(__name__)
 class Phase(Enum):
     #: reading a request head (from accept, or from the first byte after the previous response)
     HEAD = "head"
-    #: a plain HTTP request is in its handler (bounded by aiohttp's body limit), not charged
+    #: a plain HTTP request is in its handler: its declared body is not charged (aiohttp's body
+    #: limit bounds it), anything beyond (requests pipelined behind it) is
     HANDLER = "handler"
     #: between requests of a keep-alive connection: charged, the header deadline starts at a byte
     IDLE = "idle"
@@ -63,7 +68,16 @@ class Phase(Enum):
 
 
 #: phases whose received bytes count against the pre-authentication budgets
-CHARGED = frozenset({Phase.HEAD, Phase.IDLE, Phase.PREAUTH})
+CHARGED = frozenset({Phase.HEAD, Phase.HANDLER, Phase.IDLE, Phase.PREAUTH})
+
+
+def source_of(peer: object) -> str:
+    """The key a socket from ``peer`` (its ``peername``) counts under for the per-source cap: the IPv4
+    address, the /64 of an IPv6 one (one host commonly holds a whole /64, so per address it would
+    get an effectively unlimited number of sources)."""
+    if not isinstance(peer, tuple) or not peer:
+        return "?"
+    return source_key(str(peer[0]))
 
 
 class ConnectionGuard:
@@ -134,6 +148,8 @@ class GuardedProtocol(asyncio.Protocol):
         self.charged = 0
         #: a request of this socket reached its handler: aiohttp may still be writing its response
         self.served = False
+        #: in HANDLER: body bytes of the request still expected (not charged)
+        self.body_left = 0
         self._timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------------------
@@ -141,8 +157,7 @@ class GuardedProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.source = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        self.source = source_of(transport.get_extra_info("peername"))
         refused = self.guard._admit(self.source)
         if refused is not None:
             self.phase = Phase.REFUSED
@@ -163,7 +178,12 @@ class GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.inner is None or self.phase is Phase.REFUSED:
             return
-        if self.phase in CHARGED and not self._charge(len(data)):
+        n = len(data)
+        if self.phase is Phase.HANDLER and self.body_left:
+            free = min(n, self.body_left)
+            self.body_left -= free
+            n -= free
+        if self.phase in CHARGED and n and not self._charge(n):
             return
         if self.phase is Phase.IDLE and self._timer is None:
             self.phase = Phase.HEAD  # the next request's first byte: its head has a deadline too
@@ -194,21 +214,26 @@ class GuardedProtocol(asyncio.Protocol):
 
     # --- phases (middleware, WebSocket loop) ---------------------------------------------------------
 
-    def request_started(self, upgrade: bool) -> None:
-        """A request reached its handler: its head is complete."""
+    def request_started(self, upgrade: bool, body_bytes: int = 0) -> None:
+        """A request reached its handler: its head is complete. ``body_bytes``: what its body may
+        still bring (its Content-Length, or aiohttp's body limit for a chunked one)."""
         self._disarm()
         self.served = True
         if upgrade:
             self.phase = Phase.PREAUTH
         else:
+            # what aiohttp parsed so far (this head, maybe requests pipelined behind it) is released:
+            # aiohttp keeps at most a few parsed requests queued, and pauses reading beyond them
             self._uncharge()
             self.phase = Phase.HANDLER
+            self.body_left = body_bytes
 
     def request_ended(self) -> None:
         """Its handler returned: the connection waits for the next request (keep-alive)."""
         if self.phase in (Phase.HANDLER, Phase.PREAUTH):
             self._uncharge()
             self.phase = Phase.IDLE
+            self.body_left = 0
 
     def authenticated(self) -> None:
         if self.phase is Phase.PREAUTH:
@@ -323,7 +348,11 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
     proto = guard.protocol_of(request.transport) if guard is not None else None
     if proto is None:
         return await handler(request)
-    proto.request_started(upgrade=request.headers.get("Upgrade", "").lower() == "websocket")
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    body = request.content_length
+    if body is None and request.body_exists:  # chunked: bounded by aiohttp's body limit
+        body = request.app._client_max_size
+    proto.request_started(upgrade=upgrade, body_bytes=body or 0)
     try:
         return await handler(request)
     finally:

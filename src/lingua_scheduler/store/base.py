@@ -165,7 +165,9 @@ class StateStore(Protocol):
         ...
 
     async def release_sessions(self, ended: dict[str, list[str]]) -> None:
-        """Tenant id -> this instance's sessions of it that ended: they stop counting."""
+        """Tenant id -> this instance's sessions of it that ended: they stop counting. Not idempotent
+        (the store may keep counts, not ids): release each session once, here or as ``ended`` of an
+        admission; after a failed call the re-sync (``resync_sessions``) repairs."""
         ...
 
     async def resync_sessions(self, live: dict[str, list[str]]) -> tuple[int, int]:

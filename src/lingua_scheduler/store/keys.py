@@ -33,11 +33,11 @@ class Keys:
         #: instance's revocation sync; never expires: ids are not reused)
         self.revoked_nodes = f"{{{prefix}:auth}}:revoked"
 
-    def tenant_sessions_of(self, tenant_id: str) -> str:
-        """set of "<instance>\t<session id>": the sessions of one tenant with a session cap, across the
-        instances (admit.lua checks the cap and adds in one step; a member counts while its
-        instance's presence is live)."""
-        return f"{{{self.prefix}:fleet}}:tenant:{tenant_id}:sessions"
+    def tenant_counts(self, tenant_id: str) -> str:
+        """hash instance -> its admitted sessions of one tenant with a session cap (admit.lua checks
+        the cap against the live instances' counts and adds in one step, O(instances); a count
+        counts while its instance's presence is live)."""
+        return f"{{{self.prefix}:fleet}}:tenant:{tenant_id}:counts"
 
     def resume(self, session_id: str) -> str:
         """string: a detached session's ResumeRecord JSON, expiring with its resume window."""

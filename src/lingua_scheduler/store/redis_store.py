@@ -359,13 +359,13 @@ class RedisStore:
     async def admit_session(
         self, tenant_id: str, session_id: str, cap: int, ended: list[str]
     ) -> tuple[bool, int]:
-        """``admit.lua``: the cap checked and the session added in one step, against the sessions of
-        every live instance (docs/redis.md)."""
+        """``admit.lua``: the cap checked and the session counted in one step, against the counts of
+        every live instance (docs/redis.md). Counts, not session ids: the script's work is
+        O(instances) whatever the tenant's sessions, so ``session_id`` stays here."""
         k = self.keys
         ok, count = await self._do(
             self._admit(
-                keys=[k.tenant_sessions_of(tenant_id), k.instances],
-                args=[self.instance_id, session_id, cap, *ended],
+                keys=[k.tenant_counts(tenant_id), k.instances], args=[self.instance_id, cap, len(ended)]
             )
         )
         return bool(ok), int(count)
@@ -374,7 +374,7 @@ class RedisStore:
         p = self.r.pipeline(transaction=False)
         for tenant_id, ids in ended.items():
             if ids:
-                p.srem(self.keys.tenant_sessions_of(tenant_id), *[f"{self.instance_id}\t{s}" for s in ids])
+                p.hincrby(self.keys.tenant_counts(tenant_id), self.instance_id, -len(ids))
         if len(p):
             await self._do(p.execute())
 
@@ -384,7 +384,7 @@ class RedisStore:
         for tenant_id, ids in live.items():
             r, a = await self._do(
                 self._tenant_resync(
-                    keys=[self.keys.tenant_sessions_of(tenant_id)], args=[f"{self.instance_id}\t", *ids]
+                    keys=[self.keys.tenant_counts(tenant_id)], args=[self.instance_id, len(ids)]
                 )
             )
             removed, added = removed + int(r), added + int(a)

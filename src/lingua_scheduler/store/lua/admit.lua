@@ -1,52 +1,41 @@
 -- Admit one session of a tenant against its cluster-wide cap, atomically: two instances admitting at
 -- the same moment cannot both take the last place.
--- KEYS[1] = {P:fleet}:tenant:<tenant>:sessions (set of "<instance>\t<session id>")
--- KEYS[2] = {P:fleet}:instances                (zset instance -> presence expiry ms)
--- ARGV[1] = this instance's id, ARGV[2] = the session id, ARGV[3] = the cap,
--- ARGV[4..] = ids of this instance's sessions of the tenant that ended (released first)
--- A member counts while its instance's presence is live (ours always: we are asking). Members of an
--- instance gone from the zset (left, or taken over) are removed; those of an instance whose presence
--- merely expired are kept uncounted: after a stall tick.lua extends that presence again.
--- Returns {1, sessions counted} when admitted (or already admitted), {0, sessions counted} when full.
+-- KEYS[1] = {P:fleet}:tenant:<tenant>:counts (hash instance -> sessions of the tenant admitted there)
+-- KEYS[2] = {P:fleet}:instances              (zset instance -> presence expiry ms)
+-- ARGV[1] = this instance's id, ARGV[2] = the cap,
+-- ARGV[3] = how many of this instance's sessions of the tenant ended (released first)
+-- A count is per instance, never per session: the work is O(instances), whatever the tenant's sessions.
+-- An instance's count counts while its presence is live (ours always: we are asking). The field of an
+-- instance gone from the zset (left, or taken over) is removed; that of an instance whose presence
+-- merely expired is kept uncounted: after a stall tick.lua extends that presence again.
+-- Returns {1, sessions counted} when admitted, {0, sessions counted} when full.
 if redis.replicate_commands then redis.replicate_commands() end -- Redis < 7: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me = ARGV[1]
-local mine = me .. '\t'
-for i = 4, #ARGV do
-  redis.call('SREM', KEYS[1], mine .. ARGV[i])
-end
-local member = mine .. ARGV[2]
-local alive = {}
+local ended = tonumber(ARGV[3])
+local mine = 0
 local count = 0
-local found = false
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local sep = string.find(m, '\t', 1, true)
-  local inst = sep and string.sub(m, 1, sep - 1) or ''
-  local state = alive[inst]
-  if state == nil then
-    if inst == me then
-      state = 'live'
-    else
-      local exp = tonumber(redis.call('ZSCORE', KEYS[2], inst) or '')
-      state = (exp == nil and 'gone') or (exp > now and 'live') or 'expired'
-    end
-    alive[inst] = state
-  end
-  if state == 'gone' then
-    redis.call('SREM', KEYS[1], m)
-  elseif state == 'live' then
-    count = count + 1
-    if m == member then
-      found = true
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local inst, n = fields[i], math.max(0, tonumber(fields[i + 1]) or 0)
+  if inst == me then
+    mine = math.max(0, n - ended) -- below zero: a release raced a lost admission; the re-sync repairs
+  else
+    local exp = tonumber(redis.call('ZSCORE', KEYS[2], inst) or '')
+    if exp == nil then
+      redis.call('HDEL', KEYS[1], inst)
+    elseif exp > now then
+      count = count + n
     end
   end
 end
-if found then
-  return {1, count}
-end
-if count >= tonumber(ARGV[3]) then
+count = count + mine
+if count >= tonumber(ARGV[2]) then
+  if ended > 0 then
+    if mine > 0 then redis.call('HSET', KEYS[1], me, mine) else redis.call('HDEL', KEYS[1], me) end
+  end
   return {0, count}
 end
-redis.call('SADD', KEYS[1], member)
+redis.call('HSET', KEYS[1], me, mine + 1)
 return {1, count + 1}
