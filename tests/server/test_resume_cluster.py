@@ -6,6 +6,8 @@ reports the utterance that died with A as ``missing_result(job_failed)`` -- neve
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -13,7 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from lingua_scheduler.core import opus
+from lingua_scheduler.core.auth import hash_api_key
 from lingua_scheduler.sim.nodes import Executor
+from lingua_scheduler.sim.sessions import SimulatedSession
 from tests.conftest import eventually
 from tests.redis_support import RedisServer, cluster_cfg, has_redis, ready_in_view, start_instances
 from tests.scheduler_process import SchedulerProcess
@@ -149,3 +154,100 @@ async def test_wrong_secret_takes_nothing_over(
     owner = session_factory(url=b.session_url)
     await owner.connect()
     assert (await owner.init(resume_token=ack["resume_token"]))["session_id"] == sid
+
+
+async def test_an_outcome_the_hand_over_itself_produces_reaches_the_client_on_b(
+    redis_server: RedisServer, scheduler_factory: Any, session_factory: Any
+) -> None:
+    """The hand-over cuts the utterance in progress on A; a silent one is answered at once there
+    (``missing_result(silence_detected)``), relayed before A's answer reaches B: B keeps it until the
+    session opens there. Session ids are 128-bit (unique across the instances)."""
+    a, b = await start_instances(scheduler_factory, 2, sections(redis_server.url, "o" + secrets.token_hex(3)))
+    s = session_factory(url=a.session_url)
+    ack = await s.start()
+    sid = ack["session_id"]
+    assert re.fullmatch(r"s-[0-9A-F]{32}", sid), sid
+    silent = bytes.fromhex("4807c979c8c9c8c9")  # one 20 ms Opus frame of silence
+    await s.chunk(payload=base64.b64encode(opus.frame([silent] * 10)).decode())
+    await s.disconnect()
+    await eventually(lambda: a.state.sessions[sid].phase.value == "detached")
+    moved = session_factory(url=b.session_url)
+    await moved.connect()
+    assert (await moved.init(resume_token=ack["resume_token"]))["resumed"] is True
+    await eventually(lambda: len(results(moved)) == 1, timeout=5)
+    [lost] = results(moved)
+    assert (lost["type"], lost["utterance_index"], lost["reason"]) == (
+        "missing_result",
+        0,
+        "silence_detected",
+    )
+
+
+async def test_one_session_is_continued_once_when_two_instances_are_asked_at_once(
+    redis_server: RedisServer,
+    scheduler_factory: Any,
+    node_factory: Any,
+    session_factory: Any,
+    http: aiohttp.ClientSession,
+    procs: list[SchedulerProcess],
+) -> None:
+    """The token of a dead instance's session presented to B and C at the same moment: exactly one
+    continues it (the claim on the record), the other opens a new session; a later try anywhere
+    opens a new one too (the record went when the session opened)."""
+    cfg = sections(redis_server.url, "c" + secrets.token_hex(3))
+    a = SchedulerProcess(**cfg).start()
+    procs.append(a)
+    await a.wait_ready(http)
+    b, c = await start_instances(scheduler_factory, 2, cfg)
+    s = session_factory(url=a.session_url)
+    ack = await s.start()
+    await s.disconnect()
+    await asyncio.sleep(0.3)  # the detached session's record is written
+    a.kill()
+    await a.wait_exit(10)
+    tries = [session_factory(url=rs.session_url) for rs in (b, c)]
+    for t in tries:
+        await t.connect()
+    got = await asyncio.gather(*(t.init(resume_token=ack["resume_token"]) for t in tries))
+    assert sorted(g["resumed"] for g in got) == [False, True], got
+    assert sorted(g["session_id"] == ack["session_id"] for g in got) == [False, True], got
+    for rs in (b, c):
+        late = session_factory(url=rs.session_url)
+        await late.connect()
+        again = await late.init(resume_token=ack["resume_token"])
+        assert again["resumed"] is False and again["session_id"] != ack["session_id"]
+
+
+CAP_KEY = "resume-cap-key-" + "r" * 32
+
+
+async def test_a_refused_admission_leaves_the_session_with_its_owner(
+    redis_server: RedisServer, scheduler_factory: Any, http: aiohttp.ClientSession
+) -> None:
+    """B admits the continued session before asking A: when the tenant's cap refuses it there, A
+    still holds the session, detached and resumable (nothing was handed over to nobody)."""
+    cfg = sections(redis_server.url, "t" + secrets.token_hex(3))
+    cfg["auth"] = {
+        "tenants": [{"tenant_id": "capped", "key_sha256": hash_api_key(CAP_KEY), "max_sessions": 2}]
+    }
+    a, b = await start_instances(scheduler_factory, 2, cfg)
+    s = SimulatedSession(http, a.session_url, api_key=CAP_KEY)
+    ack = await s.start()
+    sid = ack["session_id"]
+    other = SimulatedSession(http, b.session_url, api_key=CAP_KEY)
+    assert (await other.start())["type"] == "session_init_ack"  # the cap is full now
+    await s.disconnect()
+    await eventually(lambda: a.state.sessions[sid].phase.value == "detached")
+    await asyncio.sleep(0.3)  # the record is written
+    moved = SimulatedSession(http, b.session_url, api_key=CAP_KEY)
+    await moved.connect()
+    refused = await moved.init(resume_token=ack["resume_token"])
+    assert (refused["type"], refused["code"]) == ("error", "TENANT_LIMIT"), refused
+    await asyncio.sleep(0.3)
+    assert a.state.sessions[sid].phase.value == "detached"
+    back = SimulatedSession(http, a.session_url, api_key=CAP_KEY)
+    await back.connect()
+    resumed = await back.init(resume_token=ack["resume_token"])
+    assert (resumed["session_id"], resumed["resumed"]) == (sid, True)
+    for conn in (other, moved, back):
+        await conn.disconnect()

@@ -147,7 +147,8 @@ class ResumeRequest(Record, tag="resume_request", tag_field="kind", kw_only=True
     reply_to: str
     session_id: str
     token_digest: str
-    #: shared wall clock (ms) after which the asker no longer waits: a later request is refused
+    #: the asker's wall clock (ms) when it stops waiting: informational only (clocks differ between
+    #: hosts); the claim on the resume record decides whether a hand-over may still happen
     deadline_ms: int
 
 

@@ -7,15 +7,20 @@ Owns the resume records in the shared store and the hand-over between instances:
   resume window; attaching again or closing drops it.
 - A ``session_init`` with a token naming a session that is not here reads the record. With none (or
   the digest or tenant not matching) a new session opens, as for any unknown token. Otherwise the
-  owner is asked (``ResumeRequest`` through its inbox) to hand the session over: it finalizes the
-  session there, answers with what it kept for the client and the utterances still in flight
-  (``ResumeHandover``), and from then on relays every message for the client of those utterances
-  (``SessionOutput``) until their outcomes are all out; the asking instance opens the session with
-  the same id and the numbering continued.
-- An owner that does not answer within ``ASK_TIMEOUT_S`` is taken for dead: the session opens with the
-  numbering continued from the record and every utterance the record names as in flight gets an
-  explicit ``missing_result(job_failed)`` -- its result died with that instance. An owner that gets
-  the request after the asker's deadline refuses it, so a session is never continued twice.
+  asking instance *claims* the record (one atomic step in the store, ``resume.lua``: one claim per
+  record, so two instances reached at once cannot both continue it; the loser opens a new session),
+  admits the session against its tenant's cap, and asks the owner (``ResumeRequest`` through its
+  inbox). The owner hands the session over only if it can turn the claim into ``handed`` (the claim
+  still being that request's): it finalizes the session, answers with what it kept for the client and
+  the utterances still in flight (``ResumeHandover``), and from then on relays every message for the
+  client of those utterances (``SessionOutput``) until their outcomes are all out. Messages relayed
+  before the session opens on the asking instance are kept there (bounded) and sent after the ack.
+- An owner that does not answer within ``ASK_TIMEOUT_S`` is taken for dead once the asker has turned
+  the claim into ``dead`` (the same compare-and-set, so no clock decides it): the session opens with
+  the numbering continued from the record and every utterance the record names as in flight gets an
+  explicit ``missing_result(job_failed)``. An owner that gets the request after that refuses it.
+- Once the session is open on the asking instance the record and the claim are dropped (or replaced,
+  if its connection is already gone again): nobody else may continue it from the old record.
 
 Must never: hand a session over to a token that does not match, or lose an utterance silently.
 """
@@ -46,6 +51,10 @@ ASK_TIMEOUT_S = 1.5
 #: hand-over requests waiting for an answer at once (a bound; each is one reconnecting client)
 MAX_WAITING = 1024
 
+#: the claim's outcomes (resume.lua): the owner handed the session over / the asker gave up waiting
+HANDED = "handed"
+DEAD = "dead"
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -61,6 +70,8 @@ class Resumer:
         self.cluster = cluster
         self._waiting: dict[str, asyncio.Future[ResumeHandover]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: session id -> messages its owner relayed before the session opened here (bounded)
+        self._relayed: dict[str, list[bytes]] = {}
 
     # --- the owner's side -------------------------------------------------------------------------
 
@@ -87,19 +98,34 @@ class Resumer:
         self._spawn(self._store_call(self.cluster.store.drop_resume(session_id), session_id))
 
     def on_request(self, msg: ResumeRequest) -> None:
-        session = self.state.sessions.get(msg.session_id)
-        late = self.state.clock.wall_ms() > msg.deadline_ms
-        token = session.resume_token if session is not None else None
-        if session is None or late or token is None or token_digest(token) != msg.token_digest:
-            self.cluster.writer.send(
-                msg.reply_to, ResumeHandover(request_id=msg.request_id, session_id=msg.session_id, ok=False)
-            )
+        if self._handing(msg) is None:
+            self._refuse(msg)
             return
-        handover = session.hand_over(msg.reply_to)
-        if handover is None:
-            self.cluster.writer.send(
-                msg.reply_to, ResumeHandover(request_id=msg.request_id, session_id=msg.session_id, ok=False)
+        self._spawn(self._hand_over(msg))
+
+    def _handing(self, msg: ResumeRequest) -> Session | None:
+        """The detached session ``msg`` may take over, if its token matches."""
+        session = self.state.sessions.get(msg.session_id)
+        token = session.resume_token if session is not None else None
+        if session is None or token is None or token_digest(token) != msg.token_digest:
+            return None
+        return session
+
+    async def _hand_over(self, msg: ResumeRequest) -> None:
+        # Only while the asker's claim is still the winner: an asker that gave up waiting marked it
+        # abandoned (and continues the session itself), so the session is never continued twice --
+        # whatever the two instances' clocks say.
+        handed = f"{HANDED}:{msg.request_id}"
+        try:
+            won = handed == await self.cluster.store.settle_resume(
+                msg.session_id, msg.request_id, handed, self._ttl_ms(), drop_record=True
             )
+        except StoreUnavailable:
+            won = False
+        session = self._handing(msg) if won else None
+        handover = session.hand_over(msg.reply_to) if session is not None else None
+        if handover is None:
+            self._refuse(msg)
             return
         next_index, outstanding, held = handover
         self.cluster.writer.send(
@@ -113,8 +139,11 @@ class Resumer:
                 held=held,
             ),
         )
-        self.forget(msg.session_id)
         log.info("session handed over", extra={"session_id": msg.session_id, "to": msg.reply_to})
+
+    def _refuse(self, msg: ResumeRequest) -> None:
+        answer = ResumeHandover(request_id=msg.request_id, session_id=msg.session_id, ok=False)
+        self.cluster.writer.send(msg.reply_to, answer)
 
     def relay(self, to: str, session_id: str, msg: msgspec.Struct) -> None:
         """A message for the client of a session handed over to instance ``to``."""
@@ -122,26 +151,35 @@ class Resumer:
 
     # --- the resuming side ------------------------------------------------------------------------
 
-    async def lookup(self, token: str, tenant_id: str | None) -> ResumeRecord | None:
-        """The record ``token`` names if it matches (digest and tenant), else None."""
+    async def claim(self, token: str, tenant_id: str | None) -> tuple[ResumeRecord, str] | None:
+        """The record ``token`` names if it matches (digest and tenant) and this instance won the one
+        claim on it, with the claim's request id; else None (a new session, as for an unknown token).
+        From here on what the owner relays for the session is kept until ``opened`` / ``finish``."""
         session_id = token.split(".", 1)[0]
-        try:
-            record = await self.cluster.store.load_resume(session_id)
-        except StoreUnavailable:
-            return None  # a new session, as for an unknown token (the client is not kept waiting)
-        if record is None or record.token_digest != token_digest(token) or record.tenant_id != tenant_id:
-            return None
-        if record.owner == self.cluster.instance_id:
-            return None  # ours, and no longer here: it ended
-        return record
-
-    async def ask(self, record: ResumeRecord, token: str) -> ResumeHandover | None:
-        """Ask the owner to hand the session over; None when it did not answer in time."""
         if len(self._waiting) >= MAX_WAITING:
             return None
-        request_id = secrets.token_hex(8)
+        request_id = secrets.token_hex(16)
+        try:
+            record = await self.cluster.store.load_resume(session_id)
+            if record is None or record.token_digest != token_digest(token) or record.tenant_id != tenant_id:
+                return None
+            if record.owner == self.cluster.instance_id:
+                return None  # ours, and no longer here: it ended
+            if not await self.cluster.store.claim_resume(session_id, request_id, self._ttl_ms()):
+                log.info("session is being resumed elsewhere", extra={"session_id": session_id})
+                return None
+        except StoreUnavailable:
+            return None  # the client is not kept waiting
+        # before the owner is asked: its hand-over may relay messages before its answer arrives
+        self._relayed[session_id] = []
+        return record, request_id
+
+    async def ask(self, record: ResumeRecord, token: str, request_id: str) -> ResumeHandover | None:
+        """Ask the owner to hand the session over. None: it did not answer in time and the claim is
+        marked abandoned, so the session is this instance's to continue; ``ok`` False: neither."""
         answer: asyncio.Future[ResumeHandover] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = answer
+        refused = ResumeHandover(request_id=request_id, session_id=record.session_id, ok=False)
         try:
             self.cluster.writer.send(
                 record.owner,
@@ -153,11 +191,49 @@ class Resumer:
                     deadline_ms=self.state.clock.wall_ms() + int(ASK_TIMEOUT_S * 1000),
                 ),
             )
-            return await asyncio.wait_for(answer, ASK_TIMEOUT_S)
-        except TimeoutError:
-            return None
+            try:
+                return await asyncio.wait_for(asyncio.shield(answer), ASK_TIMEOUT_S)
+            except TimeoutError:
+                pass
+            dead = f"{DEAD}:{request_id}"
+            try:
+                held = await self.cluster.store.settle_resume(
+                    record.session_id, request_id, dead, self._ttl_ms(), drop_record=False
+                )
+            except StoreUnavailable:
+                return refused  # undecided: a new session rather than perhaps a second continuation
+            if held == dead:
+                return None
+            if held == f"{HANDED}:{request_id}":
+                # the owner took the claim first: its answer is on the way
+                try:
+                    return await asyncio.wait_for(answer, ASK_TIMEOUT_S)
+                except TimeoutError:
+                    return None  # it died right after: what it had in flight died with it
+            return refused  # the record went (attached again there, or closed)
         finally:
             del self._waiting[request_id]
+
+    def opened(self, session_id: str) -> list[bytes]:
+        """The continued session is open here: what the owner relayed before, in order; the record
+        and the claim are dropped (the session is live here, nobody else may continue it)."""
+        self.forget(session_id)
+        return self.take_relayed(session_id)
+
+    def take_relayed(self, session_id: str) -> list[bytes]:
+        """What the owner relayed before the session opened here, in order."""
+        return self._relayed.pop(session_id, [])
+
+    def finish(self, session_id: str, request_id: str) -> None:
+        """The resume attempt is over: a claim still held is released, relayed messages not taken are
+        dropped (the session did not open here)."""
+        lost = self._relayed.pop(session_id, None)
+        if lost:
+            log.warning("relayed messages dropped", extra={"session_id": session_id, "dropped": len(lost)})
+        self._spawn(self._store_call(self._release(session_id, request_id), session_id))
+
+    async def _release(self, session_id: str, request_id: str) -> None:
+        await self.cluster.store.settle_resume(session_id, request_id, "", self._ttl_ms(), drop_record=False)
 
     def on_handover(self, msg: ResumeHandover) -> None:
         waiting = self._waiting.get(msg.request_id)
@@ -166,10 +242,22 @@ class Resumer:
 
     def on_output(self, msg: SessionOutput) -> None:
         session = self.state.sessions.get(msg.session_id)
-        if session is None:
-            log.info("relayed message for a session that ended dropped", extra={"session_id": msg.session_id})
+        if session is not None:
+            session.send_encoded(msg.data)
             return
-        session.send_encoded(msg.data)
+        kept = self._relayed.get(msg.session_id)
+        if kept is None:
+            log.info("relayed message for a session that ended dropped", extra={"session_id": msg.session_id})
+        elif len(kept) < self.state.config.session.max_detached_messages:
+            kept.append(msg.data)  # the session opens here in a moment (``opened``)
+        else:
+            log.warning(
+                "relayed message dropped: too many before the session opened",
+                extra={"session_id": msg.session_id},
+            )
+
+    def _ttl_ms(self) -> int:
+        return self.state.config.session.resume_window_ms
 
     # --- helpers ----------------------------------------------------------------------------------
 

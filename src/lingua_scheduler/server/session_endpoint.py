@@ -37,6 +37,7 @@ from lingua_scheduler.errors import (
     SessionError,
 )
 from lingua_scheduler.protocol.binary_frames import decode_binary_frame, is_binary_frame
+from lingua_scheduler.protocol.cluster import ResumeRecord
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.peek import peek_dropped
@@ -308,16 +309,11 @@ class SessionConnection:
         if resumable is not None:
             self._resume(resumable)
             return None
+        self.session = None  # the replaced session (if any) is closed; the new one is not open yet
         if self._resumable_elsewhere(msg):
             self._resume_remote(msg)
             return None
-        session = self._make(msg)
-        if state.auth.admission_is_shared(session.tenant_id):
-            self.session = None  # the replaced session (if any) is closed; the new one is not open yet
-            return self._admit_shared(session, msg, resumed=False)
-        self._admit_here(session)
-        self._open(session, msg, resumed=False)
-        return None
+        return self._admit_and_open(msg, resumed=False)
 
     def _make(self, msg: SessionInit, *, session_id: str | None = None, start_index: int = 0) -> Session:
         """A session for this connection, not yet admitted (``session_id`` / ``start_index``: one
@@ -325,44 +321,56 @@ class SessionConnection:
         spec = negotiate(msg.audio_format, msg.sample_rate, self.state.config.session)
         return Session(self.state, self.outbox, msg, spec, session_id=session_id, start_index=start_index)
 
-    def _admit_here(self, session: Session) -> None:
-        """The tenant's cap checked by this instance alone (no shared cap for this tenant)."""
+    async def _admit(self, tenant_id: str | None, session_id: str) -> bool:
+        """Count a new session against its tenant's cap: by one atomic step in the shared store when
+        the cap holds across the instances (server/auth.py), else here. Whether it was admitted (a
+        refusal is answered)."""
         state = self.state
         try:
-            state.auth.admit_session(session.tenant_id, session.session_id, state.sessions.__contains__)
-        except SessionError:
-            self.session = None  # the replaced session (if any) is closed; nothing new was registered
-            raise
-
-    async def _admit_shared(self, session: Session, msg: SessionInit, *, resumed: bool) -> bool:
-        """The tenant's cap holds across the instances: one atomic step in the shared store admits
-        the session (server/auth.py), then it opens as any other. Whether it opened."""
-        state = self.state
-        try:
-            await state.auth.admit_shared(session.tenant_id, session.session_id, state.sessions.__contains__)
+            if state.auth.admission_is_shared(tenant_id):
+                await state.auth.admit_shared(tenant_id, session_id, state.sessions.__contains__)
+                if state.shutting_down:  # began while the store answered: its place is given back next tick
+                    self._close_for_restart()
+                    return False
+            else:
+                state.auth.admit_session(tenant_id, session_id, state.sessions.__contains__)
         except SchedulerError as exc:
             self._refuse(exc)
             return False
-        if state.shutting_down:  # began while the store answered: its place is given back next tick
-            self._close_for_restart()
-            return False
-        self._open(session, msg, resumed=resumed)
         return True
 
     async def _admit_and_open(
-        self, msg: SessionInit, *, session_id: str | None = None, start_index: int = 0, resumed: bool
+        self,
+        msg: SessionInit,
+        *,
+        session_id: str | None = None,
+        start_index: int = 0,
+        resumed: bool,
+        admitted: bool = False,
     ) -> Session | None:
-        """``_make``, admission (shared or here) and ``_open`` in one: the session, or None if refused."""
-        session = self._make(msg, session_id=session_id, start_index=start_index)
-        if self.state.auth.admission_is_shared(session.tenant_id):
-            return session if await self._admit_shared(session, msg, resumed=resumed) else None
-        self._admit_here(session)
-        self._open(session, msg, resumed=resumed)
+        """``_make``, admission (unless ``admitted`` already) and ``_open``: the session, or None if
+        refused. A connection that went away meanwhile gets its session detached at once (or closed,
+        without a resume window): nothing else would ever end it."""
+        try:
+            session = self._make(msg, session_id=session_id, start_index=start_index)
+            if not admitted and not await self._admit(session.tenant_id, session.session_id):
+                return None
+            self._open(session, msg, resumed=resumed)
+        except SchedulerError as exc:
+            self._refuse(exc)
+            return None
+        if self.outbox.ws.closed:  # closed() ran during an await, before this session was the connection's
+            session.detach(self.outbox)
         return session
 
     def _open(self, session: Session, msg: SessionInit, *, resumed: bool) -> None:
         """Register an admitted session on this connection and acknowledge it."""
         state = self.state
+        taken = state.sessions.get(session.session_id)
+        if taken is not None and taken is not session:  # never overwrite another client's session
+            raise SessionError(
+                f"session {session.session_id} is live on this instance: it cannot be continued here"
+            )
         session.binary_frames = bool(msg.use_binary_frame)
         state.sessions[session.session_id] = session
         self.session = session
@@ -405,55 +413,68 @@ class SessionConnection:
     async def _resume_remote_run(self, msg: SessionInit) -> None:
         cluster = self.state.dispatcher.cluster
         assert cluster is not None and msg.resume_token is not None
+        resumer = cluster.resumer
         token = msg.resume_token
+        claimed: tuple[ResumeRecord, str] | None = None
         try:
-            record = await cluster.resumer.lookup(token, msg.tenant_id)
-            handover = await cluster.resumer.ask(record, token) if record is not None else None
-            if self.outbox.ws.closed:
-                return  # the client went away meanwhile; the owner (if it handed over) relays to nobody
-            if record is None or (handover is not None and not handover.ok):
-                await self._admit_and_open(msg, resumed=False)  # an unknown or expired token: a new session
-            elif handover is not None:
-                opened = await self._admit_and_open(
-                    msg, session_id=record.session_id, start_index=handover.next_index, resumed=True
-                )
-                for data in handover.held if opened is not None else ():
-                    self.outbox.send_raw(data)
-            else:
-                # The owner did not answer: taken for dead. Its utterances in flight died with it.
-                session = await self._admit_and_open(
-                    msg, session_id=record.session_id, start_index=record.next_index, resumed=True
-                )
-                if session is None:
-                    return
-                now = self.state.clock.wall_ms()
-                for _, client_index in record.outstanding:
-                    session.send(
-                        MissingResult(
-                            session_id=session.session_id,
-                            utterance_index=client_index,
-                            reason=MissingReason.JOB_FAILED,
-                            created_at_ms=now,
-                            trace_id=session.trace_id,
-                        )
-                    )
-                log.warning(
-                    "session resumed after its instance was lost",
-                    extra={
-                        "session_id": record.session_id,
-                        "owner": record.owner,
-                        "lost": len(record.outstanding),
-                    },
-                )
+            negotiate(msg.audio_format, msg.sample_rate, self.state.config.session)  # refused before asking
+            claimed = await resumer.claim(token, msg.tenant_id)
+            if claimed is None:  # an unknown or expired token (or being resumed elsewhere): a new session
+                await self._admit_and_open(msg, resumed=False)
+                return
+            record, request_id = claimed
+            # Admitted before the owner is asked: a refusal leaves the session with its owner.
+            if not await self._admit(msg.tenant_id, record.session_id) or self.outbox.ws.closed:
+                return
+            handover = await resumer.ask(record, token, request_id)
+            if handover is not None and not handover.ok:
+                await self._admit_and_open(msg, resumed=False)
+                return
+            session = await self._admit_and_open(
+                msg,
+                session_id=record.session_id,
+                start_index=handover.next_index if handover is not None else record.next_index,
+                resumed=True,
+                admitted=True,
+            )
+            if session is None:
+                return
+            if session.outbox is self.outbox:
+                relayed = resumer.opened(record.session_id)
+            else:  # detached at once (the client left): its new record replaces the old one
+                relayed = resumer.take_relayed(record.session_id)
+            for data in [*(handover.held if handover is not None else ()), *relayed]:
+                session.send_encoded(data)
+            if handover is None:
+                self._report_lost(session, record)
         except SchedulerError as exc:
-            self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
-            self.outbox.send(ErrorMessage(code=exc.code.value, message=exc.message, details=exc.details))
+            self._refuse(exc)
         finally:
+            if claimed is not None:
+                resumer.finish(claimed[0].session_id, claimed[1])
             queued, self._queued = self._queued or [], None
             for frame, t0 in queued:
                 pending = self.on_frame(frame, t0)
-                if pending is not None:  # a session_init of a shared-cap tenant: in order, as the loop does
+                if pending is not None:  # a session_init: in order, as the loop does
                     await pending
+
+    def _report_lost(self, session: Session, record: ResumeRecord) -> None:
+        """The owner did not answer: taken for dead. Its utterances in flight died with it."""
+        now = self.state.clock.wall_ms()
+        for _, client_index in record.outstanding:
+            session.send(
+                MissingResult(
+                    session_id=session.session_id,
+                    utterance_index=client_index,
+                    reason=MissingReason.JOB_FAILED,
+                    created_at_ms=now,
+                    trace_id=session.trace_id,
+                )
+            )
+        log.warning(
+            "session resumed after its instance was lost",
+            extra={"session_id": record.session_id, "owner": record.owner, "lost": len(record.outstanding)},
+        )
 
     def _ack(self, session: Session, *, resumed: bool) -> SessionInitAck:
         spec = session.spec

@@ -58,7 +58,7 @@ class Phase(StrEnum):
 
 def new_session_id(taken: object) -> str:
     while True:
-        sid = "s-" + secrets.token_hex(4).upper()
+        sid = "s-" + secrets.token_hex(16).upper()  # 128 bits: unique across the instances
         if sid not in taken:  # type: ignore[operator]
             return sid
 

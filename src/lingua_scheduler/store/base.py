@@ -202,7 +202,21 @@ class StateStore(Protocol):
         """The session's resume record, None when there is none (expired, dropped, never written)."""
         ...
 
-    async def drop_resume(self, session_id: str) -> None: ...
+    async def drop_resume(self, session_id: str) -> None:
+        """Delete the session's resume record and any claim on it."""
+        ...
+
+    async def claim_resume(self, session_id: str, request_id: str, ttl_ms: int) -> bool:
+        """Claim the session's record for ``request_id`` (one instance resuming it): True only while
+        the record exists and nobody else holds a claim. ``save_resume`` voids claims."""
+        ...
+
+    async def settle_resume(
+        self, session_id: str, request_id: str, outcome: str, ttl_ms: int, *, drop_record: bool
+    ) -> str | None:
+        """Replace the claim by ``outcome`` ('' releases it) only while it is still ``request_id``'s;
+        ``drop_record``: delete the record in the same step. The claim's value afterwards."""
+        ...
 
     # --- node token revocation (docs/security.md) ---------------------------------------------------
 

@@ -41,7 +41,12 @@ class Keys:
 
     def resume(self, session_id: str) -> str:
         """string: a detached session's ResumeRecord JSON, expiring with its resume window."""
-        return f"{self.prefix}:resume:{session_id}"
+        return f"{{{self.prefix}:resume:{session_id}}}"
+
+    def resume_claim(self, session_id: str) -> str:
+        """string: the request id of the one instance resuming the session, then the outcome
+        (``handed`` / ``dead``); same slot as its record (resume.lua)."""
+        return f"{{{self.prefix}:resume:{session_id}}}:claim"
 
     def node_resv(self, node_id: str) -> str:
         """zset reservation member (job:attempt) -> expiry ms: the node's used slots."""

@@ -37,6 +37,8 @@ class MemoryStore:
         self._sessions: dict[str, set[str]] = {}
         #: session id -> (record, expiry on the clock's monotonic seconds)
         self._resume: dict[str, tuple[ResumeRecord, float]] = {}
+        #: session id -> the claim on its resume record (request id, then the outcome)
+        self._claims: dict[str, str] = {}
 
     async def start(self, *, from_start: bool = False) -> None:
         return None
@@ -139,6 +141,7 @@ class MemoryStore:
 
     async def save_resume(self, record: ResumeRecord, ttl_ms: int) -> None:
         self._resume[record.session_id] = (record, self.clock.monotonic() + ttl_ms / 1000)
+        self._claims.pop(record.session_id, None)
 
     async def load_resume(self, session_id: str) -> ResumeRecord | None:
         found = self._resume.get(session_id)
@@ -149,6 +152,27 @@ class MemoryStore:
 
     async def drop_resume(self, session_id: str) -> None:
         self._resume.pop(session_id, None)
+        self._claims.pop(session_id, None)
+
+    async def claim_resume(self, session_id: str, request_id: str, ttl_ms: int) -> bool:
+        if await self.load_resume(session_id) is None or session_id in self._claims:
+            return False
+        self._claims[session_id] = request_id
+        return True
+
+    async def settle_resume(
+        self, session_id: str, request_id: str, outcome: str, ttl_ms: int, *, drop_record: bool
+    ) -> str | None:
+        held = self._claims.get(session_id)
+        if held != request_id:
+            return held
+        if not outcome:
+            del self._claims[session_id]
+            return None
+        self._claims[session_id] = outcome
+        if drop_record:
+            self._resume.pop(session_id, None)
+        return outcome
 
     async def revoke_node(self, node_id: str) -> bool:
         if node_id in self._revoked:

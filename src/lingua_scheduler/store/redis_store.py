@@ -91,6 +91,7 @@ class RedisStore:
         self._resync = self.r.register_script(_lua("resync.lua"))
         self._admit = self.r.register_script(_lua("admit.lua"))
         self._tenant_resync = self.r.register_script(_lua("tenant_resync.lua"))
+        self._resume = self.r.register_script(_lua("resume.lua"))
         #: every script above, loaded into Redis when the store joins (``start``)
         self._scripts = (
             self._reserve,
@@ -99,6 +100,7 @@ class RedisStore:
             self._resync,
             self._admit,
             self._tenant_resync,
+            self._resume,
         )
         #: reservation members of this instance start with this (resync.lua tells ours from others')
         self._member_prefix = f"{instance_id}|"
@@ -437,7 +439,11 @@ class RedisStore:
 
     async def save_resume(self, record: ResumeRecord, ttl_ms: int) -> None:
         data = msgspec.json.encode(record)
-        await self._do(self.r.set(self.keys.resume(record.session_id), data, px=max(1, ttl_ms)))
+        sid = record.session_id
+        p = self.r.pipeline(transaction=True)
+        p.set(self.keys.resume(sid), data, px=max(1, ttl_ms))
+        p.delete(self.keys.resume_claim(sid))  # a new record: a claim on the one it replaces is void
+        await self._do(p.execute())
 
     async def load_resume(self, session_id: str) -> ResumeRecord | None:
         raw = await self._do(self.r.get(self.keys.resume(session_id)))
@@ -450,7 +456,22 @@ class RedisStore:
             return None
 
     async def drop_resume(self, session_id: str) -> None:
-        await self._do(self.r.delete(self.keys.resume(session_id)))
+        await self._do(self.r.delete(self.keys.resume(session_id), self.keys.resume_claim(session_id)))
+
+    def _resume_keys(self, session_id: str) -> list[str]:
+        return [self.keys.resume(session_id), self.keys.resume_claim(session_id)]
+
+    async def claim_resume(self, session_id: str, request_id: str, ttl_ms: int) -> bool:
+        keys = self._resume_keys(session_id)
+        return bool(await self._do(self._resume(keys=keys, args=["claim", request_id, max(1, ttl_ms)])))
+
+    async def settle_resume(
+        self, session_id: str, request_id: str, outcome: str, ttl_ms: int, *, drop_record: bool
+    ) -> str | None:
+        keys = self._resume_keys(session_id)
+        args = ["settle", request_id, outcome, max(1, ttl_ms), "1" if drop_record else "0"]
+        held = await self._do(self._resume(keys=keys, args=args))
+        return None if held is None else _s(held)
 
     async def revoke_node(self, node_id: str) -> bool:
         return bool(await self._do(self.r.sadd(self.keys.revoked_nodes, node_id)))
