@@ -518,6 +518,24 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("server/dispatcher.py", "Dispatcher.refuse"): "missing_result.created_at_ms",
     ("server/session_endpoint.py", "SessionConnection._missing_whole"): "missing_result.created_at_ms",
     ("server/stats.py", "StatsAggregator.long_series"): "the chart's points are stamped for operators",
+    # rooms and pairing: times peers are told (joined_at, a code's expiry, TURN credentials' expiry
+    # for coturn, which checks them against its own clock); their deadlines run on monotonic time
+    ("core/pairing.py", "Pairing.issue"): "pairing_code.expires_at_ms",
+    ("core/rooms.py", "Rooms._add"): "member joined_at",
+    ("core/rooms.py", "Rooms._ice"): "TURN username's expiry (unix time, coturn's use-auth-secret)",
+    # usage and quotas are billed by UTC hour, day and month: calendar periods, not timeouts
+    ("core/quota.py", "QuotaBook.used"): "the UTC day/month period",
+    ("core/quota.py", "QuotaBook.check"): "the UTC day/month period",
+    ("core/quota.py", "QuotaBook.consume"): "the UTC day/month period",
+    ("core/quota.py", "QuotaBook.share"): "the UTC day/month period",
+    ("core/usage.py", "UsageMeter._bucket"): "the UTC hour bucket",
+    ("server/integrator_api.py", "usage"): "the default 'to' of a usage query: now",
+    ("server/integrator_api.py", "webhook_test"): "the event's created timestamp",
+    # webhooks: an event's times travel with it to another instance (shared clock in Redis mode)
+    ("server/webhooks.py", "WebhookService.emit"): "queued_ms of the event",
+    ("server/webhooks.py", "WebhookService._deliver"): "the give-up deadline from queued_ms (any instance)",
+    ("server/webhooks.py", "WebhookService._post"): "the signature's timestamp (receivers check it)",
+    ("server/session_endpoint.py", "SessionConnection._report_lost"): "missing_result.created_at_ms",
     # the node SDK: timestamps a node sends, never a timeout
     ("node/client.py", "Node._heartbeat"): "node_heartbeat.timestamp (the node's clock)",
     ("node/jobs.py", "result_message"): "job_result.node_completed_at_ms",

@@ -251,9 +251,10 @@ async def test_heartbeats_cost_no_redis_commands(
     ticks = 3.0 / 0.2
     assert heartbeats >= 4000, heartbeats
     # per tick: one tick.lua call (commandstats also counts the ~7 commands it runs inside Redis) + the
-    # blocking feed and inbox reads; independent of the fleet
+    # blocking feed and inbox reads; once a second the cluster view's figures (write ours, read all);
+    # independent of the fleet: one command per heartbeat would be thousands
     print(f"redis commands: {cmds} for {heartbeats} heartbeats in 3 s")
-    assert cmds <= ticks * 16, f"{cmds} Redis commands for {heartbeats} heartbeats"
+    assert cmds <= ticks * 18, f"{cmds} Redis commands for {heartbeats} heartbeats"
     assert await a.metric("lingua_capability_changes_total") == 0
 
 

@@ -52,7 +52,7 @@ async def test_stream_results_in_order(
     assert (
         ack["type"] == "session_init_ack"
         and ack["session_id"].startswith("s-")
-        and len(ack["session_id"]) == 10
+        and len(ack["session_id"]) == 34  # "s-" and 128 bits in hex: unique across instances
     )
     assert ack["negotiated_sample_rate"] == 16000
     for _ in range(8):

@@ -157,7 +157,9 @@ class WebhookService:
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(headers={"User-Agent": f"lingua-scheduler/{__version__} webhooks"})
-        if self.store is not None:
+        # Redis mode with at least one tenant's endpoint: the durable stream. Without endpoints no event
+        # is ever queued, and polling the streams would cost every instance Redis commands for nothing.
+        if self.store is not None and self.endpoints:
             loop = asyncio.get_running_loop()
             self._tasks = [
                 loop.create_task(self._writer(), name="webhooks-writer"),
