@@ -377,7 +377,7 @@ async def revoke(request: web.Request) -> web.Response:
         )
     entry = state.registry.nodes.get(node_id)
     outbox = entry.conn if entry is not None else None
-    disconnected = disconnect_revoked(state, node_id)
+    disconnected = disconnect_revoked(state.registry, node_id)
     # bounded wait for the endpoint's cleanup, so the answer shows the node offline (as disconnect does)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + EFFECT_TIMEOUT

@@ -61,7 +61,16 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
     shutdown.setup(app)  # SIGTERM: drain, fail the rest explicitly, close with 1001 (last on_shutdown hook)
-    auth.setup(app)  # start-up warning when left open; revocation sync in shared mode
+    # start-up warning when left open; revocation sync in shared mode
+    cluster_now = state.dispatcher.cluster
+    auth.setup(
+        app,
+        state.auth,
+        state.registry,
+        state.metrics,
+        cluster_now.store if cluster_now is not None else None,
+        config.cluster.tick_interval_seconds,
+    )
     return app
 
 

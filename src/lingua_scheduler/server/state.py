@@ -73,8 +73,9 @@ class SchedulerState:
         #: when the drain's wait ends (the clock's monotonic seconds), once shutting down
         self.shutdown_deadline: float | None = None
         #: per-node job outcome figures and the ejection of failing nodes (server/quality.py)
-        self.quality = QualityMonitor(self)
+        self.quality = QualityMonitor(config.quality, self.clock, self.registry, self.metrics, self.events)
         self.dispatcher = Dispatcher(self)
+        self.quality.on_readmitted = self.dispatcher.pump
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
 
