@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from lingua_scheduler.protocol.cluster import ResumeHandover, ResumeRecord, ResumeRequest, SessionOutput
-from lingua_scheduler.store.base import StoreUnavailable
+from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.store.base import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
-    from lingua_scheduler.server.cluster import Cluster
     from lingua_scheduler.server.sessions import Session
     from lingua_scheduler.server.state import SchedulerState
 
@@ -56,9 +56,14 @@ def token_digest(token: str) -> str:
 class Resumer:
     """The resume side of one instance's cluster shell."""
 
-    def __init__(self, state: SchedulerState, cluster: Cluster) -> None:
+    def __init__(
+        self, state: SchedulerState, instance_id: str, store: StateStore, writer: StoreWriter
+    ) -> None:
+        """``store`` and ``writer``: the cluster's shared store and its batched writer."""
         self.state = state
-        self.cluster = cluster
+        self.instance_id = instance_id
+        self.store = store
+        self.writer = writer
         self._waiting: dict[str, asyncio.Future[ResumeHandover]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -71,7 +76,7 @@ class Resumer:
             return
         record = ResumeRecord(
             session_id=session.session_id,
-            owner=self.cluster.instance_id,
+            owner=self.instance_id,
             token_digest=token_digest(token),
             tenant_id=session.tenant_id,
             trace_id=session.trace_id,
@@ -80,29 +85,29 @@ class Resumer:
             outstanding=session.outstanding(with_buffered=True),
         )
         ttl = self.state.config.session.resume_window_ms
-        self._spawn(self._store_call(self.cluster.store.save_resume(record, ttl), session.session_id))
+        self._spawn(self._store_call(self.store.save_resume(record, ttl), session.session_id))
 
     def forget(self, session_id: str) -> None:
         """The session attached again or ended: nobody may resume it from the record any more."""
-        self._spawn(self._store_call(self.cluster.store.drop_resume(session_id), session_id))
+        self._spawn(self._store_call(self.store.drop_resume(session_id), session_id))
 
     def on_request(self, msg: ResumeRequest) -> None:
         session = self.state.sessions.get(msg.session_id)
         late = self.state.clock.wall_ms() > msg.deadline_ms
         token = session.resume_token if session is not None else None
         if session is None or late or token is None or token_digest(token) != msg.token_digest:
-            self.cluster.writer.send(
+            self.writer.send(
                 msg.reply_to, ResumeHandover(request_id=msg.request_id, session_id=msg.session_id, ok=False)
             )
             return
         handover = session.hand_over(msg.reply_to)
         if handover is None:
-            self.cluster.writer.send(
+            self.writer.send(
                 msg.reply_to, ResumeHandover(request_id=msg.request_id, session_id=msg.session_id, ok=False)
             )
             return
         next_index, outstanding, held = handover
-        self.cluster.writer.send(
+        self.writer.send(
             msg.reply_to,
             ResumeHandover(
                 request_id=msg.request_id,
@@ -118,7 +123,7 @@ class Resumer:
 
     def relay(self, to: str, session_id: str, msg: msgspec.Struct) -> None:
         """A message for the client of a session handed over to instance ``to``."""
-        self.cluster.writer.send(to, SessionOutput(session_id=session_id, data=_encoder.encode(msg)))
+        self.writer.send(to, SessionOutput(session_id=session_id, data=_encoder.encode(msg)))
 
     # --- the resuming side ------------------------------------------------------------------------
 
@@ -126,12 +131,12 @@ class Resumer:
         """The record ``token`` names if it matches (digest and tenant), else None."""
         session_id = token.split(".", 1)[0]
         try:
-            record = await self.cluster.store.load_resume(session_id)
+            record = await self.store.load_resume(session_id)
         except StoreUnavailable:
             return None  # a new session, as for an unknown token (the client is not kept waiting)
         if record is None or record.token_digest != token_digest(token) or record.tenant_id != tenant_id:
             return None
-        if record.owner == self.cluster.instance_id:
+        if record.owner == self.instance_id:
             return None  # ours, and no longer here: it ended
         return record
 
@@ -143,11 +148,11 @@ class Resumer:
         answer: asyncio.Future[ResumeHandover] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = answer
         try:
-            self.cluster.writer.send(
+            self.writer.send(
                 record.owner,
                 ResumeRequest(
                     request_id=request_id,
-                    reply_to=self.cluster.instance_id,
+                    reply_to=self.instance_id,
                     session_id=record.session_id,
                     token_digest=token_digest(token),
                     deadline_ms=self.state.clock.wall_ms() + int(ASK_TIMEOUT_S * 1000),

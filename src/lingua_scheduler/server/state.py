@@ -74,7 +74,19 @@ class SchedulerState:
         self.shutdown_deadline: float | None = None
         #: per-node job outcome figures and the ejection of failing nodes (server/quality.py)
         self.quality = QualityMonitor(config.quality, self.clock, self.registry, self.metrics, self.events)
-        self.dispatcher = Dispatcher(self)
+        self.dispatcher = Dispatcher(
+            config,
+            self.clock,
+            registry=self.registry,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            auth=self.auth,
+            quality=self.quality,
+            events=self.events,
+            sessions=self.sessions,
+            dispatch_window=self.dispatch_window,
+            shutting_down=lambda: self.shutting_down,
+        )
         self.quality.on_readmitted = self.dispatcher.pump
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
