@@ -25,7 +25,7 @@ import logging
 import secrets
 from collections import deque
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -39,7 +39,6 @@ from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, Tran
 from lingua_scheduler.server.outbox import Outbox
 
 if TYPE_CHECKING:
-    from lingua_scheduler.server.resume import Resumer
     from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,15 @@ class Phase(StrEnum):
     #: last audio dispatched, waiting for its results before the ack
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+class Resuming(Protocol):
+    """What a session needs of the cross-instance resume (server/resume.py's ``Resumer``): record its
+    detachment, drop that record, relay output to the instance that took it over."""
+
+    def detached(self, session: Session) -> None: ...
+    def forget(self, session_id: str) -> None: ...
+    def relay(self, to: str, session_id: str, msg: msgspec.Struct) -> None: ...
 
 
 def new_session_id(taken: object) -> str:
@@ -146,7 +154,7 @@ class Session:
         later = range(self.results.next_expected, end)
         return [(i, self.client_index.get(i, i)) for i in [*queued, *later]]
 
-    def _resumer(self) -> Resumer | None:
+    def _resumer(self) -> Resuming | None:
         cluster = self.state.dispatcher.cluster
         return cluster.resumer if cluster is not None else None
 
