@@ -157,7 +157,9 @@ class Cluster:
         state.registry.on_local_change = self._wake.set
         state.auth.shared_admission = self.admit_session
         #: resuming sessions across instances (server/resume.py)
-        self.resumer = Resumer(state, self.instance_id, store, self.writer)
+        self.resumer = Resumer(
+            state.clock, state.config.session, state.sessions, self.instance_id, store, self.writer
+        )
 
     # --- lifecycle ----------------------------------------------------------------------------------
 

@@ -26,18 +26,19 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.protocol.cluster import ResumeHandover, ResumeRecord, ResumeRequest, SessionOutput
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
     from lingua_scheduler.server.sessions import Session
-    from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,19 @@ class Resumer:
     """The resume side of one instance's cluster shell."""
 
     def __init__(
-        self, state: SchedulerState, instance_id: str, store: StateStore, writer: StoreWriter
+        self,
+        clock: Clock,
+        config: SessionConfig,
+        sessions: Mapping[str, Session],
+        instance_id: str,
+        store: StateStore,
+        writer: StoreWriter,
     ) -> None:
-        """``store`` and ``writer``: the cluster's shared store and its batched writer."""
-        self.state = state
+        """``sessions``: this instance's open sessions by id; ``store`` and ``writer``: the cluster's
+        shared store and its batched writer."""
+        self.clock = clock
+        self.config = config
+        self.sessions = sessions
         self.instance_id = instance_id
         self.store = store
         self.writer = writer
@@ -84,7 +94,7 @@ class Resumer:
             next_index=session.segmenter.next_index + (1 if session.segmenter.buffered_bytes else 0),
             outstanding=session.outstanding(with_buffered=True),
         )
-        ttl = self.state.config.session.resume_window_ms
+        ttl = self.config.resume_window_ms
         self._spawn(self._store_call(self.store.save_resume(record, ttl), session.session_id))
 
     def forget(self, session_id: str) -> None:
@@ -92,8 +102,8 @@ class Resumer:
         self._spawn(self._store_call(self.store.drop_resume(session_id), session_id))
 
     def on_request(self, msg: ResumeRequest) -> None:
-        session = self.state.sessions.get(msg.session_id)
-        late = self.state.clock.wall_ms() > msg.deadline_ms
+        session = self.sessions.get(msg.session_id)
+        late = self.clock.wall_ms() > msg.deadline_ms
         token = session.resume_token if session is not None else None
         if session is None or late or token is None or token_digest(token) != msg.token_digest:
             self.writer.send(
@@ -155,7 +165,7 @@ class Resumer:
                     reply_to=self.instance_id,
                     session_id=record.session_id,
                     token_digest=token_digest(token),
-                    deadline_ms=self.state.clock.wall_ms() + int(ASK_TIMEOUT_S * 1000),
+                    deadline_ms=self.clock.wall_ms() + int(ASK_TIMEOUT_S * 1000),
                 ),
             )
             return await asyncio.wait_for(answer, ASK_TIMEOUT_S)
@@ -170,7 +180,7 @@ class Resumer:
             waiting.set_result(msg)
 
     def on_output(self, msg: SessionOutput) -> None:
-        session = self.state.sessions.get(msg.session_id)
+        session = self.sessions.get(msg.session_id)
         if session is None:
             log.info("relayed message for a session that ended dropped", extra={"session_id": msg.session_id})
             return

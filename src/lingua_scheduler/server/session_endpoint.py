@@ -316,7 +316,19 @@ class SessionConnection:
         """A session for this connection, not yet admitted (``session_id`` / ``start_index``: one
         continued from another instance)."""
         spec = negotiate(msg.audio_format, msg.sample_rate, self.state.config.session)
-        return Session(self.state, self.outbox, msg, spec, session_id=session_id, start_index=start_index)
+        state = self.state
+        return Session(
+            state.clock,
+            state.config.session,
+            state.dispatcher,
+            state.sessions,
+            state.resumer,
+            self.outbox,
+            msg,
+            spec,
+            session_id=session_id,
+            start_index=start_index,
+        )
 
     def _admit_here(self, session: Session) -> None:
         """The tenant's cap checked by this instance alone (no shared cap for this tenant)."""

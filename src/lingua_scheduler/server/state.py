@@ -31,6 +31,7 @@ from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.quality import QualityMonitor
 
 if TYPE_CHECKING:
+    from lingua_scheduler.server.resume import Resumer
     from lingua_scheduler.server.sessions import Session
 
 #: one readiness check for ``GET /ready``: returns (name, ok); must be cheap and must not block
@@ -90,6 +91,11 @@ class SchedulerState:
         self.quality.on_readmitted = self.dispatcher.pump
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
+
+    def resumer(self) -> Resumer | None:
+        """The cross-instance resume of this instance (None when embedded)."""
+        cluster = self.dispatcher.cluster
+        return cluster.resumer if cluster is not None else None
 
     # --- node notifications ---------------------------------------------------------------------
 
