@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -76,10 +76,8 @@ from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.quality import QualityMonitor
-from lingua_scheduler.store.base import JobRecord, StoreUnavailable
-
-if TYPE_CHECKING:
-    from lingua_scheduler.server.cluster import Cluster
+from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.store.base import JobRecord, StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +132,23 @@ class SessionPort(Protocol):
 
     def maybe_finish_close(self) -> None:
         """A closing session whose outstanding work is done finishes its close now."""
+
+
+class ClusterPort(Protocol):
+    """What the dispatch needs of the multi-instance shell (server/cluster.py's ``Cluster`` is one):
+    the shared store's reservations and batched writes, the job records, and the degraded flag."""
+
+    instance_id: str
+    degraded: bool
+    store: StateStore
+    writer: StoreWriter
+
+    def forward(self, node_id: str, message: object) -> bool:
+        """A message from our node for a job another instance owns: True if it went there."""
+
+    def job_changed(self, record: JobRecord) -> None: ...
+    def reservation_unsure(self, node_id: str) -> None: ...
+    async def suspect(self, why: str, refused: bool = False) -> None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -221,7 +236,7 @@ class Dispatcher:
         #: nodes whose reservation was just refused (full in the shared count)
         self._reserve_refused: set[str] = set()
         #: set by the app in multi-instance mode
-        self.cluster: Cluster | None = None
+        self.cluster: ClusterPort | None = None
         self._wake = asyncio.Event()
         self._last_evict = 0.0
         #: jobs created per directed language pair since start (the dashboard's demand per pair)

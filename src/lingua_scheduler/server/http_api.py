@@ -212,7 +212,7 @@ def node_json(state: SchedulerState, node_id: str) -> dict[str, object] | None:
         ),
         "protocol": {"sends_acks": entry.sends_acks, "turn_dialect": entry.turn_dialect},
         # the instance holding the node's socket (multi-instance mode; null in the embedded mode)
-        "instance": entry.owner or (cluster.instance_id if (cluster := state.dispatcher.cluster) else None),
+        "instance": entry.owner or (cluster.instance_id if (cluster := state.cluster) else None),
         # node quality (server/quality.py): healthy, ejected (skipped by selection) or probation
         "quality_state": state.quality.node_state(node_id),
         "pools": list(view.pools) if view is not None else [],

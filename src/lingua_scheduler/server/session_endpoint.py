@@ -390,7 +390,7 @@ class SessionConnection:
 
     def _resumable_elsewhere(self, msg: SessionInit) -> bool:
         token = msg.resume_token
-        cluster = self.state.dispatcher.cluster
+        cluster = self.state.cluster
         return (
             bool(token)
             and self.state.config.session.resume_window_ms > 0
@@ -408,7 +408,7 @@ class SessionConnection:
         task.add_done_callback(_closing.discard)
 
     async def _resume_remote_run(self, msg: SessionInit) -> None:
-        cluster = self.state.dispatcher.cluster
+        cluster = self.state.cluster
         assert cluster is not None and msg.resume_token is not None
         token = msg.resume_token
         try:

@@ -160,7 +160,7 @@ class GracefulShutdown:
         state = self.state
         cfg = state.config.shutdown
         store = state.dispatcher.store
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         drain_s = cfg.drain_timeout_seconds if drain_seconds is None else drain_seconds
@@ -242,7 +242,7 @@ class GracefulShutdown:
         state = self.state
         if state.dispatcher.store.inflight or state.sessions:
             return True
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         if cluster is None or not cluster.remote_jobs:
             return False
         # jobs of other instances running on our nodes (an entry whose node left is not waited for)
@@ -255,7 +255,7 @@ class GracefulShutdown:
     def _release_idle_nodes(self) -> None:
         """Redis mode: a node with no work here goes now, so another instance can give it work."""
         state = self.state
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         busy = {node_id for _, node_id, _ in cluster.remote_jobs.values()} if cluster else set()
         for entry in state.registry.local_nodes():
             conn = entry.conn

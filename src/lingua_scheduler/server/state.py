@@ -31,6 +31,7 @@ from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.quality import QualityMonitor
 
 if TYPE_CHECKING:
+    from lingua_scheduler.server.cluster import Cluster
     from lingua_scheduler.server.resume import Resumer
     from lingua_scheduler.server.sessions import Session
 
@@ -89,12 +90,14 @@ class SchedulerState:
             shutting_down=lambda: self.shutting_down,
         )
         self.quality.on_readmitted = self.dispatcher.pump
+        #: the multi-instance shell (server/cluster.py), set by the app in Redis mode; None embedded
+        self.cluster: Cluster | None = None
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
 
     def resumer(self) -> Resumer | None:
         """The cross-instance resume of this instance (None when embedded)."""
-        cluster = self.dispatcher.cluster
+        cluster = self.cluster
         return cluster.resumer if cluster is not None else None
 
     # --- node notifications ---------------------------------------------------------------------
@@ -145,7 +148,7 @@ class SchedulerState:
         }
 
     def _cluster_health(self) -> dict[str, object]:
-        cluster = self.dispatcher.cluster
+        cluster = self.cluster
         if cluster is None:
             return {"mode": "embedded"}
         return {
@@ -196,7 +199,7 @@ class SchedulerState:
             "lingua_jobs_inflight", "Jobs dispatched and not yet ended", self.dispatcher.store.inflight
         )
         yield gauge("lingua_jobs_waiting", "Jobs waiting for a node", self.dispatcher.store.waiting)
-        cluster = self.dispatcher.cluster
+        cluster = self.cluster
         yield gauge(
             "lingua_store_degraded",
             "1 while the shared store (Redis) is unreachable or refuses writes",
