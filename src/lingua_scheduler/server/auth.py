@@ -41,6 +41,7 @@ from lingua_scheduler.errors import AuthenticationError, ErrorCode, Registration
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import NodeRegister
 from lingua_scheduler.protocol.session import SessionInit
+from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.store.base import StateStore, StoreUnavailable
@@ -376,16 +377,16 @@ def close_refused(outbox: Outbox, reason: str) -> None:
 
 def disconnect_revoked(registry: Registry, node_id: str) -> bool:
     """Tell a revoked node connected to this instance why, and close its socket. True if it was here."""
-    entry = registry.nodes.get(node_id)
-    if entry is None or entry.owner is not None or not isinstance(entry.conn, Outbox):
+    outbox = local_outbox(registry.nodes.get(node_id))
+    if outbox is None:
         return False
-    entry.conn.send(
+    outbox.send(
         ErrorMessage(
             code=ErrorCode.UNAUTHORIZED.value,
             message=f"the node token of {node_id} has been revoked; enroll again",
         )
     )
-    close_refused(entry.conn, "node token revoked")
+    close_refused(outbox, "node token revoked")
     log.warning("revoked node disconnected", extra={"node_id": node_id})
     return True
 

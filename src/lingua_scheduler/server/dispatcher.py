@@ -73,8 +73,8 @@ from lingua_scheduler.protocol.session import (
 from lingua_scheduler.server.auth import AuthService
 from lingua_scheduler.server.events import FAILOVER, JOB_FAILED, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
+from lingua_scheduler.server.links import local_outbox, reachable
 from lingua_scheduler.server.metrics import Metrics
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.quality import QualityMonitor
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, StateStore, StoreUnavailable
@@ -453,11 +453,7 @@ class Dispatcher:
             m.selection_seconds.observe(time.perf_counter() - t0)
             node_id = result.node_id
             entry = self.registry.nodes.get(node_id) if node_id is not None else None
-            if (
-                node_id is None
-                or entry is None
-                or (entry.owner is None and not isinstance(entry.conn, Outbox))
-            ):
+            if node_id is None or entry is None or not reachable(entry):
                 m.selections.labels("no_node").inc()
                 self._last_reason[job.job_id] = result.best_reason
                 busy = node_id is None and self._busy(result)
@@ -496,7 +492,7 @@ class Dispatcher:
         assign = self._assign(job, turn_dialect=entry.turn_dialect)
         if entry.owner is not None and self.cluster is not None:
             self._send_remote(job.job_id, job.attempt, entry.owner, node_id, assign)
-        elif not (isinstance(entry.conn, Outbox) and entry.conn.send(assign)):
+        elif (outbox := local_outbox(entry)) is None or not outbox.send(assign):
             self._apply(self.store.failover(job.job_id, "send failed", cancel=False), "send_failed")
             return
         started = self._finalized_at.pop(job.job_id, None)
@@ -586,14 +582,14 @@ class Dispatcher:
         self._apply(self.store.failover(job_id, reason, cancel=False), "send_failed")
 
     def deliver_to_local_node(self, node_id: str, message: JobAssign | JobCancel) -> bool:
-        entry = self.registry.nodes.get(node_id)
-        if entry is None or entry.owner is not None or not isinstance(entry.conn, Outbox):
+        outbox = local_outbox(self.registry.nodes.get(node_id))
+        if outbox is None:
             return False
         if self.shutting_down() and isinstance(message, JobAssign):
             # Another instance's job would outlive us here: refusing it makes its owner fail over at
             # once (DispatchFailed) instead of finding out when this instance is gone.
             return False
-        return entry.conn.send(message)
+        return outbox.send(message)
 
     def cancel_on_local_node(self, node_id: str, job_id: str, reason: str) -> None:
         self.deliver_to_local_node(node_id, JobCancel(job_id=job_id, reason=reason))
@@ -816,8 +812,8 @@ class Dispatcher:
             entry = nodes.get(out.cancel_node)
             if entry is not None and entry.owner is not None and self.cluster is not None:
                 self.cluster.writer.send(entry.owner, CancelOnNode(node_id=out.cancel_node, cancel=cancel))
-            elif entry is not None and isinstance(entry.conn, Outbox):
-                entry.conn.send(cancel)
+            elif (outbox := local_outbox(entry)) is not None:
+                outbox.send(cancel)
 
     # --- shared-store bookkeeping (multi-instance mode; no-ops when embedded) ---------------------------
 

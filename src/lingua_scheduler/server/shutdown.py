@@ -59,6 +59,7 @@ from aiohttp.web_runner import GracefulExit
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
+from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -206,7 +207,7 @@ class GracefulShutdown:
             state.dispatcher.deliver(session, session.results.flush())
             session.close("scheduler shutting down", connection_gone=True)
         # 5. nodes are told why, then every socket is closed once its queue is written
-        node_outboxes = [e.conn for e in state.registry.local_nodes() if isinstance(e.conn, Outbox)]
+        node_outboxes = [o for e in state.registry.local_nodes() if (o := local_outbox(e)) is not None]
         for outbox in node_outboxes:
             outbox.send(self._node_notice())
         self._close_finished_sessions()
@@ -258,10 +259,10 @@ class GracefulShutdown:
         cluster = state.cluster
         busy = {node_id for _, node_id, _ in cluster.remote_jobs.values()} if cluster else set()
         for entry in state.registry.local_nodes():
-            conn = entry.conn
+            conn = local_outbox(entry)
             if (
                 entry.node_id in self._released
-                or not isinstance(conn, Outbox)
+                or conn is None
                 or entry.node_id in busy
                 or state.dispatcher.store.inflight_on(entry.node_id)
             ):

@@ -25,9 +25,9 @@ from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.events import NODE_STATUS, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.limits import InstanceLimits
+from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.quality import QualityMonitor
 
 if TYPE_CHECKING:
@@ -110,10 +110,9 @@ class SchedulerState:
                 self.events.add(
                     NODE_STATUS, node_id=t.node_id, old=t.old.value, new=t.new.value, reason=t.reason
                 )
-            entry = self.registry.nodes.get(t.node_id)
-            conn = entry.conn if entry is not None else None
-            if isinstance(conn, Outbox):
-                conn.send(
+            outbox = local_outbox(self.registry.nodes.get(t.node_id))
+            if outbox is not None:
+                outbox.send(
                     NodeStatusMessage(
                         node_id=t.node_id,
                         status=t.new.value,
