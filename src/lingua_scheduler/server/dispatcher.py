@@ -1018,6 +1018,14 @@ class Dispatcher:
         self.pump()  # the freed slot may take a waiting job
         return out
 
+    def tracked_jobs(self) -> int:
+        """Jobs this dispatcher still keeps per-job bookkeeping for (dispatch start time, the node slot
+        of the current attempt, a reservation in flight, the last exclusion reason): 0 once every job
+        has ended, whatever its end was."""
+        return len(
+            self._finalized_at.keys() | self._load_tokens.keys() | self._placing | self._last_reason.keys()
+        )
+
     def live_jobs_of(self, session_id: str) -> int:
         return sum(1 for j in self.store.jobs_of(session_id) if not j.terminal)
 
