@@ -224,7 +224,7 @@ async def start_instances(
     fixture), each connected to its store before it is returned."""
     out: list[RunningScheduler] = [await factory(**sections) for _ in range(n)]
     for rs in out:
-        await eventually(lambda rs=rs: not rs.state.dispatcher.cluster.degraded, timeout=5)
+        await eventually(lambda rs=rs: not rs.state.cluster.degraded, timeout=5)
     return out
 
 

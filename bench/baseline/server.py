@@ -41,7 +41,8 @@ from aiohttp import WSMsgType, web
 
 from lingua_scheduler.clock import SystemClock
 from lingua_scheduler.config import NodeHealthConfig, PoolsConfig
-from lingua_scheduler.core.fleet_view import FleetViewPublisher, NodeView
+from lingua_scheduler.core.fleet_view import FleetViewPublisher
+from lingua_scheduler.core.node_view import NodeView
 from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.selection import SelectionRequest, Selector
 from lingua_scheduler.errors import SchedulerError

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lingua_scheduler.config import CapabilityPoolConfig, PoolsConfig
-from lingua_scheduler.core.fleet_view import NodeView
+from lingua_scheduler.core.node_view import NodeView
 from lingua_scheduler.core.selection import REASONS, SelectionRequest, SelectionResult
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.common import ServiceType

@@ -37,7 +37,7 @@ async def test_node_actions_asked_on_another_instance_are_done_by_the_owner(
     await node.start()
     node_id = node.node_id
     await eventually(lambda: ready_in_view(a, node_id), timeout=5)
-    b_id = b.state.dispatcher.cluster.instance_id
+    b_id = b.state.cluster.instance_id
 
     # drain through A: B drains its node and answers; A's view follows B's record
     status, body = await post(a, f"/api/v1/admin/nodes/{node_id}/drain")
@@ -79,7 +79,7 @@ async def test_a_silent_owner_is_a_504_not_a_hang(
     await node.start()
     await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
     # B stops reading its inbox (as a frozen instance would)
-    cluster_b = b.state.dispatcher.cluster
+    cluster_b = b.state.cluster
     assert cluster_b is not None
     [inbox] = [t for t in asyncio.all_tasks() if t.get_name() == cluster_b.task_name("inbox")]
     inbox.cancel()

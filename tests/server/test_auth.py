@@ -286,7 +286,7 @@ async def test_revocation_is_shared_by_instances(
     assert body["scope"] == "cluster" and body["shared"] is True and body["disconnected"] is False
     await eventually(lambda: moved.ws.closed, timeout=5)
     assert moved.ws.close_code == 1008
-    assert node_id in await b.state.dispatcher.cluster.store.revoked_nodes()
+    assert node_id in await b.state.cluster.store.revoked_nodes()
     for rs in (a, b):
         n = node_factory(url=rs.node_url, node_id=node_id, node_token=token)
         await n.connect()

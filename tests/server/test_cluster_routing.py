@@ -85,11 +85,11 @@ async def test_late_result_of_abandoned_attempt_keeps_the_new_attempts_route(
         (result,) = s.of_type("translation_result")
         assert result["text_asr"] == "asr 0", result  # N2's, not the forged one
         assert n2.jobs_done == 1
-        await eventually(lambda: b.state.dispatcher.cluster.stale_routes == 1, timeout=5)
+        await eventually(lambda: b.state.cluster.stale_routes == 1, timeout=5)
         assert await b.metric(STALE) == stale_b + 1  # the forged result
         assert await a.metric(STALE) == stale_a + 1  # the late failure: not the current attempt
         check_sessions([s])
-        await eventually(lambda: b.state.dispatcher.cluster.remote_jobs == {}, timeout=5)
+        await eventually(lambda: b.state.cluster.remote_jobs == {}, timeout=5)
     finally:
         for peer in (n1, n2, *([n1_again] if n1_again else [])):
             await peer.close()

@@ -29,7 +29,7 @@ async def test_two_instances_in_the_cluster_view(
     redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
 ) -> None:
     a, b = await instances(scheduler_factory, redis_server.url, tag="cv")
-    a_id, b_id = (rs.state.dispatcher.cluster.instance_id for rs in (a, b))
+    a_id, b_id = (rs.state.cluster.instance_id for rs in (a, b))
     nodes = [node_factory(url=b.node_url, interval=0.05) for _ in range(2)]
     for n in nodes:
         await n.start()
@@ -95,5 +95,5 @@ async def test_two_instances_in_the_cluster_view(
         await asyncio.sleep(0.05)
     assert [r["instance_id"] for r in body["instances"]] == [a_id]
     assert (await a.get_json("/api/v1/stats"))["cluster"]["instances"] == 1
-    raw = redis_server.client().hkeys(a.state.dispatcher.cluster.store.keys.instance_info)
+    raw = redis_server.client().hkeys(a.state.cluster.store.keys.instance_info)
     assert {k.decode() for k in raw} == {a_id}

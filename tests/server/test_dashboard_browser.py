@@ -174,7 +174,7 @@ async def test_cluster_panel_in_redis_mode(
     node = node_factory(url=b.node_url, interval=0.2)
     await node.start()
     await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
-    a_id, b_id = (rs.state.dispatcher.cluster.instance_id for rs in (a, b))
+    a_id, b_id = (rs.state.cluster.instance_id for rs in (a, b))
     async with async_playwright() as pw:
         browser = await pw.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=ARGS

@@ -65,7 +65,7 @@ async def test_killed_instance_sessions_reconnect_and_its_jobs_end(
     prefix = "k" + secrets.token_hex(3)
     sections = cluster_sections(redis_server.url, prefix)
     a: RunningScheduler = await scheduler_factory(**sections)
-    await eventually(lambda: not a.state.dispatcher.cluster.degraded, timeout=5)
+    await eventually(lambda: not a.state.cluster.degraded, timeout=5)
     b = SchedulerProcess(**sections).start()
     nodes = [
         SimulatedNode(http, a.node_url, profile(), executor=Executor(latency=8.0), seed=i) for i in range(2)
@@ -75,7 +75,7 @@ async def test_killed_instance_sessions_reconnect_and_its_jobs_end(
         await b.wait_ready(http)
         for n in nodes:
             await n.start()
-        cluster = a.state.dispatcher.cluster
+        cluster = a.state.cluster
         b_id = ""
 
         async def b_sees_nodes() -> bool:
@@ -158,7 +158,7 @@ async def test_redis_outage_with_jobs_in_flight(
         await local.start()
         await eventually(lambda: ready_in_view(a, local.node_id), timeout=5)
         redis.stop()
-        await eventually(lambda: a.state.dispatcher.cluster.degraded, timeout=5)
+        await eventually(lambda: a.state.cluster.degraded, timeout=5)
         await eventually(sa.settled, timeout=10)
         assert sa.outcomes() == {0: ["result"], 1: ["result"], 2: ["result"]}, sa.outcomes()
         assert [m["attempt_id"] for m in local.received if m["type"] == "job_assign"] == [2, 2, 2]
@@ -167,7 +167,7 @@ async def test_redis_outage_with_jobs_in_flight(
         await eventually(lambda: sb.outcomes() == {0: ["result"]}, timeout=10)
         redis.start()  # same port, empty
         await eventually(
-            lambda: not a.state.dispatcher.cluster.degraded and not b.state.dispatcher.cluster.degraded,
+            lambda: not a.state.cluster.degraded and not b.state.cluster.degraded,
             timeout=10,
         )
         await eventually(lambda: ready_in_view(a, remote.node_id), timeout=10)
@@ -186,8 +186,8 @@ async def test_redis_outage_with_jobs_in_flight(
         ]
         check_sessions([sa, sb])
         await eventually(lambda: a.state.dispatcher.store.inflight == 0, timeout=5)
-        assert await a.state.dispatcher.cluster.store.slots_used(remote.node_id, a.state.clock.wall_ms()) == 0
-        await eventually(lambda: b.state.dispatcher.cluster.remote_jobs == {}, timeout=5)
+        assert await a.state.cluster.store.slots_used(remote.node_id, a.state.clock.wall_ms()) == 0
+        await eventually(lambda: b.state.cluster.remote_jobs == {}, timeout=5)
     finally:
         await asyncio.gather(
             remote.close(), local.close(), sa.disconnect(), sb.disconnect(), return_exceptions=True
@@ -227,7 +227,7 @@ async def run_partition(
                 worst["loop_lag_s"] = max(worst["loop_lag_s"], a.state.loop_lag.recent_max)
                 await asyncio.sleep(0.2)
             # degraded, and said so; the event loop never stalled on the frozen store
-            assert a.state.dispatcher.cluster.degraded and health["status"] == "degraded"
+            assert a.state.cluster.degraded and health["status"] == "degraded"
             acked = local.rtts[rtts_before:]
             assert len(acked) >= pause_s / 0.1 * 0.6, f"only {len(acked)} heartbeats acked in {pause_s} s"
             worst["heartbeat_rtt_s"] = max(worst["heartbeat_rtt_s"], *acked)
@@ -236,7 +236,7 @@ async def run_partition(
             assert all(s.outcomes()[i] == ["result"] for i in range(sent_before, s.utterances_sent))
             redis.resume()
             await eventually(
-                lambda: not a.state.dispatcher.cluster.degraded and not b.state.dispatcher.cluster.degraded,
+                lambda: not a.state.cluster.degraded and not b.state.cluster.degraded,
                 timeout=10,
             )
         assert worst["loop_lag_s"] < 0.25 and worst["heartbeat_rtt_s"] < 0.25 and worst["health_s"] < 0.5, (

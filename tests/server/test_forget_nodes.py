@@ -104,9 +104,9 @@ async def test_forget_in_multi_instance_mode(
     assert status == 409 and body["code"] == "NODE_CONNECTED"
     status, body = await post(a, f"/api/v1/admin/nodes/{gone.node_id}/forget")
     assert status == 200, body
-    assert body["instance"] == b.state.dispatcher.cluster.instance_id and body["shared"] is True
+    assert body["instance"] == b.state.cluster.instance_id and body["shared"] is True
     assert gone.node_id not in b.state.registry.nodes
     await eventually(lambda: gone.node_id not in a.state.registry.nodes, timeout=5)
-    records, _ = await a.state.dispatcher.cluster.store.directory()
+    records, _ = await a.state.cluster.store.directory()
     assert gone.node_id not in {r.node_id for r in records}
     assert live.node_id in {r.node_id for r in records}

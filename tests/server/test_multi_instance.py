@@ -28,7 +28,7 @@ async def test_session_on_a_node_on_b(
     node = node_factory(url=b.node_url, executor=Executor(latency=0.01))
     await node.start()
     await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
-    assert a.state.publisher.view.get(node.node_id).owner == b.state.dispatcher.cluster.instance_id
+    assert a.state.publisher.view.get(node.node_id).owner == b.state.cluster.instance_id
     s = session_factory(url=a.session_url)
     await s.start()
     for _ in range(3):
@@ -39,7 +39,7 @@ async def test_session_on_a_node_on_b(
     health = await a.get_json("/health")
     assert health["mode"] == "redis" and health["store"] == "ok"
     # reservations were released: no slot left in use on the node
-    store = a.state.dispatcher.cluster.store
+    store = a.state.cluster.store
     await eventually(lambda: a.state.dispatcher.store.inflight == 0)
     assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
 
@@ -193,7 +193,7 @@ async def test_redis_outage_degrades_then_recovers(
         s = session_factory(url=a.session_url)
         await s.start()
         redis.stop()
-        await eventually(lambda: a.state.dispatcher.cluster.degraded, timeout=5)
+        await eventually(lambda: a.state.cluster.degraded, timeout=5)
         health = await a.get_json("/health")
         assert health["status"] == "degraded" and health["store"] == "degraded"
         assert await a.metric("lingua_store_degraded") == 1
@@ -204,7 +204,7 @@ async def test_redis_outage_degrades_then_recovers(
         await eventually(lambda: len(s.of_type("translation_result")) == 1, timeout=5)
         redis.start()  # same port, empty: everything is republished
         await eventually(
-            lambda: not a.state.dispatcher.cluster.degraded and not b.state.dispatcher.cluster.degraded,
+            lambda: not a.state.cluster.degraded and not b.state.cluster.degraded,
             timeout=10,
         )
         assert (await a.get_json("/health"))["status"] == "ok"
@@ -284,7 +284,7 @@ async def test_killed_instance_nodes_move_and_jobs_end(
 ) -> None:
     prefix = "k" + secrets.token_hex(3)
     a = await scheduler_factory(**cluster_cfg(redis_server.url, prefix))
-    await eventually(lambda: not a.state.dispatcher.cluster.degraded, timeout=5)
+    await eventually(lambda: not a.state.cluster.degraded, timeout=5)
     proc, b_base = _spawn_instance(redis_server.url, prefix)
     try:
 
@@ -330,9 +330,9 @@ async def test_killed_instance_nodes_move_and_jobs_end(
         )
         # no job of A left in flight, here or in the shared job records
         assert a.state.dispatcher.store.inflight == 0
-        store = a.state.dispatcher.cluster.store
+        store = a.state.cluster.store
         await asyncio.sleep(0.5)  # one tick flushes the job records
-        assert await store.jobs_of(a.state.dispatcher.cluster.instance_id) == []
+        assert await store.jobs_of(a.state.cluster.instance_id) == []
         # and later jobs run on the moved nodes
         await s.utterance()
         await eventually(lambda: len(s.outcomes()) == 4, timeout=10)
@@ -365,7 +365,7 @@ async def test_cross_instance_on_redis_cluster(
         await s.speak(chunks=1)
     await eventually(lambda: len(s.of_type("translation_result")) == 3, timeout=10)
     assert (await a.get_json("/health"))["store"] == "ok"
-    store = a.state.dispatcher.cluster.store
+    store = a.state.cluster.store
     await eventually(lambda: a.state.dispatcher.store.inflight == 0)
     assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
 

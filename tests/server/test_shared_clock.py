@@ -89,4 +89,4 @@ async def test_a_node_moving_off_a_fast_clocked_instance_is_seen_on_its_new_one(
     await moved.start()
     await eventually(lambda: ready_in_view(c, node_id), timeout=5)
     entry = c.state.registry.nodes[node_id]
-    assert entry.owner == b.state.dispatcher.cluster.instance_id
+    assert entry.owner == b.state.cluster.instance_id

@@ -230,7 +230,7 @@ async def test_redis_mode_stopping_instance_hands_jobs_back(
     prefix = "g" + secrets.token_hex(3)
     sections = cluster_sections(redis_server.url, prefix)
     a = await scheduler_factory(**{**sections, "scheduler": {"fleet_view_interval_ms": 10}})
-    await eventually(lambda: not a.state.dispatcher.cluster.degraded, timeout=5)
+    await eventually(lambda: not a.state.cluster.degraded, timeout=5)
     b = await start_process(procs, http, **sections, shutdown={"drain_timeout_seconds": 1.5})
     slow = SimulatedNode(
         http,
@@ -269,9 +269,9 @@ async def test_redis_mode_stopping_instance_hands_jobs_back(
         assert [m["attempt_id"] for m in spare.received if m["type"] == "job_assign"] == [2]
         await eventually(lambda: slow.reconnects == 1, timeout=5)
         # B left the shared state at once: no presence, no node records, no live job records
-        store = a.state.dispatcher.cluster.store
+        store = a.state.cluster.store
         records, _ = await store.directory()
-        assert {r.owner for r in records} == {a.state.dispatcher.cluster.instance_id}
+        assert {r.owner for r in records} == {a.state.cluster.instance_id}
         await eventually(lambda: a.state.dispatcher.store.inflight == 0, timeout=5)
     finally:
         await asyncio.gather(slow.close(), spare.close(), s.disconnect(), return_exceptions=True)

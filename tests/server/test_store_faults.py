@@ -107,9 +107,7 @@ async def test_redis_frozen_longer_than_presence_ttl_under_load(
         await load(2.5 * TTL_S)
         redis.resume()
         resumed = time.monotonic()
-        await eventually(
-            lambda: not a.state.dispatcher.cluster.degraded and not b.state.dispatcher.cluster.degraded, 5
-        )
+        await eventually(lambda: not a.state.cluster.degraded and not b.state.cluster.degraded, 5)
         # no phantom slot: a reservation set never counts more than its node runs
         while True:
             counts = {
@@ -173,7 +171,7 @@ async def test_redis_out_of_memory_is_an_outage(
             r.config_set("maxmemory", "1")
             assert r.ping()
         for rs in (a, b):
-            await eventually(lambda rs=rs: rs.state.dispatcher.cluster.degraded, timeout=5)
+            await eventually(lambda rs=rs: rs.state.cluster.degraded, timeout=5)
             status, body = await ready_status(rs)
             assert status == 503 and body["checks"]["shared_store"] is False, body
             assert await rs.metric("lingua_store_degraded") == 1
@@ -188,7 +186,7 @@ async def test_redis_out_of_memory_is_an_outage(
         with redis.client() as r:
             r.config_set("maxmemory", "0")
         for rs in (a, b):
-            await eventually(lambda rs=rs: not rs.state.dispatcher.cluster.degraded, timeout=5)
+            await eventually(lambda rs=rs: not rs.state.cluster.degraded, timeout=5)
             assert (await ready_status(rs))[0] == 200
             assert await rs.metric("lingua_store_degraded") == 0
         # cross-instance traffic again: with A's own node gone, a node of B serves A's session

@@ -119,13 +119,13 @@ async def test_store_faults_soak(
             await asyncio.sleep(0.3)
 
     def ids(rs: RunningScheduler) -> str:
-        return str(rs.state.dispatcher.cluster.instance_id)
+        return str(rs.state.cluster.instance_id)
 
     async def recovered(fault: str, answering: float) -> None:
         """All capacity usable again: measured from when the store answers."""
         nodes = [na.node_id or "", nb.node_id or ""]
         while True:
-            connected = not a.state.dispatcher.cluster.degraded and not b.state.dispatcher.cluster.degraded
+            connected = not a.state.cluster.degraded and not b.state.cluster.degraded
             views = all(ready_in_view(rs, n) for rs in (a, b) for n in nodes)
             slots = all(store.reserved(n.node_id or "") <= n.running_jobs for n in (na, nb))
             if connected and views and slots and store.published([ids(a), ids(b)], nodes, 2):
@@ -155,7 +155,7 @@ async def test_store_faults_soak(
             with redis.client() as r:
                 r.config_set("maxmemory-policy", "noeviction")
                 r.config_set("maxmemory", "1")
-            await eventually(lambda: a.state.dispatcher.cluster.degraded, timeout=5)
+            await eventually(lambda: a.state.cluster.degraded, timeout=5)
             await asyncio.sleep(2 * TTL_S)
             with redis.client() as r:
                 r.config_set("maxmemory", "0")
@@ -195,7 +195,7 @@ async def test_store_faults_soak(
         print(
             f"soak: {sa.utterances_sent + sb.utterances_sent} utterances, {dict(tally)}; "
             f"recovered after (s): {recoveries}; take-overs: {len(takeovers)}; "
-            f"republished: {[rs.state.dispatcher.cluster.republished for rs in (a, b)]}"
+            f"republished: {[rs.state.cluster.republished for rs in (a, b)]}"
         )
     finally:
         running = False

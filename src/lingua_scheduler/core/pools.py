@@ -22,16 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from lingua_scheduler.config import PoolsConfig
 from lingua_scheduler.core.capabilities import Capabilities
 from lingua_scheduler.core.hashing import pick_index_for_key
+from lingua_scheduler.core.node_view import NodeView
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ServiceType
-
-if TYPE_CHECKING:  # fleet_view imports this module; the annotation only needs the name
-    from lingua_scheduler.core.fleet_view import NodeView
 
 LANGUAGE_PAIR = "language_pair"
 CAPABILITY = "capability"

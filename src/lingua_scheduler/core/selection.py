@@ -41,9 +41,10 @@ from functools import lru_cache
 from math import gcd
 from typing import NamedTuple
 
-from lingua_scheduler.core.fleet_view import FleetView, NodeView
+from lingua_scheduler.core.fleet_view import FleetView
 from lingua_scheduler.core.hashing import iter_ring, pick_index_for_key, pool_id_for_key, probe_order
 from lingua_scheduler.core.languages import AUTO, normalize
+from lingua_scheduler.core.node_view import NodeView
 from lingua_scheduler.core.pools import CAPABILITY, HASH, LANGUAGE_PAIR, Pool, hash_group, pair_group
 from lingua_scheduler.core.quality import QualityTracker
 from lingua_scheduler.core.status import NodeStatus

@@ -234,7 +234,7 @@ async def _forget_in_store(state: SchedulerState, node_ids: list[str]) -> bool:
     """Multi-instance mode: take forgotten records out of the shared directory too (the other instances
     drop them from their views on the change feed). False when the store could not be written: the
     records stay in the directory as offline ones until this instance's owner entries are cleaned."""
-    cluster = state.dispatcher.cluster
+    cluster = state.cluster
     if cluster is None or not node_ids:
         return True
     try:
@@ -252,7 +252,7 @@ async def _node_route(request: web.Request, action: str, default_reason: str) ->
     node_id = request.match_info["node_id"]
     reason = await _reason(request, default_reason)
     entry = state.registry.nodes.get(node_id)
-    cluster = state.dispatcher.cluster
+    cluster = state.cluster
     if entry is not None and entry.owner is not None and cluster is not None:
         owner = entry.owner
         try:
@@ -355,7 +355,7 @@ async def revoke(request: web.Request) -> web.Response:
             "have no effect",
             code=ErrorCode.NODE_AUTH_DISABLED,
         )
-    cluster = state.dispatcher.cluster
+    cluster = state.cluster
     changed, shared = await state.auth.revoke(node_id, cluster.store if cluster is not None else None)
     if cluster is None:
         log.warning(
@@ -365,7 +365,7 @@ async def revoke(request: web.Request) -> web.Response:
         )
     entry = state.registry.nodes.get(node_id)
     outbox = entry.conn if entry is not None else None
-    disconnected = disconnect_revoked(state, node_id)
+    disconnected = disconnect_revoked(state.registry, node_id)
     # bounded wait for the endpoint's cleanup, so the answer shows the node offline (as disconnect does)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + EFFECT_TIMEOUT

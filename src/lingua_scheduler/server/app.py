@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -59,14 +60,38 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     dashboard.add_routes(app)
     openapi.add_routes(app)
     if store is not None:
-        cluster = Cluster(state, store, config.cluster)
+        cluster = Cluster(
+            store,
+            config.cluster,
+            config=config,
+            clock=state.clock,
+            registry=state.registry,
+            publisher=state.publisher,
+            auth=state.auth,
+            metrics=state.metrics,
+            sessions=state.sessions,
+            dispatcher=state.dispatcher,
+            cross_instance_window=state.cross_instance_window,
+            node_actions=admin.NODE_ACTIONS,
+            node_action=functools.partial(admin.node_action, state),
+        )
+        state.cluster = cluster
         state.dispatcher.cluster = cluster
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
     app.cleanup_ctx.append(integrator_api.delivery)
     shutdown.setup(app)  # SIGTERM: drain, fail the rest explicitly, close with 1001 (last on_shutdown hook)
-    auth.setup(app)  # start-up warning when left open; revocation sync in shared mode
+    # start-up warning when left open; revocation sync in shared mode
+    cluster_now = state.cluster
+    auth.setup(
+        app,
+        state.auth,
+        state.registry,
+        state.metrics,
+        cluster_now.store if cluster_now is not None else None,
+        config.cluster.tick_interval_seconds,
+    )
     return app
 
 
@@ -84,7 +109,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(state.dispatcher.run(), name="job-deadlines"),
         asyncio.create_task(state.quality.run(), name="node-quality"),
     ]
-    cluster = state.dispatcher.cluster
+    cluster = state.cluster
     if cluster is not None:
         await cluster.start()
     yield

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from aiohttp import WSCloseCode, web
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -36,15 +36,15 @@ from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import AuthConfig, LimitsConfig
 from lingua_scheduler.core.auth import NodeAuthenticator, Tenant, TenantKeys, TenantLimits, derive_signing_key
 from lingua_scheduler.core.enrollment import EnrollmentLimiter
+from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.errors import AuthenticationError, ErrorCode, RegistrationError, SessionError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import NodeRegister
 from lingua_scheduler.protocol.session import SessionInit
+from lingua_scheduler.server.links import local_outbox
+from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.store.base import StateStore, StoreUnavailable
-
-if TYPE_CHECKING:
-    from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
 
@@ -375,18 +375,18 @@ def close_refused(outbox: Outbox, reason: str) -> None:
     task.add_done_callback(_closing.discard)
 
 
-def disconnect_revoked(state: SchedulerState, node_id: str) -> bool:
+def disconnect_revoked(registry: Registry, node_id: str) -> bool:
     """Tell a revoked node connected to this instance why, and close its socket. True if it was here."""
-    entry = state.registry.nodes.get(node_id)
-    if entry is None or entry.owner is not None or not isinstance(entry.conn, Outbox):
+    outbox = local_outbox(registry.nodes.get(node_id))
+    if outbox is None:
         return False
-    entry.conn.send(
+    outbox.send(
         ErrorMessage(
             code=ErrorCode.UNAUTHORIZED.value,
             message=f"the node token of {node_id} has been revoked; enroll again",
         )
     )
-    close_refused(entry.conn, "node token revoked")
+    close_refused(outbox, "node token revoked")
     log.warning("revoked node disconnected", extra={"node_id": node_id})
     return True
 
@@ -394,16 +394,11 @@ def disconnect_revoked(state: SchedulerState, node_id: str) -> bool:
 # --- background: revocation sync, start-up warning ---------------------------------------------------
 
 
-async def revocation_sync(state: SchedulerState) -> None:
+async def revocation_sync(auth: AuthService, store: StateStore, registry: Registry, interval: float) -> None:
     """Shared mode: once per cluster tick, read the shared list, write back what it lacks (revoked here
     while the store was away, configured here, or lost by a Redis restart), and disconnect newly revoked
     nodes connected here. A failed call keeps the local copy: a known revocation is never forgotten
     because Redis is away. The list is small (one id per revoked node), so it is read whole."""
-    cluster = state.dispatcher.cluster
-    if cluster is None:
-        return
-    auth, store = state.auth, cluster.store
-    interval = state.config.cluster.tick_interval_seconds
     while True:
         try:
             listed = await store.revoked_nodes()
@@ -411,34 +406,42 @@ async def revocation_sync(state: SchedulerState) -> None:
                 await store.revoke_node(node_id)
             for node_id in auth.merge_revoked(listed):
                 log.info("node token revoked by another instance", extra={"node_id": node_id})
-                disconnect_revoked(state, node_id)
+                disconnect_revoked(registry, node_id)
         except StoreUnavailable as exc:
             log.debug("revocation sync skipped: %s", exc)
         await asyncio.sleep(interval)
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    from lingua_scheduler.server.state import STATE
+def setup(
+    app: web.Application,
+    auth: AuthService,
+    registry: Registry,
+    metrics: Metrics,
+    store: StateStore | None,
+    interval: float,
+) -> None:
+    """Register the start-up warning and, with a shared ``store``, the revocation sync (every
+    ``interval`` seconds) on ``app``."""
+    metrics.add_live(auth.metrics)
 
-    state = app[STATE]
-    for plane in state.auth.open_planes():
-        log.warning(
-            "AUTHENTICATION DISABLED for %s%s. Do not expose this instance: configure [auth] "
-            "(docs/security.md).",
-            plane,
-            " (--insecure-dev)" if state.config.auth.insecure_dev else "",
-            extra={"security": "insecure"},
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        for plane in auth.open_planes():
+            log.warning(
+                "AUTHENTICATION DISABLED for %s%s. Do not expose this instance: configure [auth] "
+                "(docs/security.md).",
+                plane,
+                " (--insecure-dev)" if auth.config.insecure_dev else "",
+                extra={"security": "insecure"},
+            )
+        if store is None:
+            yield
+            return
+        task = asyncio.get_running_loop().create_task(
+            revocation_sync(auth, store, registry, interval), name="revocation-sync"
         )
-    task = asyncio.get_running_loop().create_task(revocation_sync(state), name="revocation-sync")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
-
-def setup(app: web.Application) -> None:
-    """Register the start-up warning and the revocation sync on ``app`` (after the state exists)."""
-    from lingua_scheduler.server.state import STATE
-
-    app[STATE].metrics.add_live(app[STATE].auth.metrics)
-    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(lifecycle)

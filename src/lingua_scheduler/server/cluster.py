@@ -33,11 +33,13 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from lingua_scheduler.clock import Clock
-from lingua_scheduler.config import ClusterConfig
-from lingua_scheduler.core.registry import NodeEntry
+from lingua_scheduler.config import ClusterConfig, Config
+from lingua_scheduler.core.fleet_view import FleetViewPublisher
+from lingua_scheduler.core.registry import NodeEntry, Registry
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.cluster import (
     CancelOnNode,
@@ -53,13 +55,18 @@ from lingua_scheduler.protocol.cluster import (
     ResumeRequest,
     SessionOutput,
 )
+from lingua_scheduler.server.auth import AuthService
+from lingua_scheduler.server.dispatcher import Dispatcher
+from lingua_scheduler.server.latency import LatencyWindow
+from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.resume import Resumer
+from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, PoolDelta, StateStore, StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 
-if TYPE_CHECKING:
-    from lingua_scheduler.server.state import SchedulerState
+#: carries out an operator's node action here: (node id, action, reason) -> (HTTP status, body)
+NodeAction = Callable[[str, str, str], Awaitable[tuple[int, dict[str, Any]]]]
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +98,43 @@ def make_store(cfg: ClusterConfig, instance_id: str, clock: Clock | None = None)
 
 
 class Cluster:
-    def __init__(self, state: SchedulerState, store: StateStore, cfg: ClusterConfig) -> None:
-        self.state = state
+    def __init__(
+        self,
+        store: StateStore,
+        cfg: ClusterConfig,
+        *,
+        config: Config,
+        clock: Clock,
+        registry: Registry,
+        publisher: FleetViewPublisher,
+        auth: AuthService,
+        metrics: Metrics,
+        sessions: Mapping[str, Session],
+        dispatcher: Dispatcher,
+        cross_instance_window: LatencyWindow,
+        node_actions: tuple[str, ...],
+        node_action: NodeAction,
+    ) -> None:
+        """Each keyword argument is one thing of the instance the cluster shell reads or feeds:
+        ``sessions`` this instance's open sessions (read only), ``dispatcher`` its job dispatch,
+        ``node_actions``/``node_action`` the operators' node actions it carries out for other instances
+        (server/admin.py's: admin reaches the cluster, not the other way round)."""
+        self.config = config
+        self.clock = clock
+        self.registry = registry
+        self.publisher = publisher
+        self.auth = auth
+        self.metrics = metrics
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self.cross_instance_window = cross_instance_window
+        self.node_actions = node_actions
+        self.node_action = node_action
         self.store = store
         self.cfg = cfg
         self.instance_id = store.instance_id
         self.degraded = True  # until the first successful sync
-        self.degraded_since: float | None = state.clock.monotonic()
+        self.degraded_since: float | None = clock.monotonic()
         self._wake = asyncio.Event()
         self._feed_id = "$"
         #: node id -> pools last published for it (to send SADD/SREM deltas only)
@@ -154,10 +191,10 @@ class Cluster:
         #: whether a tick has succeeded since the last (re)connection (a missing presence before
         #: that is the normal start, not a loss)
         self._ticked = False
-        state.registry.on_local_change = self._wake.set
-        state.auth.shared_admission = self.admit_session
+        registry.on_local_change = self._wake.set
+        auth.shared_admission = self.admit_session
         #: resuming sessions across instances (server/resume.py)
-        self.resumer = Resumer(state, self)
+        self.resumer = Resumer(clock, config.session, sessions, self.instance_id, store, self.writer)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -206,7 +243,7 @@ class Cluster:
             return
         status = {
             e.node_id: NodeStatus.DRAINING.value
-            for e in self.state.registry.local_nodes()
+            for e in self.registry.local_nodes()
             if e.status is not NodeStatus.OFFLINE
         }
         try:
@@ -229,7 +266,7 @@ class Cluster:
             await self._publish_changes()
             if self._job_writes:
                 writes, self._job_writes = list(self._job_writes.values()), {}
-                await self.store.save_jobs(writes, int(self.state.config.jobs.retention_seconds) + 60)
+                await self.store.save_jobs(writes, int(self.config.jobs.retention_seconds) + 60)
             await self.store.forget_instance(self.instance_id)
         except StoreUnavailable as exc:
             log.warning("could not leave the shared store cleanly", extra={"reason": str(exc)})
@@ -277,13 +314,13 @@ class Cluster:
         if self.degraded:
             return
         self.degraded = True
-        self.degraded_since = self.state.clock.monotonic()
+        self.degraded_since = self.clock.monotonic()
         self.degraded_episodes += 1
         self.degraded_reason = why
         self._resynced.clear()
         log.warning("shared store unusable: serving local traffic only (%s)", why, extra={"reason": why})
         # Remote nodes cannot be reached or reserved now: take them out of the view.
-        for node_id in [e.node_id for e in self.state.registry if e.owner is not None]:
+        for node_id in [e.node_id for e in self.registry if e.owner is not None]:
             self._drop_remote(node_id)
 
     async def _recover(self) -> None:
@@ -306,7 +343,7 @@ class Cluster:
 
     async def _republish(self) -> None:
         """Publish every node we own again, whole (records, status for reservations, pool sets)."""
-        registry = self.state.registry
+        registry = self.registry
         registry.changed_local.update(e.node_id for e in registry.local_nodes())
         self._published_pools.clear()
         await self._publish_changes()
@@ -353,14 +390,14 @@ class Cluster:
         )
 
     async def _publish_changes(self) -> None:
-        registry = self.state.registry
+        registry = self.registry
         changed, registry.changed_local = registry.changed_local, set()
         if not changed:
             return
         records: list[NodeRecord] = []
         pools: list[PoolDelta] = []
         status: dict[str, str] = {}
-        view = self.state.publisher.view
+        view = self.publisher.view
         for node_id in changed:
             entry = registry.nodes.get(node_id)
             if entry is None or entry.owner is not None:
@@ -391,12 +428,10 @@ class Cluster:
         while True:
             if self.degraded:
                 await self._recover()
-            owned = [
-                e.node_id for e in self.state.registry.local_nodes() if e.status is not NodeStatus.OFFLINE
-            ]
+            owned = [e.node_id for e in self.registry.local_nodes() if e.status is not NodeStatus.OFFLINE]
             ttl_ms = int(self.cfg.presence_ttl_seconds * 1000)
-            auth = self.state.auth
-            here = auth.tenant_sessions(s.tenant_id for s in self.state.sessions.values())
+            auth = self.auth
+            here = auth.tenant_sessions(s.tenant_id for s in self.sessions.values())
             tick = await self.store.tick(owned, self._load_batch(), ttl_ms, here)
             if tick.presence_lost and self._ticked:
                 await self._store_lost_us()
@@ -418,7 +453,7 @@ class Cluster:
                 await self._resync_reservations()
             if self._job_writes:
                 writes, self._job_writes = list(self._job_writes.values()), {}
-                await self.store.save_jobs(writes, int(self.state.config.jobs.retention_seconds) + 60)
+                await self.store.save_jobs(writes, int(self.config.jobs.retention_seconds) + 60)
             await asyncio.sleep(self.cfg.tick_interval_seconds)
 
     async def _resync_reservations(self) -> None:
@@ -427,7 +462,7 @@ class Cluster:
         store failure: a release lost then would otherwise hold its slot until the reservation
         expired (the execution timeout: a minute by default), and every instance would see a full
         node that is idle."""
-        held = self.state.dispatcher.held_reservations()
+        held = self.dispatcher.held_reservations()
         unsure = self._resv_unsure | self.writer.unsure_nodes
         self._resv_unsure, self.writer.unsure_nodes = set(), set()
         for node_id in unsure:
@@ -445,7 +480,7 @@ class Cluster:
                 "reservations re-synced with the live jobs",
                 extra={"nodes": len(held), "removed": removed, "added": added},
             )
-            self.state.dispatcher.pump()  # slots freed for jobs waiting here
+            self.dispatcher.pump()  # slots freed for jobs waiting here
 
     # --- sessions of tenants with a cluster-wide session cap -----------------------------------------
 
@@ -458,7 +493,7 @@ class Cluster:
         members = self._tenant_members.setdefault(tenant_id, set())
         if session_id in members:
             return True  # counted already
-        ended = [s for s in members if s not in self.state.sessions and s not in self._admitting]
+        ended = [s for s in members if s not in self.sessions and s not in self._admitting]
         # released by this call only: the store counts, so a release running meanwhile must not see
         # them again (if the call fails, the re-sync after it repairs the count)
         members.difference_update(ended)
@@ -478,7 +513,7 @@ class Cluster:
         return admitted
 
     def _ended_sessions(self) -> dict[str, list[str]]:
-        live = self.state.sessions
+        live = self.sessions
         return {
             t: [s for s in m if s not in live and s not in self._admitting]
             for t, m in self._tenant_members.items()
@@ -497,9 +532,9 @@ class Cluster:
         """Make the store's session sets hold exactly our live sessions of each capped tenant: after a
         store failure (an admission whose answer never came, a release lost) or a store that lost its
         data (every admission then has to be put back, or the cap would admit past them)."""
-        auth = self.state.auth
+        auth = self.auth
         live: dict[str, list[str]] = {t: [] for t in self._tenant_members}
-        for session in self.state.sessions.values():
+        for session in self.sessions.values():
             if auth.admission_is_shared(session.tenant_id) and session.tenant_id is not None:
                 live.setdefault(session.tenant_id, []).append(session.session_id)
         # an admission in flight may be counted already: keep it (released next tick if refused)
@@ -518,8 +553,8 @@ class Cluster:
         """Load of owned nodes that moved: our own jobs plus those we run for other instances."""
         loads: dict[str, tuple[int, float, float, float]] = {}
         for_others: dict[str, int] = {}
-        now = self.state.clock.monotonic()
-        exec_max = self.state.config.jobs.exec_timeout_max_ms / 1000
+        now = self.clock.monotonic()
+        exec_max = self.config.jobs.exec_timeout_max_ms / 1000
         for key, (_, node_id, since) in list(self.remote_jobs.items()):
             if since < now - 2 * exec_max:
                 self._drop_route(*key)  # its result never came: the owner has failed it over long ago
@@ -528,7 +563,7 @@ class Cluster:
         for key, (_, _, since) in list(self._cancelled_routes.items()):
             if since < now - exec_max:
                 self._drop_route(*key)  # a result this late would find the job answered long ago
-        for entry in self.state.registry.local_nodes():
+        for entry in self.registry.local_nodes():
             if entry.status is NodeStatus.OFFLINE:
                 continue
             ld = entry.load
@@ -552,7 +587,7 @@ class Cluster:
         """Another instance died: its nodes leave the view, its live jobs end explicitly."""
         log.warning("instance presence expired: taking over", extra={"instance": instance})
         self.takeovers += 1
-        for node_id in self.state.registry.remote_nodes_of(instance):
+        for node_id in self.registry.remote_nodes_of(instance):
             self._drop_remote(node_id)
         # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would
         # count as load on our nodes (in the load batches) until the horizon of ``_load_batch``. This
@@ -560,7 +595,7 @@ class Cluster:
         for (job_id, attempt), (reply_to, node_id, _) in list(self.remote_jobs.items()):
             if reply_to == instance:
                 self._drop_route(job_id, attempt)
-                self.state.dispatcher.cancel_on_local_node(node_id, job_id, "owner instance died")
+                self.dispatcher.cancel_on_local_node(node_id, job_id, "owner instance died")
         for key, (reply_to, _, _) in list(self._cancelled_routes.items()):
             if reply_to == instance:
                 self._drop_route(*key)
@@ -569,21 +604,21 @@ class Cluster:
         failed = []
         for job in orphans:
             if job.node_id is not None:
-                entry = self.state.registry.nodes.get(job.node_id)
+                entry = self.registry.nodes.get(job.node_id)
                 if entry is not None and entry.owner is None:
-                    self.state.dispatcher.cancel_on_local_node(job.node_id, job.job_id, "owner instance died")
+                    self.dispatcher.cancel_on_local_node(job.node_id, job.job_id, "owner instance died")
             failed.append(
                 JobRecord(job.job_id, "failed", job.attempt, job.node_id, instance, job.session_id, True)
             )
         if failed:
-            await self.store.save_jobs(failed, int(self.state.config.jobs.retention_seconds) + 60)
+            await self.store.save_jobs(failed, int(self.config.jobs.retention_seconds) + 60)
             log.warning(
                 "jobs of a dead instance failed explicitly", extra={"instance": instance, "jobs": len(failed)}
             )
 
     def _drop_remote(self, node_id: str) -> None:
-        if self.state.registry.remove_remote(node_id) is not None:
-            self.state.dispatcher.node_lost(node_id)
+        if self.registry.remove_remote(node_id) is not None:
+            self.dispatcher.node_lost(node_id)
 
     # --- feed ---------------------------------------------------------------------------------------
 
@@ -604,15 +639,15 @@ class Cluster:
     def _apply(
         self, kind: str, record: NodeRecord | None, loads: LoadBatch | None, node_id: str | None
     ) -> None:
-        registry = self.state.registry
+        registry = self.registry
         if kind == "node" and record is not None and record.owner != self.instance_id:
             change = registry.upsert_remote(record)
             if change is not None and change[1] is not NodeStatus.READY:
-                self.state.dispatcher.node_lost(record.node_id)
+                self.dispatcher.node_lost(record.node_id)
         elif kind == "load" and loads is not None and loads.owner != self.instance_id:
             for nid, (running, cpu, gpu, mem) in loads.loads.items():
                 registry.remote_load(nid, running, cpu, gpu, mem)
-            self.state.dispatcher.pump()  # capacity may have freed up for jobs waiting here
+            self.dispatcher.pump()  # capacity may have freed up for jobs waiting here
         elif kind == "gone" and node_id is not None:
             entry = registry.nodes.get(node_id)
             if entry is not None and entry.owner is None:
@@ -626,7 +661,7 @@ class Cluster:
         for rec in records:
             seen.add(rec.node_id)
             self._apply("node", rec, None, None)
-        for entry in [e for e in self.state.registry if e.owner is not None and e.node_id not in seen]:
+        for entry in [e for e in self.registry if e.owner is not None and e.node_id not in seen]:
             self._drop_remote(entry.node_id)
 
     # --- inbox --------------------------------------------------------------------------------------
@@ -646,12 +681,12 @@ class Cluster:
             self.writer.ack(done)
 
     def handle(self, message: InboxMessage) -> None:
-        dispatcher = self.state.dispatcher
+        dispatcher = self.dispatcher
         if isinstance(message, Dispatch):
             if message.sent_at_ns:
                 hop = max(0.0, (time.time_ns() - message.sent_at_ns) / 1e9)
-                self.state.metrics.cross_instance_dispatch.observe(hop)
-                self.state.cross_instance_window.record(hop)
+                self.metrics.cross_instance_dispatch.observe(hop)
+                self.cross_instance_window.record(hop)
             if dispatcher.deliver_to_local_node(message.node_id, message.assign):
                 self._add_route(
                     message.assign.job_id, message.assign.attempt_id, message.reply_to, message.node_id
@@ -727,9 +762,7 @@ class Cluster:
             del self._admin_waiting[request_id]
 
     async def _node_admin(self, message: NodeAdminRequest) -> None:
-        from lingua_scheduler.server.admin import NODE_ACTIONS, node_action  # admin imports this module
-
-        if message.action in NODE_ACTIONS:
+        if message.action in self.node_actions:
             log.info(
                 "node action asked by another instance",
                 extra={
@@ -739,8 +772,8 @@ class Cluster:
                     "operator": message.operator,
                 },
             )
-            status, body = await node_action(
-                self.state, message.node_id, message.action, message.reason or "disconnected by operator"
+            status, body = await self.node_action(
+                message.node_id, message.action, message.reason or "disconnected by operator"
             )
         else:
             status, body = (
@@ -756,7 +789,7 @@ class Cluster:
     def _add_route(self, job_id: str, attempt: int, reply_to: str, node_id: str) -> None:
         key = (job_id, attempt)
         self._cancelled_routes.pop(key, None)
-        self.remote_jobs[key] = (reply_to, node_id, self.state.clock.monotonic())
+        self.remote_jobs[key] = (reply_to, node_id, self.clock.monotonic())
         self._route_attempts.setdefault(job_id, set()).add(attempt)
 
     def _drop_route(self, job_id: str, attempt: int) -> None:
@@ -776,7 +809,7 @@ class Cluster:
     def _cancel_routes(self, job_id: str, node_id: str) -> None:
         """The owner cancelled the job on ``node_id`` (that attempt was abandoned, or the job ended):
         the attempt no longer counts as load here, and its route stays for a late result only."""
-        now = self.state.clock.monotonic()
+        now = self.clock.monotonic()
         for attempt in list(self._route_attempts.get(job_id, ())):
             route = self.remote_jobs.get((job_id, attempt))
             if route is not None and route[1] == node_id:
@@ -806,12 +839,12 @@ class Cluster:
         if is_result:
             # The node counted the job in its last report; it is not one of our jobs (no finished()
             # will take it off): without this the figure stays one too high until the next report.
-            entry = self.state.registry.nodes.get(node_id)
+            entry = self.registry.nodes.get(node_id)
             if entry is not None and entry.owner is None:
                 entry.load.report_ended()
         if route is None or route[1] != node_id or attempt is None:
             self.stale_routes += 1
-            self.state.metrics.stale_messages.inc()
+            self.metrics.stale_messages.inc()
             log.info(
                 "job message without a route from its node dropped",
                 extra={"node_id": node_id, "job_id": job_id, "attempt": attempt},

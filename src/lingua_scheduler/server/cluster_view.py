@@ -74,7 +74,7 @@ class ClusterView:
     def __init__(self, state: SchedulerState, stats: StatsAggregator) -> None:
         self.state = state
         self.stats = stats
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         self.store: RedisStore | None = (
             cluster.store if cluster is not None and isinstance(cluster.store, RedisStore) else None
         )
@@ -107,7 +107,7 @@ class ClusterView:
             local[entry.status.value] += 1
         snap = self.stats.snapshot()
         per_s = snap["jobs"]["per_second"]
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         ttl = state.config.cluster.presence_ttl_seconds
         return InstanceInfo(
             instance_id=self.instance_id,
@@ -142,7 +142,7 @@ class ClusterView:
 
     async def run(self) -> None:
         while True:
-            cluster = self.state.dispatcher.cluster
+            cluster = self.state.cluster
             if cluster is not None and not cluster.degraded:
                 try:
                     await self.share()
@@ -184,7 +184,7 @@ class ClusterView:
     async def body(self) -> dict[str, Any]:
         """``GET /api/v1/cluster``; in Redis mode a fresh reading (raises ``StoreUnavailable``)."""
         state = self.state
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         if self.store is None or cluster is None:
             me = self.figures()
             return {

@@ -12,7 +12,7 @@ clients keep per-session audio aggregation state); a job continuing a max-durati
 node even at capacity. Two-way sessions go only to nodes serving both directions of (lang_a, lang_b).
 
 Must never: await inside a placement or a node message (all of it is synchronous; the only await is
-the timer task's sleep), hold state about a session beyond what ``Session`` exposes and its routing
+the timer task's sleep), hold state about a session beyond what ``SessionPort`` exposes and its routing
 memory, or log text.
 """
 
@@ -24,13 +24,18 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import msgspec
 
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import Config
+from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.jobs import DeadlineKind, Job, JobSpec, JobState, JobStore, Outcome, Verdict
 from lingua_scheduler.core.languages import normalize
-from lingua_scheduler.core.results import Release
+from lingua_scheduler.core.registry import Registry
+from lingua_scheduler.core.results import Release, ResultQueue
 from lingua_scheduler.core.segmentation import CutReason, Utterance
 from lingua_scheduler.core.selection import (
     CAPACITY_EXCEEDED,
@@ -58,20 +63,21 @@ from lingua_scheduler.protocol.session import (
     AsrPartial,
     MissingReason,
     MissingResult,
+    SessionInit,
     TranslationResult,
     UiEvent,
     UiEventStatus,
     UiEventType,
     error_ui_event,
 )
-from lingua_scheduler.server.events import FAILOVER, JOB_FAILED
-from lingua_scheduler.server.outbox import Outbox
-from lingua_scheduler.store.base import JobRecord, StoreUnavailable
-
-if TYPE_CHECKING:
-    from lingua_scheduler.server.cluster import Cluster
-    from lingua_scheduler.server.sessions import Session
-    from lingua_scheduler.server.state import SchedulerState
+from lingua_scheduler.server.auth import AuthService
+from lingua_scheduler.server.events import FAILOVER, JOB_FAILED, RecentEvents
+from lingua_scheduler.server.latency import LatencyWindow
+from lingua_scheduler.server.links import local_outbox, reachable
+from lingua_scheduler.server.metrics import Metrics
+from lingua_scheduler.server.quality import QualityMonitor
+from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.store.base import JobRecord, StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,51 @@ EXPIRY_REASONS: dict[DeadlineKind | None, str] = {
 #: cuts after which the speaker is still talking: the next utterance belongs to the same turn
 CONTINUED_CUTS = frozenset({CutReason.MAX_DURATION, CutReason.MAX_BYTES})
 TWO_WAY = "two_way_auto"
+
+
+class SessionPort(Protocol):
+    """What the dispatch needs of a client session (server/sessions.py's ``Session`` is one): who it
+    is, its languages, its result queue, and the one way to send it something."""
+
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str | None: ...
+    @property
+    def trace_id(self) -> str: ...
+    @property
+    def init(self) -> SessionInit: ...
+    @property
+    def src_lang(self) -> str: ...
+    @property
+    def targets(self) -> list[str]: ...
+    @property
+    def results(self) -> ResultQueue[TranslationResult]: ...
+
+    def send(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> None: ...
+
+    def forget_released(self) -> None:
+        """Drop what the result queue has released (called after each delivery)."""
+
+    def maybe_finish_close(self) -> None:
+        """A closing session whose outstanding work is done finishes its close now."""
+
+
+class ClusterPort(Protocol):
+    """What the dispatch needs of the multi-instance shell (server/cluster.py's ``Cluster`` is one):
+    the shared store's reservations and batched writes, the job records, and the degraded flag."""
+
+    instance_id: str
+    degraded: bool
+    store: StateStore
+    writer: StoreWriter
+
+    def forward(self, node_id: str, message: object) -> bool:
+        """A message from our node for a job another instance owns: True if it went there."""
+
+    def job_changed(self, record: JobRecord) -> None: ...
+    def reservation_unsure(self, node_id: str) -> None: ...
+    async def suspect(self, why: str, refused: bool = False) -> None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -135,18 +186,44 @@ def required_services(pipeline: PipelineConfig | None) -> frozenset[ServiceType]
 
 
 class Dispatcher:
-    def __init__(self, state: SchedulerState) -> None:
-        self.state = state
-        cfg = state.config
-        self.store = JobStore(cfg.jobs, state.clock, session_audio_limit=cfg.session.max_session_buffer_bytes)
-        self.marks = UnavailableMarks(state.clock, cfg.pools.unavailable_ttl_seconds)
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock,
+        *,
+        registry: Registry,
+        publisher: FleetViewPublisher,
+        metrics: Metrics,
+        auth: AuthService,
+        quality: QualityMonitor,
+        events: RecentEvents,
+        sessions: Mapping[str, SessionPort],
+        dispatch_window: LatencyWindow,
+        shutting_down: Callable[[], bool],
+    ) -> None:
+        """Each argument is one thing the dispatch uses: ``sessions`` the instance's open sessions by
+        id (read only), ``shutting_down`` whether a graceful shutdown has begun (no job taken then)."""
+        self.config = config
+        self.clock = clock
+        self.registry = registry
+        self.publisher = publisher
+        self.metrics = metrics
+        self.auth = auth
+        self.quality = quality
+        self.events = events
+        self.sessions = sessions
+        self.dispatch_window = dispatch_window
+        self.shutting_down = shutting_down
+        cfg = config
+        self.store = JobStore(cfg.jobs, clock, session_audio_limit=cfg.session.max_session_buffer_bytes)
+        self.marks = UnavailableMarks(clock, cfg.pools.unavailable_ttl_seconds)
         # The scan budget bounds a failing selection at saturation (every shard of a pair full).
         self.selector = Selector(
             marks=self.marks,
             resource_threshold=cfg.scheduler.resource_threshold,
             scan_budget=SCAN_BUDGET,
             soft_threshold=True,
-            quality=state.quality.tracker,
+            quality=quality.tracker,
         )
         #: job id -> perf_counter when its utterance was finalized (dispatch latency); bounded by live jobs
         self._finalized_at: dict[str, float] = {}
@@ -159,7 +236,7 @@ class Dispatcher:
         #: nodes whose reservation was just refused (full in the shared count)
         self._reserve_refused: set[str] = set()
         #: set by the app in multi-instance mode
-        self.cluster: Cluster | None = None
+        self.cluster: ClusterPort | None = None
         self._wake = asyncio.Event()
         self._last_evict = 0.0
         #: jobs created per directed language pair since start (the dashboard's demand per pair)
@@ -171,7 +248,7 @@ class Dispatcher:
 
     def submit(
         self,
-        session: Session,
+        session: SessionPort,
         utterances: list[Utterance],
         *,
         src_lang: str | None = None,
@@ -187,7 +264,7 @@ class Dispatcher:
             return
         now = received_at if received_at is not None else time.perf_counter()
         init = session.init
-        jobs_cfg = self.state.config.jobs
+        jobs_cfg = self.config.jobs
         streaming = (
             jobs_cfg.streaming_asr_default if init.enable_streaming_asr is None else init.enable_streaming_asr
         )
@@ -208,7 +285,7 @@ class Dispatcher:
                 # sentence behind it) for nothing. Part of a max-duration chain it still goes, since
                 # the node holding the turn waits for its last piece.
                 session.results.expect(utt.index, [])
-                self.state.metrics.silent_utterances.inc()
+                self.metrics.silent_utterances.inc()
                 self.deliver(session, session.results.silence(utt.index))
                 continue
             turn_id = f"{session.session_id}:{route.turn_start}"
@@ -216,7 +293,7 @@ class Dispatcher:
             failed: list[Job] = []
             targets = [tgt_lang] if tgt_lang else session.targets
             # Per-tenant job rate (server/auth.py): an utterance over it gets no job, only the error below.
-            limited = not self.state.auth.admit_jobs(session.tenant_id, len(targets))
+            limited = not self.auth.admit_jobs(session.tenant_id, len(targets))
             for tgt in [] if limited else targets:
                 spec = JobSpec.from_utterance(
                     utt,
@@ -267,7 +344,7 @@ class Dispatcher:
             if not job_ids:
                 self.deliver(session, session.results.fail(utt.index))
                 session.send(
-                    self.state.auth.rate_limited(
+                    self.auth.rate_limited(
                         session.tenant_id, utt.index if utt.client_index is None else utt.client_index
                     )
                     if limited
@@ -281,17 +358,17 @@ class Dispatcher:
         self.pump()
 
     def refuse(
-        self, session: Session, index: int, reason: MissingReason, utt: Utterance | None = None
+        self, session: SessionPort, index: int, reason: MissingReason, utt: Utterance | None = None
     ) -> None:
         """Utterance ``index`` gets no job: answered at once with ``missing_result(reason)``."""
         session.results.refuse(index)
-        self.state.metrics.refused_utterances.labels(reason.value).inc()
+        self.metrics.refused_utterances.labels(reason.value).inc()
         session.send(
             MissingResult(
                 session_id=session.session_id,
                 utterance_index=index,
                 reason=reason,
-                created_at_ms=self.state.clock.wall_ms(),
+                created_at_ms=self.clock.wall_ms(),
                 trace_id=session.trace_id,
                 dropped_seqs=list(utt.dropped_seqs) if utt is not None and utt.dropped_chunks else None,
                 dropped_chunks=utt.dropped_chunks if utt is not None and utt.dropped_chunks else None,
@@ -299,7 +376,7 @@ class Dispatcher:
         )
 
     def _count_created(self, src: str, tgt: str) -> None:
-        self.state.metrics.jobs_created.inc()
+        self.metrics.jobs_created.inc()
         pair = f"{src}->{tgt}"
         counts = self.created_by_pair
         if pair not in counts and len(counts) >= MAX_COUNTED_PAIRS:
@@ -325,9 +402,8 @@ class Dispatcher:
 
     def _place_pass(self, hopeless: dict[tuple[object, ...], bool]) -> bool:
         """One pass of ``pump`` over the heads of the streams; True if it dispatched a job here."""
-        state = self.state
-        view = state.publisher.view
-        m = state.metrics
+        view = self.publisher.view
+        m = self.metrics
         shared = self.cluster is not None and not self.cluster.degraded
         placed = False
         for job in self.store.dispatchable():
@@ -337,7 +413,7 @@ class Dispatcher:
             route = self._routes.get(spec.session_id)
             last_node = route.last_node if route is not None else None
             # Without fallback the routing key decides the one pool tried, so it is part of the request.
-            routing = spec.tenant_id if state.config.pools.fallback else (spec.tenant_id or spec.session_id)
+            routing = spec.tenant_id if self.config.pools.fallback else (spec.tenant_id or spec.session_id)
             key = (
                 spec.src_lang,
                 spec.tgt_lang,
@@ -376,12 +452,8 @@ class Dispatcher:
             result = self.selector.select(view, req)
             m.selection_seconds.observe(time.perf_counter() - t0)
             node_id = result.node_id
-            entry = state.registry.nodes.get(node_id) if node_id is not None else None
-            if (
-                node_id is None
-                or entry is None
-                or (entry.owner is None and not isinstance(entry.conn, Outbox))
-            ):
+            entry = self.registry.nodes.get(node_id) if node_id is not None else None
+            if node_id is None or entry is None or not reachable(entry):
                 m.selections.labels("no_node").inc()
                 self._last_reason[job.job_id] = result.best_reason
                 busy = node_id is None and self._busy(result)
@@ -410,8 +482,7 @@ class Dispatcher:
 
     def _send_assign(self, job: Job, node_id: str, member: str | None) -> None:
         """Record the dispatch and write ``job_assign`` to a local node (or hand it to its owner)."""
-        state = self.state
-        entry = state.registry.nodes[node_id]
+        entry = self.registry.nodes[node_id]
         self.store.dispatch(job.job_id, node_id, acks=entry.sends_acks)
         self._load_tokens[job.job_id] = (node_id, entry.load.dispatched(), member)
         if not entry.sends_acks:
@@ -421,27 +492,26 @@ class Dispatcher:
         assign = self._assign(job, turn_dialect=entry.turn_dialect)
         if entry.owner is not None and self.cluster is not None:
             self._send_remote(job.job_id, job.attempt, entry.owner, node_id, assign)
-        elif not (isinstance(entry.conn, Outbox) and entry.conn.send(assign)):
+        elif (outbox := local_outbox(entry)) is None or not outbox.send(assign):
             self._apply(self.store.failover(job.job_id, "send failed", cancel=False), "send_failed")
             return
         started = self._finalized_at.pop(job.job_id, None)
         if started is not None:
             elapsed = time.perf_counter() - started
-            state.metrics.job_dispatch.observe(elapsed)
-            state.dispatch_window.record(elapsed)
-        session = state.sessions.get(job.session_id)
+            self.metrics.job_dispatch.observe(elapsed)
+            self.dispatch_window.record(elapsed)
+        session = self.sessions.get(job.session_id)
         if session is not None:
             session.send(self._ui(job, UiEventType.DISPATCHED))
 
     async def _place_shared(self, job_id: str, attempt: int, node_id: str) -> None:
         """Reserve a slot on ``node_id`` in the shared store, then dispatch (multi-instance mode)."""
         assert self.cluster is not None
-        state = self.state
         member = f"{job_id}:{attempt}"
-        ttl = state.config.jobs.ack_timeout_ms + RESERVE_MARGIN_MS
-        declared = state.registry.nodes.get(node_id)
+        ttl = self.config.jobs.ack_timeout_ms + RESERVE_MARGIN_MS
+        declared = self.registry.nodes.get(node_id)
         slots = (declared.max_concurrent_jobs if declared is not None else None) or (
-            state.config.scheduler.max_concurrent_jobs_per_node
+            self.config.scheduler.max_concurrent_jobs_per_node
         )
         try:
             res = await self.cluster.store.reserve(node_id, member, slots, ttl)
@@ -453,7 +523,7 @@ class Dispatcher:
             return
         self._placing.discard(job_id)
         job = self.store.get(job_id)
-        entry = state.registry.nodes.get(node_id)
+        entry = self.registry.nodes.get(node_id)
         if job is None or job.state is not JobState.CREATED or job.attempt != attempt or entry is None:
             if res.ok:
                 self._release_slot(node_id, member)
@@ -478,7 +548,7 @@ class Dispatcher:
         if route is None:
             return
         if route.last_node is not None:
-            self.state.metrics.affinity.labels("hit" if route.last_node == node_id else "moved").inc()
+            self.metrics.affinity.labels("hit" if route.last_node == node_id else "moved").inc()
         route.last_node = node_id
 
     def _retry_refused(self, node_id: str) -> None:
@@ -512,14 +582,14 @@ class Dispatcher:
         self._apply(self.store.failover(job_id, reason, cancel=False), "send_failed")
 
     def deliver_to_local_node(self, node_id: str, message: JobAssign | JobCancel) -> bool:
-        entry = self.state.registry.nodes.get(node_id)
-        if entry is None or entry.owner is not None or not isinstance(entry.conn, Outbox):
+        outbox = local_outbox(self.registry.nodes.get(node_id))
+        if outbox is None:
             return False
-        if self.state.shutting_down and isinstance(message, JobAssign):
+        if self.shutting_down() and isinstance(message, JobAssign):
             # Another instance's job would outlive us here: refusing it makes its owner fail over at
             # once (DispatchFailed) instead of finding out when this instance is gone.
             return False
-        return entry.conn.send(message)
+        return outbox.send(message)
 
     def cancel_on_local_node(self, node_id: str, job_id: str, reason: str) -> None:
         self.deliver_to_local_node(node_id, JobCancel(job_id=job_id, reason=reason))
@@ -598,7 +668,7 @@ class Dispatcher:
         if out.verdict is Verdict.APPLIED and out.job is not None:
             self._record(out.job)
         if out.verdict is Verdict.STALE:
-            self.state.metrics.stale_messages.inc()
+            self.metrics.stale_messages.inc()
             log.info(
                 "stale job message dropped", extra={"node_id": node_id, "job_id": getattr(msg, "job_id", "")}
             )
@@ -608,7 +678,7 @@ class Dispatcher:
             # The node finished a job we no longer follow (an attempt abandoned when its connection
             # dropped or its deadline passed): its last report counted it as running, so that figure is
             # one too high until the next heartbeat -- up to an interval of phantom load otherwise.
-            entry = self.state.registry.nodes.get(node_id)
+            entry = self.registry.nodes.get(node_id)
             if entry is not None and entry.owner is None:
                 entry.load.report_ended()
                 self._slot_freed()
@@ -631,13 +701,13 @@ class Dispatcher:
             error_code=error.code if error else None,
             error_message=error.message if error else None,
         )
-        self.state.quality.on_result(node_id, msg, out)  # node quality: success, empty or failure
+        self.quality.on_result(node_id, msg, out)  # node quality: success, empty or failure
         if out.verdict is not Verdict.APPLIED or out.job is None:
             return out
         job = out.job
         if job.state is JobState.COMPLETED:
             if out.early_node is not None:
-                self.state.metrics.early_results.inc()
+                self.metrics.early_results.inc()
                 log.info(
                     "result of an earlier attempt delivered",
                     extra={"job_id": job.job_id, "node_id": node_id, "attempt": job.won_attempt},
@@ -646,7 +716,7 @@ class Dispatcher:
             # Only a failure explains itself with it; a result held back for ordering may never be
             # delivered (its session may go first), so it is dropped here, not on delivery.
             self._last_reason.pop(job.job_id, None)
-            session = self.state.sessions.get(job.session_id)
+            session = self.sessions.get(job.session_id)
             if session is not None:
                 payload = self._translation(job, msg)
                 silent = not (msg.text_asr or msg.text_translated or msg.tts_audio)
@@ -656,7 +726,7 @@ class Dispatcher:
                         job.utterance_index, job.job_id, job.won_attempt, payload, silent=silent
                     ),
                 )
-            self.state.metrics.jobs.labels("completed").inc()
+            self.metrics.jobs.labels("completed").inc()
         else:
             self._apply(out, "node_error")
         return out
@@ -677,7 +747,7 @@ class Dispatcher:
             group_id=msg.group_id,
             part_index=msg.part_index,
             service_timings=msg.extra.service_timings if msg.extra else None,
-            scheduler_sent_at_ms=self.state.clock.wall_ms(),
+            scheduler_sent_at_ms=self.clock.wall_ms(),
             asr_quality_level=msg.asr_quality_level,
             reason_codes=msg.reason_codes,
             quality_score=msg.quality_score,
@@ -692,10 +762,10 @@ class Dispatcher:
         job = out.job
         if out.verdict is not Verdict.APPLIED or job is None:
             return
-        self.state.quality.on_outcome(out)  # node quality: an expired deadline is a timeout
+        self.quality.on_outcome(out)  # node quality: an expired deadline is a timeout
         self._release(out)
         if job.state is JobState.CREATED:
-            self.state.metrics.failovers.labels(why).inc()
+            self.metrics.failovers.labels(why).inc()
             old_node = out.freed_node or out.cancel_node
             log.info(
                 "job failover",
@@ -708,7 +778,7 @@ class Dispatcher:
                     "reason": why,
                 },
             )
-            self.state.events.add(
+            self.events.add(
                 FAILOVER,
                 job_id=job.job_id,
                 session_id=job.session_id,
@@ -719,11 +789,11 @@ class Dispatcher:
         elif job.state in (JobState.FAILED, JobState.TIMED_OUT):
             self._report_failure(job)
         elif job.state is JobState.CANCELLED:
-            self.state.metrics.jobs.labels("cancelled").inc()
+            self.metrics.jobs.labels("cancelled").inc()
             self._forget(job)
 
     def _release(self, out: Outcome) -> None:
-        nodes = self.state.registry.nodes
+        nodes = self.registry.nodes
         if out.job is not None:
             self._record(out.job)
         if out.freed_node is not None and out.job is not None:
@@ -742,8 +812,8 @@ class Dispatcher:
             entry = nodes.get(out.cancel_node)
             if entry is not None and entry.owner is not None and self.cluster is not None:
                 self.cluster.writer.send(entry.owner, CancelOnNode(node_id=out.cancel_node, cancel=cancel))
-            elif entry is not None and isinstance(entry.conn, Outbox):
-                entry.conn.send(cancel)
+            elif (outbox := local_outbox(entry)) is not None:
+                outbox.send(cancel)
 
     # --- shared-store bookkeeping (multi-instance mode; no-ops when embedded) ---------------------------
 
@@ -772,7 +842,7 @@ class Dispatcher:
         shared reservation sets must hold for it (re-synced after the store was unreachable). An
         attempt dispatched without a reservation meanwhile gets its member now, so its end releases
         it and other instances count its slot."""
-        jobs = self.state.config.jobs
+        jobs = self.config.jobs
         out: dict[str, list[tuple[str, int]]] = {}
         for job_id, (node_id, token, member) in list(self._load_tokens.items()):
             job = self.store.get(job_id)
@@ -795,11 +865,11 @@ class Dispatcher:
         if self.cluster is None or tokens is None or tokens[2] is None:
             return
         self.cluster.writer.commit(
-            tokens[0], tokens[2], self.state.config.jobs.exec_timeout_max_ms + RESERVE_MARGIN_MS
+            tokens[0], tokens[2], self.config.jobs.exec_timeout_max_ms + RESERVE_MARGIN_MS
         )
 
     def _report_failure(self, job: Job) -> None:
-        m = self.state.metrics
+        m = self.metrics
         m.jobs.labels(job.state.value).inc()
         code = job.error_code or ErrorCode.INTERNAL_ERROR.value
         message = job.error_message or "the job failed"
@@ -815,7 +885,7 @@ class Dispatcher:
                 "code": code,
             },
         )
-        self.state.events.add(
+        self.events.add(
             JOB_FAILED,
             job_id=job.job_id,
             session_id=job.session_id,
@@ -823,7 +893,7 @@ class Dispatcher:
             state=job.state.value,
             code=code,
         )
-        session = self.state.sessions.get(job.session_id)
+        session = self.sessions.get(job.session_id)
         self._forget(job)
         if session is None:
             return
@@ -851,9 +921,9 @@ class Dispatcher:
         self._load_tokens.pop(job.job_id, None)
         self._last_reason.pop(job.job_id, None)
 
-    def deliver(self, session: Session, releases: list[Release[TranslationResult]]) -> None:
+    def deliver(self, session: SessionPort, releases: list[Release[TranslationResult]]) -> None:
         """Send released results in order; report end-to-end latency; let a closing session finish."""
-        m = self.state.metrics
+        m = self.metrics
         for rel in releases:
             reason, payload = rel.missing_reason, rel.payload
             if reason is None and payload is not None:
@@ -863,7 +933,7 @@ class Dispatcher:
                         session.send(self._ui(job, UiEventType.ASR_FINAL))
                     if payload.text_translated:
                         session.send(self._ui(job, UiEventType.NMT_DONE))
-                    m.job_end_to_end.observe(max(0.0, self.state.clock.monotonic() - job.created_at))
+                    m.job_end_to_end.observe(max(0.0, self.clock.monotonic() - job.created_at))
                     self._forget(job)
                 if rel.late:  # its index was given up (gap_timeout) before it came: delivered anyway
                     m.late_results.inc()
@@ -875,7 +945,7 @@ class Dispatcher:
                         session_id=session.session_id,
                         utterance_index=rel.index,
                         reason=reason or MissingReason.SILENCE_DETECTED,
-                        created_at_ms=self.state.clock.wall_ms(),
+                        created_at_ms=self.clock.wall_ms(),
                         trace_id=session.trace_id,
                     )
                 )
@@ -894,10 +964,10 @@ class Dispatcher:
         )
 
     def _elapsed_ms(self, job: Job) -> int:
-        return int((self.state.clock.monotonic() - job.created_at) * 1000)
+        return int((self.clock.monotonic() - job.created_at) * 1000)
 
     def _to_session(self, job: Job, msg: object) -> None:
-        session = self.state.sessions.get(job.session_id)
+        session = self.sessions.get(job.session_id)
         if session is not None:
             session.send(msg)  # type: ignore[arg-type]
 
@@ -935,7 +1005,7 @@ class Dispatcher:
         if out.verdict is not Verdict.APPLIED or job is None:
             return out
         self._apply(out, "cancelled")
-        session = self.state.sessions.get(job.session_id)
+        session = self.sessions.get(job.session_id)
         if session is not None:
             session.send(
                 ErrorMessage(
@@ -948,12 +1018,20 @@ class Dispatcher:
         self.pump()  # the freed slot may take a waiting job
         return out
 
+    def tracked_jobs(self) -> int:
+        """Jobs this dispatcher still keeps per-job bookkeeping for (dispatch start time, the node slot
+        of the current attempt, a reservation in flight, the last exclusion reason): 0 once every job
+        has ended, whatever its end was."""
+        return len(
+            self._finalized_at.keys() | self._load_tokens.keys() | self._placing | self._last_reason.keys()
+        )
+
     def live_jobs_of(self, session_id: str) -> int:
         return sum(1 for j in self.store.jobs_of(session_id) if not j.terminal)
 
     async def run(self) -> None:
         """Deadline timer: apply expired deadlines, retry waiting jobs, evict old ones."""
-        clock = self.state.clock
+        clock = self.clock
         while True:
             deadline = self.store.next_deadline()
             timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - clock.monotonic()))

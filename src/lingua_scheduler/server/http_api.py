@@ -164,7 +164,7 @@ def node_json(state: SchedulerState, node_id: str) -> h.NodeDetail | None:
         ),
         protocol=h.NodeProtocol(sends_acks=entry.sends_acks, turn_dialect=entry.turn_dialect),
         # the instance holding the node's socket (multi-instance mode; null in the embedded mode)
-        instance=entry.owner or (cluster.instance_id if (cluster := state.dispatcher.cluster) else None),
+        instance=entry.owner or (cluster.instance_id if (cluster := state.cluster) else None),
         # node quality (server/quality.py): healthy, ejected (skipped by selection) or probation
         quality_state=state.quality.tracker.state_of(node_id),
         pools=list(view.pools) if view is not None else [],

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import QualityConfig
 from lingua_scheduler.core.jobs import DeadlineKind, JobState, Outcome, Verdict
 from lingua_scheduler.core.quality import (
     EJECTION_REASONS,
@@ -32,14 +33,12 @@ from lingua_scheduler.core.quality import (
     QualityTracker,
     speech_expected,
 )
+from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol.node import JobResult
-from lingua_scheduler.server.events import NODE_QUALITY
-from lingua_scheduler.server.metrics import counter
-
-if TYPE_CHECKING:
-    from lingua_scheduler.server.state import SchedulerState
+from lingua_scheduler.server.events import NODE_QUALITY, RecentEvents
+from lingua_scheduler.server.metrics import Metrics, counter
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +47,25 @@ _TIMEOUT_CODES = {DeadlineKind.ACK: "ack_timeout", DeadlineKind.EXEC: "exec_time
 
 
 class QualityMonitor:
-    def __init__(self, state: SchedulerState) -> None:
-        self.state = state
-        self.config = state.config.quality
-        self.tracker = QualityTracker(self.config, state.clock)
+    def __init__(
+        self, config: QualityConfig, clock: Clock, registry: Registry, metrics: Metrics, events: RecentEvents
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.registry = registry
+        self.events = events
+        self.tracker = QualityTracker(config, clock)
+        #: gives jobs waiting for a node to a readmitted one (the composition root sets the dispatcher's)
+        self.on_readmitted: Callable[[], None] = _nothing
         self.ejections = Counter(
             "lingua_node_ejections",
             "Nodes ejected from selection for failing their jobs, by the rule that ejected them",
             ["reason"],
-            registry=state.metrics.registry,
+            registry=metrics.registry,
         )
         for reason in EJECTION_REASONS:
             self.ejections.labels(reason)  # every reason present from the start, at 0
-        state.metrics.add_live(self._live_metrics)
+        metrics.add_live(self._live_metrics)
 
     # --- outcomes (called by the dispatcher) ---------------------------------------------------------
 
@@ -103,7 +108,7 @@ class QualityMonitor:
     async def run(self) -> None:
         """Sweep every ``interval_ms``, and wake up when an ejection runs out to put the node on
         probation at once (and give waiting jobs to it)."""
-        clock = self.state.clock
+        clock = self.clock
         interval = self.config.interval_ms / 1000.0
         next_sweep = clock.monotonic() + interval
         while True:
@@ -121,12 +126,12 @@ class QualityMonitor:
                 log.exception("node quality sweep failed")
 
     def sweep(self) -> None:
-        nodes = self.state.registry.nodes
+        nodes = self.registry.nodes
         self._report(self.tracker.sweep(self.fleet_size(), nodes.__contains__), pump=True)
 
     def fleet_size(self) -> int:
         """The base of the ejection cap: nodes not offline."""
-        counts = self.state.registry.counts()
+        counts = self.registry.counts()
         return sum(n for s, n in counts.items() if s is not NodeStatus.OFFLINE)
 
     def _report(self, changes: Iterable[Change], *, pump: bool = False) -> None:
@@ -148,7 +153,7 @@ class QualityMonitor:
             else:
                 readmitted = True
                 log.info("node quality changed", extra={"node_id": ch.node_id, "to": ch.state.value})
-            self.state.events.add(
+            self.events.add(
                 NODE_QUALITY,
                 node_id=ch.node_id,
                 state=ch.state.value,
@@ -157,7 +162,7 @@ class QualityMonitor:
                 ejections=ch.ejections,
             )
         if readmitted and pump:
-            self.state.dispatcher.pump()
+            self.on_readmitted()
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -167,7 +172,7 @@ class QualityMonitor:
     def node_json(self, node_id: str) -> dict[str, object]:
         """The ``quality`` object of ``GET /api/v1/nodes/{id}``."""
         tracker = self.tracker
-        clock = self.state.clock
+        clock = self.clock
         q = tracker.get(node_id)
         state = tracker.state_of(node_id)
         until = q.ejected_until if q is not None and state is QualityState.EJECTED else None
@@ -201,3 +206,7 @@ class QualityMonitor:
             "Ejections a rule asked for and the cap (quality.max_ejection_percent) refused",
             self.tracker.capped,
         )
+
+
+def _nothing() -> None:
+    return None

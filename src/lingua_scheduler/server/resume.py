@@ -31,18 +31,19 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.protocol.cluster import ResumeHandover, ResumeRecord, ResumeRequest, SessionOutput
-from lingua_scheduler.store.base import StoreUnavailable
+from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.store.base import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:
-    from lingua_scheduler.server.cluster import Cluster
     from lingua_scheduler.server.sessions import Session
-    from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,23 @@ def token_digest(token: str) -> str:
 class Resumer:
     """The resume side of one instance's cluster shell."""
 
-    def __init__(self, state: SchedulerState, cluster: Cluster) -> None:
-        self.state = state
-        self.cluster = cluster
+    def __init__(
+        self,
+        clock: Clock,
+        config: SessionConfig,
+        sessions: Mapping[str, Session],
+        instance_id: str,
+        store: StateStore,
+        writer: StoreWriter,
+    ) -> None:
+        """``sessions``: this instance's open sessions by id; ``store`` and ``writer``: the cluster's
+        shared store and its batched writer."""
+        self.clock = clock
+        self.config = config
+        self.sessions = sessions
+        self.instance_id = instance_id
+        self.store = store
+        self.writer = writer
         self._waiting: dict[str, asyncio.Future[ResumeHandover]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: session id -> messages its owner relayed before the session opened here (bounded)
@@ -82,7 +97,7 @@ class Resumer:
             return
         record = ResumeRecord(
             session_id=session.session_id,
-            owner=self.cluster.instance_id,
+            owner=self.instance_id,
             token_digest=token_digest(token),
             tenant_id=session.tenant_id,
             trace_id=session.trace_id,
@@ -90,12 +105,12 @@ class Resumer:
             next_index=session.segmenter.next_index + (1 if session.segmenter.buffered_bytes else 0),
             outstanding=session.outstanding(with_buffered=True),
         )
-        ttl = self.state.config.session.resume_window_ms
-        self._spawn(self._store_call(self.cluster.store.save_resume(record, ttl), session.session_id))
+        ttl = self.config.resume_window_ms
+        self._spawn(self._store_call(self.store.save_resume(record, ttl), session.session_id))
 
     def forget(self, session_id: str) -> None:
         """The session attached again or ended: nobody may resume it from the record any more."""
-        self._spawn(self._store_call(self.cluster.store.drop_resume(session_id), session_id))
+        self._spawn(self._store_call(self.store.drop_resume(session_id), session_id))
 
     def on_request(self, msg: ResumeRequest) -> None:
         if self._handing(msg) is None:
@@ -105,7 +120,7 @@ class Resumer:
 
     def _handing(self, msg: ResumeRequest) -> Session | None:
         """The detached session ``msg`` may take over, if its token matches."""
-        session = self.state.sessions.get(msg.session_id)
+        session = self.sessions.get(msg.session_id)
         token = session.resume_token if session is not None else None
         if session is None or token is None or token_digest(token) != msg.token_digest:
             return None
@@ -117,7 +132,7 @@ class Resumer:
         # whatever the two instances' clocks say.
         handed = f"{HANDED}:{msg.request_id}"
         try:
-            won = handed == await self.cluster.store.settle_resume(
+            won = handed == await self.store.settle_resume(
                 msg.session_id, msg.request_id, handed, self._ttl_ms(), drop_record=True
             )
         except StoreUnavailable:
@@ -128,7 +143,7 @@ class Resumer:
             self._refuse(msg)
             return
         next_index, outstanding, held = handover
-        self.cluster.writer.send(
+        self.writer.send(
             msg.reply_to,
             ResumeHandover(
                 request_id=msg.request_id,
@@ -143,11 +158,11 @@ class Resumer:
 
     def _refuse(self, msg: ResumeRequest) -> None:
         answer = ResumeHandover(request_id=msg.request_id, session_id=msg.session_id, ok=False)
-        self.cluster.writer.send(msg.reply_to, answer)
+        self.writer.send(msg.reply_to, answer)
 
     def relay(self, to: str, session_id: str, msg: msgspec.Struct) -> None:
         """A message for the client of a session handed over to instance ``to``."""
-        self.cluster.writer.send(to, SessionOutput(session_id=session_id, data=_encoder.encode(msg)))
+        self.writer.send(to, SessionOutput(session_id=session_id, data=_encoder.encode(msg)))
 
     # --- the resuming side ------------------------------------------------------------------------
 
@@ -160,12 +175,12 @@ class Resumer:
             return None
         request_id = secrets.token_hex(16)
         try:
-            record = await self.cluster.store.load_resume(session_id)
+            record = await self.store.load_resume(session_id)
             if record is None or record.token_digest != token_digest(token) or record.tenant_id != tenant_id:
                 return None
-            if record.owner == self.cluster.instance_id:
+            if record.owner == self.instance_id:
                 return None  # ours, and no longer here: it ended
-            if not await self.cluster.store.claim_resume(session_id, request_id, self._ttl_ms()):
+            if not await self.store.claim_resume(session_id, request_id, self._ttl_ms()):
                 log.info("session is being resumed elsewhere", extra={"session_id": session_id})
                 return None
         except StoreUnavailable:
@@ -181,14 +196,14 @@ class Resumer:
         self._waiting[request_id] = answer
         refused = ResumeHandover(request_id=request_id, session_id=record.session_id, ok=False)
         try:
-            self.cluster.writer.send(
+            self.writer.send(
                 record.owner,
                 ResumeRequest(
                     request_id=request_id,
-                    reply_to=self.cluster.instance_id,
+                    reply_to=self.instance_id,
                     session_id=record.session_id,
                     token_digest=token_digest(token),
-                    deadline_ms=self.state.clock.wall_ms() + int(ASK_TIMEOUT_S * 1000),
+                    deadline_ms=self.clock.wall_ms() + int(ASK_TIMEOUT_S * 1000),
                 ),
             )
             try:
@@ -197,7 +212,7 @@ class Resumer:
                 pass
             dead = f"{DEAD}:{request_id}"
             try:
-                held = await self.cluster.store.settle_resume(
+                held = await self.store.settle_resume(
                     record.session_id, request_id, dead, self._ttl_ms(), drop_record=False
                 )
             except StoreUnavailable:
@@ -233,7 +248,7 @@ class Resumer:
         self._spawn(self._store_call(self._release(session_id, request_id), session_id))
 
     async def _release(self, session_id: str, request_id: str) -> None:
-        await self.cluster.store.settle_resume(session_id, request_id, "", self._ttl_ms(), drop_record=False)
+        await self.store.settle_resume(session_id, request_id, "", self._ttl_ms(), drop_record=False)
 
     def on_handover(self, msg: ResumeHandover) -> None:
         waiting = self._waiting.get(msg.request_id)
@@ -241,14 +256,14 @@ class Resumer:
             waiting.set_result(msg)
 
     def on_output(self, msg: SessionOutput) -> None:
-        session = self.state.sessions.get(msg.session_id)
+        session = self.sessions.get(msg.session_id)
         if session is not None:
             session.send_encoded(msg.data)
             return
         kept = self._relayed.get(msg.session_id)
         if kept is None:
             log.info("relayed message for a session that ended dropped", extra={"session_id": msg.session_id})
-        elif len(kept) < self.state.config.session.max_detached_messages:
+        elif len(kept) < self.config.max_detached_messages:
             kept.append(msg.data)  # the session opens here in a moment (``opened``)
         else:
             log.warning(
@@ -257,7 +272,7 @@ class Resumer:
             )
 
     def _ttl_ms(self) -> int:
-        return self.state.config.session.resume_window_ms
+        return self.config.resume_window_ms
 
     # --- helpers ----------------------------------------------------------------------------------
 

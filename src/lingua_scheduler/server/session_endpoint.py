@@ -319,7 +319,19 @@ class SessionConnection:
         """A session for this connection, not yet admitted (``session_id`` / ``start_index``: one
         continued from another instance)."""
         spec = negotiate(msg.audio_format, msg.sample_rate, self.state.config.session)
-        return Session(self.state, self.outbox, msg, spec, session_id=session_id, start_index=start_index)
+        state = self.state
+        return Session(
+            state.clock,
+            state.config.session,
+            state.dispatcher,
+            state.sessions,
+            state.resumer,
+            self.outbox,
+            msg,
+            spec,
+            session_id=session_id,
+            start_index=start_index,
+        )
 
     async def _admit(self, tenant_id: str | None, session_id: str) -> bool:
         """Count a new session against its tenant's cap: by one atomic step in the shared store when
@@ -393,7 +405,7 @@ class SessionConnection:
 
     def _resumable_elsewhere(self, msg: SessionInit) -> bool:
         token = msg.resume_token
-        cluster = self.state.dispatcher.cluster
+        cluster = self.state.cluster
         return (
             bool(token)
             and self.state.config.session.resume_window_ms > 0
@@ -411,7 +423,7 @@ class SessionConnection:
         task.add_done_callback(_closing.discard)
 
     async def _resume_remote_run(self, msg: SessionInit) -> None:
-        cluster = self.state.dispatcher.cluster
+        cluster = self.state.cluster
         assert cluster is not None and msg.resume_token is not None
         resumer = cluster.resumer
         token = msg.resume_token

@@ -24,11 +24,14 @@ import hmac
 import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.core.audio import AudioSpec
 from lingua_scheduler.core.groups import GroupTracker
 from lingua_scheduler.core.languages import normalize
@@ -36,11 +39,8 @@ from lingua_scheduler.core.results import ResultQueue
 from lingua_scheduler.core.segmentation import Segmenter
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, TranslationResult
+from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.outbox import Outbox
-
-if TYPE_CHECKING:
-    from lingua_scheduler.server.resume import Resumer
-    from lingua_scheduler.server.state import SchedulerState
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ class Phase(StrEnum):
     CLOSED = "closed"
 
 
+class Resuming(Protocol):
+    """What a session needs of the cross-instance resume (server/resume.py's ``Resumer``): record its
+    detachment, drop that record, relay output to the instance that took it over."""
+
+    def detached(self, session: Session) -> None: ...
+    def forget(self, session_id: str) -> None: ...
+    def relay(self, to: str, session_id: str, msg: msgspec.Struct) -> None: ...
+
+
 def new_session_id(taken: object) -> str:
     while True:
         sid = "s-" + secrets.token_hex(16).upper()  # 128 bits: unique across the instances
@@ -66,7 +75,11 @@ def new_session_id(taken: object) -> str:
 class Session:
     def __init__(
         self,
-        state: SchedulerState,
+        clock: Clock,
+        config: SessionConfig,
+        dispatcher: Dispatcher,
+        sessions: dict[str, Session],
+        resumer: Callable[[], Resuming | None],
         outbox: Outbox,
         init: SessionInit,
         spec: AudioSpec,
@@ -74,20 +87,24 @@ class Session:
         session_id: str | None = None,
         start_index: int = 0,
     ) -> None:
-        """``session_id`` and ``start_index``: a session continued from another instance."""
-        self.state = state
+        """``dispatcher``: where its utterances become jobs; ``sessions``: the instance's open sessions
+        (it leaves them when it is freed); ``resumer``: the cross-instance resume now (None when
+        embedded); ``session_id`` and ``start_index``: a session continued from another instance."""
+        self.clock = clock
+        self.config = config
+        self.dispatcher = dispatcher
+        self.sessions = sessions
+        self._resumer = resumer
         self.outbox: Outbox | None = outbox
         self.init = init
         self.spec = spec
-        self.session_id = session_id or new_session_id(state.sessions)
+        self.session_id = session_id or new_session_id(sessions)
         self.trace_id = init.trace_id or f"trace-{secrets.token_hex(6)}"
         self.tenant_id = init.tenant_id
         self.src_lang = normalize(init.src_lang)
         self.targets = [normalize(init.tgt_lang)]
-        self.segmenter = Segmenter(state.config.session, state.clock, spec, start_index=start_index)
-        self.results: ResultQueue[TranslationResult] = ResultQueue(
-            state.config.session, state.clock, start_index=start_index
-        )
+        self.segmenter = Segmenter(config, clock, spec, start_index=start_index)
+        self.results: ResultQueue[TranslationResult] = ResultQueue(config, clock, start_index=start_index)
         self.groups = GroupTracker(self.session_id)
         #: the client sends binary audio frames (negotiated in session_init)
         self.binary_frames = False
@@ -102,7 +119,7 @@ class Session:
         self._resume_secret = secrets.token_urlsafe(18)
         #: what the session would have sent while detached, oldest first (bounded); bytes: already
         #: encoded (relayed by the instance the session was handed over from)
-        self._held: deque[msgspec.Struct | bytes] = deque(maxlen=state.config.session.max_detached_messages)
+        self._held: deque[msgspec.Struct | bytes] = deque(maxlen=config.max_detached_messages)
         #: the instance this session was handed over to (phase HANDED_OVER)
         self.relay_to: str | None = None
         #: a resume record of it is in the shared store
@@ -146,17 +163,13 @@ class Session:
         later = range(self.results.next_expected, end)
         return [(i, self.client_index.get(i, i)) for i in [*queued, *later]]
 
-    def _resumer(self) -> Resumer | None:
-        cluster = self.state.dispatcher.cluster
-        return cluster.resumer if cluster is not None else None
-
     def _for_client(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> msgspec.Struct:
         """The message as this client sees it: its own utterance numbers, groups, ``audio_lost``."""
         index: Any = getattr(msg, "utterance_index", None)
         if isinstance(msg, TranslationResult):
             changes: dict[str, Any] = {}
             if msg.text_asr and msg.group_id is None:
-                clock = self.state.clock
+                clock = self.clock
                 changes["group_id"], changes["part_index"] = self.groups.part(
                     int(clock.monotonic() * 1000),
                     clock.wall_ms(),  # the id carries a timestamp
@@ -192,7 +205,7 @@ class Session:
     @property
     def resume_token(self) -> str | None:
         """What the client presents to resume this session; None when resuming is off."""
-        if self.state.config.session.resume_window_ms <= 0:
+        if self.config.resume_window_ms <= 0:
             return None
         return f"{self.session_id}.{self._resume_secret}"
 
@@ -205,7 +218,7 @@ class Session:
         without, or if ``outbox`` is no longer this session's, it closes as a disconnect (or stays)."""
         if self.outbox is not outbox:
             return  # another connection took the session over (resumed): nothing of ours to end
-        window = self.state.config.session.resume_window_ms
+        window = self.config.resume_window_ms
         if window <= 0 or self.phase is not Phase.OPEN:
             self.close("connection closed", connection_gone=True)
             return
@@ -245,7 +258,7 @@ class Session:
         self.phase = Phase.HANDED_OVER
         self.relay_to = to
         # the utterance in progress ends here: the next index is the new instance's
-        self.state.dispatcher.submit(self, self.segmenter.close())
+        self.dispatcher.submit(self, self.segmenter.close())
         self._recorded = False  # the resumer drops the record with the hand-over
         encoder = msgspec.json.Encoder()
         held = [m if isinstance(m, bytes) else encoder.encode(m) for m in self._held]
@@ -259,7 +272,7 @@ class Session:
         instance it was handed over to holds it now)."""
         if self.phase is not Phase.HANDED_OVER:
             return
-        if self.results.outstanding == 0 and self.state.dispatcher.live_jobs_of(self.session_id) == 0:
+        if self.results.outstanding == 0 and self.dispatcher.live_jobs_of(self.session_id) == 0:
             self._close_reason = "handed over"
             self._finish()
 
@@ -290,14 +303,14 @@ class Session:
         ]
         if not deadlines:
             return
-        delay = max(0.0, min(deadlines) - self.state.clock.monotonic())
+        delay = max(0.0, min(deadlines) - self.clock.monotonic())
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.phase is Phase.CLOSED:
             return
-        dispatcher = self.state.dispatcher
+        dispatcher = self.dispatcher
         if self.phase in (Phase.OPEN, Phase.DETACHED):
             dispatcher.submit(self, self.segmenter.tick())
         dispatcher.deliver(self, self.results.tick())
@@ -316,7 +329,7 @@ class Session:
         if self.phase is Phase.DETACHED:
             self.phase = Phase.OPEN  # a replaced or expired detached session ends like a disconnect
             connection_gone = True
-        dispatcher = self.state.dispatcher
+        dispatcher = self.dispatcher
         if connection_gone:
             self.outbox = None
         if self.phase is Phase.OPEN:
@@ -335,7 +348,7 @@ class Session:
         """Called after deliveries: a closing session whose results are all out is acknowledged and freed."""
         if self.phase is not Phase.CLOSING or self.outbox is None:
             return
-        if self.results.outstanding == 0 and self.state.dispatcher.live_jobs_of(self.session_id) == 0:
+        if self.results.outstanding == 0 and self.dispatcher.live_jobs_of(self.session_id) == 0:
             self.send(SessionCloseAck(session_id=self.session_id))
             self._finish()
 
@@ -349,8 +362,8 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.state.dispatcher.cancel_session(self.session_id, self._close_reason or "session closed")
-        self.state.sessions.pop(self.session_id, None)
+        self.dispatcher.cancel_session(self.session_id, self._close_reason or "session closed")
+        self.sessions.pop(self.session_id, None)
         log.info(
             "session closed",
             extra={"session_id": self.session_id, "trace_id": self.trace_id, "reason": self._close_reason},

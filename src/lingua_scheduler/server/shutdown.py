@@ -60,6 +60,7 @@ from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
 from lingua_scheduler.server.http_io import error_response
+from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -159,7 +160,7 @@ class GracefulShutdown:
         state = self.state
         cfg = state.config.shutdown
         store = state.dispatcher.store
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         drain_s = cfg.drain_timeout_seconds if drain_seconds is None else drain_seconds
@@ -205,7 +206,7 @@ class GracefulShutdown:
             state.dispatcher.deliver(session, session.results.flush())
             session.close("scheduler shutting down", connection_gone=True)
         # 5. nodes are told why, then every socket is closed once its queue is written
-        node_outboxes = [e.conn for e in state.registry.local_nodes() if isinstance(e.conn, Outbox)]
+        node_outboxes = [o for e in state.registry.local_nodes() if (o := local_outbox(e)) is not None]
         for outbox in node_outboxes:
             outbox.send(self._node_notice())
         self._close_finished_sessions()
@@ -241,7 +242,7 @@ class GracefulShutdown:
         state = self.state
         if state.dispatcher.store.inflight or state.sessions:
             return True
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         if cluster is None or not cluster.remote_jobs:
             return False
         # jobs of other instances running on our nodes (an entry whose node left is not waited for)
@@ -254,13 +255,13 @@ class GracefulShutdown:
     def _release_idle_nodes(self) -> None:
         """Redis mode: a node with no work here goes now, so another instance can give it work."""
         state = self.state
-        cluster = state.dispatcher.cluster
+        cluster = state.cluster
         busy = {node_id for _, node_id, _ in cluster.remote_jobs.values()} if cluster else set()
         for entry in state.registry.local_nodes():
-            conn = entry.conn
+            conn = local_outbox(entry)
             if (
                 entry.node_id in self._released
-                or not isinstance(conn, Outbox)
+                or conn is None
                 or entry.node_id in busy
                 or state.dispatcher.store.inflight_on(entry.node_id)
             ):

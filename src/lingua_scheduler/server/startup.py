@@ -248,7 +248,7 @@ async def _serve(
     lowered: Lowered | None,
     reload: Callable[[], Config] | None = None,
 ) -> None:
-    cluster = app[STATE].dispatcher.cluster
+    cluster = app[STATE].cluster
     # The sockets are bound and listening: a connection made from now on waits in the backlog until
     # the application has started, it is not refused. So the line goes first, before the start-up
     # warnings, where an operator (and a script reading the first line) looks for it.

@@ -25,12 +25,14 @@ from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.events import NODE_STATUS, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.limits import InstanceLimits
+from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.quality import QualityMonitor
 
 if TYPE_CHECKING:
+    from lingua_scheduler.server.cluster import Cluster
+    from lingua_scheduler.server.resume import Resumer
     from lingua_scheduler.server.sessions import Session
 
 #: one readiness check for ``GET /ready``: returns (name, ok); must be cheap and must not block
@@ -73,10 +75,30 @@ class SchedulerState:
         #: when the drain's wait ends (the clock's monotonic seconds), once shutting down
         self.shutdown_deadline: float | None = None
         #: per-node job outcome figures and the ejection of failing nodes (server/quality.py)
-        self.quality = QualityMonitor(self)
-        self.dispatcher = Dispatcher(self)
+        self.quality = QualityMonitor(config.quality, self.clock, self.registry, self.metrics, self.events)
+        self.dispatcher = Dispatcher(
+            config,
+            self.clock,
+            registry=self.registry,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            auth=self.auth,
+            quality=self.quality,
+            events=self.events,
+            sessions=self.sessions,
+            dispatch_window=self.dispatch_window,
+            shutting_down=lambda: self.shutting_down,
+        )
+        self.quality.on_readmitted = self.dispatcher.pump
+        #: the multi-instance shell (server/cluster.py), set by the app in Redis mode; None embedded
+        self.cluster: Cluster | None = None
         #: handles job messages from a node (node_id, message)
         self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
+
+    def resumer(self) -> Resumer | None:
+        """The cross-instance resume of this instance (None when embedded)."""
+        cluster = self.cluster
+        return cluster.resumer if cluster is not None else None
 
     # --- node notifications ---------------------------------------------------------------------
 
@@ -88,10 +110,9 @@ class SchedulerState:
                 self.events.add(
                     NODE_STATUS, node_id=t.node_id, old=t.old.value, new=t.new.value, reason=t.reason
                 )
-            entry = self.registry.nodes.get(t.node_id)
-            conn = entry.conn if entry is not None else None
-            if isinstance(conn, Outbox):
-                conn.send(
+            outbox = local_outbox(self.registry.nodes.get(t.node_id))
+            if outbox is not None:
+                outbox.send(
                     NodeStatusMessage(
                         node_id=t.node_id,
                         status=t.new.value,
@@ -126,7 +147,7 @@ class SchedulerState:
         }
 
     def _cluster_health(self) -> dict[str, object]:
-        cluster = self.dispatcher.cluster
+        cluster = self.cluster
         if cluster is None:
             return {"mode": "embedded"}
         return {
@@ -177,7 +198,7 @@ class SchedulerState:
             "lingua_jobs_inflight", "Jobs dispatched and not yet ended", self.dispatcher.store.inflight
         )
         yield gauge("lingua_jobs_waiting", "Jobs waiting for a node", self.dispatcher.store.waiting)
-        cluster = self.dispatcher.cluster
+        cluster = self.cluster
         yield gauge(
             "lingua_store_degraded",
             "1 while the shared store (Redis) is unreachable or refuses writes",
