@@ -256,3 +256,36 @@ async def test_results_carry_the_clients_indices_after_a_refusal(
     await eventually(lambda: 5 in s.outcomes())
     outcomes = s.outcomes()
     assert (outcomes[3], outcomes[4], outcomes[5]) == (["result"], ["missing:job_failed"], ["result"])
+
+
+async def test_a_refused_utterance_is_named_once_by_the_clients_number(
+    scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    """The client's number of a refused utterance is also a live internal index (a streamed
+    utterance came first): the error still names the client's number, not the client number of
+    the utterance that internal index belongs to."""
+    rs = await scheduler_factory(
+        auth={
+            "tenants": [
+                {
+                    "tenant_id": "tenant-a",
+                    "key_sha256": hash_api_key(KEY),
+                    "max_jobs_per_second": per_second(0.5),
+                    "jobs_burst": 2,
+                }
+            ]
+        },
+        session={"pause_ms": 20_000},
+        scheduler={"fleet_view_interval_ms": 10},
+    )
+    node = node_factory(profile=PROFILE, url=rs.node_url, executor=Executor(latency=3.0))
+    await ready_node(rs, node)
+    s = session_factory(url=rs.session_url, api_key=KEY, audio_format="pcm16")
+    await s.start()
+    await s.chunk(is_final=True)  # internal 0, streamed
+    s.utterances_sent = 0
+    await s.utterance()  # client 0 -> internal 1, still running on the slow node
+    await s.utterance()  # client 1 -> internal 2: over the tenant's rate
+    await eventually(lambda: any(m["code"] == "TENANT_RATE_LIMITED" for m in s.of_type("error")))
+    [error] = [m for m in s.of_type("error") if m["code"] == "TENANT_RATE_LIMITED"]
+    assert error["details"]["utterance_index"] == 1 and "utterance 1 " in error["message"]

@@ -300,12 +300,15 @@ class AuthService:
         self._refused("session", "rate_limited", tenant_id)
         return False
 
-    def rate_limited(self, tenant_id: str | None, utterance_index: int) -> ErrorMessage:
+    def rate_limited(self, tenant_id: str | None, utterance_index: int, shown_index: int) -> ErrorMessage:
+        """The refusal of one utterance over the tenant's rate. ``details.utterance_index`` is the
+        internal index (the session translates it to the client's once, on sending); the text names
+        ``shown_index``, the number the client gave the utterance."""
         tenant = self._tenant_by_id.get(tenant_id or "")
         rate = tenant.max_jobs_per_second if tenant is not None else 0
         return ErrorMessage(
             code=ErrorCode.TENANT_RATE_LIMITED.value,
-            message=f"utterance {utterance_index} refused: the tenant is over its rate of {rate:g} jobs/s",
+            message=f"utterance {shown_index} refused: the tenant is over its rate of {rate:g} jobs/s",
             details={"utterance_index": utterance_index},
         )
 

@@ -345,7 +345,9 @@ class Dispatcher:
                 self.deliver(session, session.results.fail(utt.index))
                 session.send(
                     self.auth.rate_limited(
-                        session.tenant_id, utt.index if utt.client_index is None else utt.client_index
+                        session.tenant_id,
+                        utt.index,
+                        utt.index if utt.client_index is None else utt.client_index,
                     )
                     if limited
                     else ErrorMessage(
