@@ -91,6 +91,7 @@ async def test_forget_in_multi_instance_mode(
     for n in (gone, live):
         await n.start()
     await eventually(lambda: ready_in_view(a, gone.node_id) and ready_in_view(a, live.node_id), timeout=5)
+    await eventually(lambda: gone.node_id in b.state.cluster._sent_loads, timeout=5)  # its load was shared
     await gone.close()
     await eventually(
         lambda: (
@@ -106,6 +107,8 @@ async def test_forget_in_multi_instance_mode(
     assert status == 200, body
     assert body["instance"] == b.state.cluster.instance_id and body["shared"] is True
     assert gone.node_id not in b.state.registry.nodes
+    # the last load figures B sent for the forgotten node are not kept for ever
+    await eventually(lambda: gone.node_id not in b.state.cluster._sent_loads, timeout=5)
     await eventually(lambda: gone.node_id not in a.state.registry.nodes, timeout=5)
     records, _ = await a.state.cluster.store.directory()
     assert gone.node_id not in {r.node_id for r in records}

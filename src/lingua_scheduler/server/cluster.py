@@ -563,7 +563,13 @@ class Cluster:
         for key, (_, _, since) in list(self._cancelled_routes.items()):
             if since < now - exec_max:
                 self._drop_route(*key)  # a result this late would find the job answered long ago
-        for entry in self.registry.local_nodes():
+        local = self.registry.local_nodes()
+        if len(self._sent_loads) > len(local):
+            # Nodes removed, forgotten or now owned by another instance: their figures go with them.
+            here = {entry.node_id for entry in local}
+            for node_id in [n for n in self._sent_loads if n not in here]:
+                del self._sent_loads[node_id]
+        for entry in local:
             if entry.status is NodeStatus.OFFLINE:
                 continue
             ld = entry.load
