@@ -410,3 +410,34 @@ async def test_store_write_batch_on_redis_cluster(redis_cluster: Any) -> None:
     finally:
         for st in (a, b):
             await st.close()
+
+
+async def test_an_unexpected_placement_error_fails_the_job_and_placement_goes_on(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    """The reservation of the first job breaks with an error nobody expected: that job fails at
+    once, the session told, and the next job is placed as usual (none is left marked as placing)."""
+    a, b = await instances(scheduler_factory, redis_server.url)
+    node = node_factory(url=b.node_url, executor=Executor(latency=0.01))
+    await node.start()
+    await eventually(lambda: ready_in_view(a, node.node_id), timeout=5)
+    store = a.state.cluster.store
+    reserve = store.reserve
+    broken = [True]
+
+    async def reserve_once_broken(*args: Any, **kwargs: Any) -> Any:
+        if broken.pop() if broken else False:
+            raise RuntimeError("injected")
+        return await reserve(*args, **kwargs)
+
+    store.reserve = reserve_once_broken
+    s = session_factory(url=a.session_url)
+    await s.start()
+    await s.speak(chunks=1)
+    await eventually(lambda: 0 in s.outcomes(), timeout=5)
+    assert s.outcomes()[0] == ["missing:job_failed"]
+    assert any(m.get("code") == "INTERNAL_ERROR" for m in s.of_type("error"))
+    await s.speak(chunks=1)
+    await eventually(lambda: 1 in s.outcomes(), timeout=5)
+    assert s.outcomes()[1] == ["result"]
+    assert not a.state.dispatcher._placing

@@ -235,6 +235,8 @@ class Dispatcher:
         self._placing: set[str] = set()
         #: nodes whose reservation was just refused (full in the shared count)
         self._reserve_refused: set[str] = set()
+        #: reservation tasks in flight, kept so that they are not garbage-collected mid-way
+        self._placements: set[asyncio.Task[None]] = set()
         #: set by the app in multi-instance mode
         self.cluster: ClusterPort | None = None
         self._wake = asyncio.Event()
@@ -466,7 +468,11 @@ class Dispatcher:
             if shared:
                 # Another instance may place work on the same node: take a slot in the shared store first.
                 self._placing.add(job.job_id)
-                asyncio.get_running_loop().create_task(self._place_shared(job.job_id, job.attempt, node_id))
+                task = asyncio.get_running_loop().create_task(
+                    self._place_shared(job.job_id, job.attempt, node_id)
+                )
+                self._placements.add(task)
+                task.add_done_callback(self._placements.discard)
             else:
                 self._send_assign(job, node_id, None)
                 placed = True
@@ -507,7 +513,26 @@ class Dispatcher:
             session.send(self._ui(job, UiEventType.DISPATCHED))
 
     async def _place_shared(self, job_id: str, attempt: int, node_id: str) -> None:
-        """Reserve a slot on ``node_id`` in the shared store, then dispatch (multi-instance mode)."""
+        """Reserve a slot on ``node_id`` in the shared store, then dispatch (multi-instance mode).
+
+        An unexpected error fails the job explicitly (the session is told) rather than leaving it
+        marked as being placed, which would keep it out of every later pass."""
+        try:
+            await self._reserve_and_send(job_id, attempt, node_id)
+        except Exception:
+            log.exception("placement failed", extra={"job_id": job_id, "node_id": node_id})
+            self._placing.discard(job_id)
+            job = self.store.get(job_id)
+            if job is not None and job.attempt == attempt:
+                self._apply(
+                    self.store.abort(job_id, ErrorCode.INTERNAL_ERROR.value, "the job could not be placed"),
+                    "placement_failed",
+                )
+            self.pump()
+        finally:
+            self._placing.discard(job_id)
+
+    async def _reserve_and_send(self, job_id: str, attempt: int, node_id: str) -> None:
         assert self.cluster is not None
         member = f"{job_id}:{attempt}"
         ttl = self.config.jobs.ack_timeout_ms + RESERVE_MARGIN_MS
