@@ -6,7 +6,7 @@ import random
 
 from lingua_scheduler.core.selection import REASONS, Breakdown, SelectionRequest, Selector, commit
 from lingua_scheduler.protocol.common import ServiceType
-from tests.core.conftest import FleetFactory, spec
+from tests.core.conftest import FleetFactory, Spec, spec
 
 T = ServiceType
 
@@ -124,6 +124,19 @@ def test_excluded_nodes_are_skipped_and_counted_apart(make_fleet: FleetFactory) 
     r = f.select("zh", "en", exclude=frozenset({"a", "b"}))
     assert r.node_id is None and r.best_reason == "excluded"
     assert r.breakdown.excluded == 2 and r.breakdown.total_nodes == 0
+
+
+def test_refused_nodes_are_counted_only_when_the_selection_comes_upon_them(make_fleet: FleetFactory) -> None:
+    """A node refused elsewhere (another language pair's pool) is not this request's busy node: only
+    the excluded nodes named as refused that the selection examined count as ``refused``."""
+    f = make_fleet()
+    f.add("a")
+    f.add("b")
+    f.add("fr", Spec(langs=("fr", "de")))
+    r = f.select("zh", "en", exclude=frozenset({"a", "b", "fr"}), refused=frozenset({"fr"}))
+    assert r.node_id is None and r.breakdown.excluded == 2 and r.breakdown.refused == 0
+    r = f.select("zh", "en", exclude=frozenset({"a", "b", "fr"}), refused=frozenset({"b", "fr"}))
+    assert r.node_id is None and r.breakdown.excluded == 2 and r.breakdown.refused == 1
 
 
 def test_unavailable_mark_excludes_then_expires(make_fleet: FleetFactory) -> None:

@@ -108,6 +108,9 @@ class SelectionRequest:
     #: further directed pairs a node must serve end to end too (a two-way session: both directions)
     also_serves: tuple[tuple[str, str], ...] = ()
     exclude: frozenset[str] = frozenset()
+    #: the part of ``exclude`` passed over only for now (a reservation just refused: busy, not unfit);
+    #: ``Breakdown.refused`` counts those the selection actually came upon
+    refused: frozenset[str] = frozenset()
     #: a public job: only nodes that accept public jobs
     accept_public: bool = True
 
@@ -121,12 +124,14 @@ class Breakdown:
     ``SelectionResult.preferred_node``.
     """
 
-    __slots__ = ("counts", "eligible", "excluded")
+    __slots__ = ("counts", "eligible", "excluded", "refused")
 
     def __init__(self) -> None:
         self.counts = [0] * len(REASONS)
         self.eligible = 0
         self.excluded = 0
+        #: of ``excluded``, the nodes in ``SelectionRequest.refused``
+        self.refused = 0
 
     @property
     def total_nodes(self) -> int:
@@ -140,6 +145,7 @@ class Breakdown:
             self.counts[i] += c
         self.eligible += other.eligible
         self.excluded += other.excluded
+        self.refused += other.refused
 
     def best_reason(self) -> str:
         """As the reference: ``no_nodes`` if none was examined, else the largest count, earliest on ties."""
@@ -372,7 +378,7 @@ class Selector:
         reject = self._reject
         best: NodeView | None = None
         best_key = (0, 0.0)
-        passed = visited = excluded = 0
+        passed = visited = excluded = refused = 0
         rejected: list[int] = []
         for _ in range(n):
             nv = views[idx]
@@ -382,6 +388,8 @@ class Selector:
             visited += 1
             if exclude and nv.node_id in exclude:
                 excluded += 1
+                if nv.node_id in req.refused:
+                    refused += 1
                 continue
             reason = reject(nv, req, src, tgt, check_lang)
             if reason is None:
@@ -398,6 +406,7 @@ class Selector:
                 break
         total.eligible += passed
         total.excluded += excluded
+        total.refused += refused
         counts = total.counts
         for r in rejected:
             counts[r] += 1

@@ -451,6 +451,7 @@ class Dispatcher:
                 bind_preferred=spec.continues_turn,
                 also_serves=also,
                 exclude=frozenset(job.tried_nodes) | self._reserve_refused,
+                refused=frozenset(self._reserve_refused.difference(job.tried_nodes)),
             )
             t0 = time.perf_counter()
             result = self.selector.select(view, req)
@@ -460,7 +461,7 @@ class Dispatcher:
             if node_id is None or entry is None or not reachable(entry):
                 m.selections.labels("no_node").inc()
                 self._last_reason[job.job_id] = result.best_reason
-                busy = node_id is None and self._busy(result)
+                busy = node_id is None and self._busy(req, result)
                 hopeless[key] = busy
                 self.store.hold(job.job_id, busy=busy)
                 continue
@@ -478,14 +479,16 @@ class Dispatcher:
                 placed = True
         return placed
 
-    def _busy(self, result: SelectionResult) -> bool:
+    def _busy(self, req: SelectionRequest, result: SelectionResult) -> bool:
         """A node able to take the job was passed over only for its load (or a refused reservation):
-        the job waits for it rather than failing after the short wait for any node."""
+        the job waits for it rather than failing after the short wait for any node. Only refused
+        nodes this selection came upon count, not one the job already tried."""
         bd = result.breakdown
         return (
             result.preferred_node in BUSY_REASONS
             or any(bd.count(r) for r in BUSY_REASONS)
-            or (bd.excluded > 0 and bool(self._reserve_refused))
+            or bd.refused > 0
+            or (result.preferred_node == "excluded" and req.preferred_node in req.refused)
         )
 
     def _send_assign(self, job: Job, node_id: str, member: str | None) -> None:
