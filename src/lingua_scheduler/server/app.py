@@ -47,7 +47,11 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     app[STATE] = state
     routes.register(app, "root", root)
     # sockets' counts, caps, header deadline and pre-authentication bytes (server/listener.py uses it)
-    state.metrics.add_live(guard_connections(app, config.limits, state.limits.refusals).live_metrics)
+    state.metrics.add_live(
+        guard_connections(
+            app, config.limits, state.limits.refusals, config.server.max_frame_bytes
+        ).live_metrics
+    )
     routes.register(app, "node_websocket", node_ws)
     routes.register(app, "session_websocket", session_ws)
     http_api.add_routes(app)

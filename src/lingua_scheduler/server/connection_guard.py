@@ -83,7 +83,9 @@ def source_of(peer: object) -> str:
 class ConnectionGuard:
     """Per-instance counts and budgets of accepted sockets; see the module docstring."""
 
-    def __init__(self, config: LimitsConfig, refusals: Counter) -> None:
+    def __init__(self, config: LimitsConfig, refusals: Counter, max_body_bytes: int = 0) -> None:
+        #: the app's request-body limit (aiohttp's ``client_max_size``): what a chunked body may add
+        self.max_body_bytes = max_body_bytes
         self.config = config
         #: ``lingua_limit_refusals_total`` of ``server/limits.py``: one metric for every limit hit
         self.refusals = refusals
@@ -346,12 +348,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     guard = request.app.get(GUARD)
     proto = guard.protocol_of(request.transport) if guard is not None else None
-    if proto is None:
+    if guard is None or proto is None:
         return await handler(request)
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
     body = request.content_length
-    if body is None and request.body_exists:  # chunked: bounded by aiohttp's body limit
-        body = request.app._client_max_size
+    if body is None and request.body_exists:  # chunked: bounded by the app's body limit
+        body = guard.max_body_bytes
     proto.request_started(upgrade=upgrade, body_bytes=body or 0)
     try:
         return await handler(request)
@@ -367,8 +369,12 @@ def authenticated(request: web.Request) -> None:
         proto.authenticated()
 
 
-def setup(app: web.Application, config: LimitsConfig, refusals: Counter) -> ConnectionGuard:
-    guard = ConnectionGuard(config, refusals)
+def setup(
+    app: web.Application, config: LimitsConfig, refusals: Counter, max_body_bytes: int
+) -> ConnectionGuard:
+    """Install the guard's middleware; ``max_body_bytes`` is the app's request-body limit (aiohttp's
+    ``client_max_size``), what a chunked body may add before its handler reads it."""
+    guard = ConnectionGuard(config, refusals, max_body_bytes)
     app[GUARD] = guard
     app.middlewares.append(track_requests)
     return guard
