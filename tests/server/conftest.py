@@ -1,12 +1,16 @@
-"""Fixtures of the server tests that several test modules share: one real Redis server per module."""
+"""Fixtures of the server tests that several test modules share: one real Redis server per module, an
+HTTP client without a connection cap, and the scheduler processes a test started (closed after it)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
+import pytest_asyncio
 
 from tests.redis_support import RedisServer, has_redis
+from tests.scheduler_process import SchedulerProcess
 
 
 @pytest.fixture(scope="module")
@@ -17,3 +21,19 @@ def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.close()
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client whose connections are not capped (tests open many at once)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        yield client
+
+
+@pytest.fixture
+def procs() -> Iterator[list[SchedulerProcess]]:
+    """Scheduler processes a test starts: closed after it, whatever happened."""
+    started: list[SchedulerProcess] = []
+    yield started
+    for p in started:
+        p.close()

@@ -140,12 +140,6 @@ class CrashingNode(SimulatedNode):
         raise ConnectionError(f"node killed {point}")
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
-        yield client
-
-
 CHAOS_CFG: dict[str, dict[str, Any]] = {
     "jobs": {"ack_timeout_ms": 1000, "pending_timeout_ms": 4000, "retention_seconds": 1.0},
     "session": {"pause_ms": 300, "result_gap_timeout_ms": 8000},

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -43,12 +43,6 @@ async def instances(
     factory: Callable[..., Any], url: str, n: int = 2, **cluster: Any
 ) -> list[RunningScheduler]:
     return await start_instances(factory, n, cluster_sections(url, "f" + secrets.token_hex(3), **cluster))
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
-        yield client
 
 
 # --- an instance killed (SIGKILL) with its sessions' jobs running elsewhere ---------------------------

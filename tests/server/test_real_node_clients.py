@@ -32,13 +32,6 @@ def real_like(**kw: Any) -> NodeProfile:
 
 
 @pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    yield session
-    await session.close()
-
-
-@pytest_asyncio.fixture
 async def cleanup() -> AsyncIterator[list[Any]]:
     peers: list[Any] = []
     yield peers

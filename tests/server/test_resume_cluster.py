@@ -9,7 +9,6 @@ import asyncio
 import base64
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -75,20 +74,6 @@ async def test_token_of_a_resumes_on_b_while_a_lives(
     await again.connect()
     fresh = await again.init(resume_token=ack["resume_token"])
     assert fresh["resumed"] is False and fresh["session_id"] != sid
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
-        yield client
-
-
-@pytest.fixture
-def procs() -> Iterator[list[SchedulerProcess]]:
-    started: list[SchedulerProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 async def test_token_of_a_dead_instance_continues_on_b_with_the_loss_reported(

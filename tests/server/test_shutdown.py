@@ -19,7 +19,6 @@ import asyncio
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -43,20 +42,6 @@ SERVICE_RESTART = 1012
 
 def profile() -> NodeProfile:
     return NodeProfile(asr_languages=["en", "zh"], tts_languages=["en", "zh"], nmt_languages=["en", "zh"])
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
-        yield client
-
-
-@pytest.fixture
-def procs() -> Iterator[list[SchedulerProcess]]:
-    started: list[SchedulerProcess] = []
-    yield started
-    for p in started:
-        p.close()
 
 
 async def start_process(
