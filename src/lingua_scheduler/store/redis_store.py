@@ -85,23 +85,16 @@ class RedisStore:
         self.r: Any = self._client()
         self._feed: Any = self._client(single=True)
         self._inbox: Any = self._client(single=True)
-        self._reserve = self.r.register_script(_lua("reserve.lua"))
-        self._commit = self.r.register_script(_lua("commit.lua"))
-        self._tick = self.r.register_script(_lua("tick.lua"))
-        self._resync = self.r.register_script(_lua("resync.lua"))
-        self._admit = self.r.register_script(_lua("admit.lua"))
-        self._tenant_resync = self.r.register_script(_lua("tenant_resync.lua"))
-        self._resume = self.r.register_script(_lua("resume.lua"))
-        #: every script above, loaded into Redis when the store joins (``start``)
-        self._scripts = (
-            self._reserve,
-            self._commit,
-            self._tick,
-            self._resync,
-            self._admit,
-            self._tenant_resync,
-            self._resume,
-        )
+        #: every script of lua/, loaded into Redis when the store joins (``start``): registered through
+        #: ``_script``, so a new one cannot be left out of the load
+        self._scripts: list[Any] = []
+        self._reserve = self._script("reserve.lua")
+        self._commit = self._script("commit.lua")
+        self._tick = self._script("tick.lua")
+        self._resync = self._script("resync.lua")
+        self._admit = self._script("admit.lua")
+        self._tenant_resync = self._script("tenant_resync.lua")
+        self._resume = self._script("resume.lua")
         #: reservation members of this instance start with this (resync.lua tells ours from others')
         self._member_prefix = f"{instance_id}|"
         self._last_claim = 0.0
@@ -132,6 +125,11 @@ class RedisStore:
         return self._member_prefix + member
 
     # --- lifecycle ----------------------------------------------------------------------------------
+
+    def _script(self, name: str) -> Any:
+        script = self.r.register_script(_lua(name))
+        self._scripts.append(script)
+        return script
 
     async def start(self, *, from_start: bool = False) -> None:
         """Read the shared clock and create this instance's inbox group. ``from_start``: the group is
@@ -346,7 +344,7 @@ class RedisStore:
         if self.cluster:
             results = [await self._do(self._resync(keys=[key], args=args)) for key, args in calls]
         else:
-            await self._do(self.r.script_load(_lua("resync.lua")))  # rare: after an outage only
+            await self._do(self.r.script_load(self._resync.script))  # rare: after an outage only
             p = self.r.pipeline(transaction=False)
             for key, args in calls:
                 p.evalsha(self._resync.sha, 1, key, *args)
