@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
@@ -178,6 +178,20 @@ def _client_tls_options(f: Any) -> Any:
     )(f)
 
 
+def _run_client(command: str, run: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """Run a simulator to its summary; an unreachable scheduler (or an unreadable --ca-file: ``run``
+    is called inside, so its arguments are too) is one line on stderr and exit 3, Ctrl-C exit 130."""
+    from lingua_scheduler.sim.reach import Unreachable
+
+    try:
+        return asyncio.run(run())
+    except Unreachable as exc:
+        click.echo(f"lingua-scheduler {command}: {exc}", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 @main.command("simulate-nodes")
 @click.option("--count", type=int, default=10, show_default=True)
 @click.option("--url", default="ws://127.0.0.1:5010/ws/node", show_default=True)
@@ -216,27 +230,22 @@ def simulate_nodes(
     code and message, unreachable) and one when it stops. Exit status: 0 when at least one node
     registered, 1 when none did, 3 when the scheduler cannot be reached (one line on stderr)."""
     from lingua_scheduler.sim.nodes import run_fleet
-    from lingua_scheduler.sim.reach import Unreachable, client_ssl_context
+    from lingua_scheduler.sim.reach import client_ssl_context
 
-    try:
-        summary = asyncio.run(
-            run_fleet(
-                url,
-                count,
-                duration=duration,
-                interval=interval,
-                seed=seed,
-                report=click.echo,
-                enrollment_secret=enrollment_secret,
-                ssl_context=client_ssl_context(ca_file, insecure),
-                timeout=timeout,
-            )
-        )
-    except Unreachable as exc:
-        click.echo(f"lingua-scheduler simulate-nodes: {exc}", err=True)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    summary = _run_client(
+        "simulate-nodes",
+        lambda: run_fleet(
+            url,
+            count,
+            duration=duration,
+            interval=interval,
+            seed=seed,
+            report=click.echo,
+            enrollment_secret=enrollment_secret,
+            ssl_context=client_ssl_context(ca_file, insecure),
+            timeout=timeout,
+        ),
+    )
     sys.exit(0 if summary["registered"] else 1)
 
 
@@ -271,28 +280,23 @@ def simulate_sessions(
     Prints the summary as one JSON line. Exit status: 0 when at least one session opened and every
     utterance got exactly one answer, 1 otherwise, 3 when the scheduler cannot be reached (one line
     on stderr)."""
-    from lingua_scheduler.sim.reach import Unreachable, client_ssl_context
+    from lingua_scheduler.sim.reach import client_ssl_context
     from lingua_scheduler.sim.sessions import run_sessions
 
-    try:
-        summary = asyncio.run(
-            run_sessions(
-                url,
-                count,
-                utterances,
-                src_lang=src_lang,
-                tgt_lang=tgt_lang,
-                api_key=api_key,
-                report=click.echo,
-                ssl_context=client_ssl_context(ca_file, insecure),
-                timeout=timeout,
-            )
-        )
-    except Unreachable as exc:
-        click.echo(f"lingua-scheduler simulate-sessions: {exc}", err=True)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    summary = _run_client(
+        "simulate-sessions",
+        lambda: run_sessions(
+            url,
+            count,
+            utterances,
+            src_lang=src_lang,
+            tgt_lang=tgt_lang,
+            api_key=api_key,
+            report=click.echo,
+            ssl_context=client_ssl_context(ca_file, insecure),
+            timeout=timeout,
+        ),
+    )
     ok = summary["opened"] > 0 and summary["unanswered"] == 0 and summary["duplicates"] == 0
     sys.exit(0 if ok else 1)
 
