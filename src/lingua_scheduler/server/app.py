@@ -74,13 +74,13 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
             auth=state.auth,
             metrics=state.metrics,
             sessions=state.sessions,
-            dispatcher=state.dispatcher,
+            runtime=state.runtime,
             cross_instance_window=state.cross_instance_window,
             node_actions=admin.NODE_ACTIONS,
             node_action=functools.partial(admin.node_action, state),
         )
         state.cluster = cluster
-        state.dispatcher.cluster = cluster
+        state.runtime.cluster = cluster
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
@@ -110,7 +110,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(state.loop_lag.run(), name="loop-lag"),
         asyncio.create_task(tasks.reconciler(state), name="reconciler"),
         asyncio.create_task(tasks.liveness_scan(state), name="liveness-scan"),
-        asyncio.create_task(state.dispatcher.run(), name="job-deadlines"),
+        asyncio.create_task(state.runtime.run(), name="job-deadlines"),
         asyncio.create_task(state.quality.run(), name="node-quality"),
     ]
     cluster = state.cluster

@@ -275,7 +275,7 @@ async def simulate(request: web.Request) -> web.Response:
         exclude=frozenset(q.exclude_node_id),
         accept_public=q.accept_public,
     )
-    result = state.dispatcher.selector.select(state.publisher.view, req)
+    result = state.engine.selector.select(state.publisher.view, req)
     body = result.to_json()
     body["request"] = h.SimulationRequest(
         src_lang=src,
@@ -293,7 +293,7 @@ async def simulate(request: web.Request) -> web.Response:
 
 async def job_detail(request: web.Request) -> web.Response:
     state = _state(request)
-    job = state.dispatcher.store.get(request.match_info["job_id"])
+    job = state.engine.store.get(request.match_info["job_id"])
     if job is None:
         raise RequestError(
             f"no job {request.match_info['job_id']!r} (ended jobs are kept "

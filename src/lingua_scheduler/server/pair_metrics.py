@@ -20,7 +20,7 @@ labelled pair counts from the moment it got its label, jobs of unlabelled pairs 
 ``other`` as they happen, never moved out of it.
 
 Cost: read from the published fleet view (pool shards' ready counts and their members' live load
-cells), the job store's per-pair waiting counts and the dispatcher's per-pair created counts; nothing
+cells), the job store's per-pair waiting counts and the engine's per-pair created counts; nothing
 on the heartbeat or job paths, and O(pairs + shards) per scrape. The one figure that needs every pool
 member is free slots (a node's load is not in the pool counts): ``FreeSlots`` walks the members in
 slices between other work once the fleet is larger than a slice, so a scrape never holds the event
@@ -114,8 +114,8 @@ class PairMetrics:
             self._view, self._ready, self._members = view, _ready(view), _memberships(view)
         ready = self._ready
         free = self.free_slots.read(view, self._members)
-        waiting = state.dispatcher.store.waiting_by_pair()
-        deltas = self._created_deltas(state.dispatcher.created_by_pair)
+        waiting = state.engine.store.waiting_by_pair()
+        deltas = self._created_deltas(state.engine.created_by_pair)
         # pairs with supply or demand -> (demand: queued jobs + jobs since the last scrape, ready nodes)
         active: dict[str, tuple[int, int]] = {pair: (0, n) for pair, n in ready.items()}
         for counts in (waiting, deltas):

@@ -201,7 +201,7 @@ class SessionConnection:
                     msg.is_final,
                     client_ts_ms=msg.client_timestamp_ms,
                 )
-                self.state.dispatcher.submit(session, utts, received_at=t0)
+                session.submit(utts, received_at=t0)
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
                 self._utterance_accepted(session, msg.utterance_index)
@@ -213,8 +213,7 @@ class SessionConnection:
                     session.client_index[utt.index] = msg.utterance_index
                     if msg.pipeline is not None and not msg.pipeline.use_tts:
                         session.no_tts.add(utt.index)
-                self.state.dispatcher.submit(
-                    session,
+                session.submit(
                     utts,
                     received_at=t0,
                     src_lang=normalize(msg.src_lang),
@@ -259,7 +258,7 @@ class SessionConnection:
             )
         self._chunk_accepted(session, frame.seq)
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
-        self.state.dispatcher.submit(session, utts, received_at=t0)
+        session.submit(utts, received_at=t0)
         session.rearm()
 
     def _own(self, session_id: str, *, closing_ok: bool = False) -> Session:
@@ -323,7 +322,7 @@ class SessionConnection:
         return Session(
             state.clock,
             state.config.session,
-            state.dispatcher,
+            state.runtime,
             state.sessions,
             state.resumer,
             self.outbox,
@@ -384,7 +383,7 @@ class SessionConnection:
                 f"session {session.session_id} is live on this instance: it cannot be continued here"
             )
         session.binary_frames = bool(msg.use_binary_frame)
-        state.sessions[session.session_id] = session
+        session.open()
         self.session = session
         self._last_seq = self._last_index = None  # a new session numbers from scratch
         self._unknown_drops = 0

@@ -16,12 +16,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from lingua_scheduler import __version__
 from lingua_scheduler.clock import Clock, SystemClock
 from lingua_scheduler.config import Config
+from lingua_scheduler.core.engine import SchedulerEngine
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import Registry, Transition
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol.node import NodeStatusMessage
 from lingua_scheduler.server.auth import AuthService
-from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.events import NODE_STATUS, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.limits import InstanceLimits
@@ -29,6 +29,7 @@ from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
 from lingua_scheduler.server.quality import QualityMonitor
+from lingua_scheduler.server.runtime import Runtime
 
 if TYPE_CHECKING:
     from lingua_scheduler.server.cluster import Cluster
@@ -76,24 +77,28 @@ class SchedulerState:
         self.shutdown_deadline: float | None = None
         #: per-node job outcome figures and the ejection of failing nodes (server/quality.py)
         self.quality = QualityMonitor(config.quality, self.clock, self.registry, self.metrics, self.events)
-        self.dispatcher = Dispatcher(
+        #: every decision about sessions, nodes and jobs (core/engine.py), and its runtime
+        self.engine = SchedulerEngine(
             config,
             self.clock,
             registry=self.registry,
             publisher=self.publisher,
+            quality=self.quality.tracker,
+            tenants=self.auth,
+        )
+        self.runtime = Runtime(
+            self.engine,
+            registry=self.registry,
             metrics=self.metrics,
-            auth=self.auth,
-            quality=self.quality,
             events=self.events,
+            quality=self.quality,
             sessions=self.sessions,
             dispatch_window=self.dispatch_window,
             shutting_down=lambda: self.shutting_down,
         )
-        self.quality.on_readmitted = self.dispatcher.pump
+        self.quality.on_readmitted = self.runtime.pump
         #: the multi-instance shell (server/cluster.py), set by the app in Redis mode; None embedded
         self.cluster: Cluster | None = None
-        #: handles job messages from a node (node_id, message)
-        self.job_handler: Callable[[str, object], None] | None = self.dispatcher.on_node_message
 
     def resumer(self) -> Resumer | None:
         """The cross-instance resume of this instance (None when embedded)."""
@@ -194,10 +199,8 @@ class SchedulerState:
             "lingua_pool_reassignments", "Node pool-membership changes", self.publisher.reassignments
         )
         yield gauge("lingua_sessions", "Open client sessions", len(self.sessions))
-        yield gauge(
-            "lingua_jobs_inflight", "Jobs dispatched and not yet ended", self.dispatcher.store.inflight
-        )
-        yield gauge("lingua_jobs_waiting", "Jobs waiting for a node", self.dispatcher.store.waiting)
+        yield gauge("lingua_jobs_inflight", "Jobs dispatched and not yet ended", self.engine.store.inflight)
+        yield gauge("lingua_jobs_waiting", "Jobs waiting for a node", self.engine.store.waiting)
         cluster = self.cluster
         yield gauge(
             "lingua_store_degraded",
