@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import random
 from collections import deque
 from typing import Protocol
 
@@ -193,9 +194,11 @@ class SchedulerEngine:
         publisher: FleetViewPublisher,
         quality: QualityTracker,
         tenants: TenantJobs,
+        rng: random.Random | None = None,
     ) -> None:
         """``registry``/``publisher``: the fleet (read, and its load accounting); ``quality``: the
-        node-quality rules judged on outcomes and read by the selector; ``tenants``: the job rates."""
+        node-quality rules judged on outcomes and read by the selector; ``tenants``: the job rates;
+        ``rng``: the selector's randomness (seeded in tests)."""
         self.config = config
         self.clock = clock
         self.registry = registry
@@ -212,6 +215,7 @@ class SchedulerEngine:
             scan_budget=SCAN_BUDGET,
             soft_threshold=True,
             quality=quality,
+            rng=rng,
         )
         #: session id -> its book; bounded by open sessions (dropped at ``SessionClosed``)
         self.sessions: dict[str, SessionBook] = {}
@@ -1118,10 +1122,10 @@ class SchedulerEngine:
                 _check(job.job_id in self._slots, f"job {job.job_id} is {job.state.value} without a slot")
         for job_id in self._placing:
             job = self.store.get(job_id)
+            # the job may have ended meanwhile (the answer then releases the slot), never be on a node
             _check(
-                job is not None and job.state is JobState.CREATED,
-                f"job {job_id} has a reservation in flight but is "
-                f"{job.state.value if job is not None else 'unknown'}",
+                job is None or job.state not in ON_NODE,
+                f"job {job_id} has a reservation in flight but is {job.state.value if job else ''}",
             )
             _check(job_id not in self._slots, f"job {job_id} both reserving and holding a slot")
         for job in self.store.live():
