@@ -81,6 +81,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         )
         state.cluster = cluster
         state.runtime.cluster = cluster
+        state.links.instances = cluster
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)

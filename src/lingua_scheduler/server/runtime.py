@@ -14,25 +14,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Protocol
-
-import msgspec
 
 from lingua_scheduler.core import actions as a
 from lingua_scheduler.core import events as ev
 from lingua_scheduler.core.engine import SchedulerEngine
 from lingua_scheduler.core.quality import Change
-from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.results import ResultQueue
 from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.errors import ErrorCode
-from lingua_scheduler.protocol.cluster import CancelOnNode, Dispatch
 from lingua_scheduler.protocol.node import JobAssign, JobCancel, PipelineConfig
 from lingua_scheduler.protocol.session import SessionInit, TranslationResult
 from lingua_scheduler.server.events import RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
-from lingua_scheduler.server.links import local_outbox
+from lingua_scheduler.server.links import Links, local_outbox
 from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, StateStore, StoreUnavailable
@@ -40,21 +36,10 @@ from lingua_scheduler.store.base import JobRecord, StateStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 
-class SessionPort(Protocol):
-    """What the runtime needs of a client session (server/sessions.py's ``Session`` is one)."""
-
-    def send(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> None: ...
-
-    def forget_released(self) -> None:
-        """Drop what the result queue has released (called after each delivery)."""
-
-    def maybe_finish_close(self) -> None:
-        """A closing session whose outstanding work is done finishes its close now."""
-
-
 class ClusterPort(Protocol):
     """What the runtime needs of the multi-instance shell (server/cluster.py's ``Cluster`` is one):
-    the shared store's reservations and batched writes, the job records, and the degraded flag."""
+    the shared store's reservations and batched writes, the job records, the forwarding of other
+    instances' job messages, and the degraded flag."""
 
     instance_id: str
     degraded: bool
@@ -80,25 +65,24 @@ class Runtime:
         self,
         engine: SchedulerEngine,
         *,
-        registry: Registry,
+        links: Links,
         metrics: Metrics,
         events: RecentEvents,
         quality: QualityReport,
-        sessions: Mapping[str, SessionPort],
         dispatch_window: LatencyWindow,
         shutting_down: Callable[[], bool],
     ) -> None:
-        """``sessions``: the instance's open sessions by id (read only); ``shutting_down``: whether a
-        graceful shutdown has begun (another instance's job is refused then)."""
+        """``links``: how nodes and sessions are reached; ``shutting_down``: whether a graceful
+        shutdown has begun (another instance's job is refused then)."""
         self.engine = engine
-        self.registry = registry
+        self.links = links
+        self.registry = links.registry
         self.metrics = metrics
         self.events = events
         self.quality = quality
-        self.sessions = sessions
         self.dispatch_window = dispatch_window
         self.shutting_down = shutting_down
-        #: set by the composition root in multi-instance mode
+        #: the multi-instance shell, set by the composition root in Redis mode (with ``links.instances``)
         self.cluster: ClusterPort | None = None
         self._wake = asyncio.Event()
         #: reservation tasks in flight, kept so that they are not garbage-collected mid-way
@@ -197,23 +181,18 @@ class Runtime:
         for action in actions:
             match action:
                 case a.SendToSession(session_id=sid, message=msg):
-                    session = self.sessions.get(sid)
+                    session = self.links.session(sid)
                     if session is not None:
                         session.send(msg)
                 case a.SessionDelivered(session_id=sid):
-                    session = self.sessions.get(sid)
+                    session = self.links.session(sid)
                     if session is not None:
                         session.forget_released()
                         session.maybe_finish_close()
                 case a.AssignJob():
                     self._assign(action)
                 case a.SendToNode(node_id=node_id, message=msg):
-                    entry = self.registry.nodes.get(node_id)
-                    cluster = self.cluster
-                    if entry is not None and entry.owner is not None and cluster is not None:
-                        cluster.writer.send(entry.owner, CancelOnNode(node_id=node_id, cancel=msg))
-                    elif (outbox := local_outbox(entry)) is not None:
-                        outbox.send(msg)
+                    self.links.cancel(node_id, msg)
                 case a.Count(name=name, label=label):
                     counter = self._counters[name]
                     (counter if label is None else counter.labels(label)).inc()
@@ -257,25 +236,18 @@ class Runtime:
                     asyncio.get_running_loop().call_later(delay, self.handle, event)
 
     def _assign(self, action: a.AssignJob) -> None:
-        """``job_assign`` to a local node's outbox, or to the node's instance (its inbox, in the
-        writer's next pipeline); the engine's follow-ups run once it is handed over."""
-        assign = action.assign
-        cluster = self.cluster
-        if action.owner is not None and cluster is not None:
-            job_id, attempt, node_id = assign.job_id, assign.attempt_id, action.node_id
-            cluster.writer.send(
-                action.owner,
-                Dispatch(
-                    node_id=node_id, reply_to=cluster.instance_id, assign=assign, sent_at_ns=time.time_ns()
-                ),
-                on_fail=lambda: self.handle(
-                    ev.RemoteDispatchFailed(job_id, attempt, node_id, "shared store unreachable")
-                ),
-            )
-        elif (outbox := local_outbox(self.registry.nodes.get(action.node_id))) is None or not outbox.send(
-            assign
+        """``job_assign`` through the links; the engine's follow-ups run once it is handed over."""
+        assign, node_id = action.assign, action.node_id
+        job_id, attempt = assign.job_id, assign.attempt_id
+        if not self.links.assign(
+            node_id,
+            action.owner,
+            assign,
+            on_fail=lambda: self.handle(
+                ev.RemoteDispatchFailed(job_id, attempt, node_id, "shared store unreachable")
+            ),
         ):
-            self.handle(ev.AssignUndelivered(assign.job_id, assign.attempt_id, action.node_id))
+            self.handle(ev.AssignUndelivered(job_id, attempt, node_id))
             return
         self._execute(list(action.on_sent))
 

@@ -201,7 +201,7 @@ class SessionConnection:
                     msg.is_final,
                     client_ts_ms=msg.client_timestamp_ms,
                 )
-                session.submit(utts, received_at=t0)
+                self.state.runtime.submit(session.session_id, utts, received_at=t0)
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
                 self._utterance_accepted(session, msg.utterance_index)
@@ -213,7 +213,8 @@ class SessionConnection:
                     session.client_index[utt.index] = msg.utterance_index
                     if msg.pipeline is not None and not msg.pipeline.use_tts:
                         session.no_tts.add(utt.index)
-                session.submit(
+                self.state.runtime.submit(
+                    session.session_id,
                     utts,
                     received_at=t0,
                     src_lang=normalize(msg.src_lang),
@@ -258,7 +259,7 @@ class SessionConnection:
             )
         self._chunk_accepted(session, frame.seq)
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
-        session.submit(utts, received_at=t0)
+        self.state.runtime.submit(session.session_id, utts, received_at=t0)
         session.rearm()
 
     def _own(self, session_id: str, *, closing_ok: bool = False) -> Session:

@@ -25,7 +25,7 @@ from lingua_scheduler.server.auth import AuthService
 from lingua_scheduler.server.events import NODE_STATUS, RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.limits import InstanceLimits
-from lingua_scheduler.server.links import local_outbox
+from lingua_scheduler.server.links import Links, local_outbox
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
 from lingua_scheduler.server.quality import QualityMonitor
@@ -86,13 +86,14 @@ class SchedulerState:
             quality=self.quality.tracker,
             tenants=self.auth,
         )
+        #: how nodes and sessions are reached (local outbox, session map, or the owning instance)
+        self.links = Links(self.registry, self.sessions)
         self.runtime = Runtime(
             self.engine,
-            registry=self.registry,
+            links=self.links,
             metrics=self.metrics,
             events=self.events,
             quality=self.quality,
-            sessions=self.sessions,
             dispatch_window=self.dispatch_window,
             shutting_down=lambda: self.shutting_down,
         )
