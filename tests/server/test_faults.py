@@ -477,9 +477,9 @@ async def test_wall_clock_jumps_neither_fire_nor_suppress_timeouts(
 WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("clock.py", "SystemClock.wall_ms"): "the wall clock itself",
     ("clock.py", "OffsetClock.wall_ms"): "the shared clock of multi-instance mode (wall + offset)",
-    ("server/state.py", "SchedulerState.__init__"): "start time, shown as uptime",
-    ("server/state.py", "SchedulerState.health"): "uptime shown on /health",
-    ("server/state.py", "SchedulerState.apply_transitions"): "node_status.timestamp",
+    ("server/app.py", "build_state"): "start time, shown as uptime",
+    ("server/http_api.py", "health_of"): "uptime shown on /health",
+    ("server/node_status.py", "NodeStatusNotices.apply"): "node_status.timestamp",
     ("server/stats.py", "StatsAggregator._sample"): "chart timestamps",
     ("server/stats.py", "StatsAggregator._build"): "computed_at_ms shown",
     ("server/stats.py", "StatsAggregator.build_frame"): "uptime shown on the dashboard",
@@ -489,7 +489,7 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("core/engine.py", "SchedulerEngine._translation"): "translation_result.scheduler_sent_at_ms",
     ("core/engine.py", "SchedulerEngine._deliver"): "missing_result.created_at_ms",
     ("server/session_endpoint.py", "SessionConnection._resume_remote_run"): "missing_result.created_at_ms",
-    ("server/runtime.py", "Runtime._assign"): "cross-instance hop latency (metric only)",
+    ("server/links.py", "Links.assign"): "cross-instance hop latency (metric only)",
     ("server/cluster.py", "Cluster.handle"): "cross-instance hop latency (metric only)",
     ("server/quality.py", "QualityMonitor.node_json"): "ejected_until_ms shown (the end is monotonic)",
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from lingua_scheduler.clock import ManualClock
+from lingua_scheduler.server.app import build_state
 from lingua_scheduler.server.metrics import LATENCY_BUCKETS
-from lingua_scheduler.server.state import SchedulerState
 from lingua_scheduler.server.stats import StatsAggregator, quantile
 from tests.conftest import make_config
 
@@ -43,7 +43,7 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
 @pytest.fixture
 def agg() -> tuple[StatsAggregator, ManualClock]:
     clock = ManualClock()
-    state = SchedulerState(make_config(), clock)
+    state = build_state(make_config(), clock)
     return StatsAggregator(state, interval=1.0, window=60.0), clock
 
 

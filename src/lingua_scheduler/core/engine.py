@@ -231,6 +231,8 @@ class SchedulerEngine:
         self._reserve_refused: set[str] = set()
         #: placements take a slot in the shared store first (``SharedSlotsRequired``)
         self.shared_slots = False
+        #: a graceful shutdown has begun (``DrainBegan``)
+        self.draining = False
         self._last_evict = 0.0
         #: jobs created per directed language pair since start (the dashboard's demand per pair)
         self.created_by_pair: dict[str, int] = {}
@@ -288,6 +290,8 @@ class SchedulerEngine:
             case ev.RemoteDispatchFailed(job_id=job_id, attempt=attempt, node_id=node_id, reason=reason):
                 if self._current(job_id, attempt, node_id):
                     self._apply(self.store.failover(job_id, reason, cancel=False), "send_failed")
+            case ev.DrainBegan():
+                self.draining = True
             case ev.CancelJob(job_id=job_id, reason=reason):
                 self._cancel_job(job_id, reason)
             case ev.FailAll(code=code, message=message):
@@ -1059,6 +1063,12 @@ class SchedulerEngine:
         the current attempt, a reservation in flight, the last exclusion reason): 0 once every job has
         ended, whatever its end was."""
         return len(self._finalized_at.keys() | self._slots.keys() | self._placing | self._last_reason.keys())
+
+    def takes_foreign_assign(self) -> bool:
+        """Whether a ``job_assign`` another instance sends for a node connected here is passed on. Not
+        while draining: the job would outlive us here; refused, its owner fails over at once
+        (DispatchFailed) instead of finding out when this instance is gone."""
+        return not self.draining
 
     def live_jobs_of(self, session_id: str) -> int:
         return sum(1 for j in self.store.jobs_of(session_id) if not j.terminal)

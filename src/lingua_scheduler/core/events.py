@@ -151,6 +151,11 @@ class RemoteDispatchFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class DrainBegan:
+    """A graceful shutdown began: in-flight work may finish, another instance's new job is refused."""
+
+
+@dataclass(frozen=True, slots=True)
 class CancelJob:
     """An operator cancels one job."""
 
@@ -182,6 +187,7 @@ Event = (
     | RefusedNodeRetry
     | AssignUndelivered
     | RemoteDispatchFailed
+    | DrainBegan
     | CancelJob
     | FailAll
 )

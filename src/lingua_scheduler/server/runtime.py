@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Protocol
 
 from lingua_scheduler.core import actions as a
@@ -70,10 +70,8 @@ class Runtime:
         events: RecentEvents,
         quality: QualityReport,
         dispatch_window: LatencyWindow,
-        shutting_down: Callable[[], bool],
     ) -> None:
-        """``links``: how nodes and sessions are reached; ``shutting_down``: whether a graceful
-        shutdown has begun (another instance's job is refused then)."""
+        """``links``: how nodes and sessions are reached."""
         self.engine = engine
         self.links = links
         self.registry = links.registry
@@ -81,7 +79,6 @@ class Runtime:
         self.events = events
         self.quality = quality
         self.dispatch_window = dispatch_window
-        self.shutting_down = shutting_down
         #: the multi-instance shell, set by the composition root in Redis mode (with ``links.instances``)
         self.cluster: ClusterPort | None = None
         self._wake = asyncio.Event()
@@ -163,12 +160,11 @@ class Runtime:
     # --- what only the node's instance can do ------------------------------------------------------
 
     def deliver_to_local_node(self, node_id: str, message: JobAssign | JobCancel) -> bool:
+        """Another instance's message for a node connected here; True if the node's outbox took it."""
         outbox = local_outbox(self.registry.nodes.get(node_id))
         if outbox is None:
             return False
-        if self.shutting_down() and isinstance(message, JobAssign):
-            # Another instance's job would outlive us here: refusing it makes its owner fail over at
-            # once (DispatchFailed) instead of finding out when this instance is gone.
+        if isinstance(message, JobAssign) and not self.engine.takes_foreign_assign():
             return False
         return outbox.send(message)
 

@@ -56,7 +56,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from aiohttp.web_runner import GracefulExit
 
-from lingua_scheduler.core.events import SessionFlush
+from lingua_scheduler.core.events import DrainBegan, SessionFlush
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
@@ -177,6 +177,7 @@ class GracefulShutdown:
         )
         # 1. stop accepting
         state.shutting_down = True
+        state.runtime.handle(DrainBegan())
         state.shutdown_deadline = state.clock.monotonic() + drain_s
         if cluster is not None:
             await cluster.refuse_new_work()

@@ -325,7 +325,7 @@ class StatsAggregator:
             "window_seconds": round(span, 3),
             "latency_last_minute": last_minute,
             "event_loop_lag_seconds": state.loop_lag.recent_max,
-            "fleet_view": {"version": view.version, "age_seconds": round(state.view_age(), 4)},
+            "fleet_view": {"version": view.version, "age_seconds": round(state.publisher.view_age(), 4)},
             "pools": {"mode": view.layout.mode, "groups": len(view.groups), "shards": len(view.pools)},
             "language_pairs": pairs,
             "language_pairs_total": pairs_total,
