@@ -97,7 +97,7 @@ class PairMetrics:
     def __init__(self, state: SchedulerState) -> None:
         self.state = state
         self.labels = PairLabels(state.config.admin.max_metric_pairs)
-        #: the dispatcher's cumulative per-pair created counts as of the last scrape
+        #: the engine's cumulative per-pair created counts as of the last scrape
         self._seen: dict[str, int] = {}
         #: exported jobs counters: per labelled pair since it got its label, and "other"
         self._created: dict[str, int] = {}
@@ -122,7 +122,7 @@ class PairMetrics:
             for pair, n in counts.items():
                 demand, supply = active.get(pair, (0, 0))
                 active[pair] = (demand + n, supply)
-        active.pop(OTHER, None)  # the dispatcher's own overflow bucket is not a pair
+        active.pop(OTHER, None)  # the engine's own overflow bucket is not a pair
         for pair in self.labels.update(active):
             self._created.pop(pair, None)
         labels = self.labels
@@ -169,7 +169,7 @@ class PairMetrics:
         )
 
     def _created_deltas(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Jobs created per pair since the last scrape (the dispatcher's counts only grow)."""
+        """Jobs created per pair since the last scrape (the engine's counts only grow)."""
         out: dict[str, int] = {}
         seen = self._seen
         for pair, n in counts.items():

@@ -52,7 +52,7 @@ class QualityMonitor:
         self.registry = registry
         self.events = events
         self.tracker = QualityTracker(config, clock)
-        #: gives jobs waiting for a node to a readmitted one (the composition root sets the dispatcher's)
+        #: gives jobs waiting for a node to a readmitted one (the composition root sets the runtime's pump)
         self.on_readmitted: Callable[[], None] = _nothing
         self.ejections = Counter(
             "lingua_node_ejections",
@@ -101,7 +101,7 @@ class QualityMonitor:
         return sum(n for s, n in counts.items() if s is not NodeStatus.OFFLINE)
 
     def _report(self, changes: Iterable[Change], *, pump: bool = False) -> None:
-        """Count, log and record each change; ``pump``: not inside the dispatcher's own handling, so
+        """Count, log and record each change; ``pump``: not inside the engine's own handling, so
         jobs waiting for a node may be given to a returning one now."""
         readmitted = False
         for ch in changes:
