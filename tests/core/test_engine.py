@@ -373,7 +373,6 @@ def test_results_reach_the_session_in_utterance_order(order: tuple[int, int, int
 
 def test_a_failed_utterance_does_not_hold_back_the_next() -> None:
     w = World(nodes=("n1",))
-    w.engine.store.config.max_attempts  # noqa: B018 - the budget is the store's (3)
     sid = w.open()
     w.speak(sid, 0, 1)
     by_index = {m.utterance_index: (n, m) for n, m in w.all_assigns()}
@@ -452,8 +451,16 @@ def test_a_busy_node_keeps_its_job_waiting_past_the_pending_wait() -> None:
     w = World(nodes=("n1",), max_jobs=1)
     sid = w.open()
     w.speak(sid, 0, 1)
-    w.advance(PENDING_MS / 1000 + 0.1)  # no ack deadline yet? the first job was acked below
-    assert w.engine.store.get(w.assigns("n1")[0].job_id) is not None
+    [first] = w.assigns("n1")
+    w.ack("n1", first)
+    w.advance(PENDING_MS / 1000 + 0.5)  # the node is only busy: job 1 waits for it, not failing
+    assert w.engine.store.waiting == 1 and w.errors(sid) == []
+    w.result("n1", first)
+    second = w.assigns("n1")[-1]
+    assert second.utterance_index == 1
+    w.ack("n1", second)
+    w.result("n1", second)
+    assert w.outcomes(sid) == [(0, "result"), (1, "result")]
 
 
 # --- tenant rate --------------------------------------------------------------------------------
@@ -477,7 +484,6 @@ def test_an_utterance_over_the_tenant_rate_gets_no_job_and_an_explicit_refusal()
 
 def test_a_full_result_queue_refuses_the_utterance_at_once() -> None:
     w = World()
-    w.config.session.max_pending_results  # noqa: B018
     sid = w.open()
     limit = w.config.session.max_pending_results
     w.speak(sid, *range(limit + 1))
@@ -740,3 +746,66 @@ EngineMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_engine_machine = EngineMachine.TestCase
+
+
+def test_a_gap_is_given_up_on_the_session_timer_and_a_late_result_still_delivered() -> None:
+    w = World(nodes=("n1", "n2"))
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    by_index = {m.utterance_index: (n, m) for n, m in w.all_assigns()}
+    n1, second = by_index[1]
+    w.ack(n1, second)
+    w.result(n1, second)
+    w.clock.advance(4.1)  # past result_gap_timeout_ms: the session's timer fires
+    w.feed(ev.SessionTick(sid))
+    assert w.outcomes(sid) == [(0, "missing:gap_timeout"), (1, "result")]
+    n0, first = by_index[0]
+    w.ack(n0, first)
+    w.result(n0, first)
+    late = [m for m in w.to_session[sid] if isinstance(m, TranslationResult) and m.utterance_index == 0]
+    assert len(late) == 1 and late[0].late and w.counted("late_results") == 1
+
+
+def test_flush_releases_what_the_queue_holds() -> None:
+    w = World(nodes=("n1", "n2"))
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    n1, second = next((n, m) for n, m in w.all_assigns() if m.utterance_index == 1)
+    w.ack(n1, second)
+    w.result(n1, second)
+    w.feed(ev.FailAll("SCHEDULER_SHUTTING_DOWN", "bye"), ev.SessionFlush(sid))
+    assert w.outcomes(sid) == [(0, "missing:job_failed"), (1, "result")]
+
+
+def test_a_draining_instance_refuses_other_instances_assigns() -> None:
+    w = World()
+    assert w.engine.takes_foreign_assign()
+    w.feed(ev.DrainBegan())
+    assert not w.engine.takes_foreign_assign()
+
+
+def test_model_not_available_marks_the_service_on_that_node() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    w.speak(sid, 0)
+    _, assign = only_assign(w)
+    w.feed(
+        ev.NodeJobReport(
+            "n1",
+            JobResult(
+                job_id=assign.job_id,
+                attempt_id=assign.attempt_id,
+                node_id="n1",
+                session_id=sid,
+                utterance_index=0,
+                success=False,
+                trace_id=assign.trace_id,
+                error=JobError(
+                    code="MODEL_NOT_AVAILABLE", message="no", details={"service_id": "asr-whisper"}
+                ),
+            ),
+        )
+    )
+    assert len(w.engine.marks) == 1 and w.counted("failovers", "node_error") == 1
+    w.speak(sid, 1)  # the only node lacks ASR now: the next job waits
+    assert [m.utterance_index for m in w.assigns("n1")] == [0] and w.engine.store.waiting == 2

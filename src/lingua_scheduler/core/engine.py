@@ -672,6 +672,7 @@ class SchedulerEngine:
         if store.get(msg.job_id) is None:
             # Not a job of ours: the job's owner decides (embedded, nobody: the message is dropped).
             if isinstance(msg, JobResult):
+                self._mark_unavailable(node_id, msg)
                 self._phantom_ended(node_id)
             self._emit(a.ForwardToOwner(node_id, msg))
             return
@@ -719,7 +720,8 @@ class SchedulerEngine:
             entry.load.report_ended()
             self._slot_freed()
 
-    def _on_result(self, node_id: str, msg: JobResult) -> Outcome:
+    def _mark_unavailable(self, node_id: str, msg: JobResult) -> None:
+        """A node saying it lacks a service is left out for that service a while (any job's result)."""
         error = msg.error
         if (
             error is not None
@@ -729,6 +731,10 @@ class SchedulerEngine:
             service = error.details.get("service_id") or error.details.get("model_id")
             if isinstance(service, str):
                 self.marks.mark(node_id, service)
+
+    def _on_result(self, node_id: str, msg: JobResult) -> Outcome:
+        error = msg.error
+        self._mark_unavailable(node_id, msg)
         out = self.store.on_result(
             msg.job_id,
             msg.attempt_id,

@@ -1,9 +1,9 @@
 """The engine's runtime: feeds events to ``SchedulerEngine`` and carries out its actions.
 
 Owns the deadline timer task, the shared-store reservation tasks and the refused-node retry timers;
-everything else it does is one flat ladder over the action types (``_execute``), reaching nodes through
-server/links.py and sessions through the instance's session map. It decides nothing: every choice
-about a job, a node or a session is the engine's (core/engine.py).
+everything else it does is one flat ladder over the action types (``_execute``), reaching nodes and
+sessions through server/links.py and the other instances through the cluster shell. It decides
+nothing: every choice about a job, a node or a session is the engine's (core/engine.py).
 
 Must never: look inside a job, choose a node, or keep state about a job or a session.
 """
