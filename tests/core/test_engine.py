@@ -94,6 +94,10 @@ class World:
         self.broken: set[str] = set()
         self.actions: list[a.Action] = []
         self._in_tick = False
+        #: reservations asked for and not answered yet; members the "shared store" holds; timers armed
+        self.pending_reserves: list[a.Reserve] = []
+        self.shared_members: set[str] = set()
+        self.timers: list[ev.RefusedNodeRetry] = []
 
     def add_node(self, node_id: str, features: list[str] | None = None) -> None:
         fleet = self.fleet
@@ -137,8 +141,25 @@ class World:
                     self.to_node[node_id].append(msg)
                 case a.SendToSession(session_id=sid, message=msg):
                     self.to_session[sid].append(msg)
+                case a.Reserve():
+                    self.pending_reserves.append(action)
+                case a.ReleaseSlot(member=member):
+                    self.shared_members.discard(member)
+                case a.ArmTimer(event=event):
+                    self.timers.append(event)
                 case _:
                     pass
+
+    def answer(self, reserve: a.Reserve, *, ok: bool, broken: bool = False) -> None:
+        """The shared store's answer to ``reserve`` (a slot taken when ``ok``)."""
+        self.pending_reserves.remove(reserve)
+        if broken:
+            self.feed(ev.ReservationFailed(reserve.job_id, reserve.attempt, reserve.node_id, broken=True))
+            return
+        if ok:
+            self.shared_members.add(reserve.member)
+        r = reserve
+        self.feed(ev.ReservationAnswered(r.job_id, r.attempt, r.node_id, r.member, ok, "" if ok else "FULL"))
 
     def open(self, sid: str = "s1", *, tenant: str | None = None, targets: tuple[str, ...] = ("zh",)) -> str:
         init = SessionInit(client_version="1", platform="web", src_lang="en", tgt_lang=targets[0])
@@ -733,17 +754,35 @@ class EngineMachine(RuleBasedStateMachine):
             job = jobs[data.draw(st.integers(0, 10_000)) % len(jobs)]
             self.w.feed(ev.CancelJob(job.job_id, "operator"))
 
+    @rule(required=st.booleans())
+    def shared_store_comes_or_goes(self, required: bool) -> None:
+        self.w.feed(ev.SharedSlotsRequired(required))
+
+    @rule(data=st.data(), answer=st.sampled_from(["ok", "refused", "broken"]))
+    def store_answers_a_reservation(self, data: st.DataObject, answer: str) -> None:
+        pending = self.w.pending_reserves
+        if pending:
+            reserve = pending[data.draw(st.integers(0, 10_000)) % len(pending)]
+            self.w.answer(reserve, ok=answer == "ok", broken=answer == "broken")
+
+    @rule()
+    def retry_timer_fires(self) -> None:
+        if self.w.timers:
+            self.w.feed(self.w.timers.pop(0))
+
     @invariant()
     def valid(self) -> None:
         if hasattr(self, "w"):
             self.w.engine.validate()
+            held = {slot.member for slot in self.w.engine._slots.values() if slot.member is not None}
+            assert held == self.w.shared_members, "a shared slot is held without an attempt, or lost"
             for sid in self._open_sessions():
                 indices = [i for i, _ in self.w.outcomes(sid)]
                 assert indices == sorted(indices), f"{sid} got its outcomes out of order: {indices}"
 
 
 EngineMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=80, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_engine_machine = EngineMachine.TestCase
 
