@@ -848,3 +848,24 @@ def test_model_not_available_marks_the_service_on_that_node() -> None:
     assert len(w.engine.marks) == 1 and w.counted("failovers", "node_error") == 1
     w.speak(sid, 1)  # the only node lacks ASR now: the next job waits
     assert [m.utterance_index for m in w.assigns("n1")] == [0] and w.engine.store.waiting == 2
+
+
+def test_an_instance_dying_fails_over_the_jobs_on_its_nodes() -> None:
+    """Another instance's death removes its nodes from the view (their remote records go): a job of
+    ours on one of them moves to a node still there, and nothing is sent to the gone node."""
+    w = World(nodes=("n1",))
+    w.fleet.registry.nodes["n1"].owner = "instance-b"
+    sid = w.open()
+    w.speak(sid, 0)
+    [first] = [x for x in w.actions if isinstance(x, a.AssignJob)]
+    assert first.owner == "instance-b"
+    w.add_node("n2")
+    w.fleet.registry.remove_remote("n1")
+    w.fleet.publish()
+    w.feed(ev.NodeGone("n1"))
+    [second] = w.assigns("n2")
+    assert (second.job_id, second.attempt_id) == (first.assign.job_id, 2)
+    assert w.counted("failovers", "node_lost") == 1 and w.cancels("n1") == []
+    w.ack("n2", second)
+    w.result("n2", second)
+    assert w.outcomes(sid) == [(0, "result")]
