@@ -175,29 +175,12 @@ class Runtime:
 
     def _execute(self, actions: list[a.Action]) -> None:
         for action in actions:
+            # the cases in the order of their frequency on the job path (a match tries them in turn)
             match action:
                 case a.SendToSession(session_id=sid, message=msg):
                     session = self.links.session(sid)
                     if session is not None:
                         session.send(msg)
-                case a.SessionDelivered(session_id=sid):
-                    session = self.links.session(sid)
-                    if session is not None:
-                        session.forget_released()
-                        session.maybe_finish_close()
-                case a.AssignJob():
-                    self._assign(action)
-                case a.SendToNode(node_id=node_id, message=msg):
-                    self.links.cancel(node_id, msg)
-                case a.Count(name=name, label=label):
-                    counter = self._counters[name]
-                    (counter if label is None else counter.labels(label)).inc()
-                case a.Observe(name=name, value=value):
-                    self._histograms[name].observe(value)
-                case a.ObserveDispatch(received_at=at):
-                    elapsed = time.perf_counter() - at
-                    self.metrics.job_dispatch.observe(elapsed)
-                    self.dispatch_window.record(elapsed)
                 case a.RecordJob():
                     if (cluster := self.cluster) is not None:
                         cluster.job_changed(
@@ -211,10 +194,28 @@ class Runtime:
                                 action.terminal,
                             )
                         )
-                case a.RecordEvent(kind=kind, fields=fields):
-                    self.events.add(kind, **dict(fields))
+                case a.Count(name=name, label=label):
+                    counter = self._counters[name]
+                    (counter if label is None else counter.labels(label)).inc()
+                case a.SessionDelivered(session_id=sid):
+                    session = self.links.session(sid)
+                    if session is not None:
+                        session.forget_released()
+                        session.maybe_finish_close()
+                case a.Observe(name=name, value=value):
+                    self._histograms[name].observe(value)
                 case a.WakeTimer():
                     self._wake.set()
+                case a.AssignJob():
+                    self._assign(action)
+                case a.ObserveDispatch(received_at=at):
+                    elapsed = time.perf_counter() - at
+                    self.metrics.job_dispatch.observe(elapsed)
+                    self.dispatch_window.record(elapsed)
+                case a.SendToNode(node_id=node_id, message=msg):
+                    self.links.cancel(node_id, msg)
+                case a.RecordEvent(kind=kind, fields=fields):
+                    self.events.add(kind, **dict(fields))
                 case a.Reserve():
                     self._spawn(self._reserve(action))
                 case a.ReleaseSlot(node_id=node_id, member=member):
