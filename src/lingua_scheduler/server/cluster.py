@@ -600,29 +600,37 @@ class Cluster:
         # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would
         # count as load on our nodes (in the load batches) until the horizon of ``_load_batch``. This
         # covers jobs too recent to be in its job records (those are written once per tick).
+        # The cancels go out once the dead instance's records say failed (finally: even if the store
+        # fails meanwhile), so a node that sees its cancel never finds the job still live in the store.
+        cancels: list[tuple[str, str]] = []
         for (job_id, attempt), (reply_to, node_id, _) in list(self.remote_jobs.items()):
             if reply_to == instance:
                 self._drop_route(job_id, attempt)
-                self.runtime.cancel_on_local_node(node_id, job_id, "owner instance died")
+                cancels.append((node_id, job_id))
         for key, (reply_to, _, _) in list(self._cancelled_routes.items()):
             if reply_to == instance:
                 self._drop_route(*key)
-        await self.store.forget_instance(instance)
-        orphans = await self.store.jobs_of(instance)
-        failed = []
-        for job in orphans:
-            if job.node_id is not None:
-                entry = self.registry.nodes.get(job.node_id)
-                if entry is not None and entry.owner is None:
-                    self.runtime.cancel_on_local_node(job.node_id, job.job_id, "owner instance died")
-            failed.append(
-                JobRecord(job.job_id, "failed", job.attempt, job.node_id, instance, job.session_id, True)
-            )
-        if failed:
-            await self.store.save_jobs(failed, int(self.config.jobs.retention_seconds) + 60)
-            log.warning(
-                "jobs of a dead instance failed explicitly", extra={"instance": instance, "jobs": len(failed)}
-            )
+        try:
+            await self.store.forget_instance(instance)
+            orphans = await self.store.jobs_of(instance)
+            failed = []
+            for job in orphans:
+                if job.node_id is not None:
+                    entry = self.registry.nodes.get(job.node_id)
+                    if entry is not None and entry.owner is None:
+                        cancels.append((job.node_id, job.job_id))
+                failed.append(
+                    JobRecord(job.job_id, "failed", job.attempt, job.node_id, instance, job.session_id, True)
+                )
+            if failed:
+                await self.store.save_jobs(failed, int(self.config.jobs.retention_seconds) + 60)
+                log.warning(
+                    "jobs of a dead instance failed explicitly",
+                    extra={"instance": instance, "jobs": len(failed)},
+                )
+        finally:
+            for node_id, job_id in dict.fromkeys(cancels):
+                self.runtime.cancel_on_local_node(node_id, job_id, "owner instance died")
 
     def _drop_remote(self, node_id: str) -> None:
         if self.registry.remove_remote(node_id) is not None:
