@@ -140,6 +140,7 @@ class NodeConnection:
         self._count_unknown()
         if first:
             state.limits.node_registered()
+            state.metrics.gc_policy.note_registration()
         self.node_id = entry.node_id
         self.outbox.send(
             NodeRegisterAck(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import signal
 import socket
@@ -274,10 +273,12 @@ async def _serve(
         if reload is not None:
             reloader = Reloader(app[STATE], reload, ssl_context)
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload)
-        # Objects alive at start (modules, config, routes) never become garbage: keep the collector off.
-        gc.freeze()
+        # Objects alive at start (modules, config, routes) never become garbage: frozen, and the young
+        # generation collected on the policy's cadence from now on (server/gc_policy.py)
+        app[STATE].metrics.gc_policy.start()
         await asyncio.Event().wait()  # until cancelled: GracefulExit (shutdown.py) ends the loop
     finally:
+        app[STATE].metrics.gc_policy.stop()
         await runner.cleanup()
         for s in socks:
             s.close()
