@@ -80,13 +80,16 @@ def gc_window(before: Scrape, after: Scrape, wall: float, heartbeats: int) -> di
         if n > 0:
             bound = min(le for le, c in a.items() if c - b.get(le, 0.0) >= n)
             longest = max(longest, bound)
-    young = delta(after, before, "lingua_gc_young_objects_total")
+    young = delta(after, before, "lingua_gc_young_objects_sampled_total")
+    young_s = delta(after, before, "lingua_gc_young_seconds_sampled_total")
+    rate = heartbeats / wall if wall else 0.0
     return {
         "by_generation": by_gen,
         "pause_share_of_wall_percent": round(100 * total / wall, 3) if wall else None,
         "pause_max_ms_window_at_most": round(longest * 1e3, 2),
         "pause_max_ms_since_start": round(after.value("lingua_gc_pause_max_seconds") * 1e3, 2),
-        "young_objects_per_heartbeat": round(young / heartbeats, 2) if heartbeats else None,
+        # objects alive in generation 0 per second of accumulation, per heartbeat of that second
+        "young_objects_per_heartbeat": round(young / young_s / rate, 2) if young_s and rate else None,
         "frozen_objects": int(after.value("lingua_gc_frozen_objects")),
     }
 
