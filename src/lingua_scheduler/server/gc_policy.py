@@ -30,13 +30,14 @@ What the policy does:
   objects per second; divided by the heartbeat rate, tracked objects per heartbeat that live long
   enough to be examined). ``bench/floor.py`` reads them.
 
-What those objects are (measured at 2,000 nodes x 1/s): aiohttp's receive path keeps about nine
-tracked objects per connection alive while it waits for the next frame (the ``__anext__``,
-``receive()`` and queue ``read()`` coroutines, the read's scope and wrapper, a ``Future``, its
-iterator and its wake-up method, the ``WSMessage``): they are made for each frame and live until the
-next one, a heartbeat interval. Young collections examine each of them about once (their cost grows
-with the heartbeat rate, not the fleet); a generation-1 collection examines every waiting
-connection's (its cost grows with the fleet), hence its threshold.
+What the young generation holds: aiohttp's receive path keeps about nine tracked objects per
+connection alive while it waits for the next frame (the ``receive()`` and queue ``read()``
+coroutines, the read's scope and wrapper, a ``Future``, its iterator and wake-up method, the
+``WSMessage``), made for each frame and alive for a heartbeat interval: at 2,000 nodes x 1/s, 8-9
+per heartbeat reached a young collection, and a generation-1 collection examined every waiting
+connection's. Node sockets are therefore read inline (``server/inline_frames.py``: no coroutine per
+frame; 0.1 tracked objects per heartbeat left); session sockets, far fewer, keep the receive loop.
+Generation 1 stays rare all the same.
 
 Must never: run a full collection while serving (only ``start`` does, before any socket is accepted).
 """

@@ -208,6 +208,12 @@ class NodeConnection:
 
 
 async def node_ws(request: web.Request) -> web.StreamResponse:
+    # inline: a heartbeat is handled from the socket's read callback, no coroutine per frame
     return await serve_websocket(
-        request, "node", NodeConnection, log, failure_extra=lambda conn: {"node_id": conn.node_id}
+        request,
+        "node",
+        NodeConnection,
+        log,
+        failure_extra=lambda conn: {"node_id": conn.node_id},
+        inline=True,
     )

@@ -1,12 +1,6 @@
-"""A connection's outbound side: written inline when the socket keeps up, else a bounded queue drained
-by one writer task.
+"""A connection's outbound side: a bounded queue drained by one writer task.
 
-``send()`` never blocks and never awaits. When nothing is queued and the transport holds no unsent
-bytes (the socket is writable), the frame is written into the transport at once, from the receive
-loop that produced it: a heartbeat's ack costs one write and no task step (the writer task used to
-wake for every ack: two task steps and an event per heartbeat, a fifth of the heartbeat's cost).
-Otherwise (backpressure, or frames already waiting) it is queued behind them, in order, and the
-writer task sends it with aiohttp's flow control. A peer that stops reading fills its
+``send()`` never blocks and never awaits: it encodes and enqueues. A peer that stops reading fills its
 queue; when the bound is reached the connection is closed as a slow consumer instead of buffering
 without limit (no queue of the scheduler is unbounded). The bound is in messages (``limit``) and,
 optionally, in bytes (``max_bytes``): a thousand results carrying synthesized audio would otherwise be a
@@ -18,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections import deque
 
 import msgspec
@@ -32,22 +25,6 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 2.0
 #: close tasks in flight (asyncio keeps only weak references to tasks)
 _closing: set[asyncio.Task[None]] = set()
-
-
-_HEAD_SHORT = struct.Struct("!BB").pack
-_HEAD_MEDIUM = struct.Struct("!BBH").pack
-_HEAD_LONG = struct.Struct("!BBQ").pack
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One final, unmasked, uncompressed text frame (RFC 6455 5.2): what aiohttp writes for
-    ``send_frame(payload, TEXT)`` on a socket opened with ``compress=False``."""
-    n = len(payload)
-    if n < 126:
-        return _HEAD_SHORT(0x81, n) + payload
-    if n < 65536:
-        return _HEAD_MEDIUM(0x81, 126, n) + payload
-    return _HEAD_LONG(0x81, 127, n) + payload
 
 
 class Outbox:
@@ -111,16 +88,6 @@ class Outbox:
             _closing.add(task)
             task.add_done_callback(_closing.discard)
             return False
-        transport = self.transport
-        if (
-            not self._queue
-            and transport is not None
-            and not transport.get_write_buffer_size()
-            and not transport.is_closing()
-            and not self.ws.closed
-        ):
-            transport.write(text_frame(data))  # writable and nothing ahead of it: no task step
-            return True
         self._queue.append(data)
         self._bytes += len(data)
         self._flushed.clear()
