@@ -526,6 +526,11 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("server/integrator_api.py", "usage"): "the default 'to' of a usage query: now",
     ("server/integrator_api.py", "webhook_test"): "the event's created timestamp",
     # webhooks: an event's times travel with it to another instance (shared clock in Redis mode)
+    ("server/usage_recorder.py", "UsageRecorder.admit_audio"): "the UTC day/month quota period",
+    ("server/usage_recorder.py", "UsageRecorder._share"): "the UTC hour bucket of the shared usage",
+    ("server/usage_recorder.py", "UsageRecorder._sharer"): "the UTC day/month quota period",
+    ("server/usage_recorder.py", "UsageRecorder.cluster_records"): "the retention horizon of usage hours",
+    ("server/usage_recorder.py", "_created"): "a webhook event's created timestamp",
     ("server/webhooks.py", "WebhookService.emit"): "queued_ms of the event",
     ("server/webhooks.py", "WebhookService._deliver"): "the give-up deadline from queued_ms (any instance)",
     ("server/webhooks.py", "WebhookService._post"): "the signature's timestamp (receivers check it)",

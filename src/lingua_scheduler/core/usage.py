@@ -165,6 +165,11 @@ class UsageMeter:
             counts = self._buckets[key] = UsageCounts()
         return counts
 
+    def pair_of(self, tenant_id: str, src_lang: str, tgt_lang: str) -> tuple[str, str]:
+        """The pair a tenant's (src, tgt) is metered under (``other->other`` past ``max_pairs``)."""
+        pair = (_lang(src_lang), _lang(tgt_lang))
+        return pair if pair in self._pairs.get(tenant_id, ()) else (OTHER, OTHER)
+
     def _prune(self, hour: int) -> None:
         self._pruned_at = hour
         horizon = hour - self.retention_hours * HOUR_MS

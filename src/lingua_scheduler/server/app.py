@@ -19,6 +19,7 @@ from lingua_scheduler.server import (
     auth,
     cluster_view,
     dashboard,
+    front_doors,
     http_api,
     integrator_api,
     openapi,
@@ -34,6 +35,7 @@ from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.pair_metrics import PairMetrics
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.stream_endpoint import stream_ws
 from lingua_scheduler.store.redis_store import RedisStore
 
 
@@ -61,6 +63,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     admin.add_routes(app)
     # usage metering, quotas and webhooks (started after the cluster: its presence is written first)
     integrator_api.setup(app, config, state.clock, store)
+    front_doors.setup(app)  # POST /v1/speech/translate: uploads as adapter sessions
+    routes.register(app, "stream_websocket", stream_ws)  # /v1/stream: a socket as an adapter session
     dashboard.add_routes(app)
     openapi.add_routes(app)
     if store is not None:

@@ -133,6 +133,26 @@ class SessionPort(Protocol):
     def maybe_finish_close(self) -> None:
         """A closing session whose outstanding work is done finishes its close now."""
 
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The integrator's per-job metadata (session_init's or the request's), carried to the node."""
+
+
+class JobObserver(Protocol):
+    """What the integrator shell (server/usage_recorder.py) is told by the dispatch: an utterance
+    about to get jobs (it meters the audio and may refuse it for the tenant's quota), a job's end (usage,
+    ``job.failed``), and a session's end (``session.ended`` with its usage). Each call is synchronous."""
+
+    def admit_audio(self, session: SessionPort, utt: Utterance, src: str, tgt: str) -> ErrorMessage | None:
+        """The utterance is accepted (metered, None) or refused (the error to send; it gets no job)."""
+
+    def job_ended(self, job: Job, outcome: str, result: JobResult | None) -> None: ...
+    def check_quota(self, tenant_id: str | None) -> None:
+        """Raise ``QUOTA_EXCEEDED`` when the tenant's quota is used up (a new session is refused)."""
+
+    def session_opened(self, session: SessionPort) -> None: ...
+    def session_ended(self, session: SessionPort, reason: str) -> None: ...
+
 
 class ClusterPort(Protocol):
     """What the dispatch needs of the multi-instance shell (server/cluster.py's ``Cluster`` is one):
@@ -245,6 +265,8 @@ class Dispatcher:
         self.created_by_pair: dict[str, int] = {}
         #: session id -> its routing memory; bounded by live sessions (dropped in ``cancel_session``)
         self._routes: dict[str, SessionRoute] = {}
+        #: hook: usage metering, quotas and lifecycle webhooks (set by server/integrator_api.py)
+        self.observer: JobObserver | None = None
 
     # --- sessions -> jobs -----------------------------------------------------------------------
 
@@ -294,9 +316,15 @@ class Dispatcher:
             job_ids: list[str] = []
             failed: list[Job] = []
             targets = [tgt_lang] if tgt_lang else session.targets
+            # hook: the tenant's audio-minute quota (and the usage meter) sees the utterance first
+            refusal = (
+                self.observer.admit_audio(session, utt, src_lang or session.src_lang, targets[0])
+                if self.observer is not None
+                else None
+            )
             # Per-tenant job rate (server/auth.py): an utterance over it gets no job, only the error below.
-            limited = not self.auth.admit_jobs(session.tenant_id, len(targets))
-            for tgt in [] if limited else targets:
+            limited = refusal is None and not self.auth.admit_jobs(session.tenant_id, len(targets))
+            for tgt in [] if limited or refusal is not None else targets:
                 spec = JobSpec.from_utterance(
                     utt,
                     session_id=session.session_id,
@@ -322,6 +350,7 @@ class Dispatcher:
                     ),
                     turn_id=turn_id,
                     continues_turn=continues,
+                    metadata=session.metadata,
                 )
                 try:
                     out = self.store.create(spec, utt.audio)
@@ -346,7 +375,9 @@ class Dispatcher:
             if not job_ids:
                 self.deliver(session, session.results.fail(utt.index))
                 session.send(
-                    self.auth.rate_limited(
+                    refusal
+                    if refusal is not None
+                    else self.auth.rate_limited(
                         session.tenant_id,
                         utt.index,
                         utt.index if utt.client_index is None else utt.client_index,
@@ -653,6 +684,7 @@ class Dispatcher:
             enable_streaming_asr=spec.enable_streaming_asr,
             partial_update_interval_ms=spec.partial_update_interval_ms,
             turn_id=spec.turn_id if turn_dialect else None,
+            metadata=spec.metadata,
             is_manual_cut=reason.is_manual_cut,
             is_pause_triggered=pause,
             is_timeout_triggered=timeout,
@@ -743,6 +775,8 @@ class Dispatcher:
                     extra={"job_id": job.job_id, "node_id": node_id, "attempt": job.won_attempt},
                 )
             self._release(out)
+            if self.observer is not None:  # hook: usage (before the delivery that may end the session)
+                self.observer.job_ended(job, "completed", msg)
             # Only a failure explains itself with it; a result held back for ordering may never be
             # delivered (its session may go first), so it is dropped here, not on delivery.
             self._last_reason.pop(job.job_id, None)
@@ -783,6 +817,7 @@ class Dispatcher:
             quality_score=msg.quality_score,
             rerun_count=msg.rerun_count,
             segments_meta=msg.segments_meta,
+            metadata=job.spec.metadata,
         )
 
     # --- outcomes ---------------------------------------------------------------------------------
@@ -821,6 +856,8 @@ class Dispatcher:
         elif job.state is JobState.CANCELLED:
             self.metrics.jobs.labels("cancelled").inc()
             self._forget(job)
+            if self.observer is not None:
+                self.observer.job_ended(job, "cancelled", None)
 
     def _release(self, out: Outcome) -> None:
         nodes = self.registry.nodes
@@ -925,6 +962,8 @@ class Dispatcher:
         )
         session = self.sessions.get(job.session_id)
         self._forget(job)
+        if self.observer is not None:
+            self.observer.job_ended(job, job.state.value, None)
         if session is None:
             return
         session.send(
@@ -1047,6 +1086,17 @@ class Dispatcher:
             self.deliver(session, session.results.fail(job.utterance_index, job.job_id))
         self.pump()  # the freed slot may take a waiting job
         return out
+
+    def cancel_utterance(self, session: SessionPort, utterance_index: int, reason: str) -> int:
+        """Cancel the live jobs of one utterance of ``session`` (its client asked): each node gets
+        ``job_cancel`` and its slot back, the session ``error`` (JOB_CANCELLED) and
+        ``missing_result(job_failed)`` for the utterance. Returns how many jobs were cancelled."""
+        jobs = [
+            j.job_id
+            for j in self.store.jobs_of(session.session_id)
+            if j.utterance_index == utterance_index and not j.terminal
+        ]
+        return sum(self.cancel_job(job_id, reason).verdict is Verdict.APPLIED for job_id in jobs)
 
     def tracked_jobs(self) -> int:
         """Jobs this dispatcher still keeps per-job bookkeeping for (dispatch start time, the node slot
