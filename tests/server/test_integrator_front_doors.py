@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,7 +24,8 @@ from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually
 from tests.core.audio_files import PACKET_20MS, ogg_opus, wav
-from tests.redis_support import ready_in_view
+from tests.redis_support import RedisServer, cluster_section, has_redis, ready_in_view
+from tests.scheduler_process import SchedulerProcess
 from tests.server.test_integrator_api import Receiver
 
 KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
@@ -408,3 +410,93 @@ async def test_utterance_cancel_stops_its_job(
     await s.send({"type": "utterance_cancel", "session_id": s.session_id, "utterance_index": 9})
     await eventually(lambda: s.of_type("error")[-1]["code"] == "INVALID_MESSAGE")
     assert len(s.of_type("missing_result")) == 1
+
+
+# --- Redis mode: two instances, one SIGKILLed ----------------------------------------------------
+
+
+@pytest.mark.skipif(not has_redis(), reason="no redis-server binary")
+async def test_usage_is_cluster_wide_and_survives_a_sigkill(redis_server: RedisServer) -> None:
+    prefix = "fd" + secrets.token_hex(3)
+    entries = ", ".join(f'{{tenant_id = "{t}", key_sha256 = "{hash_api_key(k)}"}}' for t, k in KEYS.items())
+    procs = [
+        SchedulerProcess(
+            cluster=cluster_section(redis_server.url, prefix), scheduler={"fleet_view_interval_ms": 10}
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.extra_env["LINGUA_AUTH__TENANTS"] = f"[{entries}]"
+    a, b = procs
+    async with aiohttp.ClientSession() as http:
+        nodes: list[SimulatedNode] = []
+        try:
+            for p in procs:
+                p.start()
+            for p in procs:
+                await p.wait_ready(http)
+            for p in procs:
+                node = SimulatedNode(http, p.node_url, PROFILE, executor=Executor(latency=0.01))
+                await node.start()
+                nodes.append(node)
+
+            async def translate(p: SchedulerProcess, ms: int, **headers: str) -> dict[str, Any]:
+                async with http.post(
+                    p.base + TRANSLATE, data=pcm(ms), params=EN_ZH, headers=auth(**headers)
+                ) as r:
+                    body: dict[str, Any] = await r.json()
+                    assert r.status == 200, body
+                    return body
+
+            async def wait_fleet(p: SchedulerProcess) -> None:
+                async def ready() -> bool:
+                    async with http.get(p.base + "/api/v1/nodes") as r:
+                        listed = await r.json()
+                    return len([n for n in listed["nodes"] if n["status"] == "ready"]) == 2
+
+                for _ in range(200):
+                    if await ready():
+                        return
+                    await asyncio.sleep(0.05)
+                raise AssertionError("the instances do not see both nodes")
+
+            await wait_fleet(a)
+            await wait_fleet(b)
+            # an upload retried on the other instance with the same Idempotency-Key: one job
+            first = await translate(a, 500, **{"Idempotency-Key": "retry-1"})
+            again = await translate(b, 500, **{"Idempotency-Key": "retry-1"})
+            assert again["job_id"] == first["job_id"]
+            for p, ms in ((a, 700), (b, 300), (a, 1200)):
+                await translate(p, ms)
+            async with http.ws_connect(a.base + "/v1/stream", headers=auth()) as ws:
+                await ws.send_json({"type": "start", "src_lang": "zh", "tgt_lang": "en"})
+                await ws.receive_json()
+                for _ in range(2):
+                    await ws.send_json({"type": "audio", "chunk": base64.b64encode(pcm(400)).decode()})
+                await ws.send_json({"type": "end"})
+                streamed = [json.loads(m.data) async for m in ws]
+            assert [m["type"] for m in streamed].count("final") == 2
+            done = sum(n.jobs_done for n in nodes)
+            assert done == 6  # the retried upload ran once
+            expected = {"received": 0.5 + 0.7 + 0.3 + 1.2 + 0.8, "completed": done, "tts": done * 3 / 32000}
+
+            async def figures(p: SchedulerProcess) -> dict[str, float]:
+                async with http.get(p.base + "/api/v1/usage", headers=auth()) as r:
+                    total = (await r.json())["total"]
+                return {
+                    "received": total["audio_seconds_received"],
+                    "completed": total["jobs"]["completed"],
+                    "tts": total["tts_seconds"],
+                }
+
+            def same(got: dict[str, float]) -> bool:
+                return all(got[k] == pytest.approx(v, abs=1e-3) for k, v in expected.items())
+
+            # every answer was counted in Redis before it was sent: both instances read it at once
+            assert same(await figures(a)) and same(await figures(b)), (await figures(a), expected)
+            a.kill()
+            assert same(await figures(b))
+        finally:
+            await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
+            for p in procs:
+                p.close()

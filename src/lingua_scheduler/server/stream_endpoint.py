@@ -104,15 +104,18 @@ class StreamConnection:
                 utterance_index=msg.utterance_index,
             )
         elif isinstance(msg, SessionCloseAck):
-            out = i.StreamEnded(session_id=msg.session_id, usage=self.recorder.usage_of(msg.session_id))
-            self._close_soon()
+            self._end(i.StreamEnded(session_id=msg.session_id, usage=self.recorder.usage_of(msg.session_id)))
         if out is not None:
             self.outbox.send(out)
 
-    def _close_soon(self) -> None:
-        outbox = self.outbox
+    def _end(self, ended: i.StreamEnded) -> None:
+        """``ended`` once the stream's usage is written (Redis mode: counted cluster-wide before the
+        client hears it ended), then the socket closes."""
+        outbox, recorder = self.outbox, self.recorder
 
         async def run() -> None:
+            await recorder.flushed()
+            outbox.send(ended)
             await outbox.close()
             await outbox.close_socket()
 
