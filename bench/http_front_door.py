@@ -165,8 +165,8 @@ async def overhead(base: str, rate: float, seconds: float) -> dict[str, Any]:
             sent += 1
         await asyncio.gather(*tasks)
         deadline = time.perf_counter() + 10
-        while any(s.sent for s in sessions) and time.perf_counter() < deadline:
-            await asyncio.sleep(0.01)
+        while any(s.sent for s in sessions) and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # the last results of the sessions (polled: the run is over)
         session_lat = [x for s in sessions for x in s.latencies]
         for s in sessions:
             await s.ws.close()
