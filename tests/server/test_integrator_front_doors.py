@@ -292,6 +292,43 @@ async def test_quota_on_every_front_door_with_warning(
     assert (await post(rs, pcm(600), params=EN_ZH, **auth("globex")))[0] == 200
 
 
+async def test_tenant_caps_and_monthly_quota(scheduler_factory: Any, node_factory: Any) -> None:
+    acme = {"max_sessions": 1, "monthly_audio_minutes": 0.02}  # 1.2 s a month
+    rs, (node,) = await start(scheduler_factory, node_factory, auth={"tenants": tenants(**acme)})
+    node.executor.latency = 0.5
+    slow = asyncio.ensure_future(post(rs, pcm(500), params=EN_ZH, **auth()))
+    await eventually(lambda: node.running_jobs == 1)
+    status, body = await post(rs, pcm(100), params=EN_ZH, **auth())  # the tenant's one session is busy
+    assert (status, body["code"]) == (429, "TENANT_LIMIT")
+    jsonschema.validate(body, schema(429))
+    assert (await slow)[0] == 200
+    status, body = await post(rs, pcm(800), params=EN_ZH, **auth())  # 0.5 + 0.8 > 1.2 s
+    assert (status, body["code"], body["details"]["period"]) == (429, "QUOTA_EXCEEDED", "monthly")
+    assert body["details"]["reset_at"].endswith("-01T00:00:00Z")
+    assert (await post(rs, pcm(700), params=EN_ZH, **auth()))[0] == 200  # exactly up to the quota
+
+
+async def test_session_metadata_reaches_the_node_and_comes_back(
+    scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    rs, (node,) = await start(scheduler_factory, node_factory)
+    seen: list[dict[str, Any]] = []
+    node.on_message = lambda m: seen.append(m) if m.get("type") == "job_assign" else None
+    s = session_factory(url=rs.session_url, api_key=KEYS["acme"], audio_format="pcm16")
+    await s.connect()
+    ack = await s.init(metadata={"glossary": "g-7"})
+    assert ack["type"] == "session_init_ack"
+    await s.utterance(n_bytes=8000)
+    await eventually(lambda: len(s.of_type("translation_result")) == 1)
+    assert seen[0]["metadata"] == {"glossary": "g-7"}
+    assert s.of_type("translation_result")[0]["metadata"] == {"glossary": "g-7"}
+    # over the bound (17 entries): the session_init is refused, naming the field
+    s2 = session_factory(url=rs.session_url, api_key=KEYS["acme"], audio_format="pcm16")
+    await s2.connect()
+    refused = await s2.init(metadata={f"k{i}": "v" for i in range(17)})
+    assert refused["type"] == "error" and refused["code"] == "INVALID_MESSAGE"
+
+
 # --- /v1/stream ---------------------------------------------------------------------------------
 
 
