@@ -308,6 +308,17 @@ async def test_tenant_caps_and_monthly_quota(scheduler_factory: Any, node_factor
     assert (await post(rs, pcm(700), params=EN_ZH, **auth()))[0] == 200  # exactly up to the quota
 
 
+async def test_tenant_job_rate_refuses_and_is_not_metered(scheduler_factory: Any, node_factory: Any) -> None:
+    acme = {"max_jobs_per_second": 0.01, "jobs_burst": 1}
+    rs, _ = await start(scheduler_factory, node_factory, auth={"tenants": tenants(**acme)})
+    assert (await post(rs, pcm(400), params=EN_ZH, **auth()))[0] == 200
+    status, body = await post(rs, pcm(600), params=EN_ZH, **auth())
+    assert (status, body["code"]) == (429, "TENANT_RATE_LIMITED")
+    async with rs.http.get(rs.base + "/api/v1/usage", headers=auth()) as r:
+        total = (await r.json())["total"]
+    assert total["audio_seconds_received"] == 0.4 and total["jobs"]["completed"] == 1
+
+
 async def test_session_metadata_reaches_the_node_and_comes_back(
     scheduler_factory: Any, node_factory: Any, session_factory: Any
 ) -> None:

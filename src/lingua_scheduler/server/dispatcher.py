@@ -316,14 +316,14 @@ class Dispatcher:
             job_ids: list[str] = []
             failed: list[Job] = []
             targets = [tgt_lang] if tgt_lang else session.targets
-            # hook: the tenant's audio-minute quota (and the usage meter) sees the utterance first
+            # Per-tenant job rate (server/auth.py): an utterance over it gets no job, only the error below.
+            limited = not self.auth.admit_jobs(session.tenant_id, len(targets))
+            # hook: the tenant's audio-minute quota, and the usage meter (audio accepted for translation)
             refusal = (
                 self.observer.admit_audio(session, utt, src_lang or session.src_lang, targets[0])
-                if self.observer is not None
+                if self.observer is not None and not limited
                 else None
             )
-            # Per-tenant job rate (server/auth.py): an utterance over it gets no job, only the error below.
-            limited = refusal is None and not self.auth.admit_jobs(session.tenant_id, len(targets))
             for tgt in [] if limited or refusal is not None else targets:
                 spec = JobSpec.from_utterance(
                     utt,
