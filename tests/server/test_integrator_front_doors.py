@@ -10,8 +10,10 @@ import asyncio
 import base64
 import json
 import secrets
+import signal
 import struct
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -548,3 +550,25 @@ async def test_usage_is_cluster_wide_and_survives_a_sigkill(redis_server: RedisS
             await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
             for p in procs:
                 p.close()
+
+
+async def test_sighup_reload_applies_a_new_quota(tmp_path: Path) -> None:
+    cfg = tmp_path / "scheduler.toml"
+    entry = f'[[auth.tenants]]\ntenant_id = "acme"\nkey_sha256 = "{hash_api_key(KEYS["acme"])}"\n'
+    cfg.write_text(entry)
+    proc = SchedulerProcess(args=["--config", str(cfg)], jobs={"pending_timeout_ms": 200}).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await proc.wait_ready(http)
+
+            async def code() -> str:
+                async with http.post(proc.base + TRANSLATE, data=pcm(500), params=EN_ZH, headers=auth()) as r:
+                    return str((await r.json())["code"])
+
+            assert await code() == "NO_AVAILABLE_NODE"  # no quota, and no node
+            cfg.write_text(entry + "daily_audio_minutes = 0.005\n")  # 0.3 s
+            proc.signal(signal.SIGHUP)
+            await eventually(lambda: "configuration reloaded" in proc.log_path.read_text(), timeout=10)
+            assert await code() == "QUOTA_EXCEEDED"
+    finally:
+        proc.close()

@@ -204,6 +204,13 @@ def setup(app: web.Application, config: Config, clock: Clock, store: RedisStore 
     routes.register(app, "admin_webhook_test", webhook_test)
 
 
+def reloaded(app: web.Application, config: Config) -> None:
+    """After a SIGHUP reload of ``[auth]``: metered tenants, quotas and webhook endpoints follow it."""
+    app[USAGE].set_tenants(tenant_ids(config))
+    app[QUOTAS].set_limits(quota_limits(config))
+    app[WEBHOOKS].reload(config)
+
+
 async def delivery(app: web.Application) -> AsyncIterator[None]:
     """The webhook delivery's start and stop (a cleanup context, after the cluster's: in Redis mode the
     instance's presence is written before its stream is read, so no survivor takes it for dead)."""
