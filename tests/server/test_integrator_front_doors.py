@@ -572,3 +572,12 @@ async def test_sighup_reload_applies_a_new_quota(tmp_path: Path) -> None:
             assert await code() == "QUOTA_EXCEEDED"
     finally:
         proc.close()
+
+
+async def test_silence_only_is_answered_without_a_job(scheduler_factory: Any, node_factory: Any) -> None:
+    rs, (node,) = await start(scheduler_factory, node_factory)
+    silent = framed([bytes([0xF8]) + b"\x00"] * 25)  # 500 ms of 1-byte (silent) Opus packets
+    status, body = await post(rs, silent, params={"audio_format": "opus", **EN_ZH}, **auth())
+    assert status == 200, body
+    assert (body["job_id"], body["translation"], body["audio_duration_ms"]) == ("", "", 500)
+    assert body["utterances"][0]["error"] == "silence_detected" and node.jobs_received == 0

@@ -77,7 +77,11 @@ class UtteranceResult(Struct, kw_only=True, forbid_unknown_fields=True):
     tts_audio: Annotated[str, doc('synthesized speech, standard base64 ("" without TTS)')]
     timings: Annotated[Timings | None, doc("the node's stage timings")] = None
     error: Annotated[
-        str | None, doc("the error code when this utterance failed (the others are still answered)")
+        str | None,
+        doc(
+            "why this utterance has no translation (the others are still answered): an error code "
+            "(NO_AVAILABLE_NODE, JOB_TIMEOUT, QUOTA_EXCEEDED, ...) or silence_detected"
+        ),
     ] = None
 
 

@@ -38,6 +38,7 @@ from lingua_scheduler.protocol import integrator as i
 from lingua_scheduler.protocol.common import ErrorMessage, ServiceTimings
 from lingua_scheduler.protocol.node import PipelineConfig
 from lingua_scheduler.protocol.session import (
+    MissingReason,
     MissingResult,
     SessionCloseAck,
     SessionInit,
@@ -384,14 +385,18 @@ def _answer(
             raise RequestError(
                 "audio: no speech in the upload", details={"field": "audio", "reason": "empty"}
             )
-        raise SchedulerError("no utterance of the upload got a result", code=ErrorCode.NO_AVAILABLE_NODE)
+        silent = all(m.reason is MissingReason.SILENCE_DETECTED for m in collector.missing.values())
+        if not silent:
+            raise SchedulerError("no utterance of the upload got a result", code=ErrorCode.NO_AVAILABLE_NODE)
+        # only silence (Opus that carries no speech): answered as such, with no job to name
     audio = b"".join(speech)
-    headers = (("X-Job-Id", first.job_id), ("X-Session-Id", session.session_id))
+    first_job = first.job_id if first is not None else ""
+    headers = (("X-Job-Id", first_job), ("X-Session-Id", session.session_id))
     if want_audio:
         ctype = "audio/opus" if tts_format == "opus" else "audio/l16"
         return Answer(200, audio, ctype, headers)
     detected = session.src_lang
-    if first.extra is not None and first.extra.language_probabilities:
+    if first is not None and first.extra is not None and first.extra.language_probabilities:
         detected = max(first.extra.language_probabilities.items(), key=lambda kv: kv[1])[0]
     translation = " ".join(u.translation for u in utts if u.translation)
     body = i.TranslateResponse(
@@ -404,7 +409,7 @@ def _answer(
         src_lang=detected,
         tgt_lang=session.targets[0],
         audio_duration_ms=audio_ms,
-        job_id=first.job_id,
+        job_id=first_job,
         session_id=session.session_id,
         timings=_sum_timings(timings),
         utterances=utts,
