@@ -581,3 +581,24 @@ async def test_silence_only_is_answered_without_a_job(scheduler_factory: Any, no
     assert status == 200, body
     assert (body["job_id"], body["translation"], body["audio_duration_ms"]) == ("", "", 500)
     assert body["utterances"][0]["error"] == "silence_detected" and node.jobs_received == 0
+
+
+async def test_stream_refusals(scheduler_factory: Any, node_factory: Any) -> None:
+    rs, _ = await start(scheduler_factory, node_factory)
+    async with rs.http.ws_connect(rs.base + "/v1/stream") as ws:  # no key
+        await ws.send_json({"type": "start", "src_lang": "en", "tgt_lang": "zh"})
+        err = await ws.receive_json()
+        assert (err["type"], err["code"]) == ("error", "UNAUTHORIZED")
+        assert (await ws.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    async with rs.http.ws_connect(rs.base + "/v1/stream", headers=auth()) as ws:
+        await ws.send_json({"type": "start", "src_lang": "en", "tgt_lang": "zh", "sample_rate": 11025})
+        assert (await ws.receive_json())["code"] == "INVALID_MESSAGE"
+        await ws.send_json({"type": "start", "src_lang": "en", "tgt_lang": "zh"})
+        assert (await ws.receive_json())["type"] == "started"
+        await ws.send_json({"type": "start", "src_lang": "en", "tgt_lang": "zh"})
+        assert (await ws.receive_json())["code"] == "INVALID_MESSAGE"
+        await ws.send_json({"type": "audio", "chunk": "not base64!"})
+        assert (await ws.receive_json())["code"] == "INVALID_MESSAGE"
+        await ws.send_json({"type": "nonsense"})
+        assert (await ws.receive_json())["code"] == "INVALID_MESSAGE"
+    await eventually(lambda: not rs.state.sessions)  # the socket's close ended its session
