@@ -18,9 +18,12 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+import msgspec
 import pytest
 
 from lingua_scheduler.core.auth import hash_api_key
+from lingua_scheduler.node import Job
+from lingua_scheduler.protocol.node import JobAssign
 from lingua_scheduler.server.openapi import document
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
@@ -334,6 +337,9 @@ async def test_session_metadata_reaches_the_node_and_comes_back(
     await s.utterance(n_bytes=8000)
     await eventually(lambda: len(s.of_type("translation_result")) == 1)
     assert seen[0]["metadata"] == {"glossary": "g-7"}
+    assert Job.from_assign(msgspec.convert(seen[0], JobAssign)).metadata == {
+        "glossary": "g-7"
+    }  # the SDK's view
     assert s.of_type("translation_result")[0]["metadata"] == {"glossary": "g-7"}
     # over the bound (17 entries): the session_init is refused, naming the field
     s2 = session_factory(url=rs.session_url, api_key=KEYS["acme"], audio_format="pcm16")
