@@ -608,3 +608,41 @@ async def test_stream_refusals(scheduler_factory: Any, node_factory: Any) -> Non
         await ws.send_json({"type": "nonsense"})
         assert (await ws.receive_json())["code"] == "INVALID_MESSAGE"
     await eventually(lambda: not rs.state.sessions)  # the socket's close ended its session
+
+
+async def test_a_large_upload_with_or_without_a_length(scheduler_factory: Any, node_factory: Any) -> None:
+    rs, _ = await start(scheduler_factory, node_factory, session={"max_duration_ms": 20_000})
+    audio = pcm(60_000)  # 1.9 MB: more than a WebSocket frame may carry (server.max_frame_bytes)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(audio), 65536):
+            yield audio[i : i + 65536]
+
+    for data in (audio, chunked()):
+        status, body = await post(rs, data, params=EN_ZH, **auth(**{"Content-Type": "audio/l16"}))
+        assert status == 200, body
+        utts = body["utterances"]  # cut at session.max_utterance_bytes (512 KiB: 16.384 s of pcm16)
+        assert [u["index"] for u in utts] == [0, 1, 2, 3] and utts[0]["duration_ms"] == 16384
+        assert sum(u["duration_ms"] for u in utts) == 60_000 == body["audio_duration_ms"]
+
+
+async def test_a_chunked_upload_passes_the_connection_guard_of_serve() -> None:
+    """Through ``serve``'s connection guard: a chunked body may bring the route's own bound, not the
+    WebSocket frame limit (1 MiB), before it is charged as unauthenticated bytes."""
+    proc = SchedulerProcess(jobs={"pending_timeout_ms": 100}).start()
+    audio = pcm(60_000)  # 1.9 MB
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(audio), 65536):
+            yield audio[i : i + 65536]
+
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            await proc.wait_ready(http)
+            headers = {"Content-Type": "audio/l16"}
+            async with http.post(proc.base + TRANSLATE, data=chunked(), params=EN_ZH, headers=headers) as r:
+                body = await r.json()
+            # read whole and cut (no node serves it here): the body got through
+            assert (r.status, body["code"]) == (503, "NO_AVAILABLE_NODE"), body
+    finally:
+        proc.close()

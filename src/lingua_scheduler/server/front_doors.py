@@ -45,6 +45,7 @@ from lingua_scheduler.protocol.session import (
     TranslationResult,
 )
 from lingua_scheduler.server import routes
+from lingua_scheduler.server.connection_guard import GUARD
 from lingua_scheduler.server.integrator_api import RECORDER
 from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.state import STATE, SchedulerState
@@ -516,3 +517,6 @@ def setup(app: web.Application) -> None:
     cfg = app[STATE].config.integrator
     app[IDEMPOTENCY] = Idempotency(app[STATE], cfg.idempotency_max_entries, cfg.idempotency_ttl_seconds)
     routes.register(app, "speech_translate", translate)
+    # a chunked upload may bring up to the route's own bound before the pre-authentication budgets
+    # count its bytes (the route reads and bounds it itself: read_body)
+    app[GUARD].body_limits[routes.BY_OP["speech_translate"].path] = cfg.translate_max_body_bytes
