@@ -142,7 +142,7 @@ async def test_each_audio_type_is_translated(scheduler_factory: Any, node_factor
         assert (seen[-1]["audio_format"], seen[-1]["sample_rate"]) == (fmt, rate)
     assert len(seen) == 4
     # the jobs ran as sessions: ended, none left behind
-    await eventually(lambda: not rs.state.sessions and rs.state.dispatcher.tracked_jobs() == 0)
+    await eventually(lambda: not rs.state.sessions and rs.state.engine.tracked_jobs() == 0)
 
 
 async def test_auto_source_tts_off_metadata_and_audio_answer(
@@ -245,7 +245,7 @@ async def test_deadline_and_a_caller_leaving_cancel_the_job(
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(post(rs, pcm(300), params=EN_ZH, **auth()), 0.2)
     await eventually(lambda: len(cancels) == 2)
-    await eventually(lambda: not rs.state.sessions and rs.state.dispatcher.tracked_jobs() == 0)
+    await eventually(lambda: not rs.state.sessions and rs.state.engine.tracked_jobs() == 0)
 
 
 async def test_quota_on_every_front_door_with_warning(

@@ -105,14 +105,14 @@ async def open_adapter_session(
     session whose output goes to ``sink``; ``session.started`` is emitted. Raises the refusal."""
     if state.shutting_down:
         raise SchedulerError("the scheduler is shutting down", code=ErrorCode.SCHEDULER_SHUTTING_DOWN)
-    observer = state.dispatcher.observer
+    observer = state.runtime.observer
     if observer is not None:
         observer.check_quota(init.tenant_id)
     state.limits.check_session_init(len(state.sessions))
     session = Session(
         state.clock,
         state.config.session,
-        state.dispatcher,
+        state.runtime,
         state.sessions,
         state.resumer,
         None,
@@ -126,7 +126,7 @@ async def open_adapter_session(
         await state.auth.admit_shared(session.tenant_id, session.session_id, live)
     else:
         state.auth.admit_session(session.tenant_id, session.session_id, live)
-    state.sessions[session.session_id] = session
+    session.open()
     if observer is not None:
         observer.session_opened(session)
     log.info(
@@ -501,7 +501,7 @@ async def _translate(
         pipeline = None if req.tts else PipelineConfig(use_tts=False)
         if not req.tts:
             session.no_tts.update(u.index for u in utts)
-        state.dispatcher.submit(session, utts, pipeline=pipeline)
+        session.submit(utts, pipeline=pipeline)
         session.close("completed", connection_gone=False)
         deadline = asyncio.get_running_loop().time() + cfg.translate_deadline_seconds
         await _until_done(request, session, collector, deadline)

@@ -190,7 +190,7 @@ def setup(app: web.Application, config: Config, clock: Clock, store: RedisStore 
         meter, app[QUOTAS], service, clock, store, retention_hours=ic.usage_retention_hours
     )
     app[RECORDER] = recorder
-    app[STATE].dispatcher.observer = recorder  # the job engine's events feed usage, quotas, webhooks
+    app[STATE].runtime.observer = recorder  # the engine's decisions feed usage, quotas, webhooks
 
     async def recording(app: web.Application) -> AsyncIterator[None]:
         async for _ in recorder.run():

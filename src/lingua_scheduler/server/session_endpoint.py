@@ -202,7 +202,7 @@ class SessionConnection:
                     msg.is_final,
                     client_ts_ms=msg.client_timestamp_ms,
                 )
-                self.state.dispatcher.submit(session, utts, received_at=t0)
+                self.state.runtime.submit(session.session_id, utts, received_at=t0)
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
                 self._utterance_accepted(session, msg.utterance_index)
@@ -214,8 +214,8 @@ class SessionConnection:
                     session.client_index[utt.index] = msg.utterance_index
                     if msg.pipeline is not None and not msg.pipeline.use_tts:
                         session.no_tts.add(utt.index)
-                self.state.dispatcher.submit(
-                    session,
+                self.state.runtime.submit(
+                    session.session_id,
                     utts,
                     received_at=t0,
                     src_lang=normalize(msg.src_lang),
@@ -248,7 +248,7 @@ class SessionConnection:
         """``utterance_cancel``: the client's number is translated to ours (whole utterances it
         numbered), its jobs cancelled; none in flight is refused and changes nothing."""
         internal = next((i for i, c in session.client_index.items() if c == index), index)
-        if not self.state.dispatcher.cancel_utterance(session, internal, "cancelled by the client"):
+        if not self.state.runtime.cancel_utterance(session.session_id, internal, "cancelled by the client"):
             raise ProtocolError(
                 f"utterance {index} has no job in flight to cancel",
                 reason=Reason.INVALID_VALUE,
@@ -273,7 +273,7 @@ class SessionConnection:
             )
         self._chunk_accepted(session, frame.seq)
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
-        self.state.dispatcher.submit(session, utts, received_at=t0)
+        self.state.runtime.submit(session.session_id, utts, received_at=t0)
         session.rearm()
 
     def _own(self, session_id: str, *, closing_ok: bool = False) -> Session:
@@ -310,7 +310,7 @@ class SessionConnection:
             return None
         # The tenant comes from the API key, never from the body (server/auth.py); refused -> closed.
         msg.tenant_id = state.auth.session_tenant(self.credential, msg)
-        if (observer := state.dispatcher.observer) is not None:
+        if (observer := state.runtime.observer) is not None:
             observer.check_quota(msg.tenant_id)  # hook: the tenant's audio-minute quota (QUOTA_EXCEEDED)
         resumable = self._resumable(msg)
         if resumable is None:
@@ -339,7 +339,7 @@ class SessionConnection:
         return Session(
             state.clock,
             state.config.session,
-            state.dispatcher,
+            state.runtime,
             state.sessions,
             state.resumer,
             self.outbox,
@@ -400,12 +400,12 @@ class SessionConnection:
                 f"session {session.session_id} is live on this instance: it cannot be continued here"
             )
         session.binary_frames = bool(msg.use_binary_frame)
-        state.sessions[session.session_id] = session
+        session.open()
         self.session = session
         self._last_seq = self._last_index = None  # a new session numbers from scratch
         self._unknown_drops = 0
         self.outbox.send(self._ack(session, resumed=resumed))
-        if not resumed and (observer := state.dispatcher.observer) is not None:
+        if not resumed and (observer := state.runtime.observer) is not None:
             observer.session_opened(session)  # hook: session.started webhook
         log.info(
             "session resumed from another instance" if resumed else "session created",

@@ -144,8 +144,7 @@ class StreamConnection:
                 utts = session.segmenter.chunk(decode_base64(msg.chunk, at="$.chunk"), msg.is_final)
                 if not self.tts:
                     session.no_tts.update(u.index for u in utts)
-                self.state.dispatcher.submit(
-                    session,
+                session.submit(
                     utts,
                     received_at=t0,
                     pipeline=None if self.tts else PipelineConfig(use_tts=False),

@@ -1,13 +1,16 @@
-"""Usage, quotas and lifecycle webhooks fed from the job engine's real events.
+"""Usage, quotas and lifecycle webhooks fed from the job engine's real decisions.
 
-Owns ``UsageRecorder``, the dispatcher's ``JobObserver`` (server/dispatcher.py): every session and
-front door runs on the session machinery, so these hooks see all of them alike.
+Owns ``UsageRecorder``, the runtime's ``JobObserver`` (server/runtime.py): every session and front
+door runs on the session machinery, so these hooks see all of them alike.
 
-- ``admit_audio`` (an utterance about to get its jobs): the tenant's quota decides (``QUOTA_EXCEEDED``
-  with the period and its reset time: the utterance gets no job); accepted audio is spent from the
-  quota (``quota.warning`` at the warning fraction, once per period) and metered as received.
-- ``job_ended``: the job's outcome is metered (a completed job's source audio as translated, its
-  speech as TTS seconds); a failed or timed-out job sends ``job.failed``.
+- ``allowance`` (asked by the runtime with a session's utterances): the tenant's quota as it stands;
+  the engine refuses an utterance past it (``QUOTA_EXCEEDED`` with the period and its reset time: it
+  gets no job).
+- ``audio_admitted`` (the engine's ``AudioAdmitted``: an utterance got past the job rate and the
+  quota): its audio is spent from the quota (``quota.warning`` at the warning fraction, once per
+  period) and metered as received.
+- ``job_ended`` (the engine's ``JobEnded``): the job's outcome is metered (a completed job's source
+  audio as translated, its speech as TTS seconds); a failed or timed-out job sends ``job.failed``.
 - ``session_opened`` / ``session_ended``: ``session.started`` and ``session.ended`` (with what the
   session used, kept here per live session: bounded by the open sessions).
 - **Redis mode**: each count is also queued as a delta of the tenant's hourly hash (``store/keys.py``
@@ -18,13 +21,13 @@ front door runs on the session machinery, so these hooks see all of them alike.
   instances is read back once a second (``QuotaBook.share``). ``cluster_records`` reads the cluster's
   buckets for ``GET /api/v1/usage``.
 
-Must never: await inside a hook (they are called from the dispatch), or raise out of one.
+Must never: await inside a hook (they are called from the runtime's action ladder), or raise out of
+one (``check_quota``'s refusal aside).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -34,15 +37,11 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from lingua_scheduler.clock import Clock
-from lingua_scheduler.core.audio import audio_duration_ms
-from lingua_scheduler.core.jobs import Job
-from lingua_scheduler.core.quota import Period, QuotaBook, QuotaWarning, period_bounds
-from lingua_scheduler.core.segmentation import Utterance
+from lingua_scheduler.core.actions import AudioAdmitted, JobEnded
+from lingua_scheduler.core.quota import Allowance, Period, QuotaBook, QuotaWarning, period_bounds
 from lingua_scheduler.core.usage import (
     HOUR_MS,
     OTHER,
-    OUTCOMES,
-    Outcome,
     UsageCounts,
     UsageMeter,
     UsageRecord,
@@ -50,46 +49,24 @@ from lingua_scheduler.core.usage import (
 )
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol import integrator as i
-from lingua_scheduler.protocol.common import ErrorMessage
-from lingua_scheduler.protocol.node import JobResult
-from lingua_scheduler.server.dispatcher import SessionPort
+from lingua_scheduler.server.runtime import ObservedSession
 from lingua_scheduler.server.webhooks import WebhookService, new_event_id
 from lingua_scheduler.store.base import StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
-#: the sample rate assumed for a node's pcm16 speech (the nodes synthesize at 16 kHz)
-TTS_PCM_RATE = 16000
 #: a failed flush is retried after this long, in seconds
 RETRY_SECONDS = 0.5
 #: how often the other instances' quota use is read back, in seconds
 SHARE_SECONDS = 1.0
 #: figure names in the shared hashes
 RECEIVED, TRANSLATED, TTS = "received", "translated", "tts"
-OUTCOME_OF: dict[str, Outcome] = {o: o for o in OUTCOMES}
 VIAS: dict[str, Literal["session", "stream", "translate"]] = {
     "session": "session",
     "stream": "stream",
     "translate": "translate",
 }
-
-
-def tts_seconds(result: JobResult | None) -> float:
-    """Seconds of speech in a node's result (pcm16 at ``TTS_PCM_RATE``, or framed Opus)."""
-    if result is None or not result.tts_audio:
-        return 0.0
-    fmt = result.tts_format or "pcm16"
-    if fmt == "opus":
-        try:
-            data = base64.b64decode(result.tts_audio)
-        except ValueError:
-            return 0.0
-        return audio_duration_ms(data, "opus", TTS_PCM_RATE) / 1000
-    # pcm16 (or a format we cannot measure, counted as such): from the base64 length, without decoding
-    text = result.tts_audio
-    size = len(text) * 3 // 4 - text[-2:].count("=")
-    return size / (2 * TTS_PCM_RATE)
 
 
 @dataclass(slots=True)
@@ -129,28 +106,24 @@ class UsageRecorder:
         self._tasks: list[asyncio.Task[None]] = []
         self.flush_failures = 0
 
-    # --- the dispatcher's hooks (JobObserver) ---------------------------------------------------------
+    # --- the runtime's hooks (JobObserver) -----------------------------------------------------------
 
     def check_quota(self, tenant_id: str | None) -> None:
         decision = self.quotas.check(tenant_id)
         if not decision.allowed and tenant_id is not None:
             raise decision.error(tenant_id)
 
-    def admit_audio(self, session: SessionPort, utt: Utterance, src: str, tgt: str) -> ErrorMessage | None:
-        tenant = session.tenant_id
-        seconds = utt.duration_ms / 1000
-        decision = self.quotas.check(tenant, seconds)
-        if not decision.allowed and tenant is not None:
-            err = decision.error(tenant)
-            return ErrorMessage(
-                code=err.code.value,
-                message=err.message,
-                details={**(err.details or {}), "utterance_index": utt.index},
-            )
+    def allowance(self, tenant_id: str | None) -> Allowance | None:
+        return self.quotas.allowance(tenant_id)
+
+    def audio_admitted(self, admitted: AudioAdmitted) -> None:
+        tenant, src, tgt, seconds = admitted.tenant_id, admitted.src_lang, admitted.tgt_lang, admitted.seconds
         for warning in self.quotas.consume(tenant, seconds):
             self._warn(warning)
         self.meter.record_audio_received(tenant, src, tgt, seconds)
-        live = self._session(session, src, tgt)
+        live = self._live.get(admitted.session_id)
+        if live is None:  # a session continued from another instance: opened here unannounced
+            live = self._live[admitted.session_id] = _Live(tenant, src, tgt, self.clock.monotonic())
         live.counts.audio_seconds_received += seconds
         self._share(tenant, src, tgt, RECEIVED, seconds)
         if tenant is not None and tenant in self.quotas.limits and self.store is not None:
@@ -162,26 +135,21 @@ class UsageRecorder:
                 )
         return None
 
-    def job_ended(self, job: Job, outcome: str, result: JobResult | None) -> None:
-        spec = job.spec
-        tenant = spec.tenant_id
-        kind: Outcome = OUTCOME_OF.get(outcome, "failed")
-        audio = spec.audio_ms / 1000 if kind == "completed" else 0.0
-        speech = tts_seconds(result) if kind == "completed" else 0.0
-        self.meter.record_job(
-            tenant, spec.src_lang, spec.tgt_lang, kind, audio_seconds=audio, tts_seconds=speech
-        )
-        live = self._live.get(spec.session_id)
+    def job_ended(self, ended: JobEnded) -> None:
+        tenant, src, tgt, kind = ended.tenant_id, ended.src_lang, ended.tgt_lang, ended.outcome
+        audio, speech = ended.audio_seconds, ended.tts_seconds
+        self.meter.record_job(tenant, src, tgt, kind, audio_seconds=audio, tts_seconds=speech)
+        live = self._live.get(ended.session_id)
         if live is not None:
             c = live.counts
             c.jobs[kind] = c.jobs.get(kind, 0) + 1
             c.audio_seconds_translated += audio
             c.tts_seconds += speech
-        self._share(tenant, spec.src_lang, spec.tgt_lang, f"jobs.{kind}", 1)
+        self._share(tenant, src, tgt, f"jobs.{kind}", 1)
         if audio:
-            self._share(tenant, spec.src_lang, spec.tgt_lang, TRANSLATED, audio)
+            self._share(tenant, src, tgt, TRANSLATED, audio)
         if speech:
-            self._share(tenant, spec.src_lang, spec.tgt_lang, TTS, speech)
+            self._share(tenant, src, tgt, TTS, speech)
         if kind in ("failed", "timed_out") and tenant is not None:
             self.webhooks.emit(
                 i.JobFailed(
@@ -189,21 +157,25 @@ class UsageRecorder:
                     created=_created(),
                     tenant_id=tenant,
                     data=i.JobFailedData(
-                        job_id=job.job_id,
-                        session_id=spec.session_id,
-                        utterance_index=spec.utterance_index,
-                        code=job.error_code or ErrorCode.JOB_TIMEOUT.value,
-                        message=job.error_message or "the job failed",
-                        metadata=spec.metadata,
+                        job_id=ended.job_id,
+                        session_id=ended.session_id,
+                        utterance_index=ended.utterance_index,
+                        code=ended.code or ErrorCode.JOB_TIMEOUT.value,
+                        message=ended.message or "the job failed",
+                        metadata=ended.metadata,
                     ),
                 )
             )
 
-    def session_opened(self, session: SessionPort) -> None:
-        live = self._session(session, session.src_lang, session.targets[0])
+    def session_opened(self, session: ObservedSession) -> None:
+        live = self._live.get(session.session_id)
+        if live is None:
+            live = self._live[session.session_id] = _Live(
+                session.tenant_id, session.src_lang, session.targets[0], session.opened_at
+            )
         if live.tenant_id is None:
             return
-        via = VIAS.get(getattr(session, "via", "session"), "session")
+        via = VIAS.get(session.via, "session")
         self.webhooks.emit(
             i.SessionStarted(
                 id=new_event_id(),
@@ -219,10 +191,11 @@ class UsageRecorder:
             )
         )
 
-    def session_ended(self, session: SessionPort, reason: str) -> None:
+    def session_ended(self, session: ObservedSession, reason: str) -> None:
         live = self._live.pop(session.session_id, None)
-        if live is None or live.tenant_id is None or getattr(session, "relay_to", None) is not None:
+        if live is None or live.tenant_id is None or session.relay_to is not None:
             return  # a session handed over to another instance ends there
+        live.opened_at = session.opened_at  # its duration runs from its opening here, whatever came first
         self.webhooks.emit(
             i.SessionEnded(
                 id=new_event_id(),
@@ -249,14 +222,6 @@ class UsageRecorder:
             jobs=i.JobsByOutcome(**c.jobs),
             duration_seconds=round(max(0.0, self.clock.monotonic() - opened), 3),
         )
-
-    def _session(self, session: SessionPort, src: str, tgt: str) -> _Live:
-        live = self._live.get(session.session_id)
-        if live is None:
-            live = self._live[session.session_id] = _Live(
-                session.tenant_id, src, tgt, getattr(session, "opened_at", self.clock.monotonic())
-            )
-        return live
 
     def _warn(self, w: QuotaWarning) -> None:
         self.webhooks.emit(
