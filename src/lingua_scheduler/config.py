@@ -643,6 +643,12 @@ class IntegratorConfig(Section):
     usage_max_pairs_per_tenant: int = 32
     #: part of a daily or monthly quota whose use sends one quota.warning webhook per period
     quota_warn_fraction: float = 0.8
+    #: longest a translate request may take from its arrival to its answer (JOB_TIMEOUT past it), in s
+    translate_deadline_seconds: float = 120.0
+    #: how long a translate answer is kept for a retry with the same Idempotency-Key, in seconds
+    idempotency_ttl_seconds: float = 24 * 3600.0
+    #: most answers kept for Idempotency-Key retries in embedded mode (the oldest go first)
+    idempotency_max_entries: int = 1000
 
     def __post_init__(self) -> None:
         for name in (
@@ -650,6 +656,9 @@ class IntegratorConfig(Section):
             "translate_max_audio_seconds",
             "usage_retention_hours",
             "usage_max_pairs_per_tenant",
+            "translate_deadline_seconds",
+            "idempotency_ttl_seconds",
+            "idempotency_max_entries",
         ):
             _positive(name, getattr(self, name))
         if not 0 < self.quota_warn_fraction < 1:

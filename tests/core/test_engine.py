@@ -22,6 +22,7 @@ from lingua_scheduler.core import events as ev
 from lingua_scheduler.core.engine import MAX_COUNTED_PAIRS, OTHER_PAIR, InvariantError, SchedulerEngine
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.core.quality import QualityTracker
+from lingua_scheduler.core.quota import Period, QuotaBook, QuotaLimits
 from lingua_scheduler.core.segmentation import CutReason, Utterance
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import JobAck, JobAssign, JobCancel, JobError, JobResult, NodeAsrPartial
@@ -58,6 +59,9 @@ class World:
     rate: float = 0.0
     seed: int = 0
     clock: ManualClock = field(default_factory=ManualClock)
+    #: tenant t1's daily audio quota in seconds (0: none), kept in a real ``QuotaBook`` that the world
+    #: asks and spends from as the runtime and the usage recorder do
+    daily_quota_s: float = 0.0
 
     def __post_init__(self) -> None:
         tenants = (
@@ -98,6 +102,8 @@ class World:
         self.pending_reserves: list[a.Reserve] = []
         self.shared_members: set[str] = set()
         self.timers: list[ev.RefusedNodeRetry] = []
+        limits = {"t1": QuotaLimits(daily_seconds=self.daily_quota_s)} if self.daily_quota_s else {}
+        self.quotas = QuotaBook(self.clock, limits)
 
     def add_node(self, node_id: str, features: list[str] | None = None) -> None:
         fleet = self.fleet
@@ -147,6 +153,8 @@ class World:
                     self.shared_members.discard(member)
                 case a.ArmTimer(event=event):
                     self.timers.append(event)
+                case a.AudioAdmitted(tenant_id=tenant, seconds=seconds):
+                    self.quotas.consume(tenant, seconds)
                 case _:
                     pass
 
@@ -161,13 +169,24 @@ class World:
         r = reserve
         self.feed(ev.ReservationAnswered(r.job_id, r.attempt, r.node_id, r.member, ok, "" if ok else "FULL"))
 
-    def open(self, sid: str = "s1", *, tenant: str | None = None, targets: tuple[str, ...] = ("zh",)) -> str:
-        init = SessionInit(client_version="1", platform="web", src_lang="en", tgt_lang=targets[0])
+    def open(
+        self,
+        sid: str = "s1",
+        *,
+        tenant: str | None = None,
+        targets: tuple[str, ...] = ("zh",),
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        init = SessionInit(
+            client_version="1", platform="web", src_lang="en", tgt_lang=targets[0], metadata=metadata
+        )
         self.feed(ev.SessionOpened(sid, tenant, f"trace-{sid}", init, "en", targets))
         return sid
 
     def speak(self, sid: str, *indices: int, reason: CutReason = CutReason.PAUSE) -> None:
-        self.feed(ev.UtterancesReady(sid, tuple(utterance(i, reason) for i in indices), received_at=0.0))
+        utts = tuple(utterance(i, reason) for i in indices)
+        quota = self.quotas.allowance(self.engine.tenant_of(sid))  # as the runtime asks the recorder
+        self.feed(ev.UtterancesReady(sid, utts, received_at=0.0, quota=quota))
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -240,6 +259,12 @@ class World:
 
     def counted(self, name: str, label: str | None = None) -> int:
         return sum(1 for x in self.actions if isinstance(x, a.Count) and x.name == name and x.label == label)
+
+    def ended(self) -> list[a.JobEnded]:
+        return [x for x in self.actions if isinstance(x, a.JobEnded)]
+
+    def admitted(self) -> list[int]:
+        return [x.utterance_index for x in self.actions if isinstance(x, a.AudioAdmitted)]
 
 
 def only_assign(w: World) -> tuple[str, JobAssign]:
@@ -512,6 +537,135 @@ def test_a_full_result_queue_refuses_the_utterance_at_once() -> None:
     assert w.counted("refused_utterances", "queue_full") == 1
 
 
+# --- the integrator's hooks: metadata, usage, quota, a client's cancel ----------------------------
+
+
+def test_the_sessions_metadata_rides_the_assign_and_comes_back_on_the_result() -> None:
+    w = World()
+    meta = {"domain": "medical", "customer_ref": "c-42"}
+    sid = w.open(metadata=meta)
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    assert assign.metadata == meta
+    w.ack(node_id, assign)
+    w.result(node_id, assign)
+    [result] = [m for m in w.to_session[sid] if isinstance(m, TranslationResult)]
+    assert result.metadata == meta
+    [ended] = w.ended()
+    assert ended.metadata == meta
+
+
+def test_a_completed_job_ends_once_with_its_audio_and_speech_before_the_delivery() -> None:
+    w = World()
+    sid = w.open(tenant="t9")
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    w.ack(node_id, assign)
+    w.result(node_id, assign)
+    [ended] = w.ended()
+    assert (ended.job_id, ended.session_id, ended.tenant_id, ended.outcome) == (
+        assign.job_id,
+        sid,
+        "t9",
+        "completed",
+    )
+    assert (ended.src_lang, ended.tgt_lang, ended.utterance_index) == ("en", "zh", 0)
+    # 100 ms of source audio; "AAAA" is 3 bytes of pcm16 at 16 kHz
+    assert ended.audio_seconds == 0.1 and ended.tts_seconds == 3 / 32000
+    assert ended.code is None
+    at = w.actions.index(ended)
+    delivered = [i for i, x in enumerate(w.actions) if isinstance(x, a.SendToSession | a.SessionDelivered)]
+    assert delivered[-2:] and all(i > at for i in delivered[-2:]), "the usage comes before the delivery"
+    assert w.admitted() == [0]
+
+
+@pytest.mark.parametrize("how", ["node_error", "no_node", "exec_timeout", "operator", "session_closed"])
+def test_every_other_end_is_one_job_ended_with_its_outcome(how: str) -> None:
+    w = World(nodes={"no_node": (), "exec_timeout": ("n1", "n2", "n3")}.get(how, ("n1",)))
+    sid = w.open()
+    w.speak(sid, 0)
+    [job] = w.engine.store.jobs_of(sid)
+    if how == "node_error":
+        node_id, assign = only_assign(w)
+        w.result(node_id, assign, ok=False, code="ASR_FAILED")
+    elif how == "no_node":
+        w.advance(PENDING_MS / 1000 + 0.5)
+    elif how == "exec_timeout":
+        for _ in range(w.config.jobs.max_attempts):  # each attempt on a node not tried yet
+            node_id, assign = w.all_assigns()[-1]
+            w.ack(node_id, assign)
+            w.advance(61.0)
+        assert len(w.all_assigns()) == w.config.jobs.max_attempts
+    elif how == "operator":
+        w.feed(ev.CancelJob(job.job_id, "operator"))
+    else:
+        w.feed(ev.SessionClosed(sid, "gone"))
+    outcome = {"exec_timeout": "timed_out", "operator": "cancelled", "session_closed": "cancelled"}
+    [ended] = w.ended()
+    assert ended.job_id == job.job_id and ended.outcome == outcome.get(how, "failed")
+    assert ended.audio_seconds == 0.0 and ended.tts_seconds == 0.0
+    if ended.outcome == "failed":
+        assert ended.code == job.error_code and ended.code is not None and ended.message
+    assert job.terminal
+
+
+def test_a_quota_refuses_the_utterance_that_would_go_over_it_even_within_one_event() -> None:
+    w = World(daily_quota_s=0.25)
+    sid = w.open(tenant="t1")
+    w.speak(sid, 0, 1, 2)  # 0.1 s each: the third would make 0.3 s of 0.25
+    assert [m.utterance_index for _, m in w.all_assigns()] == [0, 1]
+    assert w.admitted() == [0, 1]
+    [refusal] = [m for m in w.to_session[sid] if isinstance(m, ErrorMessage)]
+    assert refusal.code == "QUOTA_EXCEEDED"
+    assert isinstance(refusal.details, dict)
+    assert refusal.details["period"] == "daily" and refusal.details["utterance_index"] == 2
+    assert refusal.details["limit_seconds"] == 0.25 and "reset_at" in refusal.details
+    for node_id, assign in w.all_assigns():
+        w.ack(node_id, assign)
+        w.result(node_id, assign)
+    assert w.outcomes(sid) == [(0, "result"), (1, "result"), (2, "missing:job_failed")]
+    assert w.quotas.used("t1", Period.DAILY) == pytest.approx(0.2)
+    w.speak(sid, 3)  # the next event sees the spent quota too
+    assert w.errors(sid) == ["QUOTA_EXCEEDED", "QUOTA_EXCEEDED"] and w.admitted() == [0, 1]
+
+
+def test_the_tenant_rate_decides_before_the_quota_and_spends_none_of_it() -> None:
+    w = World(rate=1.0, daily_quota_s=0.25)
+    sid = w.open(tenant="t1")
+    w.speak(sid, 0, 1)  # burst 1: 1 is over the rate
+    assert w.errors(sid) == ["TENANT_RATE_LIMITED"] and w.admitted() == [0]
+    assert w.quotas.used("t1", Period.DAILY) == pytest.approx(0.1)
+    w.clock.advance(1.0)
+    w.speak(sid, 2)  # within the quota because 1 spent none of it
+    assert w.admitted() == [0, 2] and len(w.all_assigns()) == 2
+    w.clock.advance(1.0)
+    w.speak(sid, 3)
+    assert w.errors(sid) == ["TENANT_RATE_LIMITED", "QUOTA_EXCEEDED"] and w.admitted() == [0, 2]
+
+
+def test_a_client_cancels_one_utterance_every_target_of_it_and_nothing_else() -> None:
+    w = World()
+    sid = w.open(targets=("zh", "en"))
+    w.speak(sid, 0, 1)
+    assert len(w.all_assigns()) == 4
+    zero = {m.job_id for _, m in w.all_assigns() if m.utterance_index == 0}
+    assert sorted(w.engine.cancellable(sid, 0)) == sorted(zero)
+    w.feed(ev.CancelUtterance(sid, 0, "cancelled by the client"))
+    cancelled = {c.job_id for n in w.to_node for c in w.cancels(n)}
+    assert cancelled == zero
+    assert w.errors(sid) == ["JOB_CANCELLED", "JOB_CANCELLED"]
+    assert w.outcomes(sid) == [(0, "missing:job_failed")] * 2  # one per target, as for its results
+    assert sorted(e.job_id for e in w.ended() if e.outcome == "cancelled") == sorted(zero)
+    assert w.engine.cancellable(sid, 0) == []
+    assert w.feed(ev.CancelUtterance(sid, 0, "again")) == []  # nothing live: nothing changes
+    for node_id, assign in w.all_assigns():
+        if assign.utterance_index == 1:
+            w.ack(node_id, assign)
+            w.result(node_id, assign)
+    assert w.outcomes(sid) == [(0, "missing:job_failed")] * 2 + [(1, "result")] * 2
+    assert w.engine.settled(sid) and w.engine.tracked_jobs() == 0
+
+
 def test_pair_counter_is_bounded() -> None:
     w = World(nodes=())
     for i in range(MAX_COUNTED_PAIRS + 50):
@@ -687,14 +841,18 @@ class EngineMachine(RuleBasedStateMachine):
         self.w = World(nodes=("n1", "n2", "n3"), max_jobs=2, seed=7)
         self.next_index: dict[str, int] = {}
         self.gone: set[str] = set()
+        self.opened = 0
 
     def _open_sessions(self) -> list[str]:
         return sorted(self.next_index)
 
-    @rule(sid=st.sampled_from(["s1", "s2", "s3"]))
-    def open_session(self, sid: str) -> None:
-        if sid not in self.next_index:
-            self.w.open(sid)
+    @rule(name=st.sampled_from(["s1", "s2", "s3"]))
+    def open_session(self, name: str) -> None:
+        # a session id is never reused (new_session_id: 128 random bits): a name opened again after
+        # its close is a new session with a new id
+        if not any(sid.startswith(f"{name}.") for sid in self.next_index):
+            self.opened += 1
+            sid = self.w.open(f"{name}.{self.opened}")
             self.next_index[sid] = 0
 
     @rule(data=st.data(), n=st.integers(1, 3), continued=st.booleans())
@@ -754,6 +912,14 @@ class EngineMachine(RuleBasedStateMachine):
             job = jobs[data.draw(st.integers(0, 10_000)) % len(jobs)]
             self.w.feed(ev.CancelJob(job.job_id, "operator"))
 
+    @rule(data=st.data())
+    def client_cancels_an_utterance(self, data: st.DataObject) -> None:
+        if not self.next_index:
+            return
+        sid = data.draw(st.sampled_from(self._open_sessions()))
+        index = data.draw(st.integers(0, max(0, self.next_index[sid] - 1)))
+        self.w.feed(ev.CancelUtterance(sid, index, "client"))
+
     @rule(required=st.booleans())
     def shared_store_comes_or_goes(self, required: bool) -> None:
         self.w.feed(ev.SharedSlotsRequired(required))
@@ -779,6 +945,10 @@ class EngineMachine(RuleBasedStateMachine):
             for sid in self._open_sessions():
                 indices = [i for i, _ in self.w.outcomes(sid)]
                 assert indices == sorted(indices), f"{sid} got its outcomes out of order: {indices}"
+            ended = [e.job_id for e in self.w.ended()]
+            assert len(ended) == len(set(ended)), "a job ended twice"
+            for job in self.w.engine.store:
+                assert (job.job_id in ended) is job.terminal, f"{job.job_id} {job.state.value}: JobEnded"
 
 
 EngineMachine.TestCase.settings = settings(

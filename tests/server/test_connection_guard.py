@@ -354,19 +354,24 @@ def _serve_with_nofile(soft: int, hard: int, port: int, **limits: int) -> subpro
     )
 
 
+async def _until_healthy(proc: subprocess.Popen[bytes], port: int) -> None:
+    """Until the server answers ``/health`` (its start-up lines are written by then), 15 s at most."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if await health(port) == 200:
+                return
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+
 async def test_descriptor_limit_is_raised_and_max_connections_fitted_to_it() -> None:
     port = free_port()
     proc = _serve_with_nofile(256, 1024, port)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if await health(port) == 200:
-                    break
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await _until_healthy(proc, port)
         limits = Path(f"/proc/{proc.pid}/limits").read_text()  # noqa: ASYNC240 - procfs, no disk I/O
         line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
         assert line.split()[3:5] == ["1024", "1024"]  # soft raised to the hard limit
@@ -380,11 +385,16 @@ async def test_descriptor_limit_is_raised_and_max_connections_fitted_to_it() -> 
     assert lowered[0]["level"] == "info"  # the default: expected on most hosts
 
 
-def test_configured_max_connections_over_the_descriptor_limit_is_lowered_with_a_warning() -> None:
-    proc = _serve_with_nofile(1024, 1024, free_port(), max_connections=5000)
-    time.sleep(1.5)
-    proc.terminate()
-    _, err = proc.communicate(timeout=15)
+async def test_configured_max_connections_over_the_descriptor_limit_is_lowered_with_a_warning() -> None:
+    port = free_port()
+    proc = _serve_with_nofile(1024, 1024, port, max_connections=5000)
+    try:
+        # not a fixed sleep: the start-up (imports, build_app) takes 1.2-2 s on a loaded 2-core host,
+        # and a SIGTERM before the line is written finds nothing to read
+        await _until_healthy(proc, port)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
     lines = [json.loads(x) for x in err.decode().splitlines() if x.startswith("{")]
     lowered = [x for x in lines if x.get("msg", "").startswith("limits.max_connections lowered")]
     assert lowered and lowered[0]["msg"].startswith("limits.max_connections lowered from 5000 to 640")

@@ -184,9 +184,14 @@ def test_api_conforms(case: schemathesis.Case, live_base: str) -> None:
     # Blank filter values (``?kind=``, ``?status=``) mean "no filter", as HTML forms send them: the
     # server accepts them on purpose, so the check that every schema-violating request is refused is
     # left out. Negative cases still run every other check (no 5xx, documented status, schemas).
-    case.call_and_validate(
-        base_url=live_base,
-        headers=headers,
-        timeout=10,
-        excluded_checks=[schemathesis.checks.negative_data_rejection],
-    )
+    excluded = [schemathesis.checks.negative_data_rejection]
+    if case.path == "/v1/speech/translate":
+        # An upload must be real audio (an Ogg page's CRC, a WAV header...), which no schema can say:
+        # a schema-valid body of random bytes is rightly refused (400 with details.reason). A language
+        # pair no node serves is answered 503 NO_AVAILABLE_NODE, as documented: only a 500 is a fault.
+        excluded += [schemathesis.checks.positive_data_acceptance, schemathesis.checks.not_a_server_error]
+        response = case.call(base_url=live_base, headers=headers, timeout=10)
+        assert response.status_code != 500, response.text
+        case.validate_response(response, excluded_checks=excluded)
+        return
+    case.call_and_validate(base_url=live_base, headers=headers, timeout=10, excluded_checks=excluded)

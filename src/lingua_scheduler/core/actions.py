@@ -15,6 +15,7 @@ from typing import Literal
 
 from lingua_scheduler.core.events import JobMessage, RefusedNodeRetry
 from lingua_scheduler.core.quality import Change
+from lingua_scheduler.core.usage import Outcome
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import JobAssign, JobCancel
 from lingua_scheduler.protocol.session import AsrPartial, MissingResult, TranslationResult, UiEvent
@@ -71,6 +72,40 @@ class SessionDelivered:
     """A delivery to the session is complete: it may forget released indices and finish its close."""
 
     session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioAdmitted:
+    """An utterance passed the tenant's job rate and quota and gets its jobs: its audio is metered
+    as received and spent from the quota (the observer, server/usage_recorder.py)."""
+
+    session_id: str
+    tenant_id: str | None
+    src_lang: str
+    tgt_lang: str
+    utterance_index: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnded:
+    """A job reached its end (the observer meters it; a failure sends ``job.failed``). Emitted before
+    the delivery that may end its session. ``audio_seconds`` and ``tts_seconds``: what a completed job
+    translated and synthesized (0 otherwise); ``code``/``message``: a failure's."""
+
+    job_id: str
+    session_id: str
+    tenant_id: str | None
+    src_lang: str
+    tgt_lang: str
+    utterance_index: int
+    outcome: Outcome
+    audio_seconds: float = 0.0
+    tts_seconds: float = 0.0
+    #: the integrator's per-job metadata (the job spec's own mapping, never changed)
+    metadata: dict[str, str] | None = None
+    code: str | None = None
+    message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +207,8 @@ Action = (
     | AssignJob
     | SendToSession
     | SessionDelivered
+    | AudioAdmitted
+    | JobEnded
     | Reserve
     | ReleaseSlot
     | CommitSlot

@@ -11,7 +11,12 @@ Placement prefers the node of the session's previous job while it is fit (soft a
 clients keep per-session audio aggregation state); a job continuing a max-duration cut is bound to that
 node even at capacity. Two-way sessions go only to nodes serving both directions of (lang_a, lang_b).
 Every job ends in a result or an explicit failure the session sees (``error`` + ``ui_event ERROR`` +
-``missing_result(job_failed)``), and results reach the session in utterance order.
+``missing_result(job_failed)``), and results reach the session in utterance order. An utterance
+gets its jobs only within the tenant's job rate and then its audio-minute quota (the ``Allowance``
+the runtime passes in ``UtterancesReady``: the engine spends from that copy, never from the quota
+itself); it is then ``AudioAdmitted``, and every job's end is one ``JobEnded`` (the usage meter's,
+carried out by the runtime). The integrator's metadata rides the job from ``session_init`` to
+``job_assign`` and back on ``translation_result``.
 
 Must never: await, read a clock other than the injected one, touch a socket, ask whether there is a
 cluster (shared-store reservations are asked for only after ``SharedSlotsRequired(True)``; a node
@@ -48,6 +53,7 @@ from lingua_scheduler.core.jobs import (
 )
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.quality import Kind, QualityTracker, speech_expected
+from lingua_scheduler.core.quota import Allowance
 from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.results import Release, ResultQueue
 from lingua_scheduler.core.segmentation import CutReason, Utterance
@@ -62,6 +68,8 @@ from lingua_scheduler.core.selection import (
 from lingua_scheduler.core.silence import is_silent_opus
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.core.unavailable import UnavailableMarks
+from lingua_scheduler.core.usage import Outcome as UsageOutcome
+from lingua_scheduler.core.usage import tts_seconds
 from lingua_scheduler.errors import ErrorCode, NoAvailableNodeError
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES, ErrorMessage, ServiceType
 from lingua_scheduler.protocol.node import (
@@ -251,6 +259,9 @@ class SchedulerEngine:
         match event:
             case ev.UtterancesReady():
                 self._submit(event)
+            case ev.CancelUtterance(session_id=sid, utterance_index=index, reason=reason):
+                for job_id in self.cancellable(sid, index):
+                    self._cancel_job(job_id, reason)
             case ev.NodeJobReport(node_id=node_id, message=msg):
                 self._node_message(node_id, msg)
             case ev.Tick():
@@ -340,6 +351,7 @@ class SchedulerEngine:
         )
         route = book.route
         results = book.results
+        quota = e.quota
         for utt in e.utterances:
             if utt.dropped_chunks or not results.has_room:
                 # A stream with a hole is not spliced, and finished work is never dropped to make
@@ -363,13 +375,23 @@ class SchedulerEngine:
             job_ids: list[str] = []
             failed: list[Job] = []
             targets = [e.tgt_lang] if e.tgt_lang else list(book.targets)
-            # Per-tenant job rate: an utterance over it gets no job, only the error below.
+            # Per-tenant job rate: an utterance over it gets no job, only the error below. The rate
+            # decides first: an utterance it refuses is neither metered nor spent from the quota.
             limited = not self.tenants.admit_jobs(book.tenant_id, len(targets))
-            for tgt in [] if limited else targets:
+            src = e.src_lang or book.src_lang
+            refusal = None if limited else self._over_quota(quota, utt)
+            if not limited and refusal is None:
+                seconds = utt.duration_ms / 1000
+                if quota is not None:
+                    quota = quota.spent(seconds)
+                self._emit(
+                    a.AudioAdmitted(book.session_id, book.tenant_id, src, targets[0], utt.index, seconds)
+                )
+            for tgt in [] if limited or refusal is not None else targets:
                 spec = JobSpec.from_utterance(
                     utt,
                     session_id=book.session_id,
-                    src_lang=e.src_lang or book.src_lang,
+                    src_lang=src,
                     tgt_lang=tgt,
                     trace_id=book.trace_id,
                 )
@@ -391,6 +413,7 @@ class SchedulerEngine:
                     ),
                     turn_id=turn_id,
                     continues_turn=continues,
+                    metadata=init.metadata,
                 )
                 try:
                     out = self.store.create(spec, utt.audio)
@@ -417,7 +440,9 @@ class SchedulerEngine:
                 self._deliver(book, results.fail(utt.index))
                 self._send(
                     book.session_id,
-                    self.tenants.rate_limited(
+                    refusal
+                    if refusal is not None
+                    else self.tenants.rate_limited(
                         book.tenant_id,
                         utt.index,
                         utt.index if utt.client_index is None else utt.client_index,
@@ -431,6 +456,22 @@ class SchedulerEngine:
             for job in failed:
                 self._report_failure(job)
         self._pump()
+
+    @staticmethod
+    def _over_quota(quota: Allowance | None, utt: Utterance) -> ErrorMessage | None:
+        """The ``QUOTA_EXCEEDED`` refusal of an utterance its tenant's quota has no room for (with the
+        period and its reset time), or None."""
+        if quota is None:
+            return None
+        decision = quota.check(utt.duration_ms / 1000)
+        if decision.allowed:
+            return None
+        err = decision.error(quota.tenant_id)
+        return ErrorMessage(
+            code=err.code.value,
+            message=err.message,
+            details={**(err.details or {}), "utterance_index": utt.index},
+        )
 
     def _refuse(self, book: SessionBook, index: int, reason: MissingReason, utt: Utterance) -> None:
         """Utterance ``index`` gets no job: answered at once with ``missing_result(reason)``."""
@@ -657,6 +698,7 @@ class SchedulerEngine:
             enable_streaming_asr=spec.enable_streaming_asr,
             partial_update_interval_ms=spec.partial_update_interval_ms,
             turn_id=spec.turn_id if turn_dialect else None,
+            metadata=spec.metadata,
             is_manual_cut=reason.is_manual_cut,
             is_pause_triggered=pause,
             is_timeout_triggered=timeout,
@@ -755,6 +797,8 @@ class SchedulerEngine:
                     extra={"job_id": job.job_id, "node_id": node_id, "attempt": job.won_attempt},
                 )
             self._release(out)
+            # usage: before the delivery, which may end the session (its session.ended counts this job)
+            self._ended(job, "completed", msg)
             # Only a failure explains itself with it; a result held back for ordering may never be
             # delivered (its session may go first), so it is dropped here, not on delivery.
             self._last_reason.pop(job.job_id, None)
@@ -795,6 +839,7 @@ class SchedulerEngine:
             quality_score=msg.quality_score,
             rerun_count=msg.rerun_count,
             segments_meta=msg.segments_meta,
+            metadata=job.spec.metadata,
         )
 
     # --- node quality -------------------------------------------------------------------------------
@@ -865,6 +910,7 @@ class SchedulerEngine:
         elif job.state is JobState.CANCELLED:
             self._emit(a.Count("jobs", "cancelled"))
             self._forget(job)
+            self._ended(job, "cancelled")
 
     def _release(self, out: Outcome) -> None:
         job = out.job
@@ -954,6 +1000,7 @@ class SchedulerEngine:
         )
         book = self.sessions.get(job.session_id)
         self._forget(job)
+        self._ended(job, "timed_out" if job.state is JobState.TIMED_OUT else "failed")
         if book is None:
             return
         details: dict[str, object] = {"job_id": job.job_id, "utterance_index": job.utterance_index}
@@ -970,6 +1017,28 @@ class SchedulerEngine:
             ),
         )
         self._deliver(book, book.results.fail(job.utterance_index, job.job_id))
+
+    def _ended(self, job: Job, outcome: UsageOutcome, result: JobResult | None = None) -> None:
+        """``JobEnded`` for the usage meter: a completed job's source audio and speech, a failure's
+        code and message."""
+        spec = job.spec
+        done = result is not None
+        self._emit(
+            a.JobEnded(
+                job.job_id,
+                job.session_id,
+                spec.tenant_id,
+                spec.src_lang,
+                spec.tgt_lang,
+                spec.utterance_index,
+                outcome,
+                audio_seconds=spec.audio_ms / 1000 if done else 0.0,
+                tts_seconds=tts_seconds(result.tts_audio, result.tts_format) if result is not None else 0.0,
+                metadata=spec.metadata,
+                code=job.error_code if not done else None,
+                message=job.error_message if not done else None,
+            )
+        )
 
     def _forget(self, job: Job) -> None:
         self._finalized_at.pop(job.job_id, None)
@@ -1075,6 +1144,19 @@ class SchedulerEngine:
         while draining: the job would outlive us here; refused, its owner fails over at once
         (DispatchFailed) instead of finding out when this instance is gone."""
         return not self.draining
+
+    def cancellable(self, session_id: str, utterance_index: int) -> list[str]:
+        """The live jobs of one utterance of the session (what ``CancelUtterance`` cancels)."""
+        return [
+            j.job_id
+            for j in self.store.jobs_of(session_id)
+            if j.utterance_index == utterance_index and not j.terminal
+        ]
+
+    def tenant_of(self, session_id: str) -> str | None:
+        """The open session's tenant (None for none, or a session not open here)."""
+        book = self.sessions.get(session_id)
+        return book.tenant_id if book is not None else None
 
     def live_jobs_of(self, session_id: str) -> int:
         return sum(1 for j in self.store.jobs_of(session_id) if not j.terminal)

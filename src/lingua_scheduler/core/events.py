@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lingua_scheduler.core.quota import Allowance
 from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.protocol.node import JobAck, JobResult, JobStarted, NodeAsrPartial, PipelineConfig
 from lingua_scheduler.protocol.session import SessionInit
@@ -44,6 +45,18 @@ class UtterancesReady:
     pipeline: PipelineConfig | None = None
     #: perf_counter when the frame that finalized them arrived (the dispatch latency starts there)
     received_at: float | None = None
+    #: the session's tenant's audio-minute quota as it stands (None: no quota): an utterance past it
+    #: is refused with QUOTA_EXCEEDED; the engine spends from this copy as it admits utterances
+    quota: Allowance | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelUtterance:
+    """The session's client cancels one of its utterances (``utterance_cancel``, our index)."""
+
+    session_id: str
+    utterance_index: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +187,7 @@ class FailAll:
 Event = (
     SessionOpened
     | UtterancesReady
+    | CancelUtterance
     | SessionTick
     | SessionFlush
     | SessionClosed

@@ -175,6 +175,8 @@ class JobSpec:
     #: the previous utterance of the session was cut at its maximum duration: this one continues it
     #: on the node that has the rest of the turn
     continues_turn: bool = False
+    #: the integrator's per-job metadata (bounded by the wire types), carried to the node and back
+    metadata: dict[str, str] | None = None
 
     @property
     def key(self) -> JobKey:

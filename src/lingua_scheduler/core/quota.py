@@ -8,6 +8,9 @@ calendar month; a period's use starts at zero when it begins.
 - ``check(tenant, seconds)`` before audio is accepted: allowed, or refused with ``QUOTA_EXCEEDED``
   naming the period, its use and limit and when it resets (the start of the next period) when the
   period is used up or these seconds would go over it. A refusal changes nothing.
+- ``allowance(tenant)``: the same rule as a frozen value (each period's use, limit and reset), for a
+  decision made elsewhere without this book: the engine decides a batch of utterances on it, spending
+  from its own copy (``Allowance.spent``) so that the second of two utterances sees the first's use.
 - ``consume(tenant, seconds)`` once the audio is accepted: adds it to both periods and returns the
   warnings due: one per period, the first time its use reaches ``warn_fraction`` of the limit.
 - ``share(tenant, ...)``: in Redis mode the other instances' use of the current periods (as last
@@ -96,6 +99,40 @@ class QuotaDecision:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PeriodUse:
+    period: Period
+    used_seconds: float
+    limit_seconds: float
+    reset_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """A tenant's quota as it stands: the periods that have a limit, with their use so far."""
+
+    tenant_id: str
+    periods: tuple[PeriodUse, ...]
+
+    def check(self, seconds: float = 0.0) -> QuotaDecision:
+        """Allowed, or refused by the first period used up or that ``seconds`` would go over."""
+        for p in self.periods:
+            used = p.used_seconds
+            if used >= p.limit_seconds or used + seconds > p.limit_seconds:
+                return QuotaDecision(False, p.period, used, p.limit_seconds, p.reset_at_ms)
+        return QuotaDecision(True)
+
+    def spent(self, seconds: float) -> Allowance:
+        """The allowance after ``seconds`` more are accepted."""
+        return Allowance(
+            self.tenant_id,
+            tuple(
+                PeriodUse(p.period, p.used_seconds + seconds, p.limit_seconds, p.reset_at_ms)
+                for p in self.periods
+            ),
+        )
+
+
 @dataclass(slots=True)
 class _Spent:
     start_ms: int = 0
@@ -133,20 +170,24 @@ class QuotaBook:
         st, _ = self._spent(tenant_id, period, self.clock.wall_ms())
         return st.here + st.elsewhere
 
-    def check(self, tenant_id: str | None, seconds: float = 0.0) -> QuotaDecision:
+    def allowance(self, tenant_id: str | None) -> Allowance | None:
+        """The tenant's quota now; None for a tenant without one (nothing to decide)."""
         limits = self.limits.get(tenant_id or "")
         if tenant_id is None or limits is None:
-            return QuotaDecision(True)
+            return None
         now = self.clock.wall_ms()
+        periods = []
         for period in Period:
             limit = limits.of(period)
             if limit <= 0:
                 continue
             st, end = self._spent(tenant_id, period, now)
-            used = st.here + st.elsewhere
-            if used >= limit or used + seconds > limit:
-                return QuotaDecision(False, period, used, limit, end)
-        return QuotaDecision(True)
+            periods.append(PeriodUse(period, st.here + st.elsewhere, limit, end))
+        return Allowance(tenant_id, tuple(periods))
+
+    def check(self, tenant_id: str | None, seconds: float = 0.0) -> QuotaDecision:
+        allowance = self.allowance(tenant_id)
+        return QuotaDecision(True) if allowance is None else allowance.check(seconds)
 
     def consume(self, tenant_id: str | None, seconds: float) -> list[QuotaWarning]:
         limits = self.limits.get(tenant_id or "")

@@ -270,7 +270,9 @@ class Segmenter:
         if self._hole_chunks:  # the stream goes on after a hole: what came before it is not spliced
             out.append(self._cut(CutReason.HOLE, now))
         deadline = self.next_deadline()
-        if deadline is not None and now >= deadline:
+        # only a chunk *after* the deadline finds the pause: one arriving at it exactly (a client
+        # keeping real time to the millisecond, pause_ms after the last audio) still continues it
+        if deadline is not None and now > deadline:
             out.append(self._cut(CutReason.PAUSE, now))
         if data:
             pieces = self._pieces(data)

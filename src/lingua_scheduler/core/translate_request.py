@@ -22,13 +22,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import msgspec
+
 from lingua_scheduler.core import audio_containers as ac
 from lingua_scheduler.core.languages import AUTO, normalize
 from lingua_scheduler.core.multipart import FormPart, form_parts, media_type
 from lingua_scheduler.errors import ErrorCode, RequestError
+from lingua_scheduler.protocol.common import (
+    MAX_METADATA_ENTRIES,
+    MAX_METADATA_KEY,
+    MAX_METADATA_VALUE,
+    Metadata,
+)
 
 #: the text fields of the form (and of the query string with a raw body)
-FIELDS = ("src_lang", "tgt_lang", "audio_format", "sample_rate", "tts")
+FIELDS = ("src_lang", "tgt_lang", "audio_format", "sample_rate", "tts", "metadata")
+#: longest ``metadata`` field (a JSON object of at most 16 short strings)
+MAX_METADATA_BYTES = 8192
 #: ``audio_format`` values: what the audio is
 CONTAINERS = ("pcm16", "opus", "wav", "ogg_opus")
 #: media types of audio and the container each means
@@ -63,6 +73,7 @@ class TranslateRequest:
     tgt_lang: str
     tts: bool
     audio: ac.DecodedAudio
+    metadata: dict[str, str] | None = None
 
 
 def _bad(
@@ -106,6 +117,7 @@ def parse_translate_request(
     if tgt == AUTO:
         raise _bad("tgt_lang", "the target language cannot be auto")
     tts = _boolean(fields.get("tts", "true"), "tts")
+    metadata = _metadata(fields.get("metadata"))
     audio_kind, audio_params = media_type(audio_type, "audio Content-Type")
     rate = _rate(fields.get("sample_rate") or audio_params.get("rate"))
     container = _container(fields.get("audio_format"), audio_kind, audio)
@@ -125,7 +137,7 @@ def parse_translate_request(
             ErrorCode.MESSAGE_TOO_LARGE,
             "too_large",
         )
-    return TranslateRequest(src, tgt, tts, decoded)
+    return TranslateRequest(src, tgt, tts, decoded, metadata)
 
 
 def _form(parts: list[FormPart]) -> tuple[FormPart, dict[str, str]]:
@@ -139,7 +151,7 @@ def _form(parts: list[FormPart]) -> tuple[FormPart, dict[str, str]]:
         elif part.name in FIELDS:
             if part.name in fields:
                 raise _bad(part.name, "the form gives this field twice", reason="form")
-            if len(part.data) > _MAX_FIELD:
+            if len(part.data) > (MAX_METADATA_BYTES if part.name == "metadata" else _MAX_FIELD):
                 raise _bad(part.name, f"longer than {_MAX_FIELD} bytes")
             try:
                 fields[part.name] = part.data.decode("utf-8").strip()
@@ -148,6 +160,22 @@ def _form(parts: list[FormPart]) -> tuple[FormPart, dict[str, str]]:
     if audio is None:
         raise _bad("audio", "the form has no audio part (a file field named audio)", reason="missing")
     return audio, fields
+
+
+def _metadata(value: str | None) -> dict[str, str] | None:
+    """The ``metadata`` field: a JSON object of strings, bounded as the wire's ``Metadata``."""
+    if value is None or not value.strip():
+        return None
+    if len(value) > MAX_METADATA_BYTES:
+        raise _bad("metadata", f"longer than {MAX_METADATA_BYTES} bytes")
+    try:
+        return msgspec.json.decode(value.encode(), type=Metadata)
+    except msgspec.DecodeError as exc:
+        raise _bad(
+            "metadata",
+            f"must be a JSON object of at most {MAX_METADATA_ENTRIES} strings (keys up to "
+            f"{MAX_METADATA_KEY}, values up to {MAX_METADATA_VALUE} characters): {str(exc)[:120]}",
+        ) from None
 
 
 def _language(value: str, field: str) -> str:

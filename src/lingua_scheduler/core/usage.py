@@ -24,11 +24,13 @@ Must never: read the time itself (the ``Clock`` is injected), do I/O, or grow wi
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lingua_scheduler.clock import Clock
+from lingua_scheduler.core.audio import audio_duration_ms
 from lingua_scheduler.core.languages import normalize
 
 Outcome = Literal["completed", "failed", "timed_out", "cancelled"]
@@ -38,6 +40,23 @@ HOUR_MS = 3_600_000
 OTHER = "other"
 #: longest language code metered as itself (longer ones are ``other``)
 _MAX_LANG = 32
+#: the sample rate assumed for a node's pcm16 speech (the nodes synthesize at 16 kHz)
+TTS_PCM_RATE = 16000
+
+
+def tts_seconds(tts_audio: str | None, tts_format: str | None) -> float:
+    """Seconds of speech in a node's result (base64 pcm16 at ``TTS_PCM_RATE``, or framed Opus)."""
+    if not tts_audio:
+        return 0.0
+    if (tts_format or "pcm16") == "opus":
+        try:
+            data = base64.b64decode(tts_audio)
+        except ValueError:
+            return 0.0
+        return audio_duration_ms(data, "opus", TTS_PCM_RATE) / 1000
+    # pcm16 (or a format we cannot measure, counted as such): from the base64 length, without decoding
+    size = len(tts_audio) * 3 // 4 - tts_audio[-2:].count("=")
+    return size / (2 * TTS_PCM_RATE)
 
 
 @dataclass(slots=True)
@@ -164,6 +183,11 @@ class UsageMeter:
         if counts is None:
             counts = self._buckets[key] = UsageCounts()
         return counts
+
+    def pair_of(self, tenant_id: str, src_lang: str, tgt_lang: str) -> tuple[str, str]:
+        """The pair a tenant's (src, tgt) is metered under (``other->other`` past ``max_pairs``)."""
+        pair = (_lang(src_lang), _lang(tgt_lang))
+        return pair if pair in self._pairs.get(tenant_id, ()) else (OTHER, OTHER)
 
     def _prune(self, hour: int) -> None:
         self._pruned_at = hour

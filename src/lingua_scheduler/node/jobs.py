@@ -47,6 +47,11 @@ class Job:
     streaming: bool
     assign: JobAssign = field(repr=False)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The integrator's metadata of the job (domain, glossary id, ...; empty when it gave none)."""
+        return dict(self.assign.metadata or {})
+
     @classmethod
     def from_assign(cls, assign: JobAssign) -> Job:
         try:

@@ -119,11 +119,11 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ),
     ErrorCode.NODE_OVERLOADED: (
         "A job failed: the session's audio backlog is over its limit.",
-        frozenset({"node", "session"}),
+        frozenset({"node", "session", "http"}),
     ),
     ErrorCode.MODEL_NOT_AVAILABLE: (
         "The node lacks a model the job needs.",
-        frozenset({"node", "session"}),
+        frozenset({"node", "session", "http"}),
     ),
     ErrorCode.MODEL_LOAD_FAILED: (
         "The node could not load a model.",
@@ -142,7 +142,7 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ErrorCode.NO_AVAILABLE_NODE: (
         "No node could take the utterance within the wait timeout, or the scheduler cannot take more "
         "jobs right now; the message names what excluded most nodes.",
-        frozenset({"session"}),
+        frozenset({"session", "http"}),
     ),
     ErrorCode.WS_DISCONNECTED: ("Reserved (a client-side code; not sent by this scheduler).", frozenset()),
     ErrorCode.NMT_TIMEOUT: (
@@ -155,9 +155,12 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ),
     ErrorCode.JOB_TIMEOUT: (
         "No acknowledgement or result came in time on any attempt.",
-        frozenset({"session"}),
+        frozenset({"session", "http"}),
     ),
-    ErrorCode.JOB_CANCELLED: ("An operator cancelled the job (admin API).", frozenset({"session"})),
+    ErrorCode.JOB_CANCELLED: (
+        "An operator cancelled the job (admin API), or its client did (`utterance_cancel`).",
+        frozenset({"session", "http"}),
+    ),
     ErrorCode.MODEL_VERIFY_FAILED: (
         "The node's model failed verification.",
         frozenset({"node", "session"}),
@@ -210,11 +213,11 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ),
     ErrorCode.TENANT_LIMIT: (
         "The tenant is at its limit of concurrent sessions (`auth.tenants[].max_sessions`).",
-        frozenset({"session"}),
+        frozenset({"session", "http"}),
     ),
     ErrorCode.TENANT_RATE_LIMITED: (
         "The tenant is over its job rate (`auth.tenants[].max_jobs_per_second`): the utterance is refused.",
-        frozenset({"session"}),
+        frozenset({"session", "http"}),
     ),
     ErrorCode.RATE_LIMITED: (
         "The connection sends frames faster than its rate limit (`limits.*_messages_per_second`): frames "
@@ -228,7 +231,7 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
     ),
     ErrorCode.SESSION_LIMIT_REACHED: (
         "`session_init` refused: this instance holds `limits.max_sessions` sessions.",
-        frozenset({"session"}),
+        frozenset({"session", "http"}),
     ),
     ErrorCode.ORIGIN_NOT_ALLOWED: (
         "HTTP 403 before the upgrade: the browser Origin is not in `limits.session_allowed_origins`.",
@@ -299,9 +302,9 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset(),
     ),
     ErrorCode.QUOTA_EXCEEDED: (
-        "HTTP 429: the tenant used up its daily or monthly audio minutes (`details.period`, "
-        "`details.reset_at` say which and when it resets).",
-        HTTP_ONLY,
+        "The tenant used up its daily or monthly audio minutes (`details.period`, `details.reset_at` "
+        "say which and when it resets): a session_init or an utterance is refused (HTTP 429).",
+        frozenset({"http", "session"}),
     ),
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: (
         "HTTP 415: the request body is in a media type the route does not take.",

@@ -10,6 +10,19 @@ import msgspec
 #: an integer a peer may set freely (timestamps, timings, counts): bounded to what a JavaScript client
 #: reads exactly (2^53). Unbounded, msgspec would accept integers of thousands of digits.
 SafeInt = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]
+#: most entries, longest key and longest value of a job's ``metadata``
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 256
+#: an integrator's per-job metadata (domain, glossary id, customer reference, ...): string to string,
+#: bounded (at most 16 entries of a 64-character key and a 256-character value), passed through as is
+Metadata = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METADATA_KEY)],
+        Annotated[str, msgspec.Meta(max_length=MAX_METADATA_VALUE)],
+    ],
+    msgspec.Meta(max_length=MAX_METADATA_ENTRIES),
+]
 
 
 def doc(text: str) -> msgspec.Meta:

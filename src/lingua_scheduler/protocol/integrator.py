@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from lingua_scheduler.protocol.common import doc
+from lingua_scheduler.protocol.common import Metadata, doc
 
 Lang = Annotated[str, Meta(min_length=1, max_length=32, description="A language code (``auto``: detect it)")]
 Seconds = Annotated[float, Meta(ge=0)]
@@ -59,6 +59,10 @@ class TranslateParams(Struct, kw_only=True, forbid_unknown_fields=True):
         int | None, doc("sample rate of raw pcm16 or framed Opus, in Hz (default 16000)")
     ] = None
     tts: Annotated[bool, doc("synthesize the translation as speech (default true)")] = True
+    metadata: Annotated[
+        str | None,
+        doc("a JSON object of at most 16 strings: the job's metadata, passed to the node and back"),
+    ] = None
 
 
 class UtteranceResult(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -73,7 +77,11 @@ class UtteranceResult(Struct, kw_only=True, forbid_unknown_fields=True):
     tts_audio: Annotated[str, doc('synthesized speech, standard base64 ("" without TTS)')]
     timings: Annotated[Timings | None, doc("the node's stage timings")] = None
     error: Annotated[
-        str | None, doc("the error code when this utterance failed (the others are still answered)")
+        str | None,
+        doc(
+            "why this utterance has no translation (the others are still answered): an error code "
+            "(NO_AVAILABLE_NODE, JOB_TIMEOUT, QUOTA_EXCEEDED, ...) or silence_detected"
+        ),
     ] = None
 
 
@@ -97,6 +105,7 @@ class TranslateResponse(Struct, kw_only=True, forbid_unknown_fields=True):
     session_id: Annotated[str, doc("the scheduler session the upload ran in (for support requests)")]
     timings: Annotated[Timings | None, doc("the node's stage timings, summed over the utterances")] = None
     utterances: Annotated[list[UtteranceResult], doc("every utterance, in order")] = []
+    metadata: Annotated[Metadata | None, doc("the request's metadata, as the node was given it")] = None
 
 
 # --- /v1/stream --------------------------------------------------------------------------------------
@@ -113,6 +122,7 @@ class StreamStart(Struct, tag="start", tag_field="type", kw_only=True, forbid_un
     sample_rate: Annotated[int, doc("sample rate of the chunks, in Hz")] = 16000
     tts: Annotated[bool, doc("synthesize each translation as speech")] = True
     partials: Annotated[bool, doc("send ``partial`` messages with the text recognized so far")] = False
+    metadata: Annotated[Metadata | None, doc("the jobs' metadata, passed to the node")] = None
 
 
 class StreamAudio(Struct, tag="audio", tag_field="type", kw_only=True, forbid_unknown_fields=True):
@@ -225,7 +235,8 @@ class UsageReport(Struct, kw_only=True, forbid_unknown_fields=True):
     instance_only: Annotated[
         bool,
         doc(
-            "true in Redis mode: the figures are this instance's (the instances' records are not yet merged)"
+            "always false: in Redis mode the figures are every instance's, as each wrote them to Redis "
+            "(kept for clients of the first version of this answer)"
         ),
     ] = False
 
@@ -252,12 +263,16 @@ class SessionStartedData(Struct, kw_only=True, forbid_unknown_fields=True):
         Literal["session", "stream", "translate"],
         doc("how it was opened: /ws/session, /v1/stream, or a POST /v1/speech/translate upload"),
     ]
+    metadata: Annotated[Metadata | None, doc("the session's metadata (session_init's or the request's)")] = (
+        None
+    )
 
 
 class SessionEndedData(Struct, kw_only=True, forbid_unknown_fields=True):
     session_id: Annotated[str, doc("the session")]
     reason: Annotated[str, doc("why it ended: client_close, disconnected, idle, shutdown, completed, ...")]
     usage: Annotated[SessionUsage, doc("what the session used")]
+    metadata: Annotated[Metadata | None, doc("the session's metadata")] = None
 
 
 class JobFailedData(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -266,6 +281,7 @@ class JobFailedData(Struct, kw_only=True, forbid_unknown_fields=True):
     utterance_index: Annotated[int, doc("its utterance")]
     code: Annotated[str, doc("the error code the session was sent (NO_AVAILABLE_NODE, JOB_TIMEOUT, ...)")]
     message: Annotated[str, doc("what went wrong, for a human")]
+    metadata: Annotated[Metadata | None, doc("the job's metadata")] = None
 
 
 class QuotaWarningData(Struct, kw_only=True, forbid_unknown_fields=True):

@@ -26,6 +26,7 @@ from lingua_scheduler.protocol.common import (
     FeatureFlags,
     FrozenStruct,
     JobError,
+    Metadata,
     SafeInt,
     SegmentsMeta,
     ServiceStatus,
@@ -500,6 +501,10 @@ class JobAssign(Struct, tag="job_assign", tag_field="type"):
     turn_id: Annotated[
         str | None,
         doc("turn dialect only: the spoken turn this job belongs to (the node aggregates a turn's jobs)"),
+    ] = None
+    metadata: Annotated[
+        Metadata | None,
+        doc("the integrator's metadata of the job (session_init.metadata or the request's), passed as is"),
     ] = None
     is_manual_cut: Annotated[bool, doc("the client ended the utterance (an is_final chunk)")] = False
     is_pause_triggered: Annotated[bool, doc("older dialect only: cut at a pause")] = False

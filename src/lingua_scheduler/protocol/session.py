@@ -48,6 +48,7 @@ from lingua_scheduler.protocol.common import (
     ErrorMessage,
     ExtraResult,
     FeatureFlags,
+    Metadata,
     SafeInt,
     SegmentsMeta,
     ServiceTimings,
@@ -180,6 +181,14 @@ class SessionInit(SpeechOptions, tag="session_init", tag_field="type"):
     use_binary_frame: Annotated[
         bool | None, doc("the client will send binary audio frames instead of audio_chunk")
     ] = None
+    metadata: Annotated[
+        Metadata | None,
+        doc(
+            "the integrator's metadata of the session's jobs (domain, glossary id, customer reference; at "
+            "most 16 entries, keys up to 64 and values up to 256 characters): sent to the node in every "
+            "job_assign, echoed on each translation_result and kept with the usage"
+        ),
+    ] = None
 
 
 class AudioChunk(Struct, tag="audio_chunk", tag_field="type"):
@@ -251,6 +260,18 @@ class TtsPlayEnded(Struct, tag="tts_play_ended", tag_field="type"):
     group_id: Annotated[ShortStr, doc("the result's group_id")]
     ts_end_ms: Annotated[
         NonNegInt, doc("the client's clock when playback ended, in ms (not used for timing)")
+    ]
+
+
+class UtteranceCancel(Struct, tag="utterance_cancel", tag_field="type"):
+    """Cancel one utterance: its jobs stop on their nodes, and the client gets ``error``
+    (JOB_CANCELLED) and ``missing_result(job_failed)`` for it; an utterance with no job in flight (not
+    cut yet, or already answered) gets ``error`` INVALID_MESSAGE (details.reason invalid_value) and
+    nothing changes."""
+
+    session_id: Annotated[SessionId, doc("this connection's session")]
+    utterance_index: Annotated[
+        NonNegInt, doc("the utterance, as its results name it (the client's own number for an utterance)")
     ]
 
 
@@ -350,6 +371,7 @@ SessionInbound = (
     | TtsStarted
     | TtsPlayEnded
     | SessionClose
+    | UtteranceCancel
     | RoomCreate
     | RoomJoin
     | RoomLeave
@@ -449,6 +471,7 @@ class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_o
     quality_score: Annotated[float | None, doc("the recognizer's quality score")] = None
     rerun_count: Annotated[int | None, doc("re-recognitions done")] = None
     segments_meta: Annotated[SegmentsMeta | None, doc("how the audio was segmented")] = None
+    metadata: Annotated[Metadata | None, doc("the session's metadata (session_init.metadata), echoed")] = None
 
 
 class AsrPartial(Struct, tag="asr_partial", tag_field="type", kw_only=True):

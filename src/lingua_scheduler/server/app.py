@@ -24,6 +24,7 @@ from lingua_scheduler.server import (
     auth,
     cluster_view,
     dashboard,
+    front_doors,
     http_api,
     integrator_api,
     openapi,
@@ -51,6 +52,7 @@ from lingua_scheduler.server.runtime import Runtime
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.stream_endpoint import stream_ws
 from lingua_scheduler.store.redis_store import RedisStore
 
 
@@ -78,6 +80,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
     admin.add_routes(app)
     # usage metering, quotas and webhooks (started after the cluster: its presence is written first)
     integrator_api.setup(app, config, state.clock, store)
+    front_doors.setup(app)  # POST /v1/speech/translate: uploads as adapter sessions
+    routes.register(app, "stream_websocket", stream_ws)  # /v1/stream: a socket as an adapter session
     dashboard.add_routes(app)
     openapi.add_routes(app)
     if store is not None:

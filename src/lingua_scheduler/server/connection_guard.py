@@ -86,6 +86,8 @@ class ConnectionGuard:
     def __init__(self, config: LimitsConfig, refusals: Counter, max_body_bytes: int = 0) -> None:
         #: the app's request-body limit (aiohttp's ``client_max_size``): what a chunked body may add
         self.max_body_bytes = max_body_bytes
+        #: path -> the body limit of a route that reads larger bodies itself (the translate upload)
+        self.body_limits: dict[str, int] = {}
         self.config = config
         #: ``lingua_limit_refusals_total`` of ``server/limits.py``: one metric for every limit hit
         self.refusals = refusals
@@ -353,7 +355,7 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
     body = request.content_length
     if body is None and request.body_exists:  # chunked: bounded by the app's body limit
-        body = guard.max_body_bytes
+        body = guard.body_limits.get(request.path, guard.max_body_bytes)
     proto.request_started(upgrade=upgrade, body_bytes=body or 0)
     try:
         return await handler(request)

@@ -22,7 +22,7 @@ from aiohttp import web
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
 from lingua_scheduler.core.quota import QuotaBook, QuotaLimits
-from lingua_scheduler.core.usage import HOUR_MS, UsageCounts, UsageMeter, UsageRecord
+from lingua_scheduler.core.usage import HOUR_MS, UsageCounts, UsageMeter, UsageRecord, report
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol import integrator as i
 from lingua_scheduler.server import routes
@@ -30,10 +30,12 @@ from lingua_scheduler.server.admin import admin_action
 from lingua_scheduler.server.http_io import json_response, parse_query
 from lingua_scheduler.server.state import STATE
 from lingua_scheduler.server.usage_metrics import UsageMetrics
+from lingua_scheduler.server.usage_recorder import UsageRecorder
 from lingua_scheduler.server.webhooks import WebhookService, new_event_id
 from lingua_scheduler.store.redis_store import RedisStore
 
 USAGE = web.AppKey("usage", UsageMeter)
+RECORDER = web.AppKey("usage_recorder", UsageRecorder)
 QUOTAS = web.AppKey("quotas", QuotaBook)
 WEBHOOKS = web.AppKey("webhooks", WebhookService)
 #: the range of a usage query when the request names none
@@ -126,14 +128,18 @@ async def usage(request: web.Request) -> web.Response:
     from_ms = parse_instant(q.from_, "from") if isinstance(q.from_, str) else to_ms - DEFAULT_SPAN_MS
     if from_ms >= to_ms:
         raise RequestError("query parameter 'from' must be before 'to'")
-    rep = meter.query(tenant, from_ms, to_ms)
+    recorder = request.app[RECORDER]
+    if recorder.store is not None:  # Redis mode: every instance's counts, as they were written
+        rep = report(await recorder.cluster_records(tenant, from_ms, to_ms), tenant, from_ms, to_ms)
+    else:
+        rep = meter.query(tenant, from_ms, to_ms)
     body = i.UsageReport(
         tenant_id=tenant,
         from_=iso(from_ms - from_ms % HOUR_MS),
         to=iso(to_ms),
         total=i.UsageFigures(**_figures(rep.total)),  # type: ignore[arg-type]
         buckets=[_bucket(b) for b in rep.buckets],
-        instance_only=request.app[WEBHOOKS].durable,
+        instance_only=False,
     )
     return json_response(body)
 
@@ -180,11 +186,29 @@ def setup(app: web.Application, config: Config, clock: Clock, store: RedisStore 
     app[QUOTAS] = QuotaBook(clock, quota_limits(config), warn_fraction=ic.quota_warn_fraction)
     service = WebhookService(config, clock, store)
     app[WEBHOOKS] = service
+    recorder = UsageRecorder(
+        meter, app[QUOTAS], service, clock, store, retention_hours=ic.usage_retention_hours
+    )
+    app[RECORDER] = recorder
+    app[STATE].runtime.observer = recorder  # the engine's decisions feed usage, quotas, webhooks
+
+    async def recording(app: web.Application) -> AsyncIterator[None]:
+        async for _ in recorder.run():
+            yield
+
+    app.cleanup_ctx.append(recording)
     metrics = app[STATE].metrics
     metrics.add_live(UsageMetrics(meter).collect)
     metrics.add_live(service.metrics)
     routes.register(app, "usage", usage)
     routes.register(app, "admin_webhook_test", webhook_test)
+
+
+def reloaded(app: web.Application, config: Config) -> None:
+    """After a SIGHUP reload of ``[auth]``: metered tenants, quotas and webhook endpoints follow it."""
+    app[USAGE].set_tenants(tenant_ids(config))
+    app[QUOTAS].set_limits(quota_limits(config))
+    app[WEBHOOKS].reload(config)
 
 
 async def delivery(app: web.Application) -> AsyncIterator[None]:

@@ -104,10 +104,11 @@ def _operation(route: Route) -> Schema:
             "content": {JSON: {"schema": {"$ref": REF.format(name=t.__name__)}}},
         }
     for status, media in route.media.items():
-        responses[str(status)] = {
-            "description": route.summary,
-            "content": {kind: {"schema": schema} for kind, schema in media.items()},
-        }
+        content = {kind: {"schema": schema} for kind, schema in media.items()}
+        if str(status) in responses:  # another content type of the same answer (Accept decides)
+            responses[str(status)]["content"].update(content)
+            continue
+        responses[str(status)] = {"description": route.summary, "content": content}
     for status, text in route.bare.items():
         responses[str(status)] = {"description": text}
         if status == 302:
@@ -129,6 +130,13 @@ def _operation(route: Route) -> Schema:
     }
     if params := _parameters(route):
         op["parameters"] = params
+    if route.request:
+        op["requestBody"] = {"required": True, "content": route.request}
+    if route.headers:
+        op.setdefault("parameters", []).extend(
+            {"name": name, "in": "header", "schema": {"type": "string"}, "description": text}
+            for name, text in route.headers.items()
+        )
     if route.body is not None:
         op["requestBody"] = {
             "required": False,

@@ -108,6 +108,9 @@ class Reloader:
         self.load = load
         self.ssl_context = ssl_context
         self.results: dict[str, int] = {"ok": 0, "refused": 0}
+        #: told the configuration after each applied reload (the integrator API's tenants, quotas and
+        #: webhook endpoints come from ``[auth]``)
+        self.after: list[Callable[[Config], None]] = []
         self.fingerprint = certificate_fingerprint(state.config.tls.cert_file) if ssl_context else None
         state.metrics.add_live(self.metrics)
 
@@ -133,6 +136,8 @@ class Reloader:
             old.tls = new.tls
         self.state.auth.reload(new.auth)
         old.auth = new.auth
+        for listener in self.after:
+            listener(old)
         self.results["ok"] += 1
         log.info("configuration reloaded", extra={"changes": changes})
         if needs_restart := _sections_changed(old, new):

@@ -45,6 +45,10 @@ class Route:
     #: path parameter -> (schema, description)
     path_params: dict[str, tuple[Schema, str]] = field(default_factory=dict)
     body: type[msgspec.Struct] | None = None
+    #: a request body that is not one JSON Struct: media type -> its OpenAPI media object
+    request: dict[str, Schema] = field(default_factory=dict)
+    #: request headers the route reads: name -> description
+    headers: dict[str, str] = field(default_factory=dict)
     errors: tuple[E, ...] = ()
     admin: bool = False
 
@@ -63,6 +67,32 @@ JOB_ID = {"job_id": ({"type": "string", "minLength": 1}, "Job id (``job-...``)")
 FORWARDED = (E.STORE_UNAVAILABLE, E.OWNER_TIMEOUT)
 #: refusals of a WebSocket upgrade before it is accepted
 UPGRADE_REFUSALS = (E.TOO_MANY_CONNECTIONS, E.SCHEDULER_SHUTTING_DOWN)
+_AUDIO_BODY: Schema = {"schema": {"type": "string", "format": "binary"}}
+#: the translate route's bodies: the reference gateway's form, or the audio itself (fields in the query)
+TRANSLATE_BODY: dict[str, Schema] = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["audio"],
+            "properties": {
+                "audio": {"type": "string", "format": "binary", "description": "the recording"},
+                "src_lang": {"type": "string", "description": "source language, or auto (default zh)"},
+                "tgt_lang": {"type": "string", "description": "target language (default en)"},
+                "audio_format": {"type": "string", "enum": ["pcm16", "opus", "wav", "ogg_opus"]},
+                "sample_rate": {"type": "integer", "description": "Hz, for pcm16 and framed Opus"},
+                "tts": {"type": "boolean", "description": "synthesize the translation (default true)"},
+                "metadata": {
+                    "type": "string",
+                    "description": "a JSON object of at most 16 strings, passed to the node and back",
+                },
+            },
+        }
+    },
+    "audio/ogg": _AUDIO_BODY,
+    "audio/wav": _AUDIO_BODY,
+    "audio/l16": _AUDIO_BODY,
+    "application/octet-stream": _AUDIO_BODY,
+}
 
 
 def _admin_node(action: str, summary: str, errors: tuple[E, ...]) -> Route:
@@ -349,7 +379,55 @@ ROUTES: tuple[Route, ...] = (
         query=i.UsageQuery,
         errors=(E.UNAUTHORIZED, E.FORBIDDEN, E.NOT_FOUND, E.ADMIN_DISABLED),
     ),
+    Route(
+        "POST",
+        "/v1/speech/translate",
+        "speech_translate",
+        "integrator",
+        "Translate an uploaded recording (multipart form or the raw audio): transcript, translation, "
+        "speech and timings, one job per utterance, answered in order (Authorization: Bearer <tenant key>)",
+        {200: i.TranslateResponse},
+        media={
+            200: {
+                "audio/l16": {"type": "string", "format": "binary", "description": "with Accept: audio/*"},
+                "audio/opus": {"type": "string", "format": "binary", "description": "with Accept: audio/*"},
+            }
+        },
+        query=i.TranslateParams,
+        request=TRANSLATE_BODY,
+        headers={
+            "Idempotency-Key": "a retry with the same key (and tenant) gets the first answer",
+            "Accept": "audio/* answers the synthesized speech alone (X-Job-Id, X-Session-Id headers)",
+        },
+        errors=(
+            E.UNAUTHORIZED,
+            E.MESSAGE_TOO_LARGE,
+            E.UNSUPPORTED_MEDIA_TYPE,
+            E.QUOTA_EXCEEDED,
+            E.TENANT_LIMIT,
+            E.TENANT_RATE_LIMITED,
+            E.TOO_MANY_CLIENTS,
+            E.JOB_CANCELLED,
+            E.NO_AVAILABLE_NODE,
+            E.NODE_OVERLOADED,
+            E.MODEL_NOT_AVAILABLE,
+            E.SESSION_LIMIT_REACHED,
+            E.SCHEDULER_SHUTTING_DOWN,
+            E.JOB_TIMEOUT,
+            E.INTERNAL_ERROR,
+        ),
+    ),
     # --- WebSockets
+    Route(
+        "GET",
+        "/v1/stream",
+        "stream_websocket",
+        "websocket",
+        "Streaming translation WebSocket (start, audio, end -> started, partial, final, ended; "
+        "Authorization: Bearer <tenant key>); docs/integration.md",
+        bare={101: "Switching protocols", 400: "Not a WebSocket request"},
+        errors=(E.ORIGIN_NOT_ALLOWED, *UPGRADE_REFUSALS),
+    ),
     Route(
         "GET",
         "/ws/node",

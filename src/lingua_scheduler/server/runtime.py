@@ -2,8 +2,10 @@
 
 Owns the deadline timer task, the shared-store reservation tasks and the refused-node retry timers;
 everything else it does is one flat ladder over the action types (``_execute``), reaching nodes and
-sessions through server/links.py and the other instances through the cluster shell. It decides
-nothing: every choice about a job, a node or a session is the engine's (core/engine.py).
+sessions through server/links.py, the other instances through the cluster shell and the integrator
+shell (usage, quotas, webhooks) through its ``JobObserver``. It decides nothing: every choice about a
+job, a node or a session is the engine's (core/engine.py); the observer's quota is read here only to
+hand it to the engine with the utterances (``UtterancesReady.quota``).
 
 Must never: look inside a job, choose a node, or keep state about a job or a session.
 """
@@ -21,6 +23,7 @@ from lingua_scheduler.core import actions as a
 from lingua_scheduler.core import events as ev
 from lingua_scheduler.core.engine import SchedulerEngine
 from lingua_scheduler.core.quality import Change
+from lingua_scheduler.core.quota import Allowance
 from lingua_scheduler.core.results import ResultQueue
 from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.errors import ErrorCode
@@ -54,6 +57,41 @@ class ClusterPort(Protocol):
     async def suspect(self, why: str, refused: bool = False) -> None: ...
 
 
+class ObservedSession(Protocol):
+    """What the integrator shell reads of a session it is told about (server/sessions.py's
+    ``Session`` is one)."""
+
+    session_id: str
+    tenant_id: str | None
+    src_lang: str
+    targets: list[str]
+    metadata: dict[str, str] | None
+    #: which front door opened it ("session", "stream", "translate")
+    via: str
+    #: the clock's monotonic time it opened here
+    opened_at: float
+    #: the instance it was handed over to (its end is that instance's to report)
+    relay_to: str | None
+
+
+class JobObserver(Protocol):
+    """The integrator shell (server/usage_recorder.py's ``UsageRecorder``): usage metering, quotas and
+    lifecycle webhooks. Told what the engine decided (``AudioAdmitted``, ``JobEnded``) and, by the
+    session code, of sessions opening and ending; asked for a tenant's quota, which the engine decides
+    on. Each call is synchronous and never raises, except ``check_quota``'s refusal."""
+
+    def allowance(self, tenant_id: str | None) -> Allowance | None:
+        """The tenant's audio-minute quota as it stands (None: it has none)."""
+
+    def audio_admitted(self, admitted: a.AudioAdmitted) -> None: ...
+    def job_ended(self, ended: a.JobEnded) -> None: ...
+    def check_quota(self, tenant_id: str | None) -> None:
+        """Raise ``QUOTA_EXCEEDED`` when the tenant's quota is used up (a new session is refused)."""
+
+    def session_opened(self, session: ObservedSession) -> None: ...
+    def session_ended(self, session: ObservedSession, reason: str) -> None: ...
+
+
 class QualityReport(Protocol):
     """Where node-quality changes are counted, logged and recorded (server/quality.py)."""
 
@@ -81,6 +119,8 @@ class Runtime:
         self.dispatch_window = dispatch_window
         #: the multi-instance shell, set by the composition root in Redis mode (with ``links.instances``)
         self.cluster: ClusterPort | None = None
+        #: usage metering, quotas and lifecycle webhooks (set by server/integrator_api.py)
+        self.observer: JobObserver | None = None
         self._wake = asyncio.Event()
         #: reservation tasks in flight, kept so that they are not garbage-collected mid-way
         self._tasks: set[asyncio.Task[None]] = set()
@@ -140,7 +180,20 @@ class Runtime:
         finalized them arrived (the dispatch latency runs from there to the ``job_assign``)."""
         if utterances:
             at = received_at if received_at is not None else time.perf_counter()
-            self.handle(ev.UtterancesReady(session_id, tuple(utterances), src_lang, tgt_lang, pipeline, at))
+            observer = self.observer
+            quota = observer.allowance(self.engine.tenant_of(session_id)) if observer is not None else None
+            self.handle(
+                ev.UtterancesReady(session_id, tuple(utterances), src_lang, tgt_lang, pipeline, at, quota)
+            )
+
+    def cancel_utterance(self, session_id: str, utterance_index: int, reason: str) -> int:
+        """Cancel the live jobs of one utterance of the session (its client asked): each node gets
+        ``job_cancel`` and its slot back, the session ``error`` (JOB_CANCELLED) and
+        ``missing_result(job_failed)`` for the utterance. Returns how many jobs were cancelled."""
+        n = len(self.engine.cancellable(session_id, utterance_index))
+        if n:
+            self.handle(ev.CancelUtterance(session_id, utterance_index, reason))
+        return n
 
     def pump(self) -> None:
         self.handle(ev.CapacityChanged())
@@ -212,6 +265,12 @@ class Runtime:
                     elapsed = time.perf_counter() - at
                     self.metrics.job_dispatch.observe(elapsed)
                     self.dispatch_window.record(elapsed)
+                case a.AudioAdmitted():
+                    if (observer := self.observer) is not None:
+                        observer.audio_admitted(action)
+                case a.JobEnded():
+                    if (observer := self.observer) is not None:
+                        observer.job_ended(action)
                 case a.SendToNode(node_id=node_id, message=msg):
                     self.links.cancel(node_id, msg)
                 case a.RecordEvent(kind=kind, fields=fields):

@@ -55,6 +55,7 @@ from lingua_scheduler.protocol.session import (
     SessionInitAck,
     TtsPlayEnded,
     TtsStarted,
+    UtteranceCancel,
     UtteranceMessage,
 )
 from lingua_scheduler.server.auth import close_refused
@@ -228,6 +229,8 @@ class SessionConnection:
                 )
             elif isinstance(msg, SessionClose):
                 session.close(msg.reason or "client closed", connection_gone=False)
+            elif isinstance(msg, UtteranceCancel):
+                self._cancel_utterance(session, msg.utterance_index)
             elif isinstance(msg, TtsStarted):
                 session.segmenter.tts_started()  # no pause cut while the client plays speech
                 session.rearm()
@@ -240,6 +243,17 @@ class SessionConnection:
         except SchedulerError as exc:
             self._refuse(exc)
         return None
+
+    def _cancel_utterance(self, session: Session, index: int) -> None:
+        """``utterance_cancel``: the client's number is translated to ours (whole utterances it
+        numbered), its jobs cancelled; none in flight is refused and changes nothing."""
+        internal = next((i for i, c in session.client_index.items() if c == index), index)
+        if not self.state.runtime.cancel_utterance(session.session_id, internal, "cancelled by the client"):
+            raise ProtocolError(
+                f"utterance {index} has no job in flight to cancel",
+                reason=Reason.INVALID_VALUE,
+                field="$.utterance_index",
+            )
 
     def _refuse(self, exc: SchedulerError) -> None:
         self.state.metrics.invalid_frames.labels("session", exc.code.value).inc()
@@ -296,6 +310,8 @@ class SessionConnection:
             return None
         # The tenant comes from the API key, never from the body (server/auth.py); refused -> closed.
         msg.tenant_id = state.auth.session_tenant(self.credential, msg)
+        if (observer := state.runtime.observer) is not None:
+            observer.check_quota(msg.tenant_id)  # hook: the tenant's audio-minute quota (QUOTA_EXCEEDED)
         resumable = self._resumable(msg)
         if resumable is None:
             # Instance capacity (server/limits.py); the session this init replaces does not count.
@@ -389,6 +405,8 @@ class SessionConnection:
         self._last_seq = self._last_index = None  # a new session numbers from scratch
         self._unknown_drops = 0
         self.outbox.send(self._ack(session, resumed=resumed))
+        if not resumed and (observer := state.runtime.observer) is not None:
+            observer.session_opened(session)  # hook: session.started webhook
         log.info(
             "session resumed from another instance" if resumed else "session created",
             extra={

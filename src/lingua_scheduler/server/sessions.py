@@ -82,17 +82,21 @@ class Session:
         runtime: Runtime,
         sessions: dict[str, Session],
         resumer: Callable[[], Resuming | None],
-        outbox: Outbox,
+        outbox: Outbox | None,
         init: SessionInit,
         spec: AudioSpec,
         *,
         session_id: str | None = None,
         start_index: int = 0,
+        sink: Callable[[msgspec.Struct], None] | None = None,
+        via: str = "session",
     ) -> None:
         """``runtime``: where its utterances become jobs (the engine keeps its result queue from
         ``open``); ``sessions``: the instance's open sessions (it joins them at ``open``, leaves them
-        when it is freed); ``resumer``: the cross-instance resume now (None when
-        embedded); ``session_id`` and ``start_index``: a session continued from another instance."""
+        when it is freed); ``resumer``: the cross-instance resume now (None when embedded);
+        ``session_id`` and ``start_index``: a session continued from another instance; ``sink``
+        (with no ``outbox``): what receives the session's output instead of a WebSocket (the
+        integrator front doors, server/front_doors.py); ``via``: which front door opened it."""
         self.clock = clock
         self.config = config
         self.runtime = runtime
@@ -100,6 +104,11 @@ class Session:
         self.sessions = sessions
         self._resumer = resumer
         self.outbox: Outbox | None = outbox
+        #: an adapter session's receiver of everything it sends (None: the outbox's WebSocket)
+        self.sink = sink
+        self.via = via
+        #: monotonic time it opened (its usage's duration)
+        self.opened_at = clock.monotonic()
         self.init = init
         self.spec = spec
         self.session_id = session_id or new_session_id(sessions)
@@ -107,6 +116,7 @@ class Session:
         self.tenant_id = init.tenant_id
         self.src_lang = normalize(init.src_lang)
         self.targets = [normalize(init.tgt_lang)]
+        self.metadata = init.metadata
         self.segmenter = Segmenter(config, clock, spec, start_index=start_index)
         #: its result queue, kept by the engine (the one owner of its outstanding work); set by ``open``
         self._results: ResultQueue[TranslationResult] | None = None
@@ -179,7 +189,9 @@ class Session:
         """Send ``msg`` in the client's view; ``numbered_by_client``: its ``utterance_index`` already is
         the client's own (an utterance that never got an index here), so it is not translated."""
         msg = self._for_client(msg, numbered_by_client=numbered_by_client)
-        if self.relay_to is not None:
+        if self.sink is not None:
+            self.sink(msg)
+        elif self.relay_to is not None:
             resumer = self._resumer()
             if resumer is not None:
                 resumer.relay(self.relay_to, self.session_id, msg)
@@ -390,7 +402,7 @@ class Session:
 
     def maybe_finish_close(self) -> None:
         """Called after deliveries: a closing session whose results are all out is acknowledged and freed."""
-        if self.phase is not Phase.CLOSING or self.outbox is None:
+        if self.phase is not Phase.CLOSING or (self.outbox is None and self.sink is None):
             return
         if self.runtime.engine.settled(self.session_id):
             self.send(SessionCloseAck(session_id=self.session_id))
@@ -408,6 +420,8 @@ class Session:
             self._timer = None
         self.runtime.handle(SessionClosed(self.session_id, self._close_reason or "session closed"))
         self.sessions.pop(self.session_id, None)
+        if (observer := self.runtime.observer) is not None:  # hook: usage, session.ended
+            observer.session_ended(self, self._close_reason or "session closed")
         log.info(
             "session closed",
             extra={"session_id": self.session_id, "trace_id": self.trace_id, "reason": self._close_reason},

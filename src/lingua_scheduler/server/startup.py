@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import signal
 import socket
@@ -36,7 +37,7 @@ from aiohttp.web_runner import GracefulExit
 
 from lingua_scheduler.config import Config
 from lingua_scheduler.errors import ConfigError, SchedulerError
-from lingua_scheduler.server import shutdown
+from lingua_scheduler.server import integrator_api, shutdown
 from lingua_scheduler.server.app import build_app
 from lingua_scheduler.server.cluster import Cluster
 from lingua_scheduler.server.cluster_view import CLUSTER_VIEW
@@ -276,6 +277,7 @@ async def _serve(
             await _check_store(cluster, config)
         if reload is not None:
             reloader = Reloader(app[STATE], reload, ssl_context)
+            reloader.after.append(functools.partial(integrator_api.reloaded, app))
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload)
         # Objects alive at start (modules, config, routes) never become garbage: frozen, and the young
         # generation collected on the policy's cadence from now on (server/gc_policy.py)

@@ -90,6 +90,22 @@ class Keys:
         """set of the instance ids that have a webhook stream (so that the survivors find a dead one's)."""
         return f"{{{self.prefix}:webhooks}}:streams"
 
+    def usage(self, tenant_id: str, hour_ms: int) -> str:
+        """hash "<src>|<tgt>|<figure>" -> the cluster's use of one tenant in one UTC hour (figures:
+        received, translated, tts in seconds; jobs by outcome), HINCRBYFLOAT by every instance as it
+        counts (server/usage_recorder.py), expiring after the usage retention."""
+        return f"{{{self.prefix}:usage:{tenant_id}}}:{hour_ms}"
+
+    def quota_use(self, tenant_id: str, period: str, start_ms: int) -> str:
+        """hash instance_id -> the audio seconds that instance accepted for a tenant in one quota period
+        (daily or monthly, from its start); every instance reads the others' fields once a second."""
+        return f"{{{self.prefix}:usage:{tenant_id}}}:quota:{period}:{start_ms}"
+
+    def idempotency(self, tenant_id: str, key: str) -> str:
+        """string: the first answer of a translate request with this Idempotency-Key (SET NX with a
+        TTL; "pending" while the first request runs), so a retry on any instance gets that answer."""
+        return f"{{{self.prefix}:idem:{tenant_id}}}:{key}"
+
     def webhook_claim(self, instance_id: str) -> str:
         """string: the instance delivering a dead instance's webhook stream (SET NX PX, renewed while it
         works): one claimer at a time keeps each tenant's events in order."""

@@ -580,6 +580,40 @@ class RedisStore:
 
     # --- webhook events (server/webhooks.py) ---------------------------------------------------------
 
+    # --- integrator API: usage buckets and idempotent answers ----------------------------------------
+
+    async def usage_add(self, increments: dict[str, dict[str, float]], ttl_s: int) -> None:
+        """Add each key's field deltas (HINCRBYFLOAT) and renew its expiry, in one pipeline."""
+        pipe = self.r.pipeline(transaction=False)
+        for key, fields in increments.items():
+            for name, delta in fields.items():
+                pipe.hincrbyfloat(key, name, delta)
+            pipe.expire(key, ttl_s)
+        await self._do(pipe.execute())
+
+    async def usage_read(self, keys: list[str]) -> list[dict[str, float]]:
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        rows = await self._do(pipe.execute())
+        return [{_s(k): float(v) for k, v in row.items()} for row in rows]
+
+    async def idempotent_claim(self, key: str, ttl_ms: int) -> bytes | None:
+        """Claim ``key`` for a first request (None), or the value already there (the stored answer, or
+        ``b"pending"`` while the first request runs)."""
+        ok = await self._do(self.r.set(key, b"pending", nx=True, px=ttl_ms))
+        if ok:
+            return None
+        value = await self._do(self.r.get(key))
+        return b"pending" if value is None else bytes(value)
+
+    async def idempotent_store(self, key: str, value: bytes | None, ttl_ms: int) -> None:
+        """The first request's answer (None: it failed before answering: a retry may run again)."""
+        if value is None:
+            await self._do(self.r.delete(key))
+        else:
+            await self._do(self.r.set(key, value, px=ttl_ms))
+
     async def webhook_join(self) -> None:
         """Create this instance's webhook stream and group, and list it among the streams."""
         k = self.keys
