@@ -151,6 +151,30 @@ class ClusterPort(Protocol):
     async def suspect(self, why: str, refused: bool = False) -> None: ...
 
 
+class FanoutPort(Protocol):
+    """Rooms (server/room_service.py's ``RoomService`` is one): which jobs a room member's utterance
+    gets and who receives each of their outcomes. Every method is synchronous."""
+
+    def targets(self, session: SessionPort, index: int, src_lang: str, tgt_lang: str) -> list[str] | None:
+        """The target languages of utterance ``index`` (one job each); None: not in a room (the
+        session's own targets)."""
+
+    def created(self, session: SessionPort, index: int, jobs: list[tuple[str, str]]) -> None:
+        """The (target language, job id) pairs created for utterance ``index`` after ``targets``."""
+
+    def speaker_sees(self, job_id: str) -> bool:
+        """The speaker's session gets this job's progress (ui events, partials, errors)."""
+
+    def deliver(
+        self, session: SessionPort, job_id: str | None, message: msgspec.Struct
+    ) -> msgspec.Struct | None:
+        """A released outcome of the speaker's job (``translation_result`` or ``missing_result``): sent
+        to the job's other recipients here; returns what the speaker gets (None: nothing)."""
+
+    def session_ended(self, session_id: str) -> None:
+        """The session's jobs are cancelled at its end: forget its fan-out, take it out of its room."""
+
+
 @dataclasses.dataclass(slots=True)
 class SessionRoute:
     """A session's routing memory: where its last job went, and the turn its next utterance opens or
@@ -161,6 +185,9 @@ class SessionRoute:
     turn_start: int | None = None
     #: the last utterance was cut at its maximum duration (the next one continues it)
     continued: bool = False
+    #: the node a pairing code bound the session to (tried first), and whether only it may be used
+    pinned: str | None = None
+    pinned_only: bool = False
 
 
 def trigger_flags(reason: CutReason, *, turn_dialect: bool) -> tuple[bool, bool, bool]:
@@ -245,6 +272,8 @@ class Dispatcher:
         self.created_by_pair: dict[str, int] = {}
         #: session id -> its routing memory; bounded by live sessions (dropped in ``cancel_session``)
         self._routes: dict[str, SessionRoute] = {}
+        #: rooms' fan-out (set by the app; None: no rooms, every session's own targets)
+        self.fanout: FanoutPort | None = None
 
     # --- sessions -> jobs -----------------------------------------------------------------------
 
@@ -294,6 +323,11 @@ class Dispatcher:
             job_ids: list[str] = []
             failed: list[Job] = []
             targets = [tgt_lang] if tgt_lang else session.targets
+            fanout = self.fanout
+            if fanout is not None:  # a room member: one job per language of the others
+                src = src_lang or session.src_lang
+                targets = fanout.targets(session, utt.index, src, targets[0]) or targets
+            created: list[tuple[str, str]] = []
             # Per-tenant job rate (server/auth.py): an utterance over it gets no job, only the error below.
             limited = not self.auth.admit_jobs(session.tenant_id, len(targets))
             for tgt in [] if limited else targets:
@@ -338,10 +372,13 @@ class Dispatcher:
                 if out.verdict is Verdict.DUPLICATE or out.job is None:
                     continue
                 job_ids.append(out.job.job_id)
+                created.append((tgt, out.job.job_id))
                 self._finalized_at[out.job.job_id] = now
                 self._count_created(spec.src_lang, spec.tgt_lang)
                 if out.job.state is JobState.FAILED:
                     failed.append(out.job)
+            if fanout is not None:
+                fanout.created(session, utt.index, created)
             session.results.expect(utt.index, job_ids)
             if not job_ids:
                 self.deliver(session, session.results.fail(utt.index))
@@ -416,6 +453,10 @@ class Dispatcher:
             spec = job.spec
             route = self._routes.get(spec.session_id)
             last_node = route.last_node if route is not None else None
+            # A paired session's node comes first (a max-duration chain stays where its turn is).
+            pinned = route.pinned if route is not None else None
+            preferred = last_node if spec.continues_turn and last_node else (pinned or last_node)
+            only = pinned is not None and route is not None and route.pinned_only
             # Without fallback the routing key decides the one pool tried, so it is part of the request.
             routing = spec.tenant_id if self.config.pools.fallback else (spec.tenant_id or spec.session_id)
             key = (
@@ -430,6 +471,8 @@ class Dispatcher:
                 spec.mode,
                 spec.lang_a,
                 spec.lang_b,
+                preferred,
+                only,
             )
             if key in hopeless:
                 self.store.hold(job.job_id, busy=hopeless[key])
@@ -447,8 +490,9 @@ class Dispatcher:
                 features=spec.features.enabled() if spec.features else frozenset(),
                 routing_key=spec.tenant_id or spec.session_id,
                 tenant_id=spec.tenant_id,
-                preferred_node=last_node,
+                preferred_node=preferred,
                 bind_preferred=spec.continues_turn,
+                preferred_only=only and preferred == pinned,
                 also_serves=also,
                 exclude=frozenset(job.tried_nodes) | self._reserve_refused,
                 refused=frozenset(self._reserve_refused.difference(job.tried_nodes)),
@@ -512,7 +556,7 @@ class Dispatcher:
             self.metrics.job_dispatch.observe(elapsed)
             self.dispatch_window.record(elapsed)
         session = self.sessions.get(job.session_id)
-        if session is not None:
+        if session is not None and self._speaker_sees(job.job_id):
             session.send(self._ui(job, UiEventType.DISPATCHED))
 
     async def _place_shared(self, job_id: str, attempt: int, node_id: str) -> None:
@@ -927,6 +971,9 @@ class Dispatcher:
         self._forget(job)
         if session is None:
             return
+        if not self._speaker_sees(job.job_id):  # another room member's job: its missing_result says it
+            self.deliver(session, session.results.fail(job.utterance_index, job.job_id))
+            return
         session.send(
             ErrorMessage(
                 code=code,
@@ -959,28 +1006,40 @@ class Dispatcher:
             if reason is None and payload is not None:
                 job = self.store.get(payload.job_id)
                 if job is not None:
-                    if payload.text_asr:
+                    # another room member's job: its progress is not the speaker's
+                    sees = self._speaker_sees(job.job_id)
+                    if payload.text_asr and sees:
                         session.send(self._ui(job, UiEventType.ASR_FINAL))
-                    if payload.text_translated:
+                    if payload.text_translated and sees:
                         session.send(self._ui(job, UiEventType.NMT_DONE))
                     m.job_end_to_end.observe(max(0.0, self.clock.monotonic() - job.created_at))
                     self._forget(job)
                 if rel.late:  # its index was given up (gap_timeout) before it came: delivered anyway
                     m.late_results.inc()
                     payload = msgspec.structs.replace(payload, late=True)
-                session.send(payload)
+                self._send_release(session, rel.job_id, payload)
             else:
-                session.send(
-                    MissingResult(
-                        session_id=session.session_id,
-                        utterance_index=rel.index,
-                        reason=reason or MissingReason.SILENCE_DETECTED,
-                        created_at_ms=self.clock.wall_ms(),
-                        trace_id=session.trace_id,
-                    )
+                missing = MissingResult(
+                    session_id=session.session_id,
+                    utterance_index=rel.index,
+                    reason=reason or MissingReason.SILENCE_DETECTED,
+                    created_at_ms=self.clock.wall_ms(),
+                    trace_id=session.trace_id,
                 )
+                self._send_release(session, rel.job_id, missing)
         session.forget_released()
         session.maybe_finish_close()
+
+    def _send_release(self, session: SessionPort, job_id: str | None, msg: msgspec.Struct) -> None:
+        """A released outcome: to the speaker, or (a room's fan-out) to the job's recipients."""
+        out: msgspec.Struct | None = msg
+        if self.fanout is not None:
+            out = self.fanout.deliver(session, job_id, msg)
+        if out is not None:
+            session.send(out)
+
+    def _speaker_sees(self, job_id: str) -> bool:
+        return self.fanout is None or self.fanout.speaker_sees(job_id)
 
     def _ui(self, job: Job, event: UiEventType) -> UiEvent:
         return UiEvent(
@@ -998,7 +1057,7 @@ class Dispatcher:
 
     def _to_session(self, job: Job, msg: object) -> None:
         session = self.sessions.get(job.session_id)
-        if session is not None:
+        if session is not None and self._speaker_sees(job.job_id):
             session.send(msg)  # type: ignore[arg-type]
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -1013,6 +1072,18 @@ class Dispatcher:
         self._routes.pop(session_id, None)
         for out in self.store.cancel_session(session_id, reason):
             self._apply(out, "session_closed")
+        if self.fanout is not None:
+            self.fanout.session_ended(session_id)
+
+    def pin(self, session_id: str, node_id: str, *, only: bool) -> None:
+        """The session's jobs go to ``node_id`` first (a pairing code bound it); ``only``: never to
+        another node. Forgotten with the rest of its routing memory at its end."""
+        route = self._routes.setdefault(session_id, SessionRoute())
+        route.pinned, route.pinned_only = node_id, only
+
+    def pinned_node(self, session_id: str) -> str | None:
+        route = self._routes.get(session_id)
+        return route.pinned if route is not None else None
 
     def fail_all(self, code: ErrorCode, message: str) -> int:
         """End every live job of this instance as FAILED with ``code`` (graceful shutdown past its
@@ -1037,13 +1108,14 @@ class Dispatcher:
         self._apply(out, "cancelled")
         session = self.sessions.get(job.session_id)
         if session is not None:
-            session.send(
-                ErrorMessage(
-                    code=ErrorCode.JOB_CANCELLED.value,
-                    message=reason,
-                    details={"job_id": job.job_id, "utterance_index": job.utterance_index},
+            if self._speaker_sees(job.job_id):
+                session.send(
+                    ErrorMessage(
+                        code=ErrorCode.JOB_CANCELLED.value,
+                        message=reason,
+                        details={"job_id": job.job_id, "utterance_index": job.utterance_index},
+                    )
                 )
-            )
             self.deliver(session, session.results.fail(job.utterance_index, job.job_id))
         self.pump()  # the freed slot may take a waiting job
         return out

@@ -28,7 +28,9 @@ from lingua_scheduler.server.limits import InstanceLimits
 from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics, counter, gauge
+from lingua_scheduler.server.pairing_service import PairingService
 from lingua_scheduler.server.quality import QualityMonitor
+from lingua_scheduler.server.room_service import RoomService
 
 if TYPE_CHECKING:
     from lingua_scheduler.server.cluster import Cluster
@@ -90,6 +92,16 @@ class SchedulerState:
             shutting_down=lambda: self.shutting_down,
         )
         self.quality.on_readmitted = self.dispatcher.pump
+        # Rooms and pairing are held by one instance: served embedded only (their modules say why).
+        shared = bool(config.cluster.redis_url)
+        #: rooms, their signalling and the fan-out of members' utterances (server/room_service.py)
+        self.rooms = RoomService(
+            config.rooms, self.clock, self.sessions, self.metrics.registry, enabled=not shared
+        )
+        self.metrics.add_live(self.rooms.live_metrics)
+        self.dispatcher.fanout = self.rooms
+        #: pairing codes of nodes, redeemed by sessions (server/pairing_service.py)
+        self.pairing = PairingService(config.pairing, self.clock, self.metrics.registry, enabled=not shared)
         #: the multi-instance shell (server/cluster.py), set by the app in Redis mode; None embedded
         self.cluster: Cluster | None = None
         #: handles job messages from a node (node_id, message)

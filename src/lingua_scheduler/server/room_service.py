@@ -1,0 +1,239 @@
+"""Rooms in the running scheduler: the ``room_*`` and ``webrtc_*`` requests of ``/ws/session``, the
+members' notices, the expiry timer, and the fan-out hooks of the dispatch.
+
+Owns the instance's ``RoomDirectory`` (who is in which room: ``core/rooms.py``'s ``Rooms`` in memory,
+the one implementation so far), the relay limiter of each member's connection, the timer that closes
+rooms nobody spoke in (the core decides which rooms expired and when the next one does; this module
+only arms a timer for that time), and the ``RoomRelay`` (server/room_relay.py) that decides who
+receives each outcome of a member's utterance. As the dispatcher's ``FanoutPort`` it is asked for the
+jobs of a member's utterances and told of their outcomes and of every session's end (a member whose
+session ends, or whose connection closes, leaves its room: the others are told).
+
+Rooms are held by one instance: in multi-instance mode (``cluster.redis_url``) room requests are
+refused with UNSUPPORTED_FEATURE, since members on two instances could not see each other (the room
+state and its messages are not shared through the store yet).
+
+Must never: block or await (every request is answered in the frame's own turn), keep a member after
+its session ended, or log display names or text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from lingua_scheduler.clock import Clock
+from lingua_scheduler.config import RoomsConfig
+from lingua_scheduler.core.rooms import (
+    RelayLimiter,
+    RelayOutcome,
+    RoomChange,
+    Rooms,
+)
+from lingua_scheduler.errors import ErrorCode, SchedulerError
+from lingua_scheduler.protocol.session import (
+    RoomCreate,
+    RoomJoin,
+    RoomLeave,
+    RoomRawVoicePreference,
+    WebRtcAnswer,
+    WebRtcIce,
+    WebRtcOffer,
+)
+from lingua_scheduler.server.room_directory import RoomDirectory
+from lingua_scheduler.server.room_relay import RoomRelay
+
+if TYPE_CHECKING:
+    from lingua_scheduler.server.dispatcher import SessionPort
+    from lingua_scheduler.server.sessions import Session
+
+log = logging.getLogger(__name__)
+
+RoomRequest = (
+    RoomCreate | RoomJoin | RoomLeave | RoomRawVoicePreference | WebRtcOffer | WebRtcAnswer | WebRtcIce
+)
+
+
+class RoomService:
+    __slots__ = (
+        "_clock",
+        "_limiters",
+        "_sessions",
+        "_timer",
+        "enabled",
+        "fanout_jobs",
+        "relay",
+        "relayed",
+        "rooms",
+    )
+
+    def __init__(
+        self,
+        config: RoomsConfig,
+        clock: Clock,
+        sessions: Mapping[str, Session],
+        registry: CollectorRegistry,
+        *,
+        enabled: bool = True,
+    ) -> None:
+        """``sessions``: the instance's open sessions (the members are looked up there);
+        ``enabled``: false refuses every room request (multi-instance mode, see the docstring)."""
+        self._clock = clock
+        self._sessions = sessions
+        self.enabled = enabled
+        self.rooms: RoomDirectory = Rooms(config, clock)
+        self.relay = RoomRelay(self.rooms, self._send_encoded)
+        #: session id -> its connection's relay rate (dropped when it leaves its room)
+        self._limiters: dict[str, RelayLimiter] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.fanout_jobs = Counter(
+            "lingua_fanout_jobs", "Jobs created for room members' utterances", registry=registry
+        )
+        self.relayed = Counter(
+            "lingua_webrtc_relayed",
+            "webrtc_* signalling messages, by outcome (delivered, declined, refused)",
+            ["outcome"],
+            registry=registry,
+        )
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def handle(self, session: Session, msg: RoomRequest) -> None:
+        """One room or relay request of ``session`` (open, this connection's)."""
+        if not self.enabled:
+            raise SchedulerError(
+                f"{msg.__struct_config__.tag}: rooms are served in single-instance mode only "
+                "(this scheduler runs with cluster.redis_url)",
+                code=ErrorCode.UNSUPPORTED_FEATURE,
+            )
+        sid = session.session_id
+        rooms = self.rooms
+        if isinstance(msg, (WebRtcOffer, WebRtcAnswer, WebRtcIce)):
+            limiter = self._limiters.get(sid)
+            if limiter is None:
+                limiter = self._limiters[sid] = RelayLimiter(rooms.config, self._clock)
+            decision = rooms.relay(sid, msg, limiter)
+            outcome = {
+                RelayOutcome.DELIVER: "delivered",
+                RelayOutcome.DECLINED: "declined",
+                RelayOutcome.REFUSED: "refused",
+            }[decision.outcome]
+            self.relayed.labels(outcome).inc()
+            self._notify(decision.notice.to, decision.notice.message)
+            return
+        lang = session.targets[0]
+        if isinstance(msg, RoomCreate):
+            change = rooms.create(
+                sid, preferred_lang=msg.preferred_lang or lang, display_name=msg.display_name
+            )
+        elif isinstance(msg, RoomJoin):
+            change = rooms.join(
+                sid, msg.room_code, preferred_lang=msg.preferred_lang or lang, display_name=msg.display_name
+            )
+        elif isinstance(msg, RoomLeave):
+            change = rooms.leave(sid, msg.room_code)
+        else:
+            change = rooms.set_raw_voice(sid, msg.room_code, msg.target_session_id, msg.receive_raw_voice)
+        self._apply(change)
+        if change.opened is not None:
+            log.info("room created", extra={"session_id": sid, "room_id": change.opened.room_id})
+
+    def connection_closed(self, session_id: str) -> None:
+        """The member's connection closed (its session may wait for a resume): it leaves its room."""
+        self._limiters.pop(session_id, None)
+        self._apply(self.rooms.disconnect(session_id))
+
+    # --- the dispatcher's FanoutPort ------------------------------------------------------------------
+
+    def targets(self, session: SessionPort, index: int, src_lang: str, tgt_lang: str) -> list[str] | None:
+        if not self.enabled:
+            return None
+        own = self._sessions.get(session.session_id)
+        client_index = own.client_index.get(index, index) if own is not None else index
+        targets = self.relay.plan(session.session_id, index, client_index, src_lang, tgt_lang)
+        if self.rooms.room_of(session.session_id) is not None:
+            self._arm()  # it spoke: the room's expiry moved
+        return targets
+
+    def created(self, session: SessionPort, index: int, jobs: list[tuple[str, str]]) -> None:
+        before = self.relay.fanout_jobs
+        self.relay.created(session.session_id, index, jobs, session.targets[0])
+        if self.relay.fanout_jobs > before:
+            self.fanout_jobs.inc(self.relay.fanout_jobs - before)
+
+    def speaker_sees(self, job_id: str) -> bool:
+        return self.relay.speaker_sees(job_id)
+
+    def deliver(
+        self, session: SessionPort, job_id: str | None, message: msgspec.Struct
+    ) -> msgspec.Struct | None:
+        return self.relay.deliver(session.session_id, job_id, message)
+
+    def session_ended(self, session_id: str) -> None:
+        self.relay.speaker_ended(session_id)
+        self.connection_closed(session_id)
+
+    # --- operator view ----------------------------------------------------------------------------
+
+    def snapshot(self) -> list[tuple[int, float]]:
+        """(members, age in seconds) of every live room."""
+        now = self._clock.monotonic()
+        return [(len(r.members), max(0.0, now - r.created_at)) for r in self.rooms]
+
+    def live_metrics(self) -> Iterator[Metric]:
+        rooms = self.snapshot()
+        yield GaugeMetricFamily("lingua_rooms", "Live rooms", value=len(rooms))
+        yield GaugeMetricFamily(
+            "lingua_room_members", "Members of live rooms", value=sum(n for n, _ in rooms)
+        )
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _apply(self, change: RoomChange) -> None:
+        for notice in change.notices:
+            self._notify(notice.to, notice.message)
+        for room in change.closed:
+            for member in room.members:
+                self._limiters.pop(member, None)
+        if change.notices or change.closed or change.opened is not None:
+            self._arm()
+
+    def _notify(self, to: str, message: msgspec.Struct) -> None:
+        session = self._sessions.get(to)
+        if session is not None:
+            session.send(message)
+
+    def _send_encoded(self, to: str, data: bytes) -> None:
+        session = self._sessions.get(to)
+        if session is not None:
+            session.send_encoded(data)
+
+    def _arm(self) -> None:
+        """One timer for the next room's expiry (the core says when); none without rooms."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        at = self.rooms.next_expiry()
+        if at is None:
+            return
+        delay = max(0.0, at - self._clock.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        change = self.rooms.expire()
+        for room in change.closed:
+            log.info("room expired", extra={"room_id": room.room_id})
+        self._apply(change)
+        self._arm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
