@@ -305,3 +305,26 @@ async def test_signalling_relay_rules(sched: RunningScheduler, session_factory: 
     await asyncio.sleep(0.1)
     assert 1 <= len(a.of_type("webrtc_offer")) - before <= 3
     assert await sched.metric("lingua_webrtc_relayed_total", '{outcome="delivered"}') >= 2
+
+
+async def test_operator_view_counts_rooms_and_nothing_said(
+    sched: RunningScheduler, node_factory: Any, session_factory: Any
+) -> None:
+    await start_nodes(sched, node_factory, 1)
+    a = await member(session_factory, sched, "zh", "en")
+    b = await member(session_factory, sched, "en", "zh")
+    c = await member(session_factory, sched, "en", "zh")
+    code = await create(a, "zh", "Ann")
+    await join(b, code, "en")
+    await create(c)
+    await a.speak(chunks=2)
+    await eventually(lambda: len(heard(b, a)) == 1)
+    body = await sched.get_json("/api/v1/rooms")
+    assert body["enabled"] is True
+    assert (body["rooms"], body["members"], body["by_size"]) == (2, 3, {"2": 1, "1": 1})
+    assert body["max_members"] == 3 and body["fanout_jobs_total"] == 1
+    assert body["age_seconds"]["max"] >= body["age_seconds"]["p50"] >= 0
+    text = str(body)
+    assert code not in text and "Ann" not in text and a.session_id not in text
+    stats = await sched.get_json("/api/v1/stats")
+    assert (stats["rooms"]["rooms"], stats["rooms"]["members"]) == (2, 3)

@@ -178,6 +178,7 @@ class StatsAggregator:
             "heartbeats": _counter_total(m.heartbeats),
             "created": _counter_total(m.jobs_created),
             "failovers": _counter_total(m.failovers),
+            "fanout": float(self.state.rooms.relay.fanout_jobs),
             **{o: jobs.get(o, 0.0) for o in _JOB_OUTCOMES},
         }
         buckets = {name: _cumulative(getattr(m, attr)) for name, attr in LATENCIES.items()}
@@ -256,6 +257,7 @@ class StatsAggregator:
             sessions=fresh["sessions"],
         )
         body["jobs"] = {**body["jobs"], "inflight": fresh["jobs_inflight"], "waiting": fresh["jobs_waiting"]}
+        body["rooms"] = {**body["rooms"], "rooms": fresh["rooms_live"], "members": fresh["room_members"]}
         body["latency"] = self._windows
         body["heartbeats_total"] = state.heartbeat_window.count
         body["jobs_dispatched_total"] = state.dispatch_window.count
@@ -279,6 +281,8 @@ class StatsAggregator:
             "sessions": len(state.sessions),
             "jobs_inflight": store.inflight,
             "jobs_waiting": store.waiting,
+            "rooms_live": len(state.rooms.rooms),
+            "room_members": sum(n for n, _ in state.rooms.snapshot()),
         }
 
     def _build(self) -> dict[str, Any]:
@@ -329,6 +333,11 @@ class StatsAggregator:
             "pools": {"mode": view.layout.mode, "groups": len(view.groups), "shards": len(view.pools)},
             "language_pairs": pairs,
             "language_pairs_total": pairs_total,
+            "rooms": {
+                "rooms": fresh["rooms_live"],
+                "members": fresh["room_members"],
+                "fanout_jobs_per_second": rate("fanout"),
+            },
             "computed_at_ms": state.clock.wall_ms(),
         }
 
