@@ -14,6 +14,7 @@ from aiohttp import web
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
+from lingua_scheduler.protocol.cluster import RoomOutput, RoomState
 from lingua_scheduler.server import (
     admin,
     auth,
@@ -32,9 +33,11 @@ from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_stor
 from lingua_scheduler.server.connection_guard import setup as guard_connections
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.pair_metrics import PairMetrics
+from lingua_scheduler.server.room_cluster import KEY_TTL_PERIODS, SharedRooms
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.store.redis_store import RedisStore
+from lingua_scheduler.store.room_store import RoomStore
 
 
 def build_app(config: Config, clock: Clock | None = None) -> web.Application:
@@ -81,6 +84,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         )
         state.cluster = cluster
         state.dispatcher.cluster = cluster
+        _share_rooms(state, cluster, store)
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
@@ -97,6 +101,33 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         config.cluster.tick_interval_seconds,
     )
     return app
+
+
+def _share_rooms(state: SchedulerState, cluster: Cluster, store: RedisStore) -> None:
+    """Multi-instance mode: rooms live in the store, their messages go through the inboxes."""
+    rooms = state.rooms
+    cfg = state.config.rooms
+    ttl_ms = int(cfg.expire_after_seconds * 1000) * KEY_TTL_PERIODS + 60_000
+    shared = SharedRooms(
+        cfg,
+        state.clock,
+        RoomStore(store, ttl_ms),
+        cluster.instance_id,
+        state.sessions,
+        cluster.writer.send,
+        rooms.notify_local,
+        rooms.rearm,
+    )
+    rooms.share(shared)
+
+    def on_message(message: RoomState | RoomOutput) -> None:
+        if isinstance(message, RoomState):
+            shared.apply(message)
+        else:
+            shared.output(message)
+
+    cluster.on_room_message = on_message
+    cluster.on_instance_dead = shared.instance_dead
 
 
 async def root(request: web.Request) -> web.StreamResponse:

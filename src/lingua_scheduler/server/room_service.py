@@ -9,9 +9,10 @@ receives each outcome of a member's utterance. As the dispatcher's ``FanoutPort`
 jobs of a member's utterances and told of their outcomes and of every session's end (a member whose
 session ends, or whose connection closes, leaves its room: the others are told).
 
-Rooms are held by one instance: in multi-instance mode (``cluster.redis_url``) room requests are
-refused with UNSUPPORTED_FEATURE, since members on two instances could not see each other (the room
-state and its messages are not shared through the store yet).
+In multi-instance mode (``cluster.redis_url``) the directory is the replica of the shared rooms
+(server/room_cluster.py's ``SharedRooms``, attached by ``share``): membership changes go through the
+store, and messages for members connected to other instances through their inboxes; the decisions
+(relay rules, fan-out plans, recipients) are the same code on the replica.
 
 Must never: block or await (every request is answered in the frame's own turn), keep a member after
 its session ended, or log display names or text.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -51,6 +52,7 @@ from lingua_scheduler.server.room_relay import RoomRelay
 
 if TYPE_CHECKING:
     from lingua_scheduler.server.dispatcher import SessionPort
+    from lingua_scheduler.server.room_cluster import SharedRooms
     from lingua_scheduler.server.sessions import Session
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,10 @@ RoomRequest = (
 class RoomService:
     __slots__ = (
         "_clock",
+        "_encoder",
         "_limiters",
         "_sessions",
+        "_shared",
         "_timer",
         "enabled",
         "fanout_jobs",
@@ -92,6 +96,9 @@ class RoomService:
         #: session id -> its connection's relay rate (dropped when it leaves its room)
         self._limiters: dict[str, RelayLimiter] = {}
         self._timer: asyncio.TimerHandle | None = None
+        #: the shared rooms in multi-instance mode (``share``); None embedded
+        self._shared: SharedRooms | None = None
+        self._encoder = msgspec.json.Encoder()
         self.fanout_jobs = Counter(
             "lingua_fanout_jobs", "Jobs created for room members' utterances", registry=registry
         )
@@ -102,10 +109,17 @@ class RoomService:
             registry=registry,
         )
 
+    def share(self, shared: SharedRooms) -> None:
+        """Multi-instance mode: rooms are the shared ones, this instance's directory their replica."""
+        self._shared = shared
+        self.rooms = shared.rooms
+        self.relay = RoomRelay(self.rooms, self._send_encoded)
+
     # --- requests ---------------------------------------------------------------------------------
 
-    def handle(self, session: Session, msg: RoomRequest) -> None:
-        """One room or relay request of ``session`` (open, this connection's)."""
+    def handle(self, session: Session, msg: RoomRequest) -> Awaitable[None] | None:
+        """One room or relay request of ``session`` (open, this connection's). In multi-instance mode a
+        membership request returns the store call to await (the connection's next frames wait)."""
         if not self.enabled:
             raise SchedulerError(
                 f"{msg.__struct_config__.tag}: rooms are served in single-instance mode only "
@@ -126,7 +140,9 @@ class RoomService:
             }[decision.outcome]
             self.relayed.labels(outcome).inc()
             self._notify(decision.notice.to, decision.notice.message)
-            return
+            return None
+        if self._shared is not None:
+            return self._shared.handle(session, msg)
         lang = session.targets[0]
         if isinstance(msg, RoomCreate):
             change = rooms.create(
@@ -143,10 +159,14 @@ class RoomService:
         self._apply(change)
         if change.opened is not None:
             log.info("room created", extra={"session_id": sid, "room_id": change.opened.room_id})
+        return None
 
     def connection_closed(self, session_id: str) -> None:
         """The member's connection closed (its session may wait for a resume): it leaves its room."""
         self._limiters.pop(session_id, None)
+        if self._shared is not None:
+            self._shared.connection_closed(session_id)
+            return
         self._apply(self.rooms.disconnect(session_id))
 
     # --- the dispatcher's FanoutPort ------------------------------------------------------------------
@@ -204,15 +224,28 @@ class RoomService:
         if change.notices or change.closed or change.opened is not None:
             self._arm()
 
+    def notify_local(self, to: str, message: msgspec.Struct) -> None:
+        """A message for a member connected here (none if its session is gone)."""
+        session = self._sessions.get(to)
+        if session is not None:
+            session.send(message)
+
+    def rearm(self) -> None:
+        self._arm()
+
     def _notify(self, to: str, message: msgspec.Struct) -> None:
         session = self._sessions.get(to)
         if session is not None:
             session.send(message)
+        elif self._shared is not None:  # a member connected to another instance
+            self._shared.send_to(to, self._encoder.encode(message))
 
     def _send_encoded(self, to: str, data: bytes) -> None:
         session = self._sessions.get(to)
         if session is not None:
             session.send_encoded(data)
+        elif self._shared is not None:
+            self._shared.send_to(to, data)
 
     def _arm(self) -> None:
         """One timer for the next room's expiry (the core says when); none without rooms."""
@@ -227,6 +260,10 @@ class RoomService:
 
     def _expire(self) -> None:
         self._timer = None
+        if self._shared is not None:
+            self._shared.expire_due()
+            self._arm()
+            return
         change = self.rooms.expire()
         for room in change.closed:
             log.info("room expired", extra={"room_id": room.room_id})
@@ -237,3 +274,5 @@ class RoomService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._shared is not None:
+            self._shared.close()

@@ -197,8 +197,7 @@ class SessionConnection:
             if isinstance(msg, ROOM_MESSAGES):
                 if self.session is None:
                     raise SessionError("no session on this connection: send session_init first")
-                self.state.rooms.handle(self._own(self.session.session_id), msg)
-                return None
+                return self.state.rooms.handle(self._own(self.session.session_id), msg)
             session = self._own(msg.session_id, closing_ok=isinstance(msg, ClientHeartbeat))
             if isinstance(msg, AudioChunk):
                 self._chunk_accepted(session, msg.seq)
