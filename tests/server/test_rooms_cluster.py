@@ -103,3 +103,38 @@ async def test_a_dead_instance_takes_its_members_out(
     answer = await ask(z, {"type": "room_join", "room_code": code}, "room_members", "room_error")
     assert answer["type"] == "room_members"
     assert [m["session_id"] for m in answer["members"]] == [x.session_id, z.session_id]
+
+
+async def test_pairing_across_instances(
+    redis_server: RedisServer, scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    cfg = sections(redis_server.url)
+    cfg["pairing"] = {"attempt_burst_per_connection": 5, "attempt_burst_per_source": 3}
+    a, b = await start_instances(scheduler_factory, 2, cfg)
+    nodes = [node_factory(url=rs.node_url, executor=Executor(latency=0.01)) for rs in (a, b)]
+    for n in nodes:
+        await n.start()
+    target = nodes[0]  # on A
+    await eventually(lambda: all(ready_in_view(b, n.node_id) for n in nodes), timeout=5)
+    got = target.wait_for(lambda m: m.get("type") == "pairing_code")
+    await target.send({"type": "request_pairing_code"})
+    code = (await got)["code"]
+    # redeemed on B: bound to the node on A, whose jobs it gets
+    s = session_factory(url=b.session_url)
+    await s.connect()
+    ack = await s.init(pairing_code=code)
+    assert ack["type"] == "session_init_ack" and ack["assigned_node_id"] == target.node_id
+    for _ in range(3):
+        await s.speak(chunks=2)
+    await eventually(lambda: len(s.of_type("translation_result")) == 3, timeout=10)
+    assert sum(1 for m in target.received if m["type"] == "job_assign") == 3
+    assert not any(m["type"] == "job_assign" for m in nodes[1].received)
+    # single use, cluster-wide: A refuses it too (2nd attempt of this address)
+    t = session_factory(url=a.session_url)
+    await t.connect()
+    assert (await t.init(pairing_code=code))["code"] == "INVALID_PAIRING_CODE"
+    # the address's bucket is shared: its 3rd attempt (on B) passes, the 4th (on A) is refused
+    u = session_factory(url=b.session_url)
+    await u.connect()
+    assert (await u.init(pairing_code="000000"))["code"] == "INVALID_PAIRING_CODE"
+    assert (await t.init(pairing_code="000000"))["code"] == "PAIRING_RATE_LIMITED"

@@ -130,14 +130,13 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset({"node", "session"}),
     ),
     ErrorCode.UNSUPPORTED_FEATURE: (
-        "A message this scheduler knows but does not serve: rooms and WebRTC relays (`room_*`, "
-        "`webrtc_*`) and pairing (`request_pairing_code`) are not enabled yet. Nothing changed.",
-        frozenset({"node", "session"}),
+        "Reserved: a message this scheduler knows but does not serve (none now). Nothing changed.",
+        frozenset(),
     ),
     ErrorCode.INVALID_PAIRING_CODE: (
-        "Reserved: a `session_init.pairing_code` that is wrong, used already or expired (one answer "
-        "for all three; not sent until pairing is enabled).",
-        frozenset(),
+        "`session_init` refused: its `pairing_code` is wrong, used already or expired (one answer for "
+        "all three). The session is not opened.",
+        frozenset({"session"}),
     ),
     ErrorCode.NO_AVAILABLE_NODE: (
         "No node could take the utterance within the wait timeout, or the scheduler cannot take more "
@@ -294,9 +293,9 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset(),
     ),
     ErrorCode.PAIRING_RATE_LIMITED: (
-        "Reserved: too many pairing codes tried from this connection or source address "
-        "(`pairing.attempts_per_minute_per_*`); not sent until pairing is enabled.",
-        frozenset(),
+        "`session_init` refused: too many pairing codes tried from this connection or source address "
+        "(`pairing.attempts_per_minute_per_*`); `details.retry_after_ms` says when to try again.",
+        frozenset({"session"}),
     ),
     ErrorCode.QUOTA_EXCEEDED: (
         "HTTP 429: the tenant used up its daily or monthly audio minutes (`details.period`, "

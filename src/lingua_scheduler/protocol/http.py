@@ -603,11 +603,8 @@ class RoomAges(Response):
 class Rooms(Response):
     """Counts only: no room codes, member names, languages or text."""
 
-    enabled: Annotated[
-        bool, Meta(description="Rooms are served here (false in multi-instance mode: not shared yet)")
-    ]
-    rooms: NonNeg
-    members: NonNeg
+    rooms: Annotated[NonNeg, Meta(description="Rooms with a member on this instance")]
+    members: Annotated[NonNeg, Meta(description="Their members (on any instance)")]
     max_members: Annotated[NonNeg, Meta(description="rooms.max_members")]
     by_size: Annotated[dict[str, NonNeg], Meta(description="Members -> how many rooms have that many")]
     age_seconds: RoomAges

@@ -36,6 +36,7 @@ from lingua_scheduler.server.pair_metrics import PairMetrics
 from lingua_scheduler.server.room_cluster import KEY_TTL_PERIODS, SharedRooms
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.store.pairing_store import PairingStore
 from lingua_scheduler.store.redis_store import RedisStore
 from lingua_scheduler.store.room_store import RoomStore
 
@@ -85,6 +86,7 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         state.cluster = cluster
         state.dispatcher.cluster = cluster
         _share_rooms(state, cluster, store)
+        state.pairing.share(PairingStore(store))
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)

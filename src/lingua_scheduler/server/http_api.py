@@ -363,7 +363,6 @@ async def rooms(request: web.Request) -> web.Response:
     ages = sorted(age for _, age in snapshot)
     return json_response(
         h.Rooms(
-            enabled=service.enabled,
             rooms=len(snapshot),
             members=sum(n for n, _ in snapshot),
             max_members=service.rooms.config.max_members,

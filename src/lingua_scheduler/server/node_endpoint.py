@@ -73,7 +73,7 @@ class NodeConnection:
             elif type(msg) is NodeDrain:
                 self._drain(msg)
             elif type(msg) is RequestPairingCode:
-                self.outbox.send(state.pairing.issue(self.node_id))
+                state.pairing.request(self.node_id, self.outbox.send)
             elif type(msg) is NodeErrorReport:
                 state.registry.entry_for(self.outbox, msg.node_id)
                 log.warning(

@@ -37,7 +37,6 @@ from lingua_scheduler.core.rooms import (
     RoomChange,
     Rooms,
 )
-from lingua_scheduler.errors import ErrorCode, SchedulerError
 from lingua_scheduler.protocol.session import (
     RoomCreate,
     RoomJoin,
@@ -70,7 +69,6 @@ class RoomService:
         "_sessions",
         "_shared",
         "_timer",
-        "enabled",
         "fanout_jobs",
         "relay",
         "relayed",
@@ -83,14 +81,10 @@ class RoomService:
         clock: Clock,
         sessions: Mapping[str, Session],
         registry: CollectorRegistry,
-        *,
-        enabled: bool = True,
     ) -> None:
-        """``sessions``: the instance's open sessions (the members are looked up there);
-        ``enabled``: false refuses every room request (multi-instance mode, see the docstring)."""
+        """``sessions``: the instance's open sessions (the members are looked up there)."""
         self._clock = clock
         self._sessions = sessions
-        self.enabled = enabled
         self.rooms: RoomDirectory = Rooms(config, clock)
         self.relay = RoomRelay(self.rooms, self._send_encoded)
         #: session id -> its connection's relay rate (dropped when it leaves its room)
@@ -120,12 +114,6 @@ class RoomService:
     def handle(self, session: Session, msg: RoomRequest) -> Awaitable[None] | None:
         """One room or relay request of ``session`` (open, this connection's). In multi-instance mode a
         membership request returns the store call to await (the connection's next frames wait)."""
-        if not self.enabled:
-            raise SchedulerError(
-                f"{msg.__struct_config__.tag}: rooms are served in single-instance mode only "
-                "(this scheduler runs with cluster.redis_url)",
-                code=ErrorCode.UNSUPPORTED_FEATURE,
-            )
         sid = session.session_id
         rooms = self.rooms
         if isinstance(msg, (WebRtcOffer, WebRtcAnswer, WebRtcIce)):
@@ -172,8 +160,6 @@ class RoomService:
     # --- the dispatcher's FanoutPort ------------------------------------------------------------------
 
     def targets(self, session: SessionPort, index: int, src_lang: str, tgt_lang: str) -> list[str] | None:
-        if not self.enabled:
-            return None
         own = self._sessions.get(session.session_id)
         client_index = own.client_index.get(index, index) if own is not None else index
         targets = self.relay.plan(session.session_id, index, client_index, src_lang, tgt_lang)

@@ -374,7 +374,7 @@ class SessionConnection:
             if not admitted and not await self._admit(session.tenant_id, session.session_id):
                 return None
             if msg.pairing_code and not resumed:
-                node_id = self._pair(msg.pairing_code)
+                node_id = await self._pair(msg.pairing_code)
                 only = not self.state.config.pairing.fallback_to_pools
                 self.state.dispatcher.pin(session.session_id, node_id, only=only)
                 pinned = True
@@ -388,7 +388,7 @@ class SessionConnection:
             session.detach(self.outbox)
         return session
 
-    def _pair(self, code: str) -> str:
+    async def _pair(self, code: str) -> str:
         """The node ``code`` binds the new session to (refused: INVALID_PAIRING_CODE or
         PAIRING_RATE_LIMITED, and the session does not open)."""
         pairing = self.state.pairing
@@ -397,7 +397,7 @@ class SessionConnection:
         transport = self.outbox.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         source = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        return pairing.redeem(code, self._pair_limiter, source)
+        return await pairing.redeem(code, self._pair_limiter, source)
 
     def _open(self, session: Session, msg: SessionInit, *, resumed: bool) -> None:
         """Register an admitted session on this connection and acknowledge it."""

@@ -92,15 +92,14 @@ class SchedulerState:
             shutting_down=lambda: self.shutting_down,
         )
         self.quality.on_readmitted = self.dispatcher.pump
-        # Pairing codes are held by one instance: served embedded only (server/pairing_service.py).
-        shared = bool(config.cluster.redis_url)
         #: rooms, their signalling and the fan-out of members' utterances (server/room_service.py);
         #: shared through the store in multi-instance mode (the app attaches server/room_cluster.py)
         self.rooms = RoomService(config.rooms, self.clock, self.sessions, self.metrics.registry)
         self.metrics.add_live(self.rooms.live_metrics)
         self.dispatcher.fanout = self.rooms
         #: pairing codes of nodes, redeemed by sessions (server/pairing_service.py)
-        self.pairing = PairingService(config.pairing, self.clock, self.metrics.registry, enabled=not shared)
+        #: (shared through the store in multi-instance mode: the app attaches store/pairing_store.py)
+        self.pairing = PairingService(config.pairing, self.clock, self.metrics.registry)
         #: the multi-instance shell (server/cluster.py), set by the app in Redis mode; None embedded
         self.cluster: Cluster | None = None
         #: handles job messages from a node (node_id, message)
