@@ -263,6 +263,18 @@ def simulate_nodes(
     show_default=True,
     help="Seconds to open a session, and to wait for its close ack.",
 )
+@click.option(
+    "--room-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Members per room (1: no rooms); every member hears the others' utterances.",
+)
+@click.option(
+    "--room-langs",
+    default="",
+    help="Comma-separated preferred languages of the members, in turn (default: each its --tgt-lang).",
+)
 @_client_tls_options
 def simulate_sessions(
     count: int,
@@ -272,6 +284,8 @@ def simulate_sessions(
     tgt_lang: str,
     api_key: str | None,
     timeout: float,
+    room_size: int,
+    room_langs: str,
     ca_file: str | None,
     insecure: bool,
 ) -> None:
@@ -295,9 +309,18 @@ def simulate_sessions(
             report=click.echo,
             ssl_context=client_ssl_context(ca_file, insecure),
             timeout=timeout,
+            room_size=room_size,
+            room_langs=tuple(x.strip() for x in room_langs.split(",") if x.strip()),
         ),
     )
-    ok = summary["opened"] > 0 and summary["unanswered"] == 0 and summary["duplicates"] == 0
+    room = summary.get("room", {"unanswered": 0, "duplicates": 0})
+    ok = (
+        summary["opened"] > 0
+        and summary["unanswered"] == 0
+        and summary["duplicates"] == 0
+        and room["unanswered"] == 0
+        and room["duplicates"] == 0
+    )
     sys.exit(0 if ok else 1)
 
 
