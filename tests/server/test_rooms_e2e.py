@@ -134,6 +134,12 @@ async def test_three_languages_each_hears_the_others_in_its_own_in_order(
     assigns = [m for n in nodes for m in n.received if m["type"] == "job_assign"]
     assert len(assigns) == 18
     assert await sched.metric("lingua_fanout_jobs_total") == 18
+    # one fan-out overhead sample per utterance: its arrival to its last job_assign written
+    assert sched.state.rooms.relay.fanout_window.count == 9
+    stats = await sched.get_json("/api/v1/stats")
+    assert (
+        stats["latency"]["room_fanout_seconds"]["p99"] >= stats["latency"]["room_fanout_seconds"]["p50"] > 0
+    )
     assert await sched.metric("lingua_rooms") == 1
     assert await sched.metric("lingua_room_members") == 3
 

@@ -183,6 +183,13 @@ class ExactLatency(Response):
     heartbeat_handle_seconds: Percentiles
     job_dispatch_seconds: Percentiles
     cross_instance_dispatch_seconds: Percentiles
+    room_fanout_seconds: Annotated[
+        Percentiles,
+        Meta(
+            description="Rooms: a member's utterance arriving to the last job_assign of its fan-out "
+            "written (one sample per utterance with jobs for other members)"
+        ),
+    ]
 
 
 class FleetViewInfo(Response):

@@ -174,6 +174,9 @@ class FanoutPort(Protocol):
     def session_ended(self, session_id: str) -> None:
         """The session's jobs are cancelled at its end: forget its fan-out, take it out of its room."""
 
+    def assigned(self, job_id: str, elapsed: float) -> None:
+        """The job's first ``job_assign`` was written ``elapsed`` seconds after its utterance arrived."""
+
 
 @dataclasses.dataclass(slots=True)
 class SessionRoute:
@@ -555,6 +558,8 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             self.metrics.job_dispatch.observe(elapsed)
             self.dispatch_window.record(elapsed)
+            if self.fanout is not None:
+                self.fanout.assigned(job.job_id, elapsed)
         session = self.sessions.get(job.session_id)
         if session is not None and self._speaker_sees(job.job_id):
             session.send(self._ui(job, UiEventType.DISPATCHED))

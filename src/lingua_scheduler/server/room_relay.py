@@ -30,6 +30,7 @@ import msgspec
 
 from lingua_scheduler.core.rooms import FanoutPlan
 from lingua_scheduler.protocol.session import MissingResult, TranslationResult
+from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.room_directory import RoomDirectory
 
 
@@ -44,6 +45,9 @@ class _Utterance:
     speaker_job: str | None = None
     #: the speaker's target is no job's: its copy carries the transcript only
     transcript_only: bool = False
+    #: jobs whose first job_assign is not written yet, and the longest wait of those written
+    unassigned: int = 0
+    slowest: float = 0.0
 
 
 #: sends an encoded message, already in its receiver's view, to a member by session id
@@ -51,11 +55,22 @@ Send = Callable[[str, bytes], None]
 
 
 class RoomRelay:
-    __slots__ = ("_by_job", "_by_speaker", "_encoder", "_pending", "_rooms", "_send", "fanout_jobs")
+    __slots__ = (
+        "_by_job",
+        "_by_speaker",
+        "_encoder",
+        "_pending",
+        "_rooms",
+        "_send",
+        "fanout_jobs",
+        "fanout_window",
+    )
 
     def __init__(self, rooms: RoomDirectory, send: Send) -> None:
         self._rooms = rooms
         self._send = send
+        #: per fan-out utterance: its arrival to the last of its jobs' job_assign written (seconds)
+        self.fanout_window = LatencyWindow(65536)
         self._encoder = msgspec.json.Encoder()
         #: (speaker, index) -> the plan between ``plan`` and ``created``
         self._pending: dict[tuple[str, int], _Utterance] = {}
@@ -91,12 +106,22 @@ class RoomRelay:
         if utt is None or not jobs:
             return
         utt.jobs = {job_id: tgt for tgt, job_id in jobs}
+        utt.unassigned = len(jobs)
         utt.speaker_job = next((j for t, j in jobs if t == own_target), jobs[0][1])
         self.fanout_jobs += len(jobs)
         mine = self._by_speaker.setdefault(speaker, set())
         for _, job_id in jobs:
             self._by_job[job_id] = utt
             mine.add(job_id)
+
+    def assigned(self, job_id: str, elapsed: float) -> None:
+        utt = self._by_job.get(job_id)
+        if utt is None or utt.unassigned <= 0:
+            return
+        utt.slowest = max(utt.slowest, elapsed)
+        utt.unassigned -= 1
+        if utt.unassigned == 0:
+            self.fanout_window.record(utt.slowest)
 
     def speaker_sees(self, job_id: str) -> bool:
         utt = self._by_job.get(job_id)

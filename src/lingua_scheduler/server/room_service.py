@@ -107,7 +107,9 @@ class RoomService:
         """Multi-instance mode: rooms are the shared ones, this instance's directory their replica."""
         self._shared = shared
         self.rooms = shared.rooms
+        window = self.relay.fanout_window
         self.relay = RoomRelay(self.rooms, self._send_encoded)
+        self.relay.fanout_window = window
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -180,6 +182,9 @@ class RoomService:
         self, session: SessionPort, job_id: str | None, message: msgspec.Struct
     ) -> msgspec.Struct | None:
         return self.relay.deliver(session.session_id, job_id, message)
+
+    def assigned(self, job_id: str, elapsed: float) -> None:
+        self.relay.assigned(job_id, elapsed)
 
     def session_ended(self, session_id: str) -> None:
         self.relay.speaker_ended(session_id)

@@ -246,6 +246,7 @@ class StatsAggregator:
                 "heartbeat_handle_seconds": window_percentiles(state.heartbeat_window.samples()),
                 "job_dispatch_seconds": window_percentiles(state.dispatch_window.samples()),
                 "cross_instance_dispatch_seconds": window_percentiles(state.cross_instance_window.samples()),
+                "room_fanout_seconds": window_percentiles(state.rooms.relay.fanout_window.samples()),
             }
             self._windows_at = now
         fresh = self.fresh()

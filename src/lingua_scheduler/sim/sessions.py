@@ -85,6 +85,8 @@ class SimulatedSession:
         self._seq = 0
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
         self._reader_task: asyncio.Task[None] | None = None
+        #: called whenever a message arrives (after it is recorded)
+        self.on_arrival: Callable[[], None] | None = None
 
     async def connect(self) -> None:
         url, headers = self.url, {}
@@ -204,6 +206,8 @@ class SimulatedSession:
                 continue
             msg = _dec.decode(frame.data)
             self.messages.append(msg)
+            if self.on_arrival is not None:
+                self.on_arrival()
             if msg.get("type") == "translation_result":
                 sent = self.sent_at.get(msg["utterance_index"])
                 if sent is not None:
@@ -307,9 +311,7 @@ async def run_sessions(
             # A room member stays until the others' outcomes reached it (closing leaves the room).
             await asyncio.gather(*(talk(s, close=not rooms) for s in opened))
             if rooms:
-                deadline = asyncio.get_running_loop().time() + timeout
-                while room_tally(rooms)["unanswered"] and asyncio.get_running_loop().time() < deadline:
-                    await asyncio.sleep(0.05)
+                await heard_all(rooms, timeout)
 
                 async def close(s: SimulatedSession) -> None:
                     nonlocal lost
@@ -388,6 +390,21 @@ async def form_rooms(
     groups = [opened[i : i + size] for i in range(0, len(opened), size)]
     await asyncio.gather(*(one(g) for g in groups if len(g) > 1), return_exceptions=True)
     return rooms
+
+
+async def heard_all(rooms: list[list[SimulatedSession]], timeout: float) -> None:
+    """Until every member heard every other one's utterances (or ``timeout``): re-checked whenever a
+    member receives a message."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    members = [s for room in rooms for s in room]
+    arrived = asyncio.Event()
+    for s in members:
+        s.on_arrival = arrived.set
+    while room_tally(rooms)["unanswered"] and (left := deadline - loop.time()) > 0:
+        arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), left)
 
 
 def room_tally(rooms: list[list[SimulatedSession]]) -> dict[str, Any]:
