@@ -366,6 +366,13 @@ def simulate_sessions(
 )
 @click.option("--node-procs", type=int, default=None, help="Node generator processes.")
 @click.option("--session-procs", type=int, default=1, show_default=True, help="Session generator processes.")
+@click.option(
+    "--room-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Sessions per room (1: no rooms); each result also reaches the room's other members.",
+)
 @click.option("--server-pid", type=int, default=None, help="Pid of a local --url scheduler.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
@@ -413,6 +420,7 @@ def loadtest(
     config_file: str | None,
     node_procs: int | None,
     session_procs: int,
+    room_size: int,
     server_pid: int | None,
     seed: int,
     report_path: str,
@@ -469,6 +477,7 @@ def loadtest(
         config_file=config_file,
         node_procs=node_procs,
         session_procs=session_procs,
+        room_size=room_size,
         server_pid=server_pid,
         seed=seed,
         report_path=report_path,
