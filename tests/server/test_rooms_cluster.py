@@ -138,3 +138,17 @@ async def test_pairing_across_instances(
     await u.connect()
     assert (await u.init(pairing_code="000000"))["code"] == "INVALID_PAIRING_CODE"
     assert (await t.init(pairing_code="000000"))["code"] == "PAIRING_RATE_LIMITED"
+
+
+async def test_expiry_across_instances(
+    redis_server: RedisServer, scheduler_factory: Any, session_factory: Any
+) -> None:
+    a, b = await start_instances(scheduler_factory, 2, sections(redis_server.url, expire_after_seconds=0.5))
+    x = await member(session_factory, a, "zh", "en")
+    y = await member(session_factory, b, "en", "zh")
+    code = await create(x)
+    assert (await join(y, code))["type"] == "room_members"
+    await eventually(lambda: bool(x.of_type("room_expired")) and bool(y.of_type("room_expired")), timeout=5)
+    assert len(x.of_type("room_expired")) == len(y.of_type("room_expired")) == 1
+    again = await join(y, code)
+    assert (again["type"], again["code"]) == ("room_error", "ROOM_NOT_FOUND")

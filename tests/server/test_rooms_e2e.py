@@ -162,6 +162,24 @@ async def test_same_language_listener_gets_the_transcript_and_no_job_is_made_for
     assert own(a)[0]["text_translated"] == "en 0"
 
 
+async def test_speaker_whose_target_nobody_asks_for_gets_its_transcript_once(
+    sched: RunningScheduler, node_factory: Any, session_factory: Any
+) -> None:
+    [node] = await start_nodes(sched, node_factory, 1)
+    a = await member(session_factory, sched, "zh", "en")  # its own target: en
+    b = await member(session_factory, sched, "en", "ja")
+    code = await create(a, "zh")
+    await join(b, code, "ja")  # nobody asks for en
+    await a.speak(chunks=2)
+    await eventually(lambda: len(heard(b, a)) == 1 and len(own(a)) == 1)
+    assert [m["tgt_lang"] for m in node.received if m["type"] == "job_assign"] == ["ja"]
+    [mine] = own(a)
+    assert mine["text_asr"] == "asr 0" and mine["text_translated"] == "" and mine["tts_audio"] == ""
+    assert heard(b, a)[0]["text_translated"] == "ja 0"
+    # the speaker's progress is that one job's, once
+    assert [e["event"] for e in a.of_type("ui_event")].count("ASR_FINAL") == 1
+
+
 async def test_alone_in_a_room_its_own_target(
     sched: RunningScheduler, node_factory: Any, session_factory: Any
 ) -> None:

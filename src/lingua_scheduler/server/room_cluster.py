@@ -326,11 +326,16 @@ class SharedRooms:
         instance's members are told."""
         mine = [r.session_id for r in state.members if r.instance == self.instance_id]
         if state.closed:
-            self.rooms.drop(state.room_code)
+            # told once: the members the replica still holds (an ending seen twice finds none)
+            room = self.rooms.get(state.room_code)
+            held = room.members if room is not None and room.room_id == state.room_id else {}
+            local = [sid for sid in held if self.rooms.instance_of.get(sid) == self.instance_id]
+            if held:
+                self.rooms.drop(state.room_code)
             if state.expired:
                 minutes = self._config.expire_after_seconds / 60
                 text = f"nobody spoke in this room for {minutes:g} minutes: the room is closed"
-                for sid in mine:
+                for sid in local:
                     self._notify(sid, RoomExpired(room_code=state.room_code, message=text))
             self._rearm()
             return
@@ -389,13 +394,7 @@ class SharedRooms:
             room.last_activity = self._clock.monotonic() - (self._config.expire_after_seconds - left)
             self._rearm()
         elif status == "not_found" and room is not None:  # its keys lapsed: it ended
-            local = [sid for sid in room.members if self.rooms.instance_of.get(sid) == self.instance_id]
-            records = [
-                MemberRecord(session_id=s, instance=self.instance_id, preferred_lang="") for s in local
-            ]
-            self.apply(
-                RoomState(room_code=code, room_id=room.room_id, members=records, closed=True, expired=True)
-            )
+            self.apply(RoomState(room_code=code, room_id=room.room_id, closed=True, expired=True))
 
     def _spoke(self, code: str) -> None:
         self._spawn(self._safely(self._store.spoke(code)))
