@@ -351,3 +351,28 @@ async def test_operator_view_counts_rooms_and_nothing_said(
     assert code not in text and "Ann" not in text and a.session_id not in text
     stats = await sched.get_json("/api/v1/stats")
     assert (stats["rooms"]["rooms"], stats["rooms"]["members"]) == (2, 3)
+
+
+async def test_tenant_job_rate_counts_every_fanout_job(
+    scheduler_factory: Any, node_factory: Any, session_factory: Any
+) -> None:
+    from tests.server.test_auth import KEY_A, KEY_B, tenants
+
+    cfg = tenants(max_jobs_per_second=0.01, jobs_burst=3)
+    rs = await scheduler_factory(**cfg, **{k: v for k, v in FAST.items() if k != "scheduler"})
+    [node] = await start_nodes(rs, node_factory, 1)
+    a = session_factory(url=rs.session_url, api_key=KEY_A, src_lang="zh", tgt_lang="en")
+    b = session_factory(url=rs.session_url, api_key=KEY_B, src_lang="en", tgt_lang="ja")
+    c = session_factory(url=rs.session_url, api_key=KEY_B, src_lang="ja", tgt_lang="de")
+    for s in (a, b, c):
+        await s.start()
+    code = await create(a, "zh")
+    await join(b, code, "en")
+    await join(c, code, "ja")
+    for _ in range(2):
+        await a.utterance()
+    # utterance 0 takes 2 of the 3 jobs of the burst (en and ja); utterance 1 would need 2 more
+    await eventually(lambda: len(a.outcomes()) == 2 and len(heard(b, a)) == 1 and len(heard(c, a)) == 1)
+    assert a.outcomes() == {0: ["result"], 1: ["missing:job_failed"]}
+    assert [m["code"] for m in a.of_type("error")] == ["TENANT_RATE_LIMITED"]
+    assert sorted(m["tgt_lang"] for m in node.received if m["type"] == "job_assign") == ["en", "ja"]
