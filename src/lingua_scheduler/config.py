@@ -355,7 +355,7 @@ class RoomsConfig(Section):
     max_members: int = 8
     #: a room in which nobody spoke (nor joined) for this long expires: room_expired to every member
     expire_after_seconds: float = 1800.0
-    #: how often rooms are checked for expiry
+    #: rooms are checked for expiry when the next one is due, and at least this often
     sweep_interval_seconds: float = 60.0
     #: JSON bytes of a relayed session description (webrtc_offer / webrtc_answer sdp) at most;
     #: larger -> room_error MESSAGE_TOO_LARGE

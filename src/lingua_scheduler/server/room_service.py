@@ -239,14 +239,16 @@ class RoomService:
             self._shared.send_to(to, data)
 
     def _arm(self) -> None:
-        """One timer for the next room's expiry (the core says when); none without rooms."""
+        """One timer for the next room's expiry (the core says when), at most
+        ``rooms.sweep_interval_seconds`` away (a replica that missed a change is checked again
+        in time); none without rooms."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         at = self.rooms.next_expiry()
         if at is None:
             return
-        delay = max(0.0, at - self._clock.monotonic())
+        delay = max(0.0, min(at - self._clock.monotonic(), self.rooms.config.sweep_interval_seconds))
         self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _expire(self) -> None:
