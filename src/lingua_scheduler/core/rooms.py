@@ -214,6 +214,11 @@ class Rooms:
     def get(self, code: str) -> Room | None:
         return self._rooms.get(code)
 
+    @property
+    def member_count(self) -> int:
+        """Members of all rooms (O(1))."""
+        return len(self._by_session)
+
     def room_of(self, session_id: str) -> Room | None:
         code = self._by_session.get(session_id)
         return self._rooms[code] if code is not None else None

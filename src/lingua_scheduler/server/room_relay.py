@@ -15,7 +15,9 @@ release this relay decides the recipients:
   the first job's, with the translation stripped (the speaker's transcript, once);
 - a failed job's ``missing_result`` goes to exactly that job's recipients.
 
-Since the speaker's queue releases in utterance order, every recipient hears a speaker in order.
+Since the speaker's queue releases in utterance order, every recipient hears a speaker in order; the
+price is that a slow group's job holds back the speaker's later results for the other groups too (at
+most ``session.result_gap_timeout_ms``, as any result of the session).
 
 Must never: hold a plan past the end of its jobs or its speaker (bounded by the speaker's live
 utterances), send one outcome twice to a member, or log text.

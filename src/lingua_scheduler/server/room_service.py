@@ -198,10 +198,11 @@ class RoomService:
         return [(len(r.members), max(0.0, now - r.created_at)) for r in self.rooms]
 
     def live_metrics(self) -> Iterator[Metric]:
-        rooms = self.snapshot()
-        yield GaugeMetricFamily("lingua_rooms", "Live rooms", value=len(rooms))
         yield GaugeMetricFamily(
-            "lingua_room_members", "Members of live rooms", value=sum(n for n, _ in rooms)
+            "lingua_rooms", "Live rooms (with a member on this instance)", value=len(self.rooms)
+        )
+        yield GaugeMetricFamily(
+            "lingua_room_members", "Members of those rooms", value=self.rooms.member_count
         )
 
     # --- internals --------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ class StatsAggregator:
             "jobs_inflight": store.inflight,
             "jobs_waiting": store.waiting,
             "rooms_live": len(state.rooms.rooms),
-            "room_members": sum(n for n, _ in state.rooms.snapshot()),
+            "room_members": state.rooms.rooms.member_count,
         }
 
     def _build(self) -> dict[str, Any]:
