@@ -31,11 +31,43 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import get_json, machine, scheduler_process
-from dispatch import run_nodes
+from lingua_scheduler.sim.nodes import Executor, SimulatedNode
+from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession
 
 #: the members' languages, in turn (the nodes serve every pair of them)
 LANGS = ["en", "zh", "de", "fr", "es", "ja", "ko", "ru", "pt", "it"]
+
+
+def _uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
+def run_nodes(port: int, count: int, ready: Any, stop: Any) -> None:
+    """Nodes serving every pair of ``LANGS`` that answer each job at once."""
+    _uvloop()
+
+    async def main() -> None:
+        url = f"ws://127.0.0.1:{port}/ws/node"
+        profile = NodeProfile(asr_languages=LANGS, tts_languages=LANGS, nmt_languages=LANGS)
+        ex = Executor(latency=0.0, partials=0, send_started=False)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            nodes = [
+                SimulatedNode(http, url, profile, interval=5.0, seed=i, executor=ex) for i in range(count)
+            ]
+            for i in range(0, count, 50):
+                await asyncio.gather(*(n.start() for n in nodes[i : i + 50]))
+            gc.freeze()
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def run_rooms(
@@ -47,12 +79,7 @@ def run_rooms(
     seconds: float,
     out: multiprocessing.queues.Queue[dict[str, Any]],
 ) -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    _uvloop()
 
     async def main() -> dict[str, Any]:
         url = f"ws://127.0.0.1:{port}/ws/session"
@@ -109,6 +136,8 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     env = {
         "LINGUA_SCHEDULER__MAX_CONCURRENT_JOBS_PER_NODE": "16",
         "LINGUA_ROOMS__MAX_MEMBERS": str(max(size, 2)),
+        # every member and node connects from 127.0.0.1: 200 rooms of 10 are 2,000 sockets
+        "LINGUA_LIMITS__MAX_CONNECTIONS_PER_SOURCE": str(args.rooms * size + args.nodes + 100),
     }
     with scheduler_process(env) as (port, _proc):
         ready, stop = multiprocessing.Event(), multiprocessing.Event()
