@@ -75,6 +75,9 @@ async def test_a_room_across_two_instances(
     await eventually(lambda: last_members(x) == [x.session_id, z.session_id], timeout=5)
     # now there is room for w, from A
     assert (await join(w, code))["type"] == "room_members"
+    # a member on B whose connection drops leaves too: A's members are told
+    await z.disconnect()
+    await eventually(lambda: last_members(x) == [x.session_id, w.session_id], timeout=5)
 
 
 async def test_a_dead_instance_takes_its_members_out(

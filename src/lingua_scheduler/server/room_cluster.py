@@ -272,7 +272,9 @@ class SharedRooms:
             preferred_lang=msg.preferred_lang or session.targets[0],
         )
         status, room_id, records = await self._store.join(code, record, self._config.max_members)
-        if status == "ok" and room_id is not None:
+        if status == "ok" and room_id is not None and sid not in self._sessions:
+            await self._leave(sid, code)  # its session ended while the store answered: no ghost
+        elif status == "ok" and room_id is not None:
             self._publish(code, room_id, records)
         elif status == "full":
             self._refuse(
@@ -292,7 +294,7 @@ class SharedRooms:
         status, room_id, records = await self._store.leave(code, sid)
         if status == "ok" and room_id is not None:
             self._publish(code, room_id, records, also={self.instance_id})
-        else:  # closed (it was the last member) or gone already
+        elif status == "closed":  # it was the last member
             self.rooms.drop(code)
             self._rearm()
 
