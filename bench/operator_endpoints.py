@@ -84,7 +84,7 @@ def populate(app: web.Application, nodes: int, sessions: int, seed: int) -> None
     for i in range(sessions):
         src, tgt = rng.sample(LANGUAGES[:6], 2)
         state.sessions[f"s-{i:08X}"] = SimpleNamespace(src_lang=src, targets=[tgt])  # type: ignore[assignment]
-        state.dispatcher.created_by_pair[f"{src}->{tgt}"] = rng.randint(1, 1000)
+        state.engine.created_by_pair[f"{src}->{tgt}"] = rng.randint(1, 1000)
 
 
 def client(port: int, rate: float, seconds: float, out: multiprocessing.queues.Queue[Any]) -> None:

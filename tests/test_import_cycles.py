@@ -100,7 +100,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walk_sees_every_kind_of_import() -> None:
     """The walk itself: a module-level, a TYPE_CHECKING-only and a function-local relative import each
     make an edge, so a circle through any of them is found; without the last one there is none."""
-    assert "lingua_scheduler.server.dispatcher" in graph()["lingua_scheduler.server.state"]
+    assert "lingua_scheduler.server.runtime" in graph()["lingua_scheduler.server.state"]
     made = {
         "pkg.a": "import pkg.b\n",
         "pkg.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.c import X\n",

@@ -28,7 +28,7 @@ from lingua_scheduler.protocol.codec import explain
 ENV_PREFIX = "LINGUA_"
 #: shortest admin token accepted: a guessable token is worse than none
 MIN_ADMIN_TOKEN = 16
-#: bound of ``admin.max_metric_pairs``: the dispatcher counts the jobs of at most this many pairs
+#: bound of ``admin.max_metric_pairs``: the engine counts the jobs of at most this many pairs
 MAX_METRIC_PAIRS = 256
 
 

@@ -651,7 +651,7 @@ async def settled(rs: RunningScheduler) -> None:
     """Everything connections created is gone once they are: sockets, node bindings, sessions, jobs in
     flight or waiting, held audio. Then the core's own invariants hold."""
     state = rs.state
-    store = state.dispatcher.store
+    store = state.engine.store
     await eventually(
         lambda: (
             state.limits.open_connections == 0

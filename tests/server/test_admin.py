@@ -260,7 +260,7 @@ async def test_cancel_job(sched: RunningScheduler, node_factory: Any, session_fa
     status, body, _ = await call(sched, "POST", "/api/v1/admin/jobs/job-nope/cancel", headers=AUTH)
     assert status == 404 and body["code"] == "NOT_FOUND"
     assert await sched.metric("lingua_jobs_total", '{outcome="cancelled"}') == 1
-    sched.state.dispatcher.store.validate()
+    sched.state.engine.store.validate()
 
 
 async def test_node_of_another_instance_refused(sched: RunningScheduler, node_factory: Any) -> None:

@@ -454,8 +454,8 @@ async def test_tenant_job_rate(scheduler_factory: Any, session_factory: Any, nod
     # nothing left behind by the refused utterances
     sid = s.session_id
     assert (await s.close())["type"] == "session_close_ack"
-    assert sid not in rs.state.sessions and rs.state.dispatcher.live_jobs_of(sid or "") == 0
-    await eventually(lambda: rs.state.dispatcher.store.inflight == 0)
+    assert sid not in rs.state.sessions and rs.state.engine.live_jobs_of(sid or "") == 0
+    await eventually(lambda: rs.state.engine.store.inflight == 0)
     assert await rs.metric("lingua_auth_refusals_total", '{plane="session",reason="rate_limited"}') == 2
 
 

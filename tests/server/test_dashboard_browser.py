@@ -122,7 +122,7 @@ async def test_dashboard_live_and_drain(
             assert stats["nodes"]["draining"] == 1 and stats["nodes"]["ready"] == 5
 
             # the node detail: a node that ran a job shows it, with its outcome
-            job = next(j for j in rs.state.dispatcher.store if j.state.value == "completed")
+            job = next(j for j in rs.state.engine.store if j.state.value == "completed")
             ran = page.locator(f'#nodes-body tr[data-node-id="{job.node_id}"] td.node-id')
             await ran.click()
             await expect(page.locator("#node-detail")).to_be_visible()

@@ -70,7 +70,7 @@ def check_sessions(sessions: list[SimulatedSession], *, lost_ok: bool = False) -
 
 
 def assert_nothing_stuck(state: SchedulerState) -> None:
-    store = state.dispatcher.store
+    store = state.engine.store
     assert store.inflight == 0 and store.waiting == 0, store.counts()
     for entry in state.registry.local_nodes():
         assert entry.load.inflight == 0, (entry.node_id, entry.load.inflight)
@@ -191,7 +191,7 @@ async def run_chaos(
             for m in c.of_type("error"):
                 tally["error:" + m["code"]] += 1
         # nothing stuck: no live job, no load left; every node is back and ready
-        await eventually(lambda: rs.state.dispatcher.store.inflight == 0, timeout=10)
+        await eventually(lambda: rs.state.engine.store.inflight == 0, timeout=10)
         await eventually(
             lambda: all(
                 (e := rs.state.registry.nodes.get(n.node_id or "")) is not None
@@ -212,8 +212,8 @@ async def run_chaos(
         assert all(a["type"] == "session_close_ack" for a in acks)
         await eventually(lambda: rs.state.sessions == {}, timeout=5)
         assert_nothing_stuck(rs.state)
-        tally["failovers"] = rs.state.dispatcher.store.failovers
-        tally["stale_dropped"] = rs.state.dispatcher.store.stale_messages
+        tally["failovers"] = rs.state.engine.store.failovers
+        tally["stale_dropped"] = rs.state.engine.store.stale_messages
         return chaos, tally
     finally:
         await asyncio.gather(
@@ -477,24 +477,23 @@ async def test_wall_clock_jumps_neither_fire_nor_suppress_timeouts(
 WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("clock.py", "SystemClock.wall_ms"): "the wall clock itself",
     ("clock.py", "OffsetClock.wall_ms"): "the shared clock of multi-instance mode (wall + offset)",
-    ("server/state.py", "SchedulerState.__init__"): "start time, shown as uptime",
-    ("server/state.py", "SchedulerState.health"): "uptime shown on /health",
-    ("server/state.py", "SchedulerState.apply_transitions"): "node_status.timestamp",
+    ("server/app.py", "build_state"): "start time, shown as uptime",
+    ("server/http_api.py", "health_of"): "uptime shown on /health",
+    ("server/node_status.py", "NodeStatusNotices.apply"): "node_status.timestamp",
     ("server/stats.py", "StatsAggregator._sample"): "chart timestamps",
     ("server/stats.py", "StatsAggregator._build"): "computed_at_ms shown",
     ("server/stats.py", "StatsAggregator.build_frame"): "uptime shown on the dashboard",
     ("server/events.py", "RecentEvents.add"): "event timestamps",
     ("server/node_endpoint.py", "NodeConnection._heartbeat"): "heartbeat ack server_ts_ms",
     ("server/session_endpoint.py", "SessionConnection.on_frame"): "server_heartbeat.timestamp",
-    ("server/dispatcher.py", "Dispatcher._translation"): "translation_result.scheduler_sent_at_ms",
-    ("server/dispatcher.py", "Dispatcher.deliver"): "missing_result.created_at_ms",
+    ("core/engine.py", "SchedulerEngine._translation"): "translation_result.scheduler_sent_at_ms",
+    ("core/engine.py", "SchedulerEngine._deliver"): "missing_result.created_at_ms",
     ("server/session_endpoint.py", "SessionConnection._resume_remote_run"): "missing_result.created_at_ms",
-    ("server/dispatcher.py", "Dispatcher._send_remote"): "cross-instance hop latency (metric only)",
+    ("server/links.py", "Links.assign"): "cross-instance hop latency (metric only)",
     ("server/cluster.py", "Cluster.handle"): "cross-instance hop latency (metric only)",
     ("server/quality.py", "QualityMonitor.node_json"): "ejected_until_ms shown (the end is monotonic)",
     # Shared expiries in Redis: instances on different hosts share no monotonic clock. A wall-clock
     # step on one instance moves these (docs/reliability.md, "Clock jumps").
-    ("server/dispatcher.py", "Dispatcher._place_shared"): "reservation expiry in Redis (shared)",
     ("server/resume.py", "Resumer.ask"): "hand-over request deadline, checked by another instance",
     ("server/resume.py", "Resumer.on_request"): "hand-over request deadline (shared)",
     ("store/memory.py", "MemoryStore.reserve"): "reservation expiry (the embedded store's clock)",
@@ -509,7 +508,7 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("server/sessions.py", "Session._for_client"): "group_id names its creation (window: monotonic)",
     ("store/redis_store.py", "RedisStore.ping"): "the probe key's value: when it was written (for operators)",
     ("server/cluster_view.py", "ClusterView.figures"): "at_ms: when the figures were taken (shared clock)",
-    ("server/dispatcher.py", "Dispatcher.refuse"): "missing_result.created_at_ms",
+    ("core/engine.py", "SchedulerEngine._refuse"): "missing_result.created_at_ms",
     ("server/session_endpoint.py", "SessionConnection._missing_whole"): "missing_result.created_at_ms",
     ("server/stats.py", "StatsAggregator.long_series"): "the chart's points are stamped for operators",
     # rooms and pairing: times peers are told (joined_at, a code's expiry, TURN credentials' expiry
@@ -606,7 +605,7 @@ async def test_backlog_drains_as_soon_as_slots_are_free(
         await s.start()
         for _ in range(6):
             await s.utterance()
-        await eventually(lambda: rs.state.dispatcher.store.waiting == 6)
+        await eventually(lambda: rs.state.engine.store.waiting == 6)
         await node.start()
         await eventually(s.settled, timeout=10)
         errors = [(m.get("code"), m.get("message")) for m in s.of_type("error")]

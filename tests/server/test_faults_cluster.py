@@ -114,7 +114,7 @@ async def test_killed_instance_sessions_reconnect_and_its_jobs_end(
                 c.incarnations[1].outcomes(),
                 [(m["code"], m["message"]) for m in c.incarnations[1].of_type("error")],
             )
-        await eventually(lambda: a.state.dispatcher.store.inflight == 0, timeout=5)
+        await eventually(lambda: a.state.engine.store.inflight == 0, timeout=5)
         assert_nothing_stuck(a.state)
     finally:
         await asyncio.gather(
@@ -179,7 +179,7 @@ async def test_redis_outage_with_jobs_in_flight(
             1,
         ]
         check_sessions([sa, sb])
-        await eventually(lambda: a.state.dispatcher.store.inflight == 0, timeout=5)
+        await eventually(lambda: a.state.engine.store.inflight == 0, timeout=5)
         assert await a.state.cluster.store.slots_used(remote.node_id, a.state.clock.wall_ms()) == 0
         await eventually(lambda: b.state.cluster.remote_jobs == {}, timeout=5)
     finally:

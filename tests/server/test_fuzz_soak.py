@@ -126,10 +126,10 @@ async def soak(
 
     # nothing the fuzzers did outlives their connections
     await settled(rs)
-    store = state.dispatcher.store
+    store = state.engine.store
     await eventually(lambda: len(store) == 0, timeout=5)  # terminal jobs evicted after retention
-    d = state.dispatcher
-    assert d._finalized_at == {} and d._load_tokens == {} and d._last_reason == {} and d._placing == set()
+    assert state.engine.tracked_jobs() == 0  # no per-job bookkeeping outlives its job
+    state.engine.validate()
     await eventually(lambda: task_count() <= baseline_tasks, timeout=5)
     assert not [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("outbox-")]
 

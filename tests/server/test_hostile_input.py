@@ -285,7 +285,7 @@ async def test_session_refuses_hostile_frame(
         await ws.send_frame(case.frame, kind)
         await expect_error(ws, case)
         assert list(fuzz_rs.state.sessions) == [sid]
-        assert len(fuzz_rs.state.dispatcher.store) == 0  # no refused frame created a job
+        assert len(fuzz_rs.state.engine.store) == 0  # no refused frame created a job
     await settled(fuzz_rs)
 
 
@@ -316,7 +316,7 @@ async def test_session_socket_serves_after_every_hostile_frame(
             await ws.send_frame(case.frame, aiohttp.WSMsgType.TEXT)
             assert msgspec.json.decode((await ws.receive(5)).data)["code"] == case.code, case.name
         assert list(fuzz_rs.state.sessions) == [sid]
-        assert len(fuzz_rs.state.dispatcher.store) == 0  # no refused frame created a job
+        assert len(fuzz_rs.state.engine.store) == 0  # no refused frame created a job
         hb_frame = msgspec.json.encode({"type": "client_heartbeat", "session_id": sid, "timestamp": 7})
         await ws.send_bytes(hb_frame)
         assert msgspec.json.decode((await ws.receive(5)).data)["type"] == "server_heartbeat"

@@ -306,7 +306,7 @@ async def test_audio_backlog_per_session_is_bounded(
     e = await err
     assert e["code"] == "NODE_OVERLOADED" and "backlog" in e["message"]
     assert e["details"]["utterance_index"] == 2
-    store = rs.state.dispatcher.store
+    store = rs.state.engine.store
     assert store.session_audio_bytes(s.session_id) == 32_000 <= 40_000
     await ready_nodes(rs, node_factory, 1)
     await eventually(lambda: s.settled())

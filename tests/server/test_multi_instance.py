@@ -40,7 +40,7 @@ async def test_session_on_a_node_on_b(
     assert health["mode"] == "redis" and health["store"] == "ok"
     # reservations were released: no slot left in use on the node
     store = a.state.cluster.store
-    await eventually(lambda: a.state.dispatcher.store.inflight == 0)
+    await eventually(lambda: a.state.engine.store.inflight == 0)
     assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
 
 
@@ -329,7 +329,7 @@ async def test_killed_instance_nodes_move_and_jobs_end(
             ready_in_view(a, n.node_id) and a.state.registry.nodes[n.node_id].owner is None for n in nodes
         )
         # no job of A left in flight, here or in the shared job records
-        assert a.state.dispatcher.store.inflight == 0
+        assert a.state.engine.store.inflight == 0
         store = a.state.cluster.store
         await asyncio.sleep(0.5)  # one tick flushes the job records
         assert await store.jobs_of(a.state.cluster.instance_id) == []
@@ -366,7 +366,7 @@ async def test_cross_instance_on_redis_cluster(
     await eventually(lambda: len(s.of_type("translation_result")) == 3, timeout=10)
     assert (await a.get_json("/health"))["store"] == "ok"
     store = a.state.cluster.store
-    await eventually(lambda: a.state.dispatcher.store.inflight == 0)
+    await eventually(lambda: a.state.engine.store.inflight == 0)
     assert await store.slots_used(node.node_id, a.state.clock.wall_ms()) == 0
 
 
@@ -440,4 +440,4 @@ async def test_an_unexpected_placement_error_fails_the_job_and_placement_goes_on
     await s.speak(chunks=1)
     await eventually(lambda: 1 in s.outcomes(), timeout=5)
     assert s.outcomes()[1] == ["result"]
-    assert not a.state.dispatcher._placing
+    assert not a.state.engine.placing()

@@ -102,7 +102,7 @@ async def _traffic(
     await s.start()
     await s.utterance()
     await eventually(lambda: len(s.of_type("translation_result")) == 1, timeout=5)
-    job_id = next(iter(j.job_id for j in rs.state.dispatcher.store))
+    job_id = next(iter(j.job_id for j in rs.state.engine.store))
     return node.node_id, job_id
 
 
@@ -137,8 +137,8 @@ async def test_live_answers_redis_mode(
     a, b = await start_instances(scheduler_factory, 2, {**sections, "admin": {"token": TOKEN}})
     # the node on b, the session on a: a's node detail names b, its stats carry the cluster totals
     node_id, _ = await _traffic(a, b.node_url, node_factory, session_factory)
-    job_id = next(iter(j.job_id for j in a.state.dispatcher.store))
-    await eventually(lambda: a.state.dispatcher.store.get(job_id) is not None)
+    job_id = next(iter(j.job_id for j in a.state.engine.store))
+    await eventually(lambda: a.state.engine.store.get(job_id) is not None)
 
     async def both_instances() -> bool:
         return len((await a.get_json("/api/v1/cluster"))["instances"]) == 2
@@ -159,7 +159,7 @@ async def test_live_answers_redis_mode(
     # the store stops answering: /health says degraded, as the document allows
     redis_server.pause()
     try:
-        await eventually(lambda: a.state.dispatcher.cluster.degraded, timeout=15)
+        await eventually(lambda: a.state.runtime.cluster.degraded, timeout=15)
         health = await a.get_json("/health")
         assert health["status"] == "degraded" and "store_reason" in health
         _validate(health, "/health", "get", 200)

@@ -70,9 +70,7 @@ async def test_supply_and_demand_per_pair(
     await unserved.start()
     await unserved.utterance()
     await unserved.utterance()
-    await eventually(
-        lambda: rs.state.dispatcher.store.waiting == 2 and rs.state.dispatcher.store.inflight == 3
-    )
+    await eventually(lambda: rs.state.engine.store.waiting == 2 and rs.state.engine.store.inflight == 3)
     m = await scrape(rs)
     assert m["lingua_pair_ready_nodes"] == {**dict.fromkeys(SERVED, 2), "ja->en": 0, "other": 0}
     assert m["lingua_pair_free_slots"] == {**dict.fromkeys(SERVED, slots - 1), "ja->en": 0, "other": 0}
@@ -98,7 +96,7 @@ async def test_the_label_set_is_capped_and_counters_stay_monotonic(
     unserved = session_factory(url=rs.session_url, src_lang="ja", tgt_lang="en")
     await unserved.start()
     await unserved.utterance()
-    await eventually(lambda: rs.state.dispatcher.store.waiting == 1)
+    await eventually(lambda: rs.state.engine.store.waiting == 1)
     m = await scrape(rs)
     assert m["lingua_pair_waiting_jobs"] == {**zero, "other": 1}
     assert m["lingua_pair_ready_nodes"] == {**dict.fromkeys(SERVED, 2), "other": 0}
@@ -111,7 +109,7 @@ async def test_the_label_set_is_capped_and_counters_stay_monotonic(
         await n.close()
     await eventually(lambda: not rs.state.publisher.view.groups)
     await unserved.utterance()
-    await eventually(lambda: rs.state.dispatcher.store.waiting == 2)
+    await eventually(lambda: rs.state.engine.store.waiting == 2)
     m = await scrape(rs)
     assert "ja->en" in m["lingua_pair_waiting_jobs"] and len(m["lingua_pair_waiting_jobs"]) == len(SERVED) + 1
     assert m["lingua_pair_waiting_jobs"]["ja->en"] == 2 and m["lingua_pair_waiting_jobs"]["other"] == 0

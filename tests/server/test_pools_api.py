@@ -455,7 +455,7 @@ async def test_model_not_available_marks_the_service_until_it_expires(
     assigned = bad.wait_for(lambda m: m.get("type") == "job_assign")
     await session.speak(chunks=1)
     await assigned
-    marks = rs.state.dispatcher.marks
+    marks = rs.state.engine.marks
     await eventually(lambda: len(marks) == 1)
     marked_at = time.monotonic()
 

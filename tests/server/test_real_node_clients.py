@@ -15,10 +15,10 @@ import pytest
 import pytest_asyncio
 
 from lingua_scheduler.core import opus
+from lingua_scheduler.core.engine import trigger_flags
 from lingua_scheduler.core.segmentation import CutReason
 from lingua_scheduler.node.jobs import Result, result_message
 from lingua_scheduler.protocol.node import JobAssign
-from lingua_scheduler.server.dispatcher import trigger_flags
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from lingua_scheduler.sim.sessions import SimulatedSession, opus_audio
@@ -147,7 +147,7 @@ async def test_result_of_an_earlier_attempt_is_delivered_while_unanswered(
     assert msg["type"] == "translation_result" and msg["job_id"] == assigns(slow)[0]["job_id"]
     await eventually(lambda: any(m.get("type") == "job_cancel" for m in silent.received))
     assert await rs.metric("lingua_early_attempt_results_total") == 1
-    await eventually(lambda: rs.state.dispatcher.store.inflight == 0)
+    await eventually(lambda: rs.state.engine.store.inflight == 0)
     assert rs.state.registry.nodes[silent.node_id].load.inflight == 0
     assert len(s.of_type("translation_result")) == 1 and not s.of_type("missing_result")
 
@@ -170,7 +170,7 @@ async def test_result_from_a_node_that_never_had_the_job_is_dropped(
         await asyncio.sleep(5 * MS)
     assert await rs.metric("lingua_stale_job_messages_total") == 1
     assert not s.of_type("translation_result")
-    assert rs.state.dispatcher.store.get(job["job_id"]).state.value == "dispatched"  # type: ignore[union-attr]
+    assert rs.state.engine.store.get(job["job_id"]).state.value == "dispatched"  # type: ignore[union-attr]
 
 
 # --- a node that is only busy ---------------------------------------------------------------------------

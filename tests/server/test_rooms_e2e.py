@@ -205,7 +205,7 @@ async def test_leaving_and_disconnecting_mid_utterance(
     await eventually(lambda: len(last_members(a)) == 3)
     await a.speak(chunks=2)
     # the jobs are running: b leaves, c's connection drops
-    await eventually(lambda: sched.state.dispatcher.live_jobs_of(a.session_id) == 2)
+    await eventually(lambda: sched.state.engine.live_jobs_of(a.session_id) == 2)
     told = len(a.of_type("room_members"))
     await b.send({"type": "room_leave", "room_code": code})
     await eventually(lambda: len(a.of_type("room_members")) == told + 1)

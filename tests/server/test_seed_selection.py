@@ -176,7 +176,7 @@ async def select_loop(
             req = SelectionRequest(src_lang=src, tgt_lang=tgt, routing_key=f"session-{i}")
             view = state.publisher.view
             t0 = time.perf_counter()
-            result = state.dispatcher.selector.select(view, req)
+            result = state.engine.selector.select(view, req)
             durations.append(time.perf_counter() - t0)
             versions.add(view.version)
             assert result.node_id is not None, result.to_json()

@@ -104,12 +104,12 @@ async def test_failover_to_another_node(
     await eventually(lambda: len(results(s)) == 1, timeout=5)
     [assigned] = [m for m in good.received if m["type"] == "job_assign"]
     assert assigned["attempt_id"] == 2 and assigned["utterance_index"] == index
-    job = sched.state.dispatcher.store.get(assigned["job_id"])
+    job = sched.state.engine.store.get(assigned["job_id"])
     assert job is not None and job.attempt == 2
     if behavior is Behavior.NEVER_ACK:
         # the first node answers late for attempt 1: fenced, never delivered
         stale = await sched.metric("lingua_stale_job_messages_total")
-        await eventually(lambda: sched.state.dispatcher.store.stale_messages >= 1, timeout=3)
+        await eventually(lambda: sched.state.engine.store.stale_messages >= 1, timeout=3)
         assert await sched.metric("lingua_stale_job_messages_total") >= max(1, stale)
         assert any(m["type"] == "job_cancel" for m in bad.received)
     await asyncio.sleep(0.1)
@@ -173,7 +173,7 @@ async def test_session_cannot_touch_another(
         reply = await err
         assert reply["code"] == "INVALID_SESSION" and victim.session_id in reply["message"]
     assert victim.session_id in sched.state.sessions
-    assert sched.state.dispatcher.store.jobs_of(victim.session_id) == []
+    assert sched.state.engine.store.jobs_of(victim.session_id) == []
     attacker.session_id = own
     await victim.speak(chunks=1)
     await eventually(lambda: len(results(victim)) == 1)
@@ -219,12 +219,11 @@ async def test_close_dispatches_last_audio_then_frees(
     assert len([m for m in node.received if m["type"] == "job_assign"]) == 2
     state = sched.state
     assert state.sessions == {}
-    store = state.dispatcher.store
+    store = state.engine.store
     assert store.inflight == 0 and store.waiting == 0 and store.audio_bytes == 0
     await eventually(lambda: len(store) == 0, timeout=3)  # terminal jobs evicted after retention
-    d = state.dispatcher
-    assert d._finalized_at == {} and d._last_reason == {} and d._load_tokens == {}
-    store.validate()
+    assert state.engine.tracked_jobs() == 0  # no per-job bookkeeping outlives its job
+    state.engine.validate()
 
 
 async def test_disconnect_cancels_inflight(
@@ -240,5 +239,5 @@ async def test_disconnect_cancels_inflight(
     await s.disconnect()
     await cancel
     state = sched.state
-    await eventually(lambda: state.sessions == {} and state.dispatcher.store.inflight == 0)
+    await eventually(lambda: state.sessions == {} and state.engine.store.inflight == 0)
     assert state.registry.nodes[node.node_id].load.inflight == 0

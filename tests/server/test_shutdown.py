@@ -250,14 +250,14 @@ async def test_redis_mode_stopping_instance_hands_jobs_back(
         assert s.outcomes() == {0: ["result"]}, kinds(s.messages)
         [result] = s.of_type("translation_result")
         assert result["job_id"] == job["job_id"]
-        assert a.state.dispatcher.store.get(job["job_id"]).attempt == 2
+        assert a.state.engine.store.get(job["job_id"]).attempt == 2
         assert [m["attempt_id"] for m in spare.received if m["type"] == "job_assign"] == [2]
         await eventually(lambda: slow.reconnects == 1, timeout=5)
         # B left the shared state at once: no presence, no node records, no live job records
         store = a.state.cluster.store
         records, _ = await store.directory()
         assert {r.owner for r in records} == {a.state.cluster.instance_id}
-        await eventually(lambda: a.state.dispatcher.store.inflight == 0, timeout=5)
+        await eventually(lambda: a.state.engine.store.inflight == 0, timeout=5)
     finally:
         await asyncio.gather(slow.close(), spare.close(), s.disconnect(), return_exceptions=True)
 

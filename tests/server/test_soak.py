@@ -63,11 +63,11 @@ async def test_soak_every_utterance_ends_once(
     assert delivered >= 0.9 * SESSIONS * UTTERANCES, {c: codes.count(c) for c in set(codes)}
 
     state = rs.state
-    store = state.dispatcher.store
+    store = state.engine.store
     assert state.sessions == {}
     assert store.inflight == 0 and store.waiting == 0 and store.audio_bytes == 0
     await eventually(lambda: len(store) == 0, timeout=5)
-    assert state.dispatcher.tracked_jobs() == 0
+    assert state.engine.tracked_jobs() == 0
     store.validate()
     for entry in state.registry:
         assert entry.load.inflight == 0 and entry.load.dispatched_since_report == 0, entry.node_id

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from lingua_scheduler.clock import ManualClock
+from lingua_scheduler.server.app import build_state
 from lingua_scheduler.server.metrics import LATENCY_BUCKETS
-from lingua_scheduler.server.state import SchedulerState
 from lingua_scheduler.server.stats import StatsAggregator, quantile
 from tests.conftest import make_config
 
@@ -43,7 +43,7 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
 @pytest.fixture
 def agg() -> tuple[StatsAggregator, ManualClock]:
     clock = ManualClock()
-    state = SchedulerState(make_config(), clock)
+    state = build_state(make_config(), clock)
     return StatsAggregator(state, interval=1.0, window=60.0), clock
 
 
@@ -107,14 +107,3 @@ async def test_frame_shared_and_woken(agg: tuple[StatsAggregator, ManualClock]) 
     waiter = asyncio.ensure_future(a.next_frame(nxt[0]))
     a.close()
     assert await asyncio.wait_for(waiter, 1) is None  # shutdown ends the streams
-
-
-def test_pair_counter_is_bounded(agg: tuple[StatsAggregator, ManualClock]) -> None:
-    from lingua_scheduler.server.dispatcher import MAX_COUNTED_PAIRS, OTHER_PAIR
-
-    a, _ = agg
-    d = a.state.dispatcher
-    for i in range(MAX_COUNTED_PAIRS + 50):
-        d._count_created(f"x{i}", "en")
-    assert len(d.created_by_pair) == MAX_COUNTED_PAIRS + 1
-    assert d.created_by_pair[OTHER_PAIR] == 50

@@ -133,7 +133,7 @@ async def test_redis_frozen_longer_than_presence_ttl_under_load(
         check_sessions([sa, sb])
         assert takeovers(caplog) == []
         for rs in (a, b):
-            await eventually(lambda rs=rs: rs.state.dispatcher.store.inflight == 0, timeout=5)
+            await eventually(lambda rs=rs: rs.state.engine.store.inflight == 0, timeout=5)
         for n in (na, nb):
             assert await reserved(redis, prefix, n.node_id or "") == 0
     finally:

@@ -115,6 +115,11 @@ class FleetViewPublisher:
             owner=entry.owner,
         )
 
+    def view_age(self) -> float:
+        """Staleness of the view: age of the oldest change not yet published (0 when current)."""
+        oldest = self.registry.oldest_dirty()
+        return 0.0 if oldest is None else max(0.0, self.clock.monotonic() - oldest)
+
     def publish(self) -> PublishStats | None:
         """Fold every dirty node into a new view; ``None`` when nothing changed (no new version)."""
         dirty = self.registry.take_dirty()

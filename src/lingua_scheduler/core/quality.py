@@ -90,7 +90,7 @@ _MAX_CODE = 64
 def speech_expected(spec: JobSpec) -> bool:
     """Whether an empty recognition of this job is the node's doing: its audio was judged to hold
     speech. Opus audio of silence alone never becomes a job unless it is a piece of a turn cut at its
-    maximum length (the dispatcher answers it itself), so an Opus job outside such a chain held speech;
+    maximum length (the engine answers it itself), so an Opus job outside such a chain held speech;
     other formats are not judged, and a job not asking for ASR has no recognition to be empty."""
     if spec.pipeline is not None and not spec.pipeline.use_asr:
         return False

@@ -24,7 +24,7 @@ A selection that finds nothing therefore costs O(shards tried x max_pool_size): 
 of the request, not by the fleet -- but a pair served by 50,000 nodes has 500 shards. ``scan_budget``
 caps that cost (selection then stops early and says so in ``truncated``), at the price of completeness.
 
-With ``soft_threshold`` (the dispatcher's) the resource threshold is a preference: nodes over it are
+With ``soft_threshold`` (the engine's) the resource threshold is a preference: nodes over it are
 chosen only when no node under it passes (a second pass, taken only when the first one found nothing
 and refused some node for its load).
 

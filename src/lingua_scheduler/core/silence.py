@@ -5,7 +5,7 @@ when it skips the frame (DTX); the web client's own silence frame is 8 bytes per
 far more: Opus does not encode speech below 6 kbit/s (15 bytes per 20 ms), and voice at usual
 settings takes 30-80 bytes per 20 ms. A packet carrying at most ``SILENT_BITS_PER_SECOND`` of its own
 duration is therefore silence, and an utterance made only of such packets holds no speech a node
-could recognise: the dispatcher resolves it as ``missing_result(silence_detected)`` at once instead of
+could recognise: the engine resolves it as ``missing_result(silence_detected)`` at once instead of
 queueing a job that a slow node would spend seconds on, in front of the session's next real sentence.
 
 The rule errs one way only: an encoder that pads silence (constant bitrate) yields large packets, so

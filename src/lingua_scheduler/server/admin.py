@@ -10,7 +10,7 @@ address and the optional ``X-Operator`` header) and what, counted in ``lingua_ad
 and kept in the recent-events ring.
 
 Must never: log or echo the token, act before the token checks out, or change node or job state other
-than through the registry's and the dispatcher's own operations (which tell the node and the session).
+than through the registry's and the engine's own operations (which tell the node and the session).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import WSCloseCode, web
 
-from lingua_scheduler.core.jobs import Verdict
+from lingua_scheduler.core.events import CancelJob
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.errors import ErrorCode, RequestError, SchedulerError
 from lingua_scheduler.protocol import http as h
@@ -394,12 +394,12 @@ async def cancel_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     job_id = request.match_info["job_id"]
     reason = await _reason(request, "cancelled by operator")
-    out = state.dispatcher.cancel_job(job_id, reason)
-    if out.verdict is Verdict.UNKNOWN or out.job is None:
+    job = state.engine.store.get(job_id)
+    if job is None:
         raise RequestError(f"no job {job_id!r}", code=ErrorCode.NOT_FOUND)
-    job = out.job
-    if out.verdict is not Verdict.APPLIED:
+    if job.terminal:
         raise RequestError(f"job {job_id!r} already ended ({job.state.value})", code=ErrorCode.JOB_ENDED)
+    state.runtime.handle(CancelJob(job_id, reason))
     return json_response(
         h.JobCancelled(action="cancel_job", job_id=job_id, state="cancelled", attempt=job.attempt)
     )

@@ -1,7 +1,7 @@
 """Authentication in the shell: credentials of nodes and sessions, revocation, per-tenant limits.
 
 Owns ``AuthService`` (one per instance, ``SchedulerState.auth``), which the endpoints and the
-dispatcher ask:
+engine ask:
 
 - ``check_node(msg, bound, source)`` before a ``node_register`` reaches the registry, and
   ``token_for(id)`` for the ``node_register_ack``; enrollments (a new node presenting the fleet secret)

@@ -38,6 +38,7 @@ from typing import Any
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import ClusterConfig, Config
+from lingua_scheduler.core.events import JobMessage, RemoteDispatchFailed
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import NodeEntry, Registry
 from lingua_scheduler.core.status import NodeStatus
@@ -57,11 +58,12 @@ from lingua_scheduler.protocol.cluster import (
     RoomState,
     SessionOutput,
 )
+from lingua_scheduler.protocol.node import JobResult
 from lingua_scheduler.server.auth import AuthService
-from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.resume import Resumer
+from lingua_scheduler.server.runtime import Runtime
 from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, PoolDelta, StateStore, StoreUnavailable
@@ -112,13 +114,13 @@ class Cluster:
         auth: AuthService,
         metrics: Metrics,
         sessions: Mapping[str, Session],
-        dispatcher: Dispatcher,
+        runtime: Runtime,
         cross_instance_window: LatencyWindow,
         node_actions: tuple[str, ...],
         node_action: NodeAction,
     ) -> None:
         """Each keyword argument is one thing of the instance the cluster shell reads or feeds:
-        ``sessions`` this instance's open sessions (read only), ``dispatcher`` its job dispatch,
+        ``sessions`` this instance's open sessions (read only), ``runtime`` its job engine's runtime,
         ``node_actions``/``node_action`` the operators' node actions it carries out for other instances
         (server/admin.py's: admin reaches the cluster, not the other way round)."""
         self.config = config
@@ -128,7 +130,7 @@ class Cluster:
         self.auth = auth
         self.metrics = metrics
         self.sessions = sessions
-        self.dispatcher = dispatcher
+        self.runtime = runtime
         self.cross_instance_window = cross_instance_window
         self.node_actions = node_actions
         self.node_action = node_action
@@ -468,7 +470,7 @@ class Cluster:
         store failure: a release lost then would otherwise hold its slot until the reservation
         expired (the execution timeout: a minute by default), and every instance would see a full
         node that is idle."""
-        held = self.dispatcher.held_reservations()
+        held = self.runtime.engine.held_reservations()
         unsure = self._resv_unsure | self.writer.unsure_nodes
         self._resv_unsure, self.writer.unsure_nodes = set(), set()
         for node_id in unsure:
@@ -486,7 +488,7 @@ class Cluster:
                 "reservations re-synced with the live jobs",
                 extra={"nodes": len(held), "removed": removed, "added": added},
             )
-            self.dispatcher.pump()  # slots freed for jobs waiting here
+            self.runtime.pump()  # slots freed for jobs waiting here
 
     # --- sessions of tenants with a cluster-wide session cap -----------------------------------------
 
@@ -606,33 +608,41 @@ class Cluster:
         # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would
         # count as load on our nodes (in the load batches) until the horizon of ``_load_batch``. This
         # covers jobs too recent to be in its job records (those are written once per tick).
+        # The cancels go out once the dead instance's records say failed (finally: even if the store
+        # fails meanwhile), so a node that sees its cancel never finds the job still live in the store.
+        cancels: list[tuple[str, str]] = []
         for (job_id, attempt), (reply_to, node_id, _) in list(self.remote_jobs.items()):
             if reply_to == instance:
                 self._drop_route(job_id, attempt)
-                self.dispatcher.cancel_on_local_node(node_id, job_id, "owner instance died")
+                cancels.append((node_id, job_id))
         for key, (reply_to, _, _) in list(self._cancelled_routes.items()):
             if reply_to == instance:
                 self._drop_route(*key)
-        await self.store.forget_instance(instance)
-        orphans = await self.store.jobs_of(instance)
-        failed = []
-        for job in orphans:
-            if job.node_id is not None:
-                entry = self.registry.nodes.get(job.node_id)
-                if entry is not None and entry.owner is None:
-                    self.dispatcher.cancel_on_local_node(job.node_id, job.job_id, "owner instance died")
-            failed.append(
-                JobRecord(job.job_id, "failed", job.attempt, job.node_id, instance, job.session_id, True)
-            )
-        if failed:
-            await self.store.save_jobs(failed, int(self.config.jobs.retention_seconds) + 60)
-            log.warning(
-                "jobs of a dead instance failed explicitly", extra={"instance": instance, "jobs": len(failed)}
-            )
+        try:
+            await self.store.forget_instance(instance)
+            orphans = await self.store.jobs_of(instance)
+            failed = []
+            for job in orphans:
+                if job.node_id is not None:
+                    entry = self.registry.nodes.get(job.node_id)
+                    if entry is not None and entry.owner is None:
+                        cancels.append((job.node_id, job.job_id))
+                failed.append(
+                    JobRecord(job.job_id, "failed", job.attempt, job.node_id, instance, job.session_id, True)
+                )
+            if failed:
+                await self.store.save_jobs(failed, int(self.config.jobs.retention_seconds) + 60)
+                log.warning(
+                    "jobs of a dead instance failed explicitly",
+                    extra={"instance": instance, "jobs": len(failed)},
+                )
+        finally:
+            for node_id, job_id in dict.fromkeys(cancels):
+                self.runtime.cancel_on_local_node(node_id, job_id, "owner instance died")
 
     def _drop_remote(self, node_id: str) -> None:
         if self.registry.remove_remote(node_id) is not None:
-            self.dispatcher.node_lost(node_id)
+            self.runtime.node_lost(node_id)
 
     # --- feed ---------------------------------------------------------------------------------------
 
@@ -657,11 +667,11 @@ class Cluster:
         if kind == "node" and record is not None and record.owner != self.instance_id:
             change = registry.upsert_remote(record)
             if change is not None and change[1] is not NodeStatus.READY:
-                self.dispatcher.node_lost(record.node_id)
+                self.runtime.node_lost(record.node_id)
         elif kind == "load" and loads is not None and loads.owner != self.instance_id:
             for nid, (running, cpu, gpu, mem) in loads.loads.items():
                 registry.remote_load(nid, running, cpu, gpu, mem)
-            self.dispatcher.pump()  # capacity may have freed up for jobs waiting here
+            self.runtime.pump()  # capacity may have freed up for jobs waiting here
         elif kind == "gone" and node_id is not None:
             entry = registry.nodes.get(node_id)
             if entry is not None and entry.owner is None:
@@ -695,13 +705,13 @@ class Cluster:
             self.writer.ack(done)
 
     def handle(self, message: InboxMessage) -> None:
-        dispatcher = self.dispatcher
+        runtime = self.runtime
         if isinstance(message, Dispatch):
             if message.sent_at_ns:
                 hop = max(0.0, (time.time_ns() - message.sent_at_ns) / 1e9)
                 self.metrics.cross_instance_dispatch.observe(hop)
                 self.cross_instance_window.record(hop)
-            if dispatcher.deliver_to_local_node(message.node_id, message.assign):
+            if runtime.deliver_to_local_node(message.node_id, message.assign):
                 self._add_route(
                     message.assign.job_id, message.assign.attempt_id, message.reply_to, message.node_id
                 )
@@ -717,13 +727,13 @@ class Cluster:
                 )
         elif isinstance(message, CancelOnNode):
             self._cancel_routes(message.cancel.job_id, message.node_id)
-            dispatcher.deliver_to_local_node(message.node_id, message.cancel)
+            runtime.deliver_to_local_node(message.node_id, message.cancel)
         elif isinstance(message, DispatchFailed):
-            dispatcher.remote_dispatch_failed(
-                message.job_id, message.attempt_id, message.node_id, message.reason
+            runtime.handle(
+                RemoteDispatchFailed(message.job_id, message.attempt_id, message.node_id, message.reason)
             )
         elif isinstance(message, NodeJobMessage):
-            dispatcher.on_node_message(message.node_id, message.message)
+            runtime.on_node_message(message.node_id, message.message)
         elif isinstance(message, NodeAdminRequest):
             if message.request_id not in self._admin_seen:
                 self._admin_seen[message.request_id] = None
@@ -833,7 +843,7 @@ class Cluster:
                 del self.remote_jobs[(job_id, attempt)]
                 self._cancelled_routes[(job_id, attempt)] = (route[0], node_id, now)
 
-    def forward(self, node_id: str, message: object) -> bool:
+    def forward(self, node_id: str, message: JobMessage) -> None:
         """A job message from our node ``node_id`` for a job this instance does not own. It goes to
         the job's owner only through the route of an attempt given to that very node, and a result
         removes that route alone: nothing a node sends touches the route of an attempt on another
@@ -841,9 +851,9 @@ class Cluster:
         the new node's answers were dropped). A late result of an earlier attempt still reaches the
         owner, which decides whether it counts (the first valid result wins). Anything else -- an
         attempt of another node, one never given to this node, a job never routed here -- is dropped
-        here as stale and counted. Always True: the caller has nothing left to do."""
-        job_id: str = getattr(message, "job_id", "")
-        attempt: int | None = getattr(message, "attempt_id", None)
+        here as stale and counted. (The engine has taken the result off the node's reported load.)"""
+        job_id = message.job_id
+        attempt: int | None = message.attempt_id
         if attempt is None:  # asr_partial may leave it out: this node's latest attempt of the job
             mine = [
                 a
@@ -852,13 +862,7 @@ class Cluster:
             ]
             attempt = max(mine, default=None)
         route = self._route(job_id, attempt) if attempt is not None else None
-        is_result = type(message).__name__ == "JobResult"
-        if is_result:
-            # The node counted the job in its last report; it is not one of our jobs (no finished()
-            # will take it off): without this the figure stays one too high until the next report.
-            entry = self.registry.nodes.get(node_id)
-            if entry is not None and entry.owner is None:
-                entry.load.report_ended()
+        is_result = isinstance(message, JobResult)
         if route is None or route[1] != node_id or attempt is None:
             self.stale_routes += 1
             self.metrics.stale_messages.inc()
@@ -866,11 +870,10 @@ class Cluster:
                 "job message without a route from its node dropped",
                 extra={"node_id": node_id, "job_id": job_id, "attempt": attempt},
             )
-            return True
+            return
         if is_result:
             self._drop_route(job_id, attempt)
-        self.writer.send(route[0], NodeJobMessage(node_id=node_id, message=message))  # type: ignore[arg-type]
-        return True
+        self.writer.send(route[0], NodeJobMessage(node_id=node_id, message=message))
 
     def job_changed(self, record: JobRecord) -> None:
         self._job_writes[record.job_id] = record

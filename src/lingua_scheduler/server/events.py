@@ -1,7 +1,7 @@
 """Recent operator-relevant events: a bounded ring of failovers, job failures, node trouble, node
 ejections and admin actions.
 
-Owns ``RecentEvents``. Producers (the dispatcher's failure and failover paths, node status changes, admin
+Owns ``RecentEvents``. Producers (the engine's failure and failover paths, node status changes, admin
 actions) call ``add()``: O(1), never blocks, never grows: the oldest event falls off. Readers (the
 dashboard stream, ``GET /api/v1/events``) copy the newest few.
 

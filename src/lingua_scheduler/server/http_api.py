@@ -13,7 +13,9 @@ import time
 from aiohttp import web
 from msgspec import structs
 
+from lingua_scheduler import __version__
 from lingua_scheduler.core.selection import SelectionRequest
+from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol import http as h
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES
@@ -37,7 +39,31 @@ def _state(request: web.Request) -> SchedulerState:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response(build(h.Health, _state(request).health()))
+    return json_response(build(h.Health, health_of(_state(request))))
+
+
+def health_of(state: SchedulerState) -> dict[str, object]:
+    """The ``GET /health`` document: version, uptime, nodes by status, the mode and its store."""
+    counts = state.registry.counts()
+    cluster = state.cluster
+    mode: dict[str, object] = {"mode": "embedded"}
+    if cluster is not None:
+        mode = {
+            "mode": "redis",
+            "instance_id": cluster.instance_id,
+            "store": "degraded" if cluster.degraded else "ok",
+            "status": "degraded" if cluster.degraded else "ok",
+            **({"store_reason": cluster.degraded_reason} if cluster.degraded else {}),
+        }
+    return {
+        "status": "ok",
+        "version": __version__,
+        "uptime_seconds": round(time.time() - state.started_at, 3),
+        "nodes": {s.value: counts[s] for s in NodeStatus},
+        "nodes_total": len(state.registry),
+        "fleet_view_version": state.publisher.view.version,
+        **mode,
+    }
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -64,7 +90,7 @@ def default_readiness_checks(app: web.Application) -> None:
         return "registry", True
 
     def fleet_view() -> tuple[str, bool]:
-        return "fleet_view", state.view_age() < STALE_VIEW_SECONDS
+        return "fleet_view", state.publisher.view_age() < STALE_VIEW_SECONDS
 
     def accepting() -> tuple[str, bool]:
         # false from SIGTERM on: the graceful drain (server/shutdown.py) runs before aiohttp's shutdown
@@ -275,7 +301,7 @@ async def simulate(request: web.Request) -> web.Response:
         exclude=frozenset(q.exclude_node_id),
         accept_public=q.accept_public,
     )
-    result = state.dispatcher.selector.select(state.publisher.view, req)
+    result = state.engine.selector.select(state.publisher.view, req)
     body = result.to_json()
     body["request"] = h.SimulationRequest(
         src_lang=src,
@@ -293,7 +319,7 @@ async def simulate(request: web.Request) -> web.Response:
 
 async def job_detail(request: web.Request) -> web.Response:
     state = _state(request)
-    job = state.dispatcher.store.get(request.match_info["job_id"])
+    job = state.engine.store.get(request.match_info["job_id"])
     if job is None:
         raise RequestError(
             f"no job {request.match_info['job_id']!r} (ended jobs are kept "

@@ -1,17 +1,29 @@
-"""How this instance reaches a node: the one place that knows a node's connection is an ``Outbox``.
+"""How this instance reaches a node or a session: the one place that knows a node's connection is an
+``Outbox`` and that a node may be connected to another instance.
 
 A node in the registry is either connected here (its entry's ``conn`` is the socket's ``Outbox``, its
 ``owner`` None) or connected to another instance (``owner`` names it; messages go there through the
-cluster shell's batched writer). Everything that writes to a node asks ``local_outbox`` instead of
-testing the connection's type itself.
+cluster shell's batched writer). A session is reached through the instance's map of open sessions (its
+``send`` puts the client's view on a message and relays it when the session was handed over).
+Everything that writes to a node asks ``local_outbox`` or ``Links`` instead of testing the connection's
+type itself.
 
-Must never: send anything itself or decide whether a node should be written to.
+Must never: decide whether a node or a session should be written to.
 """
 
 from __future__ import annotations
 
-from lingua_scheduler.core.registry import NodeEntry
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import msgspec
+
+from lingua_scheduler.core.registry import NodeEntry, Registry
+from lingua_scheduler.protocol.cluster import CancelOnNode, Dispatch
+from lingua_scheduler.protocol.node import JobAssign, JobCancel
 from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.store_writer import StoreWriter
 
 
 def local_outbox(entry: NodeEntry | None) -> Outbox | None:
@@ -23,6 +35,55 @@ def local_outbox(entry: NodeEntry | None) -> Outbox | None:
     return conn if isinstance(conn, Outbox) else None
 
 
-def reachable(entry: NodeEntry) -> bool:
-    """Whether a message can be addressed to the node now: through its local outbox or its owner."""
-    return entry.owner is not None or local_outbox(entry) is not None
+class SessionPort(Protocol):
+    """What is needed of a client session to reach it (server/sessions.py's ``Session`` is one)."""
+
+    def send(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> None: ...
+
+    def forget_released(self) -> None:
+        """Drop what the result queue has released (called after each delivery)."""
+
+    def maybe_finish_close(self) -> None:
+        """A closing session whose outstanding work is done finishes its close now."""
+
+
+class Instances(Protocol):
+    """The way to other instances (server/cluster.py's ``Cluster``): their inboxes, through our writer."""
+
+    instance_id: str
+    writer: StoreWriter
+
+
+class Links:
+    def __init__(self, registry: Registry, sessions: Mapping[str, SessionPort]) -> None:
+        """``sessions``: the instance's open sessions by id (read only)."""
+        self.registry = registry
+        self.sessions = sessions
+        #: the other instances (multi-instance mode); None embedded, where every node is local
+        self.instances: Instances | None = None
+
+    def assign(self, node_id: str, owner: str | None, assign: JobAssign, on_fail: Callable[[], None]) -> bool:
+        """Hand ``job_assign`` to a local node's outbox (False if it did not take it), or to the node's
+        instance (its inbox, in the writer's next pipeline; ``on_fail`` runs if that write is lost)."""
+        instances = self.instances
+        if owner is not None and instances is not None:
+            dispatch = Dispatch(
+                node_id=node_id, reply_to=instances.instance_id, assign=assign, sent_at_ns=time.time_ns()
+            )
+            instances.writer.send(owner, dispatch, on_fail=on_fail)
+            return True
+        outbox = local_outbox(self.registry.nodes.get(node_id))
+        return outbox is not None and outbox.send(assign)
+
+    def cancel(self, node_id: str, cancel: JobCancel) -> None:
+        """``job_cancel`` to the node, wherever it is connected (nothing if it is gone)."""
+        entry = self.registry.nodes.get(node_id)
+        instances = self.instances
+        if entry is not None and entry.owner is not None and instances is not None:
+            instances.writer.send(entry.owner, CancelOnNode(node_id=node_id, cancel=cancel))
+        elif (outbox := local_outbox(entry)) is not None:
+            outbox.send(cancel)
+
+    def session(self, session_id: str) -> SessionPort | None:
+        """The open session, to send to (None once it is gone)."""
+        return self.sessions.get(session_id)

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from lingua_scheduler.core.audio import decode_base64
+from lingua_scheduler.core.events import JobMessage
 from lingua_scheduler.errors import AuthenticationError, ErrorCode, RegistrationError, SchedulerError
 from lingua_scheduler.protocol.codec import FrameDecoder
 from lingua_scheduler.protocol.common import ErrorMessage
@@ -181,13 +182,10 @@ class NodeConnection:
         for kind, n in self.state.registry.take_unknown_seen().items():
             self.state.metrics.unknown_node_values.labels(kind).inc(n)
 
-    def on_job_message(self, msg: object) -> None:
-        """Job messages (ack, started, partial, result) are handled by the job dispatcher."""
-        handler = self.state.job_handler
-        node_id = getattr(msg, "node_id", "")
-        self.state.registry.entry_for(self.outbox, node_id)
-        if handler is not None:
-            handler(node_id, msg)
+    def on_job_message(self, msg: JobMessage) -> None:
+        """Job messages (ack, started, partial, result) go to the engine, through the runtime."""
+        self.state.registry.entry_for(self.outbox, msg.node_id)
+        self.state.runtime.on_node_message(msg.node_id, msg)
 
     def ready(self) -> bool:
         return self.node_id is not None
@@ -200,7 +198,7 @@ class NodeConnection:
             self.state.apply_transitions(transitions)
             if transitions:
                 log.info("node disconnected", extra={"node_id": self.node_id})
-                self.state.dispatcher.node_lost(self.node_id)
+                self.state.runtime.node_lost(self.node_id)
 
 
 async def node_ws(request: web.Request) -> web.StreamResponse:

@@ -46,7 +46,7 @@ async def node_jobs(request: web.Request) -> web.Response:
     if node_id not in state.registry.nodes:
         raise RequestError(f"no node {node_id!r}", code=ErrorCode.NOT_FOUND)
     now = state.clock.monotonic()
-    jobs = [j for j in state.dispatcher.store if j.node_id == node_id or node_id in j.tried_nodes]
+    jobs = [j for j in state.engine.store if j.node_id == node_id or node_id in j.tried_nodes]
     outcomes: dict[str, int] = {}
     for j in jobs:
         if j.state in _ENDED:
@@ -93,7 +93,7 @@ async def tenants(request: web.Request) -> web.Response:
     for s in state.sessions.values():
         row(s.tenant_id)["sessions"] += 1
     horizon = state.clock.monotonic() - TENANT_WINDOW
-    for j in state.dispatcher.store:
+    for j in state.engine.store:
         if j.created_at >= horizon:
             row(j.spec.tenant_id)["jobs_last_minute"] += 1
     limits = state.auth.limits

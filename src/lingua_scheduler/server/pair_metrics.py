@@ -20,7 +20,7 @@ labelled pair counts from the moment it got its label, jobs of unlabelled pairs 
 ``other`` as they happen, never moved out of it.
 
 Cost: read from the published fleet view (pool shards' ready counts and their members' live load
-cells), the job store's per-pair waiting counts and the dispatcher's per-pair created counts; nothing
+cells), the job store's per-pair waiting counts and the engine's per-pair created counts; nothing
 on the heartbeat or job paths, and O(pairs + shards) per scrape. The one figure that needs every pool
 member is free slots (a node's load is not in the pool counts): ``FreeSlots`` walks the members in
 slices between other work once the fleet is larger than a slice, so a scrape never holds the event
@@ -97,7 +97,7 @@ class PairMetrics:
     def __init__(self, state: SchedulerState) -> None:
         self.state = state
         self.labels = PairLabels(state.config.admin.max_metric_pairs)
-        #: the dispatcher's cumulative per-pair created counts as of the last scrape
+        #: the engine's cumulative per-pair created counts as of the last scrape
         self._seen: dict[str, int] = {}
         #: exported jobs counters: per labelled pair since it got its label, and "other"
         self._created: dict[str, int] = {}
@@ -114,15 +114,15 @@ class PairMetrics:
             self._view, self._ready, self._members = view, _ready(view), _memberships(view)
         ready = self._ready
         free = self.free_slots.read(view, self._members)
-        waiting = state.dispatcher.store.waiting_by_pair()
-        deltas = self._created_deltas(state.dispatcher.created_by_pair)
+        waiting = state.engine.store.waiting_by_pair()
+        deltas = self._created_deltas(state.engine.created_by_pair)
         # pairs with supply or demand -> (demand: queued jobs + jobs since the last scrape, ready nodes)
         active: dict[str, tuple[int, int]] = {pair: (0, n) for pair, n in ready.items()}
         for counts in (waiting, deltas):
             for pair, n in counts.items():
                 demand, supply = active.get(pair, (0, 0))
                 active[pair] = (demand + n, supply)
-        active.pop(OTHER, None)  # the dispatcher's own overflow bucket is not a pair
+        active.pop(OTHER, None)  # the engine's own overflow bucket is not a pair
         for pair in self.labels.update(active):
             self._created.pop(pair, None)
         labels = self.labels
@@ -169,7 +169,7 @@ class PairMetrics:
         )
 
     def _created_deltas(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Jobs created per pair since the last scrape (the dispatcher's counts only grow)."""
+        """Jobs created per pair since the last scrape (the engine's counts only grow)."""
         out: dict[str, int] = {}
         seen = self._seen
         for pair, n in counts.items():

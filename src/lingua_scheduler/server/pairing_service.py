@@ -3,8 +3,8 @@
 
 Owns the instance's ``Pairing`` book (``core/pairing.py``: live codes, single use, expiry, the guessing
 limits per connection and per source address) and the outcome counters. A redeemed code pins the
-session in the dispatch (``Dispatcher.pin``): its jobs are offered to that node first and, with
-``pairing.fallback_to_pools`` false, to no other node.
+session in the engine's routing memory (``SessionOpened.pinned``, core/engine.py): its jobs are
+offered to that node first and, with ``pairing.fallback_to_pools`` false, to no other node.
 
 In multi-instance mode (``cluster.redis_url``) the codes live in Redis (``store/pairing_store.py``,
 attached by ``share``): a code a node got from one instance is redeemed on any, once, and the guesses

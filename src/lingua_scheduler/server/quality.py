@@ -1,16 +1,17 @@
-"""Node quality in the running scheduler: feeds job outcomes to the core tracker and reports its changes.
+"""Node quality in the running scheduler: holds the core tracker, sweeps it and reports its changes.
 
-Owns ``QualityMonitor``: turns the dispatcher's outcomes into ``core.quality`` observations (a result:
-success, failure with its code, or an empty recognition; an expired ack or execution deadline: a
-timeout -- a node's lost connection, a cancelled or aborted job are nobody's verdict on the node), runs
-the periodic sweep, and reports every change as a metric (``lingua_node_ejections_total{reason}``,
-``lingua_nodes_ejected``), an event (``node_quality`` in ``/api/v1/events``) and a log line. The
-dispatcher's selector reads the tracker to skip ejected nodes (``ejected`` in the selection breakdown).
+Owns ``QualityMonitor``: the ``core.quality`` tracker the engine (core/engine.py) judges job outcomes
+with (a result: success, failure with its code, or an empty recognition; an expired ack or execution
+deadline: a timeout -- a node's lost connection, a cancelled or aborted job are nobody's verdict on the
+node), the periodic sweep, and the report of every change as a metric
+(``lingua_node_ejections_total{reason}``, ``lingua_nodes_ejected``), an event (``node_quality`` in
+``/api/v1/events``) and a log line. The engine's selector reads the tracker to skip ejected nodes
+(``ejected`` in the selection breakdown).
 
 Each instance judges from its own observations (in Redis mode too: docs/operations.md says why).
 
-Must never: await in ``on_result``/``on_outcome`` (they run inside the dispatcher's synchronous
-handling), log or keep text a node returned (only the error code).
+Must never: await in ``report`` (it runs inside the runtime's synchronous execution of the engine's
+actions), log or keep text a node returned (only the error code).
 """
 
 from __future__ import annotations
@@ -24,19 +25,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import QualityConfig
-from lingua_scheduler.core.jobs import DeadlineKind, JobState, Outcome, Verdict
+from lingua_scheduler.core.jobs import DeadlineKind
 from lingua_scheduler.core.quality import (
     EJECTION_REASONS,
     Change,
-    Kind,
     QualityState,
     QualityTracker,
-    speech_expected,
 )
 from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.status import NodeStatus
-from lingua_scheduler.errors import ErrorCode
-from lingua_scheduler.protocol.node import JobResult
 from lingua_scheduler.server.events import NODE_QUALITY, RecentEvents
 from lingua_scheduler.server.metrics import Metrics, counter
 
@@ -55,7 +52,7 @@ class QualityMonitor:
         self.registry = registry
         self.events = events
         self.tracker = QualityTracker(config, clock)
-        #: gives jobs waiting for a node to a readmitted one (the composition root sets the dispatcher's)
+        #: gives jobs waiting for a node to a readmitted one (the composition root sets the runtime's pump)
         self.on_readmitted: Callable[[], None] = _nothing
         self.ejections = Counter(
             "lingua_node_ejections",
@@ -67,41 +64,10 @@ class QualityMonitor:
             self.ejections.labels(reason)  # every reason present from the start, at 0
         metrics.add_live(self._live_metrics)
 
-    # --- outcomes (called by the dispatcher) ---------------------------------------------------------
-
-    def on_result(self, node_id: str, msg: JobResult, out: Outcome) -> None:
-        """A ``job_result`` the job store applied: a success (empty or not) of the node that sent it, or
-        its failure."""
-        job = out.job
-        if out.verdict is not Verdict.APPLIED or job is None:
-            return
-        if msg.success:
-            if job.state is not JobState.COMPLETED:
-                return
-            latency = None
-            if out.early_node is None and job.dispatched_at is not None and job.finished_at is not None:
-                latency = (job.finished_at - job.dispatched_at) * 1000.0
-            empty = not msg.text_asr and speech_expected(job.spec)
-            self._record(node_id, Kind.EMPTY if empty else Kind.SUCCESS, latency_ms=latency)
-        else:
-            code = msg.error.code if msg.error is not None else ErrorCode.INTERNAL_ERROR.value
-            self._record(node_id, Kind.FAILURE, code=code)
-
-    def on_outcome(self, out: Outcome) -> None:
-        """Any outcome the dispatcher applies: only an expired ack or execution deadline judges the node
-        (the attempt's node is ``freed_node``)."""
-        code = _TIMEOUT_CODES.get(out.expired) if out.expired is not None else None
-        if code is not None and out.verdict is Verdict.APPLIED and out.freed_node is not None:
-            self._record(out.freed_node, Kind.TIMEOUT, code=code)
-
-    def _record(
-        self, node_id: str, kind: Kind, *, latency_ms: float | None = None, code: str | None = None
-    ) -> None:
-        changes = self.tracker.record(
-            node_id, kind, fleet_size=self.fleet_size(), latency_ms=latency_ms, code=code
-        )
-        if changes:
-            self._report(changes)
+    def report(self, changes: Iterable[Change]) -> None:
+        """Changes the engine's judgement of a job outcome made (core/engine.py): counted, logged and
+        recorded; no pump (the engine places waiting jobs itself)."""
+        self._report(changes)
 
     # --- periodic ------------------------------------------------------------------------------------
 
@@ -135,7 +101,7 @@ class QualityMonitor:
         return sum(n for s, n in counts.items() if s is not NodeStatus.OFFLINE)
 
     def _report(self, changes: Iterable[Change], *, pump: bool = False) -> None:
-        """Count, log and record each change; ``pump``: not inside the dispatcher's own handling, so
+        """Count, log and record each change; ``pump``: not inside the engine's own handling, so
         jobs waiting for a node may be given to a returning one now."""
         readmitted = False
         for ch in changes:

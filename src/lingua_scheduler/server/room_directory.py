@@ -1,9 +1,8 @@
 """Where a room lives: the ``RoomDirectory`` interface the room service and the fan-out relay use.
 
-Owns the contract only. One implementation exists: ``core/rooms.py``'s ``Rooms``, in the memory of the
-one instance that serves rooms (embedded mode). A shared implementation (room state in the store,
-members on several instances) would sit behind the same methods; it is not built, which is why
-multi-instance mode refuses rooms (server/room_service.py).
+Owns the contract only. Two implementations: ``core/rooms.py``'s ``Rooms``, in the memory of the one
+instance (embedded mode), and server/room_cluster.py's ``ReplicaRooms``, this instance's replica of the
+rooms shared through the store (multi-instance mode).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from lingua_scheduler.core.rooms import (
     RelayMessage,
     Room,
     RoomChange,
+    RoomSnapshot,
 )
 
 
@@ -49,6 +49,7 @@ class RoomDirectory(Protocol):
     def spoke(self, session_id: str) -> None: ...
     def next_expiry(self) -> float | None: ...
     def expire(self) -> RoomChange: ...
+    def snapshot(self, speaker: str) -> RoomSnapshot | None: ...
     def plan(self, speaker: str, *, src_lang: str, tgt_lang: str) -> FanoutPlan: ...
     def recipients(self, plan: FanoutPlan, group: int) -> tuple[str, ...]: ...
     def relay(self, sender: str, msg: RelayMessage, limiter: RelayLimiter) -> RelayDecision: ...

@@ -1,18 +1,19 @@
 """Rooms in the running scheduler: the ``room_*`` and ``webrtc_*`` requests of ``/ws/session``, the
-members' notices, the expiry timer, and the fan-out hooks of the dispatch.
+members' notices, the expiry timer, and the room side of the engine's fan-out.
 
 Owns the instance's ``RoomDirectory`` (who is in which room: ``core/rooms.py``'s ``Rooms`` in memory,
 the one implementation so far), the relay limiter of each member's connection, the timer that closes
 rooms nobody spoke in (the core decides which rooms expired and when the next one does; this module
-only arms a timer for that time), and the ``RoomRelay`` (server/room_relay.py) that decides who
-receives each outcome of a member's utterance. As the dispatcher's ``FanoutPort`` it is asked for the
-jobs of a member's utterances and told of their outcomes and of every session's end (a member whose
-session ends, or whose connection closes, leaves its room: the others are told).
+only arms a timer for that time), and the ``RoomRelay`` (server/room_relay.py) that delivers each
+outcome the engine addresses to a language group of a room. As the runtime's ``RoomsPort`` it gives
+the speaker's room, as data, with each utterance (the engine plans the fan-out from it), carries out
+the engine's room actions, and is told of every session's end (a member whose session ends, or whose
+connection closes, leaves its room: the others are told).
 
 In multi-instance mode (``cluster.redis_url``) the directory is the replica of the shared rooms
 (server/room_cluster.py's ``SharedRooms``, attached by ``share``): membership changes go through the
 store, and messages for members connected to other instances through their inboxes; the decisions
-(relay rules, fan-out plans, recipients) are the same code on the replica.
+(relay rules, room snapshots, recipients) are the same code on the replica.
 
 Must never: block or await (every request is answered in the frame's own turn), keep a member after
 its session ended, or log display names or text.
@@ -32,16 +33,20 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import RoomsConfig
 from lingua_scheduler.core.rooms import (
+    FanoutPlan,
     RelayLimiter,
     RelayOutcome,
     RoomChange,
     Rooms,
+    RoomSnapshot,
 )
 from lingua_scheduler.protocol.session import (
+    MissingResult,
     RoomCreate,
     RoomJoin,
     RoomLeave,
     RoomRawVoicePreference,
+    TranslationResult,
     WebRtcAnswer,
     WebRtcIce,
     WebRtcOffer,
@@ -50,7 +55,6 @@ from lingua_scheduler.server.room_directory import RoomDirectory
 from lingua_scheduler.server.room_relay import RoomRelay
 
 if TYPE_CHECKING:
-    from lingua_scheduler.server.dispatcher import SessionPort
     from lingua_scheduler.server.room_cluster import SharedRooms
     from lingua_scheduler.server.sessions import Session
 
@@ -159,35 +163,30 @@ class RoomService:
             return
         self._apply(self.rooms.disconnect(session_id))
 
-    # --- the dispatcher's FanoutPort ------------------------------------------------------------------
+    # --- the runtime's RoomsPort ------------------------------------------------------------------
 
-    def targets(self, session: SessionPort, index: int, src_lang: str, tgt_lang: str) -> list[str] | None:
-        own = self._sessions.get(session.session_id)
-        client_index = own.client_index.get(index, index) if own is not None else index
-        targets = self.relay.plan(session.session_id, index, client_index, src_lang, tgt_lang)
-        if self.rooms.room_of(session.session_id) is not None:
-            self._arm()  # it spoke: the room's expiry moved
-        return targets
+    def spoke(self, session_id: str) -> RoomSnapshot | None:
+        """A member cut an utterance: its room's expiry starts again (alone in it or not); the room
+        as it is now for the engine's fan-out (None: in no room, or alone)."""
+        rooms = self.rooms
+        if rooms.room_of(session_id) is None:
+            return None
+        rooms.spoke(session_id)
+        self._arm()  # it spoke: the room's expiry moved
+        return rooms.snapshot(session_id)
 
-    def created(self, session: SessionPort, index: int, jobs: list[tuple[str, str]]) -> None:
-        before = self.relay.fanout_jobs
-        self.relay.created(session.session_id, index, jobs, session.targets[0])
-        if self.relay.fanout_jobs > before:
-            self.fanout_jobs.inc(self.relay.fanout_jobs - before)
+    def send_group(self, plan: FanoutPlan, group: int, message: TranslationResult | MissingResult) -> None:
+        self.relay.send_group(plan, group, message)
 
-    def speaker_sees(self, job_id: str) -> bool:
-        return self.relay.speaker_sees(job_id)
+    def fanout_created(self, jobs: int) -> None:
+        self.relay.fanout_jobs += jobs
+        self.fanout_jobs.inc(jobs)
 
-    def deliver(
-        self, session: SessionPort, job_id: str | None, message: msgspec.Struct
-    ) -> msgspec.Struct | None:
-        return self.relay.deliver(session.session_id, job_id, message)
-
-    def assigned(self, job_id: str, elapsed: float) -> None:
-        self.relay.assigned(job_id, elapsed)
+    def fanout_dispatched(self, elapsed: float) -> None:
+        self.relay.fanout_window.record(elapsed)
 
     def session_ended(self, session_id: str) -> None:
-        self.relay.speaker_ended(session_id)
+        """The session's book is gone: it leaves its room (the others are told)."""
         self.connection_closed(session_id)
 
     # --- operator view ----------------------------------------------------------------------------

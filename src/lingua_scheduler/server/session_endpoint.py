@@ -206,7 +206,7 @@ class SessionConnection:
                     msg.is_final,
                     client_ts_ms=msg.client_timestamp_ms,
                 )
-                self.state.dispatcher.submit(session, utts, received_at=t0)
+                self.state.runtime.submit(session.session_id, utts, received_at=t0)
                 session.rearm()
             elif isinstance(msg, UtteranceMessage):
                 self._utterance_accepted(session, msg.utterance_index)
@@ -218,8 +218,8 @@ class SessionConnection:
                     session.client_index[utt.index] = msg.utterance_index
                     if msg.pipeline is not None and not msg.pipeline.use_tts:
                         session.no_tts.add(utt.index)
-                self.state.dispatcher.submit(
-                    session,
+                self.state.runtime.submit(
+                    session.session_id,
                     utts,
                     received_at=t0,
                     src_lang=normalize(msg.src_lang),
@@ -264,7 +264,7 @@ class SessionConnection:
             )
         self._chunk_accepted(session, frame.seq)
         utts = session.segmenter.chunk(frame.audio, frame.is_final)
-        self.state.dispatcher.submit(session, utts, received_at=t0)
+        self.state.runtime.submit(session.session_id, utts, received_at=t0)
         session.rearm()
 
     def _own(self, session_id: str, *, closing_ok: bool = False) -> Session:
@@ -328,7 +328,7 @@ class SessionConnection:
         return Session(
             state.clock,
             state.config.session,
-            state.dispatcher,
+            state.runtime,
             state.sessions,
             state.resumer,
             self.outbox,
@@ -368,20 +368,17 @@ class SessionConnection:
         """``_make``, admission (unless ``admitted`` already) and ``_open``: the session, or None if
         refused. A connection that went away meanwhile gets its session detached at once (or closed,
         without a resume window): nothing else would ever end it."""
-        pinned = False
         try:
             session = self._make(msg, session_id=session_id, start_index=start_index)
             if not admitted and not await self._admit(session.tenant_id, session.session_id):
                 return None
             if msg.pairing_code and not resumed:
                 node_id = await self._pair(msg.pairing_code)
-                only = not self.state.config.pairing.fallback_to_pools
-                self.state.dispatcher.pin(session.session_id, node_id, only=only)
-                pinned = True
+                # the engine's routing memory of the session starts with its node (at its opening)
+                session.pinned = node_id
+                session.pinned_only = not self.state.config.pairing.fallback_to_pools
             self._open(session, msg, resumed=resumed)
         except SchedulerError as exc:
-            if pinned:  # the session did not open: its routing memory goes with it
-                self.state.dispatcher.cancel_session(session.session_id, "not opened")
             self._refuse(exc)
             return None
         if self.outbox.ws.closed:  # closed() ran during an await, before this session was the connection's
@@ -408,7 +405,7 @@ class SessionConnection:
                 f"session {session.session_id} is live on this instance: it cannot be continued here"
             )
         session.binary_frames = bool(msg.use_binary_frame)
-        state.sessions[session.session_id] = session
+        session.open()
         self.session = session
         self._last_seq = self._last_index = None  # a new session numbers from scratch
         self._unknown_drops = 0
@@ -524,8 +521,13 @@ class SessionConnection:
             negotiated_channel_count=spec.channels,
             resume_token=session.resume_token,
             resumed=resumed,
-            assigned_node_id=self.state.dispatcher.pinned_node(session.session_id),
+            assigned_node_id=self._pinned_node(session.session_id),
         )
+
+    def _pinned_node(self, session_id: str) -> str | None:
+        """The node the engine's routing memory of the session is bound to (a pairing code)."""
+        route = self.state.engine.route_of(session_id)
+        return route.pinned if route is not None else None
 
     def _resumable(self, msg: SessionInit) -> Session | None:
         """The session ``msg.resume_token`` names, if it can be resumed by this client; else None (an

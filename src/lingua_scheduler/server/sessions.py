@@ -33,14 +33,16 @@ import msgspec
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.core.audio import AudioSpec
+from lingua_scheduler.core.events import SessionClosed, SessionTick
 from lingua_scheduler.core.groups import GroupTracker
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.results import ResultQueue
-from lingua_scheduler.core.segmentation import Segmenter
+from lingua_scheduler.core.segmentation import Segmenter, Utterance
 from lingua_scheduler.protocol.common import ErrorMessage
+from lingua_scheduler.protocol.node import PipelineConfig
 from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, TranslationResult
-from lingua_scheduler.server.dispatcher import Dispatcher
 from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class Session:
         self,
         clock: Clock,
         config: SessionConfig,
-        dispatcher: Dispatcher,
+        runtime: Runtime,
         sessions: dict[str, Session],
         resumer: Callable[[], Resuming | None],
         outbox: Outbox,
@@ -87,12 +89,14 @@ class Session:
         session_id: str | None = None,
         start_index: int = 0,
     ) -> None:
-        """``dispatcher``: where its utterances become jobs; ``sessions``: the instance's open sessions
-        (it leaves them when it is freed); ``resumer``: the cross-instance resume now (None when
+        """``runtime``: where its utterances become jobs (the engine keeps its result queue from
+        ``open``); ``sessions``: the instance's open sessions (it joins them at ``open``, leaves them
+        when it is freed); ``resumer``: the cross-instance resume now (None when
         embedded); ``session_id`` and ``start_index``: a session continued from another instance."""
         self.clock = clock
         self.config = config
-        self.dispatcher = dispatcher
+        self.runtime = runtime
+        self._start_index = start_index
         self.sessions = sessions
         self._resumer = resumer
         self.outbox: Outbox | None = outbox
@@ -104,7 +108,8 @@ class Session:
         self.src_lang = normalize(init.src_lang)
         self.targets = [normalize(init.tgt_lang)]
         self.segmenter = Segmenter(config, clock, spec, start_index=start_index)
-        self.results: ResultQueue[TranslationResult] = ResultQueue(config, clock, start_index=start_index)
+        #: its result queue, kept by the engine (the one owner of its outstanding work); set by ``open``
+        self._results: ResultQueue[TranslationResult] | None = None
         self.groups = GroupTracker(self.session_id)
         #: the client sends binary audio frames (negotiated in session_init)
         self.binary_frames = False
@@ -126,6 +131,53 @@ class Session:
         self._recorded = False
         #: messages dropped from ``_held`` because it was full
         self.dropped_while_detached = 0
+        #: the node a pairing code bound the session to, and whether only it may take its jobs
+        #: (handed to the engine at ``open``)
+        self.pinned: str | None = None
+        self.pinned_only = False
+
+    def open(self) -> None:
+        """The session is admitted: it joins the instance's sessions and the engine opens its book."""
+        self.sessions[self.session_id] = self
+        self._results = self.runtime.open_session(
+            self.session_id,
+            tenant_id=self.tenant_id,
+            trace_id=self.trace_id,
+            init=self.init,
+            src_lang=self.src_lang,
+            targets=self.targets,
+            start_index=self._start_index,
+            pinned=self.pinned,
+            pinned_only=self.pinned_only,
+        )
+
+    @property
+    def results(self) -> ResultQueue[TranslationResult]:
+        """The session's result queue (read only here: the engine alone changes it)."""
+        if self._results is None:
+            raise RuntimeError(f"session {self.session_id} is not open")
+        return self._results
+
+    def submit(
+        self,
+        utterances: list[Utterance],
+        *,
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
+        pipeline: PipelineConfig | None = None,
+        received_at: float | None = None,
+    ) -> None:
+        """Finalized utterances of this session, to the engine; ``received_at`` (perf_counter): when
+        the frame that finalized them arrived."""
+        if utterances:
+            self.runtime.submit(
+                self.session_id,
+                utterances,
+                src_lang=src_lang,
+                tgt_lang=tgt_lang,
+                pipeline=pipeline,
+                received_at=received_at,
+            )
 
     # --- output ---------------------------------------------------------------------------------
 
@@ -258,7 +310,7 @@ class Session:
         self.phase = Phase.HANDED_OVER
         self.relay_to = to
         # the utterance in progress ends here: the next index is the new instance's
-        self.dispatcher.submit(self, self.segmenter.close())
+        self.submit(self.segmenter.close())
         self._recorded = False  # the resumer drops the record with the hand-over
         encoder = msgspec.json.Encoder()
         held = [m if isinstance(m, bytes) else encoder.encode(m) for m in self._held]
@@ -272,7 +324,7 @@ class Session:
         instance it was handed over to holds it now)."""
         if self.phase is not Phase.HANDED_OVER:
             return
-        if self.results.outstanding == 0 and self.dispatcher.live_jobs_of(self.session_id) == 0:
+        if self.runtime.engine.settled(self.session_id):
             self._close_reason = "handed over"
             self._finish()
 
@@ -310,10 +362,9 @@ class Session:
         self._timer = None
         if self.phase is Phase.CLOSED:
             return
-        dispatcher = self.dispatcher
         if self.phase in (Phase.OPEN, Phase.DETACHED):
-            dispatcher.submit(self, self.segmenter.tick())
-        dispatcher.deliver(self, self.results.tick())
+            self.submit(self.segmenter.tick())
+        self.runtime.handle(SessionTick(self.session_id))
         self.rearm()
         self.maybe_finish_relay()
 
@@ -329,7 +380,6 @@ class Session:
         if self.phase is Phase.DETACHED:
             self.phase = Phase.OPEN  # a replaced or expired detached session ends like a disconnect
             connection_gone = True
-        dispatcher = self.dispatcher
         if connection_gone:
             self.outbox = None
         if self.phase is Phase.OPEN:
@@ -337,7 +387,7 @@ class Session:
             tail = self.segmenter.close()
             self.phase = Phase.CLOSING
             if not connection_gone:
-                dispatcher.submit(self, tail)
+                self.submit(tail)
         if connection_gone:
             self._finish()
             return
@@ -348,7 +398,7 @@ class Session:
         """Called after deliveries: a closing session whose results are all out is acknowledged and freed."""
         if self.phase is not Phase.CLOSING or self.outbox is None:
             return
-        if self.results.outstanding == 0 and self.dispatcher.live_jobs_of(self.session_id) == 0:
+        if self.runtime.engine.settled(self.session_id):
             self.send(SessionCloseAck(session_id=self.session_id))
             self._finish()
 
@@ -362,7 +412,7 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.dispatcher.cancel_session(self.session_id, self._close_reason or "session closed")
+        self.runtime.handle(SessionClosed(self.session_id, self._close_reason or "session closed"))
         self.sessions.pop(self.session_id, None)
         log.info(
             "session closed",

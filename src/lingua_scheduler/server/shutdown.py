@@ -56,6 +56,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from aiohttp.web_runner import GracefulExit
 
+from lingua_scheduler.core.events import DrainBegan, SessionFlush
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
@@ -159,7 +160,7 @@ class GracefulShutdown:
         self.started = True
         state = self.state
         cfg = state.config.shutdown
-        store = state.dispatcher.store
+        store = state.engine.store
         cluster = state.cluster
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -176,6 +177,7 @@ class GracefulShutdown:
         )
         # 1. stop accepting
         state.shutting_down = True
+        state.runtime.handle(DrainBegan())
         state.shutdown_deadline = state.clock.monotonic() + drain_s
         if cluster is not None:
             await cluster.refuse_new_work()
@@ -197,13 +199,13 @@ class GracefulShutdown:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), POLL_SECONDS)
         # 4. fail what is left, explicitly
-        self.failed_at_deadline = state.dispatcher.fail_all(
+        self.failed_at_deadline = state.runtime.fail_all(
             ErrorCode.SCHEDULER_SHUTTING_DOWN, "the scheduler shut down before this job finished"
         )
         for session in list(state.sessions.values()):
             # Results held back behind an unresolved index go out now (the index as gap_timeout); a
             # session still open after that has nothing left to wait for.
-            state.dispatcher.deliver(session, session.results.flush())
+            state.runtime.handle(SessionFlush(session.session_id))
             session.close("scheduler shutting down", connection_gone=True)
         # 5. nodes are told why, then every socket is closed once its queue is written
         node_outboxes = [o for e in state.registry.local_nodes() if (o := local_outbox(e)) is not None]
@@ -240,7 +242,7 @@ class GracefulShutdown:
 
     def _busy(self) -> bool:
         state = self.state
-        if state.dispatcher.store.inflight or state.sessions:
+        if state.engine.store.inflight or state.sessions:
             return True
         cluster = state.cluster
         if cluster is None or not cluster.remote_jobs:
@@ -263,7 +265,7 @@ class GracefulShutdown:
                 entry.node_id in self._released
                 or conn is None
                 or entry.node_id in busy
-                or state.dispatcher.store.inflight_on(entry.node_id)
+                or state.engine.store.inflight_on(entry.node_id)
             ):
                 continue
             self._released.add(entry.node_id)

@@ -9,7 +9,7 @@ p50/p99 are the difference of two samples' bucket counts (what PromQL's
 ``histogram_quantile(0.99, rate(x[1m]))`` computes), interpolated inside a bucket. Nothing is added to
 the heartbeat or job paths, and the cost of an aggregate depends on neither the traffic nor the fleet
 size: node counts come from the registry's per-status counters, supply per language pair from the
-pools' ready counts, demand from the sessions and the dispatcher's per-pair job counters.
+pools' ready counts, demand from the sessions and the engine's per-pair job counters.
 
 Must never: iterate the nodes of the fleet, block, or build the snapshot more than once per interval
 however many dashboards and API clients ask.
@@ -184,7 +184,7 @@ class StatsAggregator:
         buckets = {name: _cumulative(getattr(m, attr)) for name, attr in LATENCIES.items()}
         clock = self.state.clock
         return Sample(
-            clock.monotonic(), clock.wall_ms(), counters, buckets, dict(self.state.dispatcher.created_by_pair)
+            clock.monotonic(), clock.wall_ms(), counters, buckets, dict(self.state.engine.created_by_pair)
         )
 
     def tick(self) -> None:
@@ -273,7 +273,7 @@ class StatsAggregator:
         """Counts that are O(1) to read, so the API never shows them a second old."""
         state = self.state
         counts = state.registry.counts()
-        store = state.dispatcher.store
+        store = state.engine.store
         return {
             "nodes": {s.value: counts[s] for s in NodeStatus},
             "nodes_total": len(state.registry),
@@ -305,7 +305,7 @@ class StatsAggregator:
                 "p99": _round(quantile(0.99, d)),
                 "count": d[-1],
             }
-        store = state.dispatcher.store
+        store = state.engine.store
         fresh = self.fresh()
         view = state.publisher.view
         pairs, pairs_total = self._pairs(latest, base, window)
@@ -330,7 +330,7 @@ class StatsAggregator:
             "window_seconds": round(span, 3),
             "latency_last_minute": last_minute,
             "event_loop_lag_seconds": state.loop_lag.recent_max,
-            "fleet_view": {"version": view.version, "age_seconds": round(state.view_age(), 4)},
+            "fleet_view": {"version": view.version, "age_seconds": round(state.publisher.view_age(), 4)},
             "pools": {"mode": view.layout.mode, "groups": len(view.groups), "shards": len(view.pools)},
             "language_pairs": pairs,
             "language_pairs_total": pairs_total,
@@ -469,7 +469,7 @@ class StatsAggregator:
     def metrics(self) -> Iterable[Metric]:
         """Scrape-time metrics of the job table and the operator surface (O(1) reads)."""
         by_state = GaugeMetricFamily("lingua_job_states", "Jobs held by state", labels=["state"])
-        counts = self.state.dispatcher.store.counts()
+        counts = self.state.engine.store.counts()
         for s in JobState:
             by_state.add_metric([s.value], counts[s])
         yield by_state

@@ -27,7 +27,7 @@ async def reconciler(state: SchedulerState) -> None:
         if stats is not None:
             state.metrics.fleet_view_lag.observe(stats.lag)
             # Nodes may have become ready or joined pools: jobs waiting for capacity get another try.
-            state.dispatcher.pump()
+            state.runtime.pump()
             if stats.changed:
                 log.debug(
                     "fleet view published",

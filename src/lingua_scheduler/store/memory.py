@@ -1,7 +1,7 @@
 """The embedded state store: one instance, everything in this process.
 
 It implements the same interface as ``RedisStore`` so the cluster shell and the conformance tests can
-use either; in embedded mode the dispatcher never needs it on the hot path (local load accounting is
+use either; in embedded mode the engine never needs it on the hot path (local load accounting is
 exact when there is one instance).
 """
 

@@ -1,0 +1,871 @@
+"""The scheduler engine alone: events in, actions out, on a manual clock and a real registry and fleet
+view (tests/core/conftest.py), with ``engine.validate()`` after every step. ``World`` carries out the
+actions the way the runtime does (a node's messages are kept in its list, a session's in its own),
+without a socket. The tables name each case; the state machine at the end feeds random sequences."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from lingua_scheduler.clock import ManualClock
+from lingua_scheduler.config import AuthConfig, Config, JobConfig, SessionConfig, TenantKeyConfig
+from lingua_scheduler.core import actions as a
+from lingua_scheduler.core import events as ev
+from lingua_scheduler.core.engine import MAX_COUNTED_PAIRS, OTHER_PAIR, InvariantError, SchedulerEngine
+from lingua_scheduler.core.jobs import JobState
+from lingua_scheduler.core.quality import QualityTracker
+from lingua_scheduler.core.segmentation import CutReason, Utterance
+from lingua_scheduler.protocol.common import ErrorMessage
+from lingua_scheduler.protocol.node import JobAck, JobAssign, JobCancel, JobError, JobResult, NodeAsrPartial
+from lingua_scheduler.protocol.session import MissingResult, SessionInit, TranslationResult, UiEvent
+from lingua_scheduler.server.auth import AuthService
+from tests.core.conftest import Fleet, Spec
+
+ACK_MS = 1000
+PENDING_MS = 3000
+TENANT_KEY = "0" * 64
+
+
+def utterance(index: int, reason: CutReason = CutReason.PAUSE) -> Utterance:
+    return Utterance(
+        index=index,
+        audio=b"\x01\x02" * 1600,
+        reason=reason,
+        audio_format="pcm16",
+        sample_rate=16000,
+        duration_ms=100,
+        started_at=0.0,
+        finalized_at=0.0,
+        created_wall_ms=0,
+    )
+
+
+@dataclass
+class World:
+    """An engine on a manual clock with ``nodes`` ready (each may take ``max_jobs`` at once)."""
+
+    nodes: tuple[str, ...] = ("n1", "n2")
+    max_jobs: int = 4
+    acks: bool = True
+    rate: float = 0.0
+    seed: int = 0
+    clock: ManualClock = field(default_factory=ManualClock)
+
+    def __post_init__(self) -> None:
+        tenants = (
+            [
+                TenantKeyConfig(
+                    tenant_id="t1", key_sha256=TENANT_KEY, max_jobs_per_second=self.rate, jobs_burst=1
+                )
+            ]
+            if self.rate
+            else []
+        )
+        self.config = Config(
+            jobs=JobConfig(ack_timeout_ms=ACK_MS, pending_timeout_ms=PENDING_MS, retention_seconds=5.0),
+            session=SessionConfig(result_gap_timeout_ms=4000),
+            auth=AuthConfig(tenants=tenants),
+        )
+        self.fleet = Fleet(clock=self.clock, max_jobs=self.max_jobs)
+        features = ["job_ack"] if self.acks else []
+        for node_id in self.nodes:
+            self.add_node(node_id, features)
+        self.engine = SchedulerEngine(
+            self.config,
+            self.clock,
+            registry=self.fleet.registry,
+            publisher=self.fleet.publisher,
+            quality=QualityTracker(self.config.quality, self.clock),
+            tenants=AuthService(self.config.auth, self.clock, self.config.limits),
+            rng=random.Random(self.seed),
+        )
+        #: what each node and each session was sent, in order
+        self.to_node: dict[str, list[JobAssign | JobCancel]] = defaultdict(list)
+        self.to_session: dict[str, list[a.SessionOutput]] = defaultdict(list)
+        #: nodes whose outbox refuses what it is given
+        self.broken: set[str] = set()
+        self.actions: list[a.Action] = []
+        self._in_tick = False
+        #: reservations asked for and not answered yet; members the "shared store" holds; timers armed
+        self.pending_reserves: list[a.Reserve] = []
+        self.shared_members: set[str] = set()
+        self.timers: list[ev.RefusedNodeRetry] = []
+
+    def add_node(self, node_id: str, features: list[str] | None = None) -> None:
+        fleet = self.fleet
+        msg = msgspec.structs.replace(
+            Spec().register(node_id), protocol_features=features if features is not None else ["job_ack"]
+        )
+        conn = object()
+        fleet.registry.register(msg, conn)
+        fleet.conns[node_id], fleet.specs[node_id] = conn, Spec()
+        fleet.heartbeat(node_id)
+        fleet.publish()
+
+    # --- driving ----------------------------------------------------------------------------------
+
+    def feed(self, *events: ev.Event) -> list[a.Action]:
+        """Feed events and carry out the answer; a ``WakeTimer`` runs the timer's turn right after,
+        as the runtime's timer task does."""
+        out = self.engine.handle_stimulus(*events)
+        self.engine.validate()
+        self._carry_out(out)
+        if any(isinstance(x, a.WakeTimer) for x in out) and self.engine.store.waiting and not self._in_tick:
+            self._in_tick = True
+            try:
+                self._carry_out(self.engine.handle_stimulus(ev.Tick()))
+                self.engine.validate()
+            finally:
+                self._in_tick = False
+        return out
+
+    def _carry_out(self, actions: list[a.Action]) -> None:
+        for action in actions:
+            self.actions.append(action)
+            match action:
+                case a.AssignJob(node_id=node_id, assign=assign, on_sent=then):
+                    if node_id in self.broken:
+                        self.feed(ev.AssignUndelivered(assign.job_id, assign.attempt_id, node_id))
+                        continue
+                    self.to_node[node_id].append(assign)
+                    self._carry_out(list(then))
+                case a.SendToNode(node_id=node_id, message=msg):
+                    self.to_node[node_id].append(msg)
+                case a.SendToSession(session_id=sid, message=msg):
+                    self.to_session[sid].append(msg)
+                case a.Reserve():
+                    self.pending_reserves.append(action)
+                case a.ReleaseSlot(member=member):
+                    self.shared_members.discard(member)
+                case a.ArmTimer(event=event):
+                    self.timers.append(event)
+                case _:
+                    pass
+
+    def answer(self, reserve: a.Reserve, *, ok: bool, broken: bool = False) -> None:
+        """The shared store's answer to ``reserve`` (a slot taken when ``ok``)."""
+        self.pending_reserves.remove(reserve)
+        if broken:
+            self.feed(ev.ReservationFailed(reserve.job_id, reserve.attempt, reserve.node_id, broken=True))
+            return
+        if ok:
+            self.shared_members.add(reserve.member)
+        r = reserve
+        self.feed(ev.ReservationAnswered(r.job_id, r.attempt, r.node_id, r.member, ok, "" if ok else "FULL"))
+
+    def open(self, sid: str = "s1", *, tenant: str | None = None, targets: tuple[str, ...] = ("zh",)) -> str:
+        init = SessionInit(client_version="1", platform="web", src_lang="en", tgt_lang=targets[0])
+        self.feed(ev.SessionOpened(sid, tenant, f"trace-{sid}", init, "en", targets))
+        return sid
+
+    def speak(self, sid: str, *indices: int, reason: CutReason = CutReason.PAUSE) -> None:
+        self.feed(ev.UtterancesReady(sid, tuple(utterance(i, reason) for i in indices), received_at=0.0))
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.feed(ev.Tick())
+
+    # --- node side --------------------------------------------------------------------------------
+
+    def assigns(self, node_id: str) -> list[JobAssign]:
+        return [m for m in self.to_node[node_id] if isinstance(m, JobAssign)]
+
+    def cancels(self, node_id: str) -> list[JobCancel]:
+        return [m for m in self.to_node[node_id] if isinstance(m, JobCancel)]
+
+    def all_assigns(self) -> list[tuple[str, JobAssign]]:
+        return [(n, m) for n in self.to_node for m in self.assigns(n)]
+
+    def ack(self, node_id: str, assign: JobAssign) -> None:
+        self.feed(
+            ev.NodeJobReport(
+                node_id,
+                JobAck(
+                    job_id=assign.job_id,
+                    attempt_id=assign.attempt_id,
+                    node_id=node_id,
+                    session_id=assign.session_id,
+                    trace_id=assign.trace_id,
+                ),
+            )
+        )
+
+    def result(
+        self, node_id: str, assign: JobAssign, *, ok: bool = True, code: str = "INTERNAL_ERROR"
+    ) -> None:
+        self.feed(
+            ev.NodeJobReport(
+                node_id,
+                JobResult(
+                    job_id=assign.job_id,
+                    attempt_id=assign.attempt_id,
+                    node_id=node_id,
+                    session_id=assign.session_id,
+                    utterance_index=assign.utterance_index,
+                    success=ok,
+                    trace_id=assign.trace_id,
+                    text_asr="hello" if ok else None,
+                    text_translated="ni hao" if ok else None,
+                    tts_audio="AAAA" if ok else None,
+                    error=None if ok else JobError(code=code, message="it broke"),
+                ),
+            )
+        )
+
+    # --- session side -----------------------------------------------------------------------------
+
+    def outcomes(self, sid: str) -> list[tuple[int, str]]:
+        """(utterance index, "result" or "missing:<reason>") in the order the session got them."""
+        out: list[tuple[int, str]] = []
+        for m in self.to_session[sid]:
+            if isinstance(m, TranslationResult):
+                out.append((m.utterance_index, "result"))
+            elif isinstance(m, MissingResult):
+                out.append((m.utterance_index, f"missing:{m.reason.value}"))
+        return out
+
+    def errors(self, sid: str) -> list[str]:
+        return [m.code for m in self.to_session[sid] if isinstance(m, ErrorMessage)]
+
+    def ui(self, sid: str) -> list[str]:
+        return [m.event.value.lower() for m in self.to_session[sid] if isinstance(m, UiEvent)]
+
+    def counted(self, name: str, label: str | None = None) -> int:
+        return sum(1 for x in self.actions if isinstance(x, a.Count) and x.name == name and x.label == label)
+
+
+def only_assign(w: World) -> tuple[str, JobAssign]:
+    [(node_id, assign)] = w.all_assigns()
+    return node_id, assign
+
+
+# --- the way through: utterance -> job_assign -> translation_result ------------------------------
+
+
+def test_an_utterance_becomes_one_assign_and_one_result() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    assert (assign.session_id, assign.utterance_index, assign.src_lang, assign.tgt_lang) == (
+        sid,
+        0,
+        "en",
+        "zh",
+    )
+    assert w.ui(sid) == ["dispatched"]
+    w.ack(node_id, assign)
+    w.result(node_id, assign)
+    assert w.outcomes(sid) == [(0, "result")]
+    assert w.ui(sid) == ["dispatched", "node_accepted", "asr_final", "nmt_done"]
+    assert any(isinstance(x, a.SessionDelivered) for x in w.actions)
+    assert w.engine.settled(sid) and w.engine.tracked_jobs() == 0
+    assert w.fleet.registry.nodes[node_id].load.inflight == 0
+    assert w.counted("jobs", "completed") == 1
+    assert [line for line in w.engine.story(assign.job_id) if "completed" in line]
+
+
+# --- failover ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("ack_timeout", "ack_timeout"),
+        ("exec_timeout", "exec_timeout"),
+        ("node_error", "node_error"),
+        ("node_lost", "node_lost"),
+        ("remote_dispatch_failed", "send_failed"),
+    ],
+)
+def test_failover_moves_the_job_to_the_other_node_and_the_session_sees_one_result(
+    case: str, why: str
+) -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    first_node, first = w.all_assigns()[0]
+    if case == "ack_timeout":
+        w.advance(ACK_MS / 1000 + 0.1)
+    elif case == "exec_timeout":
+        w.ack(first_node, first)
+        w.advance(61.0)  # past the execution ceiling (exec_timeout_max_ms)
+    elif case == "node_error":
+        w.ack(first_node, first)
+        w.result(first_node, first, ok=False, code="MODEL_NOT_AVAILABLE")
+    elif case == "node_lost":
+        w.ack(first_node, first)
+        w.fleet.disconnect(first_node)
+        w.feed(ev.NodeGone(first_node))
+    elif case == "remote_dispatch_failed":
+        w.feed(ev.RemoteDispatchFailed(first.job_id, first.attempt_id, first_node, "store lost it"))
+    [_, (second_node, second)] = w.all_assigns()
+    assert second_node != first_node and second.job_id == first.job_id and second.attempt_id == 2
+    assert w.counted("failovers", why) == 1
+    if case in ("ack_timeout", "exec_timeout"):
+        assert [c.job_id for c in w.cancels(first_node)] == [first.job_id]  # the old attempt is stopped
+    else:
+        assert w.cancels(first_node) == []  # it ended there already (or never began)
+    w.ack(second_node, second)
+    w.result(second_node, second)
+    assert w.outcomes(sid) == [(0, "result")]
+    assert w.engine.tracked_jobs() == 0
+    assert all(w.fleet.registry.nodes[n].load.inflight == 0 for n in w.nodes if n in w.fleet.registry.nodes)
+
+
+def test_an_assign_the_outbox_refuses_fails_over_without_a_dispatched_event() -> None:
+    w = World(nodes=("n1",))
+    w.broken = {"n1"}
+    sid = w.open()
+    w.speak(sid, 0)
+    assert w.counted("failovers", "send_failed") == 1 and w.all_assigns() == []
+    assert w.ui(sid) == []  # DISPATCHED follows only an assign the node's outbox took
+    assert w.engine.store.waiting == 1  # n1 was tried: the job waits for another node
+    w.add_node("n2")
+    w.feed(ev.CapacityChanged())
+    [(node_id, assign)] = w.all_assigns()
+    assert (node_id, assign.attempt_id) == ("n2", 2) and w.ui(sid) == ["dispatched"]
+
+
+def test_a_job_out_of_attempts_ends_with_an_explicit_failure() -> None:
+    w = World(nodes=("n1", "n2", "n3"))
+    sid = w.open()
+    w.speak(sid, 0)
+    for _ in range(3):  # max_attempts
+        node_id, assign = w.all_assigns()[-1]
+        w.ack(node_id, assign)
+        w.result(node_id, assign, ok=False, code="NODE_OVERLOADED")
+        w.advance(0.01)
+    assert w.outcomes(sid) == [(0, "missing:job_failed")]
+    assert w.errors(sid) == ["NODE_OVERLOADED"]
+    assert w.ui(sid)[-1] == "error"
+    assert any(isinstance(x, a.RecordEvent) and x.kind == "job_failed" for x in w.actions)
+    assert w.engine.settled(sid) and w.engine.tracked_jobs() == 0
+
+
+def test_a_stale_message_of_an_old_attempt_is_dropped_and_counted() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    first_node, first = only_assign(w)
+    w.advance(ACK_MS / 1000 + 0.1)
+    w.ack(first_node, first)  # too late: the job moved on
+    assert w.counted("stale_messages") == 1
+    second_node, second = w.all_assigns()[-1]
+    w.ack(second_node, second)
+    w.result(second_node, second)
+    assert w.outcomes(sid) == [(0, "result")]
+
+
+def test_no_node_fails_the_job_after_the_pending_wait() -> None:
+    w = World(nodes=())
+    sid = w.open()
+    w.speak(sid, 0)
+    assert w.all_assigns() == [] and w.engine.store.waiting == 1
+    w.advance(PENDING_MS / 1000 + 0.1)
+    assert w.outcomes(sid) == [(0, "missing:job_failed")]
+    assert w.errors(sid) == ["NO_AVAILABLE_NODE"]
+
+
+# --- ordering -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [(2, 0, 1), (1, 2, 0), (2, 1, 0), (0, 1, 2)])
+def test_results_reach_the_session_in_utterance_order(order: tuple[int, int, int]) -> None:
+    w = World(nodes=("n1", "n2", "n3"))
+    sid = w.open()
+    w.speak(sid, 0, 1, 2)
+    by_index = {m.utterance_index: (n, m) for n, m in w.all_assigns()}
+    assert sorted(by_index) == [0, 1, 2]
+    for i in order:
+        node_id, assign = by_index[i]
+        w.ack(node_id, assign)
+        w.result(node_id, assign)
+    assert w.outcomes(sid) == [(0, "result"), (1, "result"), (2, "result")]
+
+
+def test_a_failed_utterance_does_not_hold_back_the_next() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    by_index = {m.utterance_index: (n, m) for n, m in w.all_assigns()}
+    n1, second = by_index[1]
+    w.ack(n1, second)
+    w.result(n1, second)  # 1 done first: held behind 0
+    assert w.outcomes(sid) == []
+    w.feed(ev.CancelJob(by_index[0][1].job_id, "operator"))
+    assert w.outcomes(sid) == [(0, "missing:job_failed"), (1, "result")]
+    assert w.errors(sid) == ["JOB_CANCELLED"]
+
+
+# --- cancel ---------------------------------------------------------------------------------------
+
+
+def test_session_close_cancels_its_live_jobs_on_their_nodes() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    w.feed(ev.SessionClosed(sid, "connection closed"))
+    assert [c.job_id for c in w.cancels(node_id)] == [assign.job_id]
+    assert w.engine.store.get(assign.job_id).state is JobState.CANCELLED  # type: ignore[union-attr]
+    assert w.fleet.registry.nodes[node_id].load.inflight == 0
+    assert sid not in w.engine.sessions and w.counted("jobs", "cancelled") == 1
+    w.result(node_id, assign)  # the node finishes anyway: nothing reaches the gone session
+    assert w.outcomes(sid) == []
+
+
+def test_operator_cancel_of_an_ended_job_changes_nothing() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    w.ack(node_id, assign)
+    w.result(node_id, assign)
+    before = len(w.to_session[sid])
+    assert w.feed(ev.CancelJob(assign.job_id, "late")) == []
+    assert w.feed(ev.CancelJob("no-such-job", "typo")) == []
+    assert len(w.to_session[sid]) == before
+
+
+def test_fail_all_ends_every_live_job_explicitly_in_order() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    w.feed(ev.FailAll("SCHEDULER_SHUTTING_DOWN", "bye"))
+    assert w.outcomes(sid) == [(0, "missing:job_failed"), (1, "missing:job_failed")]
+    assert w.errors(sid) == ["SCHEDULER_SHUTTING_DOWN", "SCHEDULER_SHUTTING_DOWN"]
+    assert w.engine.store.inflight == 0 and w.engine.tracked_jobs() == 0
+
+
+# --- backlog --------------------------------------------------------------------------------------
+
+
+def test_the_backlog_drains_as_slots_free() -> None:
+    w = World(nodes=("n1",), max_jobs=1)
+    sid = w.open()
+    w.speak(sid, 0, 1, 2)
+    [(_, first)] = w.all_assigns()
+    assert w.engine.store.waiting == 2
+    for expected in (1, 2):
+        w.ack("n1", first)
+        w.result("n1", first)
+        assert any(isinstance(x, a.WakeTimer) for x in w.actions)
+        w.feed(ev.CapacityChanged())  # the runtime's wake-up after a freed slot
+        first = w.assigns("n1")[-1]
+        assert first.utterance_index == expected
+    w.ack("n1", first)
+    w.result("n1", first)
+    assert w.outcomes(sid) == [(0, "result"), (1, "result"), (2, "result")]
+    assert w.engine.store.waiting == 0
+
+
+def test_a_busy_node_keeps_its_job_waiting_past_the_pending_wait() -> None:
+    w = World(nodes=("n1",), max_jobs=1)
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    [first] = w.assigns("n1")
+    w.ack("n1", first)
+    w.advance(PENDING_MS / 1000 + 0.5)  # the node is only busy: job 1 waits for it, not failing
+    assert w.engine.store.waiting == 1 and w.errors(sid) == []
+    w.result("n1", first)
+    second = w.assigns("n1")[-1]
+    assert second.utterance_index == 1
+    w.ack("n1", second)
+    w.result("n1", second)
+    assert w.outcomes(sid) == [(0, "result"), (1, "result")]
+
+
+# --- tenant rate --------------------------------------------------------------------------------
+
+
+def test_an_utterance_over_the_tenant_rate_gets_no_job_and_an_explicit_refusal() -> None:
+    w = World(rate=1.0)
+    sid = w.open(tenant="t1")
+    w.speak(sid, 0, 1)  # burst 1: the second is over the rate
+    assert [m.utterance_index for _, m in w.all_assigns()] == [0]
+    assert w.errors(sid) == ["TENANT_RATE_LIMITED"]
+    assert w.outcomes(sid) == []  # 1 waits behind 0 in order
+    n, assign = only_assign(w)
+    w.ack(n, assign)
+    w.result(n, assign)
+    assert w.outcomes(sid) == [(0, "result"), (1, "missing:job_failed")]
+    w.clock.advance(1.0)
+    w.speak(sid, 2)  # the bucket refilled
+    assert len(w.all_assigns()) == 2
+
+
+def test_a_full_result_queue_refuses_the_utterance_at_once() -> None:
+    w = World()
+    sid = w.open()
+    limit = w.config.session.max_pending_results
+    w.speak(sid, *range(limit + 1))
+    assert (limit, "missing:queue_full") in w.outcomes(sid)
+    assert w.counted("refused_utterances", "queue_full") == 1
+
+
+def test_pair_counter_is_bounded() -> None:
+    w = World(nodes=())
+    for i in range(MAX_COUNTED_PAIRS + 50):
+        sid = w.open(f"s{i}", targets=(f"x{i}",))
+        w.speak(sid, 0)
+        w.feed(ev.SessionClosed(sid, "done"))
+    assert len(w.engine.created_by_pair) == MAX_COUNTED_PAIRS + 1
+    assert w.engine.created_by_pair[OTHER_PAIR] == 50
+
+
+# --- instances ------------------------------------------------------------------------------------
+
+
+def test_shared_slots_reserve_first_and_a_refusal_leaves_the_node_alone_briefly() -> None:
+    w = World(nodes=("n1",))
+    w.feed(ev.SharedSlotsRequired(True))
+    sid = w.open()
+    w.speak(sid, 0)
+    assert w.all_assigns() == []
+    [reserve] = [x for x in w.actions if isinstance(x, a.Reserve)]
+    assert reserve.node_id == "n1" and w.engine.placing() == {reserve.job_id}
+    w.feed(ev.ReservationAnswered(reserve.job_id, reserve.attempt, "n1", reserve.member, False, "FULL"))
+    [timer] = [x for x in w.actions if isinstance(x, a.ArmTimer)]
+    assert timer.event == ev.RefusedNodeRetry("n1") and w.all_assigns() == []
+    w.feed(timer.event)
+    reserve = [x for x in w.actions if isinstance(x, a.Reserve)][-1]
+    w.feed(ev.ReservationAnswered(reserve.job_id, reserve.attempt, "n1", reserve.member, True))
+    n, assign = only_assign(w)
+    w.ack(n, assign)
+    assert any(isinstance(x, a.CommitSlot) and x.member == reserve.member for x in w.actions)
+    w.result(n, assign)
+    assert any(isinstance(x, a.ReleaseSlot) and x.member == reserve.member for x in w.actions)
+    assert w.outcomes(sid) == [(0, "result")]
+
+
+def test_a_reservation_answered_for_a_job_gone_meanwhile_is_released() -> None:
+    w = World(nodes=("n1",))
+    w.feed(ev.SharedSlotsRequired(True))
+    sid = w.open()
+    w.speak(sid, 0)
+    [reserve] = [x for x in w.actions if isinstance(x, a.Reserve)]
+    w.feed(ev.SessionClosed(sid, "gone"))
+    w.feed(ev.ReservationAnswered(reserve.job_id, reserve.attempt, "n1", reserve.member, True))
+    assert any(isinstance(x, a.ReleaseSlot) and x.member == reserve.member for x in w.actions)
+    assert w.all_assigns() == [] and w.engine.tracked_jobs() == 0
+
+
+def test_a_broken_reservation_fails_the_job_explicitly() -> None:
+    w = World(nodes=("n1",))
+    w.feed(ev.SharedSlotsRequired(True))
+    sid = w.open()
+    w.speak(sid, 0)
+    [reserve] = [x for x in w.actions if isinstance(x, a.Reserve)]
+    w.feed(ev.ReservationFailed(reserve.job_id, reserve.attempt, "n1", broken=True))
+    assert w.outcomes(sid) == [(0, "missing:job_failed")] and w.errors(sid) == ["INTERNAL_ERROR"]
+
+
+def test_held_reservations_give_an_unreserved_attempt_its_member() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    w.speak(sid, 0)
+    _, assign = only_assign(w)
+    held = w.engine.held_reservations()
+    assert held == {"n1": [(f"{assign.job_id}:1", ACK_MS + 1000)]}
+    w.ack("n1", assign)
+    w.result("n1", assign)
+    assert any(isinstance(x, a.ReleaseSlot) and x.member == f"{assign.job_id}:1" for x in w.actions)
+
+
+def test_a_message_for_a_job_not_held_here_goes_to_its_owner() -> None:
+    w = World(nodes=("n1",))
+    msg = JobResult(
+        job_id="elsewhere",
+        attempt_id=1,
+        node_id="n1",
+        session_id="s9",
+        utterance_index=0,
+        success=True,
+        trace_id="t",
+    )
+    out = w.feed(ev.NodeJobReport("n1", msg))
+    assert a.ForwardToOwner("n1", msg) in out
+
+
+def test_a_node_of_another_instance_is_assigned_through_its_owner() -> None:
+    w = World(nodes=("n1",))
+    w.fleet.registry.nodes["n1"].owner = "instance-b"  # as a remote record would make it
+    sid = w.open()
+    w.speak(sid, 0)
+    [assign] = [x for x in w.actions if isinstance(x, a.AssignJob)]
+    assert assign.owner == "instance-b"
+
+
+# --- turns and affinity -----------------------------------------------------------------------------
+
+
+def test_turn_continuation_binds_to_the_node_holding_the_turn() -> None:
+    w = World(nodes=("n1", "n2"), max_jobs=1)
+    sid = w.open()
+    w.speak(sid, 0, reason=CutReason.MAX_DURATION)
+    node_id, _ = only_assign(w)
+    w.speak(sid, 1)  # continues the turn: bound to the same node, even at capacity
+    assigns = w.all_assigns()
+    assert [n for n, _ in assigns] == [node_id, node_id]
+    assert assigns[1][1].utterance_index == 1
+    assert w.engine.route_of(sid) is not None and w.engine.route_of(sid).last_node == node_id  # type: ignore[union-attr]
+    assert w.engine.store.get(assigns[1][1].job_id).spec.turn_id == f"{sid}:0"  # type: ignore[union-attr]
+
+
+def test_soft_affinity_prefers_the_previous_node() -> None:
+    w = World(nodes=("n1", "n2", "n3"))
+    sid = w.open()
+    for i in range(4):
+        w.speak(sid, i)
+        node_id, assign = w.all_assigns()[-1]
+        w.ack(node_id, assign)
+        w.result(node_id, assign)
+    assert len({n for n, _ in w.all_assigns()}) == 1
+    assert w.counted("affinity", "hit") == 3
+
+
+def test_partials_pass_to_the_session() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    partial = NodeAsrPartial(
+        job_id=assign.job_id,
+        node_id=node_id,
+        session_id=sid,
+        utterance_index=0,
+        text="hel",
+        is_final=False,
+        trace_id=assign.trace_id,
+        attempt_id=1,
+    )
+    w.feed(ev.NodeJobReport(node_id, partial))
+    assert "asr_partial" in w.ui(sid)
+
+
+def test_validate_names_a_broken_invariant() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    _, assign = only_assign(w)
+    w.engine._slots.pop(assign.job_id)  # what a lost release would leave
+    with pytest.raises(InvariantError, match="without a slot"):
+        w.engine.validate()
+
+
+def test_story_tells_the_history_bounded() -> None:
+    w = World()
+    sid = w.open()
+    w.speak(sid, 0)
+    node_id, assign = only_assign(w)
+    w.advance(ACK_MS / 1000 + 0.1)
+    lines = w.engine.story(assign.job_id)
+    assert lines[0].startswith(assign.job_id) and "attempt 2" in lines[-1]
+    assert any(node_id in line and "dispatched" in line for line in lines)
+    assert w.engine.story("nope") == ["nope: unknown (never created here, or evicted)"]
+
+
+# --- random sequences ------------------------------------------------------------------------------
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Random interleavings of sessions speaking and closing, nodes answering, failing, leaving and
+    coming back, time passing and operators acting; every invariant holds after each step, and a
+    session that got every answer has nothing outstanding."""
+
+    @initialize()
+    def start(self) -> None:
+        self.w = World(nodes=("n1", "n2", "n3"), max_jobs=2, seed=7)
+        self.next_index: dict[str, int] = {}
+        self.gone: set[str] = set()
+
+    def _open_sessions(self) -> list[str]:
+        return sorted(self.next_index)
+
+    @rule(sid=st.sampled_from(["s1", "s2", "s3"]))
+    def open_session(self, sid: str) -> None:
+        if sid not in self.next_index:
+            self.w.open(sid)
+            self.next_index[sid] = 0
+
+    @rule(data=st.data(), n=st.integers(1, 3), continued=st.booleans())
+    def speak(self, data: st.DataObject, n: int, continued: bool) -> None:
+        if not self.next_index:
+            return
+        sid = data.draw(st.sampled_from(self._open_sessions()))
+        start = self.next_index[sid]
+        self.next_index[sid] = start + n
+        self.w.speak(
+            sid, *range(start, start + n), reason=CutReason.MAX_DURATION if continued else CutReason.PAUSE
+        )
+
+    @rule(data=st.data(), answer=st.sampled_from(["ack", "ok", "fail", "retryable"]))
+    def node_answers(self, data: st.DataObject, answer: str) -> None:
+        live = [(n, m) for n, m in self.w.all_assigns() if n not in self.gone]
+        if not live:
+            return
+        node_id, assign = live[data.draw(st.integers(0, 10_000)) % len(live)]
+        if answer == "ack":
+            self.w.ack(node_id, assign)
+        else:
+            self.w.result(
+                node_id, assign, ok=answer == "ok", code="NODE_OVERLOADED" if answer == "retryable" else "X"
+            )
+
+    @rule(node_id=st.sampled_from(["n1", "n2", "n3"]))
+    def node_leaves_or_returns(self, node_id: str) -> None:
+        if node_id in self.gone:
+            self.gone.discard(node_id)
+            self.w.fleet.reconnect(node_id)
+            self.w.fleet.publish()
+            self.w.feed(ev.CapacityChanged())
+        else:
+            self.gone.add(node_id)
+            self.w.fleet.disconnect(node_id)
+            self.w.feed(ev.NodeGone(node_id))
+
+    @rule(seconds=st.sampled_from([0.1, 0.5, 1.2, 4.5, 20.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.w.advance(seconds)
+        for sid in self._open_sessions():
+            self.w.feed(ev.SessionTick(sid))
+
+    @rule(data=st.data())
+    def close_session(self, data: st.DataObject) -> None:
+        if not self.next_index:
+            return
+        sid = data.draw(st.sampled_from(self._open_sessions()))
+        del self.next_index[sid]
+        self.w.feed(ev.SessionClosed(sid, "closed"))
+
+    @rule(data=st.data())
+    def operator_cancels(self, data: st.DataObject) -> None:
+        jobs = sorted(self.w.engine.store.live(), key=lambda j: (j.session_id, j.utterance_index))
+        if jobs:
+            job = jobs[data.draw(st.integers(0, 10_000)) % len(jobs)]
+            self.w.feed(ev.CancelJob(job.job_id, "operator"))
+
+    @rule(required=st.booleans())
+    def shared_store_comes_or_goes(self, required: bool) -> None:
+        self.w.feed(ev.SharedSlotsRequired(required))
+
+    @rule(data=st.data(), answer=st.sampled_from(["ok", "refused", "broken"]))
+    def store_answers_a_reservation(self, data: st.DataObject, answer: str) -> None:
+        pending = self.w.pending_reserves
+        if pending:
+            reserve = pending[data.draw(st.integers(0, 10_000)) % len(pending)]
+            self.w.answer(reserve, ok=answer == "ok", broken=answer == "broken")
+
+    @rule()
+    def retry_timer_fires(self) -> None:
+        if self.w.timers:
+            self.w.feed(self.w.timers.pop(0))
+
+    @invariant()
+    def valid(self) -> None:
+        if hasattr(self, "w"):
+            self.w.engine.validate()
+            held = {slot.member for slot in self.w.engine._slots.values() if slot.member is not None}
+            assert held == self.w.shared_members, "a shared slot is held without an attempt, or lost"
+            for sid in self._open_sessions():
+                indices = [i for i, _ in self.w.outcomes(sid)]
+                assert indices == sorted(indices), f"{sid} got its outcomes out of order: {indices}"
+
+
+EngineMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_engine_machine = EngineMachine.TestCase
+
+
+def test_a_gap_is_given_up_on_the_session_timer_and_a_late_result_still_delivered() -> None:
+    w = World(nodes=("n1", "n2"))
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    by_index = {m.utterance_index: (n, m) for n, m in w.all_assigns()}
+    n1, second = by_index[1]
+    w.ack(n1, second)
+    w.result(n1, second)
+    w.clock.advance(4.1)  # past result_gap_timeout_ms: the session's timer fires
+    w.feed(ev.SessionTick(sid))
+    assert w.outcomes(sid) == [(0, "missing:gap_timeout"), (1, "result")]
+    n0, first = by_index[0]
+    w.ack(n0, first)
+    w.result(n0, first)
+    late = [m for m in w.to_session[sid] if isinstance(m, TranslationResult) and m.utterance_index == 0]
+    assert len(late) == 1 and late[0].late and w.counted("late_results") == 1
+
+
+def test_flush_releases_what_the_queue_holds() -> None:
+    w = World(nodes=("n1", "n2"))
+    sid = w.open()
+    w.speak(sid, 0, 1)
+    n1, second = next((n, m) for n, m in w.all_assigns() if m.utterance_index == 1)
+    w.ack(n1, second)
+    w.result(n1, second)
+    w.feed(ev.FailAll("SCHEDULER_SHUTTING_DOWN", "bye"), ev.SessionFlush(sid))
+    assert w.outcomes(sid) == [(0, "missing:job_failed"), (1, "result")]
+
+
+def test_a_draining_instance_refuses_other_instances_assigns() -> None:
+    w = World()
+    assert w.engine.takes_foreign_assign()
+    w.feed(ev.DrainBegan())
+    assert not w.engine.takes_foreign_assign()
+
+
+def test_model_not_available_marks_the_service_on_that_node() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    w.speak(sid, 0)
+    _, assign = only_assign(w)
+    w.feed(
+        ev.NodeJobReport(
+            "n1",
+            JobResult(
+                job_id=assign.job_id,
+                attempt_id=assign.attempt_id,
+                node_id="n1",
+                session_id=sid,
+                utterance_index=0,
+                success=False,
+                trace_id=assign.trace_id,
+                error=JobError(
+                    code="MODEL_NOT_AVAILABLE", message="no", details={"service_id": "asr-whisper"}
+                ),
+            ),
+        )
+    )
+    assert len(w.engine.marks) == 1 and w.counted("failovers", "node_error") == 1
+    w.speak(sid, 1)  # the only node lacks ASR now: the next job waits
+    assert [m.utterance_index for m in w.assigns("n1")] == [0] and w.engine.store.waiting == 2
+
+
+def test_an_instance_dying_fails_over_the_jobs_on_its_nodes() -> None:
+    """Another instance's death removes its nodes from the view (their remote records go): a job of
+    ours on one of them moves to a node still there, and nothing is sent to the gone node."""
+    w = World(nodes=("n1",))
+    w.fleet.registry.nodes["n1"].owner = "instance-b"
+    sid = w.open()
+    w.speak(sid, 0)
+    [first] = [x for x in w.actions if isinstance(x, a.AssignJob)]
+    assert first.owner == "instance-b"
+    w.add_node("n2")
+    w.fleet.registry.remove_remote("n1")
+    w.fleet.publish()
+    w.feed(ev.NodeGone("n1"))
+    [second] = w.assigns("n2")
+    assert (second.job_id, second.attempt_id) == (first.assign.job_id, 2)
+    assert w.counted("failovers", "node_lost") == 1 and w.cancels("n1") == []
+    w.ack("n2", second)
+    w.result("n2", second)
+    assert w.outcomes(sid) == [(0, "result")]
