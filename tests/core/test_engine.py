@@ -705,13 +705,13 @@ def test_story_tells_the_history_bounded() -> None:
 
 
 class EngineMachine(RuleBasedStateMachine):
-    """Random interleavings of sessions speaking and closing, nodes answering, failing, leaving and
+    """Random interleavings of sessions speaking (alone or in a room) and closing, nodes answering, failing, leaving and
     coming back, time passing and operators acting; every invariant holds after each step, and a
     session that got every answer has nothing outstanding."""
 
     @initialize()
     def start(self) -> None:
-        self.w = World(nodes=("n1", "n2", "n3"), max_jobs=2, seed=7)
+        self.w = World(nodes=("n1", "n2", "n3"), max_jobs=2, seed=7, langs=("en", "zh", "de"))
         self.next_index: dict[str, int] = {}
         self.gone: set[str] = set()
 
@@ -727,15 +727,24 @@ class EngineMachine(RuleBasedStateMachine):
             self.w.open(sid)
             self.next_index[sid] = 0
 
-    @rule(data=st.data(), n=st.integers(1, 3), continued=st.booleans())
-    def speak(self, data: st.DataObject, n: int, continued: bool) -> None:
+    @rule(
+        data=st.data(),
+        n=st.integers(1, 3),
+        continued=st.booleans(),
+        room=st.sampled_from([(), (("A", "zh"),), (("A", "zh"), ("B", "de"), ("C", "en"))]),
+    )
+    def speak(self, data: st.DataObject, n: int, continued: bool, room: tuple[tuple[str, str], ...]) -> None:
+        """``room``: the other members the speaker's utterances fan out to (none: no room)."""
         if not self.next_index:
             return
         sid = data.draw(st.sampled_from(self._open_sessions()))
         start = self.next_index[sid]
         self.next_index[sid] = start + n
         self.w.speak(
-            sid, *range(start, start + n), reason=CutReason.MAX_DURATION if continued else CutReason.PAUSE
+            sid,
+            *range(start, start + n),
+            reason=CutReason.MAX_DURATION if continued else CutReason.PAUSE,
+            room=RoomSnapshot(sid, "room-1", "123456", room) if room else None,
         )
 
     @rule(data=st.data(), answer=st.sampled_from(["ack", "ok", "fail", "retryable"]))
