@@ -705,9 +705,9 @@ def test_story_tells_the_history_bounded() -> None:
 
 
 class EngineMachine(RuleBasedStateMachine):
-    """Random interleavings of sessions speaking (alone or in a room) and closing, nodes answering, failing, leaving and
-    coming back, time passing and operators acting; every invariant holds after each step, and a
-    session that got every answer has nothing outstanding."""
+    """Random interleavings of sessions speaking (alone or in a room) and closing, nodes answering,
+    failing, leaving and coming back, time passing and operators acting; every invariant holds after
+    each step, and a session that got every answer has nothing outstanding."""
 
     @initialize()
     def start(self) -> None:
