@@ -106,10 +106,14 @@ def drive(
     window_start: Callable[[], Any] | None = None,
     window_end: Callable[[], Any] | None = None,
     seed: int = 1,
+    paced: bool = False,
+    fixed_interval: float | None = None,
 ) -> dict[str, Any]:
     """Register ``nodes``, open ``sessions``, warm up, measure ``seconds``; return the client's figures
     (round trips, latencies, counters; starts/sends with ``record``) and what the hooks returned.
-    ``node_plans`` replaces the random fleet of ``nodes`` nodes; ``plans`` the generated sessions."""
+    ``node_plans`` replaces the random fleet of ``nodes`` nodes; ``plans`` the generated sessions.
+    ``paced``: one pacer per node worker spreads the heartbeats evenly (``loadtest/fleet.py``);
+    ``out["generator"]`` reports how smooth they were and what the node workers' CPU was."""
     fleet = node_plans if node_plans is not None else fleet_plan(nodes, seed, f"b{seed}")
     if plans is None:
         plans = (
@@ -127,7 +131,14 @@ def drive(
     behaviour = behaviour or JobBehaviour(record_starts=record)
     node_specs = [
         NodeWorkerSpec(
-            "127.0.0.1", port, part, behaviour, seed=seed * 31 + i, concurrency=max(10, 100 // node_procs)
+            "127.0.0.1",
+            port,
+            part,
+            behaviour,
+            fixed_interval=fixed_interval,
+            seed=seed * 31 + i,
+            concurrency=max(10, 100 // node_procs),
+            paced=paced,
         )
         for i, part in enumerate(split(fleet, node_procs))
         if part
@@ -163,8 +174,28 @@ def drive(
     out["node_counters"] = _sum([r["counters"] for r in node_r])
     out["session_counters"] = _sum([r["counters"] for r in sess_r])
     out["unanswered"] = sum(r["unanswered"] for r in sess_r)
+    out["generator"] = generator_figures(node_r)
     out["client_loop_lag_ms"] = round(1e3 * max([r["loop_lag_max"] for r in node_r + sess_r] or [0.0]), 2)
     return out
+
+
+def generator_figures(node_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The node workers' own figures over the window: heartbeats written per millisecond (each
+    worker's busiest millisecond, summed: an upper bound of the fleet's; the averages, summed) and
+    their CPU per heartbeat sent."""
+    burst = [r["burstiness"] for r in node_results]
+    cpu = sum(r["cpu_seconds"] for r in node_results)
+    sent = sum(len(r["rtts"]) for r in node_results)
+    wall = max([r["window_seconds"] for r in node_results] or [0.0])
+    return {
+        "sends_max_per_ms": sum(b["max_per_ms"] for b in burst),
+        "sends_p99_per_ms": sum(b["p99_per_ms"] for b in burst),
+        "sends_mean_per_ms": round(sum(b["mean_per_ms"] for b in burst), 3),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_percent_of_one_core": round(100 * cpu / wall, 1) if wall else None,
+        "cpu_us_per_heartbeat": round(1e6 * cpu / sent, 1) if sent else None,
+        "paced_skipped": sum(r["counters"].get("paced_skipped", 0) for r in node_results),
+    }
 
 
 def _sleep(gen: LoadGenerator, seconds: float) -> None:

@@ -88,6 +88,21 @@ def main() -> None:
     help="Log lines: readable text or JSON objects (default auto: text on a terminal, JSON otherwise).",
 )
 @click.option("--debug", is_flag=True, default=False, help="Show the Python traceback when the start fails.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run this many instances behind the one port (SO_REUSEPORT), supervised by this process: "
+    "one per core. Above 1 it requires --redis-url (the instances share their state through Redis).",
+)
+@click.option(
+    "--reuse-port",
+    is_flag=True,
+    default=False,
+    help="Bind the port with SO_REUSEPORT, sharing it with other instances that do (what each worker of "
+    "--workers does; also for instances started by another supervisor, e.g. systemd).",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -101,6 +116,8 @@ def serve(
     log_level: str | None,
     log_format: str | None,
     debug: bool,
+    workers: int,
+    reuse_port: bool,
 ) -> None:
     """Start the scheduler (embedded in-memory state unless --redis-url is given).
 
@@ -124,13 +141,45 @@ def serve(
     config = _load(config_file, host, port, cluster, extra, logging_flags)
     server = config.server
     setup_logging(server.log_level, server.log_levels, server.log_format)
+    if workers > 1:
+        sys.exit(_supervise(config, workers))
     try:
-        run_server(config, reload=_loader(config_file, host, port, cluster, extra, logging_flags))
+        run_server(
+            config,
+            reload=_loader(config_file, host, port, cluster, extra, logging_flags),
+            reuse_port=reuse_port,
+        )
     except (StartupError, ConfigError) as exc:  # ConfigError: what only loads at start (TLS, Redis URL)
         if debug:
             raise
         click.echo(explain(exc), err=True)
         sys.exit(exit_code(exc))
+
+
+def _supervise(config: Any, workers: int) -> int:
+    """``serve --workers N``: reserve the port, run N ``serve`` workers (server/workers.py)."""
+    from lingua_scheduler.server.startup import check_redis_url
+    from lingua_scheduler.server.workers import Supervisor, reserve_port
+
+    if not config.cluster.redis_url:
+        click.echo(
+            "lingua-scheduler serve: --workers above 1 requires --redis-url (cluster.redis_url): the "
+            "instances share their nodes, sessions and jobs through Redis.",
+            err=True,
+        )
+        return 2
+    try:
+        check_redis_url(config.cluster.redis_url)
+        held = reserve_port(config.server.host, config.server.port)
+    except OSError as exc:
+        click.echo(f"lingua-scheduler serve: cannot hold port {config.server.port}: {exc}", err=True)
+        return 1
+    except Exception as exc:  # ConfigError of a malformed Redis URL
+        click.echo(f"lingua-scheduler serve: {exc}", err=True)
+        return 2
+    with held:
+        args = sys.argv[sys.argv.index("serve") + 1 :] if "serve" in sys.argv else []
+        return Supervisor(args, workers, held.getsockname()[1]).run()
 
 
 @main.command("config-defaults")

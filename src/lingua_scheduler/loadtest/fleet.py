@@ -11,6 +11,14 @@ and comes back after a downtime under the same node id.
 Timers are ``loop.call_later`` handles, not tasks: a node costs a socket, a protocol object and one
 timer. Heartbeat round trips are measured from the frame written to the ack parsed, in this process.
 
+Paced (``Fleet(paced=True)``): instead of one timer per node, one pacer sends the fleet's heartbeats on
+a fixed schedule spread evenly over the interval (send ``k`` due at ``t0 + k * interval / N``), so the
+offered load is as smooth as the event loop allows and a late loop catches up without compounding
+bursts. Per-node timers drift into clumps: the busiest milliseconds carried 66-93 sends against an
+average of 3-5, and part of the measured tail was the generator's own. Either way the fleet counts its
+sends per millisecond in the window (``burstiness()``: busiest millisecond against the average) and its
+own CPU, so a report says how smooth the load really was and what generating it cost.
+
 Why not the node SDK's ``Node`` (``lingua_scheduler.node``): measured with ``bench/node_sdk_overhead.py``
 (1,000 idle nodes heartbeating at 1 Hz, docs/performance.md), a ``Node`` costs this process about twice
 the CPU and twice the memory of a ``LightNode`` (an aiohttp session, tasks for its reader, heartbeats
@@ -30,6 +38,7 @@ import math
 import random
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import msgspec
@@ -113,6 +122,8 @@ class FleetCounters:
     #: heartbeats in flight when their node crashed (the server may have counted them, no ack came)
     heartbeats_lost_in_crash: int = 0
     reconnects: int = 0
+    #: paced heartbeats skipped because the event loop was more than an interval late
+    paced_skipped: int = 0
     error_frames: int = 0
     disconnects: int = 0
 
@@ -194,8 +205,8 @@ class LightNode:
         if fleet.fixed_interval is None and reply.heartbeat_interval_ms:
             self.interval = reply.heartbeat_interval_ms / 1000.0
         self.heartbeat()
-        # spread the fleet's heartbeats over the interval
-        self.timer = loop.call_later(self.rng.uniform(0.0, self.interval), self._tick)
+        if not fleet.paced:  # spread the fleet's heartbeats over the interval
+            self.timer = loop.call_later(self.rng.uniform(0.0, self.interval), self._tick)
 
     def on_close(self) -> None:
         self.fleet.counters.disconnects += 1
@@ -280,8 +291,12 @@ class LightNode:
             self._tpl_jobs = self.running_jobs
         head, tail = self._tpl[ts % TEMPLATE_VARIANTS]
         if self.ws is not None and self.ws.send(b"%b%d%b" % (head, ts, tail)):
-            self.pending[ts] = time.monotonic()
-            self.fleet.counters.heartbeats_sent += 1
+            now = time.monotonic()
+            self.pending[ts] = now
+            fleet = self.fleet
+            fleet.counters.heartbeats_sent += 1
+            if fleet.measuring:
+                fleet.sends_per_ms[int(now * 1000)] += 1
 
     def send(self, msg: object) -> bool:
         return self.ws is not None and self.ws.send(_enc.encode(msg))
@@ -366,8 +381,20 @@ class Fleet:
         seed: int = 0,
         enrollment_secret: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        paced: bool = False,
     ) -> None:
         self.host = host
+        #: one pacer for the fleet's heartbeats instead of a timer per node (see the module docstring)
+        self.paced = paced
+        self._pacer: asyncio.Handle | None = None
+        self._pace_t0 = 0.0
+        self._pace_seq = 0
+        #: window: heartbeats written per millisecond (monotonic ms -> count)
+        self.sends_per_ms: Counter[int] = Counter()
+        self._window_t0 = 0.0
+        self._window_cpu0 = 0.0
+        #: window: (seconds, this process's CPU seconds), set by ``end_window``
+        self.window_cost: tuple[float, float] = (0.0, 0.0)
         self.port = port
         #: fleet enrollment secret: nodes enrol (the scheduler issues ids and tokens) instead of
         #: registering under their planned ids
@@ -413,16 +440,68 @@ class Fleet:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        if self.paced and self.nodes:
+            self._pace_t0 = time.monotonic()
+            self._pace_seq = 0
+            self._pacer = asyncio.get_running_loop().call_soon(self._pace)
         return time.monotonic() - t0
+
+    def pace_interval(self) -> float:
+        """The paced fleet's heartbeat interval: the forced one, else what the scheduler told the first
+        node (every node is told the same)."""
+        return self.fixed_interval or self.nodes[0].interval
+
+    def _pace(self) -> None:
+        """Send every heartbeat due by now, in order, then sleep until the next one is due."""
+        nodes = self.nodes
+        n = len(nodes)
+        step = self.pace_interval() / n
+        now = time.monotonic()
+        seq = self._pace_seq
+        due = self._pace_t0 + seq * step
+        budget = n  # at most one interval's worth in one go: a stalled loop skips, it does not burst
+        while due <= now and budget:
+            nodes[seq % n].heartbeat()
+            seq += 1
+            budget -= 1
+            due = self._pace_t0 + seq * step
+        if due <= now:
+            behind = int((now - due) / step) + 1
+            self.counters.paced_skipped += behind
+            seq += behind
+            due = self._pace_t0 + seq * step
+        self._pace_seq = seq
+        if not self.stopping:
+            self._pacer = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._pace)
+
+    def burstiness(self) -> dict[str, float]:
+        """Heartbeats written per millisecond of the window: the busiest millisecond, the 99th
+        percentile of milliseconds and the average (over every millisecond of the window)."""
+        seconds = self.window_cost[0]
+        total = sum(self.sends_per_ms.values())
+        busiest = sorted(self.sends_per_ms.values())
+        ms = max(len(busiest), int(seconds * 1000), 1)
+        idle = ms - len(busiest)  # milliseconds without a send rank first
+        rank = min(ms - 1, int(0.99 * ms))
+        p99 = busiest[rank - idle] if rank >= idle else 0
+        return {
+            "max_per_ms": float(busiest[-1]) if busiest else 0.0,
+            "p99_per_ms": float(p99),
+            "mean_per_ms": round(total / ms, 3),
+        }
 
     def mark(self) -> None:
         """Start the measurement window: round trips are collected from now on."""
         self.rtts.clear()
+        self.sends_per_ms.clear()
         self.counters.window_heartbeats_acked = 0
+        self._window_t0 = time.monotonic()
+        self._window_cpu0 = time.process_time()
         self.measuring = True
 
     def end_window(self) -> None:
         self.measuring = False
+        self.window_cost = (time.monotonic() - self._window_t0, time.process_time() - self._window_cpu0)
 
     def intervals(self) -> list[float]:
         return [n.interval for n in self.nodes]
@@ -430,6 +509,9 @@ class Fleet:
     async def stop(self, drain: float = 2.0) -> None:
         """Stop heartbeating, wait (bounded) for the acks still due, close every connection."""
         self.stopping = True
+        if self._pacer is not None:
+            self._pacer.cancel()
+            self._pacer = None
         for n in self.nodes:
             n.stop()
         deadline = time.monotonic() + drain

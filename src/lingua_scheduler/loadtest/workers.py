@@ -134,6 +134,8 @@ class NodeWorkerSpec:
     seed: int = 0
     concurrency: int = 100
     access: Access = field(default_factory=Access)
+    #: one pacer spreads the heartbeats evenly instead of a timer per node (loadtest/fleet.py)
+    paced: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ async def _node_main(spec: NodeWorkerSpec, wid: int, ctl: Control, out: Any) -> 
         seed=spec.seed,
         enrollment_secret=spec.access.enrollment_secret,
         ssl_context=spec.access.ssl_context(),
+        paced=spec.paced,
     )
     lag = _LagProbe()
     lag_task = asyncio.ensure_future(lag.run())
@@ -256,6 +259,9 @@ async def _node_main(spec: NodeWorkerSpec, wid: int, ctl: Control, out: Any) -> 
                 "interval_min": min(intervals) if intervals else None,
                 "interval_max": max(intervals) if intervals else None,
                 "loop_lag_max": window_lag,
+                "burstiness": fleet.burstiness(),
+                "window_seconds": fleet.window_cost[0],
+                "cpu_seconds": fleet.window_cost[1],
             },
         )
     )

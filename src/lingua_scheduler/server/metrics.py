@@ -20,6 +20,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lingua_scheduler.server.gc_policy import GcPolicy
+
 #: 2 µs .. 30 s: resolves the heartbeat path and the end-to-end latency alike
 LATENCY_BUCKETS = (
     0.000002,
@@ -174,6 +176,8 @@ class Metrics:
         # so that one scrape of /metrics has them; they read /proc at scrape time only.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        #: the garbage collector's policy and pauses (started by ``serve`` only: it is process-wide)
+        self.gc_policy = GcPolicy(r)
 
     def add_live(self, read: Callable[[], Iterable[Metric]]) -> None:
         self.registry.register(_Live(read))

@@ -137,6 +137,7 @@ class NodeConnection:
         self._count_unknown()
         if first:
             state.limits.node_registered()
+            state.metrics.gc_policy.note_registration()
         self.node_id = entry.node_id
         self.outbox.send(
             NodeRegisterAck(
@@ -202,6 +203,12 @@ class NodeConnection:
 
 
 async def node_ws(request: web.Request) -> web.StreamResponse:
+    # inline: a heartbeat is handled from the socket's read callback, no coroutine per frame
     return await serve_websocket(
-        request, "node", NodeConnection, log, failure_extra=lambda conn: {"node_id": conn.node_id}
+        request,
+        "node",
+        NodeConnection,
+        log,
+        failure_extra=lambda conn: {"node_id": conn.node_id},
+        inline=True,
     )

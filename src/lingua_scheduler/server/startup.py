@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 import logging
 import signal
 import socket
@@ -133,8 +132,9 @@ def _bad_url(shown: str, why: str) -> ConfigError:
 # --- binding ----------------------------------------------------------------------------------------
 
 
-def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to (one port for all, even for port 0)."""
+def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (one port for all, even for port 0);
+    with ``reuse_port``, shared with the other workers of ``serve --workers`` (SO_REUSEPORT)."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
@@ -151,7 +151,8 @@ def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
                 continue
             seen.add((family, str(addr[0])))
             bound_port = socks[0].getsockname()[1] if socks else port
-            socks.append(_bind_one(family, (addr[0], bound_port, *addr[2:]), host, port, backlog))
+            where = (addr[0], bound_port, *addr[2:])
+            socks.append(_bind_one(family, where, host, port, backlog, reuse_port))
     except BaseException:
         for s in socks:
             s.close()
@@ -159,9 +160,11 @@ def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
     return socks
 
 
-def _bind_one(family: int, addr: tuple[Any, ...], host: str, port: int, backlog: int) -> socket.socket:
+def _bind_one(
+    family: int, addr: tuple[Any, ...], host: str, port: int, backlog: int, reuse_port: bool
+) -> socket.socket:
     try:
-        return socket.create_server(addr, family=family, backlog=backlog)
+        return socket.create_server(addr, family=family, backlog=backlog, reuse_port=reuse_port)
     except OSError as exc:
         raise _bind_failure(exc, host, port) from None
 
@@ -191,15 +194,15 @@ def _bind_failure(exc: OSError, host: str, port: int) -> StartupError:
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
+def serve(config: Config, reload: Callable[[], Config] | None = None, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (drained by server/shutdown.py). Raises ``StartupError`` or
     ``ConfigError`` when the start cannot go on; nothing is left running then. ``reload`` builds the
     configuration again as the start did: with it, SIGHUP reloads ``[auth]`` and the TLS certificate
-    (server/reload.py)."""
+    (server/reload.py). ``reuse_port``: a worker of ``serve --workers`` (server/workers.py)."""
     check_redis_url(config.cluster.redis_url)
     ssl_context = server_ssl_context(config.tls)  # before anything starts: a bad cert stops here
     lowered = fit_descriptor_limit(config.limits)  # raise RLIMIT_NOFILE; max_connections to what fits
-    socks = bind(config.server.host, config.server.port, config.server.backlog)
+    socks = bind(config.server.host, config.server.port, config.server.backlog, reuse_port)
     try:
         app = build_app(config)
     except BaseException:
@@ -274,10 +277,12 @@ async def _serve(
         if reload is not None:
             reloader = Reloader(app[STATE], reload, ssl_context)
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload)
-        # Objects alive at start (modules, config, routes) never become garbage: keep the collector off.
-        gc.freeze()
+        # Objects alive at start (modules, config, routes) never become garbage: frozen, and the young
+        # generation collected on the policy's cadence from now on (server/gc_policy.py)
+        app[STATE].metrics.gc_policy.start()
         await asyncio.Event().wait()  # until cancelled: GracefulExit (shutdown.py) ends the loop
     finally:
+        app[STATE].metrics.gc_policy.stop()
         await runner.cleanup()
         for s in socks:
             s.close()

@@ -4,7 +4,10 @@ Owns one connection's life around its frames: the refusals made before the upgra
 outbox, the frame gate (rate limit, handshake deadline) in front of every text or binary frame, the
 catch-all of the connection task and the cleanup after the loop, in this order: gate, connection count,
 the connection's own state, outbox, socket. What a frame means belongs to the endpoint
-(``server/node_endpoint.py``, ``server/session_endpoint.py``).
+(``server/node_endpoint.py``, ``server/session_endpoint.py``). With ``inline`` (``/ws/node``), data
+frames pass the same gate and reach the endpoint from the socket's read callback
+(``server/inline_frames.py``: no coroutine per frame); the loop then waits for control frames,
+failures and the frames that queue behind a pending step.
 """
 
 from __future__ import annotations
@@ -13,17 +16,19 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from lingua_scheduler.server import connection_guard
+from lingua_scheduler.server import connection_guard, inline_frames
 from lingua_scheduler.server.limits import Endpoint
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
 
 #: frames that count against the connection's message rate: data, and control frames a peer could flood
 METERED = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG})
+#: what ends the loop (``async for`` over the socket stops at the same three)
+ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 
 
 class Connection(Protocol):
@@ -50,11 +55,14 @@ async def serve_websocket(
     log: logging.Logger,
     failure_extra: Callable[[C], Mapping[str, object]] | None = None,
     dropped: Callable[[C, bytes | str], None] | None = None,
+    inline: bool = False,
 ) -> web.StreamResponse:
     """Run one ``endpoint`` socket until it ends. ``connect`` builds the connection once the socket is
     upgraded; ``log`` is the endpoint's logger (its records keep the endpoint's name, and its level);
     ``failure_extra`` gives the fields logged with a connection that failed; ``dropped`` is shown each
-    data frame the rate limit dropped, unread (to tell the peer which; it must stay cheap and bounded)."""
+    data frame the rate limit dropped, unread (to tell the peer which; it must stay cheap and bounded).
+    ``inline``: data frames are handled from the socket's read callback (``server/inline_frames.py``),
+    the loop only sees control frames, failures and frames queued behind a pending step."""
     state = request.app[STATE]
     # Origin allow-list and connection cap, before any WebSocket state exists (server/limits.py)
     refused = state.limits.refuse_upgrade(request, endpoint)
@@ -80,9 +88,41 @@ async def serve_websocket(
     state.limits.opened(endpoint)
     gate = state.limits.gate(endpoint, outbox, ws, conn.ready)
     preauth = True  # until the handshake: bytes count against the pre-authentication budget
+    sink: Any = None  # the socket's InlineFrames, with ``inline``
+
+    def on_data(data: bytes) -> bool:
+        """One data frame, from the read callback: what the loop below does with one, but awaiting."""
+        nonlocal preauth
+        if not gate.admit():
+            if gate.must_close:
+                return False  # the loop closes
+            if dropped is not None:
+                dropped(conn, data)
+            return True
+        pending = conn.on_frame(data, time.perf_counter())
+        if pending is not None:  # the loop awaits it; the next frames queue behind it
+            sink.wake(inline_frames.PendingStep(pending))
+        if preauth and conn.ready():
+            preauth = False
+            connection_guard.authenticated(request)
+        return True
+
+    sink = inline_frames.install(ws, request, on_data) if inline else None
     try:
-        async for frame in ws:
+        while True:
+            # receive(), not ``async for``: one coroutine fewer alive per connection between frames
+            # (each is a tracked object the garbage collector examines, server/gc_policy.py)
+            frame = await ws.receive()
             kind = frame.type
+            if sink is not None:
+                sink.taken(kind, frame.data)
+                if kind is WSMsgType.ERROR and isinstance(frame.data, inline_frames.PendingStep):
+                    await frame.data.step
+                    continue
+                if kind is WSMsgType.ERROR and isinstance(frame.data, inline_frames.HandlerFailed):
+                    raise frame.data.error
+            if kind in ENDED:
+                break
             if kind in METERED:
                 if gate.admit():  # per-connection rate limit: over it the frame is dropped
                     if kind is WSMsgType.PING:
