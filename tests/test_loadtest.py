@@ -143,3 +143,35 @@ def test_sessions_only_ask_for_pairs_the_fleet_serves() -> None:
     assert {p.mode for p in plans} == {"stream", "utterance"}
     assert abs(sum(p.rate for p in plans) - 5.0) < 1e-9
     assert [len(s) for s in split(list(range(7)), 3)] == [3, 2, 2]
+
+
+def test_loadtest_in_rooms_counts_what_the_other_members_heard(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    env = {"LINGUA_SCHEDULER__FLEET_VIEW_INTERVAL_MS": "20"}
+    with local_scheduler(env) as (base, proc):
+        before = Scrape.fetch(base)
+        run = subprocess.run(
+            [
+                *(sys.executable, "-m", "lingua_scheduler", "loadtest", "--url", base),
+                *("--server-pid", str(proc.pid), "--nodes", "12", "--sessions", "6", "--room-size", "3"),
+                *("--duration", "3", "--warmup", "1", "--rate", "12", "--utterance-ms", "300"),
+                *("--job-latency-ms", "20", "--failure-rate", "0", "--crash-rate", "0", "--no-progress"),
+                *("--report", str(report_path)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr + run.stdout
+        after = Scrape.fetch(base)
+    assert "rooms / heard / missing" in run.stdout
+    report = json.loads(report_path.read_text())
+    rooms = report["rooms"]
+    assert (rooms["room_size"], rooms["rooms"]) == (3, 2)
+    # every outcome of a member's utterance reaches the 2 others of its room
+    totals = report["totals"]
+    outcomes = totals["jobs_completed"]["client"] + totals["jobs_failed"]["client"]
+    assert rooms["heard"] + rooms["missing"] == 2 * outcomes > 0
+    # one job per utterance: the client's totals still agree with the server's counters
+    fanout = after.value("lingua_fanout_jobs_total") - before.value("lingua_fanout_jobs_total")
+    assert fanout == outcomes and totals["agree"] is True

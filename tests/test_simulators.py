@@ -183,6 +183,21 @@ def test_sessions_without_a_key_are_refused_and_with_it_answered(secured: Schedu
     assert summary["results"] + summary["failures"] == 4 and summary["unanswered"] == 0
 
 
+def test_sessions_in_rooms_hear_each_other(secured: Scheduler) -> None:
+    proc, _ = cli(
+        *("simulate-sessions", "--count", "6", "--utterances", "2", "--api-key", KEY),
+        *("--room-size", "3", "--room-langs", "zh,de,fr"),
+        *("--url", secured.session_url, "--ca-file", str(secured.cert)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [summary] = summaries(proc)
+    room = summary["room"]
+    # 2 rooms of 3; each of the 12 utterances is owed to the 2 other members of its room
+    assert (room["rooms"], room["members"], room["expected"]) == (2, 6, 24)
+    # no node serves these pairs here: every member gets each one's explicit failure, none is lost
+    assert room["heard"] + room["missing"] == 24 and room["unanswered"] == room["duplicates"] == 0
+
+
 # --- loadtest ------------------------------------------------------------------------------------------
 
 LOADTEST = (

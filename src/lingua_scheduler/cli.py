@@ -312,6 +312,18 @@ def simulate_nodes(
     show_default=True,
     help="Seconds to open a session, and to wait for its close ack.",
 )
+@click.option(
+    "--room-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Members per room (1: no rooms); every member hears the others' utterances.",
+)
+@click.option(
+    "--room-langs",
+    default="",
+    help="Comma-separated preferred languages of the members, in turn (default: each its --tgt-lang).",
+)
 @_client_tls_options
 def simulate_sessions(
     count: int,
@@ -321,6 +333,8 @@ def simulate_sessions(
     tgt_lang: str,
     api_key: str | None,
     timeout: float,
+    room_size: int,
+    room_langs: str,
     ca_file: str | None,
     insecure: bool,
 ) -> None:
@@ -344,9 +358,18 @@ def simulate_sessions(
             report=click.echo,
             ssl_context=client_ssl_context(ca_file, insecure),
             timeout=timeout,
+            room_size=room_size,
+            room_langs=tuple(x.strip() for x in room_langs.split(",") if x.strip()),
         ),
     )
-    ok = summary["opened"] > 0 and summary["unanswered"] == 0 and summary["duplicates"] == 0
+    room = summary.get("room", {"unanswered": 0, "duplicates": 0})
+    ok = (
+        summary["opened"] > 0
+        and summary["unanswered"] == 0
+        and summary["duplicates"] == 0
+        and room["unanswered"] == 0
+        and room["duplicates"] == 0
+    )
     sys.exit(0 if ok else 1)
 
 
@@ -392,6 +415,13 @@ def simulate_sessions(
 )
 @click.option("--node-procs", type=int, default=None, help="Node generator processes.")
 @click.option("--session-procs", type=int, default=1, show_default=True, help="Session generator processes.")
+@click.option(
+    "--room-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Sessions per room (1: no rooms); each result also reaches the room's other members.",
+)
 @click.option("--server-pid", type=int, default=None, help="Pid of a local --url scheduler.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
@@ -439,6 +469,7 @@ def loadtest(
     config_file: str | None,
     node_procs: int | None,
     session_procs: int,
+    room_size: int,
     server_pid: int | None,
     seed: int,
     report_path: str,
@@ -495,6 +526,7 @@ def loadtest(
         config_file=config_file,
         node_procs=node_procs,
         session_procs=session_procs,
+        room_size=room_size,
         server_pid=server_pid,
         seed=seed,
         report_path=report_path,

@@ -355,7 +355,7 @@ class RoomsConfig(Section):
     max_members: int = 8
     #: a room in which nobody spoke (nor joined) for this long expires: room_expired to every member
     expire_after_seconds: float = 1800.0
-    #: how often rooms are checked for expiry
+    #: rooms are checked for expiry when the next one is due, and at least this often
     sweep_interval_seconds: float = 60.0
     #: JSON bytes of a relayed session description (webrtc_offer / webrtc_answer sdp) at most;
     #: larger -> room_error MESSAGE_TOO_LARGE
@@ -422,12 +422,16 @@ class PairingConfig(Section):
     attempt_burst_per_source: int = 6
     #: source addresses whose attempts are remembered at most (the longest-idle ones are forgotten)
     max_tracked_sources: int = 100_000
+    #: a paired session's job when its node cannot take it (offline, unfit; busy jobs wait for it):
+    #: true places it on the pools as any job; false fails it (NO_AVAILABLE_NODE), so that the
+    #: user's audio never reaches another machine
+    fallback_to_pools: bool = True
 
     def __post_init__(self) -> None:
         if not 4 <= self.code_length <= 12:
             raise InvalidField("code_length", f"must be in 4..12, got {self.code_length}")
         for name in self.__struct_fields__:
-            if name != "code_length":
+            if name not in ("code_length", "fallback_to_pools"):
                 _positive(name, getattr(self, name))
 
 

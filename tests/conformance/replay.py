@@ -14,6 +14,10 @@ Emulated web-client reactions (the only ones): at the head client's ``play`` com
 real client does this around playing that audio); nothing else is sent that the recording did not send.
 The one change to a recorded frame besides ids, clocks and audio: a head node's ``capability_by_type``
 lists all seven service types, as a real head node's service discovery does (the recording stubbed it).
+Ids are mapped across clients too (a client naming another one's session, as a WebRTC relay does), and
+a room code the recording used without any recorded ``room_create_ack`` (the recording harness's
+placeholder: the recorded scheduler created no room) means the room the replay's ``room_create_ack``
+gave.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ RECONNECT_FOR_S = 20.0
 #: after the last recorded event, how long unanswered sentences may still arrive (a client that
 #: closed its socket in the recording gets nothing after that close)
 DRAIN_S = 15.0
+#: after the last recorded event, how long the answers to the last frames may take to arrive
+SETTLE_S = 1.0
 
 
 def now_ms() -> int:
@@ -73,6 +79,8 @@ class Transcript:
     scheduler_log: str = ""
     #: set whenever a translation_result arrives
     translated: asyncio.Event = field(default_factory=asyncio.Event)
+    #: recorded id -> ours, of every client (a client may name another one's session)
+    shared_ids: dict[str, str] = field(default_factory=dict)
 
     def received(self, who: str, type_: str | None = None) -> list[Frame]:
         return [
@@ -112,6 +120,21 @@ def _substitute(value: Any, ids: dict[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: (now_ms() if k in CLOCK_FIELDS else _substitute(v, ids)) for k, v in value.items()}
     return value
+
+
+def _placeholder_room_codes(scenario: Scenario) -> set[str]:
+    """Room codes the recording's clients sent that no recorded ``room_create_ack`` gave."""
+    given = {
+        str(e["msg"].get("room_code"))
+        for e in scenario.events
+        if e.get("dir") == "recv" and e["msg"].get("type") == "room_create_ack"
+    }
+    sent = {
+        str(e["msg"]["room_code"])
+        for e in scenario.events
+        if e.get("dir") == "send" and isinstance(e.get("msg"), dict) and "room_code" in e["msg"]
+    }
+    return sent - given
 
 
 class Actor:
@@ -186,12 +209,16 @@ class Actor:
             self.note(f"connection closed by the scheduler (code {ws.close_code})")
 
     async def on_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "room_create_ack":
+            for code in _placeholder_room_codes(self.scenario):
+                self.transcript.shared_ids.setdefault(code, str(msg.get("room_code")))
         if msg.get("type") == "session_init_ack" and msg.get("resume_token"):
             self.resume_token = str(msg["resume_token"])
         if msg.get("type") in ("session_init_ack", "node_register_ack"):
             new = str(msg.get("session_id") or msg.get("node_id"))
             if self.acks < len(self.recorded_ids):
                 self.ids[self.recorded_ids[self.acks]] = new
+                self.transcript.shared_ids[self.recorded_ids[self.acks]] = new
             # a later reconnect that sends the recorded (persisted) id means this one
             for old in self.recorded_ids:
                 self.ids.setdefault(old, new)
@@ -211,7 +238,7 @@ class Actor:
         return True
 
     async def replay(self, event_index: int, msg: dict[str, Any]) -> None:
-        out = _substitute(msg, self.ids)
+        out = _substitute(msg, {**self.transcript.shared_ids, **self.ids})
         if out.get("resume_token") == RESUME_TOKEN:
             out["resume_token"] = self.resume_token
         payload = self.scenario.payloads.get(event_index)
@@ -467,6 +494,7 @@ async def replay(sc: Scenario, *, ready_timeout: float = 60.0) -> Transcript:
                 if who.startswith("node") and msg.get("type") in REACTIVE_NODE_FRAMES:
                     continue
                 await actor.replay(i, msg)
+        await asyncio.sleep(SETTLE_S)  # the answers to the last frames sent
         deadline = time.monotonic() + DRAIN_S
         while not _all_translated(sc, tr) and (remaining := deadline - time.monotonic()) > 0:
             tr.translated.clear()

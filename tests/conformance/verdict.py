@@ -119,6 +119,38 @@ def heartbeats_answered(tr: Transcript) -> list[str]:
     return out
 
 
+def rooms_worked(tr: Transcript) -> list[str]:
+    """webA created a room, webB joined it, and webB's offer and candidate reached webA from webB
+    (``to`` naming the sender, as the client reads it); every request was answered in room terms."""
+    out: list[str] = []
+    acks = tr.received("webA", "room_create_ack")
+    if not acks:
+        return ["webA's room_create was not answered with room_create_ack"]
+    b_session = next((f.msg.get("session_id") for f in tr.received("webB", "session_init_ack")), None)
+    members = tr.received("webB", "room_members")
+    if not any(len(f.msg.get("members") or []) == 2 for f in members):
+        out.append("webB never saw itself and webA in room_members (its room_join did not work)")
+    for kind in ("webrtc_offer", "webrtc_ice"):
+        if not any(f.msg.get("to") == b_session for f in tr.received("webA", kind)):
+            out.append(f"webB's {kind} never reached webA naming webB")
+    refused = [
+        f"{f.msg.get('code')}: {f.msg.get('message')}"
+        for w in ("webA", "webB")
+        for f in tr.received(w, "room_error")
+    ]
+    if refused:
+        out.append(f"room requests refused: {refused}")
+    return out
+
+
+def pairing_answered(tr: Transcript) -> list[str]:
+    """The node's request_pairing_code got a code it can show (it reads ``code`` within 5 s)."""
+    codes = tr.received("node", "pairing_code")
+    if not codes or not str(codes[0].msg.get("code") or "").isdigit():
+        return ["the node's request_pairing_code was not answered with a pairing_code"]
+    return []
+
+
 def judge(sc: Scenario, tr: Transcript) -> Verdict:
     failures: list[str] = []
     if tr.error:
@@ -136,6 +168,10 @@ def judge(sc: Scenario, tr: Transcript) -> Verdict:
         failures.append(f"{len(shown)} error popup(s) at the web client, first: {shown[0]}")
     if sc.name.startswith("heartbeat"):
         failures += heartbeats_answered(tr)
+    if sc.name.startswith("rooms"):
+        failures += rooms_worked(tr)
+    if sc.name.startswith("pairing"):
+        failures += pairing_answered(tr)
     return Verdict(len(sc.sentences), translated, shown, failures)
 
 

@@ -23,6 +23,7 @@ from lingua_scheduler.core.engine import MAX_COUNTED_PAIRS, OTHER_PAIR, Invarian
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.core.quality import QualityTracker
 from lingua_scheduler.core.quota import Period, QuotaBook, QuotaLimits
+from lingua_scheduler.core.rooms import RoomSnapshot
 from lingua_scheduler.core.segmentation import CutReason, Utterance
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import JobAck, JobAssign, JobCancel, JobError, JobResult, NodeAsrPartial
@@ -57,7 +58,10 @@ class World:
     max_jobs: int = 4
     acks: bool = True
     rate: float = 0.0
+    burst: int = 1
     seed: int = 0
+    #: the languages every node serves (asr = nmt = tts)
+    langs: tuple[str, ...] = ("en", "zh")
     clock: ManualClock = field(default_factory=ManualClock)
     #: tenant t1's daily audio quota in seconds (0: none), kept in a real ``QuotaBook`` that the world
     #: asks and spends from as the runtime and the usage recorder do
@@ -67,7 +71,10 @@ class World:
         tenants = (
             [
                 TenantKeyConfig(
-                    tenant_id="t1", key_sha256=TENANT_KEY, max_jobs_per_second=self.rate, jobs_burst=1
+                    tenant_id="t1",
+                    key_sha256=TENANT_KEY,
+                    max_jobs_per_second=self.rate,
+                    jobs_burst=self.burst,
                 )
             ]
             if self.rate
@@ -107,12 +114,13 @@ class World:
 
     def add_node(self, node_id: str, features: list[str] | None = None) -> None:
         fleet = self.fleet
+        spec = Spec(langs=self.langs)
         msg = msgspec.structs.replace(
-            Spec().register(node_id), protocol_features=features if features is not None else ["job_ack"]
+            spec.register(node_id), protocol_features=features if features is not None else ["job_ack"]
         )
         conn = object()
         fleet.registry.register(msg, conn)
-        fleet.conns[node_id], fleet.specs[node_id] = conn, Spec()
+        fleet.conns[node_id], fleet.specs[node_id] = conn, spec
         fleet.heartbeat(node_id)
         fleet.publish()
 
@@ -155,6 +163,10 @@ class World:
                     self.timers.append(event)
                 case a.AudioAdmitted(tenant_id=tenant, seconds=seconds):
                     self.quotas.consume(tenant, seconds)
+                case a.SendToRoomGroup(plan=plan, group=group, message=msg):
+                    # the room relay's part: the group's planned recipients (all still in the room here)
+                    for member in plan.groups[group].recipients:
+                        self.to_session[member].append(msg)
                 case _:
                     pass
 
@@ -176,17 +188,25 @@ class World:
         tenant: str | None = None,
         targets: tuple[str, ...] = ("zh",),
         metadata: dict[str, str] | None = None,
+        pinned: str | None = None,
+        pinned_only: bool = False,
     ) -> str:
         init = SessionInit(
             client_version="1", platform="web", src_lang="en", tgt_lang=targets[0], metadata=metadata
         )
-        self.feed(ev.SessionOpened(sid, tenant, f"trace-{sid}", init, "en", targets))
+        self.feed(
+            ev.SessionOpened(
+                sid, tenant, f"trace-{sid}", init, "en", targets, pinned=pinned, pinned_only=pinned_only
+            )
+        )
         return sid
 
-    def speak(self, sid: str, *indices: int, reason: CutReason = CutReason.PAUSE) -> None:
+    def speak(
+        self, sid: str, *indices: int, reason: CutReason = CutReason.PAUSE, room: RoomSnapshot | None = None
+    ) -> None:
         utts = tuple(utterance(i, reason) for i in indices)
         quota = self.quotas.allowance(self.engine.tenant_of(sid))  # as the runtime asks the recorder
-        self.feed(ev.UtterancesReady(sid, utts, received_at=0.0, quota=quota))
+        self.feed(ev.UtterancesReady(sid, utts, received_at=0.0, room=room, quota=quota))
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -832,13 +852,13 @@ def test_story_tells_the_history_bounded() -> None:
 
 
 class EngineMachine(RuleBasedStateMachine):
-    """Random interleavings of sessions speaking and closing, nodes answering, failing, leaving and
-    coming back, time passing and operators acting; every invariant holds after each step, and a
-    session that got every answer has nothing outstanding."""
+    """Random interleavings of sessions speaking (alone or in a room) and closing, nodes answering,
+    failing, leaving and coming back, time passing and operators acting; every invariant holds after
+    each step, and a session that got every answer has nothing outstanding."""
 
     @initialize()
     def start(self) -> None:
-        self.w = World(nodes=("n1", "n2", "n3"), max_jobs=2, seed=7)
+        self.w = World(nodes=("n1", "n2", "n3"), max_jobs=2, seed=7, langs=("en", "zh", "de"))
         self.next_index: dict[str, int] = {}
         self.gone: set[str] = set()
         self.opened = 0
@@ -855,15 +875,24 @@ class EngineMachine(RuleBasedStateMachine):
             sid = self.w.open(f"{name}.{self.opened}")
             self.next_index[sid] = 0
 
-    @rule(data=st.data(), n=st.integers(1, 3), continued=st.booleans())
-    def speak(self, data: st.DataObject, n: int, continued: bool) -> None:
+    @rule(
+        data=st.data(),
+        n=st.integers(1, 3),
+        continued=st.booleans(),
+        room=st.sampled_from([(), (("A", "zh"),), (("A", "zh"), ("B", "de"), ("C", "en"))]),
+    )
+    def speak(self, data: st.DataObject, n: int, continued: bool, room: tuple[tuple[str, str], ...]) -> None:
+        """``room``: the other members the speaker's utterances fan out to (none: no room)."""
         if not self.next_index:
             return
         sid = data.draw(st.sampled_from(self._open_sessions()))
         start = self.next_index[sid]
         self.next_index[sid] = start + n
         self.w.speak(
-            sid, *range(start, start + n), reason=CutReason.MAX_DURATION if continued else CutReason.PAUSE
+            sid,
+            *range(start, start + n),
+            reason=CutReason.MAX_DURATION if continued else CutReason.PAUSE,
+            room=RoomSnapshot(sid, "room-1", "123456", room) if room else None,
         )
 
     @rule(data=st.data(), answer=st.sampled_from(["ack", "ok", "fail", "retryable"]))
@@ -1039,3 +1068,131 @@ def test_an_instance_dying_fails_over_the_jobs_on_its_nodes() -> None:
     w.ack("n2", second)
     w.result("n2", second)
     assert w.outcomes(sid) == [(0, "result")]
+
+
+# --- rooms: the fan-out of a member's utterance -----------------------------------------------------
+
+#: s1 speaks en (its own target zh); A hears zh, B de, C en (the speaker's language: the transcript)
+ROOM = RoomSnapshot("s1", "room-1", "123456", (("A", "zh"), ("B", "de"), ("C", "en")))
+
+
+def room_world(**kw: object) -> World:
+    return World(langs=("en", "zh", "de"), **kw)  # type: ignore[arg-type]
+
+
+def room_messages(w: World, member: str) -> list[TranslationResult | MissingResult]:
+    return [m for m in w.to_session[member] if isinstance(m, (TranslationResult, MissingResult))]
+
+
+def test_a_member_utterance_gets_one_job_per_other_language_and_each_group_its_result() -> None:
+    w = room_world()
+    sid = w.open()
+    w.speak(sid, 0, room=ROOM)
+    assigns = w.all_assigns()
+    assert sorted(x.tgt_lang for _, x in assigns) == ["de", "zh"]  # en (C's) needs no job
+    assert [x.jobs for x in w.actions if isinstance(x, a.FanoutCreated)] == [2]
+    assert len([x for x in w.actions if isinstance(x, a.ObserveFanout)]) == 1  # once both are written
+    assert w.ui(sid) == ["dispatched"]  # only the speaker's own job's progress
+    for node_id, assign in reversed(assigns):
+        w.ack(node_id, assign)
+        w.result(node_id, assign)
+    [own] = room_messages(w, sid)
+    zh_job = next(x.job_id for _, x in assigns if x.tgt_lang == "zh")
+    assert isinstance(own, TranslationResult) and own.job_id == zh_job and own.room_code == "123456"
+    assert own.speaker_session_id is None
+    for member, lang in (("A", "zh"), ("B", "de")):
+        [got] = room_messages(w, member)
+        job = next(x.job_id for _, x in assigns if x.tgt_lang == lang)
+        assert isinstance(got, TranslationResult) and got.job_id == job
+        assert (got.speaker_session_id, got.utterance_index, got.room_code) == (sid, 0, "123456")
+    [transcript] = room_messages(w, "C")
+    assert isinstance(transcript, TranslationResult) and transcript.job_id == zh_job
+    assert transcript.text_translated == transcript.text_asr and transcript.tts_audio == ""
+    assert len(w.engine.fanout) == 0 and w.engine.tracked_jobs() == 0
+
+
+def test_a_failed_group_job_reaches_exactly_its_recipients_and_not_the_speaker() -> None:
+    w = room_world(nodes=("n1",))
+    sid = w.open()
+    w.speak(sid, 0, room=ROOM)
+    by_lang = {x.tgt_lang: (n, x) for n, x in w.all_assigns()}
+    node_de, de = by_lang["de"]
+    w.ack(node_de, de)
+    w.result(node_de, de, ok=False, code="NODE_OVERLOADED")
+    w.advance(PENDING_MS / 1000 + 0.1)  # no other node: the job fails
+    assert w.engine.store.get(de.job_id).state is JobState.FAILED  # type: ignore[union-attr]
+    assert w.errors(sid) == [] and "error" not in w.ui(sid)  # not the speaker's job
+    node_zh, zh = by_lang["zh"]
+    w.ack(node_zh, zh)
+    w.result(node_zh, zh)
+    assert [type(m).__name__ for m in room_messages(w, sid)] == ["TranslationResult"]
+    [missing] = room_messages(w, "B")
+    assert isinstance(missing, MissingResult) and missing.speaker_session_id == sid
+    assert missing.reason.value == "job_failed"
+    assert [type(m).__name__ for m in room_messages(w, "A")] == ["TranslationResult"]
+    assert [type(m).__name__ for m in room_messages(w, "C")] == ["TranslationResult"]
+
+
+def test_a_speaker_whose_target_no_member_has_gets_its_transcript_only() -> None:
+    w = room_world()
+    sid = w.open()
+    w.speak(sid, 0, room=RoomSnapshot("s1", "room-1", "123456", (("B", "de"),)))
+    [(node_id, assign)] = w.all_assigns()
+    assert assign.tgt_lang == "de" and w.ui(sid) == ["dispatched"]  # the speaker's only job
+    w.ack(node_id, assign)
+    w.result(node_id, assign)
+    [own] = room_messages(w, sid)
+    assert isinstance(own, TranslationResult) and own.text_asr and own.text_translated == ""
+    assert own.tts_audio == ""
+    [got] = room_messages(w, "B")
+    assert isinstance(got, TranslationResult) and got.text_translated and got.tts_audio
+
+
+def test_a_speaker_session_closing_forgets_its_fanout_and_leaves_its_room() -> None:
+    w = room_world()
+    sid = w.open()
+    w.speak(sid, 0, 1, room=ROOM)
+    assert len(w.engine.fanout) == 4
+    w.feed(ev.SessionClosed(sid, "closed"))
+    assert len(w.engine.fanout) == 0
+    assert [x.session_id for x in w.actions if isinstance(x, a.SessionEnded)] == [sid]
+    assert all(m.reason == "cancelled" for n in w.nodes for m in w.cancels(n))
+
+
+def test_every_fanout_job_counts_against_the_tenant_rate() -> None:
+    w = room_world(rate=0.001, burst=3)
+    sid = w.open(tenant="t1")
+    w.speak(sid, 0, room=ROOM)  # two jobs from the bucket of three
+    assert len(w.all_assigns()) == 2 and w.errors(sid) == []
+    w.speak(sid, 1, room=ROOM)  # two more: one is left, so the utterance is refused
+    assert len(w.all_assigns()) == 2 and w.errors(sid) == ["TENANT_RATE_LIMITED"]
+    assert [x.jobs for x in w.actions if isinstance(x, a.FanoutCreated)] == [2]
+
+
+# --- pairing: a session pinned to a node -----------------------------------------------------------
+
+
+def test_a_paired_session_goes_to_its_node_first() -> None:
+    for seed in range(4):  # whatever the selector's randomness, the pinned node is taken
+        w = World(nodes=("n1", "n2", "n3"), seed=seed)
+        sid = w.open(pinned="n3")
+        w.speak(sid, 0)
+        assert [n for n, _ in w.all_assigns()] == ["n3"]
+        assert w.engine.route_of(sid).pinned == "n3"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("only", [False, True])
+def test_a_paired_session_whose_node_is_gone_falls_back_or_fails_by_configuration(only: bool) -> None:
+    w = World(nodes=("n1", "n2"))
+    w.fleet.disconnect("n2")
+    w.fleet.publish()
+    w.feed(ev.NodeGone("n2"))
+    sid = w.open(pinned="n2", pinned_only=only)
+    w.speak(sid, 0)
+    if not only:
+        assert [n for n, _ in w.all_assigns()] == ["n1"]
+        return
+    assert w.all_assigns() == []
+    w.advance(PENDING_MS / 1000 + 0.1)
+    assert w.all_assigns() == [] and w.errors(sid) == ["NO_AVAILABLE_NODE"]
+    assert w.outcomes(sid) == [(0, "missing:job_failed")]

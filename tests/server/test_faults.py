@@ -516,6 +516,8 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("core/pairing.py", "Pairing.issue"): "pairing_code.expires_at_ms",
     ("core/rooms.py", "Rooms._add"): "member joined_at",
     ("core/rooms.py", "Rooms._ice"): "TURN username's expiry (unix time, coturn's use-auth-secret)",
+    ("server/pairing_service.py", "PairingService._issue_shared"): "pairing_code.expires_at_ms (Redis mode)",
+    ("server/room_cluster.py", "SharedRooms._create"): "the creator's joined_at (Redis mode, shared clock)",
     # usage and quotas are billed by UTC hour, day and month: calendar periods, not timeouts
     ("core/quota.py", "QuotaBook.used"): "the UTC day/month period",
     ("core/quota.py", "QuotaBook.allowance"): "the UTC day/month period",

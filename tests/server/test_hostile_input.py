@@ -323,19 +323,27 @@ async def test_session_socket_serves_after_every_hostile_frame(
     await settled(fuzz_rs)
 
 
-async def test_room_and_pairing_messages_are_refused_as_not_served(
+async def test_room_and_pairing_messages_are_answered_in_their_own_terms(
     fuzz_rs: RunningScheduler, crashes: ConnectionCrashes
 ) -> None:
-    """The room, WebRTC and pairing messages decode, but this scheduler does not serve them yet: each is
-    answered UNSUPPORTED_FEATURE naming its type, nothing changes, and both sockets serve on."""
+    """The room and WebRTC messages the reference client sends are answered with room frames, never an
+    ``error`` (the client would show it): the create with ``room_create_ack`` + ``room_members``, each
+    request naming another room with ``room_error``. A pairing request of a node that did not register
+    is refused naming it; both sockets serve on."""
     async with fuzz_rs.http.ws_connect(fuzz_rs.session_url) as ws:
         await ws.send_bytes(msgspec.json.encode(session_templates("")[0]))
         sid = msgspec.json.decode((await ws.receive(5)).data)["session_id"]
-        for doc in room_templates():
+        create, *others = room_templates()
+        await ws.send_bytes(msgspec.json.encode(create))
+        ack = msgspec.json.decode((await ws.receive(5)).data)
+        members = msgspec.json.decode((await ws.receive(5)).data)
+        assert (ack["type"], members["type"]) == ("room_create_ack", "room_members")
+        assert [m["session_id"] for m in members["members"]] == [sid]
+        for doc in others:
             await ws.send_bytes(msgspec.json.encode(doc))
             reply = msgspec.json.decode((await ws.receive(5)).data)
-            assert (reply["type"], reply["code"]) == ("error", "UNSUPPORTED_FEATURE"), doc["type"]
-            assert reply["message"].startswith(doc["type"] + ":")
+            assert reply["type"] == "room_error", doc["type"]
+            assert reply["code"] in ("ALREADY_IN_ROOM", "NOT_IN_ROOM", "ROOM_NOT_FOUND"), doc["type"]
         assert list(fuzz_rs.state.sessions) == [sid]
         await ws.send_bytes(
             msgspec.json.encode({"type": "client_heartbeat", "session_id": sid, "timestamp": 7})
@@ -344,10 +352,7 @@ async def test_room_and_pairing_messages_are_refused_as_not_served(
     async with fuzz_rs.http.ws_connect(fuzz_rs.node_url) as ws:
         await ws.send_bytes(msgspec.json.encode({"type": "request_pairing_code"}))
         reply = msgspec.json.decode((await ws.receive(5)).data)
-        assert (reply["code"], reply["message"].split(":")[0]) == (
-            "UNSUPPORTED_FEATURE",
-            "request_pairing_code",
-        )
+        assert (reply["code"], reply["message"].split(":")[0]) == ("NOT_REGISTERED", "request_pairing_code")
         await ws.send_bytes(hb())
         assert msgspec.json.decode((await ws.receive(5)).data)["code"] == "NOT_REGISTERED"
     await settled(fuzz_rs)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from lingua_scheduler.core.events import JobMessage, RefusedNodeRetry
 from lingua_scheduler.core.quality import Change
+from lingua_scheduler.core.rooms import FanoutPlan
 from lingua_scheduler.core.usage import Outcome
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import JobAssign, JobCancel
@@ -65,6 +66,38 @@ class AssignJob:
 class SendToSession:
     session_id: str
     message: SessionOutput
+
+
+@dataclass(frozen=True, slots=True)
+class SendToRoomGroup:
+    """A room member's outcome for the members of group ``group`` of ``plan`` still in the planned
+    room (the speaker excepted), wherever they are connected (server/room_relay.py)."""
+
+    plan: FanoutPlan
+    group: int
+    message: TranslationResult | MissingResult
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutCreated:
+    """``jobs`` jobs were created for one room member's utterance (``lingua_fanout_jobs_total``)."""
+
+    jobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObserveFanout:
+    """The last ``job_assign`` of a room member's utterance was written: its fan-out overhead ran from
+    ``received_at`` (perf_counter)."""
+
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """The session's book is gone (its jobs cancelled): it leaves its room, the others are told."""
+
+    session_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +242,10 @@ Action = (
     | SessionDelivered
     | AudioAdmitted
     | JobEnded
+    | SendToRoomGroup
+    | FanoutCreated
+    | ObserveFanout
+    | SessionEnded
     | Reserve
     | ReleaseSlot
     | CommitSlot

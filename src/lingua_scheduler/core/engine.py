@@ -39,6 +39,7 @@ from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import Config
 from lingua_scheduler.core import actions as a
 from lingua_scheduler.core import events as ev
+from lingua_scheduler.core.fanout import Fanout, targets_of
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.jobs import (
     ON_NODE,
@@ -145,6 +146,9 @@ class SessionRoute:
     turn_start: int | None = None
     #: the last utterance was cut at its maximum duration (the next one continues it)
     continued: bool = False
+    #: the node a pairing code bound the session to (tried first), and whether only it may be used
+    pinned: str | None = None
+    pinned_only: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -244,6 +248,8 @@ class SchedulerEngine:
         self._last_evict = 0.0
         #: jobs created per directed language pair since start (the dashboard's demand per pair)
         self.created_by_pair: dict[str, int] = {}
+        #: room members' utterances: which job serves which group, who sees what (core/fanout.py)
+        self.fanout = Fanout()
         self._out: list[a.Action] = []
 
     # --- the one entry ------------------------------------------------------------------------------
@@ -284,6 +290,8 @@ class SchedulerEngine:
                 self.sessions.pop(sid, None)
                 for out in self.store.cancel_session(sid, reason):
                     self._apply(out, "session_closed")
+                self.fanout.speaker_ended(sid)
+                self._emit(a.SessionEnded(sid))
             case ev.CapacityChanged():
                 self._pump()
             case ev.SharedSlotsRequired(required=required):
@@ -325,6 +333,7 @@ class SchedulerEngine:
             e.src_lang,
             e.targets,
             ResultQueue(self.config.session, self.clock, start_index=e.start_index),
+            SessionRoute(pinned=e.pinned, pinned_only=e.pinned is not None and e.pinned_only),
         )
 
     def results_of(self, session_id: str) -> ResultQueue[TranslationResult]:
@@ -375,8 +384,14 @@ class SchedulerEngine:
             job_ids: list[str] = []
             failed: list[Job] = []
             targets = [e.tgt_lang] if e.tgt_lang else list(book.targets)
-            # Per-tenant job rate: an utterance over it gets no job, only the error below. The rate
-            # decides first: an utterance it refuses is neither metered nor spent from the quota.
+            own_target = targets[0]
+            plan = None
+            if e.room is not None:  # a room member: one job per language of the others
+                plan, targets = targets_of(e.room, src_lang=e.src_lang or book.src_lang, tgt_lang=own_target)
+            created: list[tuple[str, str]] = []
+            # Per-tenant job rate: an utterance over it gets no job, only the error below (every
+            # fan-out job counts). The rate decides first: an utterance it refuses is neither metered
+            # nor spent from the quota.
             limited = not self.tenants.admit_jobs(book.tenant_id, len(targets))
             src = e.src_lang or book.src_lang
             refusal = None if limited else self._over_quota(quota, utt)
@@ -385,7 +400,7 @@ class SchedulerEngine:
                 if quota is not None:
                     quota = quota.spent(seconds)
                 self._emit(
-                    a.AudioAdmitted(book.session_id, book.tenant_id, src, targets[0], utt.index, seconds)
+                    a.AudioAdmitted(book.session_id, book.tenant_id, src, own_target, utt.index, seconds)
                 )
             for tgt in [] if limited or refusal is not None else targets:
                 spec = JobSpec.from_utterance(
@@ -430,11 +445,18 @@ class SchedulerEngine:
                 if out.verdict is Verdict.DUPLICATE or out.job is None:
                     continue
                 job_ids.append(out.job.job_id)
+                created.append((tgt, out.job.job_id))
                 if now is not None:
                     self._finalized_at[out.job.job_id] = now
                 self._count_created(spec.src_lang, spec.tgt_lang)
                 if out.job.state is JobState.FAILED:
                     failed.append(out.job)
+            if plan is not None and created:
+                client_index = utt.index if utt.client_index is None else utt.client_index
+                self.fanout.created(
+                    plan, client_index, created, own_target, transcript_only=own_target not in targets
+                )
+                self._emit(a.FanoutCreated(len(created)))
             results.expect(utt.index, job_ids)
             if not job_ids:
                 self._deliver(book, results.fail(utt.index))
@@ -525,7 +547,12 @@ class SchedulerEngine:
                 continue
             spec = job.spec
             book = self.sessions.get(spec.session_id)
-            last_node = book.route.last_node if book is not None else None
+            route = book.route if book is not None else None
+            last_node = route.last_node if route is not None else None
+            # A paired session's node comes first (a max-duration chain stays where its turn is).
+            pinned = route.pinned if route is not None else None
+            preferred = last_node if spec.continues_turn and last_node else (pinned or last_node)
+            only = pinned is not None and route is not None and route.pinned_only and preferred == pinned
             # Without fallback the routing key decides the one pool tried, so it is part of the request.
             routing = spec.tenant_id if self.config.pools.fallback else (spec.tenant_id or spec.session_id)
             key = (
@@ -540,6 +567,8 @@ class SchedulerEngine:
                 spec.mode,
                 spec.lang_a,
                 spec.lang_b,
+                preferred,
+                only,
             )
             if key in hopeless:
                 self.store.hold(job.job_id, busy=hopeless[key])
@@ -557,8 +586,9 @@ class SchedulerEngine:
                 features=spec.features.enabled() if spec.features else frozenset(),
                 routing_key=spec.tenant_id or spec.session_id,
                 tenant_id=spec.tenant_id,
-                preferred_node=last_node,
+                preferred_node=preferred,
                 bind_preferred=spec.continues_turn,
+                preferred_only=only,
                 also_serves=also,
                 exclude=frozenset(job.tried_nodes) | self._reserve_refused,
                 refused=frozenset(self._reserve_refused.difference(job.tried_nodes)),
@@ -644,7 +674,9 @@ class SchedulerEngine:
         started = self._finalized_at.pop(job.job_id, None)
         if started is not None:
             on_sent.append(a.ObserveDispatch(started))
-        if job.session_id in self.sessions:
+            if self.fanout.assigned(job.job_id):  # the utterance's last group has its job_assign
+                on_sent.append(a.ObserveFanout(started))
+        if job.session_id in self.sessions and self.fanout.speaker_sees(job.job_id):
             on_sent.append(a.SendToSession(job.session_id, self._ui(job, UiEventType.DISPATCHED)))
         assign = self._assign(job, turn_dialect=entry.turn_dialect)
         self._emit(a.AssignJob(node_id, entry.owner, assign, tuple(on_sent)))
@@ -721,7 +753,7 @@ class SchedulerEngine:
         if isinstance(msg, JobAck):
             out = store.on_ack(msg.job_id, msg.attempt_id, node_id)
             if out.verdict is Verdict.APPLIED and out.job is not None:
-                self._send(out.job.session_id, self._ui(out.job, UiEventType.NODE_ACCEPTED))
+                self._send_job(out.job, self._ui(out.job, UiEventType.NODE_ACCEPTED))
                 self._commit_slot(out.job)
         elif isinstance(msg, JobStarted):
             out = store.on_started(msg.job_id, msg.attempt_id, node_id)
@@ -729,8 +761,8 @@ class SchedulerEngine:
             out = store.on_partial(msg.job_id, msg.attempt_id, node_id)
             if out.verdict is Verdict.APPLIED and out.job is not None:
                 job = out.job
-                self._send(
-                    job.session_id,
+                self._send_job(
+                    job,
                     AsrPartial(
                         session_id=job.session_id,
                         utterance_index=job.utterance_index,
@@ -740,7 +772,7 @@ class SchedulerEngine:
                         trace_id=job.spec.trace_id,
                     ),
                 )
-                self._send(job.session_id, self._ui(job, UiEventType.ASR_PARTIAL))
+                self._send_job(job, self._ui(job, UiEventType.ASR_PARTIAL))
         else:
             out = self._on_result(node_id, msg)
         if out.verdict is Verdict.APPLIED and out.job is not None:
@@ -1003,6 +1035,9 @@ class SchedulerEngine:
         self._ended(job, "timed_out" if job.state is JobState.TIMED_OUT else "failed")
         if book is None:
             return
+        if not self.fanout.speaker_sees(job.job_id):  # another room member's job: its missing_result says it
+            self._deliver(book, book.results.fail(job.utterance_index, job.job_id))
+            return
         details: dict[str, object] = {"job_id": job.job_id, "utterance_index": job.utterance_index}
         self._send(job.session_id, ErrorMessage(code=code, message=message, details=details))
         self._send(
@@ -1054,32 +1089,48 @@ class SchedulerEngine:
             if reason is None and payload is not None:
                 job = self.store.get(payload.job_id)
                 if job is not None:
-                    if payload.text_asr:
+                    # another room member's job: its progress is not the speaker's
+                    sees = self.fanout.speaker_sees(job.job_id)
+                    if payload.text_asr and sees:
                         self._send(sid, self._ui(job, UiEventType.ASR_FINAL))
-                    if payload.text_translated:
+                    if payload.text_translated and sees:
                         self._send(sid, self._ui(job, UiEventType.NMT_DONE))
                     self._emit(a.Observe("job_end_to_end", max(0.0, clock.monotonic() - job.created_at)))
                     self._forget(job)
                 if rel.late:  # its index was given up (gap_timeout) before it came: delivered anyway
                     self._emit(a.Count("late_results"))
                     payload = msgspec.structs.replace(payload, late=True)
-                self._send(sid, payload)
+                self._send_release(sid, rel.job_id, payload)
             else:
-                self._send(
-                    sid,
-                    MissingResult(
-                        session_id=sid,
-                        utterance_index=rel.index,
-                        reason=reason or MissingReason.SILENCE_DETECTED,
-                        created_at_ms=clock.wall_ms(),
-                        trace_id=book.trace_id,
-                    ),
+                missing = MissingResult(
+                    session_id=sid,
+                    utterance_index=rel.index,
+                    reason=reason or MissingReason.SILENCE_DETECTED,
+                    created_at_ms=clock.wall_ms(),
+                    trace_id=book.trace_id,
                 )
+                self._send_release(sid, rel.job_id, missing)
         self._emit(a.SessionDelivered(sid))
+
+    def _send_release(
+        self, session_id: str, job_id: str | None, msg: TranslationResult | MissingResult
+    ) -> None:
+        """A released outcome: to the speaker, and (a room's fan-out) to the job's language groups."""
+        delivery = self.fanout.deliver(job_id, msg)
+        if delivery.speaker is not None:
+            self._send(session_id, delivery.speaker)
+        if delivery.plan is not None:
+            for group, message in delivery.groups:
+                self._emit(a.SendToRoomGroup(delivery.plan, group, message))
 
     def _send(self, session_id: str, msg: a.SessionOutput) -> None:
         if session_id in self.sessions:
             self._emit(a.SendToSession(session_id, msg))
+
+    def _send_job(self, job: Job, msg: a.SessionOutput) -> None:
+        """Progress of ``job`` for its session: not for a room member's job serving only the others."""
+        if self.fanout.speaker_sees(job.job_id):
+            self._send(job.session_id, msg)
 
     def _ui(self, job: Job, event: UiEventType) -> UiEvent:
         return UiEvent(
@@ -1109,9 +1160,8 @@ class SchedulerEngine:
         book = self.sessions.get(job.session_id)
         if book is not None:
             details: dict[str, object] = {"job_id": job.job_id, "utterance_index": job.utterance_index}
-            self._send(
-                job.session_id,
-                ErrorMessage(code=ErrorCode.JOB_CANCELLED.value, message=reason, details=details),
+            self._send_job(
+                job, ErrorMessage(code=ErrorCode.JOB_CANCELLED.value, message=reason, details=details)
             )
             self._deliver(book, book.results.fail(job.utterance_index, job.job_id))
         self._pump()  # the freed slot may take a waiting job
@@ -1240,6 +1290,12 @@ class SchedulerEngine:
                 f"job {job_id} still timed for its first dispatch",
             )
         _check(len(self.created_by_pair) <= MAX_COUNTED_PAIRS + 1, "created_by_pair grew past its bound")
+        try:
+            self.fanout.validate()
+        except AssertionError as exc:
+            raise InvariantError(f"fan-out: {exc}") from exc
+        for sid in self.fanout.speakers():
+            _check(sid in self.sessions, f"fan-out kept for session {sid}, which is not open")
 
 
 def _check(ok: bool, message: str) -> None:

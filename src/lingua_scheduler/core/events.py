@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lingua_scheduler.core.quota import Allowance
+from lingua_scheduler.core.rooms import RoomSnapshot
 from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.protocol.node import JobAck, JobResult, JobStarted, NodeAsrPartial, PipelineConfig
 from lingua_scheduler.protocol.session import SessionInit
@@ -32,6 +33,10 @@ class SessionOpened:
     targets: tuple[str, ...]
     #: a session continued from another instance numbers its utterances from here
     start_index: int = 0
+    #: the node a pairing code bound the session to (its jobs go there first), and whether only it
+    #: may take them (no fallback to the pools)
+    pinned: str | None = None
+    pinned_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,9 @@ class UtterancesReady:
     pipeline: PipelineConfig | None = None
     #: perf_counter when the frame that finalized them arrived (the dispatch latency starts there)
     received_at: float | None = None
+    #: the speaker's room when they were cut (None: in no room, or alone in it): each utterance fans
+    #: out to one job per language of the other members
+    room: RoomSnapshot | None = None
     #: the session's tenant's audio-minute quota as it stands (None: no quota): an utterance past it
     #: is refused with QUOTA_EXCEEDED; the engine spends from this copy as it admits utterances
     quota: Allowance | None = None

@@ -6,7 +6,8 @@ most one room), the time of the room's last activity and its expiry. Every opera
 decided as data: the messages to send and to whom (``Notice``), the room it opened and the rooms it
 closed (whose codes the caller releases from the cluster-wide registry). Built on it:
 
-- ``plan``: the fan-out of one utterance, one target-language group per distinct ``preferred_lang``
+- ``snapshot`` / ``fanout_plan``: a speaker's room as data, and (pure, run by the engine) the
+  fan-out of one utterance from it, one target-language group per distinct ``preferred_lang``
   among the other members, each with its recipients, and the group whose result the speaker gets;
   ``recipients`` re-reads a group's recipients at delivery time (a member that left is dropped);
 - ``relay``: whether a ``webrtc_*`` message is delivered (rewritten with ``to`` naming the sender),
@@ -144,6 +145,42 @@ class FanoutPlan:
     speaker_transcript_only: bool
 
 
+@dataclass(frozen=True, slots=True)
+class RoomSnapshot:
+    """A speaker's room at the moment its utterance was cut, as the engine receives it with the
+    utterance: the other members and their languages (the speaker is never listed)."""
+
+    speaker: str
+    room_id: str
+    room_code: str
+    #: (session id, preferred_lang) of the other members, in join order (never empty)
+    others: tuple[tuple[str, str], ...]
+
+
+def fanout_plan(room: RoomSnapshot, *, src_lang: str, tgt_lang: str) -> FanoutPlan:
+    """The jobs of an utterance of ``room.speaker`` (its session's ``src_lang`` -> ``tgt_lang``): one
+    per distinct ``preferred_lang`` among the other members, in the order the languages joined. The
+    speaker receives one result: the group of its own target language if there is one, else the first
+    group (for the transcript)."""
+    src, tgt = normalize(src_lang), normalize(tgt_lang)
+    langs: dict[str, list[str]] = {}
+    for member, lang in room.others:
+        langs.setdefault(lang, []).append(member)
+    groups = tuple(
+        TargetGroup(tgt_lang=lang, recipients=tuple(members), same_language=lang == src and src != AUTO)
+        for lang, members in langs.items()
+    )
+    own = next((i for i, g in enumerate(groups) if g.tgt_lang == tgt), None)
+    return FanoutPlan(
+        speaker=room.speaker,
+        room_id=room.room_id,
+        room_code=room.room_code,
+        groups=groups,
+        speaker_group=own if own is not None else 0,
+        speaker_transcript_only=own is None,
+    )
+
+
 class RelayOutcome(StrEnum):
     DELIVER = "deliver"
     #: the receiver declined the sender's voice: not delivered, the sender is told
@@ -213,6 +250,11 @@ class Rooms:
 
     def get(self, code: str) -> Room | None:
         return self._rooms.get(code)
+
+    @property
+    def member_count(self) -> int:
+        """Members of all rooms (O(1))."""
+        return len(self._by_session)
 
     def room_of(self, session_id: str) -> Room | None:
         code = self._by_session.get(session_id)
@@ -365,43 +407,33 @@ class Rooms:
 
     # --- fan-out -----------------------------------------------------------------------------------
 
-    def plan(self, speaker: str, *, src_lang: str, tgt_lang: str) -> FanoutPlan:
-        """The jobs of an utterance of ``speaker`` (its session's ``src_lang`` -> ``tgt_lang``): one
-        per distinct ``preferred_lang`` among the other members, in the order the languages joined;
-        alone or in no room, one job to its own target. The speaker receives one result: the group of
-        its own target language if there is one, else the first group (for the transcript)."""
-        src, tgt = normalize(src_lang), normalize(tgt_lang)
+    def snapshot(self, speaker: str) -> RoomSnapshot | None:
+        """The speaker's room as it is now, for the fan-out of its utterance (None: in no room, or
+        alone in it)."""
         room = self.room_of(speaker)
-        langs: dict[str, list[str]] = {}
-        if room is not None:
-            for member in room.members.values():
-                if member.session_id != speaker:
-                    langs.setdefault(member.preferred_lang, []).append(member.session_id)
-        groups: tuple[TargetGroup, ...]
-        if not langs:
-            groups = (TargetGroup(tgt_lang=tgt, recipients=(), same_language=tgt == src and src != AUTO),)
+        if room is None:
+            return None
+        others = tuple(
+            (m.session_id, m.preferred_lang) for m in room.members.values() if m.session_id != speaker
+        )
+        return RoomSnapshot(speaker, room.room_id, room.code, others) if others else None
+
+    def plan(self, speaker: str, *, src_lang: str, tgt_lang: str) -> FanoutPlan:
+        """The jobs of an utterance of ``speaker`` (see ``fanout_plan``)."""
+        room = self.room_of(speaker)
+        snap = self.snapshot(speaker)
+        if snap is None:
+            tgt = normalize(tgt_lang)
+            src = normalize(src_lang)
             return FanoutPlan(
                 speaker=speaker,
                 room_id=room.room_id if room is not None else None,
                 room_code=room.code if room is not None else None,
-                groups=groups,
+                groups=(TargetGroup(tgt_lang=tgt, recipients=(), same_language=tgt == src and src != AUTO),),
                 speaker_group=0,
                 speaker_transcript_only=False,
             )
-        assert room is not None
-        groups = tuple(
-            TargetGroup(tgt_lang=lang, recipients=tuple(members), same_language=lang == src and src != AUTO)
-            for lang, members in langs.items()
-        )
-        own = next((i for i, g in enumerate(groups) if g.tgt_lang == tgt), None)
-        return FanoutPlan(
-            speaker=speaker,
-            room_id=room.room_id,
-            room_code=room.code,
-            groups=groups,
-            speaker_group=own if own is not None else 0,
-            speaker_transcript_only=own is None,
-        )
+        return fanout_plan(snap, src_lang=src_lang, tgt_lang=tgt_lang)
 
     def recipients(self, plan: FanoutPlan, group: int) -> tuple[str, ...]:
         """Who receives group ``group``'s result (or its ``missing_result``) now: the speaker for its

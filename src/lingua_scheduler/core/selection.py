@@ -105,6 +105,9 @@ class SelectionRequest:
     preferred_node: str | None = None
     #: the preferred node keeps the job even at capacity (a max-duration chain: it holds the turn)
     bind_preferred: bool = False
+    #: only the preferred node may take the job (a session paired with its node, without fallback to
+    #: the pools): when it does not pass, no node is selected
+    preferred_only: bool = False
     #: further directed pairs a node must serve end to end too (a two-way session: both directions)
     also_serves: tuple[tuple[str, str], ...] = ()
     exclude: frozenset[str] = frozenset()
@@ -280,6 +283,8 @@ class Selector:
             preferred_outcome = self._preferred(view, req, src, tgt)
             if preferred_outcome == "used":
                 return SelectionResult(req.preferred_node, mode, None, None, 0, (), bd, "used")
+            if req.preferred_only:
+                return SelectionResult(None, mode, None, None, 0, (), bd, preferred_outcome)
         groups, pool_count, preferred = self._plan(view, req, src, tgt)
         # Pool members serve their pair by construction: the language check only applies elsewhere.
         check_lang = mode != LANGUAGE_PAIR

@@ -25,6 +25,7 @@ import random
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -45,9 +46,14 @@ class SessionInbound(msgspec.Struct):
     reason: str | None = None
     code: str | None = None
     message: str | None = None
+    #: rooms: another member's utterance (the speaker), the room's code
+    speaker_session_id: str | None = None
+    room_code: str | None = None
 
 
 _dec = msgspec.json.Decoder(SessionInbound)
+#: rooms: how long the crowd still reads after its own last outcome, before it disconnects
+ROOM_SETTLE_S = 0.5
 
 
 def pcm_b64(ms: int) -> str:
@@ -88,11 +94,16 @@ class CrowdCounters:
     failure_reasons: dict[str, int] = field(default_factory=dict)
     #: error frame codes
     error_codes: dict[str, int] = field(default_factory=dict)
+    #: rooms formed (``room_size`` > 1), and the outcomes of other members' utterances received
+    rooms: int = 0
+    room_heard: int = 0
+    room_missing: int = 0
 
 
 class LightSession:
     __slots__ = (
         "_init",
+        "_room",
         "_slots",
         "busy",
         "chunk_seq",
@@ -116,6 +127,8 @@ class LightSession:
         self.next_index = 0
         self.chunk_seq = 0
         self._init: asyncio.Future[SessionInbound] | None = None
+        #: the answer to this session's room request, while one is out
+        self._room: asyncio.Future[SessionInbound] | None = None
         self._slots: asyncio.Semaphore | None = None
         #: in the middle of streaming an utterance (stopping waits for it to end)
         self.busy = False
@@ -153,6 +166,13 @@ class LightSession:
             raise Refused(f"session_init refused: {ack.code}: {ack.message}{hint}")
         self.session_id = ack.session_id
         self.crowd.counters.sessions += 1
+
+    async def room_request(self, msg: dict[str, Any]) -> SessionInbound:
+        """Send a room request; its answer (``room_create_ack``, ``room_members`` or ``room_error``)."""
+        assert self.ws is not None
+        self._room = asyncio.get_running_loop().create_future()
+        self.ws.send(_enc.encode(msg))
+        return await asyncio.wait_for(self._room, 30.0)
 
     # --- speaking -----------------------------------------------------------------------------------
 
@@ -252,6 +272,16 @@ class LightSession:
         msg = _dec.decode(data)
         kind = msg.type
         c = self.crowd.counters
+        if msg.speaker_session_id is not None and msg.speaker_session_id != self.session_id:
+            if kind == "translation_result":
+                c.room_heard += 1
+            elif kind == "missing_result":
+                c.room_missing += 1
+            return
+        if kind in ("room_create_ack", "room_members", "room_error"):
+            if self._room is not None and not self._room.done():
+                self._room.set_result(msg)
+            return
         if kind == "translation_result" or kind == "missing_result":
             entry = self.sent_at.pop(msg.utterance_index if msg.utterance_index is not None else -1, None)
             if entry is None:
@@ -299,8 +329,11 @@ class Crowd:
         seed: int = 0,
         api_key: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        room_size: int = 1,
     ) -> None:
+        """``room_size`` > 1: the sessions form rooms of that many members before they talk."""
         self.host = host
+        self.room_size = room_size
         self.port = port
         #: tenant API key presented by every session (docs/security.md)
         self.api_key = api_key
@@ -352,7 +385,33 @@ class Crowd:
                 await s.start()
 
         await asyncio.gather(*(one(s) for s in self.sessions))
+        if self.room_size > 1:
+            await self._form_rooms()
         return time.monotonic() - t0
+
+    async def _form_rooms(self) -> None:
+        """Rooms of ``room_size`` members that all ask for the first member's target language: every
+        utterance still makes exactly one job (the totals stay comparable with the server's), whose
+        result reaches every other member."""
+        size = self.room_size
+        groups = [self.sessions[i : i + size] for i in range(0, len(self.sessions), size)]
+
+        async def one(members: list[LightSession]) -> None:
+            lang = members[0].plan.tgt_lang
+            ack = await members[0].room_request(
+                {"type": "room_create", "client_ts": 0, "preferred_lang": lang}
+            )
+            if ack.type != "room_create_ack" or not ack.room_code:
+                raise Refused(f"room_create refused: {ack.code}: {ack.message}")
+            for s in members[1:]:
+                answer = await s.room_request(
+                    {"type": "room_join", "room_code": ack.room_code, "preferred_lang": lang}
+                )
+                if answer.type != "room_members":
+                    raise Refused(f"room_join refused: {answer.code}: {answer.message}")
+            self.counters.rooms += 1
+
+        await asyncio.gather(*(one(g) for g in groups if len(g) > 1))
 
     def mark(self) -> None:
         """Start the measurement window and start talking (once)."""
@@ -386,6 +445,9 @@ class Crowd:
         while self.outstanding and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
             await asyncio.sleep(0.05)
         unanswered = self.outstanding
+        if self.room_size > 1:
+            # the other members' copies of the last outcomes leave the scheduler with the speaker's
+            await asyncio.sleep(ROOM_SETTLE_S)
         for s in self.sessions:
             if s.ws is not None:
                 s.ws.close()

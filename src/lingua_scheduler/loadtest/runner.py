@@ -104,6 +104,8 @@ class LoadtestOptions:
     ca_file: str | None = None
     #: do not verify the scheduler's certificate (self-signed test certificates)
     insecure: bool = False
+    #: members per room (1: no rooms): each utterance's result also reaches the room's other members
+    room_size: int = 1
 
 
 #: the options that are secrets: the report says whether they were set, never what they are
@@ -375,6 +377,7 @@ def _run(
             seed=opts.seed * 104729 + i,
             drain_seconds=opts.drain_seconds,
             access=access,
+            room_size=opts.room_size,
         )
         for i, part in enumerate(split(plans, opts.session_procs))
         if part
@@ -582,6 +585,14 @@ def _report(
             "error_codes": codes,
             "unanswered_at_end": unanswered,
         },
+        "rooms": {
+            "room_size": opts.room_size,
+            "rooms": sum(int(r["counters"]["rooms"]) for r in sess_r),
+            "heard": sum(int(r["counters"]["room_heard"]) for r in sess_r),
+            "missing": sum(int(r["counters"]["room_missing"]) for r in sess_r),
+            "note": "outcomes of other members' utterances received (a result reaches room_size - 1 "
+            "members); every member of a room asks for one language: one job per utterance",
+        },
         "failovers": {
             "in_window": int(sum(failovers_window.values())),
             "by_reason_in_window": failovers_window,
@@ -733,6 +744,13 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
         "client, window",
     )
     t.add_row("jobs completed/s", _fmt(jobs["completed_per_second"]), "client, window")
+    rooms = report.get("rooms") or {}
+    if rooms.get("room_size", 1) > 1:
+        t.add_row(
+            "rooms / heard / missing",
+            f"{rooms['rooms']:,} / {rooms['heard']:,} / {rooms['missing']:,}",
+            f"client, other members' outcomes (rooms of {rooms['room_size']})",
+        )
     t.add_row(
         "failovers (window)",
         _fmt(fo["in_window"]),

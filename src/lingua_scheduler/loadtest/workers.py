@@ -149,6 +149,8 @@ class SessionWorkerSpec:
     seed: int = 0
     drain_seconds: float = 10.0
     access: Access = field(default_factory=Access)
+    #: members per room (1: no rooms)
+    room_size: int = 1
 
 
 @dataclass
@@ -282,6 +284,7 @@ async def _session_main(spec: SessionWorkerSpec, wid: int, ctl: Control, out: An
         seed=spec.seed,
         api_key=spec.access.api_key,
         ssl_context=spec.access.ssl_context(),
+        room_size=spec.room_size,
     )
     lag = _LagProbe()
     lag_task = asyncio.ensure_future(lag.run())

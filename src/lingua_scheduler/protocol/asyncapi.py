@@ -130,14 +130,13 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset({"node", "session"}),
     ),
     ErrorCode.UNSUPPORTED_FEATURE: (
-        "A message this scheduler knows but does not serve: rooms and WebRTC relays (`room_*`, "
-        "`webrtc_*`) and pairing (`request_pairing_code`) are not enabled yet. Nothing changed.",
-        frozenset({"node", "session"}),
+        "Reserved: a message this scheduler knows but does not serve (none now). Nothing changed.",
+        frozenset(),
     ),
     ErrorCode.INVALID_PAIRING_CODE: (
-        "Reserved: a `session_init.pairing_code` that is wrong, used already or expired (one answer "
-        "for all three; not sent until pairing is enabled).",
-        frozenset(),
+        "`session_init` refused: its `pairing_code` is wrong, used already or expired (one answer for "
+        "all three). The session is not opened.",
+        frozenset({"session"}),
     ),
     ErrorCode.NO_AVAILABLE_NODE: (
         "No node could take the utterance within the wait timeout, or the scheduler cannot take more "
@@ -297,9 +296,9 @@ ERROR_CODES: dict[ErrorCode, tuple[str, frozenset[str]]] = {
         frozenset(),
     ),
     ErrorCode.PAIRING_RATE_LIMITED: (
-        "Reserved: too many pairing codes tried from this connection or source address "
-        "(`pairing.attempts_per_minute_per_*`); not sent until pairing is enabled.",
-        frozenset(),
+        "`session_init` refused: too many pairing codes tried from this connection or source address "
+        "(`pairing.attempts_per_minute_per_*`); `details.retry_after_ms` says when to try again.",
+        frozenset({"session"}),
     ),
     ErrorCode.QUOTA_EXCEEDED: (
         "The tenant used up its daily or monthly audio minutes (`details.period`, `details.reset_at` "
@@ -375,7 +374,9 @@ A node connects, registers, heartbeats and works on jobs, all on one WebSocket o
 7. **Closed.** The node is set offline; its running jobs move to other nodes at once.
 8. **Pairing.** `request_pairing_code` asks for a single-use code (`pairing_code`, valid until
    `expires_at_ms`) that a client presents in `session_init.pairing_code` to be bound to this node.
-   This scheduler does not serve pairing yet: the request is answered with `error` UNSUPPORTED_FEATURE.
+   A new request replaces the node's earlier code; the code ends with the node's connection. The
+   session's jobs go to this node first (`pairing.fallback_to_pools` decides what happens when it
+   cannot take one).
 
 Unknown fields are ignored. A frame that fails validation is answered with `error` INVALID_MESSAGE and
 changes nothing. {_CLOSE_CODES}
@@ -411,8 +412,13 @@ A client opens a session, streams audio, and receives results in utterance order
    most one room, and leaves it with `room_leave` or by closing. Members exchange WebRTC signalling
    through the scheduler (`webrtc_offer`, `webrtc_answer`, `webrtc_ice`: delivered to `to` with `to`
    naming the sender); a room nobody spoke in for `rooms.expire_after_seconds` ends with
-   `room_expired`. Refusals are `room_error`. This scheduler does not serve rooms yet: every room and
-   WebRTC message is answered with `error` UNSUPPORTED_FEATURE.
+   `room_expired`. Refusals are `room_error`. When a member speaks, the scheduler makes one job per
+   language the other members asked for (`preferred_lang`) and delivers each result to the members of
+   that language, in the speaker's order, marked with `speaker_session_id` and `room_code`; a member
+   whose language is the speaker's gets the transcript; the speaker gets its own result once.
+   A `session_init` with a node's `pairing_code` binds the session to that node
+   (`session_init_ack.assigned_node_id`); a wrong, used or expired code is refused with `error`
+   INVALID_PAIRING_CODE, too many tries with PAIRING_RATE_LIMITED.
 
 Unknown fields are ignored. A frame that fails validation is answered with `error` INVALID_MESSAGE and
 changes nothing. {_CLOSE_CODES}

@@ -174,6 +174,41 @@ class SessionOutput(Record, tag="session_output", tag_field="kind", kw_only=True
     data: bytes
 
 
+class MemberRecord(Record, kw_only=True):
+    """One member of a room as the shared store holds it (multi-instance rooms)."""
+
+    session_id: str
+    #: the instance its session is connected to
+    instance: str
+    display_name: str | None = None
+    preferred_lang: str
+    #: ms since the epoch (Redis's clock), set by the store
+    joined_at: int = 0
+    #: join order within the room, set by the store
+    seq: int = 0
+    #: other member -> whether this one receives its voice (absent: it does)
+    raw_voice: dict[str, bool] = {}
+
+
+class RoomState(Record, tag="room_state", tag_field="kind", kw_only=True):
+    """A room changed: its members now (to every instance holding one of them, and to those that held a
+    member that is gone), or it ended (``closed``; ``expired``: nobody spoke)."""
+
+    room_code: str
+    room_id: str
+    members: list[MemberRecord] = []
+    closed: bool = False
+    expired: bool = False
+
+
+class RoomOutput(Record, tag="room_output", tag_field="kind", kw_only=True):
+    """One message for a room member connected to the receiving instance (a relayed WebRTC message,
+    another member's result), already in that client's view and encoded."""
+
+    session_id: str
+    data: bytes
+
+
 InboxMessage = (
     Dispatch
     | CancelOnNode
@@ -184,4 +219,6 @@ InboxMessage = (
     | ResumeRequest
     | ResumeHandover
     | SessionOutput
+    | RoomState
+    | RoomOutput
 )

@@ -192,6 +192,13 @@ class ExactLatency(Response):
     heartbeat_handle_seconds: Percentiles
     job_dispatch_seconds: Percentiles
     cross_instance_dispatch_seconds: Percentiles
+    room_fanout_seconds: Annotated[
+        Percentiles,
+        Meta(
+            description="Rooms: a member's utterance arriving to the last job_assign of its fan-out "
+            "written (one sample per utterance with jobs for other members)"
+        ),
+    ]
 
 
 class FleetViewInfo(Response):
@@ -236,6 +243,14 @@ class ClusterTotals(Response):
     jobs_completed_per_second: Rate
 
 
+class RoomsSummary(Response):
+    rooms: Annotated[NonNeg, Meta(description="Live rooms on this instance")]
+    members: Annotated[NonNeg, Meta(description="Their members")]
+    fanout_jobs_per_second: Annotated[
+        float | None, Meta(description="Jobs created for room members' utterances, per second (1 min)")
+    ]
+
+
 class Stats(Response):
     nodes: NodeCounts
     nodes_total: NonNeg
@@ -256,6 +271,7 @@ class Stats(Response):
     pools: PoolsSummary
     language_pairs: list[LanguagePair]
     language_pairs_total: NonNeg
+    rooms: RoomsSummary
     computed_at_ms: int
     cluster: Annotated[ClusterTotals, Meta(description="Redis mode only: every instance")] | UnsetType = UNSET
 
@@ -593,6 +609,22 @@ class Sessions(Response):
     total: NonNeg
     by_phase: dict[str, NonNeg]
     by_language_pair: dict[str, NonNeg]
+
+
+class RoomAges(Response):
+    p50: Annotated[float | None, Meta(description="Median age of the live rooms, in seconds")]
+    max: Annotated[float | None, Meta(description="Age of the oldest live room, in seconds")]
+
+
+class Rooms(Response):
+    """Counts only: no room codes, member names, languages or text."""
+
+    rooms: Annotated[NonNeg, Meta(description="Rooms with a member on this instance")]
+    members: Annotated[NonNeg, Meta(description="Their members (on any instance)")]
+    max_members: Annotated[NonNeg, Meta(description="rooms.max_members")]
+    by_size: Annotated[dict[str, NonNeg], Meta(description="Members -> how many rooms have that many")]
+    age_seconds: RoomAges
+    fanout_jobs_total: Annotated[NonNeg, Meta(description="Jobs created for room members' utterances")]
 
 
 class TenantRow(Response):

@@ -154,7 +154,14 @@ class SessionInit(SpeechOptions, tag="session_init", tag_field="type"):
     platform: Annotated[ShortStr, doc("android, ios, web, api-gateway, ... (a free string)")]
     src_lang: Annotated[Lang, doc('source language code, or "auto"')]
     tgt_lang: Annotated[Lang, doc("target language code")]
-    pairing_code: Annotated[ShortStr | None, doc("accepted, not used")] = None
+    pairing_code: Annotated[
+        ShortStr | None,
+        doc(
+            "a node's pairing code (its request_pairing_code): the session is bound to that node "
+            "(session_init_ack.assigned_node_id); a wrong, used or expired code is refused with "
+            "INVALID_PAIRING_CODE, too many tries with PAIRING_RATE_LIMITED"
+        ),
+    ] = None
     tenant_id: Annotated[
         ShortStr | None,
         doc("a claim: with tenant API keys configured the tenant is the key's, and another one is refused"),
@@ -398,7 +405,13 @@ class SessionInitAck(Struct, tag="session_init_ack", tag_field="type", kw_only=T
     the reference client expects."""
 
     session_id: Annotated[str, doc("the session: name it in every later message")]
-    assigned_node_id: Annotated[str | None, doc("always null: every utterance is placed on its own")] = None
+    assigned_node_id: Annotated[
+        str | None,
+        doc(
+            "the node the session's pairing_code bound it to (its jobs go there first); null without "
+            "a pairing code"
+        ),
+    ] = None
     message: Annotated[str, doc('"session created"')] = "session created"
     trace_id: Annotated[str, doc("the session's trace id")]
     protocol_version: Annotated[str, doc('"1.0"')] = PROTOCOL_VERSION
@@ -472,6 +485,14 @@ class TranslationResult(Struct, tag="translation_result", tag_field="type", kw_o
     rerun_count: Annotated[int | None, doc("re-recognitions done")] = None
     segments_meta: Annotated[SegmentsMeta | None, doc("how the audio was segmented")] = None
     metadata: Annotated[Metadata | None, doc("the session's metadata (session_init.metadata), echoed")] = None
+    speaker_session_id: Annotated[
+        str | None,
+        doc(
+            "in a room: the member who spoke (its session_id); absent for the session's own "
+            "utterances outside a room"
+        ),
+    ] = None
+    room_code: Annotated[str | None, doc("in a room: the room the utterance was spoken in")] = None
 
 
 class AsrPartial(Struct, tag="asr_partial", tag_field="type", kw_only=True):
@@ -526,6 +547,10 @@ class MissingResult(Struct, tag="missing_result", tag_field="type", kw_only=True
     dropped_chunks: Annotated[
         int | None, doc("rate_limited, streamed audio: how many chunks of this utterance were dropped")
     ] = None
+    speaker_session_id: Annotated[
+        str | None, doc("in a room: the member whose utterance this was (another member's, for a listener)")
+    ] = None
+    room_code: Annotated[str | None, doc("in a room: the room the utterance was spoken in")] = None
 
 
 class UiEvent(Struct, tag="ui_event", tag_field="type", kw_only=True):

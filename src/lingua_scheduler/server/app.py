@@ -19,6 +19,7 @@ from lingua_scheduler.config import Config
 from lingua_scheduler.core.engine import SchedulerEngine
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import Registry
+from lingua_scheduler.protocol.cluster import RoomOutput, RoomState
 from lingua_scheduler.server import (
     admin,
     auth,
@@ -47,13 +48,18 @@ from lingua_scheduler.server.metrics import Metrics
 from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.node_status import NodeStatusNotices
 from lingua_scheduler.server.pair_metrics import PairMetrics
+from lingua_scheduler.server.pairing_service import PairingService
 from lingua_scheduler.server.quality import QualityMonitor
+from lingua_scheduler.server.room_cluster import KEY_TTL_PERIODS, SharedRooms
+from lingua_scheduler.server.room_service import RoomService
 from lingua_scheduler.server.runtime import Runtime
 from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.server.stream_endpoint import stream_ws
+from lingua_scheduler.store.pairing_store import PairingStore
 from lingua_scheduler.store.redis_store import RedisStore
+from lingua_scheduler.store.room_store import RoomStore
 
 
 def build_app(config: Config, clock: Clock | None = None) -> web.Application:
@@ -103,6 +109,8 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         state.cluster = cluster
         state.runtime.cluster = cluster
         state.links.instances = cluster
+        _share_rooms(state, cluster, store)
+        state.pairing.share(PairingStore(store))
         state.readiness_checks.append(lambda: ("shared_store", not cluster.degraded))
     cluster_view.setup(app)  # GET /api/v1/cluster; cluster totals in /api/v1/stats (Redis mode)
     app.cleanup_ctx.append(_background)
@@ -119,6 +127,33 @@ def build_app(config: Config, clock: Clock | None = None) -> web.Application:
         config.cluster.tick_interval_seconds,
     )
     return app
+
+
+def _share_rooms(state: SchedulerState, cluster: Cluster, store: RedisStore) -> None:
+    """Multi-instance mode: rooms live in the store, their messages go through the inboxes."""
+    rooms = state.rooms
+    cfg = state.config.rooms
+    ttl_ms = int(cfg.expire_after_seconds * 1000) * KEY_TTL_PERIODS + 60_000
+    shared = SharedRooms(
+        cfg,
+        state.clock,
+        RoomStore(store, ttl_ms),
+        cluster.instance_id,
+        state.sessions,
+        cluster.writer.send,
+        rooms.notify_local,
+        rooms.rearm,
+    )
+    rooms.share(shared)
+
+    def on_message(message: RoomState | RoomOutput) -> None:
+        if isinstance(message, RoomState):
+            shared.apply(message)
+        else:
+            shared.output(message)
+
+    cluster.on_room_message = on_message
+    cluster.on_instance_dead = shared.instance_dead
 
 
 def build_state(config: Config, clock: Clock | None = None) -> SchedulerState:
@@ -148,6 +183,9 @@ def build_state(config: Config, clock: Clock | None = None) -> SchedulerState:
         engine, links=links, metrics=metrics, events=events, quality=quality, dispatch_window=dispatch_window
     )
     quality.on_readmitted = runtime.pump
+    rooms = RoomService(config.rooms, clock, sessions, metrics.registry)
+    metrics.add_live(rooms.live_metrics)
+    runtime.rooms = rooms
     state = SchedulerState(
         config=config,
         clock=clock,
@@ -168,6 +206,8 @@ def build_state(config: Config, clock: Clock | None = None) -> SchedulerState:
         links=links,
         runtime=runtime,
         apply_transitions=NodeStatusNotices(clock, registry, metrics, events).apply,
+        rooms=rooms,
+        pairing=PairingService(config.pairing, clock, metrics.registry),
     )
     metrics.add_live(
         InstanceMetrics(registry, publisher, loop_lag, sessions, engine.store, lambda: state.cluster).collect

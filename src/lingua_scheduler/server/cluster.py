@@ -54,6 +54,8 @@ from lingua_scheduler.protocol.cluster import (
     NodeRecord,
     ResumeHandover,
     ResumeRequest,
+    RoomOutput,
+    RoomState,
     SessionOutput,
 )
 from lingua_scheduler.protocol.node import JobResult
@@ -197,6 +199,10 @@ class Cluster:
         auth.shared_admission = self.admit_session
         #: resuming sessions across instances (server/resume.py)
         self.resumer = Resumer(clock, config.session, sessions, self.instance_id, store, self.writer)
+        #: the shared rooms (server/room_cluster.py), set by the app: room messages of the inbox, and
+        #: an instance that died (its members leave their rooms)
+        self.on_room_message: Callable[[RoomState | RoomOutput], None] | None = None
+        self.on_instance_dead: Callable[[str], None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -595,6 +601,8 @@ class Cluster:
         """Another instance died: its nodes leave the view, its live jobs end explicitly."""
         log.warning("instance presence expired: taking over", extra={"instance": instance})
         self.takeovers += 1
+        if self.on_instance_dead is not None:
+            self.on_instance_dead(instance)
         for node_id in self.registry.remote_nodes_of(instance):
             self._drop_remote(node_id)
         # Jobs our nodes run for it have nobody to answer to: stop them, and forget them, or they would
@@ -740,6 +748,9 @@ class Cluster:
             self.resumer.on_handover(message)
         elif isinstance(message, SessionOutput):
             self.resumer.on_output(message)
+        elif isinstance(message, (RoomState, RoomOutput)):
+            if self.on_room_message is not None:
+                self.on_room_message(message)
         elif isinstance(message, NodeAdminReply):
             waiting = self._admin_waiting.get(message.request_id)
             if waiting is not None and not waiting.done():

@@ -379,6 +379,29 @@ async def sessions(request: web.Request) -> web.Response:
     return json_response(h.Sessions(total=len(state.sessions), by_phase=by_phase, by_language_pair=by_pair))
 
 
+async def rooms(request: web.Request) -> web.Response:
+    """Room counts, sizes and ages only: what an operator sizes by, nothing of what is said."""
+    service = _state(request).rooms
+    snapshot = service.snapshot()
+    by_size: dict[str, int] = {}
+    for members, _ in snapshot:
+        by_size[str(members)] = by_size.get(str(members), 0) + 1
+    ages = sorted(age for _, age in snapshot)
+    return json_response(
+        h.Rooms(
+            rooms=len(snapshot),
+            members=sum(n for n, _ in snapshot),
+            max_members=service.rooms.config.max_members,
+            by_size=by_size,
+            age_seconds=h.RoomAges(
+                p50=round(ages[len(ages) // 2], 3) if ages else None,
+                max=round(ages[-1], 3) if ages else None,
+            ),
+            fanout_jobs_total=service.relay.fanout_jobs,
+        )
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.middlewares.append(error_boundary)
     default_readiness_checks(app)
@@ -394,5 +417,6 @@ def add_routes(app: web.Application) -> None:
         ("simulate_selection", simulate),
         ("get_job", job_detail),
         ("sessions", sessions),
+        ("rooms", rooms),
     ):
         routes.register(app, op, handler)

@@ -74,11 +74,7 @@ class NodeConnection:
             elif type(msg) is NodeDrain:
                 self._drain(msg)
             elif type(msg) is RequestPairingCode:
-                # decoded (the protocol knows it) but not served by this endpoint yet
-                raise SchedulerError(
-                    "request_pairing_code: pairing is not enabled on this scheduler",
-                    code=ErrorCode.UNSUPPORTED_FEATURE,
-                )
+                state.pairing.request(self.node_id, self.outbox.send)
             elif type(msg) is NodeErrorReport:
                 state.registry.entry_for(self.outbox, msg.node_id)
                 log.warning(
@@ -197,6 +193,7 @@ class NodeConnection:
 
     def closed(self) -> None:
         if self.node_id is not None:
+            self.state.pairing.node_gone(self.node_id)
             self.state.limits.node_gone()
             transitions = self.state.registry.disconnect(self.node_id, self.outbox)
             self.state.apply_transitions(transitions)

@@ -254,6 +254,14 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/api/v1/rooms",
+        "rooms",
+        "read",
+        "Room counts, sizes and ages (no codes, member names or text)",
+        {200: h.Rooms},
+    ),
+    Route(
+        "GET",
         "/api/v1/tenants",
         "tenants",
         "read",

@@ -25,10 +25,11 @@ from lingua_scheduler.core.engine import SchedulerEngine
 from lingua_scheduler.core.quality import Change
 from lingua_scheduler.core.quota import Allowance
 from lingua_scheduler.core.results import ResultQueue
+from lingua_scheduler.core.rooms import FanoutPlan, RoomSnapshot
 from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol.node import JobAssign, JobCancel, PipelineConfig
-from lingua_scheduler.protocol.session import SessionInit, TranslationResult
+from lingua_scheduler.protocol.session import MissingResult, SessionInit, TranslationResult
 from lingua_scheduler.server.events import RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.links import Links, local_outbox
@@ -92,6 +93,22 @@ class JobObserver(Protocol):
     def session_ended(self, session: ObservedSession, reason: str) -> None: ...
 
 
+class RoomsPort(Protocol):
+    """What the runtime needs of the rooms (server/room_service.py's ``RoomService`` is one): the
+    speaker's room as data for each utterance, and the delivery of the engine's room actions."""
+
+    def spoke(self, session_id: str) -> RoomSnapshot | None:
+        """The session cut an utterance: its room (None: in no room, or alone in it)."""
+
+    def send_group(self, plan: FanoutPlan, group: int, message: TranslationResult | MissingResult) -> None:
+        """An outcome for the members of a language group of ``plan`` (here or on other instances)."""
+
+    def fanout_created(self, jobs: int) -> None: ...
+    def fanout_dispatched(self, elapsed: float) -> None: ...
+    def session_ended(self, session_id: str) -> None:
+        """The session's book is gone: it leaves its room."""
+
+
 class QualityReport(Protocol):
     """Where node-quality changes are counted, logged and recorded (server/quality.py)."""
 
@@ -121,6 +138,8 @@ class Runtime:
         self.cluster: ClusterPort | None = None
         #: usage metering, quotas and lifecycle webhooks (set by server/integrator_api.py)
         self.observer: JobObserver | None = None
+        #: the rooms, set by the composition root; None: no member's utterance fans out
+        self.rooms: RoomsPort | None = None
         self._wake = asyncio.Event()
         #: reservation tasks in flight, kept so that they are not garbage-collected mid-way
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,9 +179,22 @@ class Runtime:
         src_lang: str,
         targets: list[str],
         start_index: int,
+        pinned: str | None = None,
+        pinned_only: bool = False,
     ) -> ResultQueue[TranslationResult]:
+        """``pinned``: the node a pairing code bound the session to (``pinned_only``: no other)."""
         self.handle(
-            ev.SessionOpened(session_id, tenant_id, trace_id, init, src_lang, tuple(targets), start_index)
+            ev.SessionOpened(
+                session_id,
+                tenant_id,
+                trace_id,
+                init,
+                src_lang,
+                tuple(targets),
+                start_index,
+                pinned=pinned,
+                pinned_only=pinned_only,
+            )
         )
         return self.engine.results_of(session_id)
 
@@ -182,8 +214,11 @@ class Runtime:
             at = received_at if received_at is not None else time.perf_counter()
             observer = self.observer
             quota = observer.allowance(self.engine.tenant_of(session_id)) if observer is not None else None
+            room = self.rooms.spoke(session_id) if self.rooms is not None else None
             self.handle(
-                ev.UtterancesReady(session_id, tuple(utterances), src_lang, tgt_lang, pipeline, at, quota)
+                ev.UtterancesReady(
+                    session_id, tuple(utterances), src_lang, tgt_lang, pipeline, at, room=room, quota=quota
+                )
             )
 
     def cancel_utterance(self, session_id: str, utterance_index: int, reason: str) -> int:
@@ -286,6 +321,18 @@ class Runtime:
                 case a.ForwardToOwner(node_id=node_id, message=msg):
                     if (cluster := self.cluster) is not None:
                         cluster.forward(node_id, msg)
+                case a.SendToRoomGroup(plan=plan, group=group, message=msg):
+                    if (rooms := self.rooms) is not None:
+                        rooms.send_group(plan, group, msg)
+                case a.FanoutCreated(jobs=n):
+                    if (rooms := self.rooms) is not None:
+                        rooms.fanout_created(n)
+                case a.ObserveFanout(received_at=at):
+                    if (rooms := self.rooms) is not None:
+                        rooms.fanout_dispatched(time.perf_counter() - at)
+                case a.SessionEnded(session_id=sid):
+                    if (rooms := self.rooms) is not None:
+                        rooms.session_ended(sid)
                 case a.QualityChanged(changes=changes):
                     self.quality.report(changes)
                 case a.ArmTimer(after_s=delay, event=event):

@@ -8,6 +8,9 @@ nothing (the reference let any client inject audio into another session). Invali
 Binary WebSocket frames are the binary audio protocol (``protocol/binary_frames.py``) when the session
 negotiated it; JSON never starts with their type bytes, so the two cannot be confused. A
 ``session_init`` with a valid resume token re-attaches its detached session (``server/sessions.py``).
+A ``session_init`` with a ``pairing_code`` is bound to the code's node (``server/pairing_service.py``);
+``room_*`` and ``webrtc_*`` requests go to the rooms (``server/room_service.py``), and a connection
+that closes takes its session out of its room.
 
 Frames the rate limit drops are looked at within a bound (``protocol/peek.py``) so that the client
 learns exactly what was lost: a dropped ``utterance`` is answered ``missing_result(rate_limited)`` with
@@ -28,6 +31,7 @@ from aiohttp import web
 
 from lingua_scheduler.core.audio import decode_base64, negotiate
 from lingua_scheduler.core.languages import normalize
+from lingua_scheduler.core.pairing import GuessLimiter
 from lingua_scheduler.errors import (
     AuthenticationError,
     ErrorCode,
@@ -90,6 +94,7 @@ class SessionConnection:
         "_held_told_at",
         "_last_index",
         "_last_seq",
+        "_pair_limiter",
         "_queued",
         "_unknown_drops",
         "credential",
@@ -114,6 +119,8 @@ class SessionConnection:
         #: the last accepted chunk's seq and utterance's utterance_index (to see jumps over drops)
         self._last_seq: int | None = None
         self._last_index: int | None = None
+        #: this connection's pairing attempts (made at its first one)
+        self._pair_limiter: GuessLimiter | None = None
 
     # --- frames the rate limit dropped ------------------------------------------------------------
 
@@ -189,11 +196,9 @@ class SessionConnection:
             if isinstance(msg, SessionInit):
                 return self._init(msg)
             if isinstance(msg, ROOM_MESSAGES):
-                # decoded (the protocol knows them) but not served by this endpoint yet
-                raise SchedulerError(
-                    f"{msg.__struct_config__.tag}: rooms are not enabled on this scheduler",
-                    code=ErrorCode.UNSUPPORTED_FEATURE,
-                )
+                if self.session is None:
+                    raise SessionError("no session on this connection: send session_init first")
+                return self.state.rooms.handle(self._own(self.session.session_id), msg)
             session = self._own(msg.session_id, closing_ok=isinstance(msg, ClientHeartbeat))
             if isinstance(msg, AudioChunk):
                 self._chunk_accepted(session, msg.seq)
@@ -383,6 +388,11 @@ class SessionConnection:
             session = self._make(msg, session_id=session_id, start_index=start_index)
             if not admitted and not await self._admit(session.tenant_id, session.session_id):
                 return None
+            if msg.pairing_code and not resumed:
+                node_id = await self._pair(msg.pairing_code)
+                # the engine's routing memory of the session starts with its node (at its opening)
+                session.pinned = node_id
+                session.pinned_only = not self.state.config.pairing.fallback_to_pools
             self._open(session, msg, resumed=resumed)
         except SchedulerError as exc:
             self._refuse(exc)
@@ -390,6 +400,17 @@ class SessionConnection:
         if self.outbox.ws.closed:  # closed() ran during an await, before this session was the connection's
             session.detach(self.outbox)
         return session
+
+    async def _pair(self, code: str) -> str:
+        """The node ``code`` binds the new session to (refused: INVALID_PAIRING_CODE or
+        PAIRING_RATE_LIMITED, and the session does not open)."""
+        pairing = self.state.pairing
+        if self._pair_limiter is None:
+            self._pair_limiter = pairing.connection_limiter()
+        transport = self.outbox.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        return await pairing.redeem(code, self._pair_limiter, source)
 
     def _open(self, session: Session, msg: SessionInit, *, resumed: bool) -> None:
         """Register an admitted session on this connection and acknowledge it."""
@@ -518,7 +539,13 @@ class SessionConnection:
             negotiated_channel_count=spec.channels,
             resume_token=session.resume_token,
             resumed=resumed,
+            assigned_node_id=self._pinned_node(session.session_id),
         )
+
+    def _pinned_node(self, session_id: str) -> str | None:
+        """The node the engine's routing memory of the session is bound to (a pairing code)."""
+        route = self.state.engine.route_of(session_id)
+        return route.pinned if route is not None else None
 
     def _resumable(self, msg: SessionInit) -> Session | None:
         """The session ``msg.resume_token`` names, if it can be resumed by this client; else None (an
@@ -563,8 +590,11 @@ class SessionConnection:
         return self.session is not None
 
     def closed(self) -> None:
-        if self.session is not None:
-            self.session.detach(self.outbox)
+        session = self.session
+        if session is not None:
+            if session.outbox is self.outbox:  # a member whose connection closed leaves its room
+                self.state.rooms.connection_closed(session.session_id)
+            session.detach(self.outbox)
 
 
 async def session_ws(request: web.Request) -> web.StreamResponse:

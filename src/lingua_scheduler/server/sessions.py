@@ -141,6 +141,10 @@ class Session:
         self._recorded = False
         #: messages dropped from ``_held`` because it was full
         self.dropped_while_detached = 0
+        #: the node a pairing code bound the session to, and whether only it may take its jobs
+        #: (handed to the engine at ``open``)
+        self.pinned: str | None = None
+        self.pinned_only = False
 
     def open(self) -> None:
         """The session is admitted: it joins the instance's sessions and the engine opens its book."""
@@ -153,6 +157,8 @@ class Session:
             src_lang=self.src_lang,
             targets=self.targets,
             start_index=self._start_index,
+            pinned=self.pinned,
+            pinned_only=self.pinned_only,
         )
 
     @property

@@ -26,7 +26,9 @@ from lingua_scheduler.server.limits import InstanceLimits
 from lingua_scheduler.server.links import Links
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics
+from lingua_scheduler.server.pairing_service import PairingService
 from lingua_scheduler.server.quality import QualityMonitor
+from lingua_scheduler.server.room_service import RoomService
 from lingua_scheduler.server.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -69,6 +71,12 @@ class SchedulerState:
     runtime: Runtime
     #: tell nodes and operators about status changes (server/node_status.py)
     apply_transitions: Callable[[Iterable[Transition]], None]
+    #: rooms, their signalling and the delivery of members' fan-out (server/room_service.py); shared
+    #: through the store in multi-instance mode (the app attaches server/room_cluster.py)
+    rooms: RoomService
+    #: pairing codes of nodes, redeemed by sessions (server/pairing_service.py); shared through the
+    #: store in multi-instance mode (the app attaches store/pairing_store.py)
+    pairing: PairingService
     #: ``GET /ready`` is 200 only when all of these pass (the Redis store adds its own)
     readiness_checks: list[ReadinessCheck] = field(default_factory=list)
     #: set when a graceful shutdown begins (server/shutdown.py): no new session, no job taken from

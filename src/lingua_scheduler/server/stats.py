@@ -178,6 +178,7 @@ class StatsAggregator:
             "heartbeats": _counter_total(m.heartbeats),
             "created": _counter_total(m.jobs_created),
             "failovers": _counter_total(m.failovers),
+            "fanout": float(self.state.rooms.relay.fanout_jobs),
             **{o: jobs.get(o, 0.0) for o in _JOB_OUTCOMES},
         }
         buckets = {name: _cumulative(getattr(m, attr)) for name, attr in LATENCIES.items()}
@@ -245,6 +246,7 @@ class StatsAggregator:
                 "heartbeat_handle_seconds": window_percentiles(state.heartbeat_window.samples()),
                 "job_dispatch_seconds": window_percentiles(state.dispatch_window.samples()),
                 "cross_instance_dispatch_seconds": window_percentiles(state.cross_instance_window.samples()),
+                "room_fanout_seconds": window_percentiles(state.rooms.relay.fanout_window.samples()),
             }
             self._windows_at = now
         fresh = self.fresh()
@@ -256,6 +258,7 @@ class StatsAggregator:
             sessions=fresh["sessions"],
         )
         body["jobs"] = {**body["jobs"], "inflight": fresh["jobs_inflight"], "waiting": fresh["jobs_waiting"]}
+        body["rooms"] = {**body["rooms"], "rooms": fresh["rooms_live"], "members": fresh["room_members"]}
         body["latency"] = self._windows
         body["heartbeats_total"] = state.heartbeat_window.count
         body["jobs_dispatched_total"] = state.dispatch_window.count
@@ -279,6 +282,8 @@ class StatsAggregator:
             "sessions": len(state.sessions),
             "jobs_inflight": store.inflight,
             "jobs_waiting": store.waiting,
+            "rooms_live": len(state.rooms.rooms),
+            "room_members": state.rooms.rooms.member_count,
         }
 
     def _build(self) -> dict[str, Any]:
@@ -329,6 +334,11 @@ class StatsAggregator:
             "pools": {"mode": view.layout.mode, "groups": len(view.groups), "shards": len(view.pools)},
             "language_pairs": pairs,
             "language_pairs_total": pairs_total,
+            "rooms": {
+                "rooms": fresh["rooms_live"],
+                "members": fresh["room_members"],
+                "fanout_jobs_per_second": rate("fanout"),
+            },
             "computed_at_ms": state.clock.wall_ms(),
         }
 

@@ -85,6 +85,8 @@ class SimulatedSession:
         self._seq = 0
         self._waiters: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]] = []
         self._reader_task: asyncio.Task[None] | None = None
+        #: called whenever a message arrives (after it is recorded)
+        self.on_arrival: Callable[[], None] | None = None
 
     async def connect(self) -> None:
         url, headers = self.url, {}
@@ -204,6 +206,8 @@ class SimulatedSession:
                 continue
             msg = _dec.decode(frame.data)
             self.messages.append(msg)
+            if self.on_arrival is not None:
+                self.on_arrival()
             if msg.get("type") == "translation_result":
                 sent = self.sent_at.get(msg["utterance_index"])
                 if sent is not None:
@@ -223,10 +227,13 @@ class SimulatedSession:
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") == kind]
 
-    def outcomes(self) -> dict[int, list[str]]:
-        """Per utterance index, what ended it: 'result', 'missing:<reason>' (one entry each)."""
+    def outcomes(self, speaker: str | None = None) -> dict[int, list[str]]:
+        """Per utterance index, what ended it: 'result', 'missing:<reason>' (one entry each); of this
+        session's own utterances, or (``speaker``) of another room member's."""
         out: dict[int, list[str]] = defaultdict(list)
         for m in self.messages:
+            if m.get("speaker_session_id") != speaker:
+                continue
             if m.get("type") == "translation_result":
                 out[m["utterance_index"]].append("result")
             elif m.get("type") == "missing_result":
@@ -251,8 +258,15 @@ async def run_sessions(
     api_key: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 10.0,
+    room_size: int = 1,
+    room_langs: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Drive ``count`` sessions each speaking ``utterances`` utterances; summarise what came back.
+
+    ``room_size`` > 1: the opened sessions form rooms of that many members (the first creates it, the
+    others join; member i asks for ``room_langs[i % len]``, default its target language) before they
+    talk; the summary then also counts, per utterance, the results every other member of the room
+    should hear (``room``: expected, heard, missing, unanswered).
 
     Each ``session_init`` is bounded by ``timeout``, and so is the wait for each session's close ack;
     the first session is opened alone, and if it cannot reach the scheduler at all ``Unreachable`` is
@@ -279,20 +293,36 @@ async def run_sessions(
             if sessions:
                 await start(sessions[0], probe=True)
             await asyncio.gather(*(start(s) for s in sessions[1:]))
+            rooms = await form_rooms(opened, room_size, room_langs, timeout) if room_size > 1 else []
 
-            async def talk(s: SimulatedSession) -> None:
+            async def talk(s: SimulatedSession, close: bool) -> None:
                 nonlocal lost
                 try:
                     for _ in range(utterances):
                         await s.speak()
                         await asyncio.sleep(pause)
-                    await s.close(timeout=timeout)
+                    if close:
+                        await s.close(timeout=timeout)
                 except TimeoutError:
                     pass  # no close ack in time: what is missing shows as unanswered
                 except (ConnectionError, RuntimeError, aiohttp.ClientError):
                     lost += 1  # the scheduler closed the connection mid-session
 
-            await asyncio.gather(*(talk(s) for s in opened))
+            # A room member stays until the others' outcomes reached it (closing leaves the room).
+            await asyncio.gather(*(talk(s, close=not rooms) for s in opened))
+            if rooms:
+                await heard_all(rooms, timeout)
+
+                async def close(s: SimulatedSession) -> None:
+                    nonlocal lost
+                    try:
+                        await s.close(timeout=timeout)
+                    except TimeoutError:
+                        pass
+                    except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                        lost += 1
+
+                await asyncio.gather(*(close(s) for s in opened))
             summary: dict[str, Any] = {
                 "url": safe_url(url),
                 "sessions": count,
@@ -306,6 +336,8 @@ async def run_sessions(
                 "duplicates": 0,
                 "error_codes": {},
             }
+            if rooms:
+                summary["room"] = room_tally(rooms)
             for s in opened:
                 outcomes = s.outcomes()
                 for i in range(s.utterances_sent):
@@ -328,3 +360,79 @@ async def run_sessions(
             return summary
         finally:
             await asyncio.gather(*(s.disconnect() for s in sessions), return_exceptions=True)
+
+
+async def form_rooms(
+    opened: list[SimulatedSession], size: int, langs: tuple[str, ...], timeout: float
+) -> list[list[SimulatedSession]]:
+    """Group ``opened`` into rooms of ``size`` (the last one may be smaller): the first member creates
+    the room, the others join it. Rooms whose creation or join was refused are left out."""
+    rooms: list[list[SimulatedSession]] = []
+
+    async def one(members: list[SimulatedSession]) -> None:
+        def lang(i: int, s: SimulatedSession) -> str:
+            return langs[i % len(langs)] if langs else s.tgt_lang
+
+        head = members[0]
+        acked = head.wait_for(lambda m: m.get("type") in ("room_create_ack", "room_error"), timeout)
+        await head.send({"type": "room_create", "client_ts": 0, "preferred_lang": lang(0, head)})
+        ack = await acked
+        if ack["type"] != "room_create_ack":
+            return
+        joined = [head]
+        for i, s in enumerate(members[1:], 1):
+            answer = s.wait_for(lambda m: m.get("type") in ("room_members", "room_error"), timeout)
+            await s.send({"type": "room_join", "room_code": ack["room_code"], "preferred_lang": lang(i, s)})
+            if (await answer)["type"] == "room_members":
+                joined.append(s)
+        rooms.append(joined)
+
+    groups = [opened[i : i + size] for i in range(0, len(opened), size)]
+    await asyncio.gather(*(one(g) for g in groups if len(g) > 1), return_exceptions=True)
+    return rooms
+
+
+async def heard_all(rooms: list[list[SimulatedSession]], timeout: float) -> None:
+    """Until every member heard every other one's utterances (or ``timeout``): re-checked whenever a
+    member receives a message."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    members = [s for room in rooms for s in room]
+    arrived = asyncio.Event()
+    for s in members:
+        s.on_arrival = arrived.set
+    while room_tally(rooms)["unanswered"] and (left := deadline - loop.time()) > 0:
+        arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), left)
+
+
+def room_tally(rooms: list[list[SimulatedSession]]) -> dict[str, Any]:
+    """Per utterance of a room member, each other member of its room should hear one outcome."""
+    out = {
+        "rooms": len(rooms),
+        "members": sum(len(r) for r in rooms),
+        "expected": 0,
+        "heard": 0,
+        "missing": 0,
+        "unanswered": 0,
+        "duplicates": 0,
+    }
+    for room in rooms:
+        for speaker in room:
+            for listener in room:
+                if listener is speaker or speaker.session_id is None:
+                    continue
+                got = listener.outcomes(speaker.session_id)
+                for i in range(speaker.utterances_sent):
+                    out["expected"] += 1
+                    entries = got.get(i, [])
+                    if not entries:
+                        out["unanswered"] += 1
+                    elif len(entries) > 1:
+                        out["duplicates"] += 1
+                    elif entries[0] == "result":
+                        out["heard"] += 1
+                    else:
+                        out["missing"] += 1
+    return out

@@ -165,6 +165,8 @@ function render(f) {
   setText("jobs-rate", fmtNum(f.jobs.per_second.created, 1));
   setText("total-created", fmtNum(f.totals.created));
   setText("hb-rate", fmtNum(f.heartbeats_per_second, 1));
+  setText("rooms", f.rooms ? `${fmtNum(f.rooms.rooms)} · ${fmtNum(f.rooms.members)}` : "–");
+  setText("fanout-rate", f.rooms ? fmtNum(f.rooms.fanout_jobs_per_second, 1) : "–");
   renderStatusBar(f);
 
   // a window longer than the frame's minute comes from the hour ring (dashboard-ops.js)

@@ -39,6 +39,12 @@ class Keys:
         counts while its instance's presence is live)."""
         return f"{{{self.prefix}:fleet}}:tenant:{tenant_id}:counts"
 
+    def room(self, code: str) -> tuple[str, str]:
+        """One room of multi-instance mode (room.lua): hash ``meta`` (room_id, created_ms, last_ms, seq)
+        and hash ``members`` (session_id -> member JSON), one slot, expiring unless the room changes."""
+        tag = f"{{{self.prefix}:room:{code}}}"
+        return f"{tag}:meta", f"{tag}:members"
+
     def resume(self, session_id: str) -> str:
         """string: a detached session's ResumeRecord JSON, expiring with its resume window."""
         return f"{{{self.prefix}:resume:{session_id}}}"
