@@ -107,6 +107,9 @@ class Chaos:
         if not self._cycle:
             self._cycle = list(KILL_POINTS)
             self.rng.shuffle(self._cycle)
+            # a planned point the job never reached (its attempt timed out first on a slow machine)
+            # comes first in the next cycle, so every point is still exercised
+            self._cycle.sort(key=lambda point: self.injected[point] == 0)
         self.plan[(job_id, attempt)] = self._cycle.pop()
 
 
