@@ -65,3 +65,44 @@ def scheduler_process(env: dict[str, str] | None = None) -> Iterator[tuple[int, 
     # the load test's own starter: one place that knows how to start a scheduler and wait until it answers
     with local_scheduler(env or {}) as (base, proc):
         yield int(base.rsplit(":", 1)[1]), proc
+
+
+def use_uvloop() -> None:
+    """Run this process's event loop on uvloop, as the scheduler does, when it is installed."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
+def run_instant_nodes(port: int, count: int, ready: Any, stop: Any, langs: Sequence[str]) -> None:
+    """A load-generator process: ``count`` simulated nodes serving every pair of ``langs`` that answer
+    each job at once; ``ready`` is set once all registered, and they close when ``stop`` is set."""
+    import asyncio
+    import gc
+
+    import aiohttp
+
+    from lingua_scheduler.sim.nodes import Executor, SimulatedNode
+    from lingua_scheduler.sim.profiles import NodeProfile
+
+    use_uvloop()
+
+    async def main() -> None:
+        url = f"ws://127.0.0.1:{port}/ws/node"
+        profile = NodeProfile(asr_languages=list(langs), tts_languages=list(langs), nmt_languages=list(langs))
+        ex = Executor(latency=0.0, partials=0, send_started=False)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            nodes = [
+                SimulatedNode(http, url, profile, interval=5.0, seed=i, executor=ex) for i in range(count)
+            ]
+            for i in range(0, count, 50):
+                await asyncio.gather(*(n.start() for n in nodes[i : i + 50]))
+            gc.freeze()
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+            await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
+
+    asyncio.run(main())

@@ -30,44 +30,11 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import get_json, machine, scheduler_process
-from lingua_scheduler.sim.nodes import Executor, SimulatedNode
-from lingua_scheduler.sim.profiles import NodeProfile
+from _common import get_json, machine, run_instant_nodes, scheduler_process, use_uvloop
 from lingua_scheduler.sim.sessions import SimulatedSession
 
 #: the members' languages, in turn (the nodes serve every pair of them)
 LANGS = ["en", "zh", "de", "fr", "es", "ja", "ko", "ru", "pt", "it"]
-
-
-def _uvloop() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-
-
-def run_nodes(port: int, count: int, ready: Any, stop: Any) -> None:
-    """Nodes serving every pair of ``LANGS`` that answer each job at once."""
-    _uvloop()
-
-    async def main() -> None:
-        url = f"ws://127.0.0.1:{port}/ws/node"
-        profile = NodeProfile(asr_languages=LANGS, tts_languages=LANGS, nmt_languages=LANGS)
-        ex = Executor(latency=0.0, partials=0, send_started=False)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-            nodes = [
-                SimulatedNode(http, url, profile, interval=5.0, seed=i, executor=ex) for i in range(count)
-            ]
-            for i in range(0, count, 50):
-                await asyncio.gather(*(n.start() for n in nodes[i : i + 50]))
-            gc.freeze()
-            ready.set()
-            await asyncio.get_running_loop().run_in_executor(None, stop.wait)
-            await asyncio.gather(*(n.close() for n in nodes), return_exceptions=True)
-
-    asyncio.run(main())
 
 
 def run_rooms(
@@ -79,7 +46,7 @@ def run_rooms(
     seconds: float,
     out: multiprocessing.queues.Queue[dict[str, Any]],
 ) -> None:
-    _uvloop()
+    use_uvloop()
 
     async def main() -> dict[str, Any]:
         url = f"ws://127.0.0.1:{port}/ws/session"
@@ -141,7 +108,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     }
     with scheduler_process(env) as (port, _proc):
         ready, stop = multiprocessing.Event(), multiprocessing.Event()
-        nodes = multiprocessing.Process(target=run_nodes, args=(port, args.nodes, ready, stop))
+        nodes = multiprocessing.Process(target=run_instant_nodes, args=(port, args.nodes, ready, stop, LANGS))
         nodes.start()
         ready.wait(60)
         time.sleep(1.0)
