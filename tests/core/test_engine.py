@@ -19,7 +19,13 @@ from lingua_scheduler.clock import ManualClock
 from lingua_scheduler.config import AuthConfig, Config, JobConfig, SessionConfig, TenantKeyConfig
 from lingua_scheduler.core import actions as a
 from lingua_scheduler.core import events as ev
-from lingua_scheduler.core.engine import MAX_COUNTED_PAIRS, OTHER_PAIR, InvariantError, SchedulerEngine
+from lingua_scheduler.core.engine import (
+    BOUND_CONTINUATION_SLOTS,
+    MAX_COUNTED_PAIRS,
+    OTHER_PAIR,
+    InvariantError,
+    SchedulerEngine,
+)
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.core.quality import QualityTracker
 from lingua_scheduler.core.quota import Period, QuotaBook, QuotaLimits
@@ -793,6 +799,24 @@ def test_turn_continuation_binds_to_the_node_holding_the_turn() -> None:
     assert assigns[1][1].utterance_index == 1
     assert w.engine.route_of(sid) is not None and w.engine.route_of(sid).last_node == node_id  # type: ignore[union-attr]
     assert w.engine.store.get(assigns[1][1].job_id).spec.turn_id == f"{sid}:0"  # type: ignore[union-attr]
+
+
+def test_a_turn_continuation_reserves_its_node_past_the_shared_bound() -> None:
+    """In the shared store a continuation is bound to its node even at capacity, as in selection: its
+    reservation is taken without the node's bound (the store would answer FULL and move it off)."""
+    w = World(nodes=("n1", "n2"), max_jobs=1)
+    w.feed(ev.SharedSlotsRequired(True))
+    sid = w.open()
+    w.speak(sid, 0, reason=CutReason.MAX_DURATION)
+    [first] = [x for x in w.actions if isinstance(x, a.Reserve)]
+    assert first.slots < BOUND_CONTINUATION_SLOTS  # the node's own bound
+    w.feed(ev.ReservationAnswered(first.job_id, first.attempt, first.node_id, first.member, True))
+    node_id, _ = only_assign(w)
+    w.speak(sid, 1)
+    second = [x for x in w.actions if isinstance(x, a.Reserve)][-1]
+    assert second.node_id == node_id and second.slots == BOUND_CONTINUATION_SLOTS
+    w.feed(ev.ReservationAnswered(second.job_id, second.attempt, node_id, second.member, True))
+    assert [n for n, _ in w.all_assigns()] == [node_id, node_id]
 
 
 def test_soft_affinity_prefers_the_previous_node() -> None:

@@ -99,6 +99,10 @@ log = logging.getLogger(__name__)
 EVICT_EVERY = 1.0
 #: a reservation outlives the ack deadline by this much (the ack commits it for the execution)
 RESERVE_MARGIN_MS = 1000
+#: the shared-store bound of a turn continuation's reservation: none in effect. The continuation goes to
+#: the node holding the turn's audio even at capacity (as selection binds it); the reservation is still
+#: taken, so the other instances count it as load.
+BOUND_CONTINUATION_SLOTS = 1 << 30
 #: a node whose reservation was refused is left alone this long by this instance
 RESERVE_RETRY_S = 0.2
 #: distinct language pairs counted in ``created_by_pair``; the rest count under OTHER_PAIR (sessions
@@ -610,6 +614,8 @@ class SchedulerEngine:
                 # Another instance may place work on the same node: take a slot in the shared store first.
                 self._placing.add(job.job_id)
                 slots = entry.max_concurrent_jobs or self.config.scheduler.max_concurrent_jobs_per_node
+                if spec.continues_turn and node_id == preferred:
+                    slots = BOUND_CONTINUATION_SLOTS
                 self._emit(
                     a.Reserve(
                         job.job_id,
