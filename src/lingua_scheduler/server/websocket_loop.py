@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 
 from lingua_scheduler.server import connection_guard, inline_frames
 from lingua_scheduler.server.limits import Endpoint
-from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.outbox import WRITER_LIMIT, Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
 
 #: frames that count against the connection's message rate: data, and control frames a peer could flood
@@ -74,7 +74,12 @@ async def serve_websocket(
     # autoping off: pings are answered here, after the frame gate, so that a ping flood costs the peer
     # its message rate like any other frame (aiohttp would answer every one of them unmetered).
     ws = web.WebSocketResponse(
-        compress=False, max_msg_size=max_frame + 1, decode_text=False, heartbeat=None, autoping=False
+        compress=False,
+        max_msg_size=max_frame + 1,
+        decode_text=False,
+        heartbeat=None,
+        autoping=False,
+        writer_limit=WRITER_LIMIT,  # the outbox's queued frames wait while the transport is full
     )
     await ws.prepare(request)
     outbox = Outbox(
