@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from lingua_scheduler.server.outbox import WRITER_LIMIT, Outbox
+from tests.server.raw_ws import RawWebSocket
 
 
 async def _serve(handler: object) -> TestServer:
@@ -84,16 +85,13 @@ async def test_peer_that_stops_reading_is_cut_off_by_transport_backpressure() ->
 
     server = await _serve(handler)
     try:
-        async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(server.make_url("/ws"), max_msg_size=0)
-            sock = ws._response.connection.transport.get_extra_info("socket")  # type: ignore[union-attr]
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            ws._response.connection.transport.pause_reading()  # type: ignore[union-attr]
-            for _ in range(1000):
-                if result:
-                    break
-                await asyncio.sleep(0.01)
-            await ws.close()
+        # a raw peer with a small window that never reads: nothing drains the socket behind the test
+        peer = await RawWebSocket.connect(str(server.make_url("/ws")), rcvbuf=4096)
+        for _ in range(1000):
+            if result:
+                break
+            await asyncio.sleep(0.01)
+        peer.sock.close()
         assert result.get("slow") is True and isinstance(result["sent"], int) and result["sent"] < 100_000
     finally:
         await server.close()
