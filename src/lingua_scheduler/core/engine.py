@@ -2,8 +2,10 @@
 
 Owns ``SchedulerEngine``: the instance's ``JobStore``, the selector and the unavailable-service
 marks, each open session's book (its ``ResultQueue`` -- the one owner of "this session's outstanding
-work" -- and its routing memory), the per-attempt slot bookkeeping (load token, shared reservation
-member), the nodes whose reservation was refused, and the per-pair creation counters. It is fed typed
+work" -- its routing memory, and its client's view: the client's utterance numbers, its utterance
+groups, which utterances asked for no speech), the per-attempt slot bookkeeping (load token, shared
+reservation member), the nodes whose reservation was refused, and the per-pair creation counters.
+It is fed typed
 events (core/events.py) through ``handle_stimulus`` and answers with typed actions (core/actions.py)
 that server/runtime.py carries out, in order.
 
