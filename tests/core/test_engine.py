@@ -26,13 +26,22 @@ from lingua_scheduler.core.engine import (
     InvariantError,
     SchedulerEngine,
 )
+from lingua_scheduler.core.groups import GROUP_WINDOW_MS
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.core.quality import QualityTracker
 from lingua_scheduler.core.quota import Period, QuotaBook, QuotaLimits
 from lingua_scheduler.core.rooms import RoomSnapshot
 from lingua_scheduler.core.segmentation import CutReason, Utterance
 from lingua_scheduler.protocol.common import ErrorMessage
-from lingua_scheduler.protocol.node import JobAck, JobAssign, JobCancel, JobError, JobResult, NodeAsrPartial
+from lingua_scheduler.protocol.node import (
+    JobAck,
+    JobAssign,
+    JobCancel,
+    JobError,
+    JobResult,
+    NodeAsrPartial,
+    PipelineConfig,
+)
 from lingua_scheduler.protocol.session import MissingResult, SessionInit, TranslationResult, UiEvent
 from lingua_scheduler.server.auth import AuthService
 from tests.core.conftest import Fleet, Spec
@@ -42,8 +51,9 @@ PENDING_MS = 3000
 TENANT_KEY = "0" * 64
 
 
-def utterance(index: int, reason: CutReason = CutReason.PAUSE) -> Utterance:
+def utterance(index: int, reason: CutReason = CutReason.PAUSE, client_index: int | None = None) -> Utterance:
     return Utterance(
+        client_index=client_index,
         index=index,
         audio=b"\x01\x02" * 1600,
         reason=reason,
@@ -244,7 +254,13 @@ class World:
         )
 
     def result(
-        self, node_id: str, assign: JobAssign, *, ok: bool = True, code: str = "INTERNAL_ERROR"
+        self,
+        node_id: str,
+        assign: JobAssign,
+        *,
+        ok: bool = True,
+        code: str = "INTERNAL_ERROR",
+        speech: bool = True,
     ) -> None:
         self.feed(
             ev.NodeJobReport(
@@ -259,7 +275,7 @@ class World:
                     trace_id=assign.trace_id,
                     text_asr="hello" if ok else None,
                     text_translated="ni hao" if ok else None,
-                    tts_audio="AAAA" if ok else None,
+                    tts_audio="AAAA" if ok and speech else None,
                     error=None if ok else JobError(code=code, message="it broke"),
                 ),
             )
@@ -1220,3 +1236,99 @@ def test_a_paired_session_whose_node_is_gone_falls_back_or_fails_by_configuratio
     w.advance(PENDING_MS / 1000 + 0.1)
     assert w.all_assigns() == [] and w.errors(sid) == ["NO_AVAILABLE_NODE"]
     assert w.outcomes(sid) == [(0, "missing:job_failed")]
+
+
+# --- the client's view: what the session's client sees is decided here ----------------------------
+
+NO_TTS = PipelineConfig(use_asr=True, use_nmt=True, use_tts=False)
+
+
+def speak_numbered(
+    w: World, sid: str, *pairs: tuple[int, int], pipeline: PipelineConfig | None = None
+) -> None:
+    """Whole utterances the client numbered: (our index, the client's index) each."""
+    utts = tuple(utterance(i, client_index=c) for i, c in pairs)
+    w.feed(ev.UtterancesReady(sid, utts, pipeline=pipeline, received_at=0.0))
+
+
+def results(w: World, sid: str) -> list[TranslationResult]:
+    return [m for m in w.to_session[sid] if isinstance(m, TranslationResult)]
+
+
+def test_the_client_sees_its_own_utterance_numbers_on_results_progress_errors_and_missing_results() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    speak_numbered(w, sid, (0, 40), (1, 41))
+    assert w.engine.internal_index(sid, 41) == 1 and w.engine.internal_index(sid, 99) == 99
+    assert w.engine.outstanding(sid, 3) == [(0, 40), (1, 41), (2, 2)]
+    (n, first), (_, second) = w.all_assigns()
+    assert (first.utterance_index, second.utterance_index) == (0, 1)  # the node sees our numbers
+    w.ack(n, first)
+    w.ack(n, second)
+    w.result(n, first)
+    w.result(n, second, ok=False)
+    assert w.outcomes(sid) == [(40, "result"), (41, "missing:job_failed")]
+    [error] = [m for m in w.to_session[sid] if isinstance(m, ErrorMessage)]
+    assert isinstance(error.details, dict) and error.details["utterance_index"] == 41
+    assert {m.utterance_index for m in w.to_session[sid] if isinstance(m, UiEvent)} == {40, 41}
+    # settled: the facts are forgotten (bounded), and a later streamed utterance keeps its own number
+    assert not w.engine.sessions[sid].client_index
+    w.speak(sid, 2)
+    [(n, third)] = [(n, x) for n, x in w.all_assigns() if x.utterance_index == 2]
+    w.ack(n, third)
+    w.result(n, third)
+    assert w.outcomes(sid)[-1] == (2, "result")
+
+
+def test_a_refused_whole_utterance_is_named_by_the_clients_number() -> None:
+    w = World(rate=1.0, burst=1)
+    sid = w.open(tenant="t1")
+    speak_numbered(w, sid, (0, 7), (1, 8))  # the second is over the tenant's rate
+    [error] = [m for m in w.to_session[sid] if isinstance(m, ErrorMessage)]
+    assert isinstance(error.details, dict) and error.details["utterance_index"] == 8
+    n, assign = only_assign(w)
+    w.ack(n, assign)
+    w.result(n, assign)
+    assert w.outcomes(sid) == [(7, "result"), (8, "missing:job_failed")]
+
+
+def test_results_of_one_exchange_share_a_group_and_a_playback_end_keeps_it_open() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    window = GROUP_WINDOW_MS / 1000
+
+    def one(index: int) -> TranslationResult:
+        w.speak(sid, index)
+        [(n, assign)] = [(n, x) for n, x in w.all_assigns() if x.utterance_index == index]
+        w.ack(n, assign)
+        w.result(n, assign)
+        return results(w, sid)[-1]
+
+    first = one(0)
+    assert first.group_id is not None and first.group_id.startswith(f"group_{sid}_")
+    assert first.part_index == 0
+    w.clock.advance(window * 0.75)
+    w.feed(ev.PlaybackEnded(sid, first.group_id))
+    w.feed(ev.PlaybackEnded(sid, "group_of_someone_else"))  # not the active group: changes nothing
+    w.clock.advance(window * 0.75)  # past the window since the group began, within it since playback
+    second = one(1)
+    assert (second.group_id, second.part_index) == (first.group_id, 1)
+    w.clock.advance(window * 1.1)
+    third = one(2)
+    assert third.group_id != first.group_id and third.part_index == 0
+
+
+def test_audio_lost_only_where_speech_was_asked_for() -> None:
+    w = World(nodes=("n1",))
+    sid = w.open()
+    speak_numbered(w, sid, (0, 0))
+    speak_numbered(w, sid, (1, 1), pipeline=NO_TTS)
+    speak_numbered(w, sid, (2, 2))
+    by_index = {x.utterance_index: (n, x) for n, x in w.all_assigns()}
+    for index, speech in ((0, False), (1, False), (2, True)):
+        n, assign = by_index[index]
+        w.ack(n, assign)
+        w.result(n, assign, speech=speech)
+    lost = {r.utterance_index: r.audio_lost for r in results(w, sid)}
+    assert lost == {0: True, 1: False, 2: False}
+    assert not w.engine.sessions[sid].no_tts  # settled: forgotten

@@ -508,7 +508,7 @@ WALL_CLOCK_READS: dict[tuple[str, str], str] = {
     ("core/jobs.py", "JobStore.create"): "job created_wall_ms (API)",
     ("core/registry.py", "Registry.register"): "registered_wall_ms: epoch of a node's records",
     ("core/segmentation.py", "Segmenter._emit"): "utterance created_wall_ms",
-    ("server/sessions.py", "Session._for_client"): "group_id names its creation (window: monotonic)",
+    ("core/engine.py", "SchedulerEngine._for_client"): "group_id names its creation (window: monotonic)",
     ("store/redis_store.py", "RedisStore.ping"): "the probe key's value: when it was written (for operators)",
     ("server/cluster_view.py", "ClusterView.figures"): "at_ms: when the figures were taken (shared clock)",
     ("core/engine.py", "SchedulerEngine._refuse"): "missing_result.created_at_ms",

@@ -102,9 +102,11 @@ class SessionEnded:
 
 @dataclass(frozen=True, slots=True)
 class SessionDelivered:
-    """A delivery to the session is complete: it may forget released indices and finish its close."""
+    """A delivery to the session is complete (already in its client's view)."""
 
     session_id: str
+    #: the session is closing (``SessionClosing``): it may finish its close now
+    closing: bool = False
 
 
 @dataclass(frozen=True, slots=True)

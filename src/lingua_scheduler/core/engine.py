@@ -2,8 +2,10 @@
 
 Owns ``SchedulerEngine``: the instance's ``JobStore``, the selector and the unavailable-service
 marks, each open session's book (its ``ResultQueue`` -- the one owner of "this session's outstanding
-work" -- and its routing memory), the per-attempt slot bookkeeping (load token, shared reservation
-member), the nodes whose reservation was refused, and the per-pair creation counters. It is fed typed
+work" -- its routing memory, and its client's view: the client's utterance numbers, its utterance
+groups, which utterances asked for no speech), the per-attempt slot bookkeeping (load token, shared
+reservation member), the nodes whose reservation was refused, and the per-pair creation counters.
+It is fed typed
 events (core/events.py) through ``handle_stimulus`` and answers with typed actions (core/actions.py)
 that server/runtime.py carries out, in order.
 
@@ -31,7 +33,7 @@ import dataclasses
 import logging
 import random
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -41,6 +43,7 @@ from lingua_scheduler.core import actions as a
 from lingua_scheduler.core import events as ev
 from lingua_scheduler.core.fanout import Fanout, targets_of
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
+from lingua_scheduler.core.groups import GroupTracker
 from lingua_scheduler.core.jobs import (
     ON_NODE,
     DeadlineKind,
@@ -167,6 +170,15 @@ class SessionBook:
     targets: tuple[str, ...]
     results: ResultQueue[TranslationResult]
     route: SessionRoute = dataclasses.field(default_factory=SessionRoute)
+    #: the client's view (``_for_client``): internal utterance index -> the index the client gave it
+    #: (whole utterances it numbered), and the utterances whose pipeline asked for no speech (no audio
+    #: to lose); both forgotten once the index is settled
+    client_index: dict[int, int] = dataclasses.field(default_factory=dict)
+    no_tts: set[int] = dataclasses.field(default_factory=set)
+    #: its utterance groups (``group_id``/``part_index`` on results with recognised text)
+    groups: GroupTracker | None = None
+    #: the session is closing (``SessionClosing``): a delivery may let it finish its close
+    closing: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -290,6 +302,14 @@ class SchedulerEngine:
                 self._pump()
             case ev.SessionOpened():
                 self._open(event)
+            case ev.PlaybackEnded(session_id=sid, group_id=group_id):
+                book = self.sessions.get(sid)
+                if book is not None and book.groups is not None:
+                    book.groups.playback_ended(group_id, int(self.clock.monotonic() * 1000))
+            case ev.SessionClosing(session_id=sid):
+                book = self.sessions.get(sid)
+                if book is not None:
+                    book.closing = True
             case ev.SessionClosed(session_id=sid, reason=reason):
                 self.sessions.pop(sid, None)
                 for out in self.store.cancel_session(sid, reason):
@@ -338,6 +358,7 @@ class SchedulerEngine:
             e.targets,
             ResultQueue(self.config.session, self.clock, start_index=e.start_index),
             SessionRoute(pinned=e.pinned, pinned_only=e.pinned is not None and e.pinned_only),
+            groups=GroupTracker(e.session_id),
         )
 
     def results_of(self, session_id: str) -> ResultQueue[TranslationResult]:
@@ -365,7 +386,13 @@ class SchedulerEngine:
         route = book.route
         results = book.results
         quota = e.quota
+        no_tts = e.pipeline is not None and not e.pipeline.use_tts
         for utt in e.utterances:
+            # the client's view of it, before anything is sent about it
+            if utt.client_index is not None:
+                book.client_index[utt.index] = utt.client_index
+            if no_tts:
+                book.no_tts.add(utt.index)
             if utt.dropped_chunks or not results.has_room:
                 # A stream with a hole is not spliced, and finished work is never dropped to make
                 # room: the utterance is refused, at once, and gets no job.
@@ -683,7 +710,9 @@ class SchedulerEngine:
             if self.fanout.assigned(job.job_id):  # the utterance's last group has its job_assign
                 on_sent.append(a.ObserveFanout(started))
         if job.session_id in self.sessions and self.fanout.speaker_sees(job.job_id):
-            on_sent.append(a.SendToSession(job.session_id, self._ui(job, UiEventType.DISPATCHED)))
+            book = self.sessions[job.session_id]
+            ui = self._for_client(book, self._ui(job, UiEventType.DISPATCHED))
+            on_sent.append(a.SendToSession(job.session_id, ui))
         assign = self._assign(job, turn_dialect=entry.turn_dialect)
         self._emit(a.AssignJob(node_id, entry.owner, assign, tuple(on_sent)))
 
@@ -1116,7 +1145,8 @@ class SchedulerEngine:
                     trace_id=book.trace_id,
                 )
                 self._send_release(sid, rel.job_id, missing)
-        self._emit(a.SessionDelivered(sid))
+        self._forget_released(book)
+        self._emit(a.SessionDelivered(sid, closing=book.closing))
 
     def _send_release(
         self, session_id: str, job_id: str | None, msg: TranslationResult | MissingResult
@@ -1130,8 +1160,71 @@ class SchedulerEngine:
                 self._emit(a.SendToRoomGroup(delivery.plan, group, message))
 
     def _send(self, session_id: str, msg: a.SessionOutput) -> None:
-        if session_id in self.sessions:
-            self._emit(a.SendToSession(session_id, msg))
+        book = self.sessions.get(session_id)
+        if book is not None:
+            self._emit(a.SendToSession(session_id, self._for_client(book, msg)))
+
+    def _for_client(self, book: SessionBook, msg: a.SessionOutput) -> a.SessionOutput:
+        """The message as the session's client sees it: its own utterance numbers (whole utterances it
+        numbered), utterance groups on results with recognised text, ``audio_lost`` on a translation
+        whose speech did not come (unless its pipeline asked for none)."""
+        client_index = book.client_index
+        if isinstance(msg, TranslationResult):
+            changes: dict[str, Any] = {}
+            if msg.text_asr and msg.group_id is None and book.groups is not None:
+                changes["group_id"], changes["part_index"] = book.groups.part(
+                    int(self.clock.monotonic() * 1000),
+                    self.clock.wall_ms(),  # the id carries a timestamp
+                )
+            if msg.text_translated and not msg.tts_audio and msg.utterance_index not in book.no_tts:
+                changes["audio_lost"] = True
+            if msg.utterance_index in client_index:
+                changes["utterance_index"] = client_index[msg.utterance_index]
+            return msgspec.structs.replace(msg, **changes) if changes else msg
+        if isinstance(msg, ErrorMessage):
+            if isinstance(msg.details, dict):
+                index = msg.details.get("utterance_index")
+                if isinstance(index, int) and index in client_index:
+                    details = {**msg.details, "utterance_index": client_index[index]}
+                    return msgspec.structs.replace(msg, details=details)
+            return msg
+        index = getattr(msg, "utterance_index", None)
+        if isinstance(index, int) and index in client_index:
+            return msgspec.structs.replace(msg, utterance_index=client_index[index])
+        return msg
+
+    @staticmethod
+    def _forget_released(book: SessionBook) -> None:
+        """Drop the client-view facts of settled indices (bounds both maps); those of an index given up
+        are kept for its late result. After a whole delivery: one result may release several indices,
+        whose messages all need the facts until then."""
+        if not (book.client_index or book.no_tts):
+            return
+        settled = book.results.oldest_unsettled
+        for index in [i for i in book.client_index if i < settled]:
+            del book.client_index[index]
+        for index in [i for i in book.no_tts if i < settled]:
+            book.no_tts.discard(index)
+
+    def client_index(self, session_id: str, internal: int) -> int:
+        """The client's number of the session's utterance ``internal`` (its own when it gave none)."""
+        book = self.sessions.get(session_id)
+        return internal if book is None else book.client_index.get(internal, internal)
+
+    def internal_index(self, session_id: str, client: int) -> int:
+        """Our index of the utterance the session's client numbered ``client`` (the same if none)."""
+        book = self.sessions.get(session_id)
+        if book is None:
+            return client
+        return next((i for i, c in book.client_index.items() if c == client), client)
+
+    def outstanding(self, session_id: str, end: int) -> list[tuple[int, int]]:
+        """(internal index, the client's index) of the session's utterances whose outcome is not out
+        yet: those its result queue holds, and those it will number up to ``end`` (exclusive)."""
+        book = self.sessions[session_id]
+        queued = book.results.outstanding_indices()  # refused indices were answered already
+        later = range(book.results.next_expected, end)
+        return [(i, book.client_index.get(i, i)) for i in [*queued, *later]]
 
     def _send_job(self, job: Job, msg: a.SessionOutput) -> None:
         """Progress of ``job`` for its session: not for a room member's job serving only the others."""

@@ -82,6 +82,23 @@ class SessionFlush:
 
 
 @dataclass(frozen=True, slots=True)
+class PlaybackEnded:
+    """The session's client finished playing ``group_id``'s speech (``tts_play_ended``): the group
+    stays open a window from now (the engine's clock, not the client's)."""
+
+    session_id: str
+    group_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosing:
+    """The session closes gracefully: each delivery to it from now on says so (``SessionDelivered``),
+    so it can acknowledge once its outstanding work is out."""
+
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class SessionClosed:
     """The session is gone: its live jobs are cancelled and its book (queue, routing memory) dropped."""
 
@@ -198,6 +215,8 @@ Event = (
     | CancelUtterance
     | SessionTick
     | SessionFlush
+    | PlaybackEnded
+    | SessionClosing
     | SessionClosed
     | NodeJobReport
     | NodeGone

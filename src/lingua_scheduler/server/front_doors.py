@@ -499,8 +499,6 @@ async def _translate(
         utts = session.segmenter.chunk(audio.data, True)
         durations = {u.index: u.duration_ms for u in utts}
         pipeline = None if req.tts else PipelineConfig(use_tts=False)
-        if not req.tts:
-            session.no_tts.update(u.index for u in utts)
         session.submit(utts, pipeline=pipeline)
         session.close("completed", connection_gone=False)
         deadline = asyncio.get_running_loop().time() + cfg.translate_deadline_seconds

@@ -3,10 +3,11 @@
 
 A node in the registry is either connected here (its entry's ``conn`` is the socket's ``Outbox``, its
 ``owner`` None) or connected to another instance (``owner`` names it; messages go there through the
-cluster shell's batched writer). A session is reached through the instance's map of open sessions (its
-``send`` puts the client's view on a message and relays it when the session was handed over).
-Everything that writes to a node asks ``local_outbox`` or ``Links`` instead of testing the connection's
-type itself.
+cluster shell's batched writer). A session is reached through the instance's map of open sessions:
+``Links.reach`` writes a message (already in the client's view: the engine put it there) to the
+session's sink (an integrator front door), else to the instance it was handed over to, else to its
+connection's outbox, else holds it while the session is detached. Everything that writes to a node or
+a session asks ``local_outbox`` or ``Links`` instead of testing the connection's type itself.
 
 Must never: decide whether a node or a session should be written to.
 """
@@ -36,12 +37,21 @@ def local_outbox(entry: NodeEntry | None) -> Outbox | None:
 
 
 class SessionPort(Protocol):
-    """What is needed of a client session to reach it (server/sessions.py's ``Session`` is one)."""
+    """What is needed of a client session to reach it (server/sessions.py's ``Session`` is one): where
+    its output goes, as plain attributes, and the two rare ways it keeps or forwards it itself."""
 
-    def send(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> None: ...
+    #: an adapter session's receiver of everything it sends (None: the outbox's WebSocket)
+    sink: Callable[[msgspec.Struct], None] | None
+    #: the instance it was handed over to (its output is relayed there)
+    relay_to: str | None
+    #: its connection now (None while detached or gone)
+    outbox: Outbox | None
 
-    def forget_released(self) -> None:
-        """Drop what the result queue has released (called after each delivery)."""
+    def relay(self, msg: msgspec.Struct) -> None:
+        """Forward ``msg`` to the instance the session was handed over to."""
+
+    def hold(self, msg: msgspec.Struct | bytes) -> None:
+        """Keep ``msg`` for the client's reconnect (nothing unless the session is detached)."""
 
     def maybe_finish_close(self) -> None:
         """A closing session whose outstanding work is done finishes its close now."""
@@ -85,5 +95,31 @@ class Links:
             outbox.send(cancel)
 
     def session(self, session_id: str) -> SessionPort | None:
-        """The open session, to send to (None once it is gone)."""
+        """The open session (None once it is gone)."""
         return self.sessions.get(session_id)
+
+    def to_session(self, session_id: str, msg: msgspec.Struct) -> None:
+        """``msg`` (in the client's view) to the open session ``session_id`` (nothing once it is gone)."""
+        session = self.sessions.get(session_id)
+        if session is not None:
+            reach(session, msg)
+
+
+def reach(session: SessionPort, msg: msgspec.Struct) -> None:
+    """Write ``msg`` (already in the client's view) to wherever ``session``'s client is reached now."""
+    if session.sink is not None:
+        session.sink(msg)
+    elif session.relay_to is not None:
+        session.relay(msg)
+    elif session.outbox is not None:
+        session.outbox.send(msg)
+    else:
+        session.hold(msg)
+
+
+def reach_encoded(session: SessionPort, data: bytes) -> None:
+    """A message already in the client's view and encoded (relayed from another instance)."""
+    if session.outbox is not None:
+        session.outbox.send_raw(data)
+    else:
+        session.hold(data)

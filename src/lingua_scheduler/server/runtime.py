@@ -266,9 +266,7 @@ class Runtime:
             # the cases in the order of their frequency on the job path (a match tries them in turn)
             match action:
                 case a.SendToSession(session_id=sid, message=msg):
-                    session = self.links.session(sid)
-                    if session is not None:
-                        session.send(msg)
+                    self.links.to_session(sid, msg)
                 case a.RecordJob():
                     if (cluster := self.cluster) is not None:
                         cluster.job_changed(
@@ -285,10 +283,9 @@ class Runtime:
                 case a.Count(name=name, label=label):
                     counter = self._counters[name]
                     (counter if label is None else counter.labels(label)).inc()
-                case a.SessionDelivered(session_id=sid):
-                    session = self.links.session(sid)
-                    if session is not None:
-                        session.forget_released()
+                case a.SessionDelivered(session_id=sid, closing=closing):
+                    # only a closing session has anything to do after a delivery: its ack, once settled
+                    if closing and (session := self.links.session(sid)) is not None:
                         session.maybe_finish_close()
                 case a.Observe(name=name, value=value):
                     self._histograms[name].observe(value)

@@ -30,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from lingua_scheduler.core.audio import decode_base64, negotiate
+from lingua_scheduler.core.events import PlaybackEnded
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.pairing import GuessLimiter
 from lingua_scheduler.errors import (
@@ -151,7 +152,6 @@ class SessionConnection:
                     created_at_ms=now,
                     trace_id=session.trace_id,
                 ),
-                numbered_by_client=True,
             )
 
     def _chunk_accepted(self, session: Session, seq: int) -> None:
@@ -215,10 +215,6 @@ class SessionConnection:
                 utts = session.segmenter.utterance(
                     audio, msg.audio_format, msg.sample_rate, client_index=msg.utterance_index
                 )
-                for utt in utts:
-                    session.client_index[utt.index] = msg.utterance_index
-                    if msg.pipeline is not None and not msg.pipeline.use_tts:
-                        session.no_tts.add(utt.index)
                 self.state.runtime.submit(
                     session.session_id,
                     utts,
@@ -241,7 +237,7 @@ class SessionConnection:
                 session.rearm()
             elif isinstance(msg, TtsPlayEnded):
                 session.segmenter.tts_ended()
-                session.groups.playback_ended(msg.group_id, int(self.state.clock.monotonic() * 1000))
+                self.state.runtime.handle(PlaybackEnded(session.session_id, msg.group_id))
                 session.rearm()
         except _Draining as draining:
             self._hold_audio(draining.session)
@@ -252,7 +248,7 @@ class SessionConnection:
     def _cancel_utterance(self, session: Session, index: int) -> None:
         """``utterance_cancel``: the client's number is translated to ours (whole utterances it
         numbered), its jobs cancelled; none in flight is refused and changes nothing."""
-        internal = next((i for i, c in session.client_index.items() if c == index), index)
+        internal = self.state.runtime.engine.internal_index(session.session_id, index)
         if not self.state.runtime.cancel_utterance(session.session_id, internal, "cancelled by the client"):
             raise ProtocolError(
                 f"utterance {index} has no job in flight to cancel",

@@ -13,8 +13,10 @@ it; past the window it closes as a disconnect does. In multi-instance mode anoth
 the session over (server/resume.py): the session is then *handed over*, relaying what it still sends
 for its client to that instance until its utterances' outcomes are all out.
 
-Everything the session sends passes ``send``, which puts the client's view on it: the client's own
-``utterance_index`` for whole utterances it numbered, utterance groups on results, ``audio_lost``.
+What the engine sends the session is already in its client's view (the engine's session book keeps
+the client's numbering, its utterance groups and which utterances asked for no speech) and reaches it
+through server/links.py, which reads where the client is now from the attributes here (``sink``,
+``relay_to``, ``outbox``) and calls ``relay``/``hold`` in the rare cases; this module is off that path.
 """
 
 from __future__ import annotations
@@ -26,21 +28,20 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.core.audio import AudioSpec
-from lingua_scheduler.core.events import SessionClosed, SessionTick
-from lingua_scheduler.core.groups import GroupTracker
+from lingua_scheduler.core.events import SessionClosed, SessionClosing, SessionTick
 from lingua_scheduler.core.languages import normalize
 from lingua_scheduler.core.results import ResultQueue
 from lingua_scheduler.core.segmentation import Segmenter, Utterance
-from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.node import PipelineConfig
 from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, TranslationResult
+from lingua_scheduler.server.links import reach, reach_encoded
 from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.runtime import Runtime
 
@@ -120,13 +121,8 @@ class Session:
         self.segmenter = Segmenter(config, clock, spec, start_index=start_index)
         #: its result queue, kept by the engine (the one owner of its outstanding work); set by ``open``
         self._results: ResultQueue[TranslationResult] | None = None
-        self.groups = GroupTracker(self.session_id)
         #: the client sends binary audio frames (negotiated in session_init)
         self.binary_frames = False
-        #: internal utterance index -> the index the client gave it (whole utterances it numbered)
-        self.client_index: dict[int, int] = {}
-        #: internal indices of utterances whose pipeline asked for no speech (no audio to lose)
-        self.no_tts: set[int] = set()
         self.phase = Phase.OPEN
         self._timer: asyncio.TimerHandle | None = None
         self._detach_timer: asyncio.TimerHandle | None = None
@@ -191,30 +187,26 @@ class Session:
 
     # --- output ---------------------------------------------------------------------------------
 
-    def send(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> None:
-        """Send ``msg`` in the client's view; ``numbered_by_client``: its ``utterance_index`` already is
-        the client's own (an utterance that never got an index here), so it is not translated."""
-        msg = self._for_client(msg, numbered_by_client=numbered_by_client)
-        if self.sink is not None:
-            self.sink(msg)
-        elif self.relay_to is not None:
-            resumer = self._resumer()
-            if resumer is not None:
-                resumer.relay(self.relay_to, self.session_id, msg)
-            asyncio.get_running_loop().call_soon(self.maybe_finish_relay)
-        elif self.outbox is not None:
-            self.outbox.send(msg)
-        elif self.phase is Phase.DETACHED:
-            self._hold(msg)
+    def send(self, msg: msgspec.Struct) -> None:
+        """Send ``msg`` (as the client is to see it) to wherever the client is reached now."""
+        reach(self, msg)
 
     def send_encoded(self, data: bytes) -> None:
         """A message already in the client's view and encoded (relayed from another instance)."""
-        if self.outbox is not None:
-            self.outbox.send_raw(data)
-        elif self.phase is Phase.DETACHED:
-            self._hold(data)
+        reach_encoded(self, data)
 
-    def _hold(self, msg: msgspec.Struct | bytes) -> None:
+    def relay(self, msg: msgspec.Struct) -> None:
+        """Handed over: ``msg`` goes to the instance that resumed the session."""
+        resumer = self._resumer()
+        if resumer is not None and self.relay_to is not None:
+            resumer.relay(self.relay_to, self.session_id, msg)
+        asyncio.get_running_loop().call_soon(self.maybe_finish_relay)
+
+    def hold(self, msg: msgspec.Struct | bytes) -> None:
+        """Detached: keep ``msg`` for the reconnect (bounded; the oldest go first). Otherwise the
+        connection is gone and nothing is kept."""
+        if self.phase is not Phase.DETACHED:
+            return
         if len(self._held) == self._held.maxlen:
             self.dropped_while_detached += 1
         self._held.append(msg)
@@ -223,46 +215,7 @@ class Session:
         """(internal index, the client's index) of the utterances whose outcome is not out yet;
         ``with_buffered``: also the index the audio buffered now will get when it is cut."""
         end = self.segmenter.next_index + (1 if with_buffered and self.segmenter.buffered_bytes else 0)
-        queued = self.results.outstanding_indices()  # refused indices were answered already
-        later = range(self.results.next_expected, end)
-        return [(i, self.client_index.get(i, i)) for i in [*queued, *later]]
-
-    def _for_client(self, msg: msgspec.Struct, *, numbered_by_client: bool = False) -> msgspec.Struct:
-        """The message as this client sees it: its own utterance numbers, groups, ``audio_lost``."""
-        index: Any = getattr(msg, "utterance_index", None)
-        if isinstance(msg, TranslationResult):
-            changes: dict[str, Any] = {}
-            if msg.text_asr and msg.group_id is None:
-                clock = self.clock
-                changes["group_id"], changes["part_index"] = self.groups.part(
-                    int(clock.monotonic() * 1000),
-                    clock.wall_ms(),  # the id carries a timestamp
-                )
-            if msg.text_translated and not msg.tts_audio and msg.utterance_index not in self.no_tts:
-                changes["audio_lost"] = True
-            if changes:
-                msg = msgspec.structs.replace(msg, **changes)
-        if isinstance(msg, ErrorMessage) and isinstance(msg.details, dict):
-            index = msg.details.get("utterance_index")
-            if isinstance(index, int) and index in self.client_index:
-                details = {**msg.details, "utterance_index": self.client_index[index]}
-                return msgspec.structs.replace(msg, details=details)
-            return msg
-        if isinstance(index, int) and index in self.client_index and not numbered_by_client:
-            msg = msgspec.structs.replace(msg, utterance_index=self.client_index[index])
-        return msg
-
-    def forget_released(self) -> None:
-        """Drop the per-index facts of utterances whose results are all out (bounds both maps); those
-        of an index given up are kept for its late result. Called once a delivery is sent (several
-        indices may be released by one result: their messages all need the facts until then)."""
-        if not (self.client_index or self.no_tts):
-            return
-        settled = self.results.oldest_unsettled
-        for index in [i for i in self.client_index if i < settled]:
-            del self.client_index[index]
-        for index in [i for i in self.no_tts if i < settled]:
-            self.no_tts.discard(index)
+        return self.runtime.engine.outstanding(self.session_id, end)
 
     # --- resume ---------------------------------------------------------------------------------
 
@@ -398,6 +351,7 @@ class Session:
             self._close_reason = reason
             tail = self.segmenter.close()
             self.phase = Phase.CLOSING
+            self.runtime.handle(SessionClosing(self.session_id))
             if not connection_gone:
                 self.submit(tail)
         if connection_gone:

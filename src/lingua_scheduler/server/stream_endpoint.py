@@ -142,8 +142,6 @@ class StreamConnection:
                 raise SchedulerError("the stream has ended", code=ErrorCode.SESSION_CLOSED)
             if isinstance(msg, i.StreamAudio):
                 utts = session.segmenter.chunk(decode_base64(msg.chunk, at="$.chunk"), msg.is_final)
-                if not self.tts:
-                    session.no_tts.update(u.index for u in utts)
                 session.submit(
                     utts,
                     received_at=t0,
