@@ -38,8 +38,8 @@ from _common import free_port, machine, percentiles
 from lingua_scheduler.config import load_config
 from lingua_scheduler.protocol.node import NodeHeartbeat, ResourceUsage
 from lingua_scheduler.server.app import build_app
+from lingua_scheduler.server.http.stats import STATS
 from lingua_scheduler.server.state import STATE
-from lingua_scheduler.server.stats import STATS
 from lingua_scheduler.sim.profiles import LANGUAGES, random_profile
 
 #: what a Prometheus scrape, an API poller and a dashboard's node table request

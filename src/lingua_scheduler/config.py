@@ -58,7 +58,7 @@ class ServerConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: log lines: "text" (readable) on a terminal and "json" (one object each) otherwise, or forced
     log_format: Literal["auto", "text", "json"] = "auto"
-    #: per-module log levels, e.g. {"lingua_scheduler.server.node_endpoint" = "debug"}
+    #: per-module log levels, e.g. {"lingua_scheduler.server.ws.node_endpoint" = "debug"}
     log_levels: dict[str, str] = {}
 
     def __post_init__(self) -> None:

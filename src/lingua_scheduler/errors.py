@@ -16,7 +16,7 @@
     └── StartupError               the machine does not let a start go on (server/startup.py)
 
 Transports turn these into ``error`` frames or HTTP responses in one place each (the HTTP one is
-``server/http_io.py``'s middleware; ``protocol/http.py`` gives each code its HTTP status); the core
+``server/http/http_io.py``'s middleware; ``protocol/http.py`` gives each code its HTTP status); the core
 raises them and never formats wire messages itself.
 """
 

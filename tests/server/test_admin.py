@@ -194,7 +194,7 @@ async def test_disconnect_closes_the_socket(
     sched: RunningScheduler, node_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     [node, other] = await start_nodes(sched, node_factory, 2)
-    caplog.set_level(logging.INFO, logger="lingua_scheduler.server.admin")
+    caplog.set_level(logging.INFO, logger="lingua_scheduler.server.http.admin")
     status, body, _ = await call(
         sched,
         "POST",
@@ -211,7 +211,7 @@ async def test_disconnect_closes_the_socket(
     )
     assert status == 409 and body["code"] == "NOT_CONNECTED"
     # audited: who and what, never the token
-    records = [r for r in caplog.records if r.name == "lingua_scheduler.server.admin"]
+    records = [r for r in caplog.records if r.name == "lingua_scheduler.server.http.admin"]
     done = [r for r in records if getattr(r, "result", None) == "ok"]
     assert len(done) == 1
     rec: Any = done[0]

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from lingua_scheduler.server.stats import STATS
+from lingua_scheduler.server.http.stats import STATS
 from tests.conftest import RunningScheduler, eventually
 
 

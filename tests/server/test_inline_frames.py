@@ -1,4 +1,4 @@
-"""``server/inline_frames.py`` on this aiohttp: data frames handled from the read callback, in order with
+"""``server/ws/inline_frames.py`` on this aiohttp: data frames handled from the read callback, in order with
 what the receive loop still handles (control frames, frames the handler sends back to the queue)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import pytest_asyncio
 from aiohttp import WSMsgType, web
 
-from lingua_scheduler.server import inline_frames
+from lingua_scheduler.server.ws import inline_frames
 from tests.redis_support import free_port
 from tests.server.raw_ws import PING, TEXT, RawWebSocket
 

@@ -20,8 +20,8 @@ from aiohttp import web
 from lingua_scheduler.core import webhook_signing
 from lingua_scheduler.core.auth import hash_api_key
 from lingua_scheduler.protocol import integrator as i
-from lingua_scheduler.server.integrator_api import USAGE, WEBHOOKS
-from lingua_scheduler.server.openapi import document
+from lingua_scheduler.server.http.integrator_api import USAGE, WEBHOOKS
+from lingua_scheduler.server.http.openapi import document
 from lingua_scheduler.server.webhooks import new_event_id
 from tests.conftest import RunningScheduler, eventually
 from tests.redis_support import RedisServer, cluster_section, has_redis

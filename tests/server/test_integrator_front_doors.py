@@ -24,7 +24,7 @@ import pytest
 from lingua_scheduler.core.auth import hash_api_key
 from lingua_scheduler.node import Job
 from lingua_scheduler.protocol.node import JobAssign
-from lingua_scheduler.server.openapi import document
+from lingua_scheduler.server.http.openapi import document
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually

@@ -39,7 +39,7 @@ def test_per_module_levels_from_config(restore_logging: None, capsys: pytest.Cap
     )
     setup_logging(config.server.log_level, config.server.log_levels)
     chatty = logging.getLogger("lingua_scheduler.server.dispatcher")
-    quiet = logging.getLogger("lingua_scheduler.server.node_endpoint")
+    quiet = logging.getLogger("lingua_scheduler.server.ws.node_endpoint")
     assert chatty.isEnabledFor(logging.DEBUG) and not quiet.isEnabledFor(logging.INFO)
     chatty.debug("placed", extra={"job_id": "job-1", "trace_id": "trace-1"})
     quiet.info("not shown")

@@ -23,7 +23,7 @@ from aiohttp import web
 from openapi_spec_validator import validate
 
 from lingua_scheduler.server.app import build_app
-from lingua_scheduler.server.openapi import document
+from lingua_scheduler.server.http.openapi import document
 from lingua_scheduler.sim.nodes import Behavior, Executor, SimulatedNode
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually, make_config

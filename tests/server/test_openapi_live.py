@@ -14,9 +14,9 @@ import jsonschema
 
 from lingua_scheduler.protocol import asyncapi
 from lingua_scheduler.protocol import http as h
-from lingua_scheduler.server import routes
 from lingua_scheduler.server.events import KINDS
-from lingua_scheduler.server.openapi import document
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.openapi import document
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually
 from tests.redis_support import RedisServer, cluster_cfg, ready_in_view, start_instances

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from lingua_scheduler.server.stats import STATS
+from lingua_scheduler.server.http.stats import STATS
 from lingua_scheduler.sim.nodes import Executor
 from lingua_scheduler.sim.profiles import NodeProfile
 from tests.conftest import RunningScheduler, eventually

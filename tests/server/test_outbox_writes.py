@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from lingua_scheduler.server.outbox import WRITER_LIMIT, Outbox
+from lingua_scheduler.server.ws.outbox import WRITER_LIMIT, Outbox
 from tests.server.raw_ws import RawWebSocket
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from lingua_scheduler.clock import ManualClock
 from lingua_scheduler.server.app import build_state
+from lingua_scheduler.server.http.stats import StatsAggregator, quantile
 from lingua_scheduler.server.metrics import LATENCY_BUCKETS
-from lingua_scheduler.server.stats import StatsAggregator, quantile
 from tests.conftest import make_config
 
 N = len(LATENCY_BUCKETS) + 1  # the +Inf bucket

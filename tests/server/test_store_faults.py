@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not has_redis(), reason="no redis-server binary"
 
 JOBS = {"ack_timeout_ms": 1500, "pending_timeout_ms": 4000, "retention_seconds": 2.0}
 TTL_S = 1.0
-#: what the log says when an instance declares another dead (server/cluster.py)
+#: what the log says when an instance declares another dead (server/cluster/cluster.py)
 TAKEOVER = "instance presence expired: taking over"
 
 
@@ -79,7 +79,7 @@ async def test_redis_frozen_longer_than_presence_ttl_under_load(
     slots than the node runs (releases lost in the freeze are re-synced, not left to expire after a
     minute); every utterance ended once, with a result or an explicit failure; after it, a burst that
     fills every slot of the fleet is answered with results only (no NO_AVAILABLE_NODE)."""
-    caplog.set_level(logging.WARNING, logger="lingua_scheduler.server.cluster")
+    caplog.set_level(logging.WARNING, logger="lingua_scheduler.server.cluster.cluster")
     redis = RedisServer().start()
     cfg = sections(redis.url)
     prefix = cfg["cluster"]["key_prefix"]
@@ -155,7 +155,7 @@ async def test_redis_out_of_memory_is_an_outage(
     why, ``lingua_store_degraded`` 1, the refusals counted), local traffic is still served; when
     ``maxmemory`` is raised both recover, neither declared the other dead, and a node of B serves a
     session of A again."""
-    caplog.set_level(logging.WARNING, logger="lingua_scheduler.server.cluster")
+    caplog.set_level(logging.WARNING, logger="lingua_scheduler.server.cluster.cluster")
     redis = RedisServer().start()
     a, b = await start_instances(scheduler_factory, 2, sections(redis.url))
     na = SimulatedNode(http, a.node_url, profile(), executor=Executor(latency=0.05), seed=1)

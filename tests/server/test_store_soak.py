@@ -99,7 +99,7 @@ class Store:
 async def test_store_faults_soak(
     scheduler_factory: Callable[..., Any], http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="lingua_scheduler.server.cluster")
+    caplog.set_level(logging.WARNING, logger="lingua_scheduler.server.cluster.cluster")
     redis = RedisServer().start()
     cfg = sections(redis.url)
     store = Store(redis, cfg["cluster"]["key_prefix"])

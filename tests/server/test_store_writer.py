@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from lingua_scheduler.protocol.cluster import DispatchFailed
-from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.server.cluster.store_writer import StoreWriter
 from lingua_scheduler.store.base import StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 from tests.redis_support import RedisServer, free_port, has_redis

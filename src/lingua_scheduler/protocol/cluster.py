@@ -121,7 +121,7 @@ class NodeAdminReply(Record, tag="node_admin_reply", tag_field="kind", kw_only=T
     body: dict[str, object]
 
 
-# --- resuming a session on another instance (server/resume.py) --------------------------------------
+# --- resuming a session on another instance (server/cluster/resume.py) --------------------------------------
 
 
 class ResumeRecord(Record, kw_only=True):

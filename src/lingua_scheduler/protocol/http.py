@@ -1,11 +1,11 @@
 """The HTTP API's wire types: every JSON answer, every parsed query string, the error body, and the
 HTTP status of each error code.
 
-Handlers build these Structs and ``server/http_io.py`` encodes them with msgspec; ``server/openapi.py``
-generates the OpenAPI document from them (``msgspec.json.schema_components``) and the route table of
-``server/routes.py``, so the document says what the code sends. A field that exists only in one mode
-(Redis or embedded) or for some actions is ``UNSET`` elsewhere: left out of the JSON, not required by the
-schema.
+Handlers build these Structs and ``server/http/http_io.py`` encodes them with msgspec;
+``server/http/openapi.py`` generates the OpenAPI document from them (``msgspec.json.schema_components``) and
+the route table of ``server/http/routes.py``, so the document says what the code sends. A field that exists
+only in one mode (Redis or embedded) or for some actions is ``UNSET`` elsewhere: left out of the JSON, not
+required by the schema.
 
 Fields keep the names and values the dashboard and API clients read; adding a field is compatible,
 renaming or retyping one is not.
@@ -66,7 +66,7 @@ class ErrorBody(Response):
     ) = UNSET
 
 
-#: the HTTP status of each code an HTTP answer carries (server/http_io.py's error boundary reads it)
+#: the HTTP status of each code an HTTP answer carries (server/http/http_io.py's error boundary reads it)
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.INVALID_MESSAGE: 400,

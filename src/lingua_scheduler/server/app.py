@@ -20,10 +20,15 @@ from lingua_scheduler.core.engine import SchedulerEngine
 from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.protocol.cluster import RoomOutput, RoomState
-from lingua_scheduler.server import (
+from lingua_scheduler.server import auth, shutdown, tasks
+from lingua_scheduler.server.auth import AuthService
+from lingua_scheduler.server.cluster import cluster_view
+from lingua_scheduler.server.cluster.cluster import Cluster, make_instance_id, make_store
+from lingua_scheduler.server.cluster.room_cluster import KEY_TTL_PERIODS, SharedRooms
+from lingua_scheduler.server.connection_guard import setup as guard_connections
+from lingua_scheduler.server.events import RecentEvents
+from lingua_scheduler.server.http import (
     admin,
-    auth,
-    cluster_view,
     dashboard,
     front_doors,
     http_api,
@@ -31,32 +36,25 @@ from lingua_scheduler.server import (
     openapi,
     ops_api,
     routes,
-    shutdown,
     stats,
-    tasks,
 )
-from lingua_scheduler.server.auth import AuthService
-from lingua_scheduler.server.cluster import Cluster, make_instance_id, make_store
-from lingua_scheduler.server.connection_guard import setup as guard_connections
-from lingua_scheduler.server.events import RecentEvents
 from lingua_scheduler.server.instance_metrics import InstanceMetrics
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.limits import InstanceLimits
 from lingua_scheduler.server.links import Links
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import Metrics
-from lingua_scheduler.server.node_endpoint import node_ws
 from lingua_scheduler.server.node_status import NodeStatusNotices
 from lingua_scheduler.server.pair_metrics import PairMetrics
 from lingua_scheduler.server.pairing_service import PairingService
 from lingua_scheduler.server.quality import QualityMonitor
-from lingua_scheduler.server.room_cluster import KEY_TTL_PERIODS, SharedRooms
 from lingua_scheduler.server.room_service import RoomService
 from lingua_scheduler.server.runtime import Runtime
-from lingua_scheduler.server.session_endpoint import session_ws
 from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.state import STATE, SchedulerState
-from lingua_scheduler.server.stream_endpoint import stream_ws
+from lingua_scheduler.server.ws.node_endpoint import node_ws
+from lingua_scheduler.server.ws.session_endpoint import session_ws
+from lingua_scheduler.server.ws.stream_endpoint import stream_ws
 from lingua_scheduler.store.pairing_store import PairingStore
 from lingua_scheduler.store.redis_store import RedisStore
 from lingua_scheduler.store.room_store import RoomStore

@@ -43,7 +43,7 @@ from lingua_scheduler.protocol.node import NodeRegister
 from lingua_scheduler.protocol.session import SessionInit
 from lingua_scheduler.server.links import local_outbox
 from lingua_scheduler.server.metrics import Metrics
-from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.ws.outbox import Outbox
 from lingua_scheduler.store.base import StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ class AuthService:
         self.revoked: set[str] = set()
         self._load(config)
         self.limits = TenantLimits(clock)
-        #: multi-instance mode (server/cluster.py): the cluster-wide admission of a session of a tenant
-        #: with a session cap -- (tenant, session, cap) -> admitted, or None when the store is unusable
+        #: multi-instance mode (server/cluster/cluster.py): the cluster-wide admission of a session of a
+        #: tenant with a session cap -- (tenant, session, cap) -> admitted, or None when the store is unusable
         self.shared_admission: Callable[[str, str, int], Awaitable[bool | None]] | None = None
         self.refusals: dict[tuple[str, str], int] = {}
         #: (plane, reason) -> (monotonic time of its last log line, refusals not logged since)

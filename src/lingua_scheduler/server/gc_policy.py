@@ -35,7 +35,7 @@ connection alive while it waits for the next frame (the ``receive()`` and queue 
 coroutines, the read's scope and wrapper, a ``Future``, its iterator and wake-up method, the
 ``WSMessage``), made for each frame and alive for a heartbeat interval: at 2,000 nodes x 1/s, 8-9
 per heartbeat reached a young collection, and a generation-1 collection examined every waiting
-connection's. Node sockets are therefore read inline (``server/inline_frames.py``: no coroutine per
+connection's. Node sockets are therefore read inline (``server/ws/inline_frames.py``: no coroutine per
 frame; about 4 tracked objects per heartbeat left, the outbox writer's wait between acks); session
 sockets, far fewer, keep the receive loop.
 Generation 1 stays rare all the same.

@@ -17,7 +17,7 @@ from lingua_scheduler.core.fleet_view import FleetViewPublisher
 from lingua_scheduler.core.jobs import JobStore
 from lingua_scheduler.core.registry import Registry
 from lingua_scheduler.core.status import NodeStatus
-from lingua_scheduler.server.cluster import Cluster
+from lingua_scheduler.server.cluster.cluster import Cluster
 from lingua_scheduler.server.loop_lag import LoopLagMonitor
 from lingua_scheduler.server.metrics import counter, gauge
 

@@ -10,7 +10,7 @@ Owns:
   A node is told of its dropped frames by ``error{RATE_LIMITED}`` at most once a second, each carrying
   the exact count dropped since the previous one (a last one follows the burst, so every dropped frame
   is counted in some report); a session by ``backpressure``, and which of its utterances and chunks
-  were lost by the endpoint (``server/session_endpoint.py``).
+  were lost by the endpoint (``server/ws/session_endpoint.py``).
 
 The table of limits, defaults and behaviours is in ``docs/reliability.md`` ("Limits").
 
@@ -35,8 +35,8 @@ from lingua_scheduler.core.rate_limit import TELL_EVERY, Decision, RateGuard
 from lingua_scheduler.errors import ErrorCode, RegistrationError, RequestError, SessionError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
-from lingua_scheduler.server.http_io import error_response
-from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.http.http_io import error_response
+from lingua_scheduler.server.ws.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import msgspec
 from lingua_scheduler.core.registry import NodeEntry, Registry
 from lingua_scheduler.protocol.cluster import CancelOnNode, Dispatch
 from lingua_scheduler.protocol.node import JobAssign, JobCancel
-from lingua_scheduler.server.outbox import Outbox
-from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.server.cluster.store_writer import StoreWriter
+from lingua_scheduler.server.ws.outbox import Outbox
 
 
 def local_outbox(entry: NodeEntry | None) -> Outbox | None:
@@ -58,7 +58,8 @@ class SessionPort(Protocol):
 
 
 class Instances(Protocol):
-    """The way to other instances (server/cluster.py's ``Cluster``): their inboxes, through our writer."""
+    """The way to other instances (server/cluster/cluster.py's ``Cluster``): their inboxes, through our
+    writer."""
 
     instance_id: str
     writer: StoreWriter

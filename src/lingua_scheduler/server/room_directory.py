@@ -1,8 +1,8 @@
 """Where a room lives: the ``RoomDirectory`` interface the room service and the fan-out relay use.
 
 Owns the contract only. Two implementations: ``core/rooms.py``'s ``Rooms``, in the memory of the one
-instance (embedded mode), and server/room_cluster.py's ``ReplicaRooms``, this instance's replica of the
-rooms shared through the store (multi-instance mode).
+instance (embedded mode), and server/cluster/room_cluster.py's ``ReplicaRooms``, this instance's replica of
+the rooms shared through the store (multi-instance mode).
 """
 
 from __future__ import annotations

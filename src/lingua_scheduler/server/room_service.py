@@ -11,7 +11,7 @@ the engine's room actions, and is told of every session's end (a member whose se
 connection closes, leaves its room: the others are told).
 
 In multi-instance mode (``cluster.redis_url``) the directory is the replica of the shared rooms
-(server/room_cluster.py's ``SharedRooms``, attached by ``share``): membership changes go through the
+(server/cluster/room_cluster.py's ``SharedRooms``, attached by ``share``): membership changes go through the
 store, and messages for members connected to other instances through their inboxes; the decisions
 (relay rules, room snapshots, recipients) are the same code on the replica.
 
@@ -55,7 +55,7 @@ from lingua_scheduler.server.room_directory import RoomDirectory
 from lingua_scheduler.server.room_relay import RoomRelay
 
 if TYPE_CHECKING:
-    from lingua_scheduler.server.room_cluster import SharedRooms
+    from lingua_scheduler.server.cluster.room_cluster import SharedRooms
     from lingua_scheduler.server.sessions import Session
 
 log = logging.getLogger(__name__)

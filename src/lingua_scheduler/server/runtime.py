@@ -30,18 +30,18 @@ from lingua_scheduler.core.segmentation import Utterance
 from lingua_scheduler.errors import ErrorCode
 from lingua_scheduler.protocol.node import JobAssign, JobCancel, PipelineConfig
 from lingua_scheduler.protocol.session import MissingResult, SessionInit, TranslationResult
+from lingua_scheduler.server.cluster.store_writer import StoreWriter
 from lingua_scheduler.server.events import RecentEvents
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.links import Links, local_outbox
 from lingua_scheduler.server.metrics import Metrics
-from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class ClusterPort(Protocol):
-    """What the runtime needs of the multi-instance shell (server/cluster.py's ``Cluster`` is one):
+    """What the runtime needs of the multi-instance shell (server/cluster/cluster.py's ``Cluster`` is one):
     the shared store's reservations and batched writes, the job records, the forwarding of other
     instances' job messages, and the degraded flag."""
 
@@ -136,7 +136,7 @@ class Runtime:
         self.dispatch_window = dispatch_window
         #: the multi-instance shell, set by the composition root in Redis mode (with ``links.instances``)
         self.cluster: ClusterPort | None = None
-        #: usage metering, quotas and lifecycle webhooks (set by server/integrator_api.py)
+        #: usage metering, quotas and lifecycle webhooks (set by server/http/integrator_api.py)
         self.observer: JobObserver | None = None
         #: the rooms, set by the composition root; None: no member's utterance fans out
         self.rooms: RoomsPort | None = None

@@ -10,7 +10,7 @@ on, the utterance in progress waits (a pause cuts it as usual), what it would ha
 (bounded), and a
 ``session_init`` carrying its resume token within the window attaches a new connection and receives
 it; past the window it closes as a disconnect does. In multi-instance mode another instance may take
-the session over (server/resume.py): the session is then *handed over*, relaying what it still sends
+the session over (server/cluster/resume.py): the session is then *handed over*, relaying what it still sends
 for its client to that instance until its utterances' outcomes are all out.
 
 What the engine sends the session is already in its client's view (the engine's session book keeps
@@ -42,8 +42,8 @@ from lingua_scheduler.core.segmentation import Segmenter, Utterance
 from lingua_scheduler.protocol.node import PipelineConfig
 from lingua_scheduler.protocol.session import SessionCloseAck, SessionInit, TranslationResult
 from lingua_scheduler.server.links import reach, reach_encoded
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.runtime import Runtime
+from lingua_scheduler.server.ws.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Phase(StrEnum):
     OPEN = "open"
     #: the connection dropped; resumable until the window ends (its jobs run on, output is kept)
     DETACHED = "detached"
-    #: resumed on another instance: what it still sends goes there (server/resume.py)
+    #: resumed on another instance: what it still sends goes there (server/cluster/resume.py)
     HANDED_OVER = "handed_over"
     #: last audio dispatched, waiting for its results before the ack
     CLOSING = "closing"
@@ -60,7 +60,7 @@ class Phase(StrEnum):
 
 
 class Resuming(Protocol):
-    """What a session needs of the cross-instance resume (server/resume.py's ``Resumer``): record its
+    """What a session needs of the cross-instance resume (server/cluster/resume.py's ``Resumer``): record its
     detachment, drop that record, relay output to the instance that took it over."""
 
     def detached(self, session: Session) -> None: ...
@@ -97,7 +97,7 @@ class Session:
         when it is freed); ``resumer``: the cross-instance resume now (None when embedded);
         ``session_id`` and ``start_index``: a session continued from another instance; ``sink``
         (with no ``outbox``): what receives the session's output instead of a WebSocket (the
-        integrator front doors, server/front_doors.py); ``via``: which front door opened it."""
+        integrator front doors, server/http/front_doors.py); ``via``: which front door opened it."""
         self.clock = clock
         self.config = config
         self.runtime = runtime

@@ -60,11 +60,11 @@ from lingua_scheduler.core.events import DrainBegan, SessionFlush
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol.common import ErrorMessage
 from lingua_scheduler.protocol.session import Backpressure, BackpressureAction
-from lingua_scheduler.server.http_io import error_response
+from lingua_scheduler.server.http.http_io import error_response
 from lingua_scheduler.server.links import local_outbox
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.ws.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

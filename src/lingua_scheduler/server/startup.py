@@ -37,12 +37,13 @@ from aiohttp.web_runner import GracefulExit
 
 from lingua_scheduler.config import Config
 from lingua_scheduler.errors import ConfigError, SchedulerError
-from lingua_scheduler.server import integrator_api, shutdown
+from lingua_scheduler.server import shutdown
 from lingua_scheduler.server.app import build_app
-from lingua_scheduler.server.cluster import Cluster
-from lingua_scheduler.server.cluster_view import CLUSTER_VIEW
+from lingua_scheduler.server.cluster.cluster import Cluster
+from lingua_scheduler.server.cluster.cluster_view import CLUSTER_VIEW
 from lingua_scheduler.server.connection_guard import GUARD
 from lingua_scheduler.server.fd_limits import Lowered, fit_descriptor_limit
+from lingua_scheduler.server.http import integrator_api
 from lingua_scheduler.server.listener import GuardedSockSite
 from lingua_scheduler.server.reload import Reloader
 from lingua_scheduler.server.state import STATE

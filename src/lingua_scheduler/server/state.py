@@ -32,8 +32,8 @@ from lingua_scheduler.server.room_service import RoomService
 from lingua_scheduler.server.runtime import Runtime
 
 if TYPE_CHECKING:
-    from lingua_scheduler.server.cluster import Cluster
-    from lingua_scheduler.server.resume import Resumer
+    from lingua_scheduler.server.cluster.cluster import Cluster
+    from lingua_scheduler.server.cluster.resume import Resumer
     from lingua_scheduler.server.sessions import Session
 
 #: one readiness check for ``GET /ready``: returns (name, ok); must be cheap and must not block
@@ -72,7 +72,7 @@ class SchedulerState:
     #: tell nodes and operators about status changes (server/node_status.py)
     apply_transitions: Callable[[Iterable[Transition]], None]
     #: rooms, their signalling and the delivery of members' fan-out (server/room_service.py); shared
-    #: through the store in multi-instance mode (the app attaches server/room_cluster.py)
+    #: through the store in multi-instance mode (the app attaches server/cluster/room_cluster.py)
     rooms: RoomService
     #: pairing codes of nodes, redeemed by sessions (server/pairing_service.py); shared through the
     #: store in multi-instance mode (the app attaches store/pairing_store.py)
@@ -84,7 +84,7 @@ class SchedulerState:
     shutting_down: bool = False
     #: when the drain's wait ends (the clock's monotonic seconds), once shutting down
     shutdown_deadline: float | None = None
-    #: the multi-instance shell (server/cluster.py), set by the app in Redis mode; None embedded
+    #: the multi-instance shell (server/cluster/cluster.py), set by the app in Redis mode; None embedded
     cluster: Cluster | None = None
 
     def resumer(self) -> Resumer | None:

@@ -1,7 +1,7 @@
 """The ``StateStore`` interface: everything scheduler instances share.
 
 Callers never wait on the store from a hot path: heartbeats and selection do not touch it; the
-cluster shell (server/cluster.py) batches directory writes per tick; only dispatch awaits a
+cluster shell (server/cluster/cluster.py) batches directory writes per tick; only dispatch awaits a
 reservation, and only in shared mode. Every method of a shared store has a deadline: a store that
 cannot be reached raises ``StoreUnavailable`` promptly instead of blocking.
 """
@@ -192,7 +192,8 @@ class StateStore(Protocol):
         """Next inbox entries (blocking, own connection); ``None`` for an entry that failed to decode."""
         ...
 
-    # --- resume records (server/resume.py) -----------------------------------------------------------
+    # --- resume records (server/cluster/resume.py)
+    # -----------------------------------------------------------
 
     async def save_resume(self, record: ResumeRecord, ttl_ms: int) -> None:
         """Write (or replace) a session's resume record, expiring after ``ttl_ms``."""

@@ -24,7 +24,7 @@ class Keys:
         #: (written each tick by tick.lua, which sums the live instances' fields and drops dead ones)
         self.tenant_sessions = f"{fleet}:tenant_sessions"
         #: hash instance_id -> JSON of its operator figures (address, nodes, sessions, jobs, rates),
-        #: written once a second by each instance (server/cluster_view.py); dead instances' fields go
+        #: written once a second by each instance (server/cluster/cluster_view.py); dead instances' fields go
         #: with their take-over
         self.instance_info = f"{fleet}:instance_info"
         #: string: Redis TIME (ms) of the last tick of any instance (tick.lua finds stalls with it)

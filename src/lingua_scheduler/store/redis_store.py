@@ -286,7 +286,7 @@ class RedisStore:
         await self._do(p.execute())
         return owned
 
-    # --- the operators' view of the instances (server/cluster_view.py) ----------------------------
+    # --- the operators' view of the instances (server/cluster/cluster_view.py) ----------------------------
 
     async def share_instance_info(self, info: bytes) -> tuple[int, list[tuple[str, int]], dict[str, bytes]]:
         """Write this instance's figures and read everybody's, in one round trip: (Redis TIME in ms,

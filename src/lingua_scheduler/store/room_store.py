@@ -1,6 +1,6 @@
 """The shared state of rooms in Redis (multi-instance mode): one script, ``lua/room.lua``, per change.
 
-Owns the calls only; what they mean is in the script's header and in server/room_cluster.py. Every
+Owns the calls only; what they mean is in the script's header and in server/cluster/room_cluster.py. Every
 change returns the room's members as stored (``MemberRecord``: with the instance each is connected to),
 so the caller tells every instance holding a member without reading again.
 

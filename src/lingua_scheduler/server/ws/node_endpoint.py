@@ -38,9 +38,9 @@ from lingua_scheduler.protocol.node import (
     RequestPairingCode,
 )
 from lingua_scheduler.server.auth import close_refused
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.state import SchedulerState
-from lingua_scheduler.server.websocket_loop import serve_websocket
+from lingua_scheduler.server.ws.outbox import Outbox
+from lingua_scheduler.server.ws.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 

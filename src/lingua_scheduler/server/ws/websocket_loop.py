@@ -4,9 +4,9 @@ Owns one connection's life around its frames: the refusals made before the upgra
 outbox, the frame gate (rate limit, handshake deadline) in front of every text or binary frame, the
 catch-all of the connection task and the cleanup after the loop, in this order: gate, connection count,
 the connection's own state, outbox, socket. What a frame means belongs to the endpoint
-(``server/node_endpoint.py``, ``server/session_endpoint.py``). With ``inline`` (``/ws/node``), data
+(``server/ws/node_endpoint.py``, ``server/ws/session_endpoint.py``). With ``inline`` (``/ws/node``), data
 frames pass the same gate and reach the endpoint from the socket's read callback
-(``server/inline_frames.py``: no coroutine per frame); the loop then waits for control frames,
+(``server/ws/inline_frames.py``: no coroutine per frame); the loop then waits for control frames,
 failures and the frames that queue behind a pending step.
 """
 
@@ -20,10 +20,11 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from lingua_scheduler.server import connection_guard, inline_frames
+from lingua_scheduler.server import connection_guard
 from lingua_scheduler.server.limits import Endpoint
-from lingua_scheduler.server.outbox import WRITER_LIMIT, Outbox
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.ws import inline_frames
+from lingua_scheduler.server.ws.outbox import WRITER_LIMIT, Outbox
 
 #: frames that count against the connection's message rate: data, and control frames a peer could flood
 METERED = frozenset({WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG})
@@ -61,7 +62,7 @@ async def serve_websocket(
     upgraded; ``log`` is the endpoint's logger (its records keep the endpoint's name, and its level);
     ``failure_extra`` gives the fields logged with a connection that failed; ``dropped`` is shown each
     data frame the rate limit dropped, unread (to tell the peer which; it must stay cheap and bounded).
-    ``inline``: data frames are handled from the socket's read callback (``server/inline_frames.py``),
+    ``inline``: data frames are handled from the socket's read callback (``server/ws/inline_frames.py``),
     the loop only sees control frames, failures and frames queued behind a pending step."""
     state = request.app[STATE]
     # Origin allow-list and connection cap, before any WebSocket state exists (server/limits.py)

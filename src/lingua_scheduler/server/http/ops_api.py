@@ -19,10 +19,10 @@ from aiohttp import web
 from lingua_scheduler.core.jobs import JobState
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol import http as h
-from lingua_scheduler.server import routes
-from lingua_scheduler.server.http_io import build, json_response, parse_query
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.http_io import build, json_response, parse_query
+from lingua_scheduler.server.http.stats import STATS
 from lingua_scheduler.server.state import STATE
-from lingua_scheduler.server.stats import STATS
 
 #: jobs listed for one node at most (newest first)
 NODE_JOBS = 50

@@ -165,7 +165,7 @@ class StatsAggregator:
         self.clients = 0
         self.closing = False
         self.builds = 0
-        #: sums over every instance (server/cluster_view.py), None in the embedded mode
+        #: sums over every instance (server/cluster/cluster_view.py), None in the embedded mode
         self.cluster_totals: Callable[[], dict[str, Any] | None] | None = None
         self.ring.append(self._sample())
 

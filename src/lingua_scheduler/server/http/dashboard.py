@@ -22,9 +22,9 @@ from importlib import resources
 from aiohttp import web
 
 from lingua_scheduler.errors import ErrorCode, RequestError
-from lingua_scheduler.server import routes
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.stats import STATS
 from lingua_scheduler.server.state import STATE
-from lingua_scheduler.server.stats import STATS
 
 #: assets the page loads, name -> content type; nothing else is served from the package
 ASSETS: dict[str, str] = {

@@ -25,9 +25,9 @@ from lingua_scheduler.core.quota import QuotaBook, QuotaLimits
 from lingua_scheduler.core.usage import HOUR_MS, UsageCounts, UsageMeter, UsageRecord, report
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol import integrator as i
-from lingua_scheduler.server import routes
-from lingua_scheduler.server.admin import admin_action
-from lingua_scheduler.server.http_io import json_response, parse_query
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.admin import admin_action
+from lingua_scheduler.server.http.http_io import json_response, parse_query
 from lingua_scheduler.server.state import STATE
 from lingua_scheduler.server.usage_metrics import UsageMetrics
 from lingua_scheduler.server.usage_recorder import UsageRecorder

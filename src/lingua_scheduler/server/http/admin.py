@@ -31,12 +31,12 @@ from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.errors import ErrorCode, RequestError, SchedulerError
 from lingua_scheduler.protocol import http as h
 from lingua_scheduler.protocol.http import ErrorBody
-from lingua_scheduler.server import routes
 from lingua_scheduler.server.auth import disconnect_revoked
 from lingua_scheduler.server.events import ADMIN
-from lingua_scheduler.server.http_io import build, error_response, json_response, parse_query, status_of
-from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.http_io import build, error_response, json_response, parse_query, status_of
 from lingua_scheduler.server.state import STATE, SchedulerState
+from lingua_scheduler.server.ws.outbox import Outbox
 from lingua_scheduler.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ async def node_action(
 ) -> tuple[int, dict[str, Any]]:
     """Drain, undrain or disconnect a node connected to this instance: (HTTP status, body). Called by
     this instance's admin routes and, for a request another instance's admin API forwarded, by the
-    cluster shell (server/cluster.py)."""
+    cluster shell (server/cluster/cluster.py)."""
     entry = state.registry.nodes.get(node_id)
     if entry is None:
         return _refusal(ErrorCode.NOT_FOUND, f"no node {node_id!r}")

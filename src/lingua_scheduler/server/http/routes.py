@@ -2,7 +2,7 @@
 parameters, request and response types, error codes and authentication.
 
 Handlers are routed from it (``register``: the path and method come from here, by operation id), and
-``server/openapi.py`` generates the OpenAPI document from it and the Structs of ``protocol/http.py``, so
+``server/http/openapi.py`` generates the OpenAPI document from it and the Structs of ``protocol/http.py``, so
 what is routed, what is answered and what is documented are one thing. Error codes are listed per route;
 their HTTP statuses come from ``protocol.http.HTTP_STATUS``. Every route with a query Struct may also
 answer ``INVALID_REQUEST``; every admin route ``UNAUTHORIZED`` and ``ADMIN_DISABLED``.

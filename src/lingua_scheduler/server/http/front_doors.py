@@ -1,6 +1,6 @@
 """The integrator front doors' adapter sessions, and ``POST /v1/speech/translate``.
 
-An upload (and a ``/v1/stream`` socket, server/stream_endpoint.py) is a *session* of the session
+An upload (and a ``/v1/stream`` socket, server/ws/stream_endpoint.py) is a *session* of the session
 machinery (server/sessions.py): the same admission and tenant cap, quota, segmentation, job rate,
 placement, failover, result ordering, usage and webhooks. Only its sink differs: instead of a
 WebSocket outbox, the session's output goes to a ``Collector`` (here) that keeps each utterance's
@@ -44,9 +44,9 @@ from lingua_scheduler.protocol.session import (
     SessionInit,
     TranslationResult,
 )
-from lingua_scheduler.server import routes
 from lingua_scheduler.server.connection_guard import GUARD
-from lingua_scheduler.server.integrator_api import RECORDER
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.integrator_api import RECORDER
 from lingua_scheduler.server.sessions import Session
 from lingua_scheduler.server.state import STATE, SchedulerState
 from lingua_scheduler.store.base import StoreUnavailable
@@ -511,7 +511,7 @@ async def _translate(
 
 
 def setup(app: web.Application) -> None:
-    """The translate route and the idempotency memory (after server/integrator_api.py's setup)."""
+    """The translate route and the idempotency memory (after server/http/integrator_api.py's setup)."""
     cfg = app[STATE].config.integrator
     app[IDEMPOTENCY] = Idempotency(app[STATE], cfg.idempotency_max_entries, cfg.idempotency_ttl_seconds)
     routes.register(app, "speech_translate", translate)

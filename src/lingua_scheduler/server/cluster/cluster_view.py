@@ -32,10 +32,10 @@ from aiohttp import web
 
 from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.protocol import http as h
-from lingua_scheduler.server import routes
-from lingua_scheduler.server.http_io import build, json_response
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.http_io import build, json_response
+from lingua_scheduler.server.http.stats import STATS, StatsAggregator
 from lingua_scheduler.server.state import STATE, SchedulerState
-from lingua_scheduler.server.stats import STATS, StatsAggregator
 from lingua_scheduler.store.base import StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 

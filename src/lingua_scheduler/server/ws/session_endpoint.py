@@ -64,11 +64,11 @@ from lingua_scheduler.protocol.session import (
     UtteranceMessage,
 )
 from lingua_scheduler.server.auth import close_refused
-from lingua_scheduler.server.outbox import Outbox
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.shutdown import CLOSE_REASON, SERVICE_RESTART, pause_for_shutdown
 from lingua_scheduler.server.state import SchedulerState
-from lingua_scheduler.server.websocket_loop import serve_websocket
+from lingua_scheduler.server.ws.outbox import Outbox
+from lingua_scheduler.server.ws.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class SessionConnection:
             },
         )
 
-    # --- resuming a session another instance held (server/resume.py) ------------------------------
+    # --- resuming a session another instance held (server/cluster/resume.py) ------------------------------
 
     def _resumable_elsewhere(self, msg: SessionInit) -> bool:
         token = msg.resume_token

@@ -13,7 +13,7 @@ Owns the background tasks of multi-instance mode and the degraded state:
   on its own connection), with a full directory resync every ``resync_interval_seconds``;
 - inbox: executes messages addressed to this instance (dispatches to its nodes, cancellations,
   forwarded job messages) and acknowledges them;
-- writer (server/store_writer.py): the small writes nobody waits for (messages to other instances,
+- writer (server/cluster/store_writer.py): the small writes nobody waits for (messages to other instances,
   reservation commits and releases, inbox acks) leave in one pipeline per event-loop turn.
 
 When the store is unreachable, or answers but refuses writes (Redis out of memory), the instance is
@@ -60,12 +60,12 @@ from lingua_scheduler.protocol.cluster import (
 )
 from lingua_scheduler.protocol.node import JobResult
 from lingua_scheduler.server.auth import AuthService
+from lingua_scheduler.server.cluster.resume import Resumer
+from lingua_scheduler.server.cluster.store_writer import StoreWriter
 from lingua_scheduler.server.latency import LatencyWindow
 from lingua_scheduler.server.metrics import Metrics
-from lingua_scheduler.server.resume import Resumer
 from lingua_scheduler.server.runtime import Runtime
 from lingua_scheduler.server.sessions import Session
-from lingua_scheduler.server.store_writer import StoreWriter
 from lingua_scheduler.store.base import JobRecord, PoolDelta, StateStore, StoreUnavailable
 from lingua_scheduler.store.redis_store import RedisStore
 
@@ -122,7 +122,7 @@ class Cluster:
         """Each keyword argument is one thing of the instance the cluster shell reads or feeds:
         ``sessions`` this instance's open sessions (read only), ``runtime`` its job engine's runtime,
         ``node_actions``/``node_action`` the operators' node actions it carries out for other instances
-        (server/admin.py's: admin reaches the cluster, not the other way round)."""
+        (server/http/admin.py's: admin reaches the cluster, not the other way round)."""
         self.config = config
         self.clock = clock
         self.registry = registry
@@ -197,9 +197,9 @@ class Cluster:
         self._ticked = False
         registry.on_local_change = self._wake.set
         auth.shared_admission = self.admit_session
-        #: resuming sessions across instances (server/resume.py)
+        #: resuming sessions across instances (server/cluster/resume.py)
         self.resumer = Resumer(clock, config.session, sessions, self.instance_id, store, self.writer)
-        #: the shared rooms (server/room_cluster.py), set by the app: room messages of the inbox, and
+        #: the shared rooms (server/cluster/room_cluster.py), set by the app: room messages of the inbox, and
         #: an instance that died (its members leave their rooms)
         self.on_room_message: Callable[[RoomState | RoomOutput], None] | None = None
         self.on_instance_dead: Callable[[str], None] | None = None
@@ -756,7 +756,7 @@ class Cluster:
             if waiting is not None and not waiting.done():
                 waiting.set_result((message.status, dict(message.body)))
 
-    # --- node actions of operators, across instances (server/admin.py) ------------------------------
+    # --- node actions of operators, across instances (server/http/admin.py) ------------------------------
 
     async def node_action_at(
         self, owner: str, node_id: str, action: str, reason: str, operator: str, timeout: float

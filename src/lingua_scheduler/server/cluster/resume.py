@@ -39,7 +39,7 @@ import msgspec
 from lingua_scheduler.clock import Clock
 from lingua_scheduler.config import SessionConfig
 from lingua_scheduler.protocol.cluster import ResumeHandover, ResumeRecord, ResumeRequest, SessionOutput
-from lingua_scheduler.server.store_writer import StoreWriter
+from lingua_scheduler.server.cluster.store_writer import StoreWriter
 from lingua_scheduler.store.base import StateStore, StoreUnavailable
 
 if TYPE_CHECKING:

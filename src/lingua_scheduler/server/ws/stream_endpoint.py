@@ -2,11 +2,11 @@
 
 The reference gateway's messages (``start`` -> ``started``, ``audio {chunk}`` -> ``final {text,
 audio}``, ``error {message}``) plus ours (``end`` -> ``ended`` with the usage, ``partial``). The
-socket is a session of the session machinery (server/front_doors.py ``open_adapter_session``): the
+socket is a session of the session machinery (server/http/front_doors.py ``open_adapter_session``): the
 same admission, tenant cap and quota, segmentation (a chunk with ``is_final`` is a manual cut; without,
 pauses and the utterance limits cut), job rate, placement and failover, result order and usage. Its
 sink turns the session's output into stream messages on this socket's outbox; the socket runs in the
-session endpoint's receive loop (server/websocket_loop.py: frame gate, connection caps, Origin check).
+session endpoint's receive loop (server/ws/websocket_loop.py: frame gate, connection caps, Origin check).
 
 Must never: open a second session on one socket, or keep the session after the socket is gone (a
 disconnect ends it as one of /ws/session: the jobs are cancelled on their nodes).
@@ -36,13 +36,13 @@ from lingua_scheduler.protocol.session import (
     TranslationResult,
 )
 from lingua_scheduler.server.auth import close_refused
-from lingua_scheduler.server.front_doors import open_adapter_session, timings_of
-from lingua_scheduler.server.integrator_api import RECORDER
-from lingua_scheduler.server.outbox import Outbox
+from lingua_scheduler.server.http.front_doors import open_adapter_session, timings_of
+from lingua_scheduler.server.http.integrator_api import RECORDER
 from lingua_scheduler.server.sessions import Phase, Session
 from lingua_scheduler.server.state import SchedulerState
 from lingua_scheduler.server.usage_recorder import UsageRecorder
-from lingua_scheduler.server.websocket_loop import serve_websocket
+from lingua_scheduler.server.ws.outbox import Outbox
+from lingua_scheduler.server.ws.websocket_loop import serve_websocket
 
 log = logging.getLogger(__name__)
 

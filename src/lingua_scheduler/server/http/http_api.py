@@ -1,7 +1,7 @@
 """HTTP routes: health, readiness, Prometheus metrics and the read API (JSON).
 
 Each answer is a ``protocol.http`` Struct; a refusal is a raised ``RequestError`` that the error
-boundary (``server/http_io.py``) answers as ``{"code", "message"}``. Handlers read the published fleet
+boundary (``server/http/http_io.py``) answers as ``{"code", "message"}``. Handlers read the published fleet
 view or the core's counters; none of them blocks on anything.
 """
 
@@ -19,10 +19,10 @@ from lingua_scheduler.core.status import NodeStatus
 from lingua_scheduler.errors import ErrorCode, RequestError
 from lingua_scheduler.protocol import http as h
 from lingua_scheduler.protocol.common import CORE_SERVICE_TYPES
-from lingua_scheduler.server import routes
-from lingua_scheduler.server.http_io import build, error_boundary, json_response, parse_query
+from lingua_scheduler.server.http import routes
+from lingua_scheduler.server.http.http_io import build, error_boundary, json_response, parse_query
+from lingua_scheduler.server.http.stats import STATS
 from lingua_scheduler.server.state import STATE, SchedulerState
-from lingua_scheduler.server.stats import STATS
 
 MAX_PAGE = 500
 #: the fleet view is "stale" for readiness when a change has waited this long to be published
