@@ -21,7 +21,6 @@ import asyncio
 import base64
 import gc
 import hashlib
-import struct
 import time
 from typing import Any
 
@@ -35,20 +34,11 @@ from lingua_scheduler.protocol.node import (
     NodeRegister,
     NodeRegisterAck,
 )
+from lingua_scheduler.server.ws.outbox import text_frame
 
 MAX_FRAME = 1 << 20
 INTERVAL_MS = 1000
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
-
-
-def server_frame(payload: bytes) -> bytes:
-    """One final, unmasked text frame (server -> client)."""
-    n = len(payload)
-    if n < 126:
-        return struct.pack("!BB", 0x81, n) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 def answer(msg: object) -> bytes | None:
@@ -87,7 +77,7 @@ async def _ws(request: web.Request) -> web.StreamResponse:
         if frame.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             reply = answer(decoder.decode(frame.data))
             if reply is not None and not transport.is_closing():
-                transport.write(server_frame(reply))
+                transport.write(text_frame(reply))
     return ws
 
 
@@ -175,7 +165,7 @@ class RawConnection(asyncio.Protocol):
             if opcode in (0x1, 0x2):
                 reply = answer(self.decoder.decode(bytes(payload)))
                 if reply is not None:
-                    transport.write(server_frame(reply))
+                    transport.write(text_frame(reply))
         if pos:
             del buf[:pos]
 
