@@ -96,9 +96,15 @@ async def serve_websocket(
     preauth = True  # until the handshake: bytes count against the pre-authentication budget
     sink: Any = None  # the socket's InlineFrames, with ``inline``
 
+    def note_handshake() -> None:
+        """Once the connection is through its handshake, its bytes stop counting as pre-auth."""
+        nonlocal preauth
+        if preauth and conn.ready():
+            preauth = False
+            connection_guard.authenticated(request)
+
     def on_data(data: bytes) -> bool:
         """One data frame, from the read callback: what the loop below does with one, but awaiting."""
-        nonlocal preauth
         if not gate.admit():
             if gate.must_close:
                 return False  # the loop closes
@@ -108,9 +114,7 @@ async def serve_websocket(
         pending = conn.on_frame(data, time.perf_counter())
         if pending is not None:  # the loop awaits it; the next frames queue behind it
             sink.wake(inline_frames.PendingStep(pending))
-        if preauth and conn.ready():
-            preauth = False
-            connection_guard.authenticated(request)
+        note_handshake()
         return True
 
     sink = inline_frames.install(ws, request, on_data) if inline else None
@@ -138,9 +142,7 @@ async def serve_websocket(
                         pending = conn.on_frame(frame.data, time.perf_counter())
                         if pending is not None:  # this connection's next frames wait for it
                             await pending
-                        if preauth and conn.ready():
-                            preauth = False
-                            connection_guard.authenticated(request)
+                        note_handshake()
                 elif gate.must_close:
                     await gate.close()
                     break
