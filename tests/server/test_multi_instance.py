@@ -118,9 +118,11 @@ async def test_two_instances_never_overcommit_a_node(
 async def _store_pair(url: str, prefix: str) -> tuple[Any, Any]:
     from lingua_scheduler.store.redis_store import RedisStore
 
+    # 16 workers open their pools' connections at once: on a busy 2-core machine a connect can take
+    # longer than the product's 0.5 s bound, which this test (atomicity, not latency) does not test
     stores = (
-        RedisStore(url, instance_id="i1", prefix=prefix),
-        RedisStore(url, instance_id="i2", prefix=prefix),
+        RedisStore(url, instance_id="i1", prefix=prefix, op_timeout=5.0),
+        RedisStore(url, instance_id="i2", prefix=prefix, op_timeout=5.0),
     )
     for s in stores:
         await s.start()
